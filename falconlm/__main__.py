@@ -1,0 +1,5 @@
+import sys
+
+from falconlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""``falconlm info``: what a checkpoint is, read from its config (weights are not loaded)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..model.config import FalconConfig
+from .options import check_model_path
+
+BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="describe a checkpoint: variant, sizes, KV-cache bytes per token",
+        description="Describe a Falcon checkpoint from its config.json (weights are not loaded).",
+    )
+    p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(BYTES_PER_ELEMENT),
+        help="dtype for the KV-cache figure (default: the checkpoint's, else bfloat16)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def describe(path: Path, dtype: str | None = None) -> dict:
+    config = FalconConfig.from_pretrained(path)
+    dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
+    weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
+    return {
+        "path": str(path),
+        "variant": config.variant,
+        "parameters": config.num_parameters(),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "attention_heads": config.num_attention_heads,
+        "kv_groups": config.num_kv_groups,
+        "head_dim": config.head_dim,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "vocab_size": config.vocab_size,
+        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:g}",
+        "tied_head": config.tie_word_embeddings,
+        "context_length": config.max_position_embeddings,
+        "dtype": dtype,
+        "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
+        "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    check_model_path(args.model)
+    if args.model is None:
+        from ..default_model import default_model_path
+
+        args.model = default_model_path()
+    facts = describe(args.model, args.dtype)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    facts["parameters"] = f"{facts['parameters']:,} ({_human(facts['parameters'], 1000, '')})"
+    facts["kv_cache_bytes_per_token"] = f"{_human(facts['kv_cache_bytes_per_token'], 1024, 'B')} ({facts['dtype']})"
+    facts["size_on_disk_bytes"] = (
+        _human(facts["size_on_disk_bytes"], 1024, "B") if facts["size_on_disk_bytes"] else "no weight files"
+    )
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        print(f"{key.replace('_bytes', '').replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def _human(n: float, base: int, unit: str) -> str:
+    prefixes = ["", "K", "M", "G", "T"] if base == 1024 else ["", "K", "M", "B", "T"]
+    for prefix in prefixes:
+        if n < base or prefix == prefixes[-1]:
+            suffix = f"{prefix}i{unit}" if base == 1024 and prefix else f"{prefix}{unit}"
+            return f"{n:.4g} {suffix}".rstrip()
+        n /= base
+    return str(n)

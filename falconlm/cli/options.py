@@ -1,0 +1,65 @@
+"""Options shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..engine.sampling_params import SamplingParams
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        type=Path,
+        default=None,
+        help="checkpoint folder in Hugging Face layout (default: the embedded model)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and activations dtype (default: bfloat16)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 200) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens, 0 = off (default 40)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when this text is produced (repeatable; not printed)",
+    )
+
+
+def sampling_params(args: argparse.Namespace, extra_stop: list[str] | None = None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=[*(args.stop or []), *(extra_stop or [])],
+    )
+
+
+def check_model_path(path: Path | None) -> None:
+    """Fail early, in one line, on a --model that cannot be a checkpoint folder."""
+    if path is None:
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"model path {path} is not a folder")

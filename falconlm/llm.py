@@ -1,0 +1,144 @@
+"""LLM: the offline API (vLLM's shape) — load a checkpoint once, generate for many prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .engine.generator import generate_stream
+from .engine.outputs import RequestOutput
+from .engine.sampling_params import SamplingParams
+from .model.falcon import FalconForCausalLM
+from .tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+Prompt = str | Sequence[int]
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'bf16' / torch.bfloat16 and friends -> torch dtype; ValueError for anything else."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None means CUDA when present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LLM:
+    """A Falcon model and its tokenizer, ready to generate.
+
+    >>> llm = LLM("path/to/falcon")                               # doctest: +SKIP
+    >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))[0].text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 16,
+    ) -> None:
+        if model is None:
+            from .default_model import default_model_path
+
+            model = default_model_path()
+        self.path = Path(model)
+        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.model = FalconForCausalLM.from_pretrained(self.path, dtype=self.dtype, device=self.device)
+        self.tokenizer = Tokenizer.from_pretrained(self.path)
+        self.config = self.model.config
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.max_num_seqs = max_num_seqs
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A string is tokenized; a list of ints is taken as token ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts run in batches of up to ``max_num_seqs`` rows."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        prompts = list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        token_prompts = [self.encode_prompt(p) for p in prompts]
+        # Expand n > 1 into rows; child i of a seeded request uses seed + i.
+        rows: list[tuple[int, int, list[int], SamplingParams]] = []
+        for req, (ids, sp) in enumerate(zip(token_prompts, params, strict=True)):
+            for child in range(sp.n):
+                seed = None if sp.seed is None else sp.seed + child
+                rows.append((req, child, ids, replace(sp, seed=seed, n=1)))
+        results = [
+            RequestOutput(str(i), p if isinstance(p, str) else None, ids, [None] * sp.n)
+            for i, (p, ids, sp) in enumerate(zip(prompts, token_prompts, params, strict=True))
+        ]
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]))  # similar lengths share a batch
+        for start in range(0, len(order), self.max_num_seqs):
+            chunk = [rows[r] for r in order[start : start + self.max_num_seqs]]
+            outputs, steps = generate_stream(
+                self.model, self.tokenizer, [c[2] for c in chunk], [c[3] for c in chunk], self.max_model_len
+            )
+            for _ in steps:
+                pass
+            for (req, child, _, _), out in zip(chunk, outputs, strict=True):
+                out.index = child
+                results[req].outputs[child] = out
+        return results
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one completion as they are produced (never a broken UTF-8 character)."""
+        sp = sampling_params or SamplingParams()
+        _, steps = generate_stream(self.model, self.tokenizer, [self.encode_prompt(prompt)], [sp], self.max_model_len)
+        for events in steps:
+            for event in events:
+                if event.text:
+                    yield event.text
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Render a conversation with the tokenizer's chat template, ready for the assistant's turn."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    @staticmethod
+    def _params_per_prompt(sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams()] * n
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        sp = list(sp)
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} sampling params for {n} prompts")
+        return sp

@@ -1,0 +1,1 @@
+"""The Falcon model: config, modules, positions, attention, checkpoints."""

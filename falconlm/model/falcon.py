@@ -1,0 +1,207 @@
+"""The Falcon decoder (TII, "The Falcon Series of Open Language Models", 2023), one variant per config.
+
+Module and parameter names equal transformers' ``FalconForCausalLM`` so that a Hugging Face checkpoint loads by
+name. Block shapes (falcon-spec §3.1):
+
+* falcon-rw: sequential, ``x + attn(ln1(x))`` then ``+ mlp(ln2(.))``, with biases and ALiBi;
+* falcon-7b: parallel, one shared LayerNorm, multi-query attention;
+* falcon-40b/180b: parallel, ``ln_attn`` and ``ln_mlp``, grouped-query attention;
+* Falcon2-11B: parallel, one shared LayerNorm, grouped-query attention, untied head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionContext, KVCache, build_dense_attention
+from .config import FalconConfig
+from .positions import apply_rope, positions_from_mask, rope_cos_sin
+
+Rope = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class FalconLinear(nn.Linear):
+    """A Linear whose bias is added after the matmul as a separate op, as Falcon was trained (falcon-spec §3.4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class FalconAttention(nn.Module):
+    """Fused QKV projection, rotary positions, attention over the KV groups, output projection."""
+
+    def __init__(self, config: FalconConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_groups = config.num_kv_groups
+        self.queries_per_kv = config.queries_per_kv
+        self.head_dim = config.head_dim
+        self.query_key_value = FalconLinear(config.hidden_size, config.qkv_out_features, bias=config.bias)
+        self.dense = FalconLinear(config.hidden_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Rows of the fused weight: G groups of [queries_per_kv query heads, 1 key, 1 value] (falcon-spec §2).
+        qkv = self.query_key_value(x).view(B, T, self.num_kv_groups, self.queries_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, :-2].reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
+        k = qkv[:, :, :, -2].transpose(1, 2)  # [B, G, T, d]
+        v = qkv[:, :, :, -1].transpose(1, 2)  # [B, G, T, d]
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = ctx.attend(self.layer_idx, q, k, v)  # [B, Hq, T, d]
+        return self.dense(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class FalconMLP(nn.Module):
+    """h -> ffn_hidden_size -> h with the exact (erf) GELU."""
+
+    def __init__(self, config: FalconConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = FalconLinear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
+        self.dense_4h_to_h = FalconLinear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class FalconBlock(nn.Module):
+    """One decoder layer; the LayerNorms it owns decide its shape (``config.layer_norms``)."""
+
+    def __init__(self, config: FalconConfig, layer_idx: int) -> None:
+        super().__init__()
+        for name in config.layer_norms:
+            self.add_module(name, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon))
+        self.parallel = config.parallel_attn
+        self.self_attention = FalconAttention(config, layer_idx)
+        self.mlp = FalconMLP(config)
+        self.hidden_dropout = config.hidden_dropout
+        self.attention_dropout = config.attention_dropout
+
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+        if not self.parallel:  # falcon-rw
+            x = x + self._drop(self.self_attention(self.input_layernorm(x), rope, ctx), self.attention_dropout)
+            return x + self._drop(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout)
+        if hasattr(self, "ln_attn"):  # falcon-40b / 180b
+            attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
+        else:  # falcon-7b, Falcon2-11B
+            attn_in = mlp_in = self.input_layernorm(x)
+        attn = self.self_attention(attn_in, rope, ctx)
+        return self._drop(self.mlp(mlp_in) + attn, self.hidden_dropout) + x
+
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return F.dropout(x, p, training=True) if self.training and p > 0 else x
+
+
+class FalconModel(nn.Module):
+    """Embedding, the blocks, the final LayerNorm."""
+
+    def __init__(self, config: FalconConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] after ``ln_f``. Extends ``kv_cache`` by T positions when one is given."""
+        B, T = input_ids.shape
+        x = self.word_embeddings(input_ids)  # [B, T, H]
+        past = kv_cache.length if kv_cache is not None else 0
+        rope = None
+        if self.config.rotary:
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = positions_from_mask(attention_mask)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            rope = rope_cos_sin(self.config, position_ids, x.dtype)
+        dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
+        ctx = build_dense_attention(self.config, T, attention_mask, kv_cache, x.dtype, x.device, B, dropout_p)
+        for block in self.h:
+            x = block(x, rope, ctx)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)
+
+
+class FalconForCausalLM(nn.Module):
+    """Falcon with its language-model head (tied to the embedding unless ``tie_word_embeddings`` is false)."""
+
+    def __init__(self, config: FalconConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = FalconModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_token_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_token_only``).
+
+        ``attention_mask`` [B, past + T] marks real tokens with 1 and left padding with 0.
+        """
+        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
+        if last_token_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache sized for ``batch_size`` rows of up to ``max_len`` positions, in the model's dtype and device."""
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch: N(0, initializer_range), LayerNorms at identity."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                w = torch.empty(module.weight.shape).normal_(0.0, std, generator=gen)
+                module.weight.data.copy_(w)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.data.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.data.fill_(1.0)
+                module.bias.data.zero_()
+
+    def num_parameters(self) -> int:
+        """Parameters counted once (a tied head is not counted twice)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> FalconForCausalLM:
+        """Load a Hugging Face Falcon checkpoint folder, shard by shard, straight into ``dtype`` on ``device``."""
+        from .checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""
+        from .checkpoint import save_model
+
+        save_model(self, path, max_shard_bytes=max_shard_bytes)
