@@ -62,25 +62,30 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     gen = torch.Generator().manual_seed(0)
     if impl == "falconlm":
-        from falconlm.engine.generator import generate
+        from falconlm.engine.engine import Engine, EngineConfig
         from falconlm.engine.sampling_params import SamplingParams
         from falconlm.model.falcon import FalconForCausalLM
 
         model = FalconForCausalLM.from_pretrained(folder, dtype=dtype)
         vocab = model.config.vocab_size
 
-        class _NoText:  # token ids only: the benchmark measures the model, not detokenization
+        class _NoText:  # token ids only: the benchmark measures the engine, not detokenization
             eos_token_id = None
 
             def decode(self, ids, skip_special_tokens=False):
                 return ""
 
+        engine = Engine(
+            model, _NoText(), EngineConfig(max_num_seqs=8, max_num_batched_tokens=prefill, enable_prefix_caching=False)
+        )
+
         def run_prefill(ids):
-            model(ids, kv_cache=model.new_kv_cache(ids.shape[0], ids.shape[1]), last_token_only=True)
+            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            engine.generate(ids.tolist(), [params] * ids.shape[0])
 
         def run_decode(ids):
             params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-            outs = generate(model, _NoText(), ids.tolist(), [params] * ids.shape[0], max_model_len=4096)
+            outs = engine.generate(ids.tolist(), [params] * ids.shape[0])
             assert all(len(o.token_ids) == new_tokens for o in outs)
     else:
         from transformers import FalconForCausalLM as HFModel
@@ -109,7 +114,8 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
     result = {"impl": impl, "dtype": dtype_name, "prefill_tok_s": prefill / prefill_s}
     for batch in (1, 8):
         ids = torch.randint(0, vocab, (batch, PROMPT_DECODE), generator=gen)
-        run_decode(ids[:, :4]) if batch == 1 else None  # warm-up
+        if batch == 1:
+            run_decode(ids[:, :4])  # warm-up
         seconds = _timed(lambda ids=ids: run_decode(ids))
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
     result["gb_s_b1"] = weight_bytes * result["decode_b1_tok_s"] / 1e9

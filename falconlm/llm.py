@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .engine.generator import generate_stream
+from .engine.engine import Engine, EngineConfig
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
 from .model.falcon import FalconForCausalLM
@@ -45,7 +45,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class LLM:
-    """A Falcon model and its tokenizer, ready to generate.
+    """A Falcon model and its tokenizer on the continuous-batching engine, ready to generate.
 
     >>> llm = LLM("path/to/falcon")                               # doctest: +SKIP
     >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))[0].text  # doctest: +SKIP
@@ -58,6 +58,10 @@ class LLM:
         device: str | torch.device | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 16,
+        max_num_batched_tokens: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
     ) -> None:
         if model is None:
             from .default_model import default_model_path
@@ -72,7 +76,19 @@ class LLM:
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        self.max_num_seqs = max_num_seqs
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            EngineConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens or max(512, self.max_model_len),
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+        )
+        self._next_id = 0
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string is tokenized; a list of ints is taken as token ids (checked against the vocabulary)."""
@@ -90,47 +106,58 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Prompts run in batches of up to ``max_num_seqs`` rows."""
+        """One RequestOutput per prompt, in order; all prompts share the engine's continuous batch."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
         token_prompts = [self.encode_prompt(p) for p in prompts]
-        # Expand n > 1 into rows; child i of a seeded request uses seed + i.
-        rows: list[tuple[int, int, list[int], SamplingParams]] = []
-        for req, (ids, sp) in enumerate(zip(token_prompts, params, strict=True)):
-            for child in range(sp.n):
-                seed = None if sp.seed is None else sp.seed + child
-                rows.append((req, child, ids, replace(sp, seed=seed, n=1)))
         results = [
             RequestOutput(str(i), p if isinstance(p, str) else None, ids, [None] * sp.n)
             for i, (p, ids, sp) in enumerate(zip(prompts, token_prompts, params, strict=True))
         ]
-        order = sorted(range(len(rows)), key=lambda r: len(rows[r][2]))  # similar lengths share a batch
-        for start in range(0, len(order), self.max_num_seqs):
-            chunk = [rows[r] for r in order[start : start + self.max_num_seqs]]
-            outputs, steps = generate_stream(
-                self.model, self.tokenizer, [c[2] for c in chunk], [c[3] for c in chunk], self.max_model_len
-            )
-            for _ in steps:
-                pass
-            for (req, child, _, _), out in zip(chunk, outputs, strict=True):
-                out.index = child
-                results[req].outputs[child] = out
+        # n > 1 becomes n engine requests; child i of a seeded request uses seed + i.
+        id_to_slot: dict[str, tuple[int, int]] = {}
+        try:
+            for req, (ids, sp) in enumerate(zip(token_prompts, params, strict=True)):
+                for child in range(sp.n):
+                    seed = None if sp.seed is None else sp.seed + child
+                    request_id = self._new_id()
+                    self.engine.add_request(request_id, ids, replace(sp, seed=seed, n=1))
+                    id_to_slot[request_id] = (req, child)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        req, child = id_to_slot[out.request_id]
+                        out.output.index = child
+                        results[req].outputs[child] = out.output
+        finally:  # an error (or Ctrl-C) must not leave requests behind in the engine
+            for request_id in id_to_slot:
+                self.engine.abort(request_id)
         return results
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one completion as they are produced (never a broken UTF-8 character)."""
-        sp = sampling_params or SamplingParams()
-        _, steps = generate_stream(self.model, self.tokenizer, [self.encode_prompt(prompt)], [sp], self.max_model_len)
-        for events in steps:
-            for event in events:
-                if event.text:
-                    yield event.text
+        request_id = self._new_id()
+        self.engine.add_request(request_id, self.encode_prompt(prompt), sampling_params or SamplingParams())
+        try:
+            finished = False
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        if out.text:
+                            yield out.text
+                        finished = out.finished
+        finally:
+            self.engine.abort(request_id)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """Render a conversation with the tokenizer's chat template, ready for the assistant's turn."""
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"llm-{self._next_id}"
 
     @staticmethod
     def _params_per_prompt(sp: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

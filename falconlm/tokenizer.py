@@ -74,6 +74,9 @@ class Tokenizer:
             if (text := _token_text(item)) is not None
         ]
         template = _select_chat_template(config.get("chat_template"), folder / "tokenizer_config.json")
+        jinja_file = folder / "chat_template.jinja"  # newer Hugging Face folders keep the template beside
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
         return cls(backend, eos_token=eos, bos_token=bos, chat_template=template, extra_special_tokens=extra)
 
     # ------------------------------------------------------------------ vocabulary

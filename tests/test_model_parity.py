@@ -7,7 +7,7 @@ import torch
 from transformers import FalconForCausalLM as HFModel
 
 from falconlm import FalconForCausalLM
-from falconlm.engine.generator import generate
+from falconlm.engine.engine import Engine
 from falconlm.engine.sampling_params import SamplingParams
 from falconlm.tokenizer import Tokenizer
 
@@ -96,7 +96,7 @@ def test_bfloat16_greedy_tokens_agree(hf_checkpoint):
     tok = Tokenizer.from_pretrained(path)
     prompt = tok.encode("Once upon a time there was a little fox")
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    got = generate(ours, tok, [prompt], [params], max_model_len=128)[0].token_ids
+    got = Engine(ours, tok).generate([prompt], [params])[0].token_ids
     expected = _greedy_reference(ref, prompt, 32)
     assert len(got) == 32
     first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), None)
@@ -122,3 +122,13 @@ def test_tied_and_untied_heads(hf_checkpoint):
     ours = FalconForCausalLM.from_pretrained(path)
     tied = ours.lm_head.weight.data_ptr() == ours.transformer.word_embeddings.weight.data_ptr()
     assert tied == (variant != "11b")
+
+
+def test_float16_runs_and_tracks_float32(hf_checkpoint):
+    variant, path = hf_checkpoint
+    full = FalconForCausalLM.from_pretrained(path, dtype=torch.float32)
+    half = FalconForCausalLM.from_pretrained(path, dtype=torch.float16)
+    assert half.lm_head.weight.dtype == torch.float16
+    ids = torch.randint(0, full.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    diff = (half(ids).float() - full(ids)).abs().max().item()
+    assert diff < 0.05, f"{variant}: float16 drifts {diff} from float32"

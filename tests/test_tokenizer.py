@@ -254,3 +254,12 @@ def test_unreadable_json(tiny_dir: Path, tmp_path: Path) -> None:
 def test_bad_chat_template_config(tiny_dir: Path) -> None:
     with pytest.raises(ValueError, match="default"):
         with_template(tiny_dir, [{"name": "other", "template": "x"}])
+
+
+def test_chat_template_jinja_file_is_used(tmp_path, falcon_tokenizer_dir):
+    (tmp_path / "tokenizer.json").write_bytes((falcon_tokenizer_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi<a>"

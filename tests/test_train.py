@@ -256,7 +256,7 @@ def test_checkpoint_matches_transformers(trained):
 def test_ddp_two_processes_match_gradient_accumulation(tmp_path, corpus, tok_dir, config_file):
     """2 gloo ranks x accumulation 1 see the same micro-batches as 1 process x accumulation 2.
 
-    Tolerance 1e-5: the only difference is the order of float additions in the gradient reduction.
+    Observed bitwise equal on CPU; the 1e-6 tolerance leaves room for a different float reduction order.
     """
     run = {
         "steps": 4,
@@ -288,10 +288,10 @@ def test_ddp_two_processes_match_gradient_accumulation(tmp_path, corpus, tok_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     ddp_losses = [r["loss"] for r in records]
-    assert ddp_losses == pytest.approx(single.losses, abs=1e-5)
+    assert ddp_losses == pytest.approx(single.losses, abs=1e-6)
     assert records[-1]["tokens"] == single.tokens == 4 * 4 * 32 * 2
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 # ---- perplexity --------------------------------------------------------------------------------------------

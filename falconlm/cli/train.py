@@ -25,15 +25,11 @@ def _register_tokenizer(sub: argparse._SubParsersAction) -> None:
         description="Train a byte-level BPE tokenizer with Falcon's special tokens (ids 0..11, "
         "<|endoftext|> = 11). Writes tokenizer.json and tokenizer_config.json into --out.",
     )
-    p.add_argument(
-        "--input", "-i", nargs="+", type=Path, required=True, metavar="FILE", help="UTF-8 text files"
-    )
+    p.add_argument("--input", "-i", nargs="+", type=Path, required=True, metavar="FILE", help="UTF-8 text files")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
-    p.add_argument(
-        "--model-max-length", type=int, default=2048, help="for tokenizer_config.json (default 2048)"
-    )
+    p.add_argument("--model-max-length", type=int, default=2048, help="for tokenizer_config.json (default 2048)")
     _add_doc_split(p)
     p.set_defaults(run=run_train_tokenizer)
 
@@ -83,25 +79,17 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         default=d.batch_size,
         help=f"sequences per micro-batch per process (default {d.batch_size})",
     )
-    p.add_argument(
-        "--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})"
-    )
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default {d.seq_len})")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default 1)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps / 10))")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
-    p.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip, 0 = off (default 1)"
-    )
-    p.add_argument(
-        "--dropout", type=float, default=None, help="hidden and attention dropout (default: config's)"
-    )
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip, 0 = off (default 1)")
+    p.add_argument("--dropout", type=float, default=None, help="hidden and attention dropout (default: config's)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--seed", type=int, default=d.seed, help=f"seed for init, data and dropout (default {d.seed})"
-    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for init, data and dropout (default {d.seed})")
     p.add_argument(
         "--eval-every",
         type=int,
@@ -128,7 +116,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         metavar="STEP",
         help="stop with a checkpoint after this step (the schedule still spans --steps)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out (its settings are reused: --out alone is enough)",
+    )
     p.add_argument(
         "--init-from",
         type=Path,
@@ -183,14 +175,9 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(targs)
     if result.interrupted:
         return 130
-    val = (
-        f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})" if result.val_loss is not None else ""
-    )
+    val = f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})" if result.val_loss is not None else ""
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    print(
-        f"step {result.step}: train loss {loss}{val}; {result.tokens_per_s:,.0f} tokens/s; "
-        f"saved to {result.out}"
-    )
+    print(f"step {result.step}: train loss {loss}{val}; {result.tokens_per_s:,.0f} tokens/s; saved to {result.out}")
     return 0
 
 
@@ -202,9 +189,7 @@ def _register_ppl(sub: argparse._SubParsersAction) -> None:
         description="Perplexity with windows of --context tokens every --stride tokens, scoring "
         "only each window's new tokens.",
     )
-    p.add_argument(
-        "--model", "-m", type=Path, default=None, help="checkpoint folder (default: the embedded model)"
-    )
+    p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
     p.add_argument("--data", type=Path, required=True, metavar="FILE", help="a UTF-8 text file")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's maximum)")
@@ -241,9 +226,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_pretrained(args.model)
     ids = tokenize_file(args.data, tokenizer, args.doc_split)[: args.max_tokens]
     model = FalconForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
-    result = perplexity(
-        model, torch.from_numpy(ids.astype("int64")), args.context, args.stride, args.batch_size
-    )
+    result = perplexity(model, torch.from_numpy(ids.astype("int64")), args.context, args.stride, args.batch_size)
     if args.json:
         print(json.dumps({"tokens": result.tokens, "nll": result.nll, "perplexity": result.ppl}))
     else:

@@ -115,8 +115,13 @@ class FalconModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        attention: AttentionContext | None = None,
     ) -> torch.Tensor:
-        """Hidden states [B, T, H] after ``ln_f``. Extends ``kv_cache`` by T positions when one is given."""
+        """Hidden states [B, T, H] after ``ln_f``. Extends ``kv_cache`` by T positions when one is given.
+
+        ``attention`` replaces the dense attention with another context (the engine's paged one); the caller
+        then gives ``position_ids``.
+        """
         B, T = input_ids.shape
         x = self.word_embeddings(input_ids)  # [B, T, H]
         past = kv_cache.length if kv_cache is not None else 0
@@ -128,8 +133,10 @@ class FalconModel(nn.Module):
                 else:
                     position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             rope = rope_cos_sin(self.config, position_ids, x.dtype)
-        dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
-        ctx = build_dense_attention(self.config, T, attention_mask, kv_cache, x.dtype, x.device, B, dropout_p)
+        ctx = attention
+        if ctx is None:
+            dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
+            ctx = build_dense_attention(self.config, T, attention_mask, kv_cache, x.dtype, x.device, B, dropout_p)
         for block in self.h:
             x = block(x, rope, ctx)
         if kv_cache is not None:
@@ -158,13 +165,18 @@ class FalconForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_token_only: bool = False,
+        attention: AttentionContext | None = None,
+        logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_token_only``).
 
-        ``attention_mask`` [B, past + T] marks real tokens with 1 and left padding with 0.
+        ``attention_mask`` [B, past + T] marks real tokens with 1 and left padding with 0. The engine passes its
+        own ``attention`` context and ``logits_indices`` (positions of a [1, N] step to score), getting [R, vocab].
         """
-        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
-        if last_token_only:
+        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, attention)
+        if logits_indices is not None:
+            hidden = hidden[0, logits_indices]
+        elif last_token_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
 

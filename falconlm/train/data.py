@@ -151,14 +151,11 @@ class TokenWindows:
         seg = np.searchsorted(self._ends, picks, side="right")
         offsets = picks - (self._ends[seg] - self._starts[seg])
         rows = [
-            np.asarray(self.segments[s][o : o + self.length], dtype=np.int64)
-            for s, o in zip(seg, offsets, strict=True)
+            np.asarray(self.segments[s][o : o + self.length], dtype=np.int64) for s, o in zip(seg, offsets, strict=True)
         ]
         return torch.from_numpy(np.stack(rows))
 
-    def batch(
-        self, seed: int, stream: int, index: tuple[int, ...], count: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, seed: int, stream: int, index: tuple[int, ...], count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets [count, length - 1] for the micro-batch named by ``index``."""
         windows = self.sample(batch_rng(seed, stream, *index), count)
         return windows[:, :-1], windows[:, 1:]

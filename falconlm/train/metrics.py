@@ -13,11 +13,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
-        kept = (
-            [m for m in read_metrics(path) if m.get("step", 0) <= resume_step]
-            if resume_step is not None
-            else []
-        )
+        kept = [m for m in read_metrics(path) if m.get("step", 0) <= resume_step] if resume_step is not None else []
         path.write_text("".join(json.dumps(m) + "\n" for m in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -23,32 +23,26 @@ def resolve_config(config: str | Path | FalconConfig | None) -> tuple[FalconConf
     path = Path(config)
     if not path.exists():
         raise FileNotFoundError(
-            f"--config {config} is neither a preset ({', '.join(sorted(PRESETS))}) "
-            "nor an existing config.json"
+            f"--config {config} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config.json"
         )
     return FalconConfig.from_pretrained(path), False
 
 
-def fit_config(
-    config: FalconConfig, tokenizer: Tokenizer, args: TrainArgs, resize_vocab: bool
-) -> FalconConfig:
+def fit_config(config: FalconConfig, tokenizer: Tokenizer, args: TrainArgs, resize_vocab: bool) -> FalconConfig:
     """The config adjusted to the tokenizer (vocab, bos/eos ids), the sequence length and --dropout."""
     d = config.to_dict()
     vocab = tokenizer.vocab_size
     if resize_vocab:
         d["vocab_size"] = vocab
     elif config.vocab_size < vocab:
-        raise ValueError(
-            f"the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's ({vocab})"
-        )
+        raise ValueError(f"the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's ({vocab})")
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
     d["eos_token_id"] = eos
     d["bos_token_id"] = eos if bos is None else bos
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(
-            f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
-            f"({config.max_position_embeddings})"
+            f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
         )
     if args.dropout is not None:
         d["hidden_dropout"] = d["attention_dropout"] = args.dropout

@@ -30,9 +30,7 @@ def make_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; fused kernels on CUDA."""
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None
-    )
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 @dataclass(frozen=True)

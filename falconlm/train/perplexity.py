@@ -73,8 +73,7 @@ def perplexity(
     context = context or model.config.max_position_embeddings
     if context > model.config.max_position_embeddings:
         raise ValueError(
-            f"context {context} exceeds the model's max_position_embeddings "
-            f"({model.config.max_position_embeddings})"
+            f"context {context} exceeds the model's max_position_embeddings ({model.config.max_position_embeddings})"
         )
     stride = stride or max(1, context // 2)
     if batch_size < 1:
@@ -85,9 +84,7 @@ def perplexity(
     spans = windows(ids.numel(), context, stride)
     show = sys.stderr.isatty() if progress is None else progress
     total_nll, total_tokens = 0.0, 0
-    with tqdm(
-        total=ids.numel() - 1, desc="perplexity", unit=" tok", unit_scale=True, disable=not show
-    ) as bar:
+    with tqdm(total=ids.numel() - 1, desc="perplexity", unit=" tok", unit_scale=True, disable=not show) as bar:
         for group in _batches(spans, batch_size):
             inputs = torch.stack([ids[w.begin : w.end] for w in group]).to(device)
             logits = model(inputs).float()

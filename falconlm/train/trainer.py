@@ -62,6 +62,8 @@ class _Run:
         self.on_step = on_step
         self.out = Path(args.out)
         state = self._read_state(args)
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if state is not None:
             args = args.merged_with_saved(state["args"])
             args = replace(args, grad_accum=self._resumed_accum(args, state))
@@ -107,8 +109,7 @@ class _Run:
             return state
         if (self.out / STATE_FILE).is_file():
             raise ValueError(
-                f"{self.out} already holds a training run; pass --resume to continue it "
-                "or choose another --out"
+                f"{self.out} already holds a training run; pass --resume to continue it or choose another --out"
             )
         return None
 
@@ -144,8 +145,7 @@ class _Run:
         train_windows = TokenWindows(train, length)
         if not train_windows:
             raise ValueError(
-                f"the training data has no document run of {length} tokens (--seq-len + 1); "
-                "give more text or a smaller --seq-len"
+                f"no training data file holds {length} tokens (--seq-len + 1); give more text or a smaller --seq-len"
             )
         val_windows = TokenWindows(val, length) if val else None
         if val and not val_windows:
@@ -157,17 +157,13 @@ class _Run:
     def run(self) -> TrainResult:
         args, info = self.args, self.info
         end = min(args.steps, args.stop_after) if args.stop_after else args.steps
-        metrics = (
-            MetricsLog(self.out / "metrics.jsonl", self.start_step if self.state else None)
-            if info.is_main
-            else None
-        )
+        resumed = self.state is not None
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.start_step if resumed else None) if info.is_main else None
         self._say(self._summary())
         losses: list[float] = []
         val_loss = None
-        step, saved_at = self.start_step, self.start_step if self.state else -1
-        train_time, interrupted = 0.0, False
-        log_tokens, log_time = 0, 0.0
+        step, saved_at = self.start_step, self.start_step if resumed else -1
+        meter, interrupted = _Throughput(), False
         bar = tqdm(
             total=args.steps,
             initial=step,
@@ -181,43 +177,24 @@ class _Run:
             while step < end:
                 t0 = time.perf_counter()
                 loss, lr, grad_norm = self._train_step(step)
-                elapsed = time.perf_counter() - t0
+                meter.add(self.tokens_per_step, time.perf_counter() - t0)
                 step += 1
                 self.tokens += self.tokens_per_step
                 losses.append(loss)
-                train_time += elapsed
-                log_tokens += self.tokens_per_step
-                log_time += elapsed
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_step / elapsed:,.0f}"
-                )
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.last_rate:,.0f}")
                 if not math.isfinite(loss):
                     raise ValueError(f"the training loss became {loss} at step {step}; try a lower --lr")
-                record: dict[str, Any] = {}
-                if self.val_windows is not None and (
-                    step == end or (args.eval_every and step % args.eval_every == 0)
-                ):
+                record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "tokens": self.tokens}
+                if self.val_windows is not None and (step == end or (args.eval_every and step % args.eval_every == 0)):
                     val_loss = self._evaluate()
                     record.update(val_loss=val_loss, val_ppl=_ppl(val_loss))
                     self._say(
-                        f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}, "
-                        f"val ppl {_ppl(val_loss):.2f}",
+                        f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}, val ppl {_ppl(val_loss):.2f}",
                         bar,
                     )
-                if metrics is not None and (record or step == end or step % args.log_every == 0):
-                    metrics.write(
-                        {
-                            "step": step,
-                            "loss": loss,
-                            "lr": lr,
-                            "tokens": self.tokens,
-                            "tokens_per_s": log_tokens / max(log_time, 1e-9),
-                            "grad_norm": grad_norm,
-                            **record,
-                        }
-                    )
-                    log_tokens, log_time = 0, 0.0
+                if metrics is not None and ("val_loss" in record or step == end or step % args.log_every == 0):
+                    metrics.write({**record, "tokens_per_s": meter.interval_rate(), "grad_norm": grad_norm})
                 if args.save_every and step % args.save_every == 0 and step != end:
                     self._save(step)
                     saved_at = step
@@ -243,10 +220,10 @@ class _Run:
             losses=losses,
             final_loss=sum(tail) / len(tail) if tail else None,
             val_loss=val_loss,
-            val_ppl=_ppl(val_loss) if val_loss is not None else None,
+            val_ppl=None if val_loss is None else _ppl(val_loss),
             tokens=self.tokens,
-            tokens_per_s=(step - self.start_step) * self.tokens_per_step / max(train_time, 1e-9),
-            elapsed_s=train_time,
+            tokens_per_s=meter.total_rate(),
+            elapsed_s=meter.total_time,
             interrupted=interrupted,
             model=self.model,
         )
@@ -257,7 +234,7 @@ class _Run:
         lr = self.schedule(step)
         set_lr(self.optimizer, lr)
         torch.manual_seed(_derived_seed(args.seed, step, info.rank))  # dropout
-        loss_sum = torch.zeros((), device=info.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         for micro in range(args.grad_accum):
             index = (step, micro * info.world_size + info.rank)
             x, y = self.train_windows.batch(args.seed, TRAIN_STREAM, index, args.batch_size)
@@ -268,7 +245,7 @@ class _Run:
                     logits = self.forward(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 (loss / args.grad_accum).backward()
-            loss_sum += loss.detach()
+            loss_sum += loss.detach().double()
         max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
@@ -338,6 +315,30 @@ class _Run:
             f"{args.steps} steps of {self.tokens_per_step:,} tokens; data {self.train_windows.tokens:,} "
             f"tokens, validation {val}{start}"
         )
+
+
+class _Throughput:
+    """Tokens per second of the training steps alone (evaluation and saving excluded)."""
+
+    def __init__(self) -> None:
+        self.total_tokens, self.total_time = 0, 0.0
+        self._tokens, self._time, self.last_rate = 0, 0.0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.total_tokens += tokens
+        self.total_time += seconds
+        self._tokens += tokens
+        self._time += seconds
+        self.last_rate = tokens / max(seconds, 1e-9)
+
+    def interval_rate(self) -> float:
+        """The rate since the previous call."""
+        rate = self._tokens / max(self._time, 1e-9)
+        self._tokens, self._time = 0, 0.0
+        return rate
+
+    def total_rate(self) -> float:
+        return self.total_tokens / max(self.total_time, 1e-9)
 
 
 class _StopRequest:

@@ -1,0 +1,111 @@
+"""A request as the scheduler sees it: token ids, an ordered lifecycle status, and KV bookkeeping.
+
+Pure Python (no torch): the scheduler, KV cache manager and block pool pass ids and counts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from falconlm.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request; every finished state compares greater than PREEMPTED."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+
+FINISH_REASON: dict[RequestStatus, str] = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+def is_finished(status: RequestStatus) -> bool:
+    """True for the FINISHED_* states."""
+    return status > RequestStatus.PREEMPTED
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate.
+
+    ``num_computed_tokens`` counts the leading tokens of ``all_token_ids`` whose KV is in the cache;
+    ``block_ids`` is the request's block table (KV pages, in token order). ``sampling_params`` may be any
+    object with ``max_tokens``, ``ignore_eos`` and ``stop_token_ids``.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int] = field(repr=False)
+    sampling_params: SamplingParams = field(repr=False)
+    eos_token_id: int | None
+    arrival_time: float
+    max_model_len: int
+    output_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
+    num_computed_tokens: int = field(default=0, init=False)
+    block_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first admission
+    stop_reason: int | str | None = field(default=None, init=False)  # stop token id, or a stop string
+    _all_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r}: prompt_token_ids must not be empty")
+        self._all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by output; the live list, read it but do not mutate it."""
+        return self._all_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        """Effective output limit: the sampling limit, capped by what fits in ``max_model_len``."""
+        room = self.max_model_len - self.num_prompt_tokens
+        limit = self.sampling_params.max_tokens
+        return room if limit is None else min(limit, room)
+
+    @property
+    def is_finished(self) -> bool:
+        return is_finished(self.status)
+
+    def append_output_token(self, token_id: int) -> RequestStatus | None:
+        """Append a sampled token; return the finishing status it causes, else None.
+
+        Does not change ``status``: the scheduler finishes the request and frees its blocks.
+        """
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+        params = self.sampling_params
+        if not params.ignore_eos and token_id == self.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in (params.stop_token_ids or ()):
+            self.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,54 @@
+"""The step contract between the Scheduler (policy, ids and counts) and the ModelRunner (tensors).
+
+A step is ``schedule()`` -> ``runner.execute_model(scheduler_output)`` -> ``update_from_output(...)``.
+Pure Python (no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from falconlm.engine.request import Request
+
+
+@dataclass
+class ScheduledRequest:
+    """One row of a step: compute ``request.all_token_ids[start:start + num_tokens]``.
+
+    Their KV goes to the slots ``block_ids[p // block_size] * block_size + p % block_size`` for each position
+    ``p``; attention reads positions ``0..start + num_tokens - 1`` from the request's ``block_ids``.
+    """
+
+    request: Request  # the live object: the runner reads sampling params, token ids and block ids from it
+    num_tokens: int
+    start: int  # request.num_computed_tokens before the step
+    sample: bool  # start + num_tokens == request.num_tokens: the row reaches the end, so a token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step, in row order."""
+
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_ids: list[str] = field(default_factory=list)
+    aborted: list[Request] = field(default_factory=list)  # finished by the scheduler: they can never fit
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the runner sampled: one entry per row with ``sample=True``."""
+
+    request_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[object | None] = field(default_factory=list)  # opaque to the scheduler; may be empty
+
+
+@dataclass
+class RequestUpdate:
+    """A request's progress from one step, for the engine to detokenize and stream."""
+
+    request: Request
+    new_token_ids: list[int]
+    logprobs: list[object | None]
+    finished: bool

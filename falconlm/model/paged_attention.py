@@ -1,0 +1,138 @@
+"""Attention over a paged KV cache: the serving engine's flattened steps.
+
+A step concatenates every row's new tokens into one sequence of N tokens (batch dimension 1). Each new token's
+K/V goes to its *slot* (``block_id * block_size + offset``) in the cache ``[num_blocks, block_size, G, d]`` of
+its layer, and each row then attends over its own blocks, gathered through its block table. Rows that add one
+token (decodes) are gathered together and attended in one call; rows with several new tokens (prefill chunks)
+one by one, with a causal mask offset by what the row already had in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .attention import sdpa
+
+
+@dataclass
+class PagedKVCache:
+    """K and V blocks of every layer: [layers, num_blocks, block_size, G, d] each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_groups: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> PagedKVCache:
+        shape = (num_layers, num_blocks, block_size, num_kv_groups, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_groups: int, head_dim: int, itemsize: int) -> int:
+        return 2 * num_layers * block_size * num_kv_groups * head_dim * itemsize
+
+
+@dataclass
+class PagedAttention:
+    """The attention context of one engine step (see module docstring).
+
+    ``query_starts``/``query_lens`` locate each row's new tokens in the flattened step, ``context_lens`` is the
+    row's total length after the step, ``block_tables`` [rows, max_blocks] lists its blocks (padded with 0).
+    """
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [N] long
+    query_starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor  # [rows, max_blocks] long
+    alibi_slopes: torch.Tensor | None = None  # [Hq] float32 ALiBi slopes; None for RoPE models
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [1, Hq, N, d]; k, v: [1, G, N, d]
+        k_blocks, v_blocks = self.cache.k[layer], self.cache.v[layer]  # [num_blocks, block_size, G, d]
+        G, d = k_blocks.shape[2], k_blocks.shape[3]
+        k_blocks.view(-1, G, d).index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
+        v_blocks.view(-1, G, d).index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
+        out = torch.empty_like(q)
+        decodes = [r for r, n in enumerate(self.query_lens) if n == 1]
+        if decodes:
+            self._attend_decodes(decodes, q, out, k_blocks, v_blocks)
+        for r, n in enumerate(self.query_lens):
+            if n > 1:
+                self._attend_chunk(r, q, out, k_blocks, v_blocks)
+        return out
+
+    def _gather(self, rows: list[int], blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """K or V of ``rows`` as [R, G, length, d], read through their block tables."""
+        block_size = blocks.shape[1]
+        num = -(-length // block_size)
+        table = self.block_tables[rows, :num]  # [R, num]
+        gathered = blocks[table]  # [R, num, block_size, G, d]
+        R, _, _, G, d = gathered.shape
+        return gathered.view(R, num * block_size, G, d)[:, :length].transpose(1, 2)
+
+    def _attend_decodes(
+        self, rows: list[int], q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
+    ) -> None:
+        lengths = [self.context_lens[r] for r in rows]
+        longest = max(lengths)
+        keys = self._gather(rows, k_blocks, longest)  # [R, G, L, d]
+        values = self._gather(rows, v_blocks, longest)
+        positions = torch.tensor([self.query_starts[r] for r in rows], device=q.device)
+        queries = q[0, :, positions].transpose(0, 1)[:, :, None]  # [R, Hq, 1, d]
+        mask = None
+        if self.alibi_slopes is not None or any(n != longest for n in lengths):
+            key_pos = torch.arange(longest, device=q.device)
+            valid = key_pos[None, :] < torch.tensor(lengths, device=q.device)[:, None]  # [R, L]
+            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~valid, torch.finfo(q.dtype).min
+            )
+            mask = mask[:, None, None, :]  # [R, 1, 1, L]
+            if self.alibi_slopes is not None:
+                mask = mask + self._alibi(key_pos, q.dtype, q.shape[-1])[None]  # [R, Hq, 1, L]
+        result = sdpa(queries, keys, values, mask, is_causal=False)  # [R, Hq, 1, d]
+        out[0, :, positions] = result[:, :, 0].transpose(0, 1)
+
+    def _attend_chunk(
+        self, r: int, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
+    ) -> None:
+        start, n, length = self.query_starts[r], self.query_lens[r], self.context_lens[r]
+        keys = self._gather([r], k_blocks, length)  # [1, G, L, d]
+        values = self._gather([r], v_blocks, length)
+        queries = q[:, :, start : start + n]  # [1, Hq, n, d]
+        past = length - n
+        if past == 0 and self.alibi_slopes is None:
+            out[:, :, start : start + n] = sdpa(queries, keys, values, None, is_causal=True)
+            return
+        q_pos = torch.arange(past, length, device=q.device)[:, None]
+        key_pos = torch.arange(length, device=q.device)
+        mask = torch.zeros(n, length, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(key_pos[None, :] > q_pos, torch.finfo(q.dtype).min)[None, None]  # [1, 1, n, L]
+        if self.alibi_slopes is not None:
+            mask = torch.where(mask == 0, self._alibi(key_pos, q.dtype, q.shape[-1])[None], mask)  # [1, Hq, n, L]
+        out[:, :, start : start + n] = sdpa(queries, keys, values, mask, is_causal=False)
+
+    def _alibi(self, key_pos: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
+        """[Hq, 1, L] ALiBi bias over key positions 0..L-1, rounded exactly as the dense path rounds it."""
+        bias = self.alibi_slopes.bfloat16()[:, None] * key_pos[None, :]  # bfloat16, as transformers computes it
+        return (bias.to(dtype) / math.sqrt(head_dim))[:, None]
