@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import generate, info, train
+from . import bench, generate, info, serve, train
 
-COMMANDS = (generate, info, train)
+COMMANDS = (generate, info, train, bench, serve)
 
 
 class OneLineParser(argparse.ArgumentParser):

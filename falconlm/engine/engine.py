@@ -96,6 +96,13 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, the model's context is {self.max_model_len}")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in (params.logit_bias or {}) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
         request = Request(request_id, list(prompt_token_ids), params, eos, time.monotonic(), self.max_model_len)
         capacity = self.runner.cache.num_blocks * self.config.block_size
@@ -158,7 +165,7 @@ class Engine:
 
     def _abort_output(self, request: Request) -> StepOutput:
         state = self._states.pop(request.request_id)
-        state.output.finish_reason = "length"
+        state.output.finish_reason = "abort"
         self.runner.free(request.request_id)
         return StepOutput(request.request_id, "", [], True, state.output)
 

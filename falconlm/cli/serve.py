@@ -1,0 +1,213 @@
+"""``falconlm serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model.
+
+The socket opens first and the model loads on the engine thread, so ``/health`` answers 503 until it is ready.
+SIGTERM stops accepting connections, lets running requests finish for ``--shutdown-timeout`` seconds, aborts
+the rest and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import re
+import signal
+import threading
+from pathlib import Path
+
+from .options import check_model_path
+
+logger = logging.getLogger("falconlm.serve")
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def memory_amount(text: str) -> int | float:
+    """``--kv-cache-memory``: bytes ('4GiB', '512MB', '1000000') or a fraction of free memory ('0.5')."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes like 4GiB or a fraction like 0.5, got {text!r}")
+    number, unit = match.group(1), match.group(2) or ""
+    if "." in number and not unit:
+        fraction = float(number)
+        if not 0 < fraction <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction of free memory must be in (0, 1], got {text!r}")
+        return fraction
+    amount = int(float(number) * _UNITS[unit])
+    if amount < 1:
+        raise argparse.ArgumentTypeError(f"--kv-cache-memory must be positive, got {text!r}")
+    return amount
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+        "/detokenize, /health and /metrics.",
+    )
+    p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    keys.add_argument("--api-key-file", type=Path, default=None, metavar="FILE", help="accepted keys, one a line")
+    p.add_argument("--served-model-name", default=None, metavar="NAME", help="model name in the API (default: folder)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=16, help="requests per batch (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="tokens per step (default 512)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=memory_amount,
+        default=None,
+        metavar="BYTES|FRACTION",
+        help="KV-cache pool: bytes (4GiB) or a fraction of free memory (0.5); default: max-num-seqs full contexts",
+    )
+    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+    p.add_argument("--max-waiting", type=_positive_int, default=1024, help="queue limit before 429 (default 1024)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=run)
+
+
+def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise ValueError("--api-key is empty")
+        return (args.api_key.strip(),)
+    if args.api_key_file is None:
+        return ()
+    lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _engine_factory(path: Path, args: argparse.Namespace):
+    """A function that loads the model and builds the Engine (run on the engine thread)."""
+
+    def load():
+        import torch
+
+        from ..engine.engine import Engine, EngineConfig
+        from ..llm import resolve_device, resolve_dtype
+        from ..model.falcon import FalconForCausalLM
+        from ..tokenizer import Tokenizer
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        device = resolve_device(args.device)
+        model = FalconForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype), device=device)
+        model.eval()
+        tokenizer = Tokenizer.from_pretrained(path)
+        config = EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            kv_cache_memory=_kv_bytes(args.kv_cache_memory, device),
+            max_model_len=args.max_model_len,
+            enable_prefix_caching=not args.no_prefix_caching,
+            max_waiting=args.max_waiting,
+        )
+        engine = Engine(model, tokenizer, config)
+        logger.info(
+            "model loaded: %s (%d KV blocks of %d tokens)", path, engine.kv_cache_manager.num_blocks, args.block_size
+        )
+        return engine
+
+    return load
+
+
+def _kv_bytes(amount: int | float | None, device) -> int | None:
+    """Bytes for the KV pool: as given, or a fraction of the memory free now (after the weights loaded)."""
+    if amount is None or isinstance(amount, int):
+        return amount
+    return int(amount * _free_memory(device))
+
+
+def _free_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError("cannot tell the free memory here; give --kv-cache-memory in bytes")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_model_path(args.model)
+    if args.model is None:
+        from ..default_model import default_model_path
+
+        args.model = default_model_path()
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError("--max-model-len must be at least 2")
+    keys = read_api_keys(args)
+    import uvicorn
+
+    from ..engine.async_engine import AsyncEngine
+    from ..server import ServerSettings, build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    if not keys and not is_loopback(args.host):
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host
+        )
+    name = args.served_model_name or args.model.resolve().name
+    settings = ServerSettings(
+        served_model_names=(name,), model_path=str(args.model), api_keys=keys, max_body_bytes=args.max_body_bytes
+    )
+    engine = AsyncEngine(_engine_factory(args.model, args))
+    app = build_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=_exit_on_load_failure, args=(engine, server), daemon=True).start()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; a no-op handler makes that an exit 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except SystemExit as exc:
+        if exc.code:
+            raise OSError(f"could not serve on {args.host}:{args.port} (see the log above)") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if engine.load_error is not None:
+        raise ValueError(f"loading {args.model} failed: {engine.load_error}")
+    return 0
+
+
+def _exit_on_load_failure(engine, server) -> None:
+    """Stop the server when the model fails to load (the error is reported after it stops)."""
+    engine.wait_ready()
+    if engine.load_error is not None:
+        server.should_exit = True

@@ -1,0 +1,131 @@
+"""OpenAI error objects (``{"error": {"message", "type", "param", "code"}}``) and the handlers that send them.
+
+Bad input always ends here as a 4xx: pydantic's RequestValidationError becomes 400 (never FastAPI's 422),
+unknown routes 404, and anything unexpected a 500 whose body holds no traceback (the traceback is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# status -> (error type, default code), after OpenAI's names.
+ERROR_KINDS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("not_found_error", None),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("service_unavailable_error", "service_unavailable"),
+}
+
+
+class APIError(Exception):
+    """An error the client should see: HTTP status plus an OpenAI error object."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def to_dict(self) -> dict:
+        return error_body(self.status_code, self.message, self.param, self.code)
+
+
+def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind, default_code = ERROR_KINDS.get(status_code, ("invalid_request_error", None))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """A 400 for a ValueError; SamplingParams messages start with the field name, which becomes ``param``."""
+    message = str(exc) or "invalid request"
+    first = message.split(" ", 1)[0].rstrip(":")
+    return APIError(400, message, param=first if first in _SAMPLING_FIELDS else None)
+
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {
+    "top_logprobs",
+    "response_format",
+    "max_completion_tokens",
+    "stream_options",
+}
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """One readable line, and the offending field, from pydantic's error list."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if not loc and first.get("type") == "missing":
+        return "the request body is missing (expected a JSON object)", None
+    # A union puts its branch names (e.g. 'str', 'list[int]') in the location: stop the field path there.
+    branch = next((i for i, part in enumerate(loc) if "[" in part or part in _TYPE_NAMES), None)
+    param = ".".join(loc[:branch] if branch is not None else loc) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if branch is not None:
+        message = f"{param}: the value matches none of the accepted types ({first.get('msg')}, ...)"
+    elif len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message, param
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "function-after", "json-or-python"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure through an OpenAI error object."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(exc.errors())
+        return error_response(bad_request(message, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        not_found = exc.status_code == 404
+        message = f"no route {request.method} {request.url.path}" if not_found else str(exc.detail)
+        return error_response(APIError(exc.status_code, message, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal server error; see the server log"))

@@ -1,0 +1,106 @@
+"""From protocol requests to engine inputs: prompts to token ids and sampling params, checked against the model.
+
+Everything that could fail inside an engine step (a token id outside the vocabulary, a request longer than the
+context or the KV pool) is rejected here with a 400, so bad input never reaches the shared batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.sampling_params import SamplingParams
+from .errors import APIError, bad_request, from_value_error
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .settings import ServerSettings
+
+
+def check_model(requested: str | None, settings: ServerSettings) -> None:
+    """404 for a model name the server does not serve (None means the served one)."""
+    if requested is not None and requested not in settings.served_model_names:
+        raise APIError(
+            404,
+            f"the model {requested!r} does not exist; this server serves {settings.model_name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+
+
+def completion_prompts(engine: AsyncEngine, prompt: str | list) -> list[tuple[str, list[int]]]:
+    """(text, token ids) for each prompt of a completions request: a string, strings, ids or lists of ids."""
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty", "prompt")
+    tokenizer = engine.tokenizer
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+            text = item
+        else:
+            check_token_ids(item, engine.vocab_size, "prompt")
+            ids, text = list(item), tokenizer.decode(item)
+        if not ids:
+            raise bad_request("prompt must not be empty (it encodes to no tokens)", "prompt")
+        prompts.append((text, ids))
+    return prompts
+
+
+def chat_prompt(engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    """Render messages with the chat template and encode them; 400 for messages the template rejects."""
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    try:
+        text = engine.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from exc
+    ids = engine.tokenizer.encode(text)
+    if not ids:
+        raise bad_request("messages render to an empty prompt", "messages")
+    return ids
+
+
+def context_limit(engine: AsyncEngine) -> int:
+    """The longest request (prompt + output) the server runs: the context, or the KV pool if that is smaller."""
+    return min(engine.max_model_len, engine.kv_capacity_tokens)
+
+
+def sampling_params(
+    engine: AsyncEngine, request: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, prompt_param: str
+) -> SamplingParams:
+    """Checked SamplingParams for one prompt; max_tokens null means the rest of the context."""
+    limit = context_limit(engine)
+    room = limit - num_prompt_tokens
+    if room < 1:
+        raise bad_request(
+            f"the prompt has {num_prompt_tokens} tokens but this model's maximum context length is {limit} "
+            "tokens, including at least one generated token; shorten the prompt",
+            prompt_param,
+        )
+    try:
+        params = request.to_sampling_params(default_max_tokens=room)
+    except ValueError as exc:
+        raise from_value_error(exc) from exc
+    if params.max_tokens is not None and params.max_tokens > room:
+        total = num_prompt_tokens + params.max_tokens
+        raise bad_request(
+            f"this model's maximum context length is {limit} tokens; you requested {total} tokens "
+            f"({num_prompt_tokens} in the prompt, {params.max_tokens} for the completion); reduce the prompt "
+            "or max_tokens",
+            "max_tokens",
+        )
+    vocab_size = engine.vocab_size
+    if params.logit_bias:
+        check_token_ids(list(params.logit_bias), vocab_size, "logit_bias")
+    return params

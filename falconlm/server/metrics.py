@@ -1,0 +1,116 @@
+"""Prometheus metrics on a private registry, all named ``falconlm_*``.
+
+Latency histograms and token counters are fed by the server as outputs arrive (:class:`RequestTimer`); the
+engine's load (running and waiting requests, KV blocks, prefix-cache hits) is read from the AsyncEngine's
+stats snapshot at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..engine.async_engine import EngineStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+
+class _EngineCollector:
+    """Gauges and counters read from the engine's latest stats at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        yield GaugeMetricFamily("falconlm_num_requests_running", "Requests in the running batch.", s.num_running)
+        yield GaugeMetricFamily("falconlm_num_requests_waiting", "Requests in the waiting queue.", s.num_waiting)
+        yield GaugeMetricFamily(
+            "falconlm_kv_cache_blocks_in_use", "KV-cache blocks held by requests.", s.num_blocks_in_use
+        )
+        yield GaugeMetricFamily("falconlm_kv_cache_blocks_total", "KV-cache blocks in the pool.", s.num_blocks)
+        yield GaugeMetricFamily(
+            "falconlm_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1).", s.kv_cache_usage
+        )
+        yield CounterMetricFamily(
+            "falconlm_prefix_cache_queries_tokens",
+            "Prompt tokens looked up in the prefix cache.",
+            s.num_prefix_query_tokens,
+        )
+        yield CounterMetricFamily(
+            "falconlm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", s.num_prefix_hit_tokens
+        )
+        yield CounterMetricFamily(
+            "falconlm_num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions
+        )
+
+
+class ServerMetrics:
+    """The server's metrics; ``render()`` gives the Prometheus text exposition."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.time_to_first_token = Histogram(
+            "falconlm_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "falconlm_inter_token_latency_seconds",
+            "Between consecutive generated tokens of a request.",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.e2e_request_latency = Histogram(
+            "falconlm_e2e_request_latency_seconds",
+            "From arrival to the last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_queue_time = Histogram(
+            "falconlm_request_queue_time_seconds",
+            "From arrival until first scheduled.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("falconlm_prompt_tokens", "Prompt tokens of accepted requests.", registry=registry)
+        self.generation_tokens = Counter("falconlm_generation_tokens", "Generated tokens.", registry=registry)
+        self.requests = Counter(
+            "falconlm_requests", "Finished engine requests by finish reason.", ["finish_reason"], registry=registry
+        )
+        registry.register(_EngineCollector(stats))
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) for ``GET /metrics``."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTimer:
+    """Latencies of one engine request (one choice), fed with each output; ``arrival`` is a monotonic time."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.arrival = arrival
+        self.last_token_time: float | None = None
+
+    def on_tokens(self, num_tokens: int, now: float) -> None:
+        if num_tokens <= 0:
+            return
+        m = self.metrics
+        if self.last_token_time is None:
+            m.time_to_first_token.observe(now - self.arrival)
+        else:
+            m.inter_token_latency.observe(now - self.last_token_time)
+        self.last_token_time = now
+        m.generation_tokens.inc(num_tokens)
+
+    def on_finish(self, finish_reason: str | None, scheduled_time: float | None, now: float) -> None:
+        m = self.metrics
+        m.e2e_request_latency.observe(now - self.arrival)
+        if scheduled_time is not None:
+            m.request_queue_time.observe(max(0.0, scheduled_time - self.arrival))
+        m.requests.labels(finish_reason=finish_reason or "unknown").inc()

@@ -1,0 +1,125 @@
+"""``POST /v1/chat/completions``: messages rendered by the chat template; a ChatCompletionResponse or a stream
+of chunks (a role chunk per choice, content deltas, and a chunk carrying ``finish_reason``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from ..engine.async_engine import AsyncEngine, EngineError
+from .errors import APIError, bad_request, from_value_error
+from .generation import Choice, Generation, engine_error, new_request_id
+from .inputs import chat_prompt, check_model, sampling_params
+from .logprobs import TokenTexts, chat_logprobs
+from .metrics import ServerMetrics
+from .protocol import (
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    DeltaMessage,
+)
+from .settings import ServerSettings
+from .sse import SSE_DONE, EventStreamResponse, sse_event
+
+
+class ChatServing:
+    """Turns a ChatCompletionRequest into engine requests and their outputs into OpenAI's chat objects."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self._texts: TokenTexts | None = None
+
+    @property
+    def texts(self) -> TokenTexts:
+        if self._texts is None:
+            self._texts = TokenTexts(self.engine.tokenizer)
+        return self._texts
+
+    async def create(self, request: ChatCompletionRequest) -> Response:
+        arrival = time.monotonic()
+        check_model(request.model, self.settings)
+        if request.stream_options is not None and not request.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        try:
+            request.check_supported()
+        except ValueError as exc:
+            raise from_value_error(exc) from exc
+        add_generation_prompt = request.add_generation_prompt is not False
+        prompt_ids = chat_prompt(self.engine, request.messages, add_generation_prompt)
+        params = sampling_params(self.engine, request, len(prompt_ids), "messages")
+        if params.n > self.settings.max_choices:
+            raise bad_request(f"n must be at most {self.settings.max_choices}", "n")
+        response_id = new_request_id("chatcmpl")
+        retry = self.settings.retry_after_seconds
+        generation = await Generation.start(
+            self.engine, response_id, [prompt_ids], [params], self.metrics, arrival, retry
+        )
+        if request.stream:
+            return EventStreamResponse(self._stream(request, generation, response_id))
+        choices = await generation.run_to_end(retry)
+        response = ChatCompletionResponse(
+            id=response_id,
+            model=self.settings.model_name,
+            choices=[self._choice(request, c) for c in choices],
+            usage=generation.usage(),
+        )
+        return JSONResponse(response.model_dump())
+
+    def _num_top(self, request: ChatCompletionRequest) -> int:
+        return request.top_logprobs or 0
+
+    def _choice(self, request: ChatCompletionRequest, choice: Choice) -> ChatCompletionResponseChoice:
+        logprobs = chat_logprobs(choice.logprobs, self.texts, self._num_top(request)) if request.logprobs else None
+        return ChatCompletionResponseChoice(
+            index=choice.index,
+            message=ChatCompletionMessage(content=choice.text),
+            logprobs=logprobs,
+            finish_reason=choice.finish_reason,
+            stop_reason=choice.stop_reason,
+        )
+
+    async def _stream(
+        self, request: ChatCompletionRequest, generation: Generation, response_id: str
+    ) -> AsyncIterator[str]:
+        model = self.settings.model_name
+
+        def chunk(item: ChatCompletionResponseStreamChoice) -> str:
+            return sse_event(ChatCompletionStreamResponse(id=response_id, model=model, choices=[item]))
+
+        try:
+            for c in generation.choices:
+                yield chunk(
+                    ChatCompletionResponseStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
+                )
+            try:
+                async for choice, out in generation.outputs():
+                    new_ids = out.token_ids if request.logprobs else []
+                    if not (out.text or out.finished or new_ids):
+                        continue
+                    logprobs = None
+                    if new_ids:
+                        entries = choice.logprobs[-len(new_ids) :]
+                        logprobs = chat_logprobs(entries, self.texts, self._num_top(request))
+                    delta = DeltaMessage(content=out.text) if out.text else DeltaMessage()
+                    finish = choice.finish_reason if out.finished else None
+                    yield chunk(
+                        ChatCompletionResponseStreamChoice(
+                            index=choice.index, delta=delta, logprobs=logprobs, finish_reason=finish
+                        )
+                    )
+                if request.stream_options and request.stream_options.include_usage:
+                    usage = generation.usage()
+                    yield sse_event(ChatCompletionStreamResponse(id=response_id, model=model, choices=[], usage=usage))
+            except EngineError as exc:
+                yield sse_event(engine_error(exc, self.settings.retry_after_seconds).to_dict())
+            except APIError as exc:
+                yield sse_event(exc.to_dict())
+            yield SSE_DONE
+        finally:
+            generation.abort()
