@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, generate, info, serve, train
+from . import batch, bench, generate, info, serve, train
 
-COMMANDS = (generate, info, train, bench, serve)
+COMMANDS = (generate, info, train, bench, serve, batch)
 
 
 class OneLineParser(argparse.ArgumentParser):

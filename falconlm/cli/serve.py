@@ -82,6 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="enable /v1/files and /v1/batches, kept in this folder; jobs resume after a restart",
+    )
     p.set_defaults(run=run)
 
 
@@ -183,7 +189,11 @@ def run(args: argparse.Namespace) -> int:
         )
     name = args.served_model_name or args.model.resolve().name
     settings = ServerSettings(
-        served_model_names=(name,), model_path=str(args.model), api_keys=keys, max_body_bytes=args.max_body_bytes
+        served_model_names=(name,),
+        model_path=str(args.model),
+        api_keys=keys,
+        max_body_bytes=args.max_body_bytes,
+        state_dir=str(args.state_dir) if args.state_dir else None,
     )
     engine = AsyncEngine(_engine_factory(args.model, args))
     app = build_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))

@@ -45,7 +45,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
     chat = ChatServing(engine, settings, metrics)
     models = ModelServing(engine, settings)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    uploads = ("/v1/files",) if settings.state_dir is not None else ()  # the batch router limits its own uploads
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, exempt_paths=uploads)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)  # outermost: no key, no body read
 
     def require_ready() -> None:
@@ -101,4 +102,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
         request = await read_json(http_request, DetokenizeRequest)
         return JSONResponse(models.detokenize(request).model_dump())
 
+    if settings.state_dir is not None:
+        from ..batch.routes import BatchService, mount_batches
+
+        mount_batches(app, BatchService(settings.state_dir, engine, settings, metrics, settings.max_upload_bytes))
     return app

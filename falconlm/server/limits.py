@@ -3,6 +3,8 @@ chunked body passes the limit."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,12 +15,13 @@ from .errors import APIError, error_response
 class BodySizeLimitMiddleware:
     """Pure ASGI middleware (it never buffers and leaves streaming responses alone)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, exempt_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.exempt_paths = frozenset(exempt_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes

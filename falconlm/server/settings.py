@@ -15,6 +15,8 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     retry_after_seconds: int = 1
     max_choices: int = 128  # prompts x n in one request
+    state_dir: str | None = None  # enables /v1/files and /v1/batches (durable batch jobs)
+    max_upload_bytes: int = 200 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
