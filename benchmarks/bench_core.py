@@ -116,7 +116,7 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
         ids = torch.randint(0, vocab, (batch, PROMPT_DECODE), generator=gen)
         if batch == 1:
             run_decode(ids[:, :4])  # warm-up
-        seconds = _timed(lambda ids=ids: run_decode(ids))
+        seconds = _timed(lambda ids=ids: run_decode(ids), repeats=2)
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
     result["gb_s_b1"] = weight_bytes * result["decode_b1_tok_s"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20

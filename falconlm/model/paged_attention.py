@@ -10,7 +10,8 @@ one by one, with a causal mask offset by what the row already had in the cache.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -66,6 +67,7 @@ class PagedAttention:
     context_lens: list[int]
     block_tables: torch.Tensor  # [rows, max_blocks] long
     alibi_slopes: torch.Tensor | None = None  # [Hq] float32 ALiBi slopes; None for RoPE models
+    _decode_cache: tuple[torch.Tensor, int, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [1, Hq, N, d]; k, v: [1, G, N, d]
@@ -74,13 +76,36 @@ class PagedAttention:
         k_blocks.view(-1, G, d).index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
         v_blocks.view(-1, G, d).index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
         out = torch.empty_like(q)
-        decodes = [r for r, n in enumerate(self.query_lens) if n == 1]
-        if decodes:
-            self._attend_decodes(decodes, q, out, k_blocks, v_blocks)
+        if self._decode_rows:
+            self._attend_decodes(q, out, k_blocks, v_blocks)
         for r, n in enumerate(self.query_lens):
             if n > 1:
                 self._attend_chunk(r, q, out, k_blocks, v_blocks)
         return out
+
+    @cached_property
+    def _decode_rows(self) -> list[int]:
+        """Rows adding one token this step: attended together in one call."""
+        return [r for r, n in enumerate(self.query_lens) if n == 1]
+
+    def _decode_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """Per-step constants of the decode rows (the same for every layer): query positions, longest context,
+        and the additive mask (None when every row has the same length and there is no ALiBi)."""
+        if self._decode_cache is None:
+            rows = self._decode_rows
+            lengths = [self.context_lens[r] for r in rows]
+            longest = max(lengths)
+            positions = torch.tensor([self.query_starts[r] for r in rows], device=q.device)
+            mask = None
+            if self.alibi_slopes is not None or any(n != longest for n in lengths):
+                key_pos = torch.arange(longest, device=q.device)
+                valid = key_pos[None, :] < torch.tensor(lengths, device=q.device)[:, None]  # [R, L]
+                mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
+                mask = mask.masked_fill(~valid, torch.finfo(q.dtype).min)[:, None, None, :]  # [R, 1, 1, L]
+                if self.alibi_slopes is not None:
+                    mask = mask + self._alibi(key_pos, q.dtype, q.shape[-1])[None]  # [R, Hq, 1, L]
+            self._decode_cache = (positions, longest, mask)
+        return self._decode_cache
 
     def _gather(self, rows: list[int], blocks: torch.Tensor, length: int) -> torch.Tensor:
         """K or V of ``rows`` as [R, G, length, d], read through their block tables."""
@@ -92,24 +117,12 @@ class PagedAttention:
         return gathered.view(R, num * block_size, G, d)[:, :length].transpose(1, 2)
 
     def _attend_decodes(
-        self, rows: list[int], q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
+        self, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     ) -> None:
-        lengths = [self.context_lens[r] for r in rows]
-        longest = max(lengths)
-        keys = self._gather(rows, k_blocks, longest)  # [R, G, L, d]
-        values = self._gather(rows, v_blocks, longest)
-        positions = torch.tensor([self.query_starts[r] for r in rows], device=q.device)
+        positions, longest, mask = self._decode_inputs(q)
+        keys = self._gather(self._decode_rows, k_blocks, longest)  # [R, G, L, d]
+        values = self._gather(self._decode_rows, v_blocks, longest)
         queries = q[0, :, positions].transpose(0, 1)[:, :, None]  # [R, Hq, 1, d]
-        mask = None
-        if self.alibi_slopes is not None or any(n != longest for n in lengths):
-            key_pos = torch.arange(longest, device=q.device)
-            valid = key_pos[None, :] < torch.tensor(lengths, device=q.device)[:, None]  # [R, L]
-            mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~valid, torch.finfo(q.dtype).min
-            )
-            mask = mask[:, None, None, :]  # [R, 1, 1, L]
-            if self.alibi_slopes is not None:
-                mask = mask + self._alibi(key_pos, q.dtype, q.shape[-1])[None]  # [R, Hq, 1, L]
         result = sdpa(queries, keys, values, mask, is_causal=False)  # [R, Hq, 1, d]
         out[0, :, positions] = result[:, :, 0].transpose(0, 1)
 
