@@ -13,7 +13,12 @@ from falconlm.tokenizer import Tokenizer
 
 from .conftest import make_hf_checkpoint
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, for this module's tests (a global switch would leak into the training tests)."""
+    with torch.no_grad():
+        yield
 
 
 def _load_pair(path, dtype):
