@@ -11,7 +11,7 @@ import torch
 from .engine.engine import Engine, EngineConfig
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
-from .model.falcon import FalconForCausalLM
+from .quant import load_checkpoint
 from .tokenizer import Tokenizer
 
 DTYPES = {
@@ -62,6 +62,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
+        quantize: str | None = None,
     ) -> None:
         if model is None:
             from .default_model import default_model_path
@@ -70,7 +71,8 @@ class LLM:
         self.path = Path(model)
         self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
-        self.model = FalconForCausalLM.from_pretrained(self.path, dtype=self.dtype, device=self.device)
+        # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
+        self.model = load_checkpoint(self.path, dtype=self.dtype, device=self.device, quantize=quantize)
         self.tokenizer = Tokenizer.from_pretrained(self.path)
         self.config = self.model.config
         self.max_model_len = max_model_len or self.config.max_position_embeddings

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import batch, bench, generate, info, serve, train
+from . import batch, bench, generate, info, quantize, serve, train
 
-COMMANDS = (generate, info, train, bench, serve, batch)
+COMMANDS = (generate, info, train, bench, serve, batch, quantize)
 
 
 class OneLineParser(argparse.ArgumentParser):

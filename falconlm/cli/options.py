@@ -23,6 +23,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="weights and activations dtype (default: bfloat16)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_quantize_option(p)
+
+
+def add_quantize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize", default=None, metavar="SCHEME", help="quantize on load: int8, or int4[-g32|-g64|-g128][-sym]"
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 200) -> None:

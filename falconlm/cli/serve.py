@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .options import check_model_path
+from .options import add_quantize_option, check_model_path
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -65,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="model name in the API (default: folder)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_quantize_option(p)
     p.add_argument("--max-num-seqs", type=_positive_int, default=16, help="requests per batch (default 16)")
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="tokens per step (default 512)")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
@@ -122,13 +123,13 @@ def _engine_factory(path: Path, args: argparse.Namespace):
 
         from ..engine.engine import Engine, EngineConfig
         from ..llm import resolve_device, resolve_dtype
-        from ..model.falcon import FalconForCausalLM
+        from ..quant import load_checkpoint
         from ..tokenizer import Tokenizer
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
-        model = FalconForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype), device=device)
+        model = load_checkpoint(path, dtype=resolve_dtype(args.dtype), device=device, quantize=args.quantize)
         model.eval()
         tokenizer = Tokenizer.from_pretrained(path)
         config = EngineConfig(

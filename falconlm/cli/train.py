@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import check_model_path
+from .options import add_quantize_option, check_model_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -196,6 +196,7 @@ def _register_ppl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=None, help="window step (default: context / 2)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_quantize_option(p)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -206,7 +207,7 @@ def _register_ppl(sub: argparse._SubParsersAction) -> None:
 def run_eval_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from ..model.falcon import FalconForCausalLM
+    from ..quant import load_checkpoint
     from ..tokenizer import Tokenizer
     from ..train.data import tokenize_file
     from ..train.perplexity import perplexity
@@ -225,7 +226,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = Tokenizer.from_pretrained(args.model)
     ids = tokenize_file(args.data, tokenizer, args.doc_split)[: args.max_tokens]
-    model = FalconForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model = load_checkpoint(args.model, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize)
     result = perplexity(model, torch.from_numpy(ids.astype("int64")), args.context, args.stride, args.batch_size)
     if args.json:
         print(json.dumps({"tokens": result.tokens, "nll": result.nll, "perplexity": result.ppl}))

@@ -492,7 +492,7 @@ def _resolve(
 def _prompt_logprobs(engine: Engine, prompt_token_ids: list[int], num_top: int) -> list[TokenLogprobs | None]:
     """One dense forward over the prompt; logprobs from the raw logits, like the sampler's."""
     model = engine.model
-    device = model.lm_head.weight.device
+    device = model.transformer.ln_f.weight.device
     ids = torch.tensor([prompt_token_ids], device=device)  # [1, T]
     logprobs = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # [T-1, V]
     targets = ids[0, 1:]

@@ -80,7 +80,7 @@ class Engine:
             config.block_size,
             cfg.num_kv_groups,
             cfg.head_dim,
-            model.lm_head.weight.element_size(),
+            model.transformer.ln_f.weight.element_size(),
         )
         wanted = config.max_num_seqs * -(-self.max_model_len // config.block_size)
         if config.kv_cache_memory is not None:

@@ -21,7 +21,7 @@ class ModelRunner:
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int) -> None:
         cfg = model.config
-        weight = model.lm_head.weight
+        weight = model.transformer.ln_f.weight  # the model dtype and device, cheap on quantized models
         self.model = model
         self.device = weight.device
         self.block_size = block_size

@@ -182,7 +182,7 @@ class FalconForCausalLM(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache sized for ``batch_size`` rows of up to ``max_len`` positions, in the model's dtype and device."""
-        p = self.lm_head.weight
+        p = self.transformer.ln_f.weight  # dtype and device (a quantized head would rebuild its matrix)
         return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
 
     def init_weights(self, seed: int | None = None) -> None:

@@ -1,0 +1,276 @@
+"""Quantized decode speed: bf16 against int8 and int4 (groups of 32, 64, 128) on the bench-194m checkpoint.
+
+Shape: hidden 1024, 12 layers, 16 heads, multi-query, vocab 65024, tied head (about 194M parameters), the
+same random checkpoint as ``bench_core.py``. The quantized folders are written once with
+:func:`falconlm.quant.quantize_checkpoint` (head int8, the default) and reused. Each variant runs in its own
+subprocess, so its peak RSS is its own. Per variant:
+
+* decode tok/s at batch 1 and batch 8: a 16-token prompt, then greedy steps through the model's forward with a
+  contiguous KV cache in a tight loop (``model(ids, kv_cache=cache, last_token_only=True)``);
+* the same through ``falconlm.engine.engine.Engine`` (paged attention, scheduler, sampler) with ``--engine``;
+* weight bytes read per token (each stored tensor once: a tied head shares the embedding) and the achieved
+  GB/s at batch 1 (bytes x tok/s); peak RSS (VmHWM).
+
+``--matmul`` instead times one matmul per layer shape at batch 1: bf16 ``F.linear``, the fused CPU kernels,
+dequantize-then-matmul (the reference kernel) and a torch.compile of dequantize-then-matmul.
+
+    python benchmarks/bench_quant.py [--threads 2] [--variants bf16 int8 int4-g64 int4-g32 int4-g128] [--engine]
+    python benchmarks/bench_quant.py --matmul
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import PROMPT_DECODE, make_checkpoint
+
+VARIANTS = ("bf16", "int8", "int4-g64", "int4-g32", "int4-g128")
+# llama.cpp on this machine, same shape, 2 threads (issue 5), and the memory-bandwidth limits it quotes.
+COLD_BYTES = 512 << 20  # copies of a weight per matmul measurement, together: more than the caches hold
+LLAMA_CPP = {"int8": ("q8_0", 135, 149), "int4-g64": ("q4_0", 203, 215)}
+
+
+def quantized_folder(out: Path, variant: str) -> Path:
+    """The bench-194m checkpoint quantized as ``variant`` (written once)."""
+    from falconlm.quant import QuantRecipe, quantize_checkpoint
+
+    source = make_checkpoint(out / "bench-194m")
+    folder = out / f"bench-194m-{variant}"
+    if not (folder / "config.json").is_file():
+        quantize_checkpoint(source, folder, QuantRecipe.parse(variant), overwrite=True)
+    return folder
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer, each storage once (a tied head shares the embedding's)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool, kernel: str | None) -> dict:
+    """Load one variant and measure it; returns one JSON-able row."""
+    import torch
+
+    from falconlm.model.attention import KVCache
+    from falconlm.model.falcon import FalconForCausalLM
+    from falconlm.quant import load_quantized
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    dtype = torch.bfloat16
+    if variant == "bf16":
+        model = FalconForCausalLM.from_pretrained(out / "bench-194m", dtype=dtype)
+    else:
+        model = load_quantized(quantized_folder(out, variant), dtype=dtype, kernel=kernel)
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+
+    def decode(batch: int) -> None:
+        # KVCache directly, in the known dtype: new_kv_cache reads lm_head.weight, which a quantized head
+        # materialises (a transient that would otherwise land in the peak RSS).
+        cache = KVCache(config, batch, PROMPT_DECODE + new_tokens, dtype)
+        ids = torch.randint(0, config.vocab_size, (batch, PROMPT_DECODE), generator=gen)
+        for _ in range(new_tokens):
+            ids = model(ids, kv_cache=cache, last_token_only=True)[:, -1].argmax(-1, keepdim=True)
+
+    row = {"variant": variant, "weights_mib": _weight_bytes(model) / 2**20}
+    decode(1)  # warm-up
+    for batch in (1, 8):
+        row[f"b{batch}_tok_s"] = batch * new_tokens / _best(lambda b=batch: decode(b), repeats=2)
+    row["gb_s_b1"] = _weight_bytes(model) * row["b1_tok_s"] / 1e9
+    row["peak_rss_mib"] = _peak_rss_mib()
+    if engine:
+        row |= _engine_rows(model, new_tokens)
+    row["kernels"] = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+    return row
+
+
+def _engine_rows(model, new_tokens: int) -> dict:
+    import torch
+
+    from falconlm.engine.engine import Engine, EngineConfig
+    from falconlm.engine.sampling_params import SamplingParams
+
+    class _NoText:  # token ids only: the benchmark measures the engine, not detokenization
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=False):
+            return ""
+
+    eng = Engine(model, _NoText(), EngineConfig(max_num_seqs=8, enable_prefix_caching=False))
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    rows = {}
+    eng.generate([[1, 2, 3, 4]], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)])  # warm-up
+    for batch in (1, 8):
+        prompts = torch.randint(0, model.config.vocab_size, (batch, PROMPT_DECODE), generator=gen).tolist()
+        seconds = _best(lambda p=prompts: eng.generate(p, [params] * len(p)), repeats=1)
+        rows[f"engine_b{batch}_tok_s"] = batch * new_tokens / seconds
+    return rows
+
+
+# ---- one matmul per layer shape ------------------------------------------------------------------------------
+def matmul_table(threads: int) -> str:
+    """Batch-1 matmul time per layer shape of bench-194m, for each way to run a quantized weight."""
+    import torch
+    import torch.nn.functional as F
+
+    from falconlm.model.config import preset
+    from falconlm.quant.kernels import WeightSpec, select_kernel
+    from falconlm.quant.primitives import dequantize_int4, plan_groups, quantize_int4, quantize_int8, unpack_int4
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    cfg = preset("bench-194m")
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    shapes = {"qkv": (cfg.qkv_out_features, h), "dense": (h, h), "h_to_4h": (f, h), "4h_to_h": (h, f)}
+    shapes["lm_head"] = (cfg.vocab_size, h)
+    dtype = torch.bfloat16
+
+    def dequant_int8(x, q, s):
+        return F.linear(x, q.to(x.dtype) * s[:, None])
+
+    def dequant_int4(x, q, s, z, g):
+        return F.linear(x, dequantize_int4(unpack_int4(q), s, z, g).to(x.dtype))
+
+    compiled8 = torch.compile(dequant_int8, dynamic=False)
+    compiled4 = torch.compile(dequant_int4, dynamic=False)
+
+    def timed(call, sets: list) -> float:
+        """Microseconds per call, cycling through ``sets`` (copies of one weight that together overflow the
+        caches, so weights come from memory as they do in a decode step); compute-bound paths run fewer."""
+        begin = time.perf_counter()
+        call(sets[0])
+        if time.perf_counter() - begin > 5e-3:
+            sets = sets[:3]
+        best = float("inf")
+        for _ in range(3):
+            begin = time.perf_counter()
+            for item in sets:
+                call(item)
+            best = min(best, (time.perf_counter() - begin) / len(sets))
+        return best * 1e6
+
+    def copies(tensors: tuple, nbytes: int) -> list[tuple]:
+        return [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-COLD_BYTES // nbytes)))]
+
+    lines = [
+        f"batch-1 matmul, microseconds per call, weights read from memory (bf16 activations, {threads} threads); "
+        "(GB/s of weight bytes)",
+        "",
+        "| layer [N, K] | bf16 F.linear | int8 fused | int8 dequant+mm | int8 compiled | "
+        "int4 g64 fused | int4 g64 dequant+mm | int4 g64 compiled |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k) * 0.02
+        x = torch.randn(1, k, dtype=dtype)
+        us = timed(lambda ws, x=x: F.linear(x, *ws), copies((w.to(dtype),), n * k * 2))
+        cells = [f"{us:.0f} ({n * k * 2 / 1e3 / us:.1f})"]
+        for qt in (quantize_int8(w), quantize_int4(w, plan_groups(k, 64))):
+            spec = WeightSpec.of(qt)
+            cpu = select_kernel(spec, "cpu", "cpu")
+            fused = copies(tuple(cpu.prepare(qt, dtype).values()), qt.nbytes)
+            us = timed(lambda ws, x=x, cpu=cpu, spec=spec: cpu.matmul(x, ws, spec), fused)
+            cells.append(f"{us:.0f} ({qt.nbytes / 1e3 / us:.1f})")
+            del fused
+            stored = (qt.qweight, qt.scales.to(dtype)) + (() if qt.bits == 8 else (qt.zeros.to(dtype),))
+            sets = copies(stored, qt.nbytes)
+            if qt.bits == 8:
+                cells += [f"{timed(lambda ws, x=x: dequant_int8(x, *ws), sets):.0f}"]
+                cells += [f"{timed(lambda ws, x=x: compiled8(x, *ws), sets):.0f}"]
+            else:
+                cells += [f"{timed(lambda ws, x=x: dequant_int4(x, *ws, 64), sets):.0f}"]
+                cells += [f"{timed(lambda ws, x=x: compiled4(x, *ws, 64), sets):.0f}"]
+        lines.append(f"| {name} [{n}, {k}] | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- driver --------------------------------------------------------------------------------------------------
+def render(rows: list[dict], threads: int, new_tokens: int, engine: bool) -> str:
+    lines = [
+        f"bench-194m (hidden 1024, 12 layers, 16 heads, MQA, vocab 65024, tied head), bf16 activations, "
+        f"{threads} threads, {new_tokens} new tokens after a {PROMPT_DECODE}-token prompt",
+        "",
+        "| weights | MiB | decode b1 tok/s | decode b8 tok/s | GB/s b1 | peak RSS MiB | "
+        + ("engine b1 tok/s | engine b8 tok/s | " if engine else "")
+        + "kernels | llama.cpp (tok/s, bandwidth limit) |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if engine else "") + "---|---|",
+    ]
+    for r in rows:
+        ref = LLAMA_CPP.get(r["variant"])
+        ref_text = f"{ref[0]}: {ref[1]} ({ref[2]})" if ref else ""
+        eng = f"{r['engine_b1_tok_s']:.1f} | {r['engine_b8_tok_s']:.1f} | " if engine else ""
+        lines.append(
+            f"| {r['variant']} | {r['weights_mib']:.0f} | {r['b1_tok_s']:.1f} | {r['b8_tok_s']:.1f} | "
+            f"{r['gb_s_b1']:.1f} | {r['peak_rss_mib']:.0f} | {eng}{', '.join(r['kernels']) or '-'} | {ref_text} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--engine", action="store_true", help="also measure through the serving Engine")
+    parser.add_argument("--kernel", default=None, help="force a quantized kernel (cpu, reference)")
+    parser.add_argument("--matmul", action="store_true", help="time single matmuls per kernel instead")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.matmul:
+        print(matmul_table(args.threads))
+        return
+    if args.worker:
+        row = worker(args.worker, args.out, args.threads, args.new_tokens, args.engine, args.kernel)
+        print(json.dumps(row))
+        return
+    for variant in args.variants:  # write the folders first, outside the measured processes
+        if variant != "bf16":
+            quantized_folder(args.out, variant)
+        else:
+            make_checkpoint(args.out / "bench-194m")
+    rows = []
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(args.threads)]
+        cmd += ["--new-tokens", str(args.new_tokens), "--out", str(args.out)]
+        cmd += ["--engine"] if args.engine else []
+        cmd += ["--kernel", args.kernel] if args.kernel else []
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  measured {variant}: {rows[-1]['b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
+    print(render(rows, args.threads, args.new_tokens, args.engine))
+
+
+if __name__ == "__main__":
+    main()

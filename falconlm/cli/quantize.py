@@ -1,0 +1,59 @@
+"""``falconlm quantize``: write an int8 or int4 copy of a checkpoint folder, tensor by tensor."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import check_model_path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="write a weight-only int8 or int4 (group-wise) copy of a checkpoint",
+        description=(
+            "Quantize a checkpoint's matrices to int8 (one scale per output channel) or int4 (a scale and zero "
+            "point per group of input columns) and write a folder that every falconlm front end loads. The "
+            "embedding / lm_head matrix is int8 unless --head-bits says otherwise."
+        ),
+    )
+    p.add_argument("--model", "-m", type=Path, required=True, help="checkpoint folder to quantize")
+    p.add_argument("--out", "-o", type=Path, required=True, help="folder to write the quantized checkpoint into")
+    p.add_argument("--bits", type=int, required=True, choices=(4, 8), help="4 (group-wise) or 8 (per channel)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
+    p.add_argument("--sym", action="store_true", help="int4: symmetric groups, no zero point (default asymmetric)")
+    p.add_argument(
+        "--head-bits",
+        type=int,
+        default=8,
+        choices=(4, 8, 16),
+        help="bits of the embedding / lm_head matrix; 16 keeps the checkpoint's dtype (default 8)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the weights in a non-empty --out folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_model_path(args.model)
+    int4 = args.bits == 4 or args.head_bits == 4
+    if not int4 and args.group_size is not None:
+        raise ValueError("--group-size applies to int4 only (int8 has one scale per output channel)")
+    if not int4 and args.sym:
+        raise ValueError("--sym applies to int4 only (int8 is always symmetric)")
+    from ..quant import QuantRecipe, quantize_checkpoint
+
+    recipe = QuantRecipe(bits=args.bits, group_size=args.group_size or 64, symmetric=args.sym, head_bits=args.head_bits)
+    report = quantize_checkpoint(
+        args.model, args.out, recipe, progress=False if args.no_progress else None, overwrite=args.overwrite
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    ratio = report.source_bytes / max(report.output_bytes, 1)
+    print(
+        f"wrote {report.out} ({recipe.name}): "
+        f"{report.output_bytes / 2**20:.1f} MiB from {report.source_bytes / 2**20:.1f} MiB "
+        f"({ratio:.1f}x smaller) in {report.seconds:.1f}s"
+    )
+    return 0

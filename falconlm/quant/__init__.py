@@ -1,0 +1,28 @@
+"""Weight-only quantization: int8 per output channel and int4 per group, fused kernels, quantized checkpoints.
+
+Layout (imports point down; ``model/`` imports nothing from here):
+
+* ``primitives.py``: quantize / dequantize / pack, and the group plan for widths a group size does not divide;
+* ``kernels/``: the quantized matmul, one signature, chosen once per weight at load (``cpu``, ``triton``,
+  ``reference``);
+* ``linear.py``: QuantizedLinear and QuantizedEmbedding, the modules that replace nn.Linear / nn.Embedding;
+* ``convert.py``: QuantRecipe, the per-module plan, and the three rewrites (tensors, loading, a built model);
+* ``io.py``: quantized checkpoint folders: write (``falconlm quantize``), detect, load or quantize on load.
+"""
+
+from __future__ import annotations
+
+from .convert import QuantRecipe, build_quantized_model, is_quantized_model, quantize_model
+from .io import QuantizeReport, is_quantized, load_checkpoint, load_quantized, quantize_checkpoint
+
+__all__ = [
+    "QuantRecipe",
+    "QuantizeReport",
+    "build_quantized_model",
+    "is_quantized",
+    "is_quantized_model",
+    "load_checkpoint",
+    "load_quantized",
+    "quantize_checkpoint",
+    "quantize_model",
+]

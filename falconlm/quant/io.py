@@ -1,0 +1,216 @@
+"""Quantized checkpoint folders: write one from a plain checkpoint, tensor by tensor; load one (or quantize on load).
+
+A quantized folder is a Hugging Face-style folder: ``config.json`` with a ``quantization_config`` block
+(:meth:`QuantRecipe.to_config`), safetensors weights (``model.safetensors`` or shards plus an index) and the
+tokenizer files of its source. Source weights are read with the checkpoint loader's bounded-chunk reader, one
+tensor at a time, so peak memory is the quantized model plus one source tensor and its float32 row blocks.
+
+Front ends load through :func:`load_checkpoint` (``LLM(path, quantize=...)`` calls it in place of
+``FalconForCausalLM.from_pretrained``), so a quantized folder and ``--quantize`` work wherever a model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..model.checkpoint import SAFE_FILE, SAFE_INDEX, CheckpointError, _find_weights, _open_shard, _Source
+from ..model.config import FalconConfig
+from ..model.falcon import FalconForCausalLM
+from .convert import QuantRecipe, build_quantized_model, plan_model, quantize_tensors, recipe_of
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+MAX_SHARD_BYTES = 2 << 30  # safetensors copies a shard while writing it: this bounds that copy
+CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What :func:`quantize_checkpoint` did."""
+
+    out: Path
+    recipe: QuantRecipe
+    notes: list[str]  # module kinds whose grouping differs from the recipe's, and why
+    source_bytes: int
+    output_bytes: int
+    seconds: float
+
+
+def is_quantized(path: str | Path) -> bool:
+    """Whether ``path``'s config.json carries a ``quantization_config`` block (any method; loading says which
+    ones are supported)."""
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("quantization_config") is not None
+
+
+def load_checkpoint(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | QuantRecipe | None = None,
+    kernel: str | None = None,
+) -> FalconForCausalLM:
+    """Any checkpoint folder, for front ends: a quantized one as stored, a plain one quantized on load when
+    ``quantize`` is given, else plainly through ``FalconForCausalLM.from_pretrained``."""
+    if quantize is None and not is_quantized(path):
+        return FalconForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+    return load_quantized(path, dtype, device, quantize, kernel)
+
+
+def load_quantized(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | QuantRecipe | None = None,
+    kernel: str | None = None,
+) -> FalconForCausalLM:
+    """Load a quantized folder, or quantize a plain one on the fly with ``quantize`` (``"int8"``, ``"int4"``,
+    ``"int4-g128"``, a :class:`QuantRecipe`...). Both give the same model for the same weights and recipe.
+
+    ``kernel`` forces a matmul kernel (``cpu``, ``triton``, ``reference``); by default the fastest that fits.
+    """
+    folder = Path(path)
+    config = FalconConfig.from_pretrained(folder)
+    stored = recipe_of(config)
+    recipe = QuantRecipe.parse(quantize) if isinstance(quantize, str) else quantize
+    if stored is not None:
+        if recipe is not None and recipe.canonical() != stored.canonical():
+            raise ValueError(
+                f"{folder} is already quantized ({stored.name}); quantizing it again as {recipe.name} is not "
+                "supported: load it without quantizing, or quantize the original checkpoint"
+            )
+        tensors = dict(iter_checkpoint_tensors(folder))
+    elif recipe is None:
+        raise ValueError(f"{folder} is not quantized; give a quantization such as 'int8' or 'int4'")
+    else:
+        tensors = dict(quantize_tensors(iter_checkpoint_tensors(folder), config, recipe))
+        config = _with_recipe(config, recipe)
+    return build_quantized_model(config, tensors, dtype, device, kernel)
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    recipe: QuantRecipe,
+    progress: bool | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    """Write the quantized form of checkpoint folder ``src`` into ``out`` (see the module docstring).
+
+    ``progress``: a bar over the source bytes; None means "if stderr is a terminal".
+    """
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    config = FalconConfig.from_pretrained(src)
+    if "quantization_config" in config.extra:
+        raise ValueError(f"{src} is already quantized; quantize the original checkpoint instead")
+    _check_out(src, out, overwrite)
+    _, shards, _ = _find_weights(src)
+    total = sum(f.stat().st_size for f in shards)
+    show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None else progress
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantize {recipe.name}", disable=not show) as bar:
+        stored = quantize_tensors(iter_checkpoint_tensors(src, bar.update), config, recipe)
+        output_bytes = write_shards(stored, out, max_shard_bytes)
+    _with_recipe(config, recipe).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    notes = [f"{kind}: {p.group.note}" for kind, p in plan_model(config, recipe).items() if p.group and p.group.note]
+    return QuantizeReport(out, recipe, notes, total, output_bytes, time.perf_counter() - start)
+
+
+def iter_checkpoint_tensors(folder: Path, on_bytes=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor in its stored dtype) for every tensor of a checkpoint folder, one at a time."""
+    _, shards, _ = _find_weights(folder)
+    buffer = bytearray(CHUNK_BYTES)
+    for file in shards:
+        with _open_shard(file, buffer) as sources:
+            for name, src in sources.items():
+                yield name, _read(src)
+                if on_bytes is not None:
+                    on_bytes(src.nbytes)
+
+
+def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> int:
+    """Write safetensors shards of at most ``max_shard_bytes`` as tensors arrive (plus an index when there
+    are several); returns the bytes of tensor data written."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    shard_bytes = total = 0
+
+    def flush() -> None:
+        part = out / f".part-{len(parts):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, part, metadata={"format": "pt"})
+        parts.append((part, list(shard)))
+        shard.clear()
+
+    for name, t in tensors:
+        if name in seen:
+            raise CheckpointError(f"tensor {name} appears twice")
+        seen.add(name)
+        if shard and shard_bytes + t.nbytes > max_shard_bytes:
+            flush()
+            shard_bytes = 0
+        shard[name] = t
+        shard_bytes += t.nbytes
+        total += t.nbytes
+    if shard or not parts:
+        flush()
+    n = len(parts)
+    files = [SAFE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for (part, _), file in zip(parts, files, strict=True):
+        part.replace(out / file)
+    if n > 1:
+        weight_map = {name: file for (_, names), file in zip(parts, files, strict=True) for name in names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def _read(src: _Source) -> torch.Tensor:
+    out: torch.Tensor | None = None
+    for start, chunk in src.chunks():
+        if out is None:
+            out = torch.empty(src.shape, dtype=chunk.dtype)
+        out.view(-1)[start : start + chunk.numel()].copy_(chunk)
+    return out if out is not None else torch.empty(src.shape)
+
+
+def _with_recipe(config: FalconConfig, recipe: QuantRecipe) -> FalconConfig:
+    return dataclasses.replace(config, extra={**config.extra, "quantization_config": recipe.to_config(config)})
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out} is not a folder")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output folder must differ from the model folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {out} is not empty (pass --overwrite to replace its contents)")
+    if out.is_dir() and overwrite:
+        for old in out.iterdir():
+            if old.is_file() and (old.suffix in (".safetensors", ".bin") or old.name.endswith(".index.json")):
+                old.unlink()

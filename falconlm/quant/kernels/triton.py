@@ -1,0 +1,125 @@
+"""A Triton int4 group-wise matmul for GPUs: ``y = x @ ((q - 8) * scale + zero).T`` without a bf16 weight.
+
+It reads the stored format directly (``qweight`` uint8 [N, K / 2], ``scales``/``zeros`` [N, G]), so a layer
+and a tied embedding share one copy. Each program owns a [BLOCK_M, BLOCK_N] tile of ``y`` and walks K one group
+at a time: it loads the group's packed bytes, splits the nibbles, applies that group's scale and zero point in
+registers and accumulates ``tl.dot`` in float32. Importing this module needs ``triton`` (the ``triton``
+extra); ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors, which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..primitives import QuantizedTensor
+from . import WeightSpec, dequantize_stored
+
+
+def _int4_matmul(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    num_groups,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_ym,
+    HAS_ZEROS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, GROUP)
+    offs_b = tl.arange(0, GROUP // 2)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, num_groups):
+        k = g * GROUP + offs_g
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0
+        )
+        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * (GROUP // 2) + offs_b)[None, :], mask=mask_n[:, None])
+        q = tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, GROUP))  # [BLOCK_N, GROUP]: k = 2j low, 2j + 1 high
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - 8.0) * s[:, None]
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+            w = w + z[:, None]
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@functools.cache
+def _compiled():  # decorated at first use, so TRITON_INTERPRET set by then is honoured
+    return triton.jit(_int4_matmul)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonKernel:
+    name = "triton"
+
+    def supports(self, spec: WeightSpec, device: torch.device) -> bool:
+        on_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
+        return spec.bits == 4 and on_device and spec.group_size >= 16
+
+    def prepare(self, qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {"qweight": qt.qweight.contiguous(), "scales": qt.scales.to(dtype).contiguous()}
+        if qt.zeros is not None:
+            out["zeros"] = qt.zeros.to(dtype).contiguous()
+        return out
+
+    def matmul(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], spec: WeightSpec) -> torch.Tensor:
+        qweight, scales = weights[0], weights[1]
+        zeros = weights[2] if len(weights) > 2 else scales  # unused when HAS_ZEROS is false
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, spec.in_features).contiguous()  # [M, K]
+        m, n = x2.shape[0], spec.out_features
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        block_m = 16 if m <= 16 else 64
+        block_n = 64
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        _compiled()[grid](
+            x2,
+            qweight,
+            scales,
+            zeros,
+            y,
+            m,
+            n,
+            spec.in_features,
+            spec.padded_in // spec.group_size,
+            x2.stride(0),
+            qweight.stride(0),
+            scales.stride(0),
+            y.stride(0),
+            HAS_ZEROS=len(weights) > 2,
+            GROUP=spec.group_size,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
+        return y.view(*lead, n)
+
+    def dequantize(self, weights: tuple[torch.Tensor, ...], spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_stored(weights, spec, dtype)
+
+
+TRITON_KERNEL = TritonKernel()
