@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from ..engine.async_engine import AsyncEngine, EngineError
+from ..engine.async_engine import EngineError
 from .errors import APIError, bad_request, from_value_error
 from .generation import Choice, Generation, engine_error, new_request_id
-from .inputs import chat_prompt, check_model, sampling_params
-from .logprobs import TokenTexts, chat_logprobs
-from .metrics import ServerMetrics
+from .inputs import chat_prompt, sampling_params
+from .logprobs import chat_logprobs
 from .protocol import (
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -24,28 +23,16 @@ from .protocol import (
     ChatCompletionStreamResponse,
     DeltaMessage,
 )
-from .settings import ServerSettings
+from .serving import Serving
 from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
-class ChatServing:
+class ChatServing(Serving):
     """Turns a ChatCompletionRequest into engine requests and their outputs into OpenAI's chat objects."""
-
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
-        self.engine, self.settings, self.metrics = engine, settings, metrics
-        self._texts: TokenTexts | None = None
-
-    @property
-    def texts(self) -> TokenTexts:
-        if self._texts is None:
-            self._texts = TokenTexts(self.engine.tokenizer)
-        return self._texts
 
     async def create(self, request: ChatCompletionRequest) -> Response:
         arrival = time.monotonic()
-        check_model(request.model, self.settings)
-        if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        self.check_request(request)
         try:
             request.check_supported()
         except ValueError as exc:

@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from ..engine.async_engine import AsyncEngine, EngineError
+from ..engine.async_engine import EngineError
 from ..engine.sampler import TokenLogprobs
 from .errors import APIError, bad_request
 from .generation import Choice, Generation, engine_error, new_request_id
-from .inputs import check_model, completion_prompts, sampling_params
-from .logprobs import TokenTexts, completion_logprobs
-from .metrics import ServerMetrics
+from .inputs import completion_prompts, sampling_params
+from .logprobs import completion_logprobs
 from .protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -22,28 +21,16 @@ from .protocol import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
-from .settings import ServerSettings
+from .serving import Serving
 from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
-class CompletionServing:
+class CompletionServing(Serving):
     """Turns a CompletionRequest into engine requests and their outputs into OpenAI's completion objects."""
-
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
-        self.engine, self.settings, self.metrics = engine, settings, metrics
-        self._texts: TokenTexts | None = None
-
-    @property
-    def texts(self) -> TokenTexts:
-        if self._texts is None:
-            self._texts = TokenTexts(self.engine.tokenizer)
-        return self._texts
 
     async def create(self, request: CompletionRequest) -> Response:
         arrival = time.monotonic()
-        check_model(request.model, self.settings)
-        if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        self.check_request(request)
         prompts = completion_prompts(self.engine, request.prompt)
         params = [sampling_params(self.engine, request, len(ids), "prompt") for _, ids in prompts]
         if sum(p.n for p in params) > self.settings.max_choices:
