@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from .options import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--concurrency",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="closed loop with N clients (default: 1 client)",
     )
@@ -40,16 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="open loop: Poisson arrivals at R requests/s (inf)",
     )
-    s.add_argument("--num-requests", metavar="N", type=_positive_int, default=64, help="requests to send (default 64)")
+    s.add_argument("--num-requests", metavar="N", type=positive_int, default=64, help="requests to send (default 64)")
     s.add_argument(
         "--prompt-len",
         metavar="L",
-        type=_positive_int,
+        type=positive_int,
         default=128,
         help="prompt length in tokens, about (default 128)",
     )
     s.add_argument(
-        "--max-tokens", metavar="M", type=_positive_int, default=128, help="max_tokens of each request (default 128)"
+        "--max-tokens", metavar="M", type=positive_int, default=128, help="max_tokens of each request (default 128)"
     )
     s.add_argument(
         "--model", metavar="NAME", default=None, help="model name to send (default: the first of GET /v1/models)"
@@ -79,16 +81,6 @@ def run_serve(args: argparse.Namespace) -> int:
         common = next(iter(result.errors()), "unknown error")
         raise ValueError(f"all {result.failed} requests failed; most common error: {common}")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:

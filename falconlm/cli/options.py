@@ -62,6 +62,17 @@ def sampling_params(args: argparse.Namespace, extra_stop: list[str] | None = Non
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
 def check_model_path(path: Path | None) -> None:
     """Fail early, in one line, on a --model that cannot be a checkpoint folder."""
     if path is None:

@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .options import add_quantize_option, check_model_path
+from .options import add_quantize_option, check_model_path, positive_int
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -39,16 +39,6 @@ def memory_amount(text: str) -> int | float:
     return amount
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -66,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     add_quantize_option(p)
-    p.add_argument("--max-num-seqs", type=_positive_int, default=16, help="requests per batch (default 16)")
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="tokens per step (default 512)")
-    p.add_argument("--max-model-len", type=_positive_int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests per batch (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per step (default 512)")
+    p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
     p.add_argument(
         "--kv-cache-memory",
         type=memory_amount,
@@ -76,11 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="BYTES|FRACTION",
         help="KV-cache pool: bytes (4GiB) or a fraction of free memory (0.5); default: max-num-seqs full contexts",
     )
-    p.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
-    p.add_argument("--max-waiting", type=_positive_int, default=1024, help="queue limit before 429 (default 1024)")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--max-waiting", type=positive_int, default=1024, help="queue limit before 429 (default 1024)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
