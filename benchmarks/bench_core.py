@@ -37,7 +37,8 @@ def make_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -120,7 +121,7 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
     result["gb_s_b1"] = weight_bytes * result["decode_b1_tok_s"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20
-    result["peak_rss_mib"] = _peak_rss_mib()
+    result["peak_rss_mib"] = peak_rss_mib()
     return result
 
 

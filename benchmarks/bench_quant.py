@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import PROMPT_DECODE, make_checkpoint
+from bench_core import PROMPT_DECODE, make_checkpoint, peak_rss_mib
 
 VARIANTS = ("bf16", "int8", "int4-g64", "int4-g32", "int4-g128")
 # llama.cpp on this machine, same shape, 2 threads (issue 5), and the memory-bandwidth limits it quotes.
@@ -46,13 +46,6 @@ def quantized_folder(out: Path, variant: str) -> Path:
     if not (folder / "config.json").is_file():
         quantize_checkpoint(source, folder, QuantRecipe.parse(variant), overwrite=True)
     return folder
-
-
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _weight_bytes(model) -> int:
@@ -106,7 +99,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     for batch in (1, 8):
         row[f"b{batch}_tok_s"] = batch * new_tokens / _best(lambda b=batch: decode(b), repeats=2)
     row["gb_s_b1"] = _weight_bytes(model) * row["b1_tok_s"] / 1e9
-    row["peak_rss_mib"] = _peak_rss_mib()
+    row["peak_rss_mib"] = peak_rss_mib()
     if engine:
         row |= _engine_rows(model, new_tokens)
     row["kernels"] = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
