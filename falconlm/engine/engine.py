@@ -142,7 +142,9 @@ class Engine:
         for token_id, lp in zip(new_ids, logprobs, strict=True):
             out.token_ids.append(token_id)
             if lp is not None:
-                out.logprobs = [*(out.logprobs or []), lp]
+                if out.logprobs is None:
+                    out.logprobs = []
+                out.logprobs.append(lp)
             if finished and token_id == new_ids[-1] and request.status == RequestStatus.FINISHED_STOPPED:
                 break  # EOS or a stop token: not part of the text
             piece, stopped = state.stop.feed(state.detok.add(token_id))
