@@ -74,6 +74,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
 
     from falconlm.model.attention import KVCache
     from falconlm.model.falcon import FalconForCausalLM
+    from falconlm.native.ops import argmax
     from falconlm.quant import load_quantized
 
     torch.set_num_threads(threads)
@@ -92,7 +93,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
         cache = KVCache(config, batch, PROMPT_DECODE + new_tokens, dtype)
         ids = torch.randint(0, config.vocab_size, (batch, PROMPT_DECODE), generator=gen)
         for _ in range(new_tokens):
-            ids = model(ids, kv_cache=cache, last_token_only=True)[:, -1].argmax(-1, keepdim=True)
+            ids = argmax(model(ids, kv_cache=cache, last_token_only=True)[:, -1])[:, None]
 
     row = {"variant": variant, "weights_mib": _weight_bytes(model) / 2**20}
     decode(1)  # warm-up

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from falconlm.engine.sampling_params import SamplingParams
+from falconlm.native.ops import argmax
 
 _NEG_INF = float("-inf")
 _TINY = torch.finfo(torch.float32).tiny
@@ -212,7 +213,7 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
         if gen is not None:
             row = torch.empty(probs.shape[1], dtype=torch.float32, device=gen.device)
             noise[j] = row.exponential_(generator=gen).to(probs.device)
-    return (probs / noise.clamp_min_(_TINY)).argmax(dim=-1)
+    return argmax(probs / noise.clamp_min_(_TINY))
 
 
 def _logprobs(
@@ -255,12 +256,12 @@ class Sampler:
         x = _apply_penalties(logits.float(), params, prompt_ids, output_ids)
         greedy, sampled = _split_rows(params)
         if not sampled:
-            token_ids = x.argmax(dim=-1)
+            token_ids = argmax(x)
         else:
             token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
             if greedy:
                 index = torch.tensor(greedy, device=x.device)
-                token_ids[index] = x.index_select(0, index).argmax(dim=-1)
+                token_ids[index] = argmax(x.index_select(0, index))
             shaped = _shape_distribution(_take_rows(x, sampled), [params[i] for i in sampled])
             drawn = _draw(torch.softmax(shaped, dim=-1), [generators[i] for i in sampled])
             if greedy:

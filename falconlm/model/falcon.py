@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native.ops import linear
 from .attention import AttentionContext, KVCache, build_dense_attention
 from .config import FalconConfig
 from .positions import apply_rope, positions_from_mask, rope_cos_sin
@@ -25,10 +26,12 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 
 
 class FalconLinear(nn.Linear):
-    """A Linear whose bias is added after the matmul as a separate op, as Falcon was trained (falcon-spec §3.4)."""
+    """A Linear whose bias is added after the matmul as a separate op, as Falcon was trained (falcon-spec §3.4).
+
+    The matmul is ``F.linear``, or a native kernel for bfloat16 decode steps on CPU (``falconlm.native.ops``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -151,7 +154,7 @@ class FalconForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = FalconModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = FalconLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -349,14 +349,15 @@ def _swap(
     dtype: torch.dtype,
     kernel: str | None,
 ) -> None:
-    """Put the quantized module for ``name`` in place; a tied head gets a QuantizedLinear over the same tensors."""
+    """Put the quantized module for ``name`` in place; a tied embedding and head share one set of tensors."""
     owner, _, leaf = name.rpartition(".")
     parent = model.get_submodule(owner) if owner else model
     qt = qt.to(dtype=dtype)  # scales and zeros in the compute dtype, shared by a tied embedding and head
     if isinstance(module, nn.Embedding):
-        setattr(parent, leaf, QuantizedEmbedding(qt, dtype))
+        head = None
         if model.config.tie_word_embeddings:
-            model.lm_head = QuantizedLinear(qt, None, dtype, _select(qt, kernel))
+            head = model.lm_head = QuantizedLinear(qt, None, dtype, _select(qt, kernel))
+        setattr(parent, leaf, QuantizedEmbedding(qt, dtype, head))
     else:
         setattr(parent, leaf, QuantizedLinear(qt, bias, dtype, _select(qt, kernel)))
 

@@ -50,21 +50,37 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Looks up rows of a quantized [vocab, hidden] matrix and dequantizes only those."""
+    """Looks up rows of a quantized [vocab, hidden] matrix and dequantizes only those.
 
-    def __init__(self, qt: QuantizedTensor, dtype: torch.dtype) -> None:
+    With ``head`` (a tied lm_head whose kernel can read single rows back, see ``Kernel.rows``) the embedding
+    holds the head's own tensors, in that kernel's layout, instead of a second copy of the matrix.
+    """
+
+    def __init__(self, qt: QuantizedTensor, dtype: torch.dtype, head: QuantizedLinear | None = None) -> None:
         super().__init__()
         self.bits, self.group_size, self.compute_dtype = qt.bits, qt.group_size, dtype
         self.num_embeddings, self.embedding_dim = qt.out_features, qt.in_features
+        self.head_kernel = head.kernel if head is not None and hasattr(head.kernel, "rows") else None
+        if self.head_kernel is not None:
+            self.spec = head.spec
+            self._names = list(head._names)
+            for name in self._names:
+                self.register_buffer(name, head._buffers[name], persistent=False)
+            return
         self.register_buffer("qweight", qt.qweight, persistent=False)
         self.register_buffer("scales", qt.scales.to(dtype), persistent=False)
         self.register_buffer("zeros", None if qt.zeros is None else qt.zeros.to(dtype), persistent=False)
 
     def stored(self) -> QuantizedTensor:
-        """The stored matrix, scales in the compute dtype."""
+        """The stored matrix, scales in the compute dtype (not available when reading a head's layout)."""
+        if self.head_kernel is not None:
+            raise AttributeError("this embedding reads its tied head's kernel layout, not the stored format")
         return QuantizedTensor(self.bits, self.embedding_dim, self.group_size, self.qweight, self.scales, self.zeros)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.head_kernel is not None:
+            weights = tuple(self._buffers[n] for n in self._names)
+            return self.head_kernel.rows(weights, ids, self.spec, self.compute_dtype)
         if self.bits == 8:  # the common case, kept to two gathers and one multiply
             return F.embedding(ids, self.qweight).to(self.compute_dtype) * F.embedding(ids, self.scales[:, None])
         return self.stored().rows(ids, self.compute_dtype)
@@ -72,8 +88,12 @@ class QuantizedEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized [vocab, hidden] matrix, materialised on every access."""
+        if self.head_kernel is not None:
+            weights = tuple(self._buffers[n] for n in self._names)
+            return self.head_kernel.dequantize(weights, self.spec, self.compute_dtype)
         return self.stored().dequantize(self.compute_dtype)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}"
+        tied = f", layout={self.head_kernel.name}" if self.head_kernel is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}{tied}"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from falconlm.native import library
 from falconlm.quant.kernels import WeightSpec, select_kernel
 from falconlm.quant.linear import QuantizedEmbedding, QuantizedLinear
 from falconlm.quant.primitives import QuantizedTensor, plan_groups, quantize_int4, quantize_int8
 
 # Max |kernel - reference| relative to max |reference|: the kernels round activations and scales to the dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+VNNI_TOLERANCE = 2e-2  # the VNNI kernel also rounds activations to int8, in blocks of at most 128
+HAS_VNNI = library("quant_gemm") is not None
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the CPU has no AVX-512 VNNI or no C++ compiler is found")
 SHAPES = [  # (out_features, in_features, group size asked for)
     (96, 64, 32),
     (64, 4544, 128),  # Falcon-7B's hidden size as the input width: groups of 64
@@ -26,11 +30,12 @@ def quantized(n: int, k: int, bits: int, group: int = 64, symmetric: bool = Fals
     return quantize_int8(w) if bits == 8 else quantize_int4(w, plan_groups(k, group), symmetric)
 
 
-def check(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor, dtype: torch.dtype) -> None:
+def check(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor, dtype: torch.dtype, kernel: str = "") -> None:
     ref = x.float() @ qt.dequantize().T
     assert y.dtype == dtype and y.shape == ref.shape
     err = (y.float() - ref).abs().max() / ref.abs().max()
-    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+    tolerance = max(TOLERANCE[dtype], VNNI_TOLERANCE) if kernel == "vnni" else TOLERANCE[dtype]
+    assert err < tolerance, f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
@@ -43,14 +48,40 @@ def test_kernel_matches_reference(kernel: str, n: int, k: int, group: int, bits:
     chosen = select_kernel(spec, "cpu", kernel)
     x = torch.randn(3, k).to(dtype)
     y = chosen.matmul(x, tuple(chosen.prepare(qt, dtype).values()), spec)
-    check(y, x, qt, dtype)
+    check(y, x, qt, dtype, chosen.name)
 
 
-def test_auto_picks_the_fused_cpu_kernel_where_it_can() -> None:
-    assert select_kernel(WeightSpec.of(quantized(96, 64, 4, 32)), "cpu").name == "cpu"
-    assert select_kernel(WeightSpec.of(quantized(40, 64, 8)), "cpu").name == "cpu"
-    # torch's int4 CPU op needs N % 16 == 0, its bf16 int8 op K % 16 == 0: the reference runs the rest.
+@needs_vnni
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("rows", [1, 5, 70])  # register blocks of 4 rows and their remainders; 64-row blocks
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group"),
+    [(96, 64, 8, 0), (64, 4544, 8, 0), (4544, 256, 4, 64), (48, 100, 4, 64), (32, 256, 4, 32), (32, 512, 4, 128)],
+)
+def test_vnni_kernel_matches_reference(n: int, k: int, bits: int, group: int, rows: int, dtype: torch.dtype) -> None:
+    qt = quantized(n, k, bits, group or 64, symmetric=group == 32)
+    spec = WeightSpec.of(qt)
+    kernel = select_kernel(spec, "cpu", "vnni")
+    weights = tuple(kernel.prepare(qt, dtype).values())
+    x = torch.randn(rows, 2, k).to(dtype)[:, 1]  # rows a stride apart
+    check(kernel.matmul(x, weights, spec), x, qt, dtype, "vnni")
+    assert torch.equal(kernel.matmul(torch.zeros(2, k, dtype=dtype), weights, spec), torch.zeros(2, n, dtype=dtype))
+    # The tiled layout reads back to the stored matrix: exactly for int8, through bfloat16 scales for int4.
+    exact = bits == 8
+    torch.testing.assert_close(
+        kernel.dequantize(weights, spec, torch.float32), qt.dequantize(), rtol=0 if exact else 1e-2,
+        atol=0 if exact else 1e-3,
+    )  # fmt: skip
+
+
+def test_auto_picks_the_fastest_cpu_kernel_that_can_run() -> None:
+    fast = "vnni" if HAS_VNNI else "cpu"
+    assert select_kernel(WeightSpec.of(quantized(96, 64, 4, 32)), "cpu").name == fast
+    assert select_kernel(WeightSpec.of(quantized(48, 64, 8)), "cpu").name == fast
+    # The VNNI kernel and torch's int4 CPU op need N % 16 == 0; torch's bf16 int8 op needs K % 16 == 0 and the
+    # VNNI one K % 32 == 0: the others fall back.
     assert select_kernel(WeightSpec.of(quantized(40, 64, 4, 32)), "cpu").name == "reference"
+    assert select_kernel(WeightSpec.of(quantized(40, 64, 8)), "cpu").name == "cpu"
     assert select_kernel(WeightSpec.of(quantized(40, 100, 8)), "cpu").name == "reference"
 
 
@@ -60,13 +91,22 @@ def test_select_kernel_errors() -> None:
         select_kernel(spec, "cpu", "fast")
     with pytest.raises(ValueError, match="kernel 'cpu' cannot run this weight"):
         select_kernel(spec, "cpu", "cpu")
+    with pytest.raises(ValueError, match="kernel 'vnni' cannot run this weight"):
+        select_kernel(spec, "cpu", "vnni")
+
+
+def test_forcing_vnni_without_native_kernels_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALCONLM_NATIVE", "0")
+    with pytest.raises(ValueError, match="FALCONLM_NATIVE is off"):
+        select_kernel(WeightSpec.of(quantized(32, 64, 8)), "cpu", "vnni")
+    assert select_kernel(WeightSpec.of(quantized(32, 64, 8)), "cpu").name == "cpu"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_linear_adds_bias_over_leading_dims(bits: int) -> None:
     qt = quantized(64, 128, bits, 32)
     bias = torch.randn(64)
-    layer = QuantizedLinear(qt, bias, torch.float32, select_kernel(WeightSpec.of(qt), "cpu"))
+    layer = QuantizedLinear(qt, bias, torch.float32, select_kernel(WeightSpec.of(qt), "cpu", "cpu"))
     x = torch.randn(2, 5, 128)
     expected = x @ qt.dequantize().T + bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
@@ -84,3 +124,16 @@ def test_quantized_embedding_gathers_dequantized_rows(bits: int) -> None:
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 64)
     torch.testing.assert_close(out.float(), qt.dequantize()[ids], rtol=1e-2, atol=1e-3)
     assert emb.weight.shape == (80, 64)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_tied_to_a_vnni_head_reads_its_tensors(bits: int) -> None:
+    qt = quantized(64, 128, bits, 32).to(dtype=torch.float32)
+    head = QuantizedLinear(qt, None, torch.float32, select_kernel(WeightSpec.of(qt), "cpu", "vnni"))
+    emb = QuantizedEmbedding(qt, torch.float32, head)
+    assert emb.qweight.data_ptr() == head.qweight.data_ptr()  # one copy of the matrix
+    ids = torch.tensor([[0, 17, 63], [16, 15, 31]])
+    tol = {"rtol": 0, "atol": 0} if bits == 8 else {"rtol": 1e-2, "atol": 1e-3}  # int4 scales are bfloat16
+    torch.testing.assert_close(emb(ids), qt.dequantize()[ids], **tol)
+    assert "layout=vnni" in repr(emb)

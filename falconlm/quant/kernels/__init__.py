@@ -3,6 +3,7 @@
 A kernel turns a :class:`QuantizedTensor` into the tensors it reads (``prepare``, at load) and computes
 ``x @ W.T`` from them (``matmul``, every step). Kernels:
 
+* ``vnni``: int8-activation dot products on CPUs with AVX-512 VNNI (a native library), see ``vnni.py``;
 * ``cpu``: torch's fused CPU ops (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), see ``cpu.py``;
 * ``triton``: a Triton int4 group-wise matmul for GPUs, see ``triton.py``;
 * ``reference``: dequantize, then a plain matmul; any device, any shape. Tests compare the others against it.
@@ -17,9 +18,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ...native import unavailable_reason
 from ..primitives import QuantizedTensor, dequantize_int4, unpack_int4
 
-KERNEL_NAMES = ("auto", "cpu", "triton", "reference")
+KERNEL_NAMES = ("auto", "vnni", "cpu", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Kernel(Protocol):
         """The [out_features, in_features] matrix that ``matmul`` multiplies by, in ``dtype``."""
         ...
 
+    # Optional: ``rows(weights, ids, spec, dtype)``, dequantized rows ``ids`` -> [*ids.shape, in_features].
+    # A kernel with its own layout offers it, so that a tied embedding can read the head's tensors.
+
 
 class ReferenceKernel:
     """Dequantize the whole matrix in the activations' dtype every call, then ``F.linear``."""
@@ -90,7 +95,7 @@ def dequantize_stored(weights: tuple[torch.Tensor, ...], spec: WeightSpec, dtype
 
 def select_kernel(spec: WeightSpec, device: torch.device | str, name: str | None = None) -> Kernel:
     """The kernel for one weight: ``name`` if given (ValueError when it cannot run it), else the fastest that
-    can: Triton for int4 on CUDA, torch's fused ops on CPU, the reference otherwise."""
+    can: Triton for int4 on CUDA; on CPU the VNNI kernel, then torch's fused ops; the reference otherwise."""
     device = torch.device(device)
     name = name or os.environ.get("FALCONLM_QUANT_KERNEL") or "auto"
     if name not in KERNEL_NAMES:
@@ -99,9 +104,11 @@ def select_kernel(spec: WeightSpec, device: torch.device | str, name: str | None
         kernel = _kernel(name)
         if kernel is None or not kernel.supports(spec, device):
             why = "triton is not installed" if kernel is None else f"int{spec.bits} {_shape(spec)} on {device.type}"
+            if name == "vnni" and (native := unavailable_reason("quant_gemm")) is not None:
+                why = native
             raise ValueError(f"quantized kernel {name!r} cannot run this weight ({why})")
         return kernel
-    order = ("triton", "cpu", "reference") if device.type == "cuda" else ("cpu", "reference")
+    order = ("triton", "cpu", "reference") if device.type == "cuda" else ("vnni", "cpu", "reference")
     for candidate in order:
         kernel = _kernel(candidate)
         if kernel is not None and kernel.supports(spec, device):
@@ -116,6 +123,10 @@ def _kernel(name: str) -> Kernel | None:
         from .cpu import CPU_KERNEL
 
         return CPU_KERNEL
+    if name == "vnni":
+        from .vnni import VNNI_KERNEL
+
+        return VNNI_KERNEL
     try:
         from .triton import TRITON_KERNEL
     except ImportError:

@@ -1,0 +1,244 @@
+// Quantized matmuls for x86 CPUs with AVX-512 VNNI: y[M, N] = x[M, K] @ W[N, K].T, W int8 or int4.
+//
+// Activations are quantized to int8 on the fly, in blocks of B columns (a scale and a sum of the int8 values per
+// row and block), so each inner step is one vpdpbusd: 64 multiply-adds of unsigned weight bytes by signed
+// activation bytes. Weights are re-tiled at load so that one 64-byte line holds 16 output rows x 4 columns
+// (int8, stored as q + 128) or 16 rows x 8 columns (int4: low nibbles columns 0-3, high nibbles 4-7), and each
+// 16-row tile is contiguous: a thread streams through its tiles front to back and every lane of an accumulator
+// is a different output row, so no horizontal sums are needed.
+//
+// Built at first use by falconlm/native (g++, then ctypes); see falconlm/quant/kernels/vnni.py for the layouts'
+// Python side. The OpenMP runtime is the one torch has already loaded (same soname).
+
+#include <immintrin.h>
+#include <omp.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int TILE = 16;  // output rows per tile (zmm lanes)
+constexpr int MR = 4;     // activation rows per register block
+constexpr int PREFETCH = 4096;  // bytes ahead of the weight stream to request
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void store_bf16x16(uint16_t* p, __m512 v) {  // round to nearest even; NaN stays NaN
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
+template <int R>
+inline void store_rows(const __m512 (&acc)[MR], void* y, int64_t m0, int64_t N, int64_t n0, int y_bf16) {
+  for (int r = 0; r < R; ++r) {
+    if (y_bf16) {
+      store_bf16x16(static_cast<uint16_t*>(y) + (m0 + r) * N + n0, acc[r]);
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(y) + (m0 + r) * N + n0, acc[r]);
+    }
+  }
+}
+
+// One tile of 16 int8 rows against R activation rows.
+template <int R>
+inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0, int64_t K, int64_t B,
+                    const uint8_t* w, const float* wscale, void* y, int64_t N, int64_t n0, int y_bf16) {
+  const int64_t nb = K / B;
+  __m512 facc[MR];
+  for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
+  const __m512i c128 = _mm512_set1_epi32(128);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i iacc[MR];
+    for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512();
+    const uint8_t* wb = w + b * B * TILE;
+    for (int64_t k = 0; k < B; k += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + k * TILE + PREFETCH), _MM_HINT_T0);
+      __m512i wv = _mm512_loadu_si512(wb + k * TILE);
+      for (int r = 0; r < R; ++r) {
+        int32_t xv;
+        std::memcpy(&xv, xq + (m0 + r) * K + b * B + k, 4);
+        iacc[r] = _mm512_dpbusd_epi32(iacc[r], wv, _mm512_set1_epi32(xv));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (m0 + r) * nb + b;
+      __m512i fixed = _mm512_sub_epi32(iacc[r], _mm512_mullo_epi32(c128, _mm512_set1_epi32(xsum[i])));
+      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), _mm512_set1_ps(xs[i]), facc[r]);
+    }
+  }
+  const __m512 sw = _mm512_loadu_ps(wscale + n0);
+  for (int r = 0; r < R; ++r) facc[r] = _mm512_mul_ps(facc[r], sw);
+  store_rows<R>(facc, y, m0, N, n0, y_bf16);
+}
+
+// One tile of 16 int4 rows against R activation rows; blocks are the weight's groups (B = group size).
+template <int R>
+inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0, int64_t K, int64_t B,
+                    const uint8_t* w, const uint16_t* sz, void* y, int64_t N, int64_t n0, int y_bf16) {
+  const int64_t nb = K / B;
+  __m512 facc[MR];
+  for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i iacc[MR];
+    for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512();
+    const uint8_t* wb = w + b * (B / 2) * TILE;
+    for (int64_t k = 0; k < B; k += 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + (k / 2) * TILE + PREFETCH), _MM_HINT_T0);
+      __m512i packed = _mm512_loadu_si512(wb + (k / 2) * TILE);
+      __m512i w0 = _mm512_and_si512(packed, low);
+      __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+      for (int r = 0; r < R; ++r) {
+        int32_t x0, x1;
+        const int8_t* xp = xq + (m0 + r) * K + b * B + k;
+        std::memcpy(&x0, xp, 4);
+        std::memcpy(&x1, xp + 4, 4);
+        iacc[r] = _mm512_dpbusd_epi32(iacc[r], w0, _mm512_set1_epi32(x0));
+        iacc[r] = _mm512_dpbusd_epi32(iacc[r], w1, _mm512_set1_epi32(x1));
+      }
+    }
+    const __m512 scale = load_bf16x16(sz + b * 2 * TILE);
+    const __m512 zero = load_bf16x16(sz + b * 2 * TILE + TILE);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (m0 + r) * nb + b;
+      // sum_k w x = xs * (scale * (sum q xq - 8 sum xq) + zero * sum xq)
+      __m512i centred = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(8 * xsum[i]));
+      __m512 part = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(centred),
+                                    _mm512_mul_ps(zero, _mm512_set1_ps(static_cast<float>(xsum[i]))));
+      facc[r] = _mm512_fmadd_ps(part, _mm512_set1_ps(xs[i]), facc[r]);
+    }
+  }
+  store_rows<R>(facc, y, m0, N, n0, y_bf16);
+}
+
+template <typename Tile>
+void run_tiles(int64_t M, int64_t N, int nthreads, Tile tile) {
+  const int64_t tiles = N / TILE;
+  constexpr int64_t M_BLOCK = 64;  // activation rows kept hot in L1/L2 while a thread walks its tiles
+#pragma omp parallel num_threads(nthreads)
+  for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
+    const int64_t m_end = mb + M_BLOCK < M ? mb + M_BLOCK : M;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      int64_t m = mb;
+      for (; m + MR <= m_end; m += MR) tile(t, m, 4);
+      if (m < m_end) tile(t, m, static_cast<int>(m_end - m));
+    }
+  }
+}
+
+// One row block: x[k0, k0 + B) (float32 or bfloat16) -> int8, returns the scale; columns >= n are zero.
+inline float quantize_block(const void* x, int x_bf16, int64_t n, int64_t B, int8_t* q, int32_t* qsum) {
+  auto at = [&](int64_t k) -> float {
+    return x_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[k]) : static_cast<const float*>(x)[k];
+  };
+  auto load16 = [&](int64_t k) -> __m512 {
+    return x_bf16 ? load_bf16x16(static_cast<const uint16_t*>(x) + k) : _mm512_loadu_ps(static_cast<const float*>(x) + k);
+  };
+  if (n == B) {  // the whole block is real: 16 lanes at a time
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < B; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(k)));
+    const float m = _mm512_reduce_max_ps(amax);
+    const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < B; k += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(k), inv));  // round to nearest even
+      sum = _mm512_add_epi32(sum, v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(v));
+    }
+    *qsum = _mm512_reduce_add_epi32(sum);
+    return m / 127.f;
+  }
+  float m = 0.f;
+  for (int64_t k = 0; k < n; ++k) m = std::fmax(m, std::fabs(at(k)));
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < B; ++k) {
+    const int32_t v = k < n ? static_cast<int32_t>(std::nearbyint(at(k) * inv)) : 0;
+    q[k] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *qsum = sum;
+  return m / 127.f;
+}
+
+struct Scratch {  // one per calling thread, grown as needed
+  std::vector<int8_t> xq;
+  std::vector<float> xs;
+  std::vector<int32_t> xsum;
+};
+
+}  // namespace
+
+extern "C" {
+
+// y[M, N] = x[M, :k_real] @ W.T. x: float32 or bfloat16, rows ldx elements apart; K: the weight's (padded)
+// width, B: the activation block (int4: the group size). y: [M, N] contiguous, bfloat16 or float32.
+// bits 8: w uint8 [N / 16][K / 4][16][4] (q + 128), scales float32 [N].
+// bits 4: w uint8 [N / 16][K / 8][16][4] (low nibble column c, high nibble c + 4, see the top),
+//         scales bfloat16 [N / 16][K / B][2][16] (scale, zero).
+void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_t ldx, int64_t K, int64_t B,
+                    int bits, const uint8_t* w, const void* scales, int64_t N, void* y, int y_bf16, int nthreads) {
+  static thread_local Scratch s;
+  const int64_t nb = K / B;
+  if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K);
+  if (static_cast<int64_t>(s.xs.size()) < M * nb) {
+    s.xs.resize(M * nb);
+    s.xsum.resize(M * nb);
+  }
+  int8_t* xq = s.xq.data();
+  float* xs = s.xs.data();
+  int32_t* xsum = s.xsum.data();
+  const int elem = x_bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M >= 8)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * B;
+      const int64_t n = k_real - k0 < B ? (k_real - k0 > 0 ? k_real - k0 : 0) : B;
+      const char* src = static_cast<const char*>(x) + (m * ldx + k0) * elem;
+      xs[m * nb + b] = quantize_block(src, x_bf16, n, B, xq + m * K + k0, xsum + m * nb + b);
+    }
+  }
+  if (bits == 8) {
+    const float* ws = static_cast<const float*>(scales);
+    run_tiles(M, N, nthreads, [&](int64_t t, int64_t m, int rows) {
+      const uint8_t* wt = w + t * K * TILE;
+      switch (rows) {
+        case 4: tile_w8<4>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+        case 3: tile_w8<3>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+        case 2: tile_w8<2>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+        default: tile_w8<1>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+      }
+    });
+  } else {
+    const uint16_t* sz = static_cast<const uint16_t*>(scales);
+    run_tiles(M, N, nthreads, [&](int64_t t, int64_t m, int rows) {
+      const uint8_t* wt = w + t * (K / 2) * TILE;
+      const uint16_t* st = sz + t * nb * 2 * TILE;
+      switch (rows) {
+        case 4: tile_w4<4>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
+        case 3: tile_w4<3>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
+        case 2: tile_w4<2>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
+        default: tile_w4<1>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
+      }
+    });
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,89 @@
+"""The native CPU kernels against torch: bfloat16 decode matmuls, argmax, and the build cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from falconlm import native
+from falconlm.native import ops
+
+HAS_BF16 = native.library("bf16_gemm") is not None
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16 or no C++ compiler is found")
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 32])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 64), (67, 1024), (256, 4544 - 4544 % 32)])
+def test_linear_matches_float32_reference(rows: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(2, rows, k, generator=gen).bfloat16()[1]  # a view whose storage starts past zero
+    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    y = ops.linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    ref = x.float() @ w.float().T
+    # float32 accumulation, rounded once to bfloat16: within a bfloat16 ulp of the exact value.
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3)
+
+
+@needs_bf16
+def test_linear_keeps_leading_dims_and_non_contiguous_rows() -> None:
+    x = torch.randn(2, 3, 128).bfloat16()
+    w = torch.randn(40, 128).bfloat16()
+    torch.testing.assert_close(ops.linear(x, w).float(), F.linear(x, w).float(), rtol=8e-3, atol=2e-2)
+    strided = torch.randn(4, 256).bfloat16()[:, ::2]  # last-dim stride 2: copied, not misread
+    torch.testing.assert_close(ops.linear(strided, w).float(), F.linear(strided, w).float(), rtol=8e-3, atol=2e-2)
+
+
+def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(8, 48)
+    for x, weight in [
+        (torch.randn(2, 48), w),  # float32
+        (torch.randn(2, 48).bfloat16(), w.bfloat16()),  # K not a multiple of 32
+        (torch.randn(ops.LINEAR_MAX_ROWS + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()),  # many rows
+    ]:
+        assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
+    x, weight = torch.randn(2, 64, requires_grad=True), torch.randn(8, 64)
+    y = ops.linear(x.bfloat16(), weight.bfloat16())
+    y.float().sum().backward()  # autograd still flows: the native path never runs with gradients wanted
+    assert x.grad is not None
+    monkeypatch.setenv("FALCONLM_NATIVE", "0")
+    assert native.library("bf16_gemm") is None
+    xb, wb = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert torch.equal(ops.linear(xb, wb), F.linear(xb, wb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_equals_torch_with_ties_infinities_and_nan(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 65024 + 5, generator=gen)
+    x[1, 100] = x[1, 40000] = 50.0  # a tie: the first index wins
+    x[2] = float("-inf")
+    x[3, 7] = float("inf")
+    x[4, 123] = float("nan")  # NaN is the largest, as in torch
+    x[5, -1] = 99.0  # in the tail past the last 16-lane chunk
+    x = x.to(dtype)
+    assert torch.equal(ops.argmax(x), x.argmax(-1))
+    assert torch.equal(ops.argmax(x[:, :-5]), x[:, :-5].argmax(-1))  # rows a stride apart
+    assert torch.equal(ops.argmax(x[:1, :3]), x[:1, :3].argmax(-1))
+
+
+def test_unavailable_reason_names_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALCONLM_NATIVE", "off")
+    assert native.unavailable_reason("quant_gemm") == "FALCONLM_NATIVE is off"
+    assert native.library("quant_gemm") is None
+
+
+@needs_bf16
+def test_a_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALCONLM_CACHE_DIR", str(tmp_path))
+    spec = native.LIBRARIES["bf16_gemm"]
+    first = native._build(spec)
+    assert first.parent == tmp_path / "native" and first.is_file()
+    stamp = first.stat().st_mtime_ns
+    assert native._build(spec) == first and first.stat().st_mtime_ns == stamp  # not compiled again
+    broken = native.LibrarySpec(spec.source, spec.features, ("-fno-such-flag-for-falconlm",), spec.functions)
+    with pytest.raises(OSError, match="failed"):
+        native._build(broken)
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [first.name]  # no stray temporaries
