@@ -59,10 +59,21 @@ def sdpa(
     is_causal: bool,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with grouped K/V (no copy of K/V per query head)."""
-    grouped = k.shape[1] != q.shape[1]
+    """Scaled dot-product attention with grouped K/V (no copy of K/V per query head).
+
+    A single query position with grouped K/V (a decode step) is attended as each group's query heads at once:
+    [B, G, heads per group, d] against the group's keys, one matrix product per group instead of one
+    matrix-vector product per head (the heads of group g are g * per_group ... in Falcon's order).
+    """
+    B, Hq, T, d = q.shape
+    G = k.shape[1]
+    if T == 1 and Hq != G and not is_causal and dropout_p == 0.0:
+        if mask is not None and mask.shape[1] != 1:
+            mask = mask.reshape(mask.shape[0], G, Hq // G, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q.reshape(B, G, Hq // G, d), k, v, attn_mask=mask)
+        return out.view(B, Hq, 1, d)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=grouped
+        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=Hq != G
     )
 
 

@@ -52,12 +52,12 @@ class FalconAttention(nn.Module):
         B, T, _ = x.shape
         # Rows of the fused weight: G groups of [queries_per_kv query heads, 1 key, 1 value] (falcon-spec §2).
         qkv = self.query_key_value(x).view(B, T, self.num_kv_groups, self.queries_per_kv + 2, self.head_dim)
-        q = qkv[:, :, :, :-2].reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
-        k = qkv[:, :, :, -2].transpose(1, 2)  # [B, G, T, d]
-        v = qkv[:, :, :, -1].transpose(1, 2)  # [B, G, T, d]
+        qk = qkv[:, :, :, :-1]  # each group's query heads and its key, side by side
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # one rotation turns them all
+        q = qk[:, :, :, :-1].reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
+        k = qk[:, :, :, -1].transpose(1, 2)  # [B, G, T, d]
+        v = qkv[:, :, :, -1].transpose(1, 2)  # [B, G, T, d]
         out = ctx.attend(self.layer_idx, q, k, v)  # [B, Hq, T, d]
         return self.dense(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

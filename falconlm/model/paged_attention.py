@@ -3,8 +3,9 @@
 A step concatenates every row's new tokens into one sequence of N tokens (batch dimension 1). Each new token's
 K/V goes to its *slot* (``block_id * block_size + offset``) in the cache ``[num_blocks, block_size, G, d]`` of
 its layer, and each row then attends over its own blocks, gathered through its block table. Rows that add one
-token (decodes) are gathered together and attended in one call; rows with several new tokens (prefill chunks)
-one by one, with a causal mask offset by what the row already had in the cache.
+token (decodes) are attended together in one call (on CPU by a native kernel that reads the blocks in place,
+else gathered for SDPA); rows with several new tokens (prefill chunks) one by one, with a causal mask offset by
+what the row already had in the cache.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import cached_property
 
 import torch
 
+from ..native.ops import decode_attention
 from .attention import sdpa
 
 
@@ -107,6 +109,13 @@ class PagedAttention:
             self._decode_cache = (positions, longest, mask)
         return self._decode_cache
 
+    @cached_property
+    def _decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' block tables [R, max_blocks] and context lengths [R], for the native kernel."""
+        rows = self._decode_rows
+        lengths = torch.tensor([self.context_lens[r] for r in rows], dtype=torch.int64)
+        return self.block_tables[rows].contiguous(), lengths
+
     def _gather(self, rows: list[int], blocks: torch.Tensor, length: int) -> torch.Tensor:
         """K or V of ``rows`` as [R, G, length, d], read through their block tables."""
         block_size = blocks.shape[1]
@@ -120,6 +129,12 @@ class PagedAttention:
         self, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     ) -> None:
         positions, longest, mask = self._decode_inputs(q)
+        if self.alibi_slopes is None:  # the native kernel reads the blocks in place (no gathered copy)
+            tables, lengths = self._decode_tables
+            result = decode_attention(q[0, :, positions].transpose(0, 1), k_blocks, v_blocks, tables, lengths, longest)
+            if result is not None:
+                out[0, :, positions] = result.transpose(0, 1)
+                return
         keys = self._gather(self._decode_rows, k_blocks, longest)  # [R, G, L, d]
         values = self._gather(self._decode_rows, v_blocks, longest)
         queries = q[0, :, positions].transpose(0, 1)[:, :, None]  # [R, Hq, 1, d]

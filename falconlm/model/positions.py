@@ -34,13 +34,14 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for ``positions`` [B, T]: angles in float32, then cast to the activation dtype.
 
-    Returns two tensors of shape [B, 1, T, head_dim], ready to broadcast over heads.
+    Returns two tensors of shape [B, T, 1, 1, head_dim], ready to broadcast over the KV groups and the heads
+    of each (the fused QKV layout, falcon-spec §2).
     """
     seq_len = int(positions.max()) + 1 if config.rope_scaling is not None and positions.numel() else None
     inv_freq = rope_inv_freq(config, seq_len).to(positions.device)
     angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
     emb = torch.cat((angles, angles), dim=-1)  # [B, T, d]
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return emb.cos().to(dtype)[:, :, None, None], emb.sin().to(dtype)[:, :, None, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, heads, T, d] by the position angles."""
+    """Rotate ``x`` [B, T, groups, heads, d] by the position angles (cos and sin from :func:`rope_cos_sin`)."""
     return x * cos + rotate_half(x) * sin
 
 

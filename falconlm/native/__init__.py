@@ -3,8 +3,8 @@
 Two libraries, each built only where the CPU has what it needs:
 
 * ``quant_gemm`` (AVX-512 VNNI): the int8 / int4 weight matmuls of ``falconlm.quant.kernels.vnni``;
-* ``bf16_gemm`` (AVX-512 BF16): bfloat16 matmuls for decode-sized batches and a row-wise argmax
-  (``falconlm.native.ops``).
+* ``bf16_gemm`` (AVX-512 BF16): bfloat16 matmuls for decode-sized batches, a row-wise argmax and decode-step
+  attention read straight from the KV cache (``falconlm.native.ops``).
 
 A library is compiled once per source version into ``$FALCONLM_CACHE_DIR/native`` (default
 ``~/.cache/falconlm/native``) and reused. When the compiler, a CPU feature or the build is missing,
@@ -32,6 +32,7 @@ import torch  # loaded first: its OpenMP runtime is the one the libraries bind t
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 BUILD_TIMEOUT_S = 300
+SERIAL_WORK = 1 << 17
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -62,9 +63,16 @@ LIBRARIES = {
         {
             "falcon_linear_bf16": (_P, _I, _I, _I, _P, _I, _P, _C),
             "falcon_argmax_rows": (_P, _C, _I, _I, _I, _P, _C),
+            "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C),
         },
     ),
 }
+
+
+def threads_for(work: int) -> int:
+    """Threads for a kernel call of ``work`` multiply-adds: torch's count, or 1 when the call is too small to
+    repay waking the other threads (an OpenMP fork and join costs a few microseconds)."""
+    return 1 if work < SERIAL_WORK else torch.get_num_threads()
 
 
 def enabled() -> bool:

@@ -1,15 +1,18 @@
 """torch-facing wrappers of the native kernels, each falling back to torch where the kernel does not apply.
 
 * :func:`linear`: ``F.linear(x, w)`` for bfloat16 on CPU with few rows (decode steps) through vdpbf16ps;
-* :func:`argmax`: the last-dimension argmax of float32 / bfloat16 logits (torch's CPU argmax is scalar).
+* :func:`argmax`: the last-dimension argmax of float32 / bfloat16 logits (torch's CPU argmax is scalar);
+* :func:`decode_attention`: attention of one query position per row, read straight from a (paged) KV cache.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from . import library
+from . import library, threads_for
 
 LINEAR_MAX_ROWS = 32  # above this, oneDNN's GEMM (which packs the weight once per call) is as fast or faster
 LINEAR_K_MULTIPLE = 32
@@ -22,23 +25,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (
         x.dtype is not torch.bfloat16
         or weight.dtype is not torch.bfloat16
-        or x.device.type != "cpu"
+        or not x.is_cpu
         or k % LINEAR_K_MULTIPLE
         or x.numel() > LINEAR_MAX_ROWS * k
-        or not weight.is_contiguous()
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or not weight.is_contiguous()
         or (lib := library("bf16_gemm")) is None
     ):
         return F.linear(x, weight)
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     n = weight.shape[0]
-    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    lib.falcon_linear_bf16(
-        x2.data_ptr(), x2.shape[0], k, x2.stride(0), weight.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
-    )
-    return y.view(*x.shape[:-1], n)
+    y = x.new_empty(*x.shape[:-1], n)
+    rows = x.numel() // k
+    lib.falcon_linear_bf16(x.data_ptr(), rows, k, k, weight.data_ptr(), n, y.data_ptr(), threads_for(rows * n * k))
+    return y
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -62,4 +63,53 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    return out
+
+
+ATTENTION_MAX_HEAD_DIM = 256
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_len: int,
+) -> torch.Tensor | None:
+    """``softmax(q k^T / sqrt(d)) v`` for one query position per row, reading K/V in place; None where the native
+    kernel does not apply (the caller then attends with torch).
+
+    ``q`` [R, Hq, d]; ``k``, ``v`` [blocks, block_size, G, d] views of the cache (any strides, d contiguous);
+    row r's positions 0..context_lens[r]-1 live in blocks ``block_tables[r, 0], [r, 1], ...`` (both int64,
+    contiguous); ``max_len`` is the largest context length (it sizes the threads' work).
+    Query heads ``g * Hq / G ...`` read group g. Scores, softmax and sums in float32.
+    """
+    R, Hq, d = q.shape
+    G = k.shape[2]
+    if (
+        q.dtype not in (torch.bfloat16, torch.float32)
+        or k.dtype is not q.dtype
+        or v.dtype is not q.dtype
+        or not q.is_cpu
+        or d % 16
+        or d > ATTENTION_MAX_HEAD_DIM
+        or Hq % G
+        or k.stride() != v.stride()
+        or k.stride(-1) != 1
+        or block_tables.dtype is not torch.int64
+        or context_lens.dtype is not torch.int64
+        or not block_tables.is_contiguous()
+        or not context_lens.is_contiguous()
+        or (torch.is_grad_enabled() and q.requires_grad)
+        or (lib := library("bf16_gemm")) is None
+    ):
+        return None
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lib.falcon_decode_attention(
+        q.data_ptr(), int(q.dtype is torch.bfloat16), R, Hq, G, d, k.data_ptr(), v.data_ptr(), k.stride(0),
+        k.stride(1), k.stride(2), k.shape[1], block_tables.data_ptr(), block_tables.stride(0),
+        context_lens.data_ptr(), 1.0 / math.sqrt(d), out.data_ptr(), threads_for(R * Hq * d * max_len),
+    )  # fmt: skip
     return out

@@ -87,3 +87,49 @@ def test_a_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypat
     with pytest.raises(OSError, match="failed"):
         native._build(broken)
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [first.name]  # no stray temporaries
+
+
+def _reference_attention(q, k, v, tables, lens):
+    """Per row: gather its positions through its block table, then SDPA in float32 (query heads by group)."""
+    R, Hq, d = q.shape
+    G, block = k.shape[2], k.shape[1]
+    out = torch.empty(R, Hq, d)
+    for r in range(R):
+        n = int(lens[r])
+        blocks = tables[r, : -(-n // block)]
+        keys = k[blocks].reshape(-1, G, d)[:n].float().transpose(0, 1)  # [G, n, d]
+        values = v[blocks].reshape(-1, G, d)[:n].float().transpose(0, 1)
+        queries = q[r].float().view(G, Hq // G, d)
+        out[r] = F.scaled_dot_product_attention(queries, keys, values).reshape(Hq, d)
+    return out
+
+
+@needs_bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "groups", "head_dim", "block"),
+    [(16, 1, 64, 16), (8, 2, 64, 16), (71, 1, 64, 4), (4, 4, 128, 8), (32, 8, 16, 16)],
+)
+def test_decode_attention_matches_sdpa_through_block_tables(
+    dtype: torch.dtype, heads: int, groups: int, head_dim: int, block: int
+) -> None:
+    gen = torch.Generator().manual_seed(heads + head_dim)
+    num_blocks = 64
+    k = torch.randn(num_blocks, block, groups, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, block, groups, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor([1, 7, 16, 61])
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:16] for _ in lens])  # scattered blocks
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    out = ops.decode_attention(q, k, v, tables, lens, int(lens.max()))
+    assert out is not None and out.dtype == dtype and out.shape == q.shape
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out.float(), _reference_attention(q, k, v, tables, lens), **tol)
+
+
+def test_decode_attention_declines_what_it_cannot_run() -> None:
+    q, k = torch.randn(1, 4, 64), torch.randn(4, 16, 2, 64)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([3])
+    assert ops.decode_attention(q.half(), k.half(), k.half(), tables, lens, 3) is None  # float16
+    assert ops.decode_attention(q[..., :40], k[..., :40], k[..., :40], tables, lens, 3) is None  # d % 16
+    assert ops.decode_attention(q, k, k, tables.int(), lens, 3) is None  # int32 tables
+    assert ops.decode_attention(q[:, :3], k, k, tables, lens, 3) is None  # heads not a multiple of groups

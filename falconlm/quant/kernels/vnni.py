@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from ...native import library
+from ...native import library, threads_for
 from ..primitives import QuantizedTensor, dequantize_int4, unpack_int4
 from . import WeightSpec
 
@@ -83,11 +83,11 @@ class VnniKernel:
         if not x.is_contiguous():
             x = x.contiguous()
         y = x.new_empty(*x.shape[:-1], spec.out_features)
-        bf16 = int(x.dtype is torch.bfloat16)
+        bf16, rows = int(x.dtype is torch.bfloat16), x.numel() // spec.in_features
         _qlinear()(
-            x.data_ptr(), bf16, x.numel() // spec.in_features, spec.in_features, spec.in_features, spec.padded_in,
-            activation_block(spec), spec.bits, weights[0].data_ptr(), weights[1].data_ptr(), spec.out_features,
-            y.data_ptr(), bf16, torch.get_num_threads(),
+            x.data_ptr(), bf16, rows, spec.in_features, spec.in_features, spec.padded_in, activation_block(spec),
+            spec.bits, weights[0].data_ptr(), weights[1].data_ptr(), spec.out_features, y.data_ptr(), bf16,
+            threads_for(rows * spec.out_features * spec.padded_in),
         )  # fmt: skip
         return y if dtype is y.dtype else y.to(dtype)
 
