@@ -31,21 +31,19 @@ INT4_GROUPS = (32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float16 goes through float32
 
 
-def _qlinear():
-    """The native entry point (``supports`` has made sure the library loads)."""
-    return library("quant_gemm").falcon_qlinear
+def activation_block(spec: WeightSpec) -> int:
+    """Columns per activation scale: the group size for int4, else the largest of INT8_BLOCKS dividing K."""
+    return spec.group_size if spec.bits == 4 else _int8_block(spec.in_features)
 
 
 @functools.cache
-def activation_block(spec: WeightSpec) -> int:
-    """Columns per activation scale: the group size for int4, else the largest of INT8_BLOCKS dividing K."""
-    if spec.bits == 4:
-        return spec.group_size
-    return next((b for b in INT8_BLOCKS if spec.in_features % b == 0), 0)
+def _int8_block(in_features: int) -> int:
+    return next((b for b in INT8_BLOCKS if in_features % b == 0), 0)
 
 
 class VnniKernel:
     name = "vnni"
+    _qlinear = None  # the native entry point, looked up once by ``prepare``
 
     def supports(self, spec: WeightSpec, device: torch.device) -> bool:
         if device.type != "cpu" or spec.out_features % TILE:
@@ -57,6 +55,8 @@ class VnniKernel:
     def prepare(self, qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if dtype not in DTYPES:
             raise ValueError(f"the VNNI kernel takes {DTYPES} activations, not {dtype}")
+        if self._qlinear is None:
+            VnniKernel._qlinear = library("quant_gemm").falcon_qlinear
         n, k = qt.out_features, qt.padded_in
         if qt.bits == 8:
             u = (qt.qweight.to(torch.int16) + 128).to(torch.uint8)
@@ -84,7 +84,7 @@ class VnniKernel:
             x = x.contiguous()
         y = x.new_empty(*x.shape[:-1], spec.out_features)
         bf16, rows = int(x.dtype is torch.bfloat16), x.numel() // spec.in_features
-        _qlinear()(
+        self._qlinear(
             x.data_ptr(), bf16, rows, spec.in_features, spec.in_features, spec.padded_in, activation_block(spec),
             spec.bits, weights[0].data_ptr(), weights[1].data_ptr(), spec.out_features, y.data_ptr(), bf16,
             threads_for(rows * spec.out_features * spec.padded_in),
