@@ -11,8 +11,9 @@ subprocess, so its peak RSS is its own. Per variant:
 * weight bytes read per token (each stored tensor once: a tied head shares the embedding) and the achieved
   GB/s at batch 1 (bytes x tok/s); peak RSS (VmHWM).
 
-``--matmul`` instead times one matmul per layer shape at batch 1: bf16 ``F.linear``, the fused CPU kernels,
-dequantize-then-matmul (the reference kernel) and a torch.compile of dequantize-then-matmul.
+``--matmul`` instead times one matmul per layer shape at batch 1: bf16 ``F.linear`` and the native bf16 kernel,
+the VNNI kernels, torch's fused CPU kernels, dequantize-then-matmul (the reference kernel) and a torch.compile
+of dequantize-then-matmul.
 
     python benchmarks/bench_quant.py [--threads 2] [--variants bf16 int8 int4-g64 int4-g32 int4-g128] [--engine]
     python benchmarks/bench_quant.py --matmul
@@ -138,6 +139,8 @@ def matmul_table(threads: int) -> str:
     import torch.nn.functional as F
 
     from falconlm.model.config import preset
+    from falconlm.native import library
+    from falconlm.native.ops import linear as native_linear
     from falconlm.quant.kernels import WeightSpec, select_kernel
     from falconlm.quant.primitives import dequantize_int4, plan_groups, quantize_int4, quantize_int8, unpack_int4
 
@@ -180,17 +183,29 @@ def matmul_table(threads: int) -> str:
         f"batch-1 matmul, microseconds per call, weights read from memory (bf16 activations, {threads} threads); "
         "(GB/s of weight bytes)",
         "",
-        "| layer [N, K] | bf16 F.linear | int8 fused | int8 dequant+mm | int8 compiled | "
-        "int4 g64 fused | int4 g64 dequant+mm | int4 g64 compiled |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer [N, K] | bf16 F.linear | bf16 native | int8 vnni | int8 torch fused | int8 dequant+mm | "
+        "int8 compiled | int4 g64 vnni | int4 g64 torch fused | int4 g64 dequant+mm | int4 g64 compiled |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k) * 0.02
         x = torch.randn(1, k, dtype=dtype)
-        us = timed(lambda ws, x=x: F.linear(x, *ws), copies((w.to(dtype),), n * k * 2))
-        cells = [f"{us:.0f} ({n * k * 2 / 1e3 / us:.1f})"]
+        plain = copies((w.to(dtype),), n * k * 2)
+        cells = []
+        for fn in (F.linear, native_linear):
+            us = timed(lambda ws, x=x, fn=fn: fn(x, *ws), plain)
+            cells.append(f"{us:.0f} ({n * k * 2 / 1e3 / us:.1f})")
+        del plain
         for qt in (quantize_int8(w), quantize_int4(w, plan_groups(k, 64))):
             spec = WeightSpec.of(qt)
+            if library("quant_gemm") is not None:
+                vnni = select_kernel(spec, "cpu", "vnni")
+                tiled = copies(tuple(vnni.prepare(qt, dtype).values()), qt.nbytes)
+                us = timed(lambda ws, x=x, vnni=vnni, spec=spec: vnni.matmul(x, ws, spec), tiled)
+                cells.append(f"{us:.0f} ({qt.nbytes / 1e3 / us:.1f})")
+                del tiled
+            else:
+                cells.append("-")
             cpu = select_kernel(spec, "cpu", "cpu")
             fused = copies(tuple(cpu.prepare(qt, dtype).values()), qt.nbytes)
             us = timed(lambda ws, x=x, cpu=cpu, spec=spec: cpu.matmul(x, ws, spec), fused)

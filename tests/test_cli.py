@@ -64,6 +64,13 @@ def test_info_json(tiny_checkpoint, capsys):
     assert main(["info", "--model", str(tiny_checkpoint), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["kv_groups"] == 1 and facts["layers"] == 2 and facts["size_on_disk_bytes"] > 0
+    assert set(facts["native_kernels"]) == {"quant_gemm", "bf16_gemm"}
+
+
+def test_info_says_when_native_kernels_are_off(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("FALCONLM_NATIVE", "0")
+    assert main(["info", "--model", str(tiny_checkpoint)]) == 0
+    assert "quant_gemm FALCONLM_NATIVE is off; bf16_gemm FALCONLM_NATIVE is off" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

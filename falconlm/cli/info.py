@@ -1,4 +1,5 @@
-"""``falconlm info``: what a checkpoint is, read from its config (weights are not loaded)."""
+"""``falconlm info``: what a checkpoint is, read from its config (weights are not loaded), and whether this
+machine runs the native CPU kernels."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import native
 from ..model.config import FalconConfig
 from .options import check_model_path
 
@@ -51,6 +53,7 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "dtype": dtype,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
+        "native_kernels": native.status(),
     }
 
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     facts["size_on_disk_bytes"] = (
         _human(facts["size_on_disk_bytes"], 1024, "B") if facts["size_on_disk_bytes"] else "no weight files"
     )
+    facts["native_kernels"] = "; ".join(f"{name} {state}" for name, state in facts["native_kernels"].items())
     width = max(len(k) for k in facts)
     for key, value in facts.items():
         print(f"{key.replace('_bytes', '').replace('_', ' '):<{width}}  {value}")

@@ -111,6 +111,11 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
+def status() -> dict[str, str]:
+    """Each library's state here, ``available`` or why not (nothing is built to find out)."""
+    return {name: unavailable_reason(name) or "available" for name in LIBRARIES}
+
+
 def library(name: str) -> ctypes.CDLL | None:
     """Library ``name`` loaded with its signatures set, building it first if needed; None when unavailable."""
     if not enabled():
