@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
 from ..model.positions import alibi_slopes
@@ -31,6 +32,8 @@ class ModelRunner:
         self.alibi_slopes = alibi_slopes(cfg.num_attention_heads).to(self.device) if cfg.alibi else None
         self.sampler = Sampler()
         self.req_id_to_generator: dict[str, torch.Generator | None] = {}
+        if self.device.type == "cpu":
+            native.library("bf16_gemm")  # compiled now (first run only), not inside the first request
 
     def free(self, request_id: str) -> None:
         """Forget a finished request's generator."""
