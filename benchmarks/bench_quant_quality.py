@@ -5,7 +5,8 @@ scores the same sliding windows (``falconlm.train.perplexity.windows``: ``--cont
 each token scored once, as ``falconlm eval-ppl`` does). Per variant it reports the perplexity, its change
 against bf16, the mean KL(p_bf16 || p_variant) of the next-token distributions over the scored tokens (the
 scoreboard llama.cpp publishes for its formats) and how often the top-1 token agrees with bf16. Quantized
-variants are quantized on load from the checkpoint (head int8 by default) and run in bf16.
+variants are quantized on load from the checkpoint (head int8 by default) and run in bf16; ``-gptq`` variants are
+written by GPTQ first, calibrated on 64 windows of 256 tokens of the TinyStories training text.
 
     python benchmarks/bench_quant_quality.py [--model PATH] [--data FILE] [--max-tokens N] [--threads 2]
 """
@@ -13,9 +14,12 @@ variants are quantized on load from the checkpoint (head int8 by default) and ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,23 +27,36 @@ import torch
 import torch.nn.functional as F
 
 from falconlm.model.falcon import FalconForCausalLM
-from falconlm.quant import QuantRecipe, load_quantized
+from falconlm.quant import QuantRecipe, load_quantized, quantize_checkpoint
+from falconlm.quant.gptq import calibration_ids
 from falconlm.tokenizer import Tokenizer
 from falconlm.train.data import tokenize_file
 from falconlm.train.perplexity import windows
 
 SHARED = Path(os.environ.get("FALCONLM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 DATA = SHARED / "data/tinystories/TinyStories-valid-v1.first-794KB.txt"
-VARIANTS = ("float32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-sym")
+CALIBRATION = SHARED / "data/tinystories/TinyStories-train-v1.first-2MiB.txt"  # GPTQ's text: training, not held out
+VARIANTS = (
+    "float32", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-sym",
+    "int4-g64-gptq", "int4-g128-gptq", "int4-g64-sym-gptq",
+)  # fmt: skip
+GPTQ_SAMPLES, GPTQ_LENGTH = 64, 256
 TARGETS = {"int8": 1.0, "int4-g64": 5.0}  # issue 5: allowed perplexity increase over bf16, in percent
 
 
-def load(model_path: Path, variant: str) -> FalconForCausalLM:
+def load(model_path: Path, variant: str, work: Path) -> FalconForCausalLM:
     if variant == "float32":
         return FalconForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     if variant == "bf16":
         return FalconForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
-    return load_quantized(model_path, dtype=torch.bfloat16, quantize=QuantRecipe.parse(variant))
+    if not variant.endswith("-gptq"):
+        return load_quantized(model_path, dtype=torch.bfloat16, quantize=QuantRecipe.parse(variant))
+    recipe = dataclasses.replace(QuantRecipe.parse(variant.removesuffix("-gptq")), method="gptq")
+    tokens = torch.tensor(Tokenizer.from_pretrained(model_path).encode(CALIBRATION.read_text(encoding="utf-8")))
+    calibration = calibration_ids(tokens, GPTQ_SAMPLES, GPTQ_LENGTH)
+    out = work / variant
+    quantize_checkpoint(model_path, out, recipe, progress=False, overwrite=True, calibration=calibration)
+    return load_quantized(out, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
@@ -110,7 +127,9 @@ def main() -> None:
 
         args.model = default_model_path()
     variants = ["bf16", *[v for v in args.variants if v != "bf16"]]
-    models = {v: load(args.model, v) for v in variants}
+    work = Path(tempfile.mkdtemp(prefix="falconlm-quality-"))
+    models = {v: load(args.model, v, work) for v in variants}
+    shutil.rmtree(work)
     context = args.context or models["bf16"].config.max_position_embeddings
     stride = args.stride or context // 2
     ids = torch.from_numpy(tokenize_file(args.data, Tokenizer.from_pretrained(args.model), "eot").astype("int64"))

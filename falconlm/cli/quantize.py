@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import check_model_path
+from .options import check_model_path, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=(4, 8, 16),
         help="bits of the embedding / lm_head matrix; 16 keeps the checkpoint's dtype (default 8)",
     )
+    p.add_argument(
+        "--method",
+        default="rtn",
+        choices=("rtn", "gptq"),
+        help="rtn: round to nearest (default); gptq: int4 rounding that compensates errors on --calibration text",
+    )
+    p.add_argument("--calibration", type=Path, default=None, help="GPTQ: a text file to calibrate on")
+    p.add_argument("--calibration-samples", type=positive_int, default=32, help="GPTQ: windows drawn (32)")
+    p.add_argument("--calibration-length", type=positive_int, default=256, help="GPTQ: tokens per window (256)")
     p.add_argument("--overwrite", action="store_true", help="replace the weights in a non-empty --out folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
     p.set_defaults(run=run)
@@ -42,11 +51,27 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--group-size applies to int4 only (int8 has one scale per output channel)")
     if not int4 and args.sym:
         raise ValueError("--sym applies to int4 only (int8 is always symmetric)")
+    if args.method == "gptq" and args.calibration is None:
+        raise ValueError("--method gptq needs --calibration FILE (text to calibrate on)")
+    if args.method != "gptq" and args.calibration is not None:
+        raise ValueError("--calibration applies to --method gptq only")
     from ..quant import QuantRecipe, quantize_checkpoint
 
-    recipe = QuantRecipe(bits=args.bits, group_size=args.group_size or 64, symmetric=args.sym, head_bits=args.head_bits)
+    recipe = QuantRecipe(
+        bits=args.bits,
+        group_size=args.group_size or 64,
+        symmetric=args.sym,
+        head_bits=args.head_bits,
+        method=args.method,
+    )
+    calibration = None if args.calibration is None else _calibration(args)
     report = quantize_checkpoint(
-        args.model, args.out, recipe, progress=False if args.no_progress else None, overwrite=args.overwrite
+        args.model,
+        args.out,
+        recipe,
+        progress=False if args.no_progress else None,
+        overwrite=args.overwrite,
+        calibration=calibration,
     )
     for note in report.notes:
         print(f"note: {note}")
@@ -57,3 +82,17 @@ def run(args: argparse.Namespace) -> int:
         f"({ratio:.1f}x smaller) in {report.seconds:.1f}s"
     )
     return 0
+
+
+def _calibration(args: argparse.Namespace):
+    """Token ids [samples, length] drawn from the --calibration text with the model's own tokenizer."""
+    import torch
+
+    from ..quant.gptq import calibration_ids
+    from ..tokenizer import Tokenizer
+
+    if not args.calibration.is_file():
+        raise FileNotFoundError(f"calibration file {args.calibration} does not exist")
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    tokens = torch.tensor(tokenizer.encode(args.calibration.read_text(encoding="utf-8")), dtype=torch.long)
+    return calibration_ids(tokens, args.calibration_samples, args.calibration_length)

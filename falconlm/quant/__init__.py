@@ -3,10 +3,11 @@
 Layout (imports point down; ``model/`` imports nothing from here):
 
 * ``primitives.py``: quantize / dequantize / pack, and the group plan for widths a group size does not divide;
-* ``kernels/``: the quantized matmul, one signature, chosen once per weight at load (``cpu``, ``triton``,
-  ``reference``);
+* ``kernels/``: the quantized matmul, one signature, chosen once per weight at load (``vnni``, ``cpu``,
+  ``triton``, ``reference``);
 * ``linear.py``: QuantizedLinear and QuantizedEmbedding, the modules that replace nn.Linear / nn.Embedding;
 * ``convert.py``: QuantRecipe, the per-module plan, and the three rewrites (tensors, loading, a built model);
+* ``gptq.py``: GPTQ's error-compensating int4 rounding, and the block-by-block calibration pass it needs;
 * ``io.py``: quantized checkpoint folders: write (``falconlm quantize``), detect, load or quantize on load.
 """
 

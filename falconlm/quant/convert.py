@@ -31,6 +31,7 @@ from .primitives import GROUP_SIZES, GroupPlan, QuantizedTensor, plan_groups, qu
 QUANT_METHOD = "falconlm"
 FORMAT_VERSION = 1
 BITS = (4, 8)
+METHODS = ("rtn", "gptq")
 HEAD_BITS = (4, 8, 16)  # 16: the embedding / head stays in the model's dtype
 BODY_KINDS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 HEAD_KINDS = ("word_embeddings", "lm_head")
@@ -56,7 +57,7 @@ class QuantRecipe:
     group_size: int = 64
     symmetric: bool = False
     head_bits: int = 8
-    method: str = "rtn"  # round to nearest
+    method: str = "rtn"  # rtn: round to nearest; gptq: error-compensating rounding on calibration text
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -65,8 +66,10 @@ class QuantRecipe:
             raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         if self.head_bits not in HEAD_BITS:
             raise ValueError(f"head bits must be one of {HEAD_BITS}, got {self.head_bits!r}")
-        if self.method != "rtn":
-            raise ValueError(f"quantization method {self.method!r} is not supported (only 'rtn')")
+        if self.method not in METHODS:
+            raise ValueError(f"quantization method {self.method!r} is not supported; use one of {METHODS}")
+        if self.method == "gptq" and self.bits != 4:
+            raise ValueError("GPTQ rounds int4 matrices; use bits 4 with it (int8 is close to lossless already)")
 
     @classmethod
     def parse(cls, spec: str) -> QuantRecipe:
@@ -84,6 +87,7 @@ class QuantRecipe:
     @property
     def name(self) -> str:
         name = "int8" if self.bits == 8 else f"int4-g{self.group_size}" + ("-sym" if self.symmetric else "")
+        name += "-gptq" if self.method == "gptq" else ""
         return name if self.head_bits == 8 else f"{name}, head {'kept' if self.head_bits == 16 else 'int4'}"
 
     def canonical(self) -> QuantRecipe:
@@ -201,10 +205,14 @@ def keep_dtype(config: FalconConfig) -> torch.dtype:
 
 # ---- offline: checkpoint tensors -> stored tensors ----------------------------------------------------------
 def quantize_tensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], config: FalconConfig, recipe: QuantRecipe
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: FalconConfig,
+    recipe: QuantRecipe,
+    precomputed: dict[str, QuantizedTensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stored tensors of the quantized checkpoint, one source tensor at a time (kept tensors in
-    :func:`keep_dtype`); a tied ``lm_head.weight`` and rotary buffers are dropped."""
+    :func:`keep_dtype`); a tied ``lm_head.weight`` and rotary buffers are dropped. ``precomputed`` maps module
+    names to matrices already quantized (GPTQ's), which are stored instead of rounding the source."""
     if "quantization_config" in config.extra:
         raise ValueError("this checkpoint is already quantized; quantize the original checkpoint instead")
     plans = plan_model(config, recipe)
@@ -220,7 +228,7 @@ def quantize_tensors(
             continue
         expected.discard(module)
         try:
-            qt = plan.quantize(tensor, recipe.symmetric)
+            qt = (precomputed or {}).get(module) or plan.quantize(tensor, recipe.symmetric)
         except CheckpointError as exc:
             raise CheckpointError(f"{name}: {exc}") from None
         yield f"{module}.qweight", qt.qweight

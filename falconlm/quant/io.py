@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from ..model.checkpoint import SAFE_FILE, SAFE_INDEX, CheckpointError, _find_weights, _open_shard, _Source
 from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
-from .convert import QuantRecipe, build_quantized_model, plan_model, quantize_tensors, recipe_of
+from .convert import QuantRecipe, build_quantized_model, module_kind, plan_model, quantize_tensors, recipe_of
+from .gptq import calibrate_blocks, gptq_quantize
+from .primitives import QuantizedTensor
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -115,22 +117,27 @@ def quantize_checkpoint(
     progress: bool | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     overwrite: bool = False,
+    calibration: torch.Tensor | None = None,
 ) -> QuantizeReport:
     """Write the quantized form of checkpoint folder ``src`` into ``out`` (see the module docstring).
 
-    ``progress``: a bar over the source bytes; None means "if stderr is a terminal".
+    ``progress``: a bar over the source bytes; None means "if stderr is a terminal". A GPTQ recipe needs
+    ``calibration`` token ids [samples, length] and loads the whole model in float32 first (:func:`gptq_matrices`).
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     config = FalconConfig.from_pretrained(src)
     if "quantization_config" in config.extra:
         raise ValueError(f"{src} is already quantized; quantize the original checkpoint instead")
+    if (recipe.method == "gptq") != (calibration is not None):
+        raise ValueError("GPTQ needs calibration text, and only GPTQ uses it")
     _check_out(src, out, overwrite)
     _, shards, _ = _find_weights(src)
     total = sum(f.stat().st_size for f in shards)
     show = (sys.stderr is not None and sys.stderr.isatty()) if progress is None else progress
+    precomputed = gptq_matrices(src, config, recipe, calibration, show) if calibration is not None else None
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantize {recipe.name}", disable=not show) as bar:
-        stored = quantize_tensors(iter_checkpoint_tensors(src, bar.update), config, recipe)
+        stored = quantize_tensors(iter_checkpoint_tensors(src, bar.update), config, recipe, precomputed)
         output_bytes = write_shards(stored, out, max_shard_bytes)
     _with_recipe(config, recipe).save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -138,6 +145,29 @@ def quantize_checkpoint(
             shutil.copyfile(src / name, out / name)
     notes = [f"{kind}: {p.group.note}" for kind, p in plan_model(config, recipe).items() if p.group and p.group.note]
     return QuantizeReport(out, recipe, notes, total, output_bytes, time.perf_counter() - start)
+
+
+def gptq_matrices(
+    src: Path, config: FalconConfig, recipe: QuantRecipe, calibration: torch.Tensor, show: bool
+) -> dict[str, QuantizedTensor]:
+    """The decoder blocks' int4 matrices by GPTQ (see :mod:`falconlm.quant.gptq`), by module name. The head and
+    embedding are left to round-to-nearest, as GPTQ implementations do."""
+    if int(calibration.max()) >= config.vocab_size:
+        raise ValueError(f"calibration token id {int(calibration.max())} is outside the vocabulary")
+    if calibration.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"calibration windows of {calibration.shape[1]} tokens exceed the model's context")
+    model = FalconForCausalLM.from_pretrained(src, dtype=torch.float32)
+    plans = plan_model(config, recipe)
+    out: dict[str, QuantizedTensor] = {}
+
+    def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        qt = gptq_quantize(weight, hessian, plans[module_kind(name)].group, recipe.symmetric)
+        out[name] = qt
+        return qt.dequantize()
+
+    with tqdm(total=config.num_hidden_layers, unit="block", desc="GPTQ", disable=not show) as bar:
+        calibrate_blocks(model, calibration, quantize, bar.update)
+    return out
 
 
 def iter_checkpoint_tensors(folder: Path, on_bytes=None) -> Iterator[tuple[str, torch.Tensor]]:

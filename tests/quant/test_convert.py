@@ -143,7 +143,8 @@ def test_bf16_cpu_kernels_track_the_reference(tiny_checkpoint: Path) -> None:
         (dict(bits=4, group_size=256), "group size must be one of"),
         (dict(bits=4, group_size=16), "group size must be one of"),
         (dict(bits=8, head_bits=2), "head bits must be one of"),
-        (dict(method="gptq"), "method 'gptq' is not supported"),
+        (dict(method="awq"), "method 'awq' is not supported"),
+        (dict(bits=8, method="gptq"), "GPTQ rounds int4 matrices"),
     ],
 )
 def test_bad_recipes(kwargs: dict, needle: str) -> None:
