@@ -156,7 +156,8 @@ def _build(spec: LibrarySpec) -> Path:
     compiler = _compiler()
     assert compiler is not None
     command = [compiler, *COMMON_FLAGS, *spec.flags]
-    key = hashlib.sha256(source.read_bytes() + " ".join(command).encode() + torch.__version__.encode())
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(command).encode() + torch.__version__.encode())
     out_dir = cache_dir()
     target = out_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.is_file():

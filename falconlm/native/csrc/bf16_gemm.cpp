@@ -10,6 +10,8 @@
 
 #include <immintrin.h>
 #include <omp.h>
+
+#include "bf16.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,26 +19,13 @@
 
 namespace {
 
+using namespace falcon;
+
 constexpr int NR = 4;  // weight rows per register block
 constexpr int MR = 4;  // activation rows per register block
 constexpr int PREFETCH = 2048;  // elements ahead of each weight row's stream to request
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // Lane i of the result is the sum of the 16 lanes of v[i]: four levels of shuffles and adds, each halving the
 // number of vectors (about 30 instructions against 16 separate reductions of about 8 each).
@@ -126,13 +115,7 @@ void falcon_argmax_rows(const void* x, int x_bf16, int64_t M, int64_t N, int64_t
   for (int64_t m = 0; m < M; ++m) {
     const float* xf = static_cast<const float*>(x) + m * ldx;
     const uint16_t* xb = static_cast<const uint16_t*>(x) + m * ldx;
-    auto load = [&](int64_t k) -> __m512 {
-      if (x_bf16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + k));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      }
-      return _mm512_loadu_ps(xf + k);
-    };
+    auto load = [&](int64_t k) -> __m512 { return x_bf16 ? load_bf16x16(xb + k) : _mm512_loadu_ps(xf + k); };
     auto at = [&](int64_t k) -> float { return x_bf16 ? bf16_to_f32(xb[k]) : xf[k]; };
     // Pass 1: the maximum (NaN wins), 16 lanes at a time.
     __m512 best = _mm512_set1_ps(-INFINITY);
@@ -193,21 +176,16 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 inline __m512 load16(const void* base, int64_t i, int bf16) {
-  if (bf16) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  if (bf16) return load_bf16x16(static_cast<const uint16_t*>(base) + i);
   return _mm512_loadu_ps(static_cast<const float*>(base) + i);
 }
 
 inline void store16(void* base, int64_t i, __m512 v, int bf16) {
-  if (!bf16) {
+  if (bf16) {
+    store_bf16x16(static_cast<uint16_t*>(base) + i, v);
+  } else {
     _mm512_storeu_ps(static_cast<float*>(base) + i, v);
-    return;
   }
-  alignas(64) float f[16];
-  _mm512_store_ps(f, v);
-  for (int t = 0; t < 16; ++t) static_cast<uint16_t*>(base)[i + t] = f32_to_bf16(f[t]);
 }
 
 struct AttentionScratch {

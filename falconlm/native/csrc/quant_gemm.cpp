@@ -12,6 +12,8 @@
 
 #include <immintrin.h>
 #include <omp.h>
+
+#include "bf16.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,30 +21,11 @@
 
 namespace {
 
+using namespace falcon;
+
 constexpr int TILE = 16;  // output rows per tile (zmm lanes)
 constexpr int MR = 4;     // activation rows per register block
 constexpr int PREFETCH = 4096;  // bytes ahead of the weight stream to request
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline __m512 load_bf16x16(const uint16_t* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline void store_bf16x16(uint16_t* p, __m512 v) {  // round to nearest even; NaN stays NaN
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-}
 
 template <int R>
 inline void store_rows(const __m512 (&acc)[MR], void* y, int64_t m0, int64_t N, int64_t n0, int y_bf16) {
