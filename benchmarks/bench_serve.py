@@ -10,7 +10,7 @@ On the random bench-194m checkpoint of bench_core.py (Falcon-7B layout, about 19
 4. print a markdown table: aggregate output tokens/s of both, their ratio (target >= 6x), TTFT p50/p99, TPOT.
 
     python benchmarks/bench_serve.py [--num-requests 16] [--concurrency 16] [--prompt-len 200] [--max-tokens 128]
-                                     [--threads 2] [--reference-requests 2] [--out bench-out]
+                                     [--threads 2] [--reference-requests 2] [--out bench-out] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def free_port() -> int:
 def start_server(folder: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "falconlm", "serve", "--model", str(folder), "--dtype", "bfloat16"]
     cmd += ["--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(port)]
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with log.open("w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -159,7 +161,8 @@ def render(result: BenchResult, ref: dict, args: argparse.Namespace) -> str:
 
     return "\n".join(
         [
-            f"bench-194m (Falcon-7B layout, about 194M parameters, random weights), bfloat16, {args.threads} threads; "
+            f"bench-194m (Falcon-7B layout, about 194M parameters, random weights), "
+            f"{args.quantize + ' weights, ' if args.quantize else ''}bfloat16, {args.threads} threads; "
             f"{n} requests of {args.prompt_len} prompt tokens, max_tokens {args.max_tokens}",
             "",
             "| falconlm serve tok/s | transformers tok/s (batch 1) | ratio (target >= 6x) | TTFT p50 ms "
@@ -190,6 +193,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="copied in when absent")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
+    parser.add_argument("--quantize", default=None, help="serve int8 or int4 weights (transformers stays bf16)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     folder = make_checkpoint(args.out / "bench-194m")
