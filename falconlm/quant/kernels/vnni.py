@@ -58,18 +58,19 @@ class VnniKernel:
         if self._qlinear is None:
             VnniKernel._qlinear = library("quant_gemm").falcon_qlinear
         n, k = qt.out_features, qt.padded_in
+        rows = TILE * 64  # re-tiled a strip of rows at a time: temporaries stay a few MB whatever the matrix
         if qt.bits == 8:
-            u = (qt.qweight.to(torch.int16) + 128).to(torch.uint8)
-            tiled = u.view(n // TILE, TILE, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+            tiled = torch.empty(n // TILE, k // 4, TILE, 4, dtype=torch.uint8)
+            for start in range(0, n, rows):
+                u = qt.qweight[start : start + rows].view(torch.uint8) ^ 0x80  # q + 128, as the unsigned operand
+                tiled[start // TILE : (start + rows) // TILE] = u.view(-1, TILE, k // 4, 4).permute(0, 2, 1, 3)
             return {"qweight": tiled, "scales": qt.scales.to(torch.float32).contiguous().view(torch.int32)}
         g = qt.group_size
         groups = k // g
         tiled = torch.empty(n // TILE, k // 8, TILE, 4, dtype=torch.uint8)
-        rows_per_chunk = TILE * 64  # bounded unpacked temporaries
-        for start in range(0, n, rows_per_chunk):
-            stop = min(n, start + rows_per_chunk)
-            q = unpack_int4(qt.qweight[start:stop]).view(-1, TILE, k // 8, 2, 4)
-            tiled[start // TILE : stop // TILE] = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
+        for start in range(0, n, rows):
+            q = unpack_int4(qt.qweight[start : start + rows]).view(-1, TILE, k // 8, 2, 4)
+            tiled[start // TILE : (start + rows) // TILE] = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
         zeros = qt.zeros if qt.zeros is not None else torch.zeros_like(qt.scales)
         sz = torch.stack([qt.scales.view(n // TILE, TILE, groups), zeros.view(n // TILE, TILE, groups)], dim=2)
         sz = sz.permute(0, 3, 2, 1).to(torch.bfloat16).contiguous()
