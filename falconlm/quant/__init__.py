@@ -8,6 +8,7 @@ Layout (imports point down; ``model/`` imports nothing from here):
 * ``linear.py``: QuantizedLinear and QuantizedEmbedding, the modules that replace nn.Linear / nn.Embedding;
 * ``convert.py``: QuantRecipe, the per-module plan, and the three rewrites (tensors, loading, a built model);
 * ``gptq.py``: GPTQ's error-compensating int4 rounding, and the block-by-block calibration pass it needs;
+* ``gptq_checkpoint.py``: hub GPTQ checkpoints (AutoGPTQ's packed int32 layout) read into the int4 format;
 * ``io.py``: quantized checkpoint folders: write (``falconlm quantize``), detect, load or quantize on load.
 """
 

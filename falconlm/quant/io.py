@@ -7,6 +7,7 @@ tensor at a time, so peak memory is the quantized model plus one source tensor a
 
 Front ends load through :func:`load_checkpoint` (``LLM(path, quantize=...)`` calls it in place of
 ``FalconForCausalLM.from_pretrained``), so a quantized folder and ``--quantize`` work wherever a model loads.
+Hub GPTQ checkpoints load the same way, converted as they are read (:mod:`falconlm.quant.gptq_checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
 from .convert import QuantRecipe, build_quantized_model, module_kind, plan_model, quantize_tensors, recipe_of
 from .gptq import calibrate_blocks, gptq_quantize
+from .gptq_checkpoint import convert_gptq_tensors, gptq_recipe, gptq_settings
 from .primitives import QuantizedTensor
 
 TOKENIZER_FILES = (
@@ -62,7 +64,8 @@ def is_quantized(path: str | Path) -> bool:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(raw, dict) and raw.get("quantization_config") is not None
+    quantized = isinstance(raw, dict) and raw.get("quantization_config") is not None
+    return quantized or (Path(path) / "quantize_config.json").is_file()  # AutoGPTQ's own settings file
 
 
 def load_checkpoint(
@@ -93,8 +96,15 @@ def load_quantized(
     """
     folder = Path(path)
     config = FalconConfig.from_pretrained(folder)
-    stored = recipe_of(config)
     recipe = QuantRecipe.parse(quantize) if isinstance(quantize, str) else quantize
+    gptq = gptq_settings(folder, config)
+    if gptq is not None:  # a hub GPTQ checkpoint: converted to falconlm's int4 format as it is read
+        if recipe is not None:
+            raise ValueError(f"{folder} is already quantized (GPTQ); load it without quantizing")
+        stored = gptq_recipe(gptq, config)
+        tensors = dict(convert_gptq_tensors(iter_checkpoint_tensors(folder), gptq))
+        return build_quantized_model(_with_recipe(config, stored), tensors, dtype, device, kernel)
+    stored = recipe_of(config)
     if stored is not None:
         if recipe is not None and recipe.canonical() != stored.canonical():
             raise ValueError(
@@ -127,7 +137,7 @@ def quantize_checkpoint(
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     config = FalconConfig.from_pretrained(src)
-    if "quantization_config" in config.extra:
+    if "quantization_config" in config.extra or gptq_settings(src, config) is not None:
         raise ValueError(f"{src} is already quantized; quantize the original checkpoint instead")
     if (recipe.method == "gptq") != (calibration is not None):
         raise ValueError("GPTQ needs calibration text, and only GPTQ uses it")
