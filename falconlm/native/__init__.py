@@ -54,7 +54,7 @@ LIBRARIES = {
         "quant_gemm.cpp",
         ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma"),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
-        {"falcon_qlinear": (_P, _C, _I, _I, _I, _I, _I, _C, _P, _P, _I, _P, _C, _C)},
+        {"falcon_qlinear": (_P, _C, _I, _I, _I, _I, _I, _I, _C, _P, _P, _I, _P, _C, _C)},
     ),
     "bf16_gemm": LibrarySpec(
         "bf16_gemm.cpp",

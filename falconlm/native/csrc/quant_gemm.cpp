@@ -45,7 +45,6 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
   const int64_t nb = K / B;
   __m512 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
-  const __m512i c128 = _mm512_set1_epi32(128);
   for (int64_t b = 0; b < nb; ++b) {
     __m512i iacc[MR];
     for (int r = 0; r < R; ++r) iacc[r] = _mm512_setzero_si512();
@@ -61,7 +60,7 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
     }
     for (int r = 0; r < R; ++r) {
       const int64_t i = (m0 + r) * nb + b;
-      __m512i fixed = _mm512_sub_epi32(iacc[r], _mm512_mullo_epi32(c128, _mm512_set1_epi32(xsum[i])));
+      __m512i fixed = _mm512_sub_epi32(iacc[r], _mm512_set1_epi32(128 * xsum[i]));
       facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), _mm512_set1_ps(xs[i]), facc[r]);
     }
   }
@@ -70,10 +69,10 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
   store_rows<R>(facc, y, m0, N, n0, y_bf16);
 }
 
-// One tile of 16 int4 rows against R activation rows; blocks are the weight's groups (B = group size).
+// One tile of 16 int4 rows against R activation rows: activation blocks of B columns inside weight groups of G.
 template <int R>
 inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0, int64_t K, int64_t B,
-                    const uint8_t* w, const uint16_t* sz, void* y, int64_t N, int64_t n0, int y_bf16) {
+                    int64_t G, const uint8_t* w, const uint16_t* sz, void* y, int64_t N, int64_t n0, int y_bf16) {
   const int64_t nb = K / B;
   __m512 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
@@ -96,8 +95,9 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
         iacc[r] = _mm512_dpbusd_epi32(iacc[r], w1, _mm512_set1_epi32(x1));
       }
     }
-    const __m512 scale = load_bf16x16(sz + b * 2 * TILE);
-    const __m512 zero = load_bf16x16(sz + b * 2 * TILE + TILE);
+    const uint16_t* group = sz + (b * B / G) * 2 * TILE;  // this block's weight group: scale, then zero
+    const __m512 scale = load_bf16x16(group);
+    const __m512 zero = load_bf16x16(group + TILE);
     for (int r = 0; r < R; ++r) {
       const int64_t i = (m0 + r) * nb + b;
       // sum_k w x = xs * (scale * (sum q xq - 8 sum xq) + zero * sum xq)
@@ -172,12 +172,14 @@ struct Scratch {  // one per calling thread, grown as needed
 extern "C" {
 
 // y[M, N] = x[M, :k_real] @ W.T. x: float32 or bfloat16, rows ldx elements apart; K: the weight's (padded)
-// width, B: the activation block (int4: the group size). y: [M, N] contiguous, bfloat16 or float32.
+// width, B: the activation block (a scale per B columns), G: int4's group size (a multiple of B).
+// y: [M, N] contiguous, bfloat16 or float32.
 // bits 8: w uint8 [N / 16][K / 4][16][4] (q + 128), scales float32 [N].
 // bits 4: w uint8 [N / 16][K / 8][16][4] (low nibble column c, high nibble c + 4, see the top),
-//         scales bfloat16 [N / 16][K / B][2][16] (scale, zero).
+//         scales bfloat16 [N / 16][K / G][2][16] (scale, zero).
 void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_t ldx, int64_t K, int64_t B,
-                    int bits, const uint8_t* w, const void* scales, int64_t N, void* y, int y_bf16, int nthreads) {
+                    int64_t G, int bits, const uint8_t* w, const void* scales, int64_t N, void* y, int y_bf16,
+                    int nthreads) {
   static thread_local Scratch s;
   const int64_t nb = K / B;
   if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K);
@@ -213,12 +215,12 @@ void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_
     const uint16_t* sz = static_cast<const uint16_t*>(scales);
     run_tiles(M, N, nthreads, [&](int64_t t, int64_t m, int rows) {
       const uint8_t* wt = w + t * (K / 2) * TILE;
-      const uint16_t* st = sz + t * nb * 2 * TILE;
+      const uint16_t* st = sz + t * (K / G) * 2 * TILE;
       switch (rows) {
-        case 4: tile_w4<4>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
-        case 3: tile_w4<3>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
-        case 2: tile_w4<2>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
-        default: tile_w4<1>(xq, xs, xsum, m, K, B, wt, st, y, N, t * TILE, y_bf16); break;
+        case 4: tile_w4<4>(xq, xs, xsum, m, K, B, G, wt, st, y, N, t * TILE, y_bf16); break;
+        case 3: tile_w4<3>(xq, xs, xsum, m, K, B, G, wt, st, y, N, t * TILE, y_bf16); break;
+        case 2: tile_w4<2>(xq, xs, xsum, m, K, B, G, wt, st, y, N, t * TILE, y_bf16); break;
+        default: tile_w4<1>(xq, xs, xsum, m, K, B, G, wt, st, y, N, t * TILE, y_bf16); break;
       }
     });
   }

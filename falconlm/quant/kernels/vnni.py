@@ -1,9 +1,9 @@
 """int8 / int4 weight matmuls on x86 CPUs with AVX-512 VNNI, through ``falconlm.native``'s ``quant_gemm``.
 
-The kernel quantizes each activation row to int8 on the fly, in blocks along the input (a float scale per
-block; int4 uses the weight's groups as blocks, int8 128 columns or the largest of 64 / 32 that divides the
-width), then multiplies with ``vpdpbusd``: 64 byte products per instruction, the way llama.cpp's q8_0 / q4_0
-dot products work. At batch 1 it reads the weights at close to memory speed, which torch's packed ops do not.
+The kernel quantizes each activation row to int8 on the fly, in blocks of 32 columns with a float scale each (so a
+large activation, which Falcon's bigger models have in a few channels, coarsens only its own block), then
+multiplies with ``vpdpbusd``: 64 byte products per instruction, the way llama.cpp's q8_0 / q4_0 dot products
+work. At batch 1 it reads the weights at close to memory speed, which torch's packed ops do not.
 
 Weights are re-tiled once at load (``prepare``): each run of 16 output rows is contiguous, one 64-byte line
 holding 16 rows x 4 columns (int8, stored as ``q + 128`` so the weight is the unsigned operand) or 16 rows x 8
@@ -17,8 +17,6 @@ error per matmul, as in llama.cpp); the tests bound it.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ...native import library, threads_for
@@ -26,19 +24,11 @@ from ..primitives import QuantizedTensor, dequantize_int4, unpack_int4
 from . import WeightSpec
 
 TILE = 16
-INT8_BLOCKS = (128, 64, 32)
 INT4_GROUPS = (32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float16 goes through float32
 
 
-def activation_block(spec: WeightSpec) -> int:
-    """Columns per activation scale: the group size for int4, else the largest of INT8_BLOCKS dividing K."""
-    return spec.group_size if spec.bits == 4 else _int8_block(spec.in_features)
-
-
-@functools.cache
-def _int8_block(in_features: int) -> int:
-    return next((b for b in INT8_BLOCKS if in_features % b == 0), 0)
+ACTIVATION_BLOCK = 32  # columns per activation scale, as llama.cpp's q8_0: an outlier spoils only its own block
 
 
 class VnniKernel:
@@ -50,7 +40,7 @@ class VnniKernel:
             return False
         if spec.bits == 4 and spec.group_size not in INT4_GROUPS:
             return False
-        return activation_block(spec) > 0 and library("quant_gemm") is not None
+        return spec.padded_in % ACTIVATION_BLOCK == 0 and library("quant_gemm") is not None
 
     def prepare(self, qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if dtype not in DTYPES:
@@ -86,9 +76,9 @@ class VnniKernel:
         y = x.new_empty(*x.shape[:-1], spec.out_features)
         bf16, rows = int(x.dtype is torch.bfloat16), x.numel() // spec.in_features
         self._qlinear(
-            x.data_ptr(), bf16, rows, spec.in_features, spec.in_features, spec.padded_in, activation_block(spec),
-            spec.bits, weights[0].data_ptr(), weights[1].data_ptr(), spec.out_features, y.data_ptr(), bf16,
-            threads_for(rows * spec.out_features * spec.padded_in),
+            x.data_ptr(), bf16, rows, spec.in_features, spec.in_features, spec.padded_in, ACTIVATION_BLOCK,
+            spec.group_size, spec.bits, weights[0].data_ptr(), weights[1].data_ptr(), spec.out_features,
+            y.data_ptr(), bf16, threads_for(rows * spec.out_features * spec.padded_in),
         )  # fmt: skip
         return y if dtype is y.dtype else y.to(dtype)
 
