@@ -2,8 +2,8 @@
 //
 // Meant for decode steps (M up to a few dozen rows), where a general GEMM spends its time packing the weight:
 // this one reads w in its own row-major layout, once per block of activation rows. Each inner step is one
-// vdpbf16ps: 32 bfloat16 products summed pairwise into 16 float32 lanes; a 4 x 4 block of (weight row,
-// activation row) accumulators is summed across lanes at the end. Threads split the weight rows into
+// vdpbf16ps: 32 bfloat16 products summed pairwise into 16 float32 lanes; a block of 2 weight rows x 8
+// activation rows of accumulators is summed across lanes at the end. Threads split the weight rows into
 // contiguous ranges, so each streams its part of w from memory once per call.
 //
 // Also a row-wise argmax for float32 / bfloat16 logits (the greedy pick), which torch does element by element.
@@ -21,8 +21,8 @@ namespace {
 
 using namespace falcon;
 
-constexpr int NR = 4;  // weight rows per register block
-constexpr int MR = 4;  // activation rows per register block
+constexpr int NR = 2;  // weight rows per register block
+constexpr int MR = 8;  // activation rows per register block (2 x 8 measured 20-45% faster than 4 x 4 for 8-16 rows)
 constexpr int PREFETCH = 2048;  // elements ahead of each weight row's stream to request
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
@@ -63,7 +63,7 @@ inline void block(const uint16_t* x, int64_t ldx, int64_t m0, const uint16_t* w,
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], as_bh(xv), as_bh(wv[c]));
     }
   }
-  if constexpr (R == MR && C == NR) {  // a full block: the 16 sums across lanes in one shuffle tree
+  if constexpr (R * C == 16) {  // a full block: the 16 sums across lanes in one shuffle tree
     alignas(64) float sums[16];
     _mm512_store_ps(sums, sum_lanes16(&acc[0][0]));
     for (int r = 0; r < R; ++r)
@@ -80,6 +80,10 @@ inline void rows_block(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t
   int64_t m = 0;
   for (; m + MR <= M; m += MR) block<MR, C>(x, ldx, m, w, K, n0, y, N);
   switch (M - m) {
+    case 7: block<7, C>(x, ldx, m, w, K, n0, y, N); break;
+    case 6: block<6, C>(x, ldx, m, w, K, n0, y, N); break;
+    case 5: block<5, C>(x, ldx, m, w, K, n0, y, N); break;
+    case 4: block<4, C>(x, ldx, m, w, K, n0, y, N); break;
     case 3: block<3, C>(x, ldx, m, w, K, n0, y, N); break;
     case 2: block<2, C>(x, ldx, m, w, K, n0, y, N); break;
     case 1: block<1, C>(x, ldx, m, w, K, n0, y, N); break;
@@ -99,11 +103,10 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * NR;
-    switch (N - n0 < NR ? N - n0 : NR) {
-      case 4: rows_block<4>(x, ldx, M, w, K, n0, y, N); break;
-      case 3: rows_block<3>(x, ldx, M, w, K, n0, y, N); break;
-      case 2: rows_block<2>(x, ldx, M, w, K, n0, y, N); break;
-      default: rows_block<1>(x, ldx, M, w, K, n0, y, N); break;
+    if (N - n0 >= NR) {
+      rows_block<NR>(x, ldx, M, w, K, n0, y, N);
+    } else {
+      rows_block<1>(x, ldx, M, w, K, n0, y, N);
     }
   }
 }
