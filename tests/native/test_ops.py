@@ -14,7 +14,7 @@ needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF1
 
 
 @needs_bf16
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 22, 32])  # every remainder of the 8-row blocks
 @pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 64), (67, 1024), (256, 4544 - 4544 % 32)])
 def test_linear_matches_float32_reference(rows: int, n: int, k: int) -> None:
     gen = torch.Generator().manual_seed(rows * 1000 + n)
