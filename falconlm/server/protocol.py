@@ -71,6 +71,31 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def _sampling_params(
+    request: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """The SamplingParams of either request: the sampling fields both share (nulls take the API's defaults),
+    with ``max_tokens`` and ``logprobs`` already read the way each endpoint defines them."""
+    return SamplingParams(
+        n=_or(request.n, 1),
+        max_tokens=max_tokens,
+        temperature=_or(request.temperature, 1.0),
+        top_p=_or(request.top_p, 1.0),
+        top_k=_or(request.top_k, 0),
+        min_p=_or(request.min_p, 0.0),
+        repetition_penalty=_or(request.repetition_penalty, 1.0),
+        presence_penalty=_or(request.presence_penalty, 0.0),
+        frequency_penalty=_or(request.frequency_penalty, 0.0),
+        seed=request.seed,
+        stop=request.stop,
+        stop_token_ids=request.stop_token_ids,
+        ignore_eos=_or(request.ignore_eos, False),
+        logprobs=logprobs,
+        logit_bias=_logit_bias(request.logit_bias),
+        skip_special_tokens=_or(request.skip_special_tokens, True),
+    )
+
+
 # ---- completions --------------------------------------------------------------------------------------------------
 
 
@@ -103,24 +128,7 @@ class CompletionRequest(_RequestModel):
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """``default_max_tokens`` fills in when the request sent ``max_tokens: null`` (the rest of the context)."""
-        return SamplingParams(
-            n=_or(self.n, 1),
-            max_tokens=_or(self.max_tokens, default_max_tokens),
-            temperature=_or(self.temperature, 1.0),
-            top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, 0),
-            min_p=_or(self.min_p, 0.0),
-            repetition_penalty=_or(self.repetition_penalty, 1.0),
-            presence_penalty=_or(self.presence_penalty, 0.0),
-            frequency_penalty=_or(self.frequency_penalty, 0.0),
-            seed=self.seed,
-            stop=self.stop,
-            stop_token_ids=self.stop_token_ids,
-            ignore_eos=_or(self.ignore_eos, False),
-            logprobs=self.logprobs,
-            logit_bias=_logit_bias(self.logit_bias),
-            skip_special_tokens=_or(self.skip_special_tokens, True),
-        )
+        return _sampling_params(self, _or(self.max_tokens, default_max_tokens), self.logprobs)
 
 
 class CompletionLogprobs(OpenAIBaseModel):
@@ -244,24 +252,8 @@ class ChatCompletionRequest(_RequestModel):
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """``default_max_tokens`` fills in when neither max_tokens nor max_completion_tokens is set."""
         self.check_supported()
-        return SamplingParams(
-            n=_or(self.n, 1),
-            max_tokens=_or(self.requested_max_tokens, default_max_tokens),
-            temperature=_or(self.temperature, 1.0),
-            top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, 0),
-            min_p=_or(self.min_p, 0.0),
-            repetition_penalty=_or(self.repetition_penalty, 1.0),
-            presence_penalty=_or(self.presence_penalty, 0.0),
-            frequency_penalty=_or(self.frequency_penalty, 0.0),
-            seed=self.seed,
-            stop=self.stop,
-            stop_token_ids=self.stop_token_ids,
-            ignore_eos=_or(self.ignore_eos, False),
-            logprobs=_or(self.top_logprobs, 0) if self.logprobs else None,
-            logit_bias=_logit_bias(self.logit_bias),
-            skip_special_tokens=_or(self.skip_special_tokens, True),
-        )
+        logprobs = _or(self.top_logprobs, 0) if self.logprobs else None
+        return _sampling_params(self, _or(self.requested_max_tokens, default_max_tokens), logprobs)
 
 
 class ChatCompletionTopLogprob(OpenAIBaseModel):
