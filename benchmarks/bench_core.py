@@ -45,13 +45,25 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def _timed(fn, repeats: int = 1) -> float:
+def best_time(fn, repeats: int = 1) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, in seconds."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def stored_bytes(model) -> int:
+    """Bytes of every parameter and buffer, each storage once (a tied head shares the embedding's)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int, new_tokens: int) -> dict:
@@ -111,13 +123,13 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     long_prompt = torch.randint(0, vocab, (1, prefill), generator=gen)
     run_prefill(long_prompt)  # warm-up at the measured shape (oneDNN builds its kernels per shape)
-    prefill_s = _timed(lambda: run_prefill(long_prompt), repeats=3)
+    prefill_s = best_time(lambda: run_prefill(long_prompt), repeats=3)
     result = {"impl": impl, "dtype": dtype_name, "prefill_tok_s": prefill / prefill_s}
     for batch in (1, 8):
         ids = torch.randint(0, vocab, (batch, PROMPT_DECODE), generator=gen)
         if batch == 1:
             run_decode(ids[:, :4])  # warm-up
-        seconds = _timed(lambda ids=ids: run_decode(ids), repeats=2)
+        seconds = best_time(lambda ids=ids: run_decode(ids), repeats=2)
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
     result["gb_s_b1"] = weight_bytes * result["decode_b1_tok_s"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20

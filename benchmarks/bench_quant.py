@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import PROMPT_DECODE, make_checkpoint, peak_rss_mib
+from bench_core import PROMPT_DECODE, best_time, make_checkpoint, peak_rss_mib, stored_bytes
 
 VARIANTS = ("bf16", "int8", "int4-g64", "int4-g32", "int4-g128")
 # llama.cpp on this machine, same shape, 2 threads (issue 5), and the memory-bandwidth limits it quotes.
@@ -47,26 +47,6 @@ def quantized_folder(out: Path, variant: str) -> Path:
     if not (folder / "config.json").is_file():
         quantize_checkpoint(source, folder, QuantRecipe.parse(variant), overwrite=True)
     return folder
-
-
-def _weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer, each storage once (a tied head shares the embedding's)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool, kernel: str | None) -> dict:
@@ -96,11 +76,11 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
         for _ in range(new_tokens):
             ids = argmax(model(ids, kv_cache=cache, last_token_only=True)[:, -1])[:, None]
 
-    row = {"variant": variant, "weights_mib": _weight_bytes(model) / 2**20}
+    row = {"variant": variant, "weights_mib": stored_bytes(model) / 2**20}
     decode(1)  # warm-up
     for batch in (1, 8):
-        row[f"b{batch}_tok_s"] = batch * new_tokens / _best(lambda b=batch: decode(b), repeats=2)
-    row["gb_s_b1"] = _weight_bytes(model) * row["b1_tok_s"] / 1e9
+        row[f"b{batch}_tok_s"] = batch * new_tokens / best_time(lambda b=batch: decode(b), repeats=2)
+    row["gb_s_b1"] = stored_bytes(model) * row["b1_tok_s"] / 1e9
     row["peak_rss_mib"] = peak_rss_mib()
     if engine:
         row |= _engine_rows(model, new_tokens)
@@ -127,7 +107,7 @@ def _engine_rows(model, new_tokens: int) -> dict:
     eng.generate([[1, 2, 3, 4]], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)])  # warm-up
     for batch in (1, 8):
         prompts = torch.randint(0, model.config.vocab_size, (batch, PROMPT_DECODE), generator=gen).tolist()
-        seconds = _best(lambda p=prompts: eng.generate(p, [params] * len(p)), repeats=1)
+        seconds = best_time(lambda p=prompts: eng.generate(p, [params] * len(p)), repeats=1)
         rows[f"engine_b{batch}_tok_s"] = batch * new_tokens / seconds
     return rows
 

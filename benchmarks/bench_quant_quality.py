@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import stored_bytes
+
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.quant import QuantRecipe, load_quantized, quantize_checkpoint
 from falconlm.quant.gptq import calibration_ids
@@ -102,15 +105,6 @@ def render(sums: dict[str, dict], sizes: dict[str, float], tokens: int, context:
     return "\n".join(lines)
 
 
-def _size_mib(model: FalconForCausalLM) -> float:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-    return total / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
@@ -137,7 +131,7 @@ def main() -> None:
     start = time.perf_counter()
     sums = score(models, ids, context, stride)
     print(f"\n  {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    sizes = {v: _size_mib(m) for v, m in models.items()}
+    sizes = {v: stored_bytes(m) / 2**20 for v, m in models.items()}
     print(f"model: {args.model}\ndata: {args.data}\n")
     print(render(sums, sizes, sums["bf16"]["tokens"], context, stride))
 
