@@ -69,7 +69,7 @@ class PagedAttention:
     context_lens: list[int]
     block_tables: torch.Tensor  # [rows, max_blocks] long
     alibi_slopes: torch.Tensor | None = None  # [Hq] float32 ALiBi slopes; None for RoPE models
-    _decode_cache: tuple[torch.Tensor, int, torch.Tensor | None] | None = field(default=None, repr=False)
+    _decode_mask_cache: tuple[torch.Tensor | None] | None = field(default=None, repr=False)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [1, Hq, N, d]; k, v: [1, G, N, d]
@@ -90,14 +90,22 @@ class PagedAttention:
         """Rows adding one token this step: attended together in one call."""
         return [r for r, n in enumerate(self.query_lens) if n == 1]
 
-    def _decode_inputs(self, q: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-        """Per-step constants of the decode rows (the same for every layer): query positions, longest context,
-        and the additive mask (None when every row has the same length and there is no ALiBi)."""
-        if self._decode_cache is None:
-            rows = self._decode_rows
-            lengths = [self.context_lens[r] for r in rows]
+    @cached_property
+    def _decode_lengths(self) -> list[int]:
+        """The decode rows' context lengths after this step."""
+        return [self.context_lens[r] for r in self._decode_rows]
+
+    @cached_property
+    def _decode_positions(self) -> torch.Tensor:
+        """Where the decode rows' queries sit in the flattened step."""
+        return torch.tensor([self.query_starts[r] for r in self._decode_rows], device=self.slot_mapping.device)
+
+    def _decode_mask(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The decode rows' additive mask [R, 1 or Hq, 1, L] for SDPA (the same for every layer of the step): None
+        when every row has the same length and there is no ALiBi."""
+        if self._decode_mask_cache is None:
+            lengths = self._decode_lengths
             longest = max(lengths)
-            positions = torch.tensor([self.query_starts[r] for r in rows], device=q.device)
             mask = None
             if self.alibi_slopes is not None or any(n != longest for n in lengths):
                 key_pos = torch.arange(longest, device=q.device)
@@ -106,15 +114,14 @@ class PagedAttention:
                 mask = mask.masked_fill(~valid, torch.finfo(q.dtype).min)[:, None, None, :]  # [R, 1, 1, L]
                 if self.alibi_slopes is not None:
                     mask = mask + self._alibi(key_pos, q.dtype, q.shape[-1])[None]  # [R, Hq, 1, L]
-            self._decode_cache = (positions, longest, mask)
-        return self._decode_cache
+            self._decode_mask_cache = (mask,)
+        return self._decode_mask_cache[0]
 
     @cached_property
     def _decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode rows' block tables [R, max_blocks] and context lengths [R], for the native kernel."""
-        rows = self._decode_rows
-        lengths = torch.tensor([self.context_lens[r] for r in rows], dtype=torch.int64)
-        return self.block_tables[rows].contiguous(), lengths
+        lengths = torch.tensor(self._decode_lengths, dtype=torch.int64)
+        return self.block_tables[self._decode_rows].contiguous(), lengths
 
     def _gather(self, rows: list[int], blocks: torch.Tensor, length: int) -> torch.Tensor:
         """K or V of ``rows`` as [R, G, length, d], read through their block tables."""
@@ -128,7 +135,7 @@ class PagedAttention:
     def _attend_decodes(
         self, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     ) -> None:
-        positions, longest, mask = self._decode_inputs(q)
+        positions, longest = self._decode_positions, max(self._decode_lengths)
         if self.alibi_slopes is None:  # the native kernel reads the blocks in place (no gathered copy)
             tables, lengths = self._decode_tables
             result = decode_attention(q[0, :, positions].transpose(0, 1), k_blocks, v_blocks, tables, lengths, longest)
@@ -138,7 +145,7 @@ class PagedAttention:
         keys = self._gather(self._decode_rows, k_blocks, longest)  # [R, G, L, d]
         values = self._gather(self._decode_rows, v_blocks, longest)
         queries = q[0, :, positions].transpose(0, 1)[:, :, None]  # [R, Hq, 1, d]
-        result = sdpa(queries, keys, values, mask, is_causal=False)  # [R, Hq, 1, d]
+        result = sdpa(queries, keys, values, self._decode_mask(q), is_causal=False)  # [R, Hq, 1, d]
         out[0, :, positions] = result[:, :, 0].transpose(0, 1)
 
     def _attend_chunk(
