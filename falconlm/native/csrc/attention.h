@@ -1,0 +1,164 @@
+// Decode-step attention, shared by the bf16 kernels and the fused decode layers: one query position of one
+// row and KV group against that row's cached keys and values, read in place from a (paged) cache.
+//
+// Needs AVX-512 BF16 (vdpbf16ps scores for a bfloat16 cache).
+#pragma once
+
+#include <immintrin.h>
+
+#include "bf16.h"
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace falcon {
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+constexpr int MAX_CHUNKS = 16;  // head_dim up to 256, in 16-lane chunks
+constexpr int HEAD_BLOCK = 4;   // query heads whose weighted sums are built together
+constexpr int KEY_BLOCK = 8;    // keys whose scores are built together
+
+// e^x for x <= 0 (scores minus their maximum), float32 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2,
+// p a degree-6 Taylor polynomial (relative error below 2e-7); very negative x gives 0.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load16(const void* base, int64_t i, int bf16) {
+  if (bf16) return load_bf16x16(static_cast<const uint16_t*>(base) + i);
+  return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+}
+
+inline void store16(void* base, int64_t i, __m512 v, int bf16) {
+  if (bf16) {
+    store_bf16x16(static_cast<uint16_t*>(base) + i, v);
+  } else {
+    _mm512_storeu_ps(static_cast<float*>(base) + i, v);
+  }
+}
+
+struct AttentionScratch {  // one per thread, grown as needed
+  std::vector<float> qt;         // [d][heads per group, padded to 16]: the group's queries, transposed and scaled
+  std::vector<uint32_t> qpairs;  // bfloat16 cache: [d / 2][heads, padded] pairs of query elements
+  std::vector<float> scores;     // [L][heads, padded]: scores, then softmax numerators
+  std::vector<float> key;        // [KEY_BLOCK][d]: keys in float32
+  std::vector<int64_t> offsets;  // [L]: where each position's vector starts in the cache
+};
+
+
+// Where a cache's K/V live: element (block b, position p, group g, dim i) is at b * sb + p * sp + g * sg + i
+// of k and v (bfloat16 or float32), positions in blocks of block_size.
+struct CacheView {
+  const void* k;
+  const void* v;
+  int64_t sb, sp, sg, block_size;
+};
+
+// softmax(q k^T * scale) v for the per_group query heads of group g at q ([per_group][d], the cache's dtype)
+// over positions 0..L-1, whose blocks are table[0], table[1], ...; out: [per_group][d], the cache's dtype.
+// d must be a multiple of 16, at most 256. Scores, softmax and sums in float32.
+inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, int64_t d, const CacheView& c,
+                         const int64_t* table, int64_t L, int64_t g, float scale) {
+  static thread_local AttentionScratch s;
+  const int64_t chunks = d / 16;
+  const int64_t hp = (per_group + 15) / 16 * 16;  // heads padded to whole 16-lane vectors
+  if (!bf16 && static_cast<int64_t>(s.qt.size()) < d * hp) s.qt.resize(d * hp);
+  if (static_cast<int64_t>(s.scores.size()) < L * hp) s.scores.resize(L * hp);
+  if (static_cast<int64_t>(s.key.size()) < KEY_BLOCK * d) s.key.resize(KEY_BLOCK * d);
+  if (static_cast<int64_t>(s.offsets.size()) < L) s.offsets.resize(L);
+  auto at = [&](const void* base, int64_t i) -> float {
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+  };
+  if (bf16) {  // [d / 2][hp] pairs of bfloat16 query elements, unscaled (the scale is applied in float32)
+    if (static_cast<int64_t>(s.qpairs.size()) < d / 2 * hp) s.qpairs.resize(d / 2 * hp);
+    const uint16_t* qb = static_cast<const uint16_t*>(q);
+    for (int64_t i = 0; i < d; i += 2)
+      for (int64_t j = 0; j < hp; ++j)
+        s.qpairs[(i / 2) * hp + j] = j < per_group ? static_cast<uint32_t>(qb[j * d + i]) |
+                                                         static_cast<uint32_t>(qb[j * d + i + 1]) << 16
+                                                   : 0u;
+  } else {
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j < hp; ++j) s.qt[i * hp + j] = j < per_group ? at(q, j * d + i) * scale : 0.f;
+  }
+  for (int64_t p = 0; p < L; ++p)
+    s.offsets[p] = table[p / c.block_size] * c.sb + (p % c.block_size) * c.sp + g * c.sg;
+  // Scores with the heads in the lanes: each key element is broadcast against 16 heads' query elements, so no
+  // sum across lanes is needed; the running maximum is kept per lane (per head) as well.
+  for (int64_t j0 = 0; j0 < hp; j0 += 16) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t p0 = 0; p0 < L; p0 += KEY_BLOCK) {  // KEY_BLOCK keys at a time: independent sums
+      const int64_t nk = L - p0 < KEY_BLOCK ? L - p0 : KEY_BLOCK;
+      __m512 acc[KEY_BLOCK];
+      for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = _mm512_setzero_ps();
+      if (bf16) {  // bfloat16 pairs: one vdpbf16ps adds two elements of 16 heads' dot products
+        const uint16_t* keys[KEY_BLOCK];
+        for (int t = 0; t < KEY_BLOCK; ++t) keys[t] = static_cast<const uint16_t*>(c.k) + s.offsets[p0 + (t < nk ? t : 0)];
+        for (int64_t i = 0; i < d; i += 2) {
+          const __m512i qv = _mm512_loadu_si512(&s.qpairs[(i / 2) * hp + j0]);
+          for (int t = 0; t < KEY_BLOCK; ++t) {
+            int32_t pair;
+            std::memcpy(&pair, keys[t] + i, 4);
+            acc[t] = _mm512_dpbf16_ps(acc[t], as_bh(qv), as_bh(_mm512_set1_epi32(pair)));
+          }
+        }
+        for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = _mm512_mul_ps(acc[t], _mm512_set1_ps(scale));
+      } else {
+        for (int64_t t = 0; t < nk; ++t)
+          for (int64_t u = 0; u < chunks; ++u)
+            _mm512_storeu_ps(&s.key[t * d + u * 16], load16(c.k, s.offsets[p0 + t] + u * 16, bf16));
+        for (int64_t i = 0; i < d; ++i) {
+          const __m512 qv = _mm512_loadu_ps(&s.qt[i * hp + j0]);
+          for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(s.key[t * d + i]), acc[t]);
+        }
+      }
+      for (int64_t t = 0; t < nk; ++t) {
+        _mm512_storeu_ps(&s.scores[(p0 + t) * hp + j0], acc[t]);
+        top = _mm512_max_ps(top, acc[t]);
+      }
+    }
+    // Softmax numerators in place, and their sums per head.
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t p = 0; p < L; ++p) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(&s.scores[p * hp + j0]), top));
+      _mm512_storeu_ps(&s.scores[p * hp + j0], e);
+      total = _mm512_add_ps(total, e);
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, total);
+    // Weighted values, HEAD_BLOCK heads at a time, d in 16-lane chunks.
+    const int64_t j_end = j0 + 16 < per_group ? j0 + 16 : per_group;
+    for (int64_t jb = j0; jb < j_end; jb += HEAD_BLOCK) {
+      const int64_t nh = j_end - jb < HEAD_BLOCK ? j_end - jb : HEAD_BLOCK;
+      __m512 acc[HEAD_BLOCK][MAX_CHUNKS];
+      for (int64_t j = 0; j < nh; ++j)
+        for (int64_t u = 0; u < chunks; ++u) acc[j][u] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < L; ++p) {
+        __m512 val[MAX_CHUNKS];
+        for (int64_t u = 0; u < chunks; ++u) val[u] = load16(c.v, s.offsets[p] + u * 16, bf16);
+        for (int64_t j = 0; j < nh; ++j) {
+          const __m512 w = _mm512_set1_ps(s.scores[p * hp + jb + j]);
+          for (int64_t u = 0; u < chunks; ++u) acc[j][u] = _mm512_fmadd_ps(w, val[u], acc[j][u]);
+        }
+      }
+      for (int64_t j = 0; j < nh; ++j) {
+        const __m512 inv = _mm512_set1_ps(1.f / sums[jb + j - j0]);
+        for (int64_t u = 0; u < chunks; ++u) store16(out, (jb + j) * d + u * 16, _mm512_mul_ps(acc[j][u], inv), bf16);
+      }
+    }
+  }
+}
+
+}  // namespace falcon
