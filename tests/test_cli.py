@@ -64,7 +64,7 @@ def test_info_json(tiny_checkpoint, capsys):
     assert main(["info", "--model", str(tiny_checkpoint), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["kv_groups"] == 1 and facts["layers"] == 2 and facts["size_on_disk_bytes"] > 0
-    assert set(facts["native_kernels"]) == {"quant_gemm", "bf16_gemm"}
+    assert set(facts["native_kernels"]) == {"quant_gemm", "bf16_gemm", "decode"}
 
 
 def test_info_says_when_native_kernels_are_off(tiny_checkpoint, capsys, monkeypatch):

@@ -26,6 +26,32 @@ class AttentionContext(Protocol):
         """Store this step's ``k``/``v`` if there is a cache, attend, and return [B, Hq, T, d]."""
         ...
 
+    def decode_rows(self) -> DecodeRows | None:
+        """Where each row's K/V live when this pass adds exactly one token per row (in order) to a cache and
+        attends over everything before it with no mask or bias (RoPE decode steps); else None."""
+        ...
+
+
+@dataclass
+class DecodeRows:
+    """A decode step's rows and their cached K/V, for kernels that write and read the cache themselves.
+
+    Element (layer l, block b, position p, group g, dim i) of ``k`` / ``v`` is at
+    ``l * layer_stride + b * sb + p * sp + g * sg + i``; row r's positions 0..context_lens[r]-1 live in blocks
+    ``block_tables[r, 0], [r, 1], ...`` of ``block_size`` positions. This step's token of row r goes to position
+    ``context_lens[r] - 1``.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    layer_stride: int
+    sb: int
+    sp: int
+    sg: int
+    block_size: int
+    block_tables: torch.Tensor  # [R, max_blocks] int64, contiguous
+    context_lens: torch.Tensor  # [R] int64: lengths after this step
+
 
 class KVCache:
     """Preallocated K and V for every layer: [layers, B, G, max_len, d], filled left to right."""
@@ -101,6 +127,19 @@ class DenseAttention:
             k = self.cache.k[layer, :, :, :end]
             v = self.cache.v[layer, :, :, :end]
         return sdpa(q, k, v, self.mask, self.is_causal, self.dropout_p)
+
+    def decode_rows(self) -> DecodeRows | None:
+        # No mask and not causal with a cache: a single-token step without padding or ALiBi (see below).
+        if self.cache is None or self.mask is not None or self.is_causal or self.dropout_p:
+            return None
+        k, v = self.cache.k, self.cache.v  # [layers, B, G, S, d]: one block of S positions per row
+        if self.past + 1 > self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} positions, the batch needs {self.past + 1}")
+        rows = k.shape[1]
+        return DecodeRows(
+            k, v, k.stride(0), k.stride(1), k.stride(3), k.stride(2), self.cache.max_len,
+            torch.arange(rows, dtype=torch.int64)[:, None], torch.full((rows,), self.past + 1, dtype=torch.int64),
+        )  # fmt: skip
 
 
 def build_dense_attention(

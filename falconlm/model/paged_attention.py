@@ -17,7 +17,7 @@ from functools import cached_property
 import torch
 
 from ..native.ops import decode_attention
-from .attention import sdpa
+from .attention import DecodeRows, sdpa
 
 
 @dataclass
@@ -84,6 +84,13 @@ class PagedAttention:
             if n > 1:
                 self._attend_chunk(r, q, out, k_blocks, v_blocks)
         return out
+
+    def decode_rows(self) -> DecodeRows | None:
+        if self.alibi_slopes is not None or any(n != 1 for n in self.query_lens) or not self.query_lens:
+            return None
+        k, v = self.cache.k, self.cache.v  # [layers, num_blocks, block_size, G, d]
+        tables, lengths = self._decode_tables  # every row is a decode row, in order
+        return DecodeRows(k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, lengths)
 
     @cached_property
     def _decode_rows(self) -> list[int]:

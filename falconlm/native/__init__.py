@@ -1,10 +1,11 @@
 """Small native CPU kernels: compiled on first use with the system C++ compiler, called through ctypes.
 
-Two libraries, each built only where the CPU has what it needs:
+Three libraries, each built only where the CPU has what it needs:
 
 * ``quant_gemm`` (AVX-512 VNNI): the int8 / int4 weight matmuls of ``falconlm.quant.kernels.vnni``;
 * ``bf16_gemm`` (AVX-512 BF16): bfloat16 matmuls for decode-sized batches, a row-wise argmax and decode-step
-  attention read straight from the KV cache (``falconlm.native.ops``).
+  attention read straight from the KV cache (``falconlm.native.ops``);
+* ``decode`` (both): every layer of a quantized model's decode step in one call (``falconlm.native.decode``).
 
 A library is compiled once per source version into ``$FALCONLM_CACHE_DIR/native`` (default
 ``~/.cache/falconlm/native``) and reused. When the compiler, a CPU feature or the build is missing,
@@ -65,6 +66,12 @@ LIBRARIES = {
             "falcon_argmax_rows": (_P, _C, _I, _I, _I, _P, _C),
             "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C),
         },
+    ),
+    "decode": LibrarySpec(
+        "decode.cpp",
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "fma"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma"),
+        {"falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C)},
     ),
 }
 

@@ -1,0 +1,293 @@
+// A whole decode step of a quantized Falcon (every layer, one new token per row) in one call, for x86 CPUs with
+// AVX-512 VNNI and BF16.
+//
+// At batch 1 a token is about fifty small matmuls and a few hundred small element-wise ops; through torch each op
+// costs microseconds of dispatch and each matmul a fork and join of the threads, which adds up to as much time
+// as the matmuls' own memory traffic. Here the threads enter one OpenMP parallel region for the whole step and
+// meet at four barriers per layer:
+//
+//   1. LayerNorm(s) of the residual, quantized to int8 blocks for the next matmuls;
+//   2. the QKV and MLP-in matmuls (their 16-row weight tiles split evenly between the threads);
+//   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
+//      (attention.h); the MLP's GELU; both results quantized for the output matmuls;
+//   4. the attention-out and MLP-out matmuls, added to the residual.
+//
+// Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
+// stream stays in float32. Weights are in the VNNI layout of quant_tiles.h (falconlm/quant/kernels/vnni.py).
+
+#include <omp.h>
+
+#include "attention.h"
+#include "quant_tiles.h"
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using namespace falcon;
+
+constexpr int64_t BLOCK = 32;       // activation columns per int8 scale (vnni.py's ACTIVATION_BLOCK)
+constexpr int64_t GELU_CHUNK = 8;   // activation blocks per unit of GELU work
+
+struct QuantWeight {  // one VNNI-tiled matrix
+  const uint8_t* w;
+  const void* scales;
+  int64_t n, k, k_real, group, bits;
+};
+
+struct Layer {
+  QuantWeight qkv, dense, up, down;
+  const float *ln_attn_w, *ln_attn_b;  // float32 [hidden]
+  const float *ln_mlp_w, *ln_mlp_b;    // null when the layer has one LayerNorm for both branches
+};
+
+struct Shape {
+  int64_t layers, hidden, heads, groups, head_dim;
+  double eps;
+  int64_t kv_bf16;  // the cache's dtype: bfloat16 (1) or float32 (0)
+};
+
+struct Rows {  // where each row's K/V live (see CacheView), and the row lengths after this step
+  void* k;
+  void* v;
+  int64_t layer_stride, sb, sp, sg, block_size;
+  const int64_t* block_tables;
+  int64_t tb;
+  const int64_t* context_lens;
+};
+
+struct Activations {  // int8 blocks of R rows of K columns: values, a scale and a sum per block
+  std::vector<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> sum;
+  int64_t K = 0, nb = 0;
+
+  void resize(int64_t R, int64_t k) {
+    K = k;
+    nb = k / BLOCK;
+    if (static_cast<int64_t>(q.size()) < R * K) q.resize(R * K);
+    if (static_cast<int64_t>(s.size()) < R * nb) {
+      s.resize(R * nb);
+      sum.resize(R * nb);
+    }
+  }
+
+  // Block b of row r from x (float32 or bfloat16), n <= BLOCK real values.
+  void quantize(int64_t r, int64_t b, const void* x, int x_bf16, int64_t n) {
+    s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b);
+  }
+
+  void quantize_row(int64_t r, const float* x, int64_t k_real) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = k_real - b * BLOCK;
+      quantize(r, b, x + b * BLOCK, 0, n < 0 ? 0 : (n < BLOCK ? n : BLOCK));
+    }
+  }
+};
+
+struct Buffers {
+  std::vector<float> ln_attn, ln_mlp, qkv, up, out_attn, out_mlp;
+  Activations a_qkv, a_up, a_dense, a_down;
+};
+
+void resize(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
+// y = (x - mean) / sqrt(var + eps) * w + b over H (a multiple of 16) float32 values.
+void layer_norm(const float* x, int64_t H, const float* w, const float* b, float eps, float* y) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
+  const float mean = _mm512_reduce_add_ps(acc) / static_cast<float>(H);
+  const __m512 m = _mm512_set1_ps(mean);
+  acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
+    acc = _mm512_fmadd_ps(c, c, acc);
+  }
+  const float var = _mm512_reduce_add_ps(acc) / static_cast<float>(H);
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(var + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), m), inv);
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(c, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
+  }
+}
+
+// erf for float32 lanes: x clamped to [-4, 4], then an odd rational function of x (degree 13 over degree 8),
+// absolute error below 5e-7.
+inline __m512 erf16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.f)), _mm512_set1_ps(4.f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-2.72614225801306e-10f);
+  for (float c : {2.77068142495902e-08f, -2.10102402082508e-06f, -5.69250639462346e-05f, -7.34990630326855e-04f,
+                  -2.95459980854025e-03f, -1.60960333262415e-02f})
+    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(c));
+  __m512 q = _mm512_set1_ps(-1.45660718464996e-05f);
+  for (float c : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f, -1.42647390514189e-02f})
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(c));
+  return _mm512_div_ps(_mm512_mul_ps(x, p), q);
+}
+
+// The exact GELU, x * (1 + erf(x / sqrt 2)) / 2, of n values (any count) from x into y.
+void gelu(const float* x, int64_t n, float* y) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f), rsqrt2 = _mm512_set1_ps(0.70710678118654752f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf16(_mm512_mul_ps(v, rsqrt2)))));
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
+    _mm512_mask_storeu_ps(y + i, tail,
+                          _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf16(_mm512_mul_ps(v, rsqrt2)))));
+  }
+}
+
+// Rotate one head vector v[d] in place by a position's cos / sin [d] (NeoX halves: x1 cos - x2 sin, x2 cos + x1 sin).
+void rotate(float* v, const float* cos, const float* sin, int64_t d) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = v[i], b = v[i + h];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+void store_vector(const float* src, void* dst, int bf16, int64_t n) {
+  if (bf16) {
+    for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(dst)[i] = f32_to_bf16(src[i]);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// Rows 0..R-1 of y[:, 16t : 16t + 16] for tile t of W against activations a.
+void matmul_tile(const QuantWeight& W, const Activations& a, int64_t t, int64_t R, float* y) {
+  for (int64_t m = 0; m < R; m += MR) {
+    const int rows = static_cast<int>(R - m < MR ? R - m : MR);
+    weight_tile(a.q.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group, static_cast<int>(W.bits), W.w,
+                W.scales, t, y, W.n, 0);
+  }
+}
+
+struct ThreadScratch {  // one per thread: a group's queries and attention output in the cache's dtype
+  std::vector<float> q;
+  std::vector<float> out;
+  std::vector<float> gelu;
+};
+
+}  // namespace
+
+extern "C" {
+
+// Runs every layer of `shape` on x [R, hidden] (float32, the residual stream, updated in place) for one new
+// token per row: row r is at position context_lens[r] - 1 with rotary cos / sin [R, head_dim] (float32), and
+// its new K/V are written at that position of `rows`' cache before it attends.
+void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R,
+                          const float* cos, const float* sin, int nthreads) {
+  const int64_t H = shape->hidden, Hq = shape->heads, G = shape->groups, d = shape->head_dim;
+  const int64_t per_group = Hq / G, group_width = (per_group + 2) * d;
+  const int bf16 = static_cast<int>(shape->kv_bf16);
+  const int64_t elem = bf16 ? 2 : 4;
+  const float eps = static_cast<float>(shape->eps), scale = 1.f / std::sqrt(static_cast<float>(d));
+  const Layer& first = layers[0];  // every layer has the same shapes
+  const int64_t n_qkv = first.qkv.n, n_up = first.up.n;
+
+  static thread_local Buffers caller;
+  Buffers& buf = caller;  // the calling thread's, shared by every thread of the region below
+  resize(buf.ln_attn, R * H);
+  resize(buf.ln_mlp, R * H);
+  resize(buf.qkv, R * n_qkv);
+  resize(buf.up, R * n_up);
+  resize(buf.out_attn, R * H);
+  resize(buf.out_mlp, R * H);
+  buf.a_qkv.resize(R, first.qkv.k);
+  buf.a_up.resize(R, first.up.k);
+  buf.a_dense.resize(R, first.dense.k);
+  buf.a_down.resize(R, first.down.k);
+  for (int64_t r = 0; r < R; ++r)  // the attention output's padding columns, if any, stay zero
+    for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.quantize(r, b, nullptr, 0, 0);
+
+  const int64_t qkv_tiles = n_qkv / TILE, in_tiles = qkv_tiles + n_up / TILE, out_tiles = H / TILE;
+  const int64_t attention_units = R * G;
+  const int64_t gelu_units = R * ((buf.a_down.nb + GELU_CHUNK - 1) / GELU_CHUNK);
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    static thread_local ThreadScratch ts;
+    resize(ts.q, group_width);  // as bytes: enough for per_group heads in either dtype
+    resize(ts.out, per_group * d);
+    resize(ts.gelu, GELU_CHUNK * BLOCK);
+    for (int64_t li = 0; li < shape->layers; ++li) {
+      const Layer& L = layers[li];
+      // 1. LayerNorm(s), quantized for the QKV and MLP-in matmuls.
+      for (int64_t r = tid; r < R; r += nt) {
+        float* a = buf.ln_attn.data() + r * H;
+        layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
+        buf.a_qkv.quantize_row(r, a, H);
+        if (L.ln_mlp_w != nullptr) {
+          float* m = buf.ln_mlp.data() + r * H;
+          layer_norm(x + r * H, H, L.ln_mlp_w, L.ln_mlp_b, eps, m);
+          buf.a_up.quantize_row(r, m, H);
+        } else {
+          buf.a_up.quantize_row(r, a, H);
+        }
+      }
+#pragma omp barrier
+      // 2. QKV and MLP-in matmuls.
+      for (int64_t t = in_tiles * tid / nt; t < in_tiles * (tid + 1) / nt; ++t) {
+        if (t < qkv_tiles) {
+          matmul_tile(L.qkv, buf.a_qkv, t, R, buf.qkv.data());
+        } else {
+          matmul_tile(L.up, buf.a_up, t - qkv_tiles, R, buf.up.data());
+        }
+      }
+#pragma omp barrier
+      // 3. Attention per (row, KV group) and the GELU in chunks, shared out as threads come free.
+      const CacheView cache{static_cast<const char*>(rows->k) + li * rows->layer_stride * elem,
+                            static_cast<const char*>(rows->v) + li * rows->layer_stride * elem,
+                            rows->sb, rows->sp, rows->sg, rows->block_size};
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
+        if (u < attention_units) {
+          const int64_t r = u / G, g = u % G, length = rows->context_lens[r], pos = length - 1;
+          float* group = buf.qkv.data() + r * n_qkv + g * group_width;  // per_group queries, key, value
+          for (int64_t j = 0; j <= per_group; ++j) rotate(group + j * d, cos + r * d, sin + r * d, d);
+          const int64_t* table = rows->block_tables + r * rows->tb;
+          const int64_t at = table[pos / rows->block_size] * rows->sb + (pos % rows->block_size) * rows->sp + g * rows->sg;
+          store_vector(group + per_group * d, static_cast<char*>(rows->k) + (li * rows->layer_stride + at) * elem, bf16, d);
+          store_vector(group + (per_group + 1) * d, static_cast<char*>(rows->v) + (li * rows->layer_stride + at) * elem,
+                       bf16, d);
+          store_vector(group, ts.q.data(), bf16, per_group * d);
+          attend_group(ts.q.data(), ts.out.data(), bf16, per_group, d, cache, table, length, g, scale);
+          const int64_t b0 = g * per_group * d / BLOCK;
+          for (int64_t b = 0; b < per_group * d / BLOCK; ++b)
+            buf.a_dense.quantize(r, b0 + b, reinterpret_cast<const char*>(ts.out.data()) + b * BLOCK * elem, bf16, BLOCK);
+        } else {
+          const int64_t chunks = (buf.a_down.nb + GELU_CHUNK - 1) / GELU_CHUNK;
+          const int64_t r = (u - attention_units) / chunks, c = (u - attention_units) % chunks;
+          const int64_t k_real = L.down.k_real;
+          for (int64_t b = c * GELU_CHUNK; b < (c + 1) * GELU_CHUNK && b < buf.a_down.nb; ++b) {
+            const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
+            gelu(buf.up.data() + r * n_up + b * BLOCK, n, ts.gelu.data());
+            buf.a_down.quantize(r, b, ts.gelu.data(), 0, n);
+          }
+        }
+      }  // (the loop's end is a barrier)
+      // 4. Attention-out and MLP-out matmuls, added to the residual.
+      for (int64_t t = out_tiles * tid / nt; t < out_tiles * (tid + 1) / nt; ++t) {
+        matmul_tile(L.dense, buf.a_dense, t, R, buf.out_attn.data());
+        matmul_tile(L.down, buf.a_down, t, R, buf.out_mlp.data());
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = t * TILE; j < (t + 1) * TILE; ++j)
+            x[r * H + j] += buf.out_attn[r * H + j] + buf.out_mlp[r * H + j];
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+}  // extern "C"

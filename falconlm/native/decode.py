@@ -1,0 +1,173 @@
+"""Every layer of a quantized Falcon's decode step in one native call (the ``decode`` library, ``decode.cpp``).
+
+At batch 1 a token through torch is about fifty small matmuls and several hundred small ops, and their dispatch
+and thread wake-ups cost about as much time as reading the weights. :class:`FusedDecoder` runs all the layers in
+one OpenMP parallel region instead, as llama.cpp runs its whole graph in C.
+
+It applies to steps that add one token per row to a dense or paged KV cache (``AttentionContext.decode_rows``) of
+parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) whose layer matrices all run on
+the VNNI kernel (``falconlm.quant.kernels.vnni``). Everything else, and every step when ``FALCONLM_FUSED_DECODE``
+is 0, keeps the torch path. The residual stream stays in float32 inside the call, so results equal the torch
+path's up to rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import library
+
+if TYPE_CHECKING:
+    from ..model.attention import DecodeRows
+    from ..model.falcon import FalconModel
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+ACTIVATION_BLOCK = 32  # the VNNI kernel's activation block; a head must span whole blocks
+MAX_HEAD_DIM = 256
+CACHE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("w", _P), ("scales", _P), ("n", _I), ("k", _I), ("k_real", _I), ("group", _I), ("bits", _I)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, _Weight) for name in ("qkv", "dense", "up", "down")),
+        *((name, _P) for name in ("ln_attn_w", "ln_attn_b", "ln_mlp_w", "ln_mlp_b")),
+    ]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [
+        *((name, _I) for name in ("layers", "hidden", "heads", "groups", "head_dim")),
+        ("eps", ctypes.c_double),
+        ("kv_bf16", _I),
+    ]
+
+
+class _Rows(ctypes.Structure):
+    _fields_ = [
+        ("k", _P),
+        ("v", _P),
+        *((name, _I) for name in ("layer_stride", "sb", "sp", "sg", "block_size")),
+        ("block_tables", _P),
+        ("tb", _I),
+        ("context_lens", _P),
+    ]
+
+
+def enabled() -> bool:
+    """False when ``FALCONLM_FUSED_DECODE`` is 0 / false / off."""
+    return os.environ.get("FALCONLM_FUSED_DECODE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def unsupported(model: FalconModel) -> str | None:
+    """Why ``model``'s decode steps cannot run fused, or None when they can."""
+    from ..quant.linear import QuantizedLinear
+
+    c = model.config
+    if not c.parallel_attn or not c.rotary or c.alibi or c.bias:
+        return "only parallel-attention, rotary, bias-free layers run fused"
+    if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
+        return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
+    shapes = {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
+    for block in model.h:
+        for name, m in _matrices(block).items():
+            if not isinstance(m, QuantizedLinear) or m.kernel.name != "vnni" or m.bias is not None:
+                return "every layer matrix must be quantized and run on the VNNI kernel"
+            if m.out_features != shapes[name]:
+                return "the layer matrices are sharded (tensor parallel)"
+        ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+        if ln.weight.device.type != "cpu":
+            return "the model is not on the CPU"
+    if library("decode") is None:
+        return "the native decode library is unavailable here"
+    return None
+
+
+def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    attn, mlp = block.self_attention, block.mlp
+    return {"qkv": attn.query_key_value, "dense": attn.dense, "up": mlp.dense_h_to_4h, "down": mlp.dense_4h_to_h}
+
+
+class FusedDecoder:
+    """Runs a model's layers for decode steps natively; built by :meth:`for_model`, which says when it cannot.
+
+    It holds pointers into the model's tensors, so every call first checks that they have not moved (a ``.to()``
+    or a reload) and rebinds when they have.
+    """
+
+    def __init__(self, model: FalconModel) -> None:
+        self.model = model
+        self._fn = library("decode").falcon_decode_layers
+        self._bind()
+
+    @classmethod
+    def for_model(cls, model: FalconModel) -> FusedDecoder | None:
+        return cls(model) if enabled() and unsupported(model) is None else None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """The tensors the native call reads: each layer's matrices and LayerNorm parameters."""
+        out = []
+        for block in self.model.h:
+            for m in _matrices(block).values():
+                out += [m.qweight, m.scales]
+            for name in ("ln_attn", "ln_mlp", "input_layernorm"):
+                if hasattr(block, name):
+                    out += [getattr(block, name).weight, getattr(block, name).bias]
+        return out
+
+    def _signature(self) -> tuple:
+        return tuple((t.data_ptr(), t.dtype) for t in self._tensors())
+
+    def _bind(self) -> None:
+        c = self.model.config
+        self._keep: list[torch.Tensor] = []  # float32 copies of LayerNorm parameters, alive as long as we are
+        layers = (_Layer * c.num_hidden_layers)()
+        for i, block in enumerate(self.model.h):
+            layer = layers[i]
+            for name, m in _matrices(block).items():
+                s = m.spec
+                setattr(layer, name, _Weight(m.qweight.data_ptr(), m.scales.data_ptr(), s.out_features, s.padded_in,
+                                             s.in_features, s.group_size, s.bits))  # fmt: skip
+            norms = [block.ln_attn, block.ln_mlp] if hasattr(block, "ln_attn") else [block.input_layernorm]
+            pointers = []
+            for ln in norms:
+                for p in (ln.weight, ln.bias):
+                    p32 = p.detach().to(torch.float32).contiguous()
+                    self._keep.append(p32)
+                    pointers.append(p32.data_ptr())
+            layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
+            layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
+        self._layers = layers
+        self._eps = c.layer_norm_epsilon
+        self._signature_now = self._signature()
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
+        """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
+        rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused."""
+        c = self.model.config
+        if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        if self._signature() != self._signature_now:
+            if unsupported(self.model) is not None:
+                return None
+            self._bind()
+        shape = _Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
+                       self._eps, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
+        tables, lengths = rows.block_tables, rows.context_lens
+        where = _Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
+                      rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
+        residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
+        cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+        sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+        self._fn(
+            ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where), residual.data_ptr(),
+            residual.shape[0], cos32.data_ptr(), sin32.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return residual.view(x.shape).to(x.dtype)
