@@ -1,0 +1,158 @@
+"""The fused decode step (falconlm/native/decode.py) against the torch path it replaces.
+
+In float32 the two differ only by rounding (LayerNorm, GELU and attention sums in another order), so logits and
+the K/V written to the cache must agree to about 1e-7 relative; any mistake (a wrong rotation, cache slot, group
+or LayerNorm) shows as an error of order one. The tiny checkpoints here have head_dim 32 so that the kernel's
+blocks fit (the shared tiny ones have 16, which it declines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from falconlm.engine.engine import Engine, EngineConfig
+from falconlm.engine.sampling_params import SamplingParams
+from falconlm.model.attention import KVCache
+from falconlm.model.falcon import FalconForCausalLM
+from falconlm.native import library
+from falconlm.native.decode import FusedDecoder, unsupported
+from falconlm.quant import load_quantized, quantize_model
+from falconlm.quant.convert import QuantRecipe
+
+from ..conftest import make_hf_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    library("decode") is None, reason="the native decode library needs AVX-512 VNNI and BF16 and a C++ compiler"
+)
+
+# head_dim 32 in every variant; 11b also has an ffn width that is not 4 x hidden.
+SHAPES = {
+    "7b": {"hidden_size": 128},
+    "40b": {"hidden_size": 256},
+    "11b": {"hidden_size": 256, "ffn_hidden_size": 384},
+}
+FLOAT32_TOLERANCE = 2e-3  # relative L2, logits; measured about 1e-7 (one int8 activation rounding flip: 4e-4)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def checkpoint(request, tmp_path_factory) -> Path:
+    variant = request.param
+    return make_hf_checkpoint(tmp_path_factory.mktemp(f"fused-{variant}"), variant, **SHAPES[variant])
+
+
+def _counting(model: FalconForCausalLM) -> list[int]:
+    """Rows of each fused call from now on."""
+    decoder = model.transformer.fused_decode
+    calls: list[int] = []
+    native = decoder._fn
+
+    def counted(*args):
+        calls.append(args[4])
+        return native(*args)
+
+    decoder._fn = counted
+    return calls
+
+
+def _teacher_forced(model: FalconForCausalLM, fused: bool, dtype: torch.dtype, steps: int = 12):
+    """Logits [steps, 2, vocab] of two rows fed fixed tokens one at a time after a 5-token prompt, and the cache."""
+    keep = model.transformer.fused_decode
+    model.transformer.fused_decode = keep if fused else None
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (2, steps), generator=gen)
+    cache = KVCache(model.config, 2, 5 + steps, dtype)
+    try:
+        with torch.no_grad():
+            model(prompt, kv_cache=cache)
+            logits = [model(tokens[:, i : i + 1], kv_cache=cache)[:, -1].float() for i in range(steps)]
+    finally:
+        model.transformer.fused_decode = keep
+    return torch.stack(logits), cache
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32-sym"])
+def test_fused_steps_equal_the_torch_path_in_float32(checkpoint: Path, spec: str) -> None:
+    model = load_quantized(checkpoint, quantize=spec, dtype=torch.float32)
+    assert model.transformer.fused_decode is not None
+    calls = _counting(model)
+    fused, fused_cache = _teacher_forced(model, True, torch.float32)
+    assert calls == [2] * 12  # every decode step, both rows in one call; the prompt went through torch
+    torch_logits, torch_cache = _teacher_forced(model, False, torch.float32)
+    assert _rel(fused, torch_logits) < FLOAT32_TOLERANCE
+    assert torch.equal(fused.argmax(-1), torch_logits.argmax(-1))
+    assert _rel(fused_cache.k, torch_cache.k) < 1e-5 and _rel(fused_cache.v, torch_cache.v) < 1e-5
+    assert fused_cache.length == torch_cache.length == 17
+
+
+def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint: Path) -> None:
+    # The fused step keeps its residual stream in float32; the torch path rounds it to bfloat16 after every op.
+    exact, _ = _teacher_forced(load_quantized(checkpoint, quantize="int8", dtype=torch.float32), True, torch.float32)
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.bfloat16)
+    fused, fused_cache = _teacher_forced(model, True, torch.bfloat16)
+    torch_logits, torch_cache = _teacher_forced(model, False, torch.bfloat16)
+    assert fused_cache.k.dtype is torch.bfloat16
+    assert _rel(fused, exact) < 0.03
+    assert _rel(fused, exact) <= 1.2 * _rel(torch_logits, exact)
+    assert _rel(fused_cache.k, torch_cache.k) < 0.03
+
+
+def test_paged_engine_steps_run_fused_and_give_the_same_tokens(tmp_path: Path) -> None:
+    checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
+    model = load_quantized(checkpoint, quantize="int4", dtype=torch.float32)
+    from falconlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(checkpoint)
+    prompts = [[5, 9, 77], list(range(10, 19)), list(range(40, 54))]  # lengths 3, 9, 14 over blocks of 4
+    params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)] * 3
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False)
+    calls = _counting(model)
+    fused = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
+    assert 3 in calls  # decode steps of all three rows together, through their block tables
+    model.transformer.fused_decode = None
+    plain = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
+    assert fused == plain
+
+
+def test_rebinds_when_the_weights_move(checkpoint: Path) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    before, _ = _teacher_forced(model, True, torch.float32)
+    block = model.transformer.h[0]
+    ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+    ln.weight = torch.nn.Parameter(ln.weight.detach() * 1.5, requires_grad=False)  # a new tensor elsewhere
+    fused, _ = _teacher_forced(model, True, torch.float32)
+    torch_logits, _ = _teacher_forced(model, False, torch.float32)
+    assert _rel(fused, before) > 1e-2  # the change is seen...
+    assert _rel(fused, torch_logits) < FLOAT32_TOLERANCE  # ...and computed as the torch path does
+
+
+def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    cache = KVCache(model.config, 1, 3, torch.float32)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds 3 positions"):
+            model(torch.tensor([[4]]), kv_cache=cache)
+
+
+def test_models_it_cannot_run_keep_the_torch_path(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    assert load_quantized(tiny_checkpoint, quantize="int8").transformer.fused_decode is None  # head_dim 16
+    assert "head_dim 16" in unsupported(load_quantized(tiny_checkpoint, quantize="int8").transformer)
+    rw = make_hf_checkpoint(tmp_path / "rw", "rw", hidden_size=192, num_attention_heads=6)
+    assert "parallel-attention" in unsupported(load_quantized(rw, quantize="int8").transformer)
+    seven = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
+    reference = load_quantized(seven, quantize="int8", kernel="reference")
+    assert "VNNI" in unsupported(reference.transformer) and reference.transformer.fused_decode is None
+    assert FalconForCausalLM.from_pretrained(seven).transformer.fused_decode is None  # not quantized
+    monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
+    assert load_quantized(seven, quantize="int8").transformer.fused_decode is None
+    monkeypatch.delenv("FALCONLM_FUSED_DECODE")
+    model = quantize_model(FalconForCausalLM.from_pretrained(seven), QuantRecipe.parse("int4"))
+    assert isinstance(model.transformer.fused_decode, FusedDecoder)  # in-place quantization attaches it too
