@@ -57,14 +57,16 @@ def _counting(model: FalconForCausalLM) -> list[int]:
     return calls
 
 
-def _teacher_forced(model: FalconForCausalLM, fused: bool, dtype: torch.dtype, steps: int = 12):
-    """Logits [steps, 2, vocab] of two rows fed fixed tokens one at a time after a 5-token prompt, and the cache."""
+def _teacher_forced(
+    model: FalconForCausalLM, fused: bool, dtype: torch.dtype, steps: int = 12, rows: int = 2, prompt_len: int = 5
+):
+    """Logits [steps, rows, vocab] of rows fed fixed tokens one at a time after a prompt, and the cache."""
     keep = model.transformer.fused_decode
     model.transformer.fused_decode = keep if fused else None
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
-    tokens = torch.randint(0, model.config.vocab_size, (2, steps), generator=gen)
-    cache = KVCache(model.config, 2, 5 + steps, dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (rows, prompt_len), generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (rows, steps), generator=gen)
+    cache = KVCache(model.config, rows, prompt_len + steps, dtype)
     try:
         with torch.no_grad():
             model(prompt, kv_cache=cache)
@@ -90,6 +92,23 @@ def test_fused_steps_equal_the_torch_path_in_float32(checkpoint: Path, spec: str
     assert torch.equal(fused.argmax(-1), torch_logits.argmax(-1))
     assert _rel(fused_cache.k, torch_cache.k) < 1e-5 and _rel(fused_cache.v, torch_cache.v) < 1e-5
     assert fused_cache.length == torch_cache.length == 17
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_row_split_between_threads_equals_the_torch_path(tmp_path: Path, dtype: torch.dtype) -> None:
+    # One row of one KV group and two threads: each layer's attention over 700 positions is split in two parts.
+    checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", max_position_embeddings=1024, **SHAPES["7b"])
+    model = load_quantized(checkpoint, quantize="int4", dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused, fused_cache = _teacher_forced(model, True, dtype, steps=4, rows=1, prompt_len=700)
+        torch_logits, torch_cache = _teacher_forced(model, False, dtype, steps=4, rows=1, prompt_len=700)
+    finally:
+        torch.set_num_threads(threads)
+    tolerance = FLOAT32_TOLERANCE if dtype is torch.float32 else 0.03
+    assert _rel(fused, torch_logits) < tolerance
+    assert _rel(fused_cache.k, torch_cache.k) < tolerance
 
 
 def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint: Path) -> None:

@@ -66,11 +66,23 @@ struct CacheView {
   int64_t sb, sp, sg, block_size;
 };
 
+// A part of a group's attention, over some of the positions: per head the largest score, the sum of
+// exp(score - largest) and the values weighted by those, not yet divided by the sum. Parts over disjoint position
+// ranges combine into the whole (combine_parts), so that several threads can share one long row.
+struct Partial {
+  float* max;  // [per_group]
+  float* sum;  // [per_group]
+  float* acc;  // [per_group][d]
+};
+
 // softmax(q k^T * scale) v for the per_group query heads of group g at q ([per_group][d], the cache's dtype)
-// over positions 0..L-1, whose blocks are table[0], table[1], ...; out: [per_group][d], the cache's dtype.
+// over positions begin..end-1 (end > begin), whose blocks are table[0], table[1], ...; written to out
+// ([per_group][d], the cache's dtype), or as a Partial when `part` is given.
 // d must be a multiple of 16, at most 256. Scores, softmax and sums in float32.
 inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, int64_t d, const CacheView& c,
-                         const int64_t* table, int64_t L, int64_t g, float scale) {
+                         const int64_t* table, int64_t begin, int64_t end, int64_t g, float scale,
+                         const Partial* part = nullptr) {
+  const int64_t L = end - begin;
   static thread_local AttentionScratch s;
   const int64_t chunks = d / 16;
   const int64_t hp = (per_group + 15) / 16 * 16;  // heads padded to whole 16-lane vectors
@@ -93,8 +105,10 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < hp; ++j) s.qt[i * hp + j] = j < per_group ? at(q, j * d + i) * scale : 0.f;
   }
-  for (int64_t p = 0; p < L; ++p)
-    s.offsets[p] = table[p / c.block_size] * c.sb + (p % c.block_size) * c.sp + g * c.sg;
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t p = begin + i;
+    s.offsets[i] = table[p / c.block_size] * c.sb + (p % c.block_size) * c.sp + g * c.sg;
+  }
   // Scores with the heads in the lanes: each key element is broadcast against 16 heads' query elements, so no
   // sum across lanes is needed; the running maximum is kept per lane (per head) as well.
   for (int64_t j0 = 0; j0 < hp; j0 += 16) {
@@ -138,6 +152,14 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
     }
     alignas(64) float sums[16];
     _mm512_store_ps(sums, total);
+    if (part != nullptr) {
+      alignas(64) float tops[16];
+      _mm512_store_ps(tops, top);
+      for (int64_t j = j0; j < j0 + 16 && j < per_group; ++j) {
+        part->max[j] = tops[j - j0];
+        part->sum[j] = sums[j - j0];
+      }
+    }
     // Weighted values, HEAD_BLOCK heads at a time, d in 16-lane chunks.
     const int64_t j_end = j0 + 16 < per_group ? j0 + 16 : per_group;
     for (int64_t jb = j0; jb < j_end; jb += HEAD_BLOCK) {
@@ -153,11 +175,29 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
           for (int64_t u = 0; u < chunks; ++u) acc[j][u] = _mm512_fmadd_ps(w, val[u], acc[j][u]);
         }
       }
-      for (int64_t j = 0; j < nh; ++j) {
+      for (int64_t j = 0; j < nh && part != nullptr; ++j)
+        for (int64_t u = 0; u < chunks; ++u) _mm512_storeu_ps(part->acc + (jb + j) * d + u * 16, acc[j][u]);
+      for (int64_t j = 0; j < nh && part == nullptr; ++j) {
         const __m512 inv = _mm512_set1_ps(1.f / sums[jb + j - j0]);
         for (int64_t u = 0; u < chunks; ++u) store16(out, (jb + j) * d + u * 16, _mm512_mul_ps(acc[j][u], inv), bf16);
       }
     }
+  }
+}
+
+// The attention output out[per_group][d] (float32) from n Partials of one group over disjoint position ranges.
+inline void combine_parts(const Partial* parts, int64_t n, int64_t per_group, int64_t d, float* out) {
+  for (int64_t j = 0; j < per_group; ++j) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) top = std::fmax(top, parts[i].max[j]);
+    float total = 0.f;
+    for (int64_t k = 0; k < d; ++k) out[j * d + k] = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float w = std::exp(parts[i].max[j] - top);
+      total += w * parts[i].sum[j];
+      for (int64_t k = 0; k < d; ++k) out[j * d + k] += w * parts[i].acc[j * d + k];
+    }
+    for (int64_t k = 0; k < d; ++k) out[j * d + k] /= total;
   }
 }
 

@@ -174,7 +174,7 @@ void falcon_decode_attention(const void* q, int bf16, int64_t R, int64_t Hq, int
     const int64_t r = rg / G, g = rg % G;
     const int64_t at = ((r * Hq) + g * per_group) * d * elem;  // this group's first query head in q and out
     attend_group(static_cast<const char*>(q) + at, static_cast<char*>(out) + at, bf16, per_group, d, cache,
-                 block_tables + r * tb, context_lens[r], g, scale);
+                 block_tables + r * tb, 0, context_lens[r], g, scale);
   }
 }
 

@@ -9,7 +9,9 @@
 //   1. LayerNorm(s) of the residual, quantized to int8 blocks for the next matmuls;
 //   2. the QKV and MLP-in matmuls (their 16-row weight tiles split evenly between the threads);
 //   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
-//      (attention.h); the MLP's GELU; both results quantized for the output matmuls;
+//      (attention.h); the MLP's GELU; both results quantized for the output matmuls. When there are fewer
+//      (row, group) pairs than threads and the rows are long, each row's positions are split between the
+//      threads and the parts combined (two more barriers);
 //   4. the attention-out and MLP-out matmuls, added to the residual.
 //
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
@@ -20,6 +22,7 @@
 #include "attention.h"
 #include "quant_tiles.h"
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -29,6 +32,7 @@ using namespace falcon;
 
 constexpr int64_t BLOCK = 32;       // activation columns per int8 scale (vnni.py's ACTIVATION_BLOCK)
 constexpr int64_t GELU_CHUNK = 8;   // activation blocks per unit of GELU work
+constexpr int64_t MIN_SPLIT_KEYS = 256;  // positions per thread worth splitting a row's attention for
 
 struct QuantWeight {  // one VNNI-tiled matrix
   const uint8_t* w;
@@ -88,6 +92,8 @@ struct Activations {  // int8 blocks of R rows of K columns: values, a scale and
 
 struct Buffers {
   std::vector<float> ln_attn, ln_mlp, qkv, up, out_attn, out_mlp;
+  std::vector<float> q, part_stats, part_acc;  // split attention: queries, then each part's results
+  std::vector<Partial> parts;
   Activations a_qkv, a_up, a_dense, a_down;
 };
 
@@ -212,6 +218,22 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
 
   const int64_t qkv_tiles = n_qkv / TILE, in_tiles = qkv_tiles + n_up / TILE, out_tiles = H / TILE;
   const int64_t attention_units = R * G;
+  int64_t longest = 0;
+  for (int64_t r = 0; r < R; ++r) longest = rows->context_lens[r] > longest ? rows->context_lens[r] : longest;
+  int64_t splits = 1;  // parts of each row's positions, when there are fewer (row, group) pairs than threads
+  if (attention_units < nthreads) {
+    splits = (nthreads + attention_units - 1) / attention_units;
+    if (splits > longest / MIN_SPLIT_KEYS) splits = longest / MIN_SPLIT_KEYS > 1 ? longest / MIN_SPLIT_KEYS : 1;
+  }
+  if (splits > 1) {
+    resize(buf.q, attention_units * per_group * d);
+    resize(buf.part_stats, 2 * attention_units * splits * per_group);
+    resize(buf.part_acc, attention_units * splits * per_group * d);
+    buf.parts.resize(attention_units * splits);
+    for (int64_t u = 0; u < attention_units * splits; ++u)
+      buf.parts[u] = Partial{buf.part_stats.data() + 2 * u * per_group, buf.part_stats.data() + (2 * u + 1) * per_group,
+                             buf.part_acc.data() + u * per_group * d};
+  }
   const int64_t gelu_units = R * ((buf.a_down.nb + GELU_CHUNK - 1) / GELU_CHUNK);
 
 #pragma omp parallel num_threads(nthreads)
@@ -250,33 +272,73 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
       const CacheView cache{static_cast<const char*>(rows->k) + li * rows->layer_stride * elem,
                             static_cast<const char*>(rows->v) + li * rows->layer_stride * elem,
                             rows->sb, rows->sp, rows->sg, rows->block_size};
+      // Rotary on the group's queries and key, its new K/V into the cache, its queries (cache dtype) to q.
+      auto prepare_group = [&](int64_t r, int64_t g, void* q) {
+        const int64_t pos = rows->context_lens[r] - 1;
+        float* group = buf.qkv.data() + r * n_qkv + g * group_width;  // per_group queries, key, value
+        for (int64_t j = 0; j <= per_group; ++j) rotate(group + j * d, cos + r * d, sin + r * d, d);
+        const int64_t* table = rows->block_tables + r * rows->tb;
+        const int64_t at = li * rows->layer_stride + table[pos / rows->block_size] * rows->sb +
+                           (pos % rows->block_size) * rows->sp + g * rows->sg;
+        store_vector(group + per_group * d, static_cast<char*>(rows->k) + at * elem, bf16, d);
+        store_vector(group + (per_group + 1) * d, static_cast<char*>(rows->v) + at * elem, bf16, d);
+        store_vector(group, q, bf16, per_group * d);
+      };
+      auto gelu_chunk = [&](int64_t unit) {
+        const int64_t chunks = (buf.a_down.nb + GELU_CHUNK - 1) / GELU_CHUNK;
+        const int64_t r = unit / chunks, c = unit % chunks, k_real = L.down.k_real;
+        for (int64_t b = c * GELU_CHUNK; b < (c + 1) * GELU_CHUNK && b < buf.a_down.nb; ++b) {
+          const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
+          gelu(buf.up.data() + r * n_up + b * BLOCK, n, ts.gelu.data());
+          buf.a_down.quantize(r, b, ts.gelu.data(), 0, n);
+        }
+      };
+      auto quantize_heads = [&](int64_t r, int64_t g, const void* out, int out_bf16) {  // [per_group][d]
+        const int64_t b0 = g * per_group * d / BLOCK, size = out_bf16 ? 2 : 4;
+        for (int64_t b = 0; b < per_group * d / BLOCK; ++b)
+          buf.a_dense.quantize(r, b0 + b, static_cast<const char*>(out) + b * BLOCK * size, out_bf16, BLOCK);
+      };
+      if (splits == 1) {  // one unit per (row, group): prepare, attend, quantize
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
-        if (u < attention_units) {
-          const int64_t r = u / G, g = u % G, length = rows->context_lens[r], pos = length - 1;
-          float* group = buf.qkv.data() + r * n_qkv + g * group_width;  // per_group queries, key, value
-          for (int64_t j = 0; j <= per_group; ++j) rotate(group + j * d, cos + r * d, sin + r * d, d);
-          const int64_t* table = rows->block_tables + r * rows->tb;
-          const int64_t at = table[pos / rows->block_size] * rows->sb + (pos % rows->block_size) * rows->sp + g * rows->sg;
-          store_vector(group + per_group * d, static_cast<char*>(rows->k) + (li * rows->layer_stride + at) * elem, bf16, d);
-          store_vector(group + (per_group + 1) * d, static_cast<char*>(rows->v) + (li * rows->layer_stride + at) * elem,
-                       bf16, d);
-          store_vector(group, ts.q.data(), bf16, per_group * d);
-          attend_group(ts.q.data(), ts.out.data(), bf16, per_group, d, cache, table, length, g, scale);
-          const int64_t b0 = g * per_group * d / BLOCK;
-          for (int64_t b = 0; b < per_group * d / BLOCK; ++b)
-            buf.a_dense.quantize(r, b0 + b, reinterpret_cast<const char*>(ts.out.data()) + b * BLOCK * elem, bf16, BLOCK);
-        } else {
-          const int64_t chunks = (buf.a_down.nb + GELU_CHUNK - 1) / GELU_CHUNK;
-          const int64_t r = (u - attention_units) / chunks, c = (u - attention_units) % chunks;
-          const int64_t k_real = L.down.k_real;
-          for (int64_t b = c * GELU_CHUNK; b < (c + 1) * GELU_CHUNK && b < buf.a_down.nb; ++b) {
-            const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
-            gelu(buf.up.data() + r * n_up + b * BLOCK, n, ts.gelu.data());
-            buf.a_down.quantize(r, b, ts.gelu.data(), 0, n);
+        for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
+          if (u < attention_units) {
+            const int64_t r = u / G, g = u % G;
+            prepare_group(r, g, ts.q.data());
+            attend_group(ts.q.data(), ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
+                         rows->context_lens[r], g, scale);
+            quantize_heads(r, g, ts.out.data(), bf16);
+          } else {
+            gelu_chunk(u - attention_units);
+          }
+        }  // (each loop's end is a barrier)
+      } else {  // fewer (row, group) pairs than threads and long rows: each row's positions split between threads
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
+          if (u < attention_units) {
+            prepare_group(u / G, u % G, buf.q.data() + u * per_group * d);
+          } else {
+            gelu_chunk(u - attention_units);
           }
         }
-      }  // (the loop's end is a barrier)
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < attention_units * splits; ++u) {
+          const int64_t rg = u / splits, s = u % splits, r = rg / G, length = rows->context_lens[r];
+          const int64_t begin = length * s / splits, end = length * (s + 1) / splits;
+          const Partial& part = buf.parts[u];
+          if (begin == end) {  // a short row: this part is empty
+            for (int64_t j = 0; j < per_group; ++j) part.max[j] = -INFINITY, part.sum[j] = 0.f;
+            std::fill(part.acc, part.acc + per_group * d, 0.f);
+          } else {
+            attend_group(buf.q.data() + rg * per_group * d, nullptr, bf16, per_group, d, cache,
+                         rows->block_tables + r * rows->tb, begin, end, rg % G, scale, &part);
+          }
+        }
+#pragma omp for schedule(static)
+        for (int64_t rg = 0; rg < attention_units; ++rg) {
+          combine_parts(&buf.parts[rg * splits], splits, per_group, d, ts.out.data());
+          quantize_heads(rg / G, rg % G, ts.out.data(), 0);
+        }
+      }
       // 4. Attention-out and MLP-out matmuls, added to the residual.
       for (int64_t t = out_tiles * tid / nt; t < out_tiles * (tid + 1) / nt; ++t) {
         matmul_tile(L.dense, buf.a_dense, t, R, buf.out_attn.data());
