@@ -8,6 +8,8 @@ subprocess, so its peak RSS is its own. Per variant:
 * decode tok/s at batch 1 and batch 8: a 16-token prompt, then greedy steps through the model's forward with a
   contiguous KV cache in a tight loop (``model(ids, kv_cache=cache, last_token_only=True)``);
 * the same through ``falconlm.engine.engine.Engine`` (paged attention, scheduler, sampler) with ``--engine``;
+* quantized variants decode through the fused native step where it applies (``falconlm.native.decode``; the
+  kernels column says so); ``FALCONLM_FUSED_DECODE=0`` measures the torch path instead;
 * weight bytes read per token (each stored tensor once: a tied head shares the embedding) and the achieved
   GB/s at batch 1 (bytes x tok/s); peak RSS (VmHWM).
 
@@ -85,6 +87,8 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     if engine:
         row |= _engine_rows(model, new_tokens)
     row["kernels"] = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+    if model.transformer.fused_decode is not None:
+        row["kernels"].append("fused decode")
     return row
 
 
