@@ -87,7 +87,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     if engine:
         row |= _engine_rows(model, new_tokens)
     row["kernels"] = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
-    if model.transformer.fused_decode is not None:
+    if model.transformer.fused_decode:
         row["kernels"].append("fused decode")
     return row
 

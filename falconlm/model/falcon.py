@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native.decode import FusedDecoder
+from ..native.decode import decode_layers
 from ..native.ops import linear
 from .attention import AttentionContext, KVCache, build_dense_attention
 from .config import FalconConfig
@@ -113,7 +113,7 @@ class FalconModel(nn.Module):
         self.h = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         # Set for quantized models whose decode steps can run every layer in one native call (native/decode.py).
-        self.fused_decode: FusedDecoder | None = None
+        self.fused_decode = False
 
     def forward(
         self,
@@ -144,9 +144,9 @@ class FalconModel(nn.Module):
             dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
             ctx = build_dense_attention(self.config, T, attention_mask, kv_cache, x.dtype, x.device, B, dropout_p)
         fused = None
-        if self.fused_decode is not None and rope is not None and not self.training:
+        if self.fused_decode and rope is not None and not self.training:
             rows = ctx.decode_rows()
-            fused = None if rows is None else self.fused_decode(x, *rope, rows)
+            fused = None if rows is None else decode_layers(self, x, *rope, rows)
         if fused is not None:
             x = fused
         else:

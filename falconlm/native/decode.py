@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -96,25 +97,23 @@ def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 class FusedDecoder:
-    """Runs a model's layers for decode steps natively; built by :meth:`for_model`, which says when it cannot.
+    """Runs one model's layers for decode steps natively (see :func:`decode_layers`).
 
     It holds pointers into the model's tensors, so every call first checks that they have not moved (a ``.to()``
-    or a reload) and rebinds when they have.
+    or a reload) and rebinds when they have. It refers to the model weakly: the model owns nothing of it, so a
+    copied or pickled model simply gets a decoder of its own on its first step.
     """
 
     def __init__(self, model: FalconModel) -> None:
-        self.model = model
+        self._model = weakref.ref(model)
         self._fn = library("decode").falcon_decode_layers
-        self._bind()
+        self._bind(model)
 
-    @classmethod
-    def for_model(cls, model: FalconModel) -> FusedDecoder | None:
-        return cls(model) if enabled() and unsupported(model) is None else None
-
-    def _tensors(self) -> list[torch.Tensor]:
+    @staticmethod
+    def _tensors(model: FalconModel) -> list[torch.Tensor]:
         """The tensors the native call reads: each layer's matrices and LayerNorm parameters."""
         out = []
-        for block in self.model.h:
+        for block in model.h:
             for m in _matrices(block).values():
                 out += [m.qweight, m.scales]
             for name in ("ln_attn", "ln_mlp", "input_layernorm"):
@@ -122,14 +121,14 @@ class FusedDecoder:
                     out += [getattr(block, name).weight, getattr(block, name).bias]
         return out
 
-    def _signature(self) -> tuple:
-        return tuple((t.data_ptr(), t.dtype) for t in self._tensors())
+    def _signature(self, model: FalconModel) -> tuple:
+        return tuple((t.data_ptr(), t.dtype) for t in self._tensors(model))
 
-    def _bind(self) -> None:
-        c = self.model.config
+    def _bind(self, model: FalconModel) -> None:
+        c = model.config
         self._keep: list[torch.Tensor] = []  # float32 copies of LayerNorm parameters, alive as long as we are
         layers = (_Layer * c.num_hidden_layers)()
-        for i, block in enumerate(self.model.h):
+        for i, block in enumerate(model.h):
             layer = layers[i]
             for name, m in _matrices(block).items():
                 s = m.spec
@@ -145,21 +144,23 @@ class FusedDecoder:
             layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
             layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
         self._layers = layers
-        self._eps = c.layer_norm_epsilon
-        self._signature_now = self._signature()
+        self._signature_now = self._signature(model)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
         """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
         rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused."""
-        c = self.model.config
-        if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or (torch.is_grad_enabled() and x.requires_grad):
+        model = self._model()
+        if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
-        if self._signature() != self._signature_now:
-            if unsupported(self.model) is not None:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        if self._signature(model) != self._signature_now:
+            if unsupported(model) is not None:
                 return None
-            self._bind()
+            self._bind(model)
+        c = model.config
         shape = _Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
-                       self._eps, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
+                       c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
         tables, lengths = rows.block_tables, rows.context_lens
         where = _Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
                       rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
@@ -171,3 +172,27 @@ class FusedDecoder:
             residual.shape[0], cos32.data_ptr(), sin32.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return residual.view(x.shape).to(x.dtype)
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FalconModel -> its FusedDecoder
+
+
+def decoder_for(model: FalconModel) -> FusedDecoder:
+    """``model``'s decoder, made on first use."""
+    decoder = _DECODERS.get(model)
+    if decoder is None:
+        decoder = _DECODERS[model] = FusedDecoder(model)
+    return decoder
+
+
+def supports(model: FalconModel) -> bool:
+    """Whether ``model``'s decode steps should run fused: it can, and ``FALCONLM_FUSED_DECODE`` is not off.
+    Quantized models are marked with this at load (``FalconModel.fused_decode``)."""
+    return enabled() and unsupported(model) is None
+
+
+def decode_layers(
+    model: FalconModel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows
+) -> torch.Tensor | None:
+    """Every layer of ``model`` for one decode step (see :meth:`FusedDecoder.__call__`); None when it cannot."""
+    return decoder_for(model)(x, cos, sin, rows)

@@ -8,6 +8,9 @@ blocks fit (the shared tiny ones have 16, which it declines).
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from falconlm.engine.sampling_params import SamplingParams
 from falconlm.model.attention import KVCache
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.native import library
-from falconlm.native.decode import FusedDecoder, unsupported
+from falconlm.native.decode import decoder_for, unsupported
 from falconlm.quant import load_quantized, quantize_model
 from falconlm.quant.convert import QuantRecipe
 
@@ -45,7 +48,7 @@ def checkpoint(request, tmp_path_factory) -> Path:
 
 def _counting(model: FalconForCausalLM) -> list[int]:
     """Rows of each fused call from now on."""
-    decoder = model.transformer.fused_decode
+    decoder = decoder_for(model.transformer)
     calls: list[int] = []
     native = decoder._fn
 
@@ -62,7 +65,7 @@ def _teacher_forced(
 ):
     """Logits [steps, rows, vocab] of rows fed fixed tokens one at a time after a prompt, and the cache."""
     keep = model.transformer.fused_decode
-    model.transformer.fused_decode = keep if fused else None
+    model.transformer.fused_decode = keep and fused
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (rows, prompt_len), generator=gen)
     tokens = torch.randint(0, model.config.vocab_size, (rows, steps), generator=gen)
@@ -83,7 +86,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32-sym"])
 def test_fused_steps_equal_the_torch_path_in_float32(checkpoint: Path, spec: str) -> None:
     model = load_quantized(checkpoint, quantize=spec, dtype=torch.float32)
-    assert model.transformer.fused_decode is not None
+    assert model.transformer.fused_decode is True
     calls = _counting(model)
     fused, fused_cache = _teacher_forced(model, True, torch.float32)
     assert calls == [2] * 12  # every decode step, both rows in one call; the prompt went through torch
@@ -135,7 +138,7 @@ def test_paged_engine_steps_run_fused_and_give_the_same_tokens(tmp_path: Path) -
     calls = _counting(model)
     fused = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert 3 in calls  # decode steps of all three rows together, through their block tables
-    model.transformer.fused_decode = None
+    model.transformer.fused_decode = False
     plain = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert fused == plain
 
@@ -162,16 +165,32 @@ def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
 
 
 def test_models_it_cannot_run_keep_the_torch_path(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
-    assert load_quantized(tiny_checkpoint, quantize="int8").transformer.fused_decode is None  # head_dim 16
+    assert load_quantized(tiny_checkpoint, quantize="int8").transformer.fused_decode is False  # head_dim 16
     assert "head_dim 16" in unsupported(load_quantized(tiny_checkpoint, quantize="int8").transformer)
     rw = make_hf_checkpoint(tmp_path / "rw", "rw", hidden_size=192, num_attention_heads=6)
     assert "parallel-attention" in unsupported(load_quantized(rw, quantize="int8").transformer)
     seven = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     reference = load_quantized(seven, quantize="int8", kernel="reference")
-    assert "VNNI" in unsupported(reference.transformer) and reference.transformer.fused_decode is None
-    assert FalconForCausalLM.from_pretrained(seven).transformer.fused_decode is None  # not quantized
+    assert "VNNI" in unsupported(reference.transformer) and reference.transformer.fused_decode is False
+    assert FalconForCausalLM.from_pretrained(seven).transformer.fused_decode is False  # not quantized
     monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
-    assert load_quantized(seven, quantize="int8").transformer.fused_decode is None
+    assert load_quantized(seven, quantize="int8").transformer.fused_decode is False
     monkeypatch.delenv("FALCONLM_FUSED_DECODE")
     model = quantize_model(FalconForCausalLM.from_pretrained(seven), QuantRecipe.parse("int4"))
-    assert isinstance(model.transformer.fused_decode, FusedDecoder)  # in-place quantization attaches it too
+    assert model.transformer.fused_decode is True  # in-place quantization marks it too
+
+
+def test_a_copied_model_decodes_with_its_own_weights_and_a_dropped_one_is_freed(checkpoint: Path) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    original, _ = _teacher_forced(model, True, torch.float32)
+    twin = copy.deepcopy(model)
+    calls = _counting(twin)
+    copied, _ = _teacher_forced(twin, True, torch.float32)
+    assert calls and torch.equal(copied, original)
+    for p in twin.parameters():  # the twin's own tensors change; the original's decoder must not see it
+        p.data.mul_(0.5)
+    assert _rel(_teacher_forced(model, True, torch.float32)[0], original) < 1e-6
+    gc.collect()
+    alive = weakref.ref(twin.transformer)
+    del twin
+    assert alive() is None  # freed at once: the model holds no reference cycle through its decoder
