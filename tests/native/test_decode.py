@@ -31,19 +31,25 @@ pytestmark = pytest.mark.skipif(
     library("decode") is None, reason="the native decode library needs AVX-512 VNNI and BF16 and a C++ compiler"
 )
 
-# head_dim 32 in every variant; 11b also has an ffn width that is not 4 x hidden.
+# head_dim 32 in every variant; 11b also has an ffn width that is not 4 x hidden; 7b-wide has 18 query heads on
+# its one KV group, more than the 16 the attention kernel takes at a time (Falcon-7B has 71).
 SHAPES = {
     "7b": {"hidden_size": 128},
     "40b": {"hidden_size": 256},
     "11b": {"hidden_size": 256, "ffn_hidden_size": 384},
+    "7b-wide": {"hidden_size": 576, "num_attention_heads": 18},
 }
-FLOAT32_TOLERANCE = 2e-3  # relative L2, logits; measured about 1e-7 (one int8 activation rounding flip: 4e-4)
+# In float32 almost every step agrees to about 1e-7. Now and then an activation lands so close to an int8 rounding
+# boundary that the two paths round it apart, which moves that step's logits by about 1e-3 (and, through the K/V
+# it leaves in the cache, the row's later steps by a little less): hence a median and a looser maximum.
+TYPICAL = 1e-5
+WORST = 2e-2
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def checkpoint(request, tmp_path_factory) -> Path:
-    variant = request.param
-    return make_hf_checkpoint(tmp_path_factory.mktemp(f"fused-{variant}"), variant, **SHAPES[variant])
+    name = request.param
+    return make_hf_checkpoint(tmp_path_factory.mktemp(f"fused-{name}"), name.split("-")[0], **SHAPES[name])
 
 
 def _counting(model: FalconForCausalLM) -> list[int]:
@@ -79,6 +85,15 @@ def _teacher_forced(
     return torch.stack(logits), cache
 
 
+def _agree_in_float32(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Vectors along the last dimension of ``a`` and ``b`` (logits, or K/V per position) agree as float32 should."""
+    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
+    filled = b.norm(dim=-1) > 0  # cache positions never written are zero in both
+    assert torch.equal(filled, a.norm(dim=-1) > 0)
+    per = (a - b)[filled].norm(dim=-1) / b[filled].norm(dim=-1)
+    assert per.median() < TYPICAL and per.max() < WORST, f"median {per.median():.2e}, max {per.max():.2e}"
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -91,9 +106,9 @@ def test_fused_steps_equal_the_torch_path_in_float32(checkpoint: Path, spec: str
     fused, fused_cache = _teacher_forced(model, True, torch.float32)
     assert calls == [2] * 12  # every decode step, both rows in one call; the prompt went through torch
     torch_logits, torch_cache = _teacher_forced(model, False, torch.float32)
-    assert _rel(fused, torch_logits) < FLOAT32_TOLERANCE
-    assert torch.equal(fused.argmax(-1), torch_logits.argmax(-1))
-    assert _rel(fused_cache.k, torch_cache.k) < 1e-5 and _rel(fused_cache.v, torch_cache.v) < 1e-5
+    _agree_in_float32(fused, torch_logits)
+    _agree_in_float32(fused_cache.k, torch_cache.k)
+    _agree_in_float32(fused_cache.v, torch_cache.v)
     assert fused_cache.length == torch_cache.length == 17
 
 
@@ -109,9 +124,11 @@ def test_a_long_row_split_between_threads_equals_the_torch_path(tmp_path: Path, 
         torch_logits, torch_cache = _teacher_forced(model, False, dtype, steps=4, rows=1, prompt_len=700)
     finally:
         torch.set_num_threads(threads)
-    tolerance = FLOAT32_TOLERANCE if dtype is torch.float32 else 0.03
-    assert _rel(fused, torch_logits) < tolerance
-    assert _rel(fused_cache.k, torch_cache.k) < tolerance
+    if dtype is torch.float32:
+        _agree_in_float32(fused, torch_logits)
+        _agree_in_float32(fused_cache.k, torch_cache.k)
+    else:
+        assert _rel(fused, torch_logits) < 0.03 and _rel(fused_cache.k, torch_cache.k) < 0.03
 
 
 def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint: Path) -> None:
@@ -152,7 +169,7 @@ def test_rebinds_when_the_weights_move(checkpoint: Path) -> None:
     fused, _ = _teacher_forced(model, True, torch.float32)
     torch_logits, _ = _teacher_forced(model, False, torch.float32)
     assert _rel(fused, before) > 1e-2  # the change is seen...
-    assert _rel(fused, torch_logits) < FLOAT32_TOLERANCE  # ...and computed as the torch path does
+    _agree_in_float32(fused, torch_logits)  # ...and computed as the torch path does
 
 
 def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
