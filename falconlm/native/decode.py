@@ -1,14 +1,15 @@
-"""Every layer of a quantized Falcon's decode step in one native call (the ``decode`` library, ``decode.cpp``).
+"""Every layer of a Falcon decode step in one native call (the ``decode`` library, ``decode.cpp``).
 
 At batch 1 a token through torch is about fifty small matmuls and several hundred small ops, and their dispatch
 and thread wake-ups cost about as much time as reading the weights. :class:`FusedDecoder` runs all the layers in
 one OpenMP parallel region instead, as llama.cpp runs its whole graph in C.
 
 It applies to steps that add one token per row to a dense or paged KV cache (``AttentionContext.decode_rows``) of
-parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) whose layer matrices all run on
-the VNNI kernel (``falconlm.quant.kernels.vnni``). Everything else, and every step when ``FALCONLM_FUSED_DECODE``
-is 0, keeps the torch path. The residual stream stays in float32 inside the call, so results equal the torch
-path's up to rounding.
+parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) on the CPU whose layer matrices
+are all bfloat16, or all int8 / int4 on the VNNI kernel (``falconlm.quant.kernels.vnni``). Everything else, and
+every step when ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32
+inside the call, so results equal the torch path's up to rounding (in bfloat16, the torch path rounds the
+residual after every op and the fused one does not).
 """
 
 from __future__ import annotations
@@ -69,20 +70,22 @@ def enabled() -> bool:
 
 def unsupported(model: FalconModel) -> str | None:
     """Why ``model``'s decode steps cannot run fused, or None when they can."""
-    from ..quant.linear import QuantizedLinear
-
     c = model.config
     if not c.parallel_attn or not c.rotary or c.alibi or c.bias:
         return "only parallel-attention, rotary, bias-free layers run fused"
     if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
         return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
     shapes = {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
+    first = None
     for block in model.h:
-        for name, m in _matrices(block).items():
-            if not isinstance(m, QuantizedLinear) or m.kernel.name != "vnni" or m.bias is not None:
-                return "every layer matrix must be quantized and run on the VNNI kernel"
-            if m.out_features != shapes[name]:
-                return "the layer matrices are sharded (tensor parallel)"
+        kinds = {name: _kind(m) for name, m in _matrices(block).items()}
+        if None in kinds.values():
+            return "every layer matrix must be bfloat16 on the CPU, or quantized on the VNNI kernel, without bias"
+        if any(_matrices(block)[name].out_features != n for name, n in shapes.items()):
+            return "the layer matrices are sharded (tensor parallel)"
+        if first is not None and kinds != first:
+            return "the layers' matrices differ in format"
+        first = kinds
         ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
         if ln.weight.device.type != "cpu":
             return "the model is not on the CPU"
@@ -94,6 +97,35 @@ def unsupported(model: FalconModel) -> str | None:
 def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
     attn, mlp = block.self_attention, block.mlp
     return {"qkv": attn.query_key_value, "dense": attn.dense, "up": mlp.dense_h_to_4h, "down": mlp.dense_4h_to_h}
+
+
+def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(bits, padded width, group size) of a matrix the kernel can read, else None: int8 / int4 on the VNNI
+    kernel, or a bfloat16 weight (bits 16) whose shape fits the kernel's blocks."""
+    from ..quant.linear import QuantizedLinear
+
+    if getattr(m, "bias", None) is not None:
+        return None
+    if isinstance(m, QuantizedLinear):
+        s = m.spec
+        return (s.bits, s.padded_in, s.group_size) if m.kernel.name == "vnni" else None
+    w = getattr(m, "weight", None)
+    if not isinstance(m, torch.nn.Linear) or w.dtype is not torch.bfloat16 or w.device.type != "cpu":
+        return None
+    if not w.is_contiguous() or w.shape[1] % ACTIVATION_BLOCK or w.shape[0] % 16:
+        return None
+    return (16, w.shape[1], 0)
+
+
+def _weight(m: torch.nn.Module) -> _Weight:
+    bits, padded, group = _kind(m)
+    if bits == 16:
+        return _Weight(m.weight.data_ptr(), None, m.out_features, padded, m.in_features, 0, 16)
+    return _Weight(m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features, padded, m.in_features, group, bits)
+
+
+def _weight_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight] if isinstance(m, torch.nn.Linear) else [m.qweight, m.scales]
 
 
 class FusedDecoder:
@@ -115,7 +147,7 @@ class FusedDecoder:
         out = []
         for block in model.h:
             for m in _matrices(block).values():
-                out += [m.qweight, m.scales]
+                out += _weight_tensors(m)
             for name in ("ln_attn", "ln_mlp", "input_layernorm"):
                 if hasattr(block, name):
                     out += [getattr(block, name).weight, getattr(block, name).bias]
@@ -131,9 +163,7 @@ class FusedDecoder:
         for i, block in enumerate(model.h):
             layer = layers[i]
             for name, m in _matrices(block).items():
-                s = m.spec
-                setattr(layer, name, _Weight(m.qweight.data_ptr(), m.scales.data_ptr(), s.out_features, s.padded_in,
-                                             s.in_features, s.group_size, s.bits))  # fmt: skip
+                setattr(layer, name, _weight(m))
             norms = [block.ln_attn, block.ln_mlp] if hasattr(block, "ln_attn") else [block.input_layernorm]
             pointers = []
             for ln in norms:
@@ -152,8 +182,8 @@ class FusedDecoder:
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors(model))):
+            return None  # gradients go through the torch path
         if self._signature(model) != self._signature_now:
             if unsupported(model) is not None:
                 return None

@@ -1,4 +1,5 @@
-"""The fused decode step (falconlm/native/decode.py) against the torch path it replaces.
+"""The fused decode step (falconlm/native/decode.py) against the torch path it replaces, for int8 / int4 (VNNI)
+and bfloat16 weights.
 
 In float32 the two differ only by rounding (LayerNorm, GELU and attention sums in another order), so logits and
 the K/V written to the cache must agree to about 1e-7 relative; any mistake (a wrong rotation, cache slot, group
@@ -143,6 +144,29 @@ def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint:
     assert _rel(fused_cache.k, torch_cache.k) < 0.03
 
 
+def test_bf16_weights_run_fused_and_closer_to_float32_than_the_torch_path(checkpoint: Path) -> None:
+    exact, _ = _teacher_forced(FalconForCausalLM.from_pretrained(checkpoint), False, torch.float32)
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    assert model.transformer.fused_decode is True
+    calls = _counting(model)
+    fused, fused_cache = _teacher_forced(model, True, torch.bfloat16)
+    assert calls == [2] * 12
+    torch_logits, torch_cache = _teacher_forced(model, False, torch.bfloat16)
+    assert _rel(fused, exact) < 0.03
+    assert _rel(fused, exact) <= 1.2 * _rel(torch_logits, exact)
+    assert _rel(fused_cache.k, torch_cache.k) < 0.03
+
+
+def test_steps_that_need_gradients_take_the_torch_path(checkpoint: Path) -> None:
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    calls = _counting(model)
+    cache = KVCache(model.config, 1, 8, torch.bfloat16)
+    with torch.enable_grad():
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+        logits = model(torch.tensor([[4]]), kv_cache=cache)
+    assert logits.requires_grad and logits.grad_fn is not None and not calls
+
+
 def test_paged_engine_steps_run_fused_and_give_the_same_tokens(tmp_path: Path) -> None:
     checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     model = load_quantized(checkpoint, quantize="int4", dtype=torch.float32)
@@ -189,7 +213,8 @@ def test_models_it_cannot_run_keep_the_torch_path(tiny_checkpoint: Path, tmp_pat
     seven = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     reference = load_quantized(seven, quantize="int8", kernel="reference")
     assert "VNNI" in unsupported(reference.transformer) and reference.transformer.fused_decode is False
-    assert FalconForCausalLM.from_pretrained(seven).transformer.fused_decode is False  # not quantized
+    plain = FalconForCausalLM.from_pretrained(seven)  # float32 weights
+    assert plain.transformer.fused_decode is False and "bfloat16" in unsupported(plain.transformer)
     monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
     assert load_quantized(seven, quantize="int8").transformer.fused_decode is False
     monkeypatch.delenv("FALCONLM_FUSED_DECODE")

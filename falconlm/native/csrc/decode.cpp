@@ -1,5 +1,5 @@
-// A whole decode step of a quantized Falcon (every layer, one new token per row) in one call, for x86 CPUs with
-// AVX-512 VNNI and BF16.
+// A whole decode step of Falcon (every layer, one new token per row) in one call, for x86 CPUs with AVX-512 VNNI
+// and BF16, over int8 / int4 weights in the VNNI layout or bfloat16 weights.
 //
 // At batch 1 a token is about fifty small matmuls and a few hundred small element-wise ops; through torch each op
 // costs microseconds of dispatch and each matmul a fork and join of the threads, which adds up to as much time
@@ -15,11 +15,14 @@
 //   4. the attention-out and MLP-out matmuls, added to the residual.
 //
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
-// stream stays in float32. Weights are in the VNNI layout of quant_tiles.h (falconlm/quant/kernels/vnni.py).
+// stream stays in float32. Quantized weights are in the VNNI layout of quant_tiles.h (falconlm/quant/kernels/
+// vnni.py), with activations quantized to int8 blocks; bfloat16 weights are read in place (bf16_tiles.h), with
+// activations rounded to bfloat16.
 
 #include <omp.h>
 
 #include "attention.h"
+#include "bf16_tiles.h"
 #include "quant_tiles.h"
 #include <cmath>
 #include <algorithm>
@@ -34,14 +37,14 @@ constexpr int64_t BLOCK = 32;       // activation columns per int8 scale (vnni.p
 constexpr int64_t GELU_CHUNK = 8;   // activation blocks per unit of GELU work
 constexpr int64_t MIN_SPLIT_KEYS = 256;  // positions per thread worth splitting a row's attention for
 
-struct QuantWeight {  // one VNNI-tiled matrix
+struct Weight {  // bits 8 / 4: VNNI-tiled (quant_tiles.h), k padded; bits 16: bfloat16 [n][k] row-major, no scales
   const uint8_t* w;
   const void* scales;
   int64_t n, k, k_real, group, bits;
 };
 
 struct Layer {
-  QuantWeight qkv, dense, up, down;
+  Weight qkv, dense, up, down;
   const float *ln_attn_w, *ln_attn_b;  // float32 [hidden]
   const float *ln_mlp_w, *ln_mlp_b;    // null when the layer has one LayerNorm for both branches
 };
@@ -61,15 +64,23 @@ struct Rows {  // where each row's K/V live (see CacheView), and the row lengths
   const int64_t* context_lens;
 };
 
-struct Activations {  // int8 blocks of R rows of K columns: values, a scale and a sum per block
+struct Activations {  // R rows of K columns for a matmul's input, in the form its weight wants
+  // int8 weights (bits 8 or 4): int8 blocks of BLOCK columns, a scale and a sum per block;
+  // bfloat16 weights (bits 16): the values rounded to bfloat16.
   std::vector<int8_t> q;
   std::vector<float> s;
   std::vector<int32_t> sum;
-  int64_t K = 0, nb = 0;
+  std::vector<uint16_t> xb;
+  int64_t K = 0, nb = 0, bits = 8;
 
-  void resize(int64_t R, int64_t k) {
+  void resize(int64_t R, int64_t k, int64_t weight_bits) {
     K = k;
     nb = k / BLOCK;
+    bits = weight_bits == 16 ? 16 : 8;
+    if (bits == 16) {
+      if (static_cast<int64_t>(xb.size()) < R * K) xb.resize(R * K);
+      return;
+    }
     if (static_cast<int64_t>(q.size()) < R * K) q.resize(R * K);
     if (static_cast<int64_t>(s.size()) < R * nb) {
       s.resize(R * nb);
@@ -77,15 +88,21 @@ struct Activations {  // int8 blocks of R rows of K columns: values, a scale and
     }
   }
 
-  // Block b of row r from x (float32 or bfloat16), n <= BLOCK real values.
-  void quantize(int64_t r, int64_t b, const void* x, int x_bf16, int64_t n) {
+  // Block b of row r from x (float32 or bfloat16), n <= BLOCK real values (the rest of the block is zero).
+  void store_block(int64_t r, int64_t b, const void* x, int x_bf16, int64_t n) {
+    if (bits == 16) {
+      uint16_t* dst = xb.data() + r * K + b * BLOCK;
+      for (int64_t k = 0; k < BLOCK; ++k)
+        dst[k] = k >= n ? 0 : x_bf16 ? static_cast<const uint16_t*>(x)[k] : f32_to_bf16(static_cast<const float*>(x)[k]);
+      return;
+    }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b);
   }
 
-  void quantize_row(int64_t r, const float* x, int64_t k_real) {
+  void store_row(int64_t r, const float* x, int64_t k_real) {
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t n = k_real - b * BLOCK;
-      quantize(r, b, x + b * BLOCK, 0, n < 0 ? 0 : (n < BLOCK ? n : BLOCK));
+      store_block(r, b, x + b * BLOCK, 0, n < 0 ? 0 : (n < BLOCK ? n : BLOCK));
     }
   }
 };
@@ -170,7 +187,12 @@ void store_vector(const float* src, void* dst, int bf16, int64_t n) {
 }
 
 // Rows 0..R-1 of y[:, 16t : 16t + 16] for tile t of W against activations a.
-void matmul_tile(const QuantWeight& W, const Activations& a, int64_t t, int64_t R, float* y) {
+void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, float* y) {
+  if (W.bits == 16) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
+    for (int64_t n0 = t * TILE; n0 < (t + 1) * TILE; n0 += bf16::NR) bf16::rows_block<bf16::NR>(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
+    return;
+  }
   for (int64_t m = 0; m < R; m += MR) {
     const int rows = static_cast<int>(R - m < MR ? R - m : MR);
     weight_tile(a.q.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group, static_cast<int>(W.bits), W.w,
@@ -209,12 +231,12 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
   resize(buf.up, R * n_up);
   resize(buf.out_attn, R * H);
   resize(buf.out_mlp, R * H);
-  buf.a_qkv.resize(R, first.qkv.k);
-  buf.a_up.resize(R, first.up.k);
-  buf.a_dense.resize(R, first.dense.k);
-  buf.a_down.resize(R, first.down.k);
+  buf.a_qkv.resize(R, first.qkv.k, first.qkv.bits);
+  buf.a_up.resize(R, first.up.k, first.up.bits);
+  buf.a_dense.resize(R, first.dense.k, first.dense.bits);
+  buf.a_down.resize(R, first.down.k, first.down.bits);
   for (int64_t r = 0; r < R; ++r)  // the attention output's padding columns, if any, stay zero
-    for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.quantize(r, b, nullptr, 0, 0);
+    for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.store_block(r, b, nullptr, 0, 0);
 
   const int64_t qkv_tiles = n_qkv / TILE, in_tiles = qkv_tiles + n_up / TILE, out_tiles = H / TILE;
   const int64_t attention_units = R * G;
@@ -249,13 +271,13 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
       for (int64_t r = tid; r < R; r += nt) {
         float* a = buf.ln_attn.data() + r * H;
         layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
-        buf.a_qkv.quantize_row(r, a, H);
+        buf.a_qkv.store_row(r, a, H);
         if (L.ln_mlp_w != nullptr) {
           float* m = buf.ln_mlp.data() + r * H;
           layer_norm(x + r * H, H, L.ln_mlp_w, L.ln_mlp_b, eps, m);
-          buf.a_up.quantize_row(r, m, H);
+          buf.a_up.store_row(r, m, H);
         } else {
-          buf.a_up.quantize_row(r, a, H);
+          buf.a_up.store_row(r, a, H);
         }
       }
 #pragma omp barrier
@@ -290,13 +312,13 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
         for (int64_t b = c * GELU_CHUNK; b < (c + 1) * GELU_CHUNK && b < buf.a_down.nb; ++b) {
           const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
           gelu(buf.up.data() + r * n_up + b * BLOCK, n, ts.gelu.data());
-          buf.a_down.quantize(r, b, ts.gelu.data(), 0, n);
+          buf.a_down.store_block(r, b, ts.gelu.data(), 0, n);
         }
       };
       auto quantize_heads = [&](int64_t r, int64_t g, const void* out, int out_bf16) {  // [per_group][d]
         const int64_t b0 = g * per_group * d / BLOCK, size = out_bf16 ? 2 : 4;
         for (int64_t b = 0; b < per_group * d / BLOCK; ++b)
-          buf.a_dense.quantize(r, b0 + b, static_cast<const char*>(out) + b * BLOCK * size, out_bf16, BLOCK);
+          buf.a_dense.store_block(r, b0 + b, static_cast<const char*>(out) + b * BLOCK * size, out_bf16, BLOCK);
       };
       if (splits == 1) {  // one unit per (row, group): prepare, attend, quantize
 #pragma omp for schedule(dynamic, 1)
