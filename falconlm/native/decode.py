@@ -128,6 +128,11 @@ def _weight_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
     return [m.weight] if isinstance(m, torch.nn.Linear) else [m.qweight, m.scales]
 
 
+def _signature(tensors: list[torch.Tensor]) -> tuple:
+    """Where the tensors are and in what dtype: a change means the native pointers must be rebuilt."""
+    return tuple((t.data_ptr(), t.dtype) for t in tensors)
+
+
 class FusedDecoder:
     """Runs one model's layers for decode steps natively (see :func:`decode_layers`).
 
@@ -153,9 +158,6 @@ class FusedDecoder:
                     out += [getattr(block, name).weight, getattr(block, name).bias]
         return out
 
-    def _signature(self, model: FalconModel) -> tuple:
-        return tuple((t.data_ptr(), t.dtype) for t in self._tensors(model))
-
     def _bind(self, model: FalconModel) -> None:
         c = model.config
         self._keep: list[torch.Tensor] = []  # float32 copies of LayerNorm parameters, alive as long as we are
@@ -174,7 +176,7 @@ class FusedDecoder:
             layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
             layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
         self._layers = layers
-        self._signature_now = self._signature(model)
+        self._signature_now = _signature(self._tensors(model))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
         """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
@@ -182,16 +184,19 @@ class FusedDecoder:
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors(model))):
+        tables, lengths = rows.block_tables, rows.context_lens
+        if x.numel() != lengths.numel() * model.config.hidden_size or tables.shape[0] != lengths.numel():
+            raise ValueError(f"a decode step of {lengths.numel()} rows got hidden states {list(x.shape)}")
+        tensors = self._tensors(model)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             return None  # gradients go through the torch path
-        if self._signature(model) != self._signature_now:
+        if _signature(tensors) != self._signature_now:
             if unsupported(model) is not None:
                 return None
             self._bind(model)
         c = model.config
         shape = _Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
                        c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
-        tables, lengths = rows.block_tables, rows.context_lens
         where = _Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
                       rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
         residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
@@ -217,7 +222,7 @@ def decoder_for(model: FalconModel) -> FusedDecoder:
 
 def supports(model: FalconModel) -> bool:
     """Whether ``model``'s decode steps should run fused: it can, and ``FALCONLM_FUSED_DECODE`` is not off.
-    Quantized models are marked with this at load (``FalconModel.fused_decode``)."""
+    Models loaded from a checkpoint, plain or quantized, are marked with this (``FalconModel.fused_decode``)."""
     return enabled() and unsupported(model) is None
 
 

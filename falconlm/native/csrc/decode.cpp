@@ -6,7 +6,7 @@
 // as the matmuls' own memory traffic. Here the threads enter one OpenMP parallel region for the whole step and
 // meet at four barriers per layer:
 //
-//   1. LayerNorm(s) of the residual, quantized to int8 blocks for the next matmuls;
+//   1. LayerNorm(s) of the residual, as int8 blocks (or bfloat16) for the next matmuls;
 //   2. the QKV and MLP-in matmuls (their 16-row weight tiles split evenly between the threads);
 //   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
 //      (attention.h); the MLP's GELU; both results quantized for the output matmuls. When there are fewer
@@ -190,7 +190,8 @@ void store_vector(const float* src, void* dst, int bf16, int64_t n) {
 void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, float* y) {
   if (W.bits == 16) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
-    for (int64_t n0 = t * TILE; n0 < (t + 1) * TILE; n0 += bf16::NR) bf16::rows_block<bf16::NR>(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
+    for (int64_t n0 = t * TILE; n0 < (t + 1) * TILE; n0 += bf16::NR)
+      bf16::rows_block<bf16::NR>(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
     return;
   }
   for (int64_t m = 0; m < R; m += MR) {
@@ -267,7 +268,7 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
     resize(ts.gelu, GELU_CHUNK * BLOCK);
     for (int64_t li = 0; li < shape->layers; ++li) {
       const Layer& L = layers[li];
-      // 1. LayerNorm(s), quantized for the QKV and MLP-in matmuls.
+      // 1. LayerNorm(s), in the QKV and MLP-in matmuls' input form.
       for (int64_t r = tid; r < R; r += nt) {
         float* a = buf.ln_attn.data() + r * H;
         layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
