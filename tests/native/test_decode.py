@@ -19,7 +19,7 @@ import torch
 
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.engine.sampling_params import SamplingParams
-from falconlm.model.attention import KVCache
+from falconlm.model.attention import DecodeRows, KVCache
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.native import library
 from falconlm.native.decode import decoder_for, unsupported
@@ -236,3 +236,16 @@ def test_a_copied_model_decodes_with_its_own_weights_and_a_dropped_one_is_freed(
     alive = weakref.ref(twin.transformer)
     del twin
     assert alive() is None  # freed at once: the model holds no reference cycle through its decoder
+
+
+def test_a_step_whose_rows_and_hidden_states_disagree_is_refused(checkpoint: Path) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    cache = KVCache(model.config, 2, 8, torch.float32)
+    rows = DecodeRows(
+        cache.k, cache.v, cache.k.stride(0), cache.k.stride(1), cache.k.stride(3), cache.k.stride(2), 8,
+        torch.arange(2)[:, None], torch.tensor([1, 1]),
+    )  # fmt: skip
+    d = model.config.head_dim
+    one_row = torch.zeros(1, 1, model.config.hidden_size)
+    with pytest.raises(ValueError, match="decode step of 2 rows"):
+        decoder_for(model.transformer)(one_row, torch.ones(1, 1, 1, 1, d), torch.zeros(1, 1, 1, 1, d), rows)
