@@ -119,9 +119,7 @@ class DenseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
-            end = self.past + k.shape[2]
-            if end > self.cache.max_len:
-                raise ValueError(f"KV cache holds {self.cache.max_len} positions, the batch needs {end}")
+            end = self._cache_end(k.shape[2])
             self.cache.k[layer, :, :, self.past : end] = k
             self.cache.v[layer, :, :, self.past : end] = v
             k = self.cache.k[layer, :, :, :end]
@@ -133,13 +131,18 @@ class DenseAttention:
         if self.cache is None or self.mask is not None or self.is_causal or self.dropout_p:
             return None
         k, v = self.cache.k, self.cache.v  # [layers, B, G, S, d]: one block of S positions per row
-        if self.past + 1 > self.cache.max_len:
-            raise ValueError(f"KV cache holds {self.cache.max_len} positions, the batch needs {self.past + 1}")
-        rows = k.shape[1]
+        end, rows = self._cache_end(1), k.shape[1]
         return DecodeRows(
             k, v, k.stride(0), k.stride(1), k.stride(3), k.stride(2), self.cache.max_len,
-            torch.arange(rows, dtype=torch.int64)[:, None], torch.full((rows,), self.past + 1, dtype=torch.int64),
+            torch.arange(rows, dtype=torch.int64)[:, None], torch.full((rows,), end, dtype=torch.int64),
         )  # fmt: skip
+
+    def _cache_end(self, new: int) -> int:
+        """The cache length after ``new`` more positions; ValueError when the cache cannot hold them."""
+        end = self.past + new
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} positions, the batch needs {end}")
+        return end
 
 
 def build_dense_attention(

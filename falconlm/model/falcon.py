@@ -112,7 +112,7 @@ class FalconModel(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        # Set for quantized models whose decode steps can run every layer in one native call (native/decode.py).
+        # Set at load when this model's decode steps can run every layer in one native call (native/decode.py).
         self.fused_decode = False
 
     def forward(

@@ -86,7 +86,7 @@ class PagedAttention:
         return out
 
     def decode_rows(self) -> DecodeRows | None:
-        if self.alibi_slopes is not None or any(n != 1 for n in self.query_lens) or not self.query_lens:
+        if self.alibi_slopes is not None or not self.query_lens or len(self._decode_rows) != len(self.query_lens):
             return None
         k, v = self.cache.k, self.cache.v  # [layers, num_blocks, block_size, G, d]
         tables, lengths = self._decode_tables  # every row is a decode row, in order

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import library
+from . import _switch, library
 
 if TYPE_CHECKING:
     from ..model.attention import DecodeRows
@@ -65,7 +65,7 @@ class _Rows(ctypes.Structure):
 
 def enabled() -> bool:
     """False when ``FALCONLM_FUSED_DECODE`` is 0 / false / off."""
-    return os.environ.get("FALCONLM_FUSED_DECODE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return _switch(os.environ.get("FALCONLM_FUSED_DECODE", "1"))
 
 
 def unsupported(model: FalconModel) -> str | None:
