@@ -1,12 +1,10 @@
 // Decode-step attention, shared by the bf16 kernels and the fused decode layers: one query position of one
 // row and KV group against that row's cached keys and values, read in place from a (paged) cache.
 //
-// Needs AVX-512 BF16 (vdpbf16ps scores for a bfloat16 cache).
+// Written against simd.h; a bfloat16 cache's scores use vdpbf16ps where the CPU has it, else widened keys.
 #pragma once
 
-#include <immintrin.h>
-
-#include "bf16.h"
+#include "simd.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -14,40 +12,9 @@
 
 namespace falcon {
 
-inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
-
 constexpr int MAX_CHUNKS = 16;  // head_dim up to 256, in 16-lane chunks
 constexpr int HEAD_BLOCK = 4;   // query heads whose weighted sums are built together
 constexpr int KEY_BLOCK = 8;    // keys whose scores are built together
-
-// e^x for x <= 0 (scores minus their maximum), float32 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2,
-// p a degree-6 Taylor polynomial (relative error below 2e-7); very negative x gives 0.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
-  __m512 p = _mm512_set1_ps(1.f / 720.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 load16(const void* base, int64_t i, int bf16) {
-  if (bf16) return load_bf16x16(static_cast<const uint16_t*>(base) + i);
-  return _mm512_loadu_ps(static_cast<const float*>(base) + i);
-}
-
-inline void store16(void* base, int64_t i, __m512 v, int bf16) {
-  if (bf16) {
-    store_bf16x16(static_cast<uint16_t*>(base) + i, v);
-  } else {
-    _mm512_storeu_ps(static_cast<float*>(base) + i, v);
-  }
-}
 
 struct AttentionScratch {  // one per thread, grown as needed
   std::vector<float> qt;         // [d][heads per group, padded to 16]: the group's queries, transposed and scaled
@@ -86,14 +53,18 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
   static thread_local AttentionScratch s;
   const int64_t chunks = d / 16;
   const int64_t hp = (per_group + 15) / 16 * 16;  // heads padded to whole 16-lane vectors
-  if (!bf16 && static_cast<int64_t>(s.qt.size()) < d * hp) s.qt.resize(d * hp);
   if (static_cast<int64_t>(s.scores.size()) < L * hp) s.scores.resize(L * hp);
   if (static_cast<int64_t>(s.key.size()) < KEY_BLOCK * d) s.key.resize(KEY_BLOCK * d);
   if (static_cast<int64_t>(s.offsets.size()) < L) s.offsets.resize(L);
   auto at = [&](const void* base, int64_t i) -> float {
     return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
   };
-  if (bf16) {  // [d / 2][hp] pairs of bfloat16 query elements, unscaled (the scale is applied in float32)
+#if defined(FALCON_BF16_DOT)
+  const bool pairs = bf16 != 0;  // bfloat16 scores as pair dot products (vdpbf16ps)
+#else
+  const bool pairs = false;  // keys widened to float32
+#endif
+  if (pairs) {  // [d / 2][hp] pairs of bfloat16 query elements, unscaled (the scale is applied in float32)
     if (static_cast<int64_t>(s.qpairs.size()) < d / 2 * hp) s.qpairs.resize(d / 2 * hp);
     const uint16_t* qb = static_cast<const uint16_t*>(q);
     for (int64_t i = 0; i < d; i += 2)
@@ -102,6 +73,7 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
                                                          static_cast<uint32_t>(qb[j * d + i + 1]) << 16
                                                    : 0u;
   } else {
+    if (static_cast<int64_t>(s.qt.size()) < d * hp) s.qt.resize(d * hp);
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < hp; ++j) s.qt[i * hp + j] = j < per_group ? at(q, j * d + i) * scale : 0.f;
   }
@@ -112,49 +84,51 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
   // Scores with the heads in the lanes: each key element is broadcast against 16 heads' query elements, so no
   // sum across lanes is needed; the running maximum is kept per lane (per head) as well.
   for (int64_t j0 = 0; j0 < hp; j0 += 16) {
-    __m512 top = _mm512_set1_ps(-INFINITY);
+    F32x16 top = set1(-INFINITY);
     for (int64_t p0 = 0; p0 < L; p0 += KEY_BLOCK) {  // KEY_BLOCK keys at a time: independent sums
       const int64_t nk = L - p0 < KEY_BLOCK ? L - p0 : KEY_BLOCK;
-      __m512 acc[KEY_BLOCK];
-      for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = _mm512_setzero_ps();
-      if (bf16) {  // bfloat16 pairs: one vdpbf16ps adds two elements of 16 heads' dot products
+      F32x16 acc[KEY_BLOCK];
+      for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = zero();
+#if defined(FALCON_BF16_DOT)
+      if (pairs) {  // one vdpbf16ps adds two elements of 16 heads' dot products
         const uint16_t* keys[KEY_BLOCK];
         for (int t = 0; t < KEY_BLOCK; ++t) keys[t] = static_cast<const uint16_t*>(c.k) + s.offsets[p0 + (t < nk ? t : 0)];
         for (int64_t i = 0; i < d; i += 2) {
-          const __m512i qv = _mm512_loadu_si512(&s.qpairs[(i / 2) * hp + j0]);
+          const BF16x32 qv{_mm512_loadu_si512(&s.qpairs[(i / 2) * hp + j0])};
           for (int t = 0; t < KEY_BLOCK; ++t) {
             int32_t pair;
             std::memcpy(&pair, keys[t] + i, 4);
-            acc[t] = _mm512_dpbf16_ps(acc[t], as_bh(qv), as_bh(_mm512_set1_epi32(pair)));
+            acc[t] = dot_bf16(acc[t], qv, BF16x32{_mm512_set1_epi32(pair)});
           }
         }
-        for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = _mm512_mul_ps(acc[t], _mm512_set1_ps(scale));
-      } else {
+        for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = mul(acc[t], set1(scale));
+      }
+#endif
+      if (!pairs) {
         for (int64_t t = 0; t < nk; ++t)
-          for (int64_t u = 0; u < chunks; ++u)
-            _mm512_storeu_ps(&s.key[t * d + u * 16], load16(c.k, s.offsets[p0 + t] + u * 16, bf16));
+          for (int64_t u = 0; u < chunks; ++u) store(&s.key[t * d + u * 16], load_any(c.k, s.offsets[p0 + t] + u * 16, bf16));
         for (int64_t i = 0; i < d; ++i) {
-          const __m512 qv = _mm512_loadu_ps(&s.qt[i * hp + j0]);
-          for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = _mm512_fmadd_ps(qv, _mm512_set1_ps(s.key[t * d + i]), acc[t]);
+          const F32x16 qv = load(&s.qt[i * hp + j0]);
+          for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = fmadd(qv, set1(s.key[t * d + i]), acc[t]);
         }
       }
       for (int64_t t = 0; t < nk; ++t) {
-        _mm512_storeu_ps(&s.scores[(p0 + t) * hp + j0], acc[t]);
-        top = _mm512_max_ps(top, acc[t]);
+        store(&s.scores[(p0 + t) * hp + j0], acc[t]);
+        top = max(top, acc[t]);
       }
     }
     // Softmax numerators in place, and their sums per head.
-    __m512 total = _mm512_setzero_ps();
+    F32x16 total = zero();
     for (int64_t p = 0; p < L; ++p) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(&s.scores[p * hp + j0]), top));
-      _mm512_storeu_ps(&s.scores[p * hp + j0], e);
-      total = _mm512_add_ps(total, e);
+      const F32x16 e = exp_nonpositive(sub(load(&s.scores[p * hp + j0]), top));
+      store(&s.scores[p * hp + j0], e);
+      total = add(total, e);
     }
     alignas(64) float sums[16];
-    _mm512_store_ps(sums, total);
+    store(sums, total);
     if (part != nullptr) {
       alignas(64) float tops[16];
-      _mm512_store_ps(tops, top);
+      store(tops, top);
       for (int64_t j = j0; j < j0 + 16 && j < per_group; ++j) {
         part->max[j] = tops[j - j0];
         part->sum[j] = sums[j - j0];
@@ -164,22 +138,22 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
     const int64_t j_end = j0 + 16 < per_group ? j0 + 16 : per_group;
     for (int64_t jb = j0; jb < j_end; jb += HEAD_BLOCK) {
       const int64_t nh = j_end - jb < HEAD_BLOCK ? j_end - jb : HEAD_BLOCK;
-      __m512 acc[HEAD_BLOCK][MAX_CHUNKS];
+      F32x16 acc[HEAD_BLOCK][MAX_CHUNKS];
       for (int64_t j = 0; j < nh; ++j)
-        for (int64_t u = 0; u < chunks; ++u) acc[j][u] = _mm512_setzero_ps();
+        for (int64_t u = 0; u < chunks; ++u) acc[j][u] = zero();
       for (int64_t p = 0; p < L; ++p) {
-        __m512 val[MAX_CHUNKS];
-        for (int64_t u = 0; u < chunks; ++u) val[u] = load16(c.v, s.offsets[p] + u * 16, bf16);
+        F32x16 val[MAX_CHUNKS];
+        for (int64_t u = 0; u < chunks; ++u) val[u] = load_any(c.v, s.offsets[p] + u * 16, bf16);
         for (int64_t j = 0; j < nh; ++j) {
-          const __m512 w = _mm512_set1_ps(s.scores[p * hp + jb + j]);
-          for (int64_t u = 0; u < chunks; ++u) acc[j][u] = _mm512_fmadd_ps(w, val[u], acc[j][u]);
+          const F32x16 w = set1(s.scores[p * hp + jb + j]);
+          for (int64_t u = 0; u < chunks; ++u) acc[j][u] = fmadd(w, val[u], acc[j][u]);
         }
       }
       for (int64_t j = 0; j < nh && part != nullptr; ++j)
-        for (int64_t u = 0; u < chunks; ++u) _mm512_storeu_ps(part->acc + (jb + j) * d + u * 16, acc[j][u]);
+        for (int64_t u = 0; u < chunks; ++u) store(part->acc + (jb + j) * d + u * 16, acc[j][u]);
       for (int64_t j = 0; j < nh && part == nullptr; ++j) {
-        const __m512 inv = _mm512_set1_ps(1.f / sums[jb + j - j0]);
-        for (int64_t u = 0; u < chunks; ++u) store16(out, (jb + j) * d + u * 16, _mm512_mul_ps(acc[j][u], inv), bf16);
+        const F32x16 inv = set1(1.f / sums[jb + j - j0]);
+        for (int64_t u = 0; u < chunks; ++u) store_any(out, (jb + j) * d + u * 16, mul(acc[j][u], inv), bf16);
       }
     }
   }

@@ -1,41 +1,49 @@
-// bfloat16 matmuls for few rows on x86 CPUs with AVX-512 BF16: y[M, N] = x[M, K] @ w[N, K].T.
+// bfloat16 matmuls y[M, N] = x[M, K] @ w[N, K].T, a row-wise argmax, and decode-step attention (attention.h).
 //
-// Meant for decode steps (M up to a few dozen rows), where a general GEMM spends its time packing the weight:
-// this one reads w in its own row-major layout, once per block of activation rows. Each inner step is one
-// vdpbf16ps: 32 bfloat16 products summed pairwise into 16 float32 lanes; a block of 2 weight rows x 8
-// activation rows of accumulators is summed across lanes at the end. Threads split the weight rows into
-// contiguous ranges, so each streams its part of w from memory once per call.
+// The matmul reads w in its own row-major layout, a block of 2 weight rows against a block of activation rows at
+// a time (bf16_tiles.h), so decode steps pay nothing for packing the weight as a general GEMM does. Threads split
+// the weight rows into contiguous ranges, so each streams its part of w once per block of activation rows;
+// activation rows go in blocks small enough to stay in the core's cache. Every output element is one row's dot
+// product summed in a fixed order, so a row's result is the same whatever else shares the call (batch-invariant).
 //
-// Also a row-wise argmax for float32 / bfloat16 logits (the greedy pick), which torch does element by element.
+// The argmax is the greedy pick over float32 / bfloat16 logits, which torch does element by element.
 
-#include <immintrin.h>
 #include <omp.h>
 
 #include "attention.h"
-#include "bf16.h"
 #include "bf16_tiles.h"
+#include "simd.h"
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <vector>
 
 using namespace falcon;
 using namespace falcon::bf16;
 
+namespace {
+constexpr int64_t M_BLOCK = 64;  // activation rows per pass over the weight (64 x 4096 x 2 bytes = 512 KiB)
+}
+
 extern "C" {
+
+// The instruction set this library was built for.
+const char* falcon_isa() { return isa_name(); }
 
 // x: bfloat16 [M, K], rows ldx apart; w: bfloat16 [N, K] contiguous; y: bfloat16 [M, N] contiguous.
 // K must be a multiple of 32.
 void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
                         uint16_t* y, int nthreads) {
   const int64_t blocks = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * NR;
-    if (N - n0 >= NR) {
-      rows_block<NR>(x, ldx, M, w, K, n0, y, N);
-    } else {
-      rows_block<1>(x, ldx, M, w, K, n0, y, N);
+#pragma omp parallel num_threads(nthreads)
+  for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
+    const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * NR;
+      if (N - n0 >= NR) {
+        rows_block<NR>(x + mb * ldx, ldx, rows, w, K, n0, y + mb * N, N);
+      } else {
+        rows_block<1>(x + mb * ldx, ldx, rows, w, K, n0, y + mb * N, N);
+      }
     }
   }
 }
@@ -43,22 +51,23 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 // out[m] = the first index of the largest value of row m of x [M, N] (float32 or bfloat16, rows ldx apart).
 // NaN counts as largest, as in torch.argmax.
 void falcon_argmax_rows(const void* x, int x_bf16, int64_t M, int64_t N, int64_t ldx, int64_t* out, int nthreads) {
+  const int64_t elem = x_bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M >= 4)
   for (int64_t m = 0; m < M; ++m) {
-    const float* xf = static_cast<const float*>(x) + m * ldx;
-    const uint16_t* xb = static_cast<const uint16_t*>(x) + m * ldx;
-    auto load = [&](int64_t k) -> __m512 { return x_bf16 ? load_bf16x16(xb + k) : _mm512_loadu_ps(xf + k); };
-    auto at = [&](int64_t k) -> float { return x_bf16 ? bf16_to_f32(xb[k]) : xf[k]; };
+    const void* row = static_cast<const char*>(x) + m * ldx * elem;
+    auto at = [&](int64_t k) -> float {
+      return x_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(row)[k]) : static_cast<const float*>(row)[k];
+    };
     // Pass 1: the maximum (NaN wins), 16 lanes at a time.
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
+    F32x16 best = set1(-INFINITY);
+    uint32_t nan = 0;
     int64_t k = 0;
     for (; k + 16 <= N; k += 16) {
-      const __m512 v = load(k);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      best = _mm512_max_ps(best, v);
+      const F32x16 v = load_any(row, k, x_bf16);
+      nan |= mask_nan(v);
+      best = max(best, v);
     }
-    float top = _mm512_reduce_max_ps(best);
+    float top = reduce_max(best);
     bool has_nan = nan != 0;
     for (int64_t j = k; j < N; ++j) {
       const float v = at(j);
@@ -66,26 +75,20 @@ void falcon_argmax_rows(const void* x, int x_bf16, int64_t M, int64_t N, int64_t
       else if (v > top) top = v;
     }
     // Pass 2: the first index holding it.
-    const __m512 target = _mm512_set1_ps(top);
+    const F32x16 target = set1(top);
     int64_t found = -1;
     for (k = 0; k + 16 <= N && found < 0; k += 16) {
-      const __m512 v = load(k);
-      const __mmask16 hit = has_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+      const F32x16 v = load_any(row, k, x_bf16);
+      const uint32_t hit = has_nan ? mask_nan(v) : mask_eq(v, target);
       if (hit) found = k + __builtin_ctz(hit);
     }
     for (int64_t j = k; j < N && found < 0; ++j) {
       const float v = at(j);
       if (has_nan ? v != v : v == top) found = j;
     }
-    if (found < 0) found = 0;
-    out[m] = found;
+    out[m] = found < 0 ? 0 : found;
   }
 }
-
-}  // extern "C"
-
-// ---- decode attention ---------------------------------------------------------------------------------------
-extern "C" {
 
 // One query position per row against that row's cached keys and values (a decode step): softmax(q.k * scale) v.
 // q, out: [R, Hq, d] contiguous, bfloat16 or float32 like the cache. K/V element (block b, position p, group g,

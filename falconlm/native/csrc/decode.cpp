@@ -1,5 +1,5 @@
-// A whole decode step of Falcon (every layer, one new token per row) in one call, for x86 CPUs with AVX-512 VNNI
-// and BF16, over int8 / int4 weights in the VNNI layout or bfloat16 weights.
+// A whole decode step of Falcon (every layer, one new token per row) in one call, over int8 / int4 weights in the
+// tiled layout of quant_tiles.h or bfloat16 weights, for every instruction set of simd.h.
 //
 // At batch 1 a token is about fifty small matmuls and a few hundred small element-wise ops; through torch each op
 // costs microseconds of dispatch and each matmul a fork and join of the threads, which adds up to as much time
@@ -9,14 +9,14 @@
 //   1. LayerNorm(s) of the residual, as int8 blocks (or bfloat16) for the next matmuls;
 //   2. the QKV and MLP-in matmuls (their 16-row weight tiles split evenly between the threads);
 //   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
-//      (attention.h); the MLP's GELU; both results quantized for the output matmuls. When there are fewer
-//      (row, group) pairs than threads and the rows are long, each row's positions are split between the
-//      threads and the parts combined (two more barriers);
+//      (attention.h); the MLP's GELU; both results quantized for the output matmuls. A row longer than
+//      PART_KEYS positions is attended in parts of that size, shared between the threads, then combined (two
+//      more barriers);
 //   4. the attention-out and MLP-out matmuls, added to the residual.
 //
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
-// stream stays in float32. Quantized weights are in the VNNI layout of quant_tiles.h (falconlm/quant/kernels/
-// vnni.py), with activations quantized to int8 blocks; bfloat16 weights are read in place (bf16_tiles.h), with
+// stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h (falconlm/quant/kernels/
+// native.py), with activations quantized to int8 blocks; bfloat16 weights are read in place (bf16_tiles.h), with
 // activations rounded to bfloat16.
 
 #include <omp.h>
@@ -24,9 +24,12 @@
 #include "attention.h"
 #include "bf16_tiles.h"
 #include "quant_tiles.h"
-#include <cmath>
+#include "simd.h"
 #include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -35,7 +38,9 @@ using namespace falcon;
 
 constexpr int64_t BLOCK = 32;       // activation columns per int8 scale (vnni.py's ACTIVATION_BLOCK)
 constexpr int64_t GELU_CHUNK = 8;   // activation blocks per unit of GELU work
-constexpr int64_t MIN_SPLIT_KEYS = 256;  // positions per thread worth splitting a row's attention for
+// A row longer than this is attended in parts of this many positions, which threads share, then combined. Fixed,
+// so that a row's sums run in the same order whatever the batch and the number of threads.
+constexpr int64_t PART_KEYS = 512;
 
 struct Weight {  // bits 8 / 4: VNNI-tiled (quant_tiles.h), k padded; bits 16: bfloat16 [n][k] row-major, no scales
   const uint8_t* w;
@@ -109,8 +114,9 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
 
 struct Buffers {
   std::vector<float> ln_attn, ln_mlp, qkv, up, out_attn, out_mlp;
-  std::vector<float> q, part_stats, part_acc;  // split attention: queries, then each part's results
+  std::vector<float> q, part_stats, part_acc;  // long rows' attention: queries, then each part's results
   std::vector<Partial> parts;
+  std::vector<int64_t> part_start;
   Activations a_qkv, a_up, a_dense, a_down;
 };
 
@@ -120,51 +126,47 @@ void resize(std::vector<float>& v, int64_t n) {
 
 // y = (x - mean) / sqrt(var + eps) * w + b over H (a multiple of 16) float32 values.
 void layer_norm(const float* x, int64_t H, const float* w, const float* b, float eps, float* y) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < H; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
-  const float mean = _mm512_reduce_add_ps(acc) / static_cast<float>(H);
-  const __m512 m = _mm512_set1_ps(mean);
-  acc = _mm512_setzero_ps();
+  F32x16 acc = zero();
+  for (int64_t i = 0; i < H; i += 16) acc = add(acc, load(x + i));
+  const F32x16 m = set1(reduce_add(acc) / static_cast<float>(H));
+  acc = zero();
   for (int64_t i = 0; i < H; i += 16) {
-    const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(x + i), m);
-    acc = _mm512_fmadd_ps(c, c, acc);
+    const F32x16 c = sub(load(x + i), m);
+    acc = fmadd(c, c, acc);
   }
-  const float var = _mm512_reduce_add_ps(acc) / static_cast<float>(H);
-  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(var + eps));
-  for (int64_t i = 0; i < H; i += 16) {
-    const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), m), inv);
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(c, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
-  }
+  const F32x16 inv = set1(1.f / std::sqrt(reduce_add(acc) / static_cast<float>(H) + eps));
+  for (int64_t i = 0; i < H; i += 16)
+    store(y + i, fmadd(mul(sub(load(x + i), m), inv), load(w + i), load(b + i)));
 }
 
-// erf for float32 lanes: x clamped to [-4, 4], then an odd rational function of x (degree 13 over degree 8),
+// erf for 16 float32 lanes: x clamped to [-4, 4], then an odd rational function of x (degree 13 over degree 8),
 // absolute error below 5e-7.
-inline __m512 erf16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-4.f)), _mm512_set1_ps(4.f));
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(-2.72614225801306e-10f);
+inline F32x16 erf16(F32x16 x) {
+  x = min(max(x, set1(-4.f)), set1(4.f));
+  const F32x16 x2 = mul(x, x);
+  F32x16 p = set1(-2.72614225801306e-10f);
   for (float c : {2.77068142495902e-08f, -2.10102402082508e-06f, -5.69250639462346e-05f, -7.34990630326855e-04f,
                   -2.95459980854025e-03f, -1.60960333262415e-02f})
-    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(c));
-  __m512 q = _mm512_set1_ps(-1.45660718464996e-05f);
+    p = fmadd(p, x2, set1(c));
+  F32x16 q = set1(-1.45660718464996e-05f);
   for (float c : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f, -1.42647390514189e-02f})
-    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(c));
-  return _mm512_div_ps(_mm512_mul_ps(x, p), q);
+    q = fmadd(q, x2, set1(c));
+  return div(mul(x, p), q);
+}
+
+inline F32x16 gelu16(F32x16 v) {
+  return mul(mul(set1(0.5f), v), add(set1(1.f), erf16(mul(v, set1(0.70710678118654752f)))));
 }
 
 // The exact GELU, x * (1 + erf(x / sqrt 2)) / 2, of n values (any count) from x into y.
 void gelu(const float* x, int64_t n, float* y) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f), rsqrt2 = _mm512_set1_ps(0.70710678118654752f);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf16(_mm512_mul_ps(v, rsqrt2)))));
-  }
-  if (i < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
-    _mm512_mask_storeu_ps(y + i, tail,
-                          _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf16(_mm512_mul_ps(v, rsqrt2)))));
+  for (; i + 16 <= n; i += 16) store(y + i, gelu16(load(x + i)));
+  if (i < n) {  // the tail through a zero-padded copy
+    alignas(64) float tail[16] = {};
+    std::memcpy(tail, x + i, (n - i) * sizeof(float));
+    store(tail, gelu16(load(tail)));
+    std::memcpy(y + i, tail, (n - i) * sizeof(float));
   }
 }
 
@@ -241,19 +243,19 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
 
   const int64_t qkv_tiles = n_qkv / TILE, in_tiles = qkv_tiles + n_up / TILE, out_tiles = H / TILE;
   const int64_t attention_units = R * G;
-  int64_t longest = 0;
-  for (int64_t r = 0; r < R; ++r) longest = rows->context_lens[r] > longest ? rows->context_lens[r] : longest;
-  int64_t splits = 1;  // parts of each row's positions, when there are fewer (row, group) pairs than threads
-  if (attention_units < nthreads) {
-    splits = (nthreads + attention_units - 1) / attention_units;
-    if (splits > longest / MIN_SPLIT_KEYS) splits = longest / MIN_SPLIT_KEYS > 1 ? longest / MIN_SPLIT_KEYS : 1;
+  std::vector<int64_t>& part_start = buf.part_start;  // (row, group) rg's parts are part_start[rg] .. [rg + 1]
+  part_start.assign(attention_units + 1, 0);
+  for (int64_t rg = 0; rg < attention_units; ++rg) {
+    const int64_t length = rows->context_lens[rg / G], parts = (length + PART_KEYS - 1) / PART_KEYS;
+    part_start[rg + 1] = part_start[rg] + (parts > 1 ? parts : 0);
   }
-  if (splits > 1) {
+  const int64_t total_parts = part_start[attention_units];
+  if (total_parts > 0) {
     resize(buf.q, attention_units * per_group * d);
-    resize(buf.part_stats, 2 * attention_units * splits * per_group);
-    resize(buf.part_acc, attention_units * splits * per_group * d);
-    buf.parts.resize(attention_units * splits);
-    for (int64_t u = 0; u < attention_units * splits; ++u)
+    resize(buf.part_stats, 2 * total_parts * per_group);
+    resize(buf.part_acc, total_parts * per_group * d);
+    buf.parts.resize(total_parts);
+    for (int64_t u = 0; u < total_parts; ++u)
       buf.parts[u] = Partial{buf.part_stats.data() + 2 * u * per_group, buf.part_stats.data() + (2 * u + 1) * per_group,
                              buf.part_acc.data() + u * per_group * d};
   }
@@ -321,44 +323,35 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
         for (int64_t b = 0; b < per_group * d / BLOCK; ++b)
           buf.a_dense.store_block(r, b0 + b, static_cast<const char*>(out) + b * BLOCK * size, out_bf16, BLOCK);
       };
-      if (splits == 1) {  // one unit per (row, group): prepare, attend, quantize
+      auto split = [&](int64_t rg) { return part_start[rg + 1] > part_start[rg]; };
+      // A short row: prepare, attend, quantize in one unit. A long one: prepared here, attended in parts below.
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
-          if (u < attention_units) {
-            const int64_t r = u / G, g = u % G;
-            prepare_group(r, g, ts.q.data());
-            attend_group(ts.q.data(), ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
-                         rows->context_lens[r], g, scale);
-            quantize_heads(r, g, ts.out.data(), bf16);
-          } else {
-            gelu_chunk(u - attention_units);
-          }
-        }  // (each loop's end is a barrier)
-      } else {  // fewer (row, group) pairs than threads and long rows: each row's positions split between threads
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
-          if (u < attention_units) {
-            prepare_group(u / G, u % G, buf.q.data() + u * per_group * d);
-          } else {
-            gelu_chunk(u - attention_units);
-          }
+      for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
+        if (u >= attention_units) {
+          gelu_chunk(u - attention_units);
+        } else if (split(u)) {
+          prepare_group(u / G, u % G, buf.q.data() + u * per_group * d);
+        } else {
+          const int64_t r = u / G, g = u % G;
+          prepare_group(r, g, ts.q.data());
+          attend_group(ts.q.data(), ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
+                       rows->context_lens[r], g, scale);
+          quantize_heads(r, g, ts.out.data(), bf16);
         }
+      }  // (each loop's end is a barrier)
+      if (total_parts > 0) {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < attention_units * splits; ++u) {
-          const int64_t rg = u / splits, s = u % splits, r = rg / G, length = rows->context_lens[r];
-          const int64_t begin = length * s / splits, end = length * (s + 1) / splits;
-          const Partial& part = buf.parts[u];
-          if (begin == end) {  // a short row: this part is empty
-            for (int64_t j = 0; j < per_group; ++j) part.max[j] = -INFINITY, part.sum[j] = 0.f;
-            std::fill(part.acc, part.acc + per_group * d, 0.f);
-          } else {
-            attend_group(buf.q.data() + rg * per_group * d, nullptr, bf16, per_group, d, cache,
-                         rows->block_tables + r * rows->tb, begin, end, rg % G, scale, &part);
-          }
+        for (int64_t u = 0; u < total_parts; ++u) {
+          const int64_t rg = std::upper_bound(part_start.begin(), part_start.end(), u) - part_start.begin() - 1;
+          const int64_t r = rg / G, begin = (u - part_start[rg]) * PART_KEYS;
+          const int64_t end = std::min(begin + PART_KEYS, rows->context_lens[r]);
+          attend_group(buf.q.data() + rg * per_group * d, nullptr, bf16, per_group, d, cache,
+                       rows->block_tables + r * rows->tb, begin, end, rg % G, scale, &buf.parts[u]);
         }
 #pragma omp for schedule(static)
         for (int64_t rg = 0; rg < attention_units; ++rg) {
-          combine_parts(&buf.parts[rg * splits], splits, per_group, d, ts.out.data());
+          if (!split(rg)) continue;
+          combine_parts(&buf.parts[part_start[rg]], part_start[rg + 1] - part_start[rg], per_group, d, ts.out.data());
           quantize_heads(rg / G, rg % G, ts.out.data(), 0);
         }
       }
@@ -373,6 +366,31 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
 #pragma omp barrier
     }
   }
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// Sizes and field offsets of the structs that falconlm/native/decode.py mirrors with ctypes, in declaration
+// order ([sizeof, offsetof each field] per struct): the Python side compares them when the library loads.
+int64_t falcon_struct_layout(int64_t* out) {
+  int64_t n = 0;
+#define FALCON_FIELDS(S, ...)                                    \
+  out[n++] = sizeof(S);                                          \
+  for (int64_t offset : {__VA_ARGS__}) out[n++] = offset;
+  FALCON_FIELDS(Weight, offsetof(Weight, w), offsetof(Weight, scales), offsetof(Weight, n), offsetof(Weight, k),
+                offsetof(Weight, k_real), offsetof(Weight, group), offsetof(Weight, bits))
+  FALCON_FIELDS(Layer, offsetof(Layer, qkv), offsetof(Layer, dense), offsetof(Layer, up), offsetof(Layer, down),
+                offsetof(Layer, ln_attn_w), offsetof(Layer, ln_attn_b), offsetof(Layer, ln_mlp_w),
+                offsetof(Layer, ln_mlp_b))
+  FALCON_FIELDS(Shape, offsetof(Shape, layers), offsetof(Shape, hidden), offsetof(Shape, heads),
+                offsetof(Shape, groups), offsetof(Shape, head_dim), offsetof(Shape, eps), offsetof(Shape, kv_bf16))
+  FALCON_FIELDS(Rows, offsetof(Rows, k), offsetof(Rows, v), offsetof(Rows, layer_stride), offsetof(Rows, sb),
+                offsetof(Rows, sp), offsetof(Rows, sg), offsetof(Rows, block_size), offsetof(Rows, block_tables),
+                offsetof(Rows, tb), offsetof(Rows, context_lens))
+#undef FALCON_FIELDS
+  return n;
 }
 
 }  // extern "C"

@@ -1,14 +1,9 @@
-// Quantized matmuls for x86 CPUs with AVX-512 VNNI: y[M, N] = x[M, K] @ W[N, K].T, W int8 or int4.
+// Quantized matmuls y[M, N] = x[M, K] @ W[N, K].T, W int8 or int4, over the tiles of quant_tiles.h (which
+// describes the layouts and the int8 activations).
 //
-// Activations are quantized to int8 on the fly, in blocks of B columns (a scale and a sum of the int8 values per
-// row and block), so each inner step is one vpdpbusd: 64 multiply-adds of unsigned weight bytes by signed
-// activation bytes. Weights are re-tiled at load so that one 64-byte line holds 16 output rows x 4 columns
-// (int8, stored as q + 128) or 16 rows x 8 columns (int4: low nibbles columns 0-3, high nibbles 4-7), and each
-// 16-row tile is contiguous: a thread streams through its tiles front to back and every lane of an accumulator
-// is a different output row, so no horizontal sums are needed.
-//
-// Built at first use by falconlm/native (g++, then ctypes); see falconlm/quant/kernels/vnni.py for the layouts'
-// Python side. The OpenMP runtime is the one torch has already loaded (same soname).
+// Built at first use by falconlm/native (g++, then ctypes), once per instruction set; see
+// falconlm/quant/kernels/native.py for the layouts' Python side. The OpenMP runtime is the one torch has already
+// loaded (same soname).
 
 #include <omp.h>
 
@@ -30,7 +25,7 @@ void run_tiles(int64_t M, int64_t N, int nthreads, Tile tile) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       int64_t m = mb;
-      for (; m + MR <= m_end; m += MR) tile(t, m, 4);
+      for (; m + MR <= m_end; m += MR) tile(t, m, MR);
       if (m < m_end) tile(t, m, static_cast<int>(m_end - m));
     }
   }
