@@ -123,3 +123,45 @@ def hf_checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny falcon-7b-shaped checkpoint with a tokenizer, for engine and CLI tests."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny-7b"), "7b")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the native kernel variants this run exercised (the ``isa`` fixture below)."""
+    from falconlm import native
+
+    if native.unavailable_reason("scalar") is not None:
+        terminalreporter.write_line(f"native kernels: not tested ({native.unavailable_reason('scalar')})")
+        return
+    built = []
+    for name in native.runnable_variants():
+        lib = native.kernels(name)
+        built.append(f"{name} ({lib.falcon_isa().decode()})" if lib is not None else f"{name} (build failed)")
+    terminalreporter.write_line("native kernel variants tested: " + ", ".join(built))
+
+
+# The native kernel variants this machine runs: a test that takes ``isa`` runs once per variant (the scalar
+# reference everywhere, AVX2 / AVX-512 / NEON where the CPU has them); the run's summary names them.
+from falconlm import native  # noqa: E402
+
+RUNNABLE = native.runnable_variants() if native.unavailable_reason("scalar") is None else []
+SIMD = [v for v in RUNNABLE if v != "scalar"]
+needs_native = pytest.mark.skipif(not RUNNABLE, reason="no C++ compiler found (set CXX or install g++)")
+needs_simd = pytest.mark.skipif(not SIMD, reason="this CPU runs no SIMD variant of the native kernels")
+
+
+@pytest.fixture(params=RUNNABLE or [None])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Selects one native variant for the test (``FALCONLM_NATIVE_ISA``)."""
+    if request.param is None:
+        pytest.skip("no C++ compiler found (set CXX or install g++)")
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture(params=SIMD or [None])
+def simd_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each SIMD variant this CPU runs (the scalar one is the reference it is compared with)."""
+    if request.param is None:
+        pytest.skip("this CPU runs no SIMD variant of the native kernels")
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", request.param)
+    return request.param

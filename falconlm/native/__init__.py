@@ -1,19 +1,19 @@
-"""Small native CPU kernels: compiled on first use with the system C++ compiler, called through ctypes.
+"""Native CPU kernels: one C++ source for every instruction set, compiled on first use, called through ctypes.
 
-Three libraries, each built only where the CPU has what it needs:
+The kernels (``csrc/``) are written once against a thin vector layer (``csrc/simd.h``) and built as one library
+per *variant*:
 
-* ``quant_gemm`` (AVX-512 VNNI): the int8 / int4 weight matmuls of ``falconlm.quant.kernels.vnni``;
-* ``bf16_gemm`` (AVX-512 BF16): bfloat16 matmuls for decode-sized batches, a row-wise argmax and decode-step
-  attention read straight from the KV cache (``falconlm.native.ops``);
-* ``decode`` (both): every layer of a quantized model's decode step in one call (``falconlm.native.decode``).
+* ``avx512``: x86 with AVX-512 F/BW/VL, plus VNNI (vpdpbusd) and BF16 (vdpbf16ps) where the CPU has them;
+* ``avx2``: x86 with AVX2 and FMA, plus AVX-VNNI where present;
+* ``neon``: 64-bit ARM, plus the dot-product instructions (sdot) where present;
+* ``scalar``: plain C++, built everywhere; the reference the others are tested against.
 
-A library is compiled once per source version into ``$FALCONLM_CACHE_DIR/native`` (default
-``~/.cache/falconlm/native``) and reused. When the compiler, a CPU feature or the build is missing,
-:func:`library` returns None and every caller keeps its torch path, so nothing here is ever required.
-``FALCONLM_NATIVE=0`` turns all of it off (the tests use it to compare both paths).
-
-The libraries link OpenMP by its usual soname, which resolves to the runtime torch has already loaded: the
-kernels share torch's threads rather than starting a pool of their own.
+The library holds the bf16 matmul, the int8 / int4 matmuls, decode attention over a paged cache, a row-wise
+argmax and the fused decode step; it works on raw buffers and shapes only. The best variant this CPU runs is
+used unless ``FALCONLM_NATIVE_ISA`` names another; ``FALCONLM_NATIVE=0`` turns all of it off, and every caller
+then keeps its torch path. A library is compiled once per source version and flags into
+``$FALCONLM_CACHE_DIR/native`` (default ``~/.cache/falconlm/native``). It links OpenMP by its usual soname, which
+resolves to the runtime torch has already loaded: the kernels share torch's threads.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,42 +39,49 @@ COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
+# Every exported function and its ctypes argument types (all return void unless listed in RESULTS).
+FUNCTIONS: dict[str, tuple] = {
+    "falcon_isa": (),
+    "falcon_qlinear": (_P, _C, _I, _I, _I, _I, _I, _I, _C, _P, _P, _I, _P, _C, _C),
+    "falcon_linear_bf16": (_P, _I, _I, _I, _P, _I, _P, _C),
+    "falcon_argmax_rows": (_P, _C, _I, _I, _I, _P, _C),
+    "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C),
+    "falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C),
+    "falcon_struct_layout": (_P,),
+}
+RESULTS = {"falcon_isa": ctypes.c_char_p, "falcon_struct_layout": _I}
+
 
 @dataclass(frozen=True)
-class LibrarySpec:
-    """One library: its source, the CPU features it needs (``/proc/cpuinfo`` names), compiler flags, and the
-    ctypes signature of each exported function (all return void)."""
+class Variant:
+    """One build of the kernels: the machine it is for, the CPU features it needs, its compiler flags, and the
+    optional features that add flags (``/proc/cpuinfo`` names on x86, HWCAP names on ARM)."""
 
-    source: str
-    features: tuple[str, ...]
+    name: str
+    arch: str | None  # "x86_64", "aarch64", or None for any
+    requires: tuple[str, ...]
     flags: tuple[str, ...]
-    functions: dict[str, tuple]
+    optional: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def compile_flags(self, features: frozenset[str]) -> tuple[str, ...]:
+        extra = [flag for feature, flags in self.optional if feature in features for flag in flags]
+        return (*self.flags, *extra)
 
 
-LIBRARIES = {
-    "quant_gemm": LibrarySpec(
-        "quant_gemm.cpp",
-        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "fma"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
-        {"falcon_qlinear": (_P, _C, _I, _I, _I, _I, _I, _I, _C, _P, _P, _I, _P, _C, _C)},
+VARIANTS = (
+    Variant(
+        "avx512",
+        "x86_64",
+        ("avx512f", "avx512bw", "avx512vl", "fma"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"),
+        (("avx512_vnni", ("-mavx512vnni",)), ("avx512_bf16", ("-mavx512bf16",))),
     ),
-    "bf16_gemm": LibrarySpec(
-        "bf16_gemm.cpp",
-        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
-        {
-            "falcon_linear_bf16": (_P, _I, _I, _I, _P, _I, _P, _C),
-            "falcon_argmax_rows": (_P, _C, _I, _I, _I, _P, _C),
-            "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C),
-        },
-    ),
-    "decode": LibrarySpec(
-        "decode.cpp",
-        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "fma"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma"),
-        {"falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C)},
-    ),
-}
+    Variant("avx2", "x86_64", ("avx2", "fma"), ("-mavx2", "-mfma", "-mf16c"), (("avx_vnni", ("-mavxvnni",)),)),
+    # -march picks the ISA level; dotprod needs armv8.2-a (the later flag wins).
+    Variant("neon", "aarch64", ("asimd",), ("-march=armv8-a",), (("asimddp", ("-march=armv8.2-a+dotprod",)),)),
+    Variant("scalar", None, (), ()),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
 
 def threads_for(work: int) -> int:
@@ -84,67 +92,138 @@ def threads_for(work: int) -> int:
 
 def enabled() -> bool:
     """False when ``FALCONLM_NATIVE`` is 0 / false / off."""
-    return _switch(os.environ.get("FALCONLM_NATIVE", "1"))
+    return switch(os.environ.get("FALCONLM_NATIVE", "1"))
 
 
 @functools.lru_cache(maxsize=8)
-def _switch(value: str) -> bool:
+def switch(value: str) -> bool:
+    """False for an environment switch's "off" spellings (0, false, off, no)."""
     return value.strip().lower() not in ("0", "false", "off", "no")
+
+
+def machine() -> str:
+    """This machine's architecture: ``x86_64``, ``aarch64`` or what the platform says."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
 @functools.cache
 def cpu_features() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    """The CPU's feature names: x86 flags from ``/proc/cpuinfo``; on ARM the HWCAP bits (``getauxval``), else
+    the cpuinfo ``Features`` line; empty where neither exists."""
+    if machine() == "aarch64":
+        from_hwcap = _arm_hwcap_features()
+        if from_hwcap:
+            return from_hwcap
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
             return frozenset(line.partition(":")[2].split())
     return frozenset()
 
 
-def unavailable_reason(name: str) -> str | None:
-    """Why library ``name`` cannot be used here, or None when it can be built or loaded."""
-    spec = LIBRARIES[name]
-    if not enabled():
-        return "FALCONLM_NATIVE is off"
-    missing = [f for f in spec.features if f not in cpu_features()]
+_ARM_HWCAP = {"asimd": 1 << 1, "asimddp": 1 << 20, "asimdhp": 1 << 10}  # AT_HWCAP bits (Linux arm64)
+_ARM_HWCAP2 = {"i8mm": 1 << 13, "bf16": 1 << 14}  # AT_HWCAP2 bits
+
+
+def _arm_hwcap_features() -> frozenset[str]:
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return frozenset()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    hwcap, hwcap2 = getauxval(16), getauxval(26)  # AT_HWCAP, AT_HWCAP2
+    names = {n for n, bit in _ARM_HWCAP.items() if hwcap & bit} | {n for n, bit in _ARM_HWCAP2.items() if hwcap2 & bit}
+    return frozenset(names)
+
+
+def variant_unavailable(name: str) -> str | None:
+    """Why variant ``name`` cannot run on this machine, or None when it can (nothing is built to find out)."""
+    if name not in VARIANT_NAMES:
+        return f"unknown variant {name!r} (choose from {', '.join(VARIANT_NAMES)})"
+    variant = _variant(name)
+    if variant.arch is not None and variant.arch != machine():
+        return f"not an {variant.arch} CPU"
+    missing = [f for f in variant.requires if f not in cpu_features()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
+    return None
+
+
+def _variant(name: str) -> Variant:
+    return next(v for v in VARIANTS if v.name == name)
+
+
+def runnable_variants() -> list[str]:
+    """The variants this CPU runs, fastest first (``scalar`` always last)."""
+    return [v.name for v in VARIANTS if variant_unavailable(v.name) is None]
+
+
+def chosen_variant() -> str:
+    """``FALCONLM_NATIVE_ISA`` when set, else the fastest variant this CPU runs."""
+    return _chosen(os.environ.get("FALCONLM_NATIVE_ISA", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _chosen(forced: str) -> str:  # read on every kernel call: kept to a dictionary lookup
+    return forced.strip().lower() or runnable_variants()[0]
+
+
+def unavailable_reason(variant: str | None = None) -> str | None:
+    """Why the kernels (of ``variant``, default the chosen one) cannot be used here, or None when they can."""
+    if not enabled():
+        return "FALCONLM_NATIVE is off"
+    why = variant_unavailable(variant or chosen_variant())
+    if why is not None:
+        return why
     if _compiler() is None:
         return "no C++ compiler (set CXX or install g++)"
     return None
 
 
 def status() -> dict[str, str]:
-    """Each library's state here, ``available`` or why not (nothing is built to find out)."""
-    return {name: unavailable_reason(name) or "available" for name in LIBRARIES}
+    """The chosen variant and, for each variant, ``runs`` or why not (nothing is built to find out)."""
+    out = {"chosen": chosen_variant() if unavailable_reason() is None else f"none ({unavailable_reason()})"}
+    for v in VARIANTS:
+        out[v.name] = variant_unavailable(v.name) or "runs"
+    return out
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """Library ``name`` loaded with its signatures set, building it first if needed; None when unavailable."""
+def describe() -> str:
+    """One line for logs and ``falconlm info``: which variant runs, and why the others do not."""
+    why = unavailable_reason()
+    if why is not None:
+        return f"native kernels off: {why}; torch paths everywhere"
+    chosen = chosen_variant()
+    lib = kernels()
+    built = lib.falcon_isa().decode() if lib is not None else "build failed"
+    others = [f"{v.name}: {variant_unavailable(v.name) or 'also runs'}" for v in VARIANTS if v.name != chosen]
+    return f"native kernels: {chosen} ({built}); " + "; ".join(others)
+
+
+def kernels(variant: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library of ``variant`` (default the chosen one), built first if needed; None when unavailable."""
     if not enabled():
         return None
-    return _load(name)
+    return _load(variant or chosen_variant())
 
 
 @functools.cache
 def _load(name: str) -> ctypes.CDLL | None:
-    why = unavailable_reason(name)
-    if why is not None:
+    if unavailable_reason(name) is not None:
         return None
-    spec = LIBRARIES[name]
     try:
-        path = _build(spec)
+        path = _build(_variant(name))
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         warnings.warn(f"falconlm: native {name} kernels unavailable, using torch ({exc})", stacklevel=3)
         return None
-    for fn, argtypes in spec.functions.items():
+    for fn, argtypes in FUNCTIONS.items():
         getattr(lib, fn).argtypes = list(argtypes)
-        getattr(lib, fn).restype = None
+        getattr(lib, fn).restype = RESULTS.get(fn)
     return lib
 
 
@@ -157,25 +236,27 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(spec: LibrarySpec) -> Path:
-    """The compiled library for ``spec``, compiled now unless a build of this exact source and flags exists."""
-    source = SOURCES / spec.source
+def build_command(variant: Variant, compiler: str, features: frozenset[str]) -> list[str]:
+    """The compiler command (without output) that builds ``variant`` for a CPU with ``features``."""
+    return [compiler, *COMMON_FLAGS, *variant.compile_flags(features), *map(str, sorted(SOURCES.glob("*.cpp")))]
+
+
+def _build(variant: Variant) -> Path:
+    """The compiled library, compiled now unless a build of these exact sources and flags exists."""
     compiler = _compiler()
     assert compiler is not None
-    command = [compiler, *COMMON_FLAGS, *spec.flags]
-    headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join(command).encode() + torch.__version__.encode())
+    command = build_command(variant, compiler, cpu_features())
+    sources = b"".join(p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".cpp", ".h"))
+    key = hashlib.sha256(sources + " ".join(command).encode() + torch.__version__.encode())
     out_dir = cache_dir()
-    target = out_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    target = out_dir / f"kernels-{variant.name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # built aside, then renamed: safe between processes
     os.close(fd)
     try:
-        done = subprocess.run(
-            [*command, str(source), "-o", tmp], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-        )
+        done = subprocess.run([*command, "-o", tmp], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise OSError(f"{Path(compiler).name} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)

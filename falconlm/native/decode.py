@@ -1,50 +1,35 @@
-"""Every layer of a Falcon decode step in one native call (the ``decode`` library, ``decode.cpp``).
+"""The fused decode step's interface: ctypes mirrors of ``decode.cpp``'s structs and the raw call.
 
-At batch 1 a token through torch is about fifty small matmuls and several hundred small ops, and their dispatch
-and thread wake-ups cost about as much time as reading the weights. :class:`FusedDecoder` runs all the layers in
-one OpenMP parallel region instead, as llama.cpp runs its whole graph in C.
-
-It applies to steps that add one token per row to a dense or paged KV cache (``AttentionContext.decode_rows``) of
-parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) on the CPU whose layer matrices
-are all bfloat16, or all int8 / int4 on the VNNI kernel (``falconlm.quant.kernels.vnni``). Everything else, and
-every step when ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32
-inside the call, so results equal the torch path's up to rounding (in bfloat16, the torch path rounds the
-residual after every op and the fused one does not).
+``falcon_decode_layers`` runs every layer of a Falcon decode step (one new token per row) in one OpenMP region;
+see ``csrc/decode.cpp``. This module knows buffers and shapes only; ``falconlm.engine.fused_decode`` fills the
+structs from a model.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import weakref
-from typing import TYPE_CHECKING
-
-import torch
-
-from . import _switch, library
-
-if TYPE_CHECKING:
-    from ..model.attention import DecodeRows
-    from ..model.falcon import FalconModel
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-ACTIVATION_BLOCK = 32  # the VNNI kernel's activation block; a head must span whole blocks
-MAX_HEAD_DIM = 256
-CACHE_DTYPES = (torch.bfloat16, torch.float32)
 
 
-class _Weight(ctypes.Structure):
+class Weight(ctypes.Structure):
+    """One layer matrix: bits 8 / 4, tiled (quant_tiles.h), k padded; bits 16, bfloat16 [n][k] row-major."""
+
     _fields_ = [("w", _P), ("scales", _P), ("n", _I), ("k", _I), ("k_real", _I), ("group", _I), ("bits", _I)]
 
 
-class _Layer(ctypes.Structure):
+class Layer(ctypes.Structure):
+    """A block's four matrices and its LayerNorm parameters (float32; ``ln_mlp_*`` null with one LayerNorm)."""
+
     _fields_ = [
-        *((name, _Weight) for name in ("qkv", "dense", "up", "down")),
+        *((name, Weight) for name in ("qkv", "dense", "up", "down")),
         *((name, _P) for name in ("ln_attn_w", "ln_attn_b", "ln_mlp_w", "ln_mlp_b")),
     ]
 
 
-class _Shape(ctypes.Structure):
+class Shape(ctypes.Structure):
+    """The model's shape and the KV cache's dtype (``kv_bf16`` 1 for bfloat16, 0 for float32)."""
+
     _fields_ = [
         *((name, _I) for name in ("layers", "hidden", "heads", "groups", "head_dim")),
         ("eps", ctypes.c_double),
@@ -52,7 +37,9 @@ class _Shape(ctypes.Structure):
     ]
 
 
-class _Rows(ctypes.Structure):
+class Rows(ctypes.Structure):
+    """Where each row's K/V live (element strides of the cache) and the rows' lengths after this step."""
+
     _fields_ = [
         ("k", _P),
         ("v", _P),
@@ -63,171 +50,22 @@ class _Rows(ctypes.Structure):
     ]
 
 
-def enabled() -> bool:
-    """False when ``FALCONLM_FUSED_DECODE`` is 0 / false / off."""
-    return _switch(os.environ.get("FALCONLM_FUSED_DECODE", "1"))
+STRUCTS = (Weight, Layer, Shape, Rows)
 
 
-def unsupported(model: FalconModel) -> str | None:
-    """Why ``model``'s decode steps cannot run fused, or None when they can."""
-    c = model.config
-    if not c.parallel_attn or not c.rotary or c.alibi or c.bias:
-        return "only parallel-attention, rotary, bias-free layers run fused"
-    if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
-        return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
-    shapes = {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
-    first = None
-    for block in model.h:
-        kinds = {name: _kind(m) for name, m in _matrices(block).items()}
-        if None in kinds.values():
-            return "every layer matrix must be bfloat16 on the CPU, or quantized on the VNNI kernel, without bias"
-        if any(_matrices(block)[name].out_features != n for name, n in shapes.items()):
-            return "the layer matrices are sharded (tensor parallel)"
-        if first is not None and kinds != first:
-            return "the layers' matrices differ in format"
-        first = kinds
-        ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
-        if ln.weight.device.type != "cpu":
-            return "the model is not on the CPU"
-    if library("decode") is None:
-        return "the native decode library is unavailable here"
-    return None
+def python_layout() -> list[int]:
+    """[sizeof, offset of each field] of every mirrored struct, in the order ``falcon_struct_layout`` writes."""
+    out: list[int] = []
+    for struct in STRUCTS:
+        out += [ctypes.sizeof(struct), *(getattr(struct, name).offset for name, _ in struct._fields_)]
+    return out
 
 
-def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    attn, mlp = block.self_attention, block.mlp
-    return {"qkv": attn.query_key_value, "dense": attn.dense, "up": mlp.dense_h_to_4h, "down": mlp.dense_4h_to_h}
-
-
-def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
-    """(bits, padded width, group size) of a matrix the kernel can read, else None: int8 / int4 on the VNNI
-    kernel, or a bfloat16 weight (bits 16) whose shape fits the kernel's blocks."""
-    from ..quant.linear import QuantizedLinear
-
-    if getattr(m, "bias", None) is not None:
-        return None
-    if isinstance(m, QuantizedLinear):
-        s = m.spec
-        return (s.bits, s.padded_in, s.group_size) if m.kernel.name == "vnni" else None
-    w = getattr(m, "weight", None)
-    if not isinstance(m, torch.nn.Linear) or w.dtype is not torch.bfloat16 or w.device.type != "cpu":
-        return None
-    if not w.is_contiguous() or w.shape[1] % ACTIVATION_BLOCK or w.shape[0] % 16:
-        return None
-    return (16, w.shape[1], 0)
-
-
-def _weight(m: torch.nn.Module) -> _Weight:
-    bits, padded, group = _kind(m)
-    if bits == 16:
-        return _Weight(m.weight.data_ptr(), None, m.out_features, padded, m.in_features, 0, 16)
-    return _Weight(m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features, padded, m.in_features, group, bits)
-
-
-def _weight_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.weight] if isinstance(m, torch.nn.Linear) else [m.qweight, m.scales]
-
-
-def _signature(tensors: list[torch.Tensor]) -> tuple:
-    """Where the tensors are and in what dtype: a change means the native pointers must be rebuilt."""
-    return tuple((t.data_ptr(), t.dtype) for t in tensors)
-
-
-class FusedDecoder:
-    """Runs one model's layers for decode steps natively (see :func:`decode_layers`).
-
-    It holds pointers into the model's tensors, so every call first checks that they have not moved (a ``.to()``
-    or a reload) and rebinds when they have. It refers to the model weakly: the model owns nothing of it, so a
-    copied or pickled model simply gets a decoder of its own on its first step.
-    """
-
-    def __init__(self, model: FalconModel) -> None:
-        self._model = weakref.ref(model)
-        self._fn = library("decode").falcon_decode_layers
-        self._bind(model)
-
-    @staticmethod
-    def _tensors(model: FalconModel) -> list[torch.Tensor]:
-        """The tensors the native call reads: each layer's matrices and LayerNorm parameters."""
-        out = []
-        for block in model.h:
-            for m in _matrices(block).values():
-                out += _weight_tensors(m)
-            for name in ("ln_attn", "ln_mlp", "input_layernorm"):
-                if hasattr(block, name):
-                    out += [getattr(block, name).weight, getattr(block, name).bias]
-        return out
-
-    def _bind(self, model: FalconModel) -> None:
-        c = model.config
-        self._keep: list[torch.Tensor] = []  # float32 copies of LayerNorm parameters, alive as long as we are
-        layers = (_Layer * c.num_hidden_layers)()
-        for i, block in enumerate(model.h):
-            layer = layers[i]
-            for name, m in _matrices(block).items():
-                setattr(layer, name, _weight(m))
-            norms = [block.ln_attn, block.ln_mlp] if hasattr(block, "ln_attn") else [block.input_layernorm]
-            pointers = []
-            for ln in norms:
-                for p in (ln.weight, ln.bias):
-                    p32 = p.detach().to(torch.float32).contiguous()
-                    self._keep.append(p32)
-                    pointers.append(p32.data_ptr())
-            layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
-            layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
-        self._layers = layers
-        self._signature_now = _signature(self._tensors(model))
-
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
-        """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
-        rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused."""
-        model = self._model()
-        if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
-            return None
-        tables, lengths = rows.block_tables, rows.context_lens
-        if x.numel() != lengths.numel() * model.config.hidden_size or tables.shape[0] != lengths.numel():
-            raise ValueError(f"a decode step of {lengths.numel()} rows got hidden states {list(x.shape)}")
-        tensors = self._tensors(model)
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-            return None  # gradients go through the torch path
-        if _signature(tensors) != self._signature_now:
-            if unsupported(model) is not None:
-                return None
-            self._bind(model)
-        c = model.config
-        shape = _Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
-                       c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
-        where = _Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
-                      rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
-        residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
-        cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
-        sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
-        self._fn(
-            ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where), residual.data_ptr(),
-            residual.shape[0], cos32.data_ptr(), sin32.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        return residual.view(x.shape).to(x.dtype)
-
-
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FalconModel -> its FusedDecoder
-
-
-def decoder_for(model: FalconModel) -> FusedDecoder:
-    """``model``'s decoder, made on first use."""
-    decoder = _DECODERS.get(model)
-    if decoder is None:
-        decoder = _DECODERS[model] = FusedDecoder(model)
-    return decoder
-
-
-def supports(model: FalconModel) -> bool:
-    """Whether ``model``'s decode steps should run fused: it can, and ``FALCONLM_FUSED_DECODE`` is not off.
-    Models loaded from a checkpoint, plain or quantized, are marked with this (``FalconModel.fused_decode``)."""
-    return enabled() and unsupported(model) is None
-
-
-def decode_layers(
-    model: FalconModel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows
-) -> torch.Tensor | None:
-    """Every layer of ``model`` for one decode step (see :meth:`FusedDecoder.__call__`); None when it cannot."""
-    return decoder_for(model)(x, cos, sin, rows)
+def check_layout(lib: ctypes.CDLL) -> None:
+    """Raise RuntimeError when the library's structs and the mirrors above disagree (a stale or foreign build)."""
+    expected = python_layout()
+    buffer = (ctypes.c_int64 * (len(expected) + 8))()
+    written = lib.falcon_struct_layout(buffer)
+    native = list(buffer[:written])
+    if native != expected:
+        raise RuntimeError(f"native decode structs do not match their ctypes mirrors: {native} != {expected}")

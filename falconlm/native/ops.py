@@ -1,44 +1,73 @@
 """torch-facing wrappers of the native kernels, each falling back to torch where the kernel does not apply.
 
-* :func:`linear`: ``F.linear(x, w)`` for bfloat16 on CPU with few rows (decode steps) through vdpbf16ps;
+* :func:`linear`: ``F.linear(x, w)`` for bfloat16 weights on CPU: natively for few rows (decode steps); for more
+  rows oneDNN's bfloat16 GEMM where the CPU computes in bfloat16, else a float32 GEMM on widened values;
+* :func:`linear_invariant`: the same, natively for any number of rows, so that a row's result never depends
+  on the others (``--deterministic``);
 * :func:`argmax`: the last-dimension argmax of float32 / bfloat16 logits (torch's CPU argmax is scalar);
 * :func:`decode_attention`: attention of one query position per row, read straight from a (paged) KV cache.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from . import library, threads_for
+from . import cpu_features, kernels, threads_for
 
-LINEAR_MAX_ROWS = 32  # above this, oneDNN's GEMM (which packs the weight once per call) is as fast or faster
+LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
 LINEAR_K_MULTIPLE = 32
+BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
+
+
+@functools.cache
+def bf16_hardware() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (else torch's bfloat16 GEMM is slower than float32's)."""
+    return any(f in cpu_features() for f in BF16_HARDWARE)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (no bias), natively when x and weight are bfloat16 on CPU, x has at most
-    LINEAR_MAX_ROWS rows, the width is a multiple of 32 and no gradient is wanted; else ``F.linear``."""
-    k = weight.shape[-1]
-    if (
+    """``x @ weight.T`` (no bias). bfloat16 on CPU: the native kernel up to LINEAR_MAX_ROWS rows; above, oneDNN
+    where the CPU has bfloat16 arithmetic, else float32 on widened copies. Anything else: ``F.linear``."""
+    if not _native_fits(x, weight):
+        return F.linear(x, weight)
+    if x.numel() <= LINEAR_MAX_ROWS * weight.shape[-1]:
+        return _native_linear(x, weight)
+    if bf16_hardware():
+        return F.linear(x, weight)
+    return F.linear(x.float(), weight.float()).to(torch.bfloat16)
+
+
+def linear_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` with every bfloat16 CPU row through the native kernel, whose per-row sums run in one fixed
+    order: row i of the result is the same whatever rows share the call. Anything else: ``F.linear``."""
+    return _native_linear(x, weight) if _native_fits(x, weight) else F.linear(x, weight)
+
+
+def _native_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return not (
         x.dtype is not torch.bfloat16
         or weight.dtype is not torch.bfloat16
         or not x.is_cpu
-        or k % LINEAR_K_MULTIPLE
-        or x.numel() > LINEAR_MAX_ROWS * k
+        or weight.shape[-1] % LINEAR_K_MULTIPLE
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or not weight.is_contiguous()
-        or (lib := library("bf16_gemm")) is None
-    ):
-        return F.linear(x, weight)
+        or kernels() is None
+    )
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous():
         x = x.contiguous()
-    n = weight.shape[0]
+    n, k = weight.shape
     y = x.new_empty(*x.shape[:-1], n)
     rows = x.numel() // k
-    lib.falcon_linear_bf16(x.data_ptr(), rows, k, k, weight.data_ptr(), n, y.data_ptr(), threads_for(rows * n * k))
+    kernels().falcon_linear_bf16(
+        x.data_ptr(), rows, k, k, weight.data_ptr(), n, y.data_ptr(), threads_for(rows * n * k)
+    )
     return y
 
 
@@ -50,7 +79,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.bfloat16)
         or x.stride(1) != 1
-        or (lib := library("bf16_gemm")) is None
+        or (lib := kernels()) is None
     ):
         return x.argmax(-1)
     out = torch.empty(x.shape[0], dtype=torch.int64)
@@ -102,7 +131,7 @@ def decode_attention(
         or not block_tables.is_contiguous()
         or not context_lens.is_contiguous()
         or (torch.is_grad_enabled() and q.requires_grad)
-        or (lib := library("bf16_gemm")) is None
+        or (lib := kernels()) is None
     ):
         return None
     q = q.contiguous()

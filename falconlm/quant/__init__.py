@@ -3,7 +3,7 @@
 Layout (imports point down; ``model/`` imports nothing from here):
 
 * ``primitives.py``: quantize / dequantize / pack, and the group plan for widths a group size does not divide;
-* ``kernels/``: the quantized matmul, one signature, chosen once per weight at load (``vnni``, ``cpu``,
+* ``kernels/``: the quantized matmul, one signature, chosen once per weight at load (``native``, ``cpu``,
   ``triton``, ``reference``);
 * ``linear.py``: QuantizedLinear and QuantizedEmbedding, the modules that replace nn.Linear / nn.Embedding;
 * ``convert.py``: QuantRecipe, the per-module plan, and the three rewrites (tensors, loading, a built model);

@@ -24,7 +24,6 @@ from torch import nn
 from ..model.checkpoint import CheckpointError, _SkipInit
 from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
-from ..native.decode import supports as fused_decode_supported
 from .kernels import Kernel, WeightSpec, select_kernel
 from .linear import QuantizedEmbedding, QuantizedLinear
 from .primitives import GROUP_SIZES, GroupPlan, QuantizedTensor, plan_groups, quantize_int4, quantize_int8
@@ -289,7 +288,6 @@ def build_quantized_model(
     stray = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if stray:
         raise RuntimeError(f"{stray[0]} is still on the meta device after loading")
-    model.transformer.fused_decode = fused_decode_supported(model.transformer)
     return model.eval()
 
 
@@ -334,7 +332,6 @@ def quantize_model(
     block = recipe.to_config(config)
     model.config = dataclasses.replace(config, extra={**config.extra, "quantization_config": block})
     model.transformer.config = model.config
-    model.transformer.fused_decode = fused_decode_supported(model.transformer)
     return model.eval()
 
 

@@ -1,5 +1,5 @@
-"""The fused decode step (falconlm/native/decode.py) against the torch path it replaces, for int8 / int4 (VNNI)
-and bfloat16 weights.
+"""The fused decode step (falconlm/engine/fused_decode.py over the native ``falcon_decode_layers``) against the
+torch path it replaces, for int8 / int4 and bfloat16 weights, in every native variant this CPU runs.
 
 In float32 the two differ only by rounding (LayerNorm, GELU and attention sums in another order), so logits and
 the K/V written to the cache must agree to about 1e-7 relative; any mistake (a wrong rotation, cache slot, group
@@ -10,6 +10,7 @@ blocks fit (the shared tiny ones have 16, which it declines).
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import weakref
 from pathlib import Path
@@ -18,19 +19,18 @@ import pytest
 import torch
 
 from falconlm.engine.engine import Engine, EngineConfig
+from falconlm.engine.fused_decode import dense_step, fused_decoder, unsupported
 from falconlm.engine.sampling_params import SamplingParams
-from falconlm.model.attention import DecodeRows, KVCache
+from falconlm.model.attention import DecodeRows, KVCache, build_dense_attention
 from falconlm.model.falcon import FalconForCausalLM
-from falconlm.native import library
-from falconlm.native.decode import decoder_for, unsupported
+from falconlm.model.positions import rope_cos_sin
+from falconlm.native.decode import check_layout, python_layout
 from falconlm.quant import load_quantized, quantize_model
 from falconlm.quant.convert import QuantRecipe
 
-from ..conftest import make_hf_checkpoint
+from ..conftest import make_hf_checkpoint, needs_native
 
-pytestmark = pytest.mark.skipif(
-    library("decode") is None, reason="the native decode library needs AVX-512 VNNI and BF16 and a C++ compiler"
-)
+pytestmark = needs_native
 
 # head_dim 32 in every variant; 11b also has an ffn width that is not 4 x hidden; 7b-wide has 18 query heads on
 # its one KV group, more than the 16 the attention kernel takes at a time (Falcon-7B has 71).
@@ -55,7 +55,7 @@ def checkpoint(request, tmp_path_factory) -> Path:
 
 def _counting(model: FalconForCausalLM) -> list[int]:
     """Rows of each fused call from now on."""
-    decoder = decoder_for(model.transformer)
+    decoder = fused_decoder(model.transformer)
     calls: list[int] = []
     native = decoder._fn
 
@@ -70,20 +70,23 @@ def _counting(model: FalconForCausalLM) -> list[int]:
 def _teacher_forced(
     model: FalconForCausalLM, fused: bool, dtype: torch.dtype, steps: int = 12, rows: int = 2, prompt_len: int = 5
 ):
-    """Logits [steps, rows, vocab] of rows fed fixed tokens one at a time after a prompt, and the cache."""
-    keep = model.transformer.fused_decode
-    model.transformer.fused_decode = keep and fused
+    """Logits [steps, rows, vocab] of rows fed fixed tokens one at a time after a prompt (through the torch
+    forward), each step fused or through torch, and the cache."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (rows, prompt_len), generator=gen)
     tokens = torch.randint(0, model.config.vocab_size, (rows, steps), generator=gen)
     cache = KVCache(model.config, rows, prompt_len + steps, dtype)
-    try:
-        with torch.no_grad():
-            model(prompt, kv_cache=cache)
-            logits = [model(tokens[:, i : i + 1], kv_cache=cache)[:, -1].float() for i in range(steps)]
-    finally:
-        model.transformer.fused_decode = keep
+    step = _fused_step if fused else lambda m, ids, c: m(ids, kv_cache=c)[:, -1]
+    with torch.no_grad():
+        model(prompt, kv_cache=cache)
+        logits = [step(model, tokens[:, i : i + 1], cache).float() for i in range(steps)]
     return torch.stack(logits), cache
+
+
+def _fused_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    logits = dense_step(model, ids, cache)
+    assert logits is not None, unsupported(model.transformer)
+    return logits
 
 
 def _agree_in_float32(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -100,9 +103,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32-sym"])
-def test_fused_steps_equal_the_torch_path_in_float32(checkpoint: Path, spec: str) -> None:
+def test_fused_steps_equal_the_torch_path_in_float32(isa: str, checkpoint: Path, spec: str) -> None:
     model = load_quantized(checkpoint, quantize=spec, dtype=torch.float32)
-    assert model.transformer.fused_decode is True
     calls = _counting(model)
     fused, fused_cache = _teacher_forced(model, True, torch.float32)
     assert calls == [2] * 12  # every decode step, both rows in one call; the prompt went through torch
@@ -114,7 +116,7 @@ def test_fused_steps_equal_the_torch_path_in_float32(checkpoint: Path, spec: str
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_long_row_split_between_threads_equals_the_torch_path(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_a_long_row_split_between_threads_equals_the_torch_path(isa: str, tmp_path: Path, dtype: torch.dtype) -> None:
     # One row of one KV group and two threads: each layer's attention over 700 positions is split in two parts.
     checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", max_position_embeddings=1024, **SHAPES["7b"])
     model = load_quantized(checkpoint, quantize="int4", dtype=dtype)
@@ -144,10 +146,9 @@ def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint:
     assert _rel(fused_cache.k, torch_cache.k) < 0.03
 
 
-def test_bf16_weights_run_fused_and_closer_to_float32_than_the_torch_path(checkpoint: Path) -> None:
+def test_bf16_weights_run_fused_and_closer_to_float32_than_the_torch_path(isa: str, checkpoint: Path) -> None:
     exact, _ = _teacher_forced(FalconForCausalLM.from_pretrained(checkpoint), False, torch.float32)
     model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    assert model.transformer.fused_decode is True
     calls = _counting(model)
     fused, fused_cache = _teacher_forced(model, True, torch.bfloat16)
     assert calls == [2] * 12
@@ -157,17 +158,19 @@ def test_bf16_weights_run_fused_and_closer_to_float32_than_the_torch_path(checkp
     assert _rel(fused_cache.k, torch_cache.k) < 0.03
 
 
-def test_steps_that_need_gradients_take_the_torch_path(checkpoint: Path) -> None:
+def test_steps_that_need_gradients_are_declined(checkpoint: Path) -> None:
     model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    calls = _counting(model)
     cache = KVCache(model.config, 1, 8, torch.bfloat16)
+    x = model.transformer.word_embeddings(torch.tensor([[4]])).requires_grad_()
+    ctx = build_dense_attention(model.config, 1, None, cache, x.dtype, x.device, 1, 0.0)
+    cos_sin = rope_cos_sin(model.config, torch.tensor([[0]]), x.dtype)
     with torch.enable_grad():
-        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
-        logits = model(torch.tensor([[4]]), kv_cache=cache)
-    assert logits.requires_grad and logits.grad_fn is not None and not calls
+        assert fused_decoder(model.transformer)(x, *cos_sin, ctx.decode_rows()) is None
+    model.train()
+    assert fused_decoder(model.transformer) is None  # training steps never run fused
 
 
-def test_paged_engine_steps_run_fused_and_give_the_same_tokens(tmp_path: Path) -> None:
+def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_path: Path, monkeypatch) -> None:
     checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     model = load_quantized(checkpoint, quantize="int4", dtype=torch.float32)
     from falconlm.tokenizer import Tokenizer
@@ -179,7 +182,7 @@ def test_paged_engine_steps_run_fused_and_give_the_same_tokens(tmp_path: Path) -
     calls = _counting(model)
     fused = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert 3 in calls  # decode steps of all three rows together, through their block tables
-    model.transformer.fused_decode = False
+    monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
     plain = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert fused == plain
 
@@ -202,24 +205,26 @@ def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
         with pytest.raises(ValueError, match="KV cache holds 3 positions"):
-            model(torch.tensor([[4]]), kv_cache=cache)
+            _fused_step(model, torch.tensor([[4]]), cache)
 
 
 def test_models_it_cannot_run_keep_the_torch_path(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
-    assert load_quantized(tiny_checkpoint, quantize="int8").transformer.fused_decode is False  # head_dim 16
-    assert "head_dim 16" in unsupported(load_quantized(tiny_checkpoint, quantize="int8").transformer)
+    tiny = load_quantized(tiny_checkpoint, quantize="int8").transformer
+    assert fused_decoder(tiny) is None and "head_dim 16" in unsupported(tiny)
     rw = make_hf_checkpoint(tmp_path / "rw", "rw", hidden_size=192, num_attention_heads=6)
     assert "parallel-attention" in unsupported(load_quantized(rw, quantize="int8").transformer)
     seven = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     reference = load_quantized(seven, quantize="int8", kernel="reference")
-    assert "VNNI" in unsupported(reference.transformer) and reference.transformer.fused_decode is False
+    assert "native kernel" in unsupported(reference.transformer) and fused_decoder(reference.transformer) is None
     plain = FalconForCausalLM.from_pretrained(seven)  # float32 weights
-    assert plain.transformer.fused_decode is False and "bfloat16" in unsupported(plain.transformer)
+    assert fused_decoder(plain.transformer) is None and "bfloat16" in unsupported(plain.transformer)
+    quantized = load_quantized(seven, quantize="int8").transformer
     monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
-    assert load_quantized(seven, quantize="int8").transformer.fused_decode is False
+    assert fused_decoder(quantized) is None
     monkeypatch.delenv("FALCONLM_FUSED_DECODE")
+    assert fused_decoder(quantized) is not None
     model = quantize_model(FalconForCausalLM.from_pretrained(seven), QuantRecipe.parse("int4"))
-    assert model.transformer.fused_decode is True  # in-place quantization marks it too
+    assert fused_decoder(model.transformer) is not None  # in-place quantization qualifies too
 
 
 def test_a_copied_model_decodes_with_its_own_weights_and_a_dropped_one_is_freed(checkpoint: Path) -> None:
@@ -248,4 +253,14 @@ def test_a_step_whose_rows_and_hidden_states_disagree_is_refused(checkpoint: Pat
     d = model.config.head_dim
     one_row = torch.zeros(1, 1, model.config.hidden_size)
     with pytest.raises(ValueError, match="decode step of 2 rows"):
-        decoder_for(model.transformer)(one_row, torch.ones(1, 1, 1, 1, d), torch.zeros(1, 1, 1, 1, d), rows)
+        fused_decoder(model.transformer)(one_row, torch.ones(1, 1, 1, 1, d), torch.zeros(1, 1, 1, 1, d), rows)
+
+
+def test_the_native_structs_match_their_ctypes_mirrors(isa: str) -> None:
+    from falconlm import native
+
+    lib = native.kernels()
+    check_layout(lib)  # raises on any difference
+    buffer = (ctypes.c_int64 * 64)()
+    assert list(buffer[: lib.falcon_struct_layout(buffer)]) == python_layout()
+    assert python_layout()[0] == 7 * 8  # Weight: seven 8-byte fields

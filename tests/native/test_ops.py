@@ -1,4 +1,5 @@
-"""The native CPU kernels against torch: bfloat16 decode matmuls, argmax, and the build cache."""
+"""The native CPU kernels against torch, in every variant this CPU runs: bfloat16 matmuls, argmax, decode
+attention, and the build cache."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ import torch.nn.functional as F
 from falconlm import native
 from falconlm.native import ops
 
-HAS_BF16 = native.library("bf16_gemm") is not None
-needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="the CPU has no AVX-512 BF16 or no C++ compiler is found")
+from ..conftest import needs_native
 
 
-@needs_bf16
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 22, 32])  # every remainder of the 8-row blocks
 @pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 64), (67, 1024), (256, 4544 - 4544 % 32)])
-def test_linear_matches_float32_reference(rows: int, n: int, k: int) -> None:
+def test_linear_matches_float32_reference(isa: str, rows: int, n: int, k: int) -> None:
     gen = torch.Generator().manual_seed(rows * 1000 + n)
     x = torch.randn(2, rows, k, generator=gen).bfloat16()[1]  # a view whose storage starts past zero
     w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
@@ -27,8 +26,7 @@ def test_linear_matches_float32_reference(rows: int, n: int, k: int) -> None:
     torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3)
 
 
-@needs_bf16
-def test_linear_keeps_leading_dims_and_non_contiguous_rows() -> None:
+def test_linear_keeps_leading_dims_and_non_contiguous_rows(isa: str) -> None:
     x = torch.randn(2, 3, 128).bfloat16()
     w = torch.randn(40, 128).bfloat16()
     torch.testing.assert_close(ops.linear(x, w).float(), F.linear(x, w).float(), rtol=8e-3, atol=2e-2)
@@ -41,21 +39,23 @@ def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyP
     for x, weight in [
         (torch.randn(2, 48), w),  # float32
         (torch.randn(2, 48).bfloat16(), w.bfloat16()),  # K not a multiple of 32
-        (torch.randn(ops.LINEAR_MAX_ROWS + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()),  # many rows
     ]:
         assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
+    many = torch.randn(ops.LINEAR_MAX_ROWS + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    expected = F.linear(*many) if ops.bf16_hardware() else F.linear(*(t.float() for t in many)).bfloat16()
+    assert torch.equal(ops.linear(*many), expected)  # many rows: a GEMM, in bfloat16 only where the CPU has it
     x, weight = torch.randn(2, 64, requires_grad=True), torch.randn(8, 64)
     y = ops.linear(x.bfloat16(), weight.bfloat16())
     y.float().sum().backward()  # autograd still flows: the native path never runs with gradients wanted
     assert x.grad is not None
     monkeypatch.setenv("FALCONLM_NATIVE", "0")
-    assert native.library("bf16_gemm") is None
+    assert native.kernels() is None
     xb, wb = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     assert torch.equal(ops.linear(xb, wb), F.linear(xb, wb))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_argmax_equals_torch_with_ties_infinities_and_nan(dtype: torch.dtype) -> None:
+def test_argmax_equals_torch_with_ties_infinities_and_nan(isa: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 65024 + 5, generator=gen)
     x[1, 100] = x[1, 40000] = 50.0  # a tie: the first index wins
@@ -71,19 +71,24 @@ def test_argmax_equals_torch_with_ties_infinities_and_nan(dtype: torch.dtype) ->
 
 def test_unavailable_reason_names_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FALCONLM_NATIVE", "off")
-    assert native.unavailable_reason("quant_gemm") == "FALCONLM_NATIVE is off"
-    assert native.library("quant_gemm") is None
+    assert native.unavailable_reason() == "FALCONLM_NATIVE is off"
+    assert native.kernels() is None
+    monkeypatch.setenv("FALCONLM_NATIVE", "1")
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "sse9")
+    assert "unknown variant 'sse9'" in native.unavailable_reason() and native.kernels() is None
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "neon" if native.machine() == "x86_64" else "avx2")
+    assert native.unavailable_reason().startswith("not an") and native.kernels() is None
 
 
-@needs_bf16
+@needs_native
 def test_a_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FALCONLM_CACHE_DIR", str(tmp_path))
-    spec = native.LIBRARIES["bf16_gemm"]
+    spec = next(v for v in native.VARIANTS if v.name == "scalar")
     first = native._build(spec)
     assert first.parent == tmp_path / "native" and first.is_file()
     stamp = first.stat().st_mtime_ns
     assert native._build(spec) == first and first.stat().st_mtime_ns == stamp  # not compiled again
-    broken = native.LibrarySpec(spec.source, spec.features, ("-fno-such-flag-for-falconlm",), spec.functions)
+    broken = native.Variant("scalar", None, (), ("-fno-such-flag-for-falconlm",))
     with pytest.raises(OSError, match="failed"):
         native._build(broken)
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == [first.name]  # no stray temporaries
@@ -104,14 +109,13 @@ def _reference_attention(q, k, v, tables, lens):
     return out
 
 
-@needs_bf16
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "groups", "head_dim", "block"),
     [(16, 1, 64, 16), (8, 2, 64, 16), (71, 1, 64, 4), (4, 4, 128, 8), (32, 8, 16, 16)],
 )
 def test_decode_attention_matches_sdpa_through_block_tables(
-    dtype: torch.dtype, heads: int, groups: int, head_dim: int, block: int
+    isa: str, dtype: torch.dtype, heads: int, groups: int, head_dim: int, block: int
 ) -> None:
     gen = torch.Generator().manual_seed(heads + head_dim)
     num_blocks = 64

@@ -74,7 +74,7 @@ def test_gptq_checkpoint_loads_to_the_weights_it_stores(tmp_path: Path, fmt: str
         plain.get_submodule(module).weight.data.copy_(weight)
     ids = torch.tensor([[5, 17, 200, 3, 99, 42, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), plain(ids), rtol=2e-2, atol=2e-2)  # int8 activations (vnni)
+        torch.testing.assert_close(model(ids), plain(ids), rtol=2e-2, atol=2e-2)  # int8 activations (native kernel)
     assert model.lm_head.__class__.__name__ == "FalconLinear"  # the head stays as stored
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from falconlm.native import library
 from falconlm.quant.kernels import WeightSpec, select_kernel
 from falconlm.quant.linear import QuantizedEmbedding, QuantizedLinear
 from falconlm.quant.primitives import QuantizedTensor, plan_groups, quantize_int4, quantize_int8
 
+from ..conftest import RUNNABLE
+
 # Max |kernel - reference| relative to max |reference|: the kernels round activations and scales to the dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-VNNI_TOLERANCE = 2e-2  # the VNNI kernel also rounds activations to int8, in blocks of at most 128
-HAS_VNNI = library("quant_gemm") is not None
-needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the CPU has no AVX-512 VNNI or no C++ compiler is found")
+NATIVE_TOLERANCE = 2e-2  # the native kernel also rounds activations to int8, in blocks of 32
 SHAPES = [  # (out_features, in_features, group size asked for)
     (96, 64, 32),
     (64, 4544, 128),  # Falcon-7B's hidden size as the input width: groups of 64
@@ -34,7 +33,7 @@ def check(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor, dtype: torch.dt
     ref = x.float() @ qt.dequantize().T
     assert y.dtype == dtype and y.shape == ref.shape
     err = (y.float() - ref).abs().max() / ref.abs().max()
-    tolerance = max(TOLERANCE[dtype], VNNI_TOLERANCE) if kernel == "vnni" else TOLERANCE[dtype]
+    tolerance = max(TOLERANCE[dtype], NATIVE_TOLERANCE) if kernel == "native" else TOLERANCE[dtype]
     assert err < tolerance, f"relative error {err:.2e}"
 
 
@@ -51,20 +50,21 @@ def test_kernel_matches_reference(kernel: str, n: int, k: int, group: int, bits:
     check(y, x, qt, dtype, chosen.name)
 
 
-@needs_vnni
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("rows", [1, 5, 70])  # register blocks of 4 rows and their remainders; 64-row blocks
 @pytest.mark.parametrize(
     ("n", "k", "bits", "group"),
     [(96, 64, 8, 0), (64, 4544, 8, 0), (4544, 256, 4, 64), (48, 100, 4, 64), (32, 256, 4, 32), (32, 512, 4, 128)],
 )
-def test_vnni_kernel_matches_reference(n: int, k: int, bits: int, group: int, rows: int, dtype: torch.dtype) -> None:
+def test_native_kernel_matches_reference(
+    isa: str, n: int, k: int, bits: int, group: int, rows: int, dtype: torch.dtype
+) -> None:
     qt = quantized(n, k, bits, group or 64, symmetric=group == 32)
     spec = WeightSpec.of(qt)
-    kernel = select_kernel(spec, "cpu", "vnni")
+    kernel = select_kernel(spec, "cpu", "native")
     weights = tuple(kernel.prepare(qt, dtype).values())
     x = torch.randn(rows, 2, k).to(dtype)[:, 1]  # rows a stride apart
-    check(kernel.matmul(x, weights, spec), x, qt, dtype, "vnni")
+    check(kernel.matmul(x, weights, spec), x, qt, dtype, "native")
     assert torch.equal(kernel.matmul(torch.zeros(2, k, dtype=dtype), weights, spec), torch.zeros(2, n, dtype=dtype))
     # The tiled layout reads back to the stored matrix: exactly for int8, through bfloat16 scales for int4.
     exact = bits == 8
@@ -75,11 +75,11 @@ def test_vnni_kernel_matches_reference(n: int, k: int, bits: int, group: int, ro
 
 
 def test_auto_picks_the_fastest_cpu_kernel_that_can_run() -> None:
-    fast = "vnni" if HAS_VNNI else "cpu"
+    fast = "native" if RUNNABLE else "cpu"
     assert select_kernel(WeightSpec.of(quantized(96, 64, 4, 32)), "cpu").name == fast
     assert select_kernel(WeightSpec.of(quantized(48, 64, 8)), "cpu").name == fast
-    # The VNNI kernel and torch's int4 CPU op need N % 16 == 0; torch's bf16 int8 op needs K % 16 == 0 and the
-    # VNNI one K % 32 == 0: the others fall back.
+    # The native kernel and torch's int4 CPU op need N % 16 == 0; torch's bf16 int8 op needs K % 16 == 0 and the
+    # native one K % 32 == 0: the others fall back.
     assert select_kernel(WeightSpec.of(quantized(40, 64, 4, 32)), "cpu").name == "reference"
     assert select_kernel(WeightSpec.of(quantized(40, 64, 8)), "cpu").name == "cpu"
     assert select_kernel(WeightSpec.of(quantized(40, 100, 8)), "cpu").name == "reference"
@@ -91,14 +91,14 @@ def test_select_kernel_errors() -> None:
         select_kernel(spec, "cpu", "fast")
     with pytest.raises(ValueError, match="kernel 'cpu' cannot run this weight"):
         select_kernel(spec, "cpu", "cpu")
-    with pytest.raises(ValueError, match="kernel 'vnni' cannot run this weight"):
-        select_kernel(spec, "cpu", "vnni")
+    with pytest.raises(ValueError, match="kernel 'native' cannot run this weight"):
+        select_kernel(spec, "cpu", "native")
 
 
-def test_forcing_vnni_without_native_kernels_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forcing_native_without_native_kernels_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FALCONLM_NATIVE", "0")
     with pytest.raises(ValueError, match="FALCONLM_NATIVE is off"):
-        select_kernel(WeightSpec.of(quantized(32, 64, 8)), "cpu", "vnni")
+        select_kernel(WeightSpec.of(quantized(32, 64, 8)), "cpu", "native")
     assert select_kernel(WeightSpec.of(quantized(32, 64, 8)), "cpu").name == "cpu"
 
 
@@ -126,14 +126,13 @@ def test_quantized_embedding_gathers_dequantized_rows(bits: int) -> None:
     assert emb.weight.shape == (80, 64)
 
 
-@needs_vnni
 @pytest.mark.parametrize("bits", [8, 4])
-def test_embedding_tied_to_a_vnni_head_reads_its_tensors(bits: int) -> None:
+def test_embedding_tied_to_a_native_head_reads_its_tensors(isa: str, bits: int) -> None:
     qt = quantized(64, 128, bits, 32).to(dtype=torch.float32)
-    head = QuantizedLinear(qt, None, torch.float32, select_kernel(WeightSpec.of(qt), "cpu", "vnni"))
+    head = QuantizedLinear(qt, None, torch.float32, select_kernel(WeightSpec.of(qt), "cpu", "native"))
     emb = QuantizedEmbedding(qt, torch.float32, head)
     assert emb.qweight.data_ptr() == head.qweight.data_ptr()  # one copy of the matrix
     ids = torch.tensor([[0, 17, 63], [16, 15, 31]])
     tol = {"rtol": 0, "atol": 0} if bits == 8 else {"rtol": 1e-2, "atol": 1e-3}  # int4 scales are bfloat16
     torch.testing.assert_close(emb(ids), qt.dequantize()[ids], **tol)
-    assert "layout=vnni" in repr(emb)
+    assert "layout=native" in repr(emb)

@@ -3,7 +3,7 @@
 A kernel turns a :class:`QuantizedTensor` into the tensors it reads (``prepare``, at load) and computes
 ``x @ W.T`` from them (``matmul``, every step). Kernels:
 
-* ``vnni``: int8-activation dot products on CPUs with AVX-512 VNNI (a native library), see ``vnni.py``;
+* ``native``: int8-activation dot products on every CPU (``falconlm.native``), see ``native.py``;
 * ``cpu``: torch's fused CPU ops (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), see ``cpu.py``;
 * ``triton``: a Triton int4 group-wise matmul for GPUs, see ``triton.py``;
 * ``reference``: dequantize, then a plain matmul; any device, any shape. Tests compare the others against it.
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ...native import unavailable_reason
 from ..primitives import QuantizedTensor, dequantize_int4, unpack_int4
 
-KERNEL_NAMES = ("auto", "vnni", "cpu", "triton", "reference")
+KERNEL_NAMES = ("auto", "native", "cpu", "triton", "reference")
+ALIASES = {"vnni": "native"}  # the native kernel's name when it ran on AVX-512 VNNI only
 
 
 @dataclass(frozen=True)
@@ -95,20 +96,21 @@ def dequantize_stored(weights: tuple[torch.Tensor, ...], spec: WeightSpec, dtype
 
 def select_kernel(spec: WeightSpec, device: torch.device | str, name: str | None = None) -> Kernel:
     """The kernel for one weight: ``name`` if given (ValueError when it cannot run it), else the fastest that
-    can: Triton for int4 on CUDA; on CPU the VNNI kernel, then torch's fused ops; the reference otherwise."""
+    can: Triton for int4 on CUDA; on CPU the native kernel, then torch's fused ops; the reference otherwise."""
     device = torch.device(device)
     name = name or os.environ.get("FALCONLM_QUANT_KERNEL") or "auto"
+    name = ALIASES.get(name, name)
     if name not in KERNEL_NAMES:
         raise ValueError(f"unknown quantized kernel {name!r}; choose one of {KERNEL_NAMES}")
     if name != "auto":
         kernel = _kernel(name)
         if kernel is None or not kernel.supports(spec, device):
             why = "triton is not installed" if kernel is None else f"int{spec.bits} {_shape(spec)} on {device.type}"
-            if name == "vnni" and (native := unavailable_reason("quant_gemm")) is not None:
+            if name == "native" and (native := unavailable_reason()) is not None:
                 why = native
             raise ValueError(f"quantized kernel {name!r} cannot run this weight ({why})")
         return kernel
-    order = ("triton", "cpu", "reference") if device.type == "cuda" else ("vnni", "cpu", "reference")
+    order = ("triton", "cpu", "reference") if device.type == "cuda" else ("native", "cpu", "reference")
     for candidate in order:
         kernel = _kernel(candidate)
         if kernel is not None and kernel.supports(spec, device):
@@ -123,10 +125,10 @@ def _kernel(name: str) -> Kernel | None:
         from .cpu import CPU_KERNEL
 
         return CPU_KERNEL
-    if name == "vnni":
-        from .vnni import VNNI_KERNEL
+    if name == "native":
+        from .native import NATIVE_KERNEL
 
-        return VNNI_KERNEL
+        return NATIVE_KERNEL
     try:
         from .triton import TRITON_KERNEL
     except ImportError:

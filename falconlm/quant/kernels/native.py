@@ -1,9 +1,10 @@
-"""int8 / int4 weight matmuls on x86 CPUs with AVX-512 VNNI, through ``falconlm.native``'s ``quant_gemm``.
+"""int8 / int4 weight matmuls on every CPU, through ``falconlm.native``'s ``falcon_qlinear``.
 
 The kernel quantizes each activation row to int8 on the fly, in blocks of 32 columns with a float scale each (so a
 large activation, which Falcon's bigger models have in a few channels, coarsens only its own block), then
-multiplies with ``vpdpbusd``: 64 byte products per instruction, the way llama.cpp's q8_0 / q4_0 dot products
-work. At batch 1 it reads the weights at close to memory speed, which torch's packed ops do not.
+multiplies bytes four at a time per lane (``vpdpbusd`` with AVX-512 VNNI or AVX-VNNI, ``vpmaddubsw`` with AVX2,
+``sdot`` on ARM), the way llama.cpp's q8_0 / q4_0 dot products work. At batch 1 it reads the weights at close to
+memory speed, which torch's packed ops do not.
 
 Weights are re-tiled once at load (``prepare``): each run of 16 output rows is contiguous, one 64-byte line
 holding 16 rows x 4 columns (int8, stored as ``q + 128`` so the weight is the unsigned operand) or 16 rows x 8
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ...native import library, threads_for
+from ...native import kernels, threads_for
 from ..primitives import QuantizedTensor, dequantize_int4, unpack_int4
 from . import WeightSpec
 
@@ -31,8 +32,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float16 goes through 
 ACTIVATION_BLOCK = 32  # columns per activation scale, as llama.cpp's q8_0: an outlier spoils only its own block
 
 
-class VnniKernel:
-    name = "vnni"
+class NativeKernel:
+    name = "native"
     _qlinear = None  # the native entry point, looked up once by ``prepare``
 
     def supports(self, spec: WeightSpec, device: torch.device) -> bool:
@@ -40,13 +41,13 @@ class VnniKernel:
             return False
         if spec.bits == 4 and spec.group_size not in INT4_GROUPS:
             return False
-        return spec.padded_in % ACTIVATION_BLOCK == 0 and library("quant_gemm") is not None
+        return spec.padded_in % ACTIVATION_BLOCK == 0 and kernels() is not None
 
     def prepare(self, qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if dtype not in DTYPES:
-            raise ValueError(f"the VNNI kernel takes {DTYPES} activations, not {dtype}")
+            raise ValueError(f"the native kernel takes {DTYPES} activations, not {dtype}")
         if self._qlinear is None:
-            VnniKernel._qlinear = library("quant_gemm").falcon_qlinear
+            NativeKernel._qlinear = kernels().falcon_qlinear
         n, k = qt.out_features, qt.padded_in
         rows = TILE * 64  # re-tiled a strip of rows at a time: temporaries stay a few MB whatever the matrix
         if qt.bits == 8:
@@ -101,4 +102,4 @@ class VnniKernel:
         return w.to(dtype).view(*ids.shape, spec.in_features)
 
 
-VNNI_KERNEL = VnniKernel()
+NATIVE_KERNEL = NativeKernel()

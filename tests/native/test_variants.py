@@ -1,0 +1,104 @@
+"""Every SIMD variant of the native kernels against the scalar reference, and batch invariance in every variant:
+a row's result is bit for bit the same whatever other rows share the call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from falconlm.engine.fused_decode import fused_decoder
+from falconlm.model.attention import KVCache, build_dense_attention
+from falconlm.model.falcon import FalconForCausalLM
+from falconlm.model.positions import rope_cos_sin
+from falconlm.native import ops
+from falconlm.quant import load_quantized
+from falconlm.quant.kernels import WeightSpec
+from falconlm.quant.kernels.native import NATIVE_KERNEL
+from falconlm.quant.primitives import plan_groups, quantize_int4, quantize_int8
+
+from ..conftest import make_hf_checkpoint
+
+
+def _quantized(bits: int, n: int = 96, k: int = 320):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits)) * 0.05
+    qt = quantize_int8(w) if bits == 8 else quantize_int4(w, plan_groups(k, 64))
+    spec = WeightSpec.of(qt)
+    return spec, tuple(NATIVE_KERNEL.prepare(qt, torch.float32).values())
+
+
+def _kernels(x_bf16: torch.Tensor, x_f32: torch.Tensor, w_bf16: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each kernel's output on the same inputs, in the variant now chosen."""
+    out = {"bf16": ops.linear_invariant(x_bf16, w_bf16).float()}
+    for bits in (8, 4):
+        spec, weights = _quantized(bits)
+        out[f"int{bits}"] = NATIVE_KERNEL.matmul(x_f32, weights, spec)
+    return out
+
+
+def test_simd_variants_match_the_scalar_reference(simd_isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(13, 320, generator=gen)
+    w = (torch.randn(96, 320, generator=gen) * 0.05).bfloat16()
+    simd = _kernels(x.bfloat16(), x, w)
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "scalar")
+    scalar = _kernels(x.bfloat16(), x, w)
+    # bfloat16 pair products (vdpbf16ps) round differently from float32 FMAs: within a bfloat16 ulp or so.
+    torch.testing.assert_close(simd["bf16"], scalar["bf16"], rtol=8e-3, atol=1e-3)
+    for bits in ("int8", "int4"):  # integer dot products are exact; the float steps are the same FMAs
+        torch.testing.assert_close(simd[bits], scalar[bits], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("total", [3, 16, 40, 130])  # register-block remainders, and more rows than a block
+def test_matmul_rows_do_not_depend_on_the_batch(isa: str, total: int) -> None:
+    gen = torch.Generator().manual_seed(total)
+    x = torch.randn(total, 320, generator=gen)
+    w = (torch.randn(96, 320, generator=gen) * 0.05).bfloat16()
+    batched = _kernels(x.bfloat16(), x, w)
+    for i in (0, total // 2, total - 1):
+        alone = _kernels(x[i : i + 1].bfloat16(), x[i : i + 1], w)
+        for name, value in alone.items():
+            assert torch.equal(value[0], batched[name][i]), f"{name} row {i} of {total}"
+
+
+def test_attention_rows_do_not_depend_on_the_batch(isa: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(32, 16, 2, 64, generator=gen).bfloat16()
+    v = torch.randn(32, 16, 2, 64, generator=gen).bfloat16()
+    q = torch.randn(5, 8, 64, generator=gen).bfloat16()
+    tables = torch.stack([torch.randperm(32, generator=gen)[:8] for _ in range(5)])
+    lens = torch.tensor([100, 3, 128, 17, 64])
+    batched = ops.decode_attention(q, k, v, tables, lens, 128)
+    for i in range(5):
+        alone = ops.decode_attention(q[i : i + 1], k, v, tables[i : i + 1].contiguous(), lens[i : i + 1], 128)
+        assert torch.equal(alone[0], batched[i])
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_a_fused_decode_row_does_not_depend_on_the_batch(isa: str, tmp_path: Path, weights: str) -> None:
+    """One row decoded alone, then beside two others (one long enough to be attended in parts): same logits."""
+    checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", hidden_size=128, max_position_embeddings=700)
+    if weights == "bf16":
+        model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    else:
+        model = load_quantized(checkpoint, quantize="int4", dtype=torch.bfloat16)
+    decoder = fused_decoder(model.transformer)
+    assert decoder is not None
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (3, 600), generator=gen)
+    token = torch.randint(0, model.config.vocab_size, (3, 1), generator=gen)
+
+    def step(rows: int, prompt_len: int) -> torch.Tensor:
+        cache = KVCache(model.config, rows, prompt_len + 1, torch.bfloat16)
+        with torch.no_grad():
+            model(prompts[:rows, :prompt_len], kv_cache=cache)
+            x = model.transformer.word_embeddings(token[:rows])
+            ctx = build_dense_attention(model.config, 1, None, cache, x.dtype, x.device, rows, 0.0)
+            cos_sin = rope_cos_sin(model.config, torch.full((rows, 1), prompt_len), x.dtype)
+            x = decoder(x, *cos_sin, ctx.decode_rows())
+            return model.lm_head(model.transformer.ln_f(x))[:, -1]
+
+    for prompt_len in (40, 600):  # one attention part, then two
+        alone, batched = step(1, prompt_len), step(3, prompt_len)
+        assert torch.equal(alone[0], batched[0]), f"prompt of {prompt_len}"
