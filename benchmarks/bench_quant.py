@@ -8,14 +8,14 @@ subprocess, so its peak RSS is its own. Per variant:
 * decode tok/s at batch 1 and batch 8: a 16-token prompt, then greedy steps through the model's forward with a
   contiguous KV cache in a tight loop (``model(ids, kv_cache=cache, last_token_only=True)``);
 * the same through ``falconlm.engine.engine.Engine`` (paged attention, scheduler, sampler) with ``--engine``;
-* quantized variants decode through the fused native step where it applies (``falconlm.native.decode``; the
+* decode steps run through the fused native step where it applies (``falconlm.engine.fused_decode``; the
   kernels column says so); ``FALCONLM_FUSED_DECODE=0`` measures the torch path instead;
 * weight bytes read per token (each stored tensor once: a tied head shares the embedding) and the achieved
   GB/s at batch 1 (bytes x tok/s); peak RSS (VmHWM).
 
 ``--matmul`` instead times one matmul per layer shape at batch 1: bf16 ``F.linear`` and the native bf16 kernel,
-the VNNI kernels, torch's fused CPU kernels, dequantize-then-matmul (the reference kernel) and a torch.compile
-of dequantize-then-matmul.
+the native quantized kernels, torch's fused CPU kernels, dequantize-then-matmul (the reference kernel) and a
+torch.compile of dequantize-then-matmul.
 
     python benchmarks/bench_quant.py [--threads 2] [--variants bf16 int8 int4-g64 int4-g32 int4-g128] [--engine]
     python benchmarks/bench_quant.py --matmul
@@ -55,6 +55,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     """Load one variant and measure it; returns one JSON-able row."""
     import torch
 
+    from falconlm.engine.fused_decode import dense_step, fused_decoder
     from falconlm.model.attention import KVCache
     from falconlm.model.falcon import FalconForCausalLM
     from falconlm.native.ops import argmax
@@ -75,8 +76,12 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
         # materialises (a transient that would otherwise land in the peak RSS).
         cache = KVCache(config, batch, PROMPT_DECODE + new_tokens, dtype)
         ids = torch.randint(0, config.vocab_size, (batch, PROMPT_DECODE), generator=gen)
-        for _ in range(new_tokens):
-            ids = argmax(model(ids, kv_cache=cache, last_token_only=True)[:, -1])[:, None]
+        ids = argmax(model(ids, kv_cache=cache, last_token_only=True)[:, -1])[:, None]
+        for _ in range(new_tokens - 1):
+            logits = dense_step(model, ids, cache)
+            if logits is None:
+                logits = model(ids, kv_cache=cache, last_token_only=True)[:, -1]
+            ids = argmax(logits)[:, None]
 
     row = {"variant": variant, "weights_mib": stored_bytes(model) / 2**20}
     decode(1)  # warm-up
@@ -87,7 +92,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     if engine:
         row |= _engine_rows(model, new_tokens)
     row["kernels"] = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
-    if model.transformer.fused_decode:
+    if fused_decoder(model.transformer) is not None:
         row["kernels"].append("fused decode")
     return row
 
@@ -123,7 +128,7 @@ def matmul_table(threads: int) -> str:
     import torch.nn.functional as F
 
     from falconlm.model.config import preset
-    from falconlm.native import library
+    from falconlm.native import kernels
     from falconlm.native.ops import linear as native_linear
     from falconlm.quant.kernels import WeightSpec, select_kernel
     from falconlm.quant.primitives import dequantize_int4, plan_groups, quantize_int4, quantize_int8, unpack_int4
@@ -167,8 +172,8 @@ def matmul_table(threads: int) -> str:
         f"batch-1 matmul, microseconds per call, weights read from memory (bf16 activations, {threads} threads); "
         "(GB/s of weight bytes)",
         "",
-        "| layer [N, K] | bf16 F.linear | bf16 native | int8 vnni | int8 torch fused | int8 dequant+mm | "
-        "int8 compiled | int4 g64 vnni | int4 g64 torch fused | int4 g64 dequant+mm | int4 g64 compiled |",
+        "| layer [N, K] | bf16 F.linear | bf16 native | int8 native | int8 torch fused | int8 dequant+mm | "
+        "int8 compiled | int4 g64 native | int4 g64 torch fused | int4 g64 dequant+mm | int4 g64 compiled |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (n, k) in shapes.items():
@@ -182,10 +187,10 @@ def matmul_table(threads: int) -> str:
         del plain
         for qt in (quantize_int8(w), quantize_int4(w, plan_groups(k, 64))):
             spec = WeightSpec.of(qt)
-            if library("quant_gemm") is not None:
-                vnni = select_kernel(spec, "cpu", "vnni")
-                tiled = copies(tuple(vnni.prepare(qt, dtype).values()), qt.nbytes)
-                us = timed(lambda ws, x=x, vnni=vnni, spec=spec: vnni.matmul(x, ws, spec), tiled)
+            if kernels() is not None:
+                fast = select_kernel(spec, "cpu", "native")
+                tiled = copies(tuple(fast.prepare(qt, dtype).values()), qt.nbytes)
+                us = timed(lambda ws, x=x, fast=fast, spec=spec: fast.matmul(x, ws, spec), tiled)
                 cells.append(f"{us:.0f} ({qt.nbytes / 1e3 / us:.1f})")
                 del tiled
             else:

@@ -27,14 +27,34 @@ DTYPES = {
 Prompt = str | Sequence[int]
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'bfloat16' / 'bf16' / torch.bfloat16 and friends -> torch dtype; ValueError for anything else."""
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """'bfloat16' / 'bf16' / torch.bfloat16 and friends -> torch dtype, 'auto' -> :func:`auto_dtype` on
+    ``device``; ValueError for anything else."""
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():
             return dtype
+    elif dtype == "auto":
+        return auto_dtype(resolve_device(device))[0]
     elif dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, bfloat16, float16")
+    raise ValueError(f"dtype {dtype!r} is not supported; use one of auto, float32, bfloat16, float16")
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """The fastest weights dtype on ``device`` and why: bfloat16 on GPUs, and on CPUs where the native kernels
+    run (they widen bfloat16 to float32 where the CPU has no bfloat16 arithmetic, so bfloat16 reads half the
+    bytes and computes as fast) or the CPU multiplies bfloat16 itself; float32 elsewhere, where torch's bfloat16
+    GEMMs are several times slower than its float32 ones."""
+    from . import native
+    from .native.ops import bf16_hardware
+
+    if device.type == "cuda":
+        return torch.bfloat16, "a CUDA device"
+    if native.kernels() is not None:
+        return torch.bfloat16, f"the native {native.chosen_variant()} kernels run here"
+    if bf16_hardware():
+        return torch.bfloat16, "the CPU has bfloat16 arithmetic"
+    return torch.float32, f"no native kernels ({native.unavailable_reason()}) and no bfloat16 arithmetic"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -54,7 +74,7 @@ class LLM:
     def __init__(
         self,
         model: str | Path | None = None,
-        dtype: str | torch.dtype = "bfloat16",
+        dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 16,
@@ -63,14 +83,15 @@ class LLM:
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         quantize: str | None = None,
+        deterministic: bool = False,
     ) -> None:
         if model is None:
             from .default_model import default_model_path
 
             model = default_model_path()
         self.path = Path(model)
-        self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
         self.model = load_checkpoint(self.path, dtype=self.dtype, device=self.device, quantize=quantize)
         self.tokenizer = Tokenizer.from_pretrained(self.path)
@@ -88,6 +109,7 @@ class LLM:
                 kv_cache_memory=kv_cache_memory,
                 max_model_len=self.max_model_len,
                 enable_prefix_caching=enable_prefix_caching,
+                deterministic=deterministic,
             ),
         )
         self._next_id = 0

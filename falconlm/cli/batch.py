@@ -166,7 +166,14 @@ def _start_engine(args: argparse.Namespace):
     from ..engine.async_engine import AsyncEngine
     from ..llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, quantize=args.quantize)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        quantize=args.quantize,
+        deterministic=args.deterministic,
+    )
     engine = AsyncEngine(llm.engine)
     engine.start()
     if not engine.wait_ready(timeout=600):

@@ -39,7 +39,9 @@ def _load(args: argparse.Namespace):
     check_model_path(args.model)
     from ..llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return LLM(
+        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, deterministic=args.deterministic
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:

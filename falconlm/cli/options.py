@@ -16,14 +16,29 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="checkpoint folder in Hugging Face layout (default: the embedded model)",
     )
-    p.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights and activations dtype (default: bfloat16)",
-    )
+    add_dtype_option(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     add_quantize_option(p)
+    add_deterministic_option(p)
+
+
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations dtype (default auto: the fastest here, bfloat16 where the native kernels or "
+        "bfloat16 hardware run, else float32)",
+    )
+
+
+def add_deterministic_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant kernels on every path: a request's tokens never depend on what else runs with it "
+        "(slower prompt processing)",
+    )
 
 
 def add_quantize_option(p: argparse.ArgumentParser) -> None:

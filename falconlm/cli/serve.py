@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .options import add_quantize_option, check_model_path, positive_int
+from .options import add_deterministic_option, add_dtype_option, add_quantize_option, check_model_path, positive_int
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -53,9 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     keys.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
     keys.add_argument("--api-key-file", type=Path, default=None, metavar="FILE", help="accepted keys, one a line")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="model name in the API (default: folder)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="default: bfloat16")
+    add_dtype_option(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     add_quantize_option(p)
+    add_deterministic_option(p)
     p.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests per batch (default 16)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per step (default 512)")
     p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
@@ -112,14 +113,17 @@ def _engine_factory(path: Path, args: argparse.Namespace):
         import torch
 
         from ..engine.engine import Engine, EngineConfig
-        from ..llm import resolve_device, resolve_dtype
+        from ..llm import auto_dtype, resolve_device, resolve_dtype
         from ..quant import load_checkpoint
         from ..tokenizer import Tokenizer
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
-        model = load_checkpoint(path, dtype=resolve_dtype(args.dtype), device=device, quantize=args.quantize)
+        dtype = resolve_dtype(args.dtype, device)
+        if args.dtype == "auto":
+            logger.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), auto_dtype(device)[1])
+        model = load_checkpoint(path, dtype=dtype, device=device, quantize=args.quantize)
         model.eval()
         tokenizer = Tokenizer.from_pretrained(path)
         config = EngineConfig(
@@ -130,6 +134,7 @@ def _engine_factory(path: Path, args: argparse.Namespace):
             max_model_len=args.max_model_len,
             enable_prefix_caching=not args.no_prefix_caching,
             max_waiting=args.max_waiting,
+            deterministic=args.deterministic,
         )
         engine = Engine(model, tokenizer, config)
         logger.info(

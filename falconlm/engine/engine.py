@@ -36,6 +36,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
+    deterministic: bool = False  # batch-invariant kernels on every path (runner.py)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
         self._states: dict[str, _OutputState] = {}
 
     def _num_blocks(self, model: FalconForCausalLM, config: EngineConfig) -> int:

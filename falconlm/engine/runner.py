@@ -1,31 +1,39 @@
-"""ModelRunner: owns the paged KV cache tensors; turns a SchedulerOutput into one forward pass and new tokens.
+"""ModelRunner: owns the paged KV cache tensors; turns a SchedulerOutput into forward passes and new tokens.
 
-It makes no decisions (the scheduler did): it flattens the step's tokens, computes each token's slot and
-position, runs the model with a :class:`PagedAttention` context, and samples for the rows that reached the
-end of their known tokens.
+It makes no scheduling decisions (the scheduler did): it flattens the step's tokens, computes each token's slot
+and position, runs the model with a :class:`PagedAttention` context, and samples for the rows that reached the
+end of their known tokens. It makes the one per-step kernel choice (``kernels.py``): decode rows run every layer
+in one native call when the model allows it (``fused_decode.py``), apart from prompt chunks, which take the
+model's torch forward. So a decoding request is computed the same way whatever else is in the step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import native
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
-from ..model.positions import alibi_slopes
+from ..model.positions import alibi_slopes, rope_cos_sin
+from .fused_decode import FusedDecoder, fused_decoder
+from .kernels import bind_weight_kernels, log_choice, row_attention
+from .request import Request
 from .sampler import Sampler, make_generator
-from .scheduler import ModelRunnerOutput, SchedulerOutput
+from .scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class ModelRunner:
-    """One model, its paged KV cache, the sampler and the per-request random generators."""
+    """One model, its paged KV cache, the sampler and the per-request random generators.
 
-    def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int) -> None:
+    ``deterministic`` forces the batch-invariant kernels everywhere: every bfloat16 matmul natively whatever its
+    row count, and prompt chunks attended a token at a time by the row kernel (slower prefill; see README)."""
+
+    def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
         weight = model.transformer.ln_f.weight  # the model dtype and device, cheap on quantized models
         self.model = model
         self.device = weight.device
         self.block_size = block_size
+        self.deterministic = deterministic
         self.cache = PagedKVCache.allocate(
             cfg.num_hidden_layers, num_blocks, block_size, cfg.num_kv_groups, cfg.head_dim, weight.dtype, weight.device
         )
@@ -33,7 +41,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.req_id_to_generator: dict[str, torch.Generator | None] = {}
         if self.device.type == "cpu":
-            native.library("bf16_gemm")  # compiled now (first run only), not inside the first request
+            bind_weight_kernels(model, invariant=deterministic)
+            log_choice()
+        self.row_attention = row_attention(self.device)
 
     def free(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -41,13 +51,42 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        decoder = fused_decoder(self.model.transformer) if self.device.type == "cpu" else None
+        groups = [step.scheduled]
+        if decoder is not None or self.deterministic:  # decode rows apart from prompt chunks
+            decodes = [item for item in step.scheduled if item.num_tokens == 1]
+            chunks = [item for item in step.scheduled if item.num_tokens > 1]
+            groups = [group for group in (decodes, chunks) if group]
+        sampled: list[Request] = []
+        logits: list[torch.Tensor] = []
+        for group in groups:
+            requests, group_logits = self._forward(group, decoder)
+            sampled += requests
+            if group_logits is not None:
+                logits.append(group_logits)
+        if not sampled:
+            return ModelRunnerOutput([], [], [])
+        generators = [self._generator(r) for r in sampled]
+        out = self.sampler(
+            torch.cat(logits).float(),
+            [r.sampling_params for r in sampled],
+            [r.prompt_token_ids for r in sampled],
+            [r.output_token_ids for r in sampled],
+            generators,
+        )
+        return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs))
+
+    def _forward(
+        self, items: list[ScheduledRequest], decoder: FusedDecoder | None
+    ) -> tuple[list[Request], torch.Tensor | None]:
+        """One forward pass over ``items``: the requests to sample and their logits [R, vocab] (None if none)."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_starts, query_lens, context_lens, tables = [], [], [], []
         sampled, logits_indices = [], []
         bs = self.block_size
-        for item in step.scheduled:
+        for item in items:
             req, start, n = item.request, item.start, item.num_tokens
             query_starts.append(len(ids))
             query_lens.append(n)
@@ -60,7 +99,7 @@ class ModelRunner:
                 sampled.append(req)
                 logits_indices.append(len(ids) - 1)
         if not ids:
-            return ModelRunnerOutput([], [], [])
+            return [], None
         block_tables = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = torch.tensor(table)
@@ -73,26 +112,32 @@ class ModelRunner:
             context_lens,
             block_tables.to(dev),
             self.alibi_slopes,
+            row_attention=self.row_attention,
+            per_token_chunks=self.deterministic,
         )
-        logits = self.model(
-            torch.tensor([ids], device=dev),
-            position_ids=torch.tensor([positions], device=dev),
-            attention=ctx,
-            logits_indices=torch.tensor(logits_indices, device=dev),
-        )
-        if not sampled:
-            return ModelRunnerOutput([], [], [])
-        generators = [self._generator(r) for r in sampled]
-        out = self.sampler(
-            logits.float(),
-            [r.sampling_params for r in sampled],
-            [r.prompt_token_ids for r in sampled],
-            [r.output_token_ids for r in sampled],
-            generators,
-        )
-        return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs))
+        input_ids = torch.tensor([ids], device=dev)
+        position_ids = torch.tensor([positions], device=dev)
+        rows = torch.tensor(logits_indices, dtype=torch.long, device=dev)
+        hidden = self._fused_hidden(decoder, input_ids, position_ids, ctx) if decoder is not None else None
+        if hidden is not None:
+            return sampled, self.model.lm_head(hidden[0, rows]) if sampled else None
+        logits = self.model(input_ids, position_ids=position_ids, attention=ctx, logits_indices=rows)
+        return sampled, logits if sampled else None
 
-    def _generator(self, request) -> torch.Generator | None:
+    def _fused_hidden(
+        self, decoder: FusedDecoder, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: PagedAttention
+    ) -> torch.Tensor | None:
+        """Hidden states after ``ln_f`` from the fused decode step; None when this step is not all decode rows."""
+        rows = ctx.decode_rows()
+        if rows is None:
+            return None
+        t = self.model.transformer
+        x = t.word_embeddings(input_ids)
+        cos, sin = rope_cos_sin(self.model.config, position_ids, x.dtype)
+        x = decoder(x, cos, sin, rows)
+        return None if x is None else t.ln_f(x)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:
             self.req_id_to_generator[request.request_id] = make_generator(request.sampling_params.seed)
         return self.req_id_to_generator[request.request_id]

@@ -28,7 +28,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from ..native.decode import supports as fused_decode_supported
 from .config import FalconConfig
 from .falcon import FalconForCausalLM
 
@@ -117,7 +116,6 @@ def load_model(
         raise RuntimeError(f"buffer {stray[0]} is still on the meta device after loading")
     if head_file is not None:
         _warn_if_head_differs(model, head_file, buffer)
-    model.transformer.fused_decode = fused_decode_supported(model.transformer)
     return model.eval()
 
 

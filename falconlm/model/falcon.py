@@ -11,14 +11,13 @@ name. Block shapes (falcon-spec §3.1):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native.decode import decode_layers
-from ..native.ops import linear
 from .attention import AttentionContext, KVCache, build_dense_attention
 from .config import FalconConfig
 from .positions import apply_rope, positions_from_mask, rope_cos_sin
@@ -29,10 +28,13 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 class FalconLinear(nn.Linear):
     """A Linear whose bias is added after the matmul as a separate op, as Falcon was trained (falcon-spec §3.4).
 
-    The matmul is ``F.linear``, or a native kernel for bfloat16 decode steps on CPU (``falconlm.native.ops``)."""
+    The matmul is ``F.linear`` unless a kernel was bound to this weight at load (``matmul(x, weight)``; the engine
+    binds the native bfloat16 one on CPU, ``falconlm.engine.kernels``)."""
+
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.matmul is None else self.matmul(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -112,8 +114,6 @@ class FalconModel(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        # Set at load when this model's decode steps can run every layer in one native call (native/decode.py).
-        self.fused_decode = False
 
     def forward(
         self,
@@ -143,15 +143,8 @@ class FalconModel(nn.Module):
         if ctx is None:
             dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
             ctx = build_dense_attention(self.config, T, attention_mask, kv_cache, x.dtype, x.device, B, dropout_p)
-        fused = None
-        if self.fused_decode and rope is not None and not self.training:
-            rows = ctx.decode_rows()
-            fused = None if rows is None else decode_layers(self, x, *rope, rows)
-        if fused is not None:
-            x = fused
-        else:
-            for block in self.h:
-                x = block(x, rope, ctx)
+        for block in self.h:
+            x = block(x, rope, ctx)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)

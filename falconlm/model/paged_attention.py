@@ -3,21 +3,29 @@
 A step concatenates every row's new tokens into one sequence of N tokens (batch dimension 1). Each new token's
 K/V goes to its *slot* (``block_id * block_size + offset``) in the cache ``[num_blocks, block_size, G, d]`` of
 its layer, and each row then attends over its own blocks, gathered through its block table. Rows that add one
-token (decodes) are attended together in one call (on CPU by a native kernel that reads the blocks in place,
-else gathered for SDPA); rows with several new tokens (prefill chunks) one by one, with a causal mask offset by
-what the row already had in the cache.
+token (decodes) are attended together in one call (by the ``row_attention`` kernel the runner gives, which reads
+the blocks in place, else gathered for SDPA); rows with several new tokens (prefill chunks) one by one, with a
+causal mask offset by what the row already had in the cache. With ``per_token_chunks`` a chunk's tokens go
+through the row kernel too, each as a row of its own length: every query position is then computed the same way
+however the prompt was split into chunks and whatever else shares the step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
-from ..native.ops import decode_attention
 from .attention import DecodeRows, sdpa
+
+# q [R, Hq, d], k / v blocks, block tables [R, max_blocks], context lengths [R], the longest length -> [R, Hq, d]
+# (None when the kernel cannot take these tensors; the caller then uses SDPA).
+RowAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor | None
+]
 
 
 @dataclass
@@ -69,6 +77,8 @@ class PagedAttention:
     context_lens: list[int]
     block_tables: torch.Tensor  # [rows, max_blocks] long
     alibi_slopes: torch.Tensor | None = None  # [Hq] float32 ALiBi slopes; None for RoPE models
+    row_attention: RowAttention | None = None  # one query position per row, read in place (see module docstring)
+    per_token_chunks: bool = False  # prefill chunks through row_attention too, a row per token
     _decode_mask_cache: tuple[torch.Tensor | None] | None = field(default=None, repr=False)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,7 +91,7 @@ class PagedAttention:
         if self._decode_rows:
             self._attend_decodes(q, out, k_blocks, v_blocks)
         for r, n in enumerate(self.query_lens):
-            if n > 1:
+            if n > 1 and not (self.per_token_chunks and self._attend_chunk_by_rows(r, q, out, k_blocks, v_blocks)):
                 self._attend_chunk(r, q, out, k_blocks, v_blocks)
         return out
 
@@ -143,9 +153,10 @@ class PagedAttention:
         self, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     ) -> None:
         positions, longest = self._decode_positions, max(self._decode_lengths)
-        if self.alibi_slopes is None:  # the native kernel reads the blocks in place (no gathered copy)
+        if self.alibi_slopes is None and self.row_attention is not None:  # read in place (no gathered copy)
             tables, lengths = self._decode_tables
-            result = decode_attention(q[0, :, positions].transpose(0, 1), k_blocks, v_blocks, tables, lengths, longest)
+            queries = q[0, :, positions].transpose(0, 1)
+            result = self.row_attention(queries, k_blocks, v_blocks, tables, lengths, longest)
             if result is not None:
                 out[0, :, positions] = result.transpose(0, 1)
                 return
@@ -154,6 +165,22 @@ class PagedAttention:
         queries = q[0, :, positions].transpose(0, 1)[:, :, None]  # [R, Hq, 1, d]
         result = sdpa(queries, keys, values, self._decode_mask(q), is_causal=False)  # [R, Hq, 1, d]
         out[0, :, positions] = result[:, :, 0].transpose(0, 1)
+
+    def _attend_chunk_by_rows(
+        self, r: int, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
+    ) -> bool:
+        """Row r's chunk through ``row_attention``, one row per token; False when the kernel cannot take it."""
+        if self.alibi_slopes is not None or self.row_attention is None:
+            return False
+        start, n, length = self.query_starts[r], self.query_lens[r], self.context_lens[r]
+        tables = self.block_tables[r].expand(n, -1).contiguous()
+        lengths = torch.arange(length - n + 1, length + 1, dtype=torch.int64)
+        queries = q[0, :, start : start + n].transpose(0, 1)  # [n, Hq, d]
+        result = self.row_attention(queries, k_blocks, v_blocks, tables, lengths, length)
+        if result is None:
+            return False
+        out[0, :, start : start + n] = result.transpose(0, 1)
+        return True
 
     def _attend_chunk(
         self, r: int, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor

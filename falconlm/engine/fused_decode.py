@@ -1,0 +1,216 @@
+"""Every layer of a Falcon decode step in one native call (``falconlm.native``'s ``falcon_decode_layers``).
+
+At batch 1 a token through torch is about fifty small matmuls and several hundred small ops, and their dispatch
+and thread wake-ups cost about as much time as reading the weights. :class:`FusedDecoder` runs all the layers in
+one OpenMP parallel region instead, as llama.cpp runs its whole graph in C. The runner chooses, step by step,
+between it and the model's torch forward; this module only binds a model's tensors to the native structs.
+
+It applies to steps that add one token per row to a paged KV cache (``PagedAttention.decode_rows``) of
+parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) on the CPU whose layer matrices
+are all bfloat16, or all int8 / int4 on the native quantized kernel. Everything else, and every step when
+``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32 inside the call, so
+results equal the torch path's up to rounding (in bfloat16, the torch path rounds the residual after every op and
+the fused one does not).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import native
+from ..model.attention import KVCache, build_dense_attention
+from ..model.positions import rope_cos_sin
+from ..native.decode import Layer, Rows, Shape, Weight, check_layout
+from ..quant.linear import QuantizedLinear
+
+if TYPE_CHECKING:
+    from ..model.attention import DecodeRows
+    from ..model.falcon import FalconForCausalLM, FalconModel
+
+ACTIVATION_BLOCK = 32  # the native quantized kernel's activation block; a head must span whole blocks
+MAX_HEAD_DIM = 256
+CACHE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def enabled() -> bool:
+    """False when ``FALCONLM_FUSED_DECODE`` is 0 / false / off."""
+    return native.switch(os.environ.get("FALCONLM_FUSED_DECODE", "1"))
+
+
+def unsupported(model: FalconModel) -> str | None:
+    """Why ``model``'s decode steps cannot run fused, or None when they can."""
+    c = model.config
+    if not c.parallel_attn or not c.rotary or c.alibi or c.bias:
+        return "only parallel-attention, rotary, bias-free layers run fused"
+    if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
+        return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
+    shapes = {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
+    first = None
+    for block in model.h:
+        kinds = {name: _kind(m) for name, m in _matrices(block).items()}
+        if None in kinds.values():
+            return "every layer matrix must be bfloat16 on the CPU, or quantized on the native kernel, without bias"
+        if any(_matrices(block)[name].out_features != n for name, n in shapes.items()):
+            return "the layer matrices are sharded (tensor parallel)"
+        if first is not None and kinds != first:
+            return "the layers' matrices differ in format"
+        first = kinds
+        ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+        if ln.weight.device.type != "cpu":
+            return "the model is not on the CPU"
+    if (why := native.unavailable_reason()) is not None:
+        return f"native kernels unavailable: {why}"
+    return None
+
+
+def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    attn, mlp = block.self_attention, block.mlp
+    return {"qkv": attn.query_key_value, "dense": attn.dense, "up": mlp.dense_h_to_4h, "down": mlp.dense_4h_to_h}
+
+
+def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(bits, padded width, group size) of a matrix the kernel can read, else None: int8 / int4 on the native
+    kernel, or a bfloat16 weight (bits 16) whose shape fits the kernel's blocks."""
+    if getattr(m, "bias", None) is not None:
+        return None
+    if isinstance(m, QuantizedLinear):
+        s = m.spec
+        return (s.bits, s.padded_in, s.group_size) if m.kernel.name == "native" else None
+    w = getattr(m, "weight", None)
+    if not isinstance(m, torch.nn.Linear) or w.dtype is not torch.bfloat16 or w.device.type != "cpu":
+        return None
+    if not w.is_contiguous() or w.shape[1] % ACTIVATION_BLOCK or w.shape[0] % 16:
+        return None
+    return (16, w.shape[1], 0)
+
+
+def _weight(m: torch.nn.Module) -> Weight:
+    bits, padded, group = _kind(m)
+    if bits == 16:
+        return Weight(m.weight.data_ptr(), None, m.out_features, padded, m.in_features, 0, 16)
+    return Weight(m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features, padded, m.in_features, group, bits)
+
+
+def _weight_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight] if isinstance(m, torch.nn.Linear) else [m.qweight, m.scales]
+
+
+def _signature(tensors: list[torch.Tensor]) -> tuple:
+    """Where the tensors are and in what dtype: a change means the native pointers must be rebuilt."""
+    return tuple((t.data_ptr(), t.dtype) for t in tensors)
+
+
+class FusedDecoder:
+    """Runs one model's layers for decode steps natively (see :func:`decode_layers`).
+
+    It holds pointers into the model's tensors, so every call first checks that they have not moved (a ``.to()``
+    or a reload) and rebinds when they have. It refers to the model weakly: the model owns nothing of it, so a
+    copied or pickled model simply gets a decoder of its own on its first step.
+    """
+
+    def __init__(self, model: FalconModel) -> None:
+        self._model = weakref.ref(model)
+        lib = native.kernels()
+        check_layout(lib)
+        self._fn = lib.falcon_decode_layers
+        self._bind(model)
+
+    @staticmethod
+    def _tensors(model: FalconModel) -> list[torch.Tensor]:
+        """The tensors the native call reads: each layer's matrices and LayerNorm parameters."""
+        out = []
+        for block in model.h:
+            for m in _matrices(block).values():
+                out += _weight_tensors(m)
+            for name in ("ln_attn", "ln_mlp", "input_layernorm"):
+                if hasattr(block, name):
+                    out += [getattr(block, name).weight, getattr(block, name).bias]
+        return out
+
+    def _bind(self, model: FalconModel) -> None:
+        c = model.config
+        self._keep: list[torch.Tensor] = []  # float32 copies of LayerNorm parameters, alive as long as we are
+        layers = (Layer * c.num_hidden_layers)()
+        for i, block in enumerate(model.h):
+            layer = layers[i]
+            for name, m in _matrices(block).items():
+                setattr(layer, name, _weight(m))
+            norms = [block.ln_attn, block.ln_mlp] if hasattr(block, "ln_attn") else [block.input_layernorm]
+            pointers = []
+            for ln in norms:
+                for p in (ln.weight, ln.bias):
+                    p32 = p.detach().to(torch.float32).contiguous()
+                    self._keep.append(p32)
+                    pointers.append(p32.data_ptr())
+            layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
+            layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
+        self._layers = layers
+        self._signature_now = _signature(self._tensors(model))
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
+        """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
+        rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused."""
+        model = self._model()
+        if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
+            return None
+        tables, lengths = rows.block_tables, rows.context_lens
+        if x.numel() != lengths.numel() * model.config.hidden_size or tables.shape[0] != lengths.numel():
+            raise ValueError(f"a decode step of {lengths.numel()} rows got hidden states {list(x.shape)}")
+        tensors = self._tensors(model)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+            return None  # gradients go through the torch path
+        if _signature(tensors) != self._signature_now:
+            if unsupported(model) is not None:
+                return None
+            self._bind(model)
+        c = model.config
+        shape = Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
+                       c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
+        where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
+                      rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
+        residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
+        cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+        sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+        self._fn(
+            ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where), residual.data_ptr(),
+            residual.shape[0], cos32.data_ptr(), sin32.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return residual.view(x.shape).to(x.dtype)
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FalconModel -> (switches, decoder or None)
+
+
+def fused_decoder(model: FalconModel) -> FusedDecoder | None:
+    """``model``'s decoder when its decode steps can run fused and ``FALCONLM_FUSED_DECODE`` is not off; the
+    answer is kept per model while the switches that decide it stay the same."""
+    if not enabled() or model.training or not native.enabled():
+        return None
+    switches = native.chosen_variant()
+    known = _DECODERS.get(model)
+    if known is None or known[0] != switches:
+        known = _DECODERS[model] = (switches, FusedDecoder(model) if unsupported(model) is None else None)
+    return known[1]
+
+
+def dense_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+    """One fused decode step over a dense :class:`KVCache` (tests and benchmarks; the engine's runner does the
+    same over its paged cache): logits [B, vocab] of ``ids`` [B, 1] at position ``cache.length``, or None when the
+    model cannot decode fused (nothing is written then)."""
+    t = model.transformer
+    decoder = fused_decoder(t)
+    if decoder is None:
+        return None
+    x = t.word_embeddings(ids)
+    ctx = build_dense_attention(model.config, 1, None, cache, x.dtype, x.device, ids.shape[0], 0.0)
+    positions = torch.full((ids.shape[0], 1), cache.length, device=ids.device)
+    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype), ctx.decode_rows())
+    if x is None:
+        return None
+    cache.length += 1
+    return model.lm_head(t.ln_f(x))[:, -1]
