@@ -1,0 +1,97 @@
+"""The ARM NEON variant, built with Debian's aarch64 cross compiler and run under qemu-user, against the scalar
+reference run here. ``.ci/run`` installs both tools; elsewhere the tests skip and say which is missing."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from falconlm import native
+from falconlm.native import ops
+from falconlm.quant.kernels import WeightSpec
+from falconlm.quant.kernels.native import NATIVE_KERNEL
+from falconlm.quant.primitives import plan_groups, quantize_int4, quantize_int8
+
+from ..conftest import needs_native
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64")
+DRIVER = Path(__file__).parent / "csrc" / "kernel_driver.cpp"
+needs_cross = pytest.mark.skipif(CROSS is None, reason="no aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="no qemu-user (apt install qemu-user)")
+FLAGS = {"neon+dotprod": "-march=armv8.2-a+dotprod", "neon": "-march=armv8-a"}
+
+
+@pytest.fixture(scope="module", params=sorted(FLAGS))
+def driver(request, tmp_path_factory) -> tuple[str, Path]:
+    """(instruction set, path) of the kernel driver built for 64-bit ARM, statically linked."""
+    out = tmp_path_factory.mktemp("arm") / "kernel_driver"
+    sources = [str(DRIVER), *map(str, sorted(native.SOURCES.glob("*.cpp")))]
+    command = [CROSS, "-O2", "-std=c++17", "-fopenmp", "-static", FLAGS[request.param], *sources, "-o", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return request.param, out
+
+
+def _run(driver: tuple[str, Path], op: str, fields: list[int], arrays: list[np.ndarray], tmp: Path) -> bytes:
+    isa, path = driver
+    (tmp / "in.bin").write_bytes(struct.pack(f"<{len(fields)}q", *fields) + b"".join(a.tobytes() for a in arrays))
+    done = subprocess.run([QEMU, str(path), op, str(tmp / "in.bin"), str(tmp / "out.bin")], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == isa  # the build really is the variant it claims
+    return (tmp / "out.bin").read_bytes()
+
+
+@needs_cross
+def test_the_arm_variants_compile(driver: tuple[str, Path]) -> None:
+    assert driver[1].stat().st_size > 0
+
+
+@needs_cross
+@needs_qemu
+@needs_native
+def test_arm_kernels_match_the_scalar_reference(driver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "scalar")
+    gen = torch.Generator().manual_seed(3)
+    # bf16 matmul: 5 rows (a register-block remainder) of 320 columns.
+    x = torch.randn(5, 320, generator=gen).bfloat16()
+    w = (torch.randn(48, 320, generator=gen) * 0.05).bfloat16()
+    out = _run(driver, "linear", [5, 320, 48], [t.view(torch.int16).numpy() for t in (x, w)], tmp_path)
+    arm = torch.from_numpy(np.frombuffer(out, dtype=np.int16).copy()).view(torch.bfloat16).view(5, 48).float()
+    torch.testing.assert_close(arm, ops.linear_invariant(x, w).float(), rtol=8e-3, atol=1e-3)
+    # int8 and int4 matmuls: integer dots, the same float steps: equal to float32 rounding.
+    xf = torch.randn(3, 256, generator=gen)
+    for bits in (8, 4):
+        wf = torch.randn(32, 256, generator=gen) * 0.05
+        qt = quantize_int8(wf) if bits == 8 else quantize_int4(wf, plan_groups(256, 64))
+        spec = WeightSpec.of(qt)
+        tiled, scales = NATIVE_KERNEL.prepare(qt, torch.float32).values()
+        fields = [bits, 3, 256, 32, spec.group_size, tiled.numel(), scales.numel() * scales.element_size()]
+        out = _run(driver, "qlinear", fields, [xf.numpy(), tiled.numpy(), scales.numpy()], tmp_path)
+        arm = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(3, 32)
+        torch.testing.assert_close(arm, NATIVE_KERNEL.matmul(xf, (tiled, scales), spec), rtol=1e-5, atol=1e-6)
+    # argmax with a tie, -inf, inf and NaN rows.
+    logits = torch.randn(4, 1000, generator=gen)
+    logits[0, 10] = logits[0, 900] = 30.0
+    logits[1] = float("-inf")
+    logits[2, 999] = float("inf")
+    logits[3, 5] = float("nan")
+    out = _run(driver, "argmax", [4, 1000], [logits.numpy()], tmp_path)
+    assert np.frombuffer(out, dtype=np.int64).tolist() == ops.argmax(logits).tolist()
+    # decode attention through scattered blocks, 8 query heads on 2 groups.
+    k = torch.randn(16, 8, 2, 64, generator=gen)
+    v = torch.randn(16, 8, 2, 64, generator=gen)
+    q = torch.randn(3, 8, 64, generator=gen)
+    tables = torch.stack([torch.randperm(16, generator=gen)[:6] for _ in range(3)])
+    lens = torch.tensor([1, 20, 48])
+    fields = [3, 8, 2, 64, 16, 8, 6]
+    out = _run(driver, "attention", fields, [a.numpy() for a in (q, k, v, tables, lens)], tmp_path)
+    arm = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(3, 8, 64)
+    torch.testing.assert_close(arm, ops.decode_attention(q, k, v, tables, lens, 48), rtol=1e-5, atol=1e-5)
