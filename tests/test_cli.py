@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from falconlm import native
 from falconlm.cli import main
 
 
@@ -64,13 +65,22 @@ def test_info_json(tiny_checkpoint, capsys):
     assert main(["info", "--model", str(tiny_checkpoint), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["kv_groups"] == 1 and facts["layers"] == 2 and facts["size_on_disk_bytes"] > 0
-    assert set(facts["native_kernels"]) == {"quant_gemm", "bf16_gemm", "decode"}
+    assert set(facts["native_kernels"]) == {"chosen", "avx512", "avx2", "neon", "scalar"}
+    assert facts["native_kernels"]["scalar"] == "runs"  # the plain C++ reference runs on every CPU
 
 
 def test_info_says_when_native_kernels_are_off(tiny_checkpoint, capsys, monkeypatch):
     monkeypatch.setenv("FALCONLM_NATIVE", "0")
     assert main(["info", "--model", str(tiny_checkpoint)]) == 0
-    assert "quant_gemm FALCONLM_NATIVE is off; bf16_gemm FALCONLM_NATIVE is off" in capsys.readouterr().out
+    assert "none (FALCONLM_NATIVE is off); torch paths everywhere" in capsys.readouterr().out
+
+
+def test_info_names_the_forced_variant_and_why_others_do_not_run(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "scalar")
+    assert main(["info", "--model", str(tiny_checkpoint)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("native kernels"))
+    other_arch = "neon: not an aarch64 CPU" if native.machine() == "x86_64" else "avx512: not an x86_64 CPU"
+    assert line.split()[2] == "scalar;" and other_arch in line
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     facts["size_on_disk_bytes"] = (
         _human(facts["size_on_disk_bytes"], 1024, "B") if facts["size_on_disk_bytes"] else "no weight files"
     )
-    facts["native_kernels"] = "; ".join(f"{name} {state}" for name, state in facts["native_kernels"].items())
+    kernels = facts["native_kernels"]
+    facts["native_kernels"] = kernels.pop("chosen") + "; " + "; ".join(f"{k}: {v}" for k, v in kernels.items())
     width = max(len(k) for k in facts)
     for key, value in facts.items():
         print(f"{key.replace('_bytes', '').replace('_', ' '):<{width}}  {value}")

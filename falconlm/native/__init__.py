@@ -185,21 +185,28 @@ def unavailable_reason(variant: str | None = None) -> str | None:
 
 
 def status() -> dict[str, str]:
-    """The chosen variant and, for each variant, ``runs`` or why not (nothing is built to find out)."""
-    out = {"chosen": chosen_variant() if unavailable_reason() is None else f"none ({unavailable_reason()})"}
+    """The chosen variant (with the optional CPU features it uses) and, for each variant, ``runs`` or why not.
+    Nothing is built to find out."""
+    why = unavailable_reason()
+    if why is None:
+        chosen = _variant(chosen_variant())
+        extras = [feature for feature, _ in chosen.optional if feature in cpu_features()]
+        out = {"chosen": chosen.name + (f" (with {', '.join(extras)})" if extras else "")}
+    else:
+        out = {"chosen": f"none ({why}); torch paths everywhere"}
     for v in VARIANTS:
         out[v.name] = variant_unavailable(v.name) or "runs"
     return out
 
 
 def describe() -> str:
-    """One line for logs and ``falconlm info``: which variant runs, and why the others do not."""
+    """One line for logs: which variant runs (as built), and why the others do not."""
     why = unavailable_reason()
     if why is not None:
         return f"native kernels off: {why}; torch paths everywhere"
     chosen = chosen_variant()
     lib = kernels()
-    built = lib.falcon_isa().decode() if lib is not None else "build failed"
+    built = lib.falcon_isa().decode() if lib is not None else "build failed, torch paths everywhere"
     others = [f"{v.name}: {variant_unavailable(v.name) or 'also runs'}" for v in VARIANTS if v.name != chosen]
     return f"native kernels: {chosen} ({built}); " + "; ".join(others)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from falconlm import native
 from falconlm.engine.fused_decode import fused_decoder
 from falconlm.model.attention import KVCache, build_dense_attention
 from falconlm.model.falcon import FalconForCausalLM
@@ -102,3 +103,27 @@ def test_a_fused_decode_row_does_not_depend_on_the_batch(isa: str, tmp_path: Pat
     for prompt_len in (40, 600):  # one attention part, then two
         alone, batched = step(1, prompt_len), step(3, prompt_len)
         assert torch.equal(alone[0], batched[0]), f"prompt of {prompt_len}"
+
+
+def test_the_engine_logs_which_variant_runs(tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from falconlm.engine.engine import Engine
+    from falconlm.tokenizer import Tokenizer
+
+    caplog.set_level("INFO", logger="falconlm.engine")
+    Engine(FalconForCausalLM.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint))
+    line = next(r.getMessage() for r in caplog.records if "native kernels" in r.getMessage())
+    assert native.chosen_variant() in line and "scalar" in line  # the one that runs, and the others with why
+
+
+def test_dtype_auto_says_what_it_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from falconlm.llm import auto_dtype, resolve_dtype
+
+    if native.kernels() is not None:
+        assert resolve_dtype("auto", "cpu") is torch.bfloat16
+        assert "native" in auto_dtype(torch.device("cpu"))[1]
+    monkeypatch.setenv("FALCONLM_NATIVE", "0")
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: False)
+    dtype, why = auto_dtype(torch.device("cpu"))
+    assert dtype is torch.float32 and "no native kernels" in why  # torch's bf16 GEMMs would be slower
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: True)
+    assert auto_dtype(torch.device("cpu"))[0] is torch.bfloat16
