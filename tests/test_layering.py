@@ -1,0 +1,43 @@
+"""Import layering that the kernel choices rely on: ``falconlm.native`` is a leaf (buffers and shapes only) and
+the model knows nothing of it; kernels are bound to the model from outside (engine, quant)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import falconlm
+
+ROOT = Path(falconlm.__file__).parent
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    """For each module file of ``falconlm.<package>``, the absolute falconlm modules it imports."""
+    out: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = ["falconlm", *path.relative_to(ROOT).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        here = parts if path.name == "__init__.py" else parts[:-1]  # the package a relative import starts from
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                module = ".".join([*base, node.module] if node.module else base)
+                found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+        out[".".join(parts)] = {m for m in found if m.startswith("falconlm")}
+    return out
+
+
+def test_native_is_a_leaf() -> None:
+    for module, imports in imported_modules("native").items():
+        outside = {m for m in imports if not m.startswith("falconlm.native")}
+        assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_the_model_imports_nothing_from_native_quant_or_engine() -> None:
+    for module, imports in imported_modules("model").items():
+        bad = {m for m in imports if m.startswith(("falconlm.native", "falconlm.quant", "falconlm.engine"))}
+        assert not bad, f"{module} imports {sorted(bad)}"
