@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (CommandError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
+    except (CommandError, ValueError, OSError, RecursionError) as exc:
         print(f"falconlm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import sys
@@ -85,6 +84,8 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..batch.runner import BatchRunner, ingest, write_outputs
     from ..batch.store import StateLock, Store
     from ..server.settings import ServerSettings
