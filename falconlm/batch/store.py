@@ -280,6 +280,23 @@ class Store:
             )
         return self.get_job(job_id)
 
+    def reopen(self, job_id: str) -> Job:
+        """Take a cancelled job up again where it stopped: finished requests stay finished, the rest run.
+
+        It goes back to ``validating`` when the cancel came before its input was all read, else ``in_progress``.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = CASE WHEN in_progress_at IS NULL THEN 'validating' ELSE 'in_progress' END, "
+                "cancel_requested = 0, cancelling_at = NULL, cancelled_at = NULL, finalizing_at = NULL "
+                "WHERE id = ? AND status = 'cancelled'",
+                (job_id,),
+            )
+        job = self.get_job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
     def cancel_requested(self, job_id: str) -> bool:
         rows = self._query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
         return bool(rows and rows[0][0])
@@ -408,6 +425,12 @@ class Store:
             (purpose, limit),
         )
         return [FileRecord(**dict(r)) for r in rows]
+
+    def used_bytes(self) -> int:
+        """Bytes the state directory holds: every registered file plus the database (its WAL included)."""
+        files = self._query("SELECT COALESCE(SUM(bytes), 0) FROM files")[0][0]
+        database = sum(p.stat().st_size for p in self.root.glob(f"{DB_NAME}*") if p.is_file())
+        return int(files) + database
 
     def delete_file(self, file_id: str) -> bool:
         with self._tx() as conn:
