@@ -95,8 +95,11 @@ def test_arbitrary_json_and_nesting_give_an_error_line_never_an_exception(value,
         assert_storable(line)
 
 
+request_lines = st.builds(lambda cid, prompt: json.dumps(request(cid, prompt)).encode(), any_text, any_text)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.binary(max_size=120).filter(lambda b: b"\n" not in b), max_size=8))
+@given(st.lists(st.binary(max_size=120).filter(lambda b: b"\n" not in b) | request_lines, max_size=8))
 def test_ingesting_arbitrary_lines_stores_one_row_per_line(lines):
     data = b"".join(line + b"\n" for line in lines)
     with tempfile.TemporaryDirectory() as tmp:
