@@ -49,6 +49,15 @@ def test_cuda_device_without_cuda_is_one_line_exit_2(tiny_checkpoint, capsys, co
     one_line_error(capsys, "device 'cuda' is not available")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_batch_run_on_cuda_without_cuda_is_refused_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"custom_id":"a","method":"POST","url":"/v1/completions","body":{}}\n')
+    argv = ["batch", "run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]
+    assert main([*argv, "--model", str(tiny_checkpoint), "--device", "cuda"]) == 2
+    one_line_error(capsys, "device 'cuda' is not available")
+    assert not (tmp_path / "out.jsonl.state").exists()
+
+
 def test_unknown_device_is_one_line_exit_2(tiny_checkpoint, capsys):
     assert main(["generate", "hi", "--model", str(tiny_checkpoint), "--device", "tpu9"]) == 2
     one_line_error(capsys, "not a device name torch knows")

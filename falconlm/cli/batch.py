@@ -112,10 +112,12 @@ def run_batch(args: argparse.Namespace) -> int:
 
     from ..batch.runner import BatchRunner, ingest, write_outputs
     from ..batch.store import StateLock, Store
+    from ..llm import resolve_device
     from ..server.settings import ServerSettings
 
     output, errors, state = _paths(args)
     check_model_path(args.model)
+    resolve_device(args.device)  # a device this machine lacks is refused before any work
     max_in_flight = 2 * args.max_num_seqs if args.max_in_flight is None else args.max_in_flight
     store = Store(state)
     lock = StateLock(state)
