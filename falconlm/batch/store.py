@@ -305,7 +305,8 @@ class Store:
     def add_lines(self, job_id: str, lines: list[Line], offset: int, line_no: int) -> int:
         """Store a chunk of parsed lines and the input position after them, in one transaction.
 
-        A second request with a custom_id already stored becomes an error row. Returns the number of duplicates.
+        A second request with a custom_id already stored, or a line the database cannot store, becomes an error
+        row. Returns the number of duplicates.
         """
         duplicates = invalid = 0
         with self._tx() as conn:
@@ -315,10 +316,17 @@ class Store:
                     text = error_line(line.custom_id, line.code, line.message)
                     conn.execute("INSERT INTO line_errors VALUES (?, ?, ?)", (job_id, line.line_no, text))
                     continue
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO requests (job_id, custom_id, line_no, url, body) VALUES (?, ?, ?, ?, ?)",
-                    (job_id, line.custom_id, line.line_no, line.url, line.body),
-                )
+                try:
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO requests (job_id, custom_id, line_no, url, body) VALUES (?, ?, ?, ?, ?)",
+                        (job_id, line.custom_id, line.line_no, line.url, line.body),
+                    )
+                except (UnicodeEncodeError, sqlite3.InterfaceError, sqlite3.DataError, OverflowError) as exc:
+                    invalid += 1  # the statement failed alone; the chunk's transaction goes on
+                    message = f"line {line.line_no}: cannot be stored ({type(exc).__name__})"
+                    text = error_line(line.custom_id, "invalid_line", message)
+                    conn.execute("INSERT INTO line_errors VALUES (?, ?, ?)", (job_id, line.line_no, text))
+                    continue
                 if cur.rowcount == 0:
                     duplicates += 1
                     first = conn.execute(
