@@ -94,3 +94,11 @@ def test_config_with_a_huge_context_is_one_line_exit_2(tiny_checkpoint, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("falconlm batch: error: max seq len (1000000000) is larger than the KV cache can hold")
     assert not any("Traceback" in line for line in err)
+
+
+def test_llm_refuses_a_max_model_len_beyond_the_model(tiny_checkpoint):
+    from falconlm import LLM
+
+    with pytest.raises(ValueError, match=r"max_model_len 1000000000 is longer than the model supports \(128 tokens"):
+        LLM(tiny_checkpoint, dtype="float32", max_model_len=1_000_000_000)
+    assert LLM(tiny_checkpoint, dtype="float32", max_model_len=64).engine.max_model_len == 64
