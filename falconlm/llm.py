@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .engine.engine import Engine, EngineConfig
+from .engine.memory import check_max_model_len
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
 from .quant import load_checkpoint
@@ -58,10 +59,20 @@ def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None means CUDA when present, else CPU."""
+    """None means CUDA when present, else CPU; ValueError (one line) for a device this machine does not have."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {str(device)!r} is not a device name torch knows; use cpu or cuda") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} is not available: {why}; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) here")
+    return resolved
 
 
 class LLM:
@@ -96,7 +107,7 @@ class LLM:
         self.model = load_checkpoint(self.path, dtype=self.dtype, device=self.device, quantize=quantize)
         self.tokenizer = Tokenizer.from_pretrained(self.path)
         self.config = self.model.config
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.max_model_len = check_max_model_len(self.config, max_model_len)
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.engine = Engine(

@@ -104,3 +104,9 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, tiny_checkpoint, tmp_pat
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert needle in lines[0] and "Traceback" not in done.stderr
+
+
+def test_group_size_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "-m", str(tmp_path), "-o", str(tmp_path / "q"), "--bits", "4", "--group-size", "0"])
+    assert exc.value.code == 2 and "--group-size" in capsys.readouterr().err

@@ -1,13 +1,18 @@
 """OpenAI Batch JSONL: read input lines one at a time and validate each, shape output and error lines.
 
-A bad line never stops the job: it becomes an :class:`InvalidLine` that the store keeps and the error file
-reports. Bodies are validated with the server's pydantic request models (``falconlm.server.protocol``), so
-batch and online requests accept the same fields; unknown fields are refused here (the server ignores them).
+A bad line never stops the job, whatever its bytes: :func:`parse_line` never raises. A line that cannot be
+decoded, parsed (nested too deep included), encoded as UTF-8 (a lone surrogate such as ``"\\ud800"``) or
+validated becomes an :class:`InvalidLine` that the store keeps and the error file reports, with the line's
+custom_id when one can be recovered and always with its line number.
+
+Bodies are validated with the server's pydantic request models (``falconlm.server.protocol``), so batch and
+online requests accept the same fields; unknown fields are refused here (the server ignores them).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,21 +77,34 @@ def read_lines(f: IO[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[t
 
 
 def parse_line(line_no: int, raw: bytes | None, endpoint: str | None = None) -> Line | None:
-    """Validate one input line; None for a blank line (not a request). ``endpoint`` pins the url."""
+    """Validate one input line; None for a blank line (not a request). ``endpoint`` pins the url.
+
+    Never raises: whatever goes wrong with a line makes it an InvalidLine, so one line cannot stop a job.
+    """
+    try:
+        return _parse_line(line_no, raw, endpoint)
+    except Exception as exc:  # a line must never stop the job; the checks below cover the known cases
+        custom_id = _recover_custom_id(raw)
+        return InvalidLine(line_no, custom_id, "invalid_line", f"line {line_no}: cannot be read ({type(exc).__name__})")
+
+
+def _parse_line(line_no: int, raw: bytes | None, endpoint: str | None) -> Line | None:
     if raw is None:
         return InvalidLine(line_no, None, "line_too_long", f"line {line_no}: over {MAX_LINE_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return InvalidLine(line_no, None, "invalid_json", f"line {line_no}: not UTF-8 ({exc.reason})")
+        return _bad_json(line_no, raw, f"not UTF-8 ({exc.reason})")
     if line_no == 1:
         text = text.removeprefix("\ufeff")
     if not text.strip():
         return None
     try:
         item = json.loads(text)
+    except RecursionError:
+        return _bad_json(line_no, raw, "not valid JSON (nested too deeply)")
     except ValueError as exc:
-        return InvalidLine(line_no, None, "invalid_json", f"line {line_no}: not valid JSON ({exc})")
+        return _bad_json(line_no, raw, f"not valid JSON ({exc})")
     if not isinstance(item, dict):
         return InvalidLine(line_no, None, "invalid_json", f"line {line_no}: not a JSON object")
     custom_id = item.get("custom_id")
@@ -94,12 +112,64 @@ def parse_line(line_no: int, raw: bytes | None, endpoint: str | None = None) -> 
         return InvalidLine(line_no, None, "missing_custom_id", f"line {line_no}: no custom_id (a non-empty string)")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
         return InvalidLine(line_no, None, "invalid_custom_id", f"line {line_no}: custom_id is over 512 characters")
+    if not _is_unicode(custom_id):
+        message = f"line {line_no}: custom_id holds a lone surrogate (not valid Unicode text)"
+        return InvalidLine(line_no, custom_id, "invalid_custom_id", message)
     problem = _check_request(item, endpoint)
     if problem is not None:
         code, message = problem
         return InvalidLine(line_no, custom_id, code, f"line {line_no}: {message}")
     body = json.dumps(item["body"], ensure_ascii=False, separators=(",", ":"))
+    if not _is_unicode(body):
+        message = f"line {line_no}: body holds a lone surrogate such as '\\ud800' (not valid Unicode text)"
+        return InvalidLine(line_no, custom_id, "invalid_body", message)
     return ValidLine(line_no, custom_id, item["url"], body)
+
+
+def _bad_json(line_no: int, raw: bytes, reason: str) -> InvalidLine:
+    return InvalidLine(line_no, _recover_custom_id(raw), "invalid_json", f"line {line_no}: {reason}")
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string that cannot be encoded as UTF-8 (a lone surrogate, from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+
+
+def _recover_custom_id(raw: bytes | None) -> str | None:
+    """The top-level ``custom_id`` string of a line that does not parse as a whole (too deep, ...), or None.
+
+    Scans JSON tokens (strings and punctuation) and tracks the nesting depth, so a "custom_id" key nested
+    inside the body, or inside a string, is never taken for the line's own.
+    """
+    if raw is None:
+        return None
+    try:
+        depth, tokens = 0, _TOKEN.finditer(raw)
+        for match in tokens:
+            token = match.group()
+            if token in (b"{", b"["):
+                depth += 1
+            elif token in (b"}", b"]"):
+                depth -= 1
+            elif depth == 1 and token == b'"custom_id"':
+                colon, value = next(tokens, None), next(tokens, None)
+                if colon is None or colon.group() != b":" or value is None or not value.group().startswith(b'"'):
+                    return None
+                between = raw[match.end() : colon.start()] + raw[colon.end() : value.start()]
+                if between.strip():
+                    return None  # the value is not a string (a number, an object, ...)
+                custom_id = json.loads(value.group().decode("utf-8"))
+                return custom_id if isinstance(custom_id, str) and 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS else None
+    except Exception:  # best effort only: the line number still identifies the line
+        return None
+    return None
 
 
 def _check_request(item: dict[str, Any], endpoint: str | None) -> tuple[str, str] | None:
@@ -166,4 +236,6 @@ def error_line(custom_id: str | None, code: str, message: str) -> str:
 
 
 def _dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON; a text holding a lone surrogate (from a bad input line) is escaped, so it is always UTF-8."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text if _is_unicode(text) else json.dumps(obj, separators=(",", ":"))

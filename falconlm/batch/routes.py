@@ -2,9 +2,9 @@
 
 :class:`BatchService` owns the store and a worker task that runs batches one at a time, oldest first, on the
 server's AsyncEngine; on start it resumes every unfinished batch. Uploads stream to disk under the state
-directory (never held in memory) with a size limit; every id is random and checked against its pattern
-before it names a path. ``mount_batches(app, service)`` adds the routes and hooks start/stop to the app's
-lifespan.
+directory (never held in memory) with a per-file limit and a quota for the whole directory (both answered
+with 413); every id is random and checked against its pattern before it names a path.
+``mount_batches(app, service)`` adds the routes and hooks start/stop to the app's lifespan.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class BatchService:
         self.engine = engine
         self.settings = settings
         self.max_upload_bytes = max_upload_bytes
+        self.max_state_bytes = settings.max_state_bytes
         self.store: Store | None = None
+        self._uploading = 0  # bytes of uploads in flight, counted against the quota
         self._lock = StateLock(self.state_dir)
         self._metrics = metrics
         self._max_in_flight = max_in_flight
@@ -165,16 +167,26 @@ class BatchService:
         """``POST /v1/files`` (multipart: ``purpose`` and ``file``), streamed to disk."""
         store = self._store()
         boundary = _boundary(request.headers.get("content-type", ""))
+        used = await asyncio.to_thread(store.used_bytes)
+        room = self.max_state_bytes - used - self._uploading
+        if room <= 0:
+            raise self._quota_error(used)
         limit = self.max_upload_bytes + _PART_HEADER_LIMIT
         raw = self._tmp_dir / f"upload-{secrets.token_hex(8)}"
+        size = 0
         try:
-            size = 0
-            with open(raw, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise APIError(413, f"the file is over the upload limit of {self.max_upload_bytes} bytes")
-                    f.write(chunk)
+            try:
+                with open(raw, "wb") as f:
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        self._uploading += len(chunk)
+                        if size > limit:
+                            raise APIError(413, f"the file is over the upload limit of {self.max_upload_bytes} bytes")
+                        if size > room + _PART_HEADER_LIMIT:
+                            raise self._quota_error(used)
+                        f.write(chunk)
+            finally:
+                self._uploading -= size
             fields, part = await asyncio.to_thread(_parse_multipart, raw, boundary)
             purpose = fields.get("purpose")
             if purpose != "batch":
@@ -184,6 +196,8 @@ class BatchService:
             filename, start, end = part
             if end - start > self.max_upload_bytes:
                 raise APIError(413, f"the file is over the upload limit of {self.max_upload_bytes} bytes")
+            if end - start > room:
+                raise self._quota_error(used)
             file_id = new_id("file-")
             await asyncio.to_thread(_copy_range, raw, start, end, store.file_path(file_id))
         finally:
@@ -191,6 +205,15 @@ class BatchService:
         record = FileRecord(file_id, "batch", _safe_filename(filename), end - start, int(time.time()))
         store.add_file(record)
         return record
+
+    def _quota_error(self, used: int) -> APIError:
+        return APIError(
+            413,
+            f"the server's file storage quota of {self.max_state_bytes} bytes would be exceeded ({used} bytes "
+            "stored); delete files you no longer need with DELETE /v1/files/{file_id}",
+            "file",
+            "quota_exceeded",
+        )
 
     def get_file(self, file_id: str) -> FileRecord:
         record = self._store().get_file(file_id) if FILE_ID.match(file_id) else None

@@ -280,6 +280,23 @@ class Store:
             )
         return self.get_job(job_id)
 
+    def reopen(self, job_id: str) -> Job:
+        """Take a cancelled job up again where it stopped: finished requests stay finished, the rest run.
+
+        It goes back to ``validating`` when the cancel came before its input was all read, else ``in_progress``.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = CASE WHEN in_progress_at IS NULL THEN 'validating' ELSE 'in_progress' END, "
+                "cancel_requested = 0, cancelling_at = NULL, cancelled_at = NULL, finalizing_at = NULL "
+                "WHERE id = ? AND status = 'cancelled'",
+                (job_id,),
+            )
+        job = self.get_job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
     def cancel_requested(self, job_id: str) -> bool:
         rows = self._query("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
         return bool(rows and rows[0][0])
@@ -288,7 +305,8 @@ class Store:
     def add_lines(self, job_id: str, lines: list[Line], offset: int, line_no: int) -> int:
         """Store a chunk of parsed lines and the input position after them, in one transaction.
 
-        A second request with a custom_id already stored becomes an error row. Returns the number of duplicates.
+        A second request with a custom_id already stored, or a line the database cannot store, becomes an error
+        row. Returns the number of duplicates.
         """
         duplicates = invalid = 0
         with self._tx() as conn:
@@ -298,10 +316,17 @@ class Store:
                     text = error_line(line.custom_id, line.code, line.message)
                     conn.execute("INSERT INTO line_errors VALUES (?, ?, ?)", (job_id, line.line_no, text))
                     continue
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO requests (job_id, custom_id, line_no, url, body) VALUES (?, ?, ?, ?, ?)",
-                    (job_id, line.custom_id, line.line_no, line.url, line.body),
-                )
+                try:
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO requests (job_id, custom_id, line_no, url, body) VALUES (?, ?, ?, ?, ?)",
+                        (job_id, line.custom_id, line.line_no, line.url, line.body),
+                    )
+                except (UnicodeEncodeError, sqlite3.InterfaceError, sqlite3.DataError, OverflowError) as exc:
+                    invalid += 1  # the statement failed alone; the chunk's transaction goes on
+                    message = f"line {line.line_no}: cannot be stored ({type(exc).__name__})"
+                    text = error_line(line.custom_id, "invalid_line", message)
+                    conn.execute("INSERT INTO line_errors VALUES (?, ?, ?)", (job_id, line.line_no, text))
+                    continue
                 if cur.rowcount == 0:
                     duplicates += 1
                     first = conn.execute(
@@ -408,6 +433,12 @@ class Store:
             (purpose, limit),
         )
         return [FileRecord(**dict(r)) for r in rows]
+
+    def used_bytes(self) -> int:
+        """Bytes the state directory holds: every registered file plus the database (its WAL included)."""
+        files = self._query("SELECT COALESCE(SUM(bytes), 0) FROM files")[0][0]
+        database = sum(p.stat().st_size for p in self.root.glob(f"{DB_NAME}*") if p.is_file())
+        return int(files) + database
 
     def delete_file(self, file_id: str) -> bool:
         with self._tx() as conn:

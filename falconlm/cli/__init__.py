@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from . import batch, bench, generate, info, quantize, serve, train
@@ -32,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        with _SigintLatch() as latch:
+            parser = build_parser()  # imports torch (some options show its defaults): Ctrl-C may land here
+            args = parser.parse_args(argv)
+        if latch.hit:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -41,9 +50,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (CommandError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
+    except (CommandError, ValueError, OSError, RecursionError) as exc:
         print(f"falconlm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+class _SigintLatch:
+    """Remembers a Ctrl-C even when C code swallows its KeyboardInterrupt (torch's import of numpy does)."""
+
+    def __enter__(self) -> _SigintLatch:
+        self.hit = False
+        self._previous = None
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _one_line(exc: BaseException) -> str:

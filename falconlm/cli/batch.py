@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import sys
@@ -11,7 +10,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .options import add_model_options, check_model_path
+from .options import add_model_options, check_model_path, positive_int
 
 STATE_SUFFIX = ".state"
 
@@ -36,9 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--errors", type=Path, default=None, help="where to write errors (default: OUTPUT.errors.jsonl)")
     run.add_argument("--state", type=Path, default=None, help=f"job store folder (default: OUTPUT{STATE_SUFFIX})")
     add_model_options(run)
-    run.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once (default 16)")
     run.add_argument(
-        "--max-in-flight", type=int, default=None, help="requests in the engine at once (default 2 x max-num-seqs)"
+        "--max-num-seqs", type=positive_int, default=16, help="sequences the engine runs at once (default 16)"
+    )
+    run.add_argument(
+        "--max-in-flight",
+        type=positive_int,
+        default=None,
+        help="requests in the engine at once (default 2 x max-num-seqs)",
     )
     run.set_defaults(run=run_batch)
 
@@ -80,22 +84,41 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
             raise FileNotFoundError(f"folder {path.parent} does not exist")
     if output.resolve() == errors.resolve():
         raise ValueError("--output and --errors must be different files")
+    for path in (output, errors):
+        check_writable(path)
     state: Path = args.state or output.with_name(output.name + STATE_SUFFIX)
     return output, errors, state
 
 
+def check_writable(path: Path) -> None:
+    """Fail now, before any work, when the results could not be written to ``path`` at the end.
+
+    Writes and removes the temp file that writing the results goes through (``.NAME.tmp`` beside it).
+    """
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path for the results")
+    probe = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def run_batch(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..batch.runner import BatchRunner, ingest, write_outputs
     from ..batch.store import StateLock, Store
+    from ..llm import resolve_device
     from ..server.settings import ServerSettings
 
     output, errors, state = _paths(args)
     check_model_path(args.model)
-    if args.max_num_seqs < 1:
-        raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    max_in_flight = args.max_in_flight or 2 * args.max_num_seqs
-    if max_in_flight < 1:
-        raise ValueError(f"--max-in-flight must be >= 1, got {max_in_flight}")
+    resolve_device(args.device)  # a device this machine lacks is refused before any work
+    max_in_flight = 2 * args.max_num_seqs if args.max_in_flight is None else args.max_in_flight
     store = Store(state)
     lock = StateLock(state)
     if not lock.acquire():
@@ -159,6 +182,13 @@ def _open_job(store, source: Path, output: Path, errors: Path):
         return store.set_status(job.id, job.status, options=options)
     if job is not None and job.status == "completed" and job.fingerprint == digest:
         return store.set_status(job.id, "finalizing", options=options)  # rewrite the files; nothing is rerun
+    if job is not None and job.status == "cancelled" and job.fingerprint == digest:
+        job = store.reopen(job.id)  # what was done before the cancel stays done
+        print(
+            f"falconlm batch: resuming cancelled job {job.id} ({job.completed + job.failed}/{job.total} done)",
+            file=sys.stderr,
+        )
+        return store.set_status(job.id, job.status, options=options)
     return store.create_job(new_id("batch_"), "cli", key, fingerprint=digest, options=options)
 
 

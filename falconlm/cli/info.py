@@ -7,7 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from .. import native
 from ..model.config import FalconConfig
 from .options import check_model_path
 
@@ -53,7 +52,7 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "dtype": dtype,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
-        "native_kernels": native.status(),
+        "native_kernels": _native_status(),
     }
 
 
@@ -88,3 +87,9 @@ def _human(n: float, base: int, unit: str) -> str:
             return f"{n:.4g} {suffix}".rstrip()
         n /= base
     return str(n)
+
+
+def _native_status() -> dict[str, str]:
+    from .. import native  # imports torch: only when the command runs
+
+    return native.status()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..engine.sampling_params import SamplingParams
+if TYPE_CHECKING:
+    from ..engine.sampling_params import SamplingParams
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -65,6 +68,8 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int = 200) -> N
 
 
 def sampling_params(args: argparse.Namespace, extra_stop: list[str] | None = None) -> SamplingParams:
+    from ..engine.sampling_params import SamplingParams
+
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -96,3 +101,29 @@ def check_model_path(path: Path | None) -> None:
         raise FileNotFoundError(f"model path {path} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"model path {path} is not a folder")
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {text!r}")
+    return value
+
+
+_BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BYTE_UNITS |= {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """argparse type: a positive number of bytes, plain or with a unit (512MB, 200MiB, 10GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes like 200MiB or 1000000, got {text!r}")
+    amount = int(float(match.group(1)) * _BYTE_UNITS[match.group(2) or ""])
+    if amount < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return amount

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", type=Path, required=True, help="checkpoint folder to quantize")
     p.add_argument("--out", "-o", type=Path, required=True, help="folder to write the quantized checkpoint into")
     p.add_argument("--bits", type=int, required=True, choices=(4, 8), help="4 (group-wise) or 8 (per channel)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
+    p.add_argument("--group-size", type=positive_int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
     p.add_argument("--sym", action="store_true", help="int4: symmetric groups, no zero point (default asymmetric)")
     p.add_argument(
         "--head-bits",
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = QuantRecipe(
         bits=args.bits,
-        group_size=args.group_size or 64,
+        group_size=64 if args.group_size is None else args.group_size,
         symmetric=args.sym,
         head_bits=args.head_bits,
         method=args.method,

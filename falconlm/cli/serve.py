@@ -15,7 +15,15 @@ import signal
 import threading
 from pathlib import Path
 
-from .options import add_deterministic_option, add_dtype_option, add_quantize_option, check_model_path, positive_int
+from .options import (
+    add_deterministic_option,
+    add_dtype_option,
+    add_quantize_option,
+    byte_size,
+    check_model_path,
+    port_number,
+    positive_int,
+)
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -48,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to bind (default 8000)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
     keys.add_argument("--api-key-file", type=Path, default=None, metavar="FILE", help="accepted keys, one a line")
@@ -79,6 +87,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="enable /v1/files and /v1/batches, kept in this folder; jobs resume after a restart",
+    )
+    p.add_argument(
+        "--max-upload-bytes", type=byte_size, default=200 * 2**20, help="largest /v1/files upload (default 200MiB)"
+    )
+    p.add_argument(
+        "--max-state-bytes",
+        type=byte_size,
+        default=10 * 2**30,
+        help="uploads are refused (413) once the --state-dir files reach this size (default 10GiB)",
     )
     p.set_defaults(run=run)
 
@@ -153,15 +170,30 @@ def _kv_bytes(amount: int | float | None, device) -> int | None:
 
 
 def _free_memory(device) -> int:
-    import torch
+    from ..engine.memory import free_memory
 
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError("cannot tell the free memory here; give --kv-cache-memory in bytes")
+    free = free_memory(device)
+    if free is None:
+        raise ValueError("cannot tell the free memory here; give --kv-cache-memory in bytes")
+    return free
+
+
+def _check_start(args: argparse.Namespace) -> None:
+    """One-line errors before the socket opens: the device, the context length, a state dir in use."""
+    from ..engine.memory import check_max_model_len
+    from ..llm import resolve_device
+    from ..model.config import FalconConfig
+
+    resolve_device(args.device)
+    check_max_model_len(FalconConfig.from_pretrained(args.model), args.max_model_len)
+    if args.state_dir is not None:
+        from ..batch.store import StateLock
+
+        args.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = StateLock(args.state_dir)
+        if not lock.acquire():
+            raise ValueError(f"--state-dir {args.state_dir} is in use by another process (pid {lock.holder()})")
+        lock.release()  # the batch service takes it again once the server starts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError("--max-model-len must be at least 2")
     keys = read_api_keys(args)
+    _check_start(args)
     import uvicorn
 
     from ..engine.async_engine import AsyncEngine
@@ -190,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
         api_keys=keys,
         max_body_bytes=args.max_body_bytes,
         state_dir=str(args.state_dir) if args.state_dir else None,
+        max_upload_bytes=args.max_upload_bytes,
+        max_state_bytes=args.max_state_bytes,
     )
     engine = AsyncEngine(_engine_factory(args.model, args))
     app = build_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
@@ -208,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if engine.load_error is not None:
-        raise ValueError(f"loading {args.model} failed: {engine.load_error}")
+        return 2  # the engine has logged why (one line for a bad checkpoint or setting)
     return 0
 
 

@@ -308,7 +308,10 @@ class AsyncEngine:
         try:
             self._engine = self._factory()
         except BaseException as exc:
-            logger.exception("loading the model failed")
+            if isinstance(exc, (ValueError, OSError)):  # a bad checkpoint or setting: its message says it all
+                logger.error("loading the model failed: %s", exc)
+            else:
+                logger.exception("loading the model failed")
             self._load_error = exc
             self._finish_thread(EngineError(f"the model failed to load: {exc}"))
             return

@@ -16,6 +16,7 @@ from ..model.paged_attention import PagedKVCache
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_cache_manager import KVCacheManager
+from .memory import check_max_model_len, kv_cache_blocks
 from .outputs import CompletionOutput
 from .request import FINISH_REASON, Request, RequestStatus
 from .runner import ModelRunner
@@ -26,7 +27,7 @@ from .scheduler import Scheduler
 @dataclass
 class EngineConfig:
     """Capacity settings. ``num_blocks`` None sizes the pool for ``max_num_seqs`` full-length sequences,
-    capped by ``kv_cache_memory`` bytes when given."""
+    capped by ``kv_cache_memory`` bytes when given, else by the free memory (see ``memory.kv_cache_blocks``)."""
 
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
@@ -63,7 +64,7 @@ class Engine:
     def __init__(self, model: FalconForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
-        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.max_model_len = check_max_model_len(model.config, config.max_model_len)
         num_blocks = self._num_blocks(model, config)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -83,12 +84,10 @@ class Engine:
             cfg.head_dim,
             model.transformer.ln_f.weight.element_size(),
         )
-        wanted = config.max_num_seqs * -(-self.max_model_len // config.block_size)
-        if config.kv_cache_memory is not None:
-            wanted = min(wanted, config.kv_cache_memory // per_block)
-        if wanted < 1:
-            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
-        return wanted
+        device = model.transformer.ln_f.weight.device
+        return kv_cache_blocks(
+            per_block, config.block_size, config.max_num_seqs, self.max_model_len, config.kv_cache_memory, device
+        )
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:

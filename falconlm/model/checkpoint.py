@@ -141,7 +141,7 @@ def _find_weights(folder: Path) -> tuple[Path, list[Path], set[str] | None]:
 def _index_shards(index: Path) -> tuple[list[Path], set[str]]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{index} is not a valid checkpoint index: {exc!r}") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
@@ -241,7 +241,7 @@ def _safetensors_sources(file: Path, fh: BinaryIO, buffer: bytearray) -> dict[st
         )
     try:
         header = json.loads(_read_at(fh, 8, bytearray(header_len), file))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{file} has a corrupt safetensors header: {exc}") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has a corrupt safetensors header: not a JSON object")

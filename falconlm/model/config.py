@@ -213,6 +213,8 @@ class FalconConfig:
             raw = json.loads(file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise ValueError(f"{file} is not a usable config: its JSON is nested too deeply") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{file} must hold a JSON object")
         return cls.from_dict(raw)

@@ -41,7 +41,10 @@ def gptq_settings(folder: Path, config: FalconConfig) -> dict | None:
         return block
     file = folder / "quantize_config.json"
     if block is None and file.is_file():
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"cannot read {file}: {exc}") from None
         if isinstance(raw, dict) and "bits" in raw and "group_size" in raw:
             return raw
     return None

@@ -62,8 +62,8 @@ def is_quantized(path: str | Path) -> bool:
     file = Path(path) / "config.json"
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError, RecursionError):
+        return False  # loading the config reports the problem
     quantized = isinstance(raw, dict) and raw.get("quantization_config") is not None
     return quantized or (Path(path) / "quantize_config.json").is_file()  # AutoGPTQ's own settings file
 

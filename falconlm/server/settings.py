@@ -17,6 +17,7 @@ class ServerSettings:
     max_choices: int = 128  # prompts x n in one request
     state_dir: str | None = None  # enables /v1/files and /v1/batches (durable batch jobs)
     max_upload_bytes: int = 200 * 1024 * 1024
+    max_state_bytes: int = 10 * 1024**3  # /v1/files uploads get 413 once the state directory holds this much
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -172,3 +172,56 @@ def test_output_is_required(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["batch", "run", str(tmp_path / "in.jsonl")])
     assert exc.value.code == 2 and "--output" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, tiny_checkpoint, capsys, no_model):
+    source = tmp_path / "in.jsonl"
+    source.write_text(request_line("a") + "\n")
+    (tmp_path / "out.jsonl").mkdir()  # a folder where the results should go
+    assert main(run_args(tmp_path, tiny_checkpoint, source)) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "state").exists()  # nothing was ingested, let alone computed
+
+    (tmp_path / "out.jsonl").rmdir()
+    (tmp_path / "err.jsonl").mkdir()
+    assert main(run_args(tmp_path, tiny_checkpoint, source)) == 2
+    assert "err.jsonl is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+
+
+def test_rerun_after_cancel_keeps_work_already_done(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from falconlm.batch.store import Result, Store
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(request_line(f"r{i}", max_tokens=2, temperature=0) for i in range(4)) + "\n")
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch_cli, "_start_engine", interrupted)
+    assert main(run_args(tmp_path, tiny_checkpoint, source)) == 130  # ingested, nothing run
+    monkeypatch.undo()
+    store = Store(tmp_path / "state")
+    (job,) = store.list_jobs()
+    marker = '{"custom_id":"r1","done":"before the cancel"}'
+    store.commit_results(job.id, [Result("r1", "done", marker)])  # finished before the cancel
+    store.close()
+    assert main(["batch", "cancel", "--state", str(tmp_path / "state")]) == 0
+    assert main(run_args(tmp_path, tiny_checkpoint, source)) == 0
+    assert "resuming cancelled job" in capsys.readouterr().err
+    out = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert marker in out  # kept, not recomputed
+    assert sorted(json.loads(line)["custom_id"] for line in out) == ["r0", "r1", "r2", "r3"]
+    assert (tmp_path / "err.jsonl").read_text() == ""
+    store = Store(tmp_path / "state")
+    assert [(j.id, j.status, j.completed) for j in store.list_jobs()] == [(job.id, "completed", 4)]
+    store.close()
+
+
+@pytest.mark.parametrize("option", ["--max-in-flight", "--max-num-seqs"])
+def test_zero_in_flight_is_refused_not_replaced_by_the_default(tmp_path, capsys, option):
+    (tmp_path / "in.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["batch", "run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), option, "0"])
+    assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err

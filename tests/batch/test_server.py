@@ -28,7 +28,12 @@ class BatchServer:
     """uvicorn in a thread serving the app plus the batch routes over ``state_dir``."""
 
     def __init__(
-        self, checkpoint: Path, state_dir: Path, step_delay: float = 0.0, max_upload_bytes: int = 1 << 20
+        self,
+        checkpoint: Path,
+        state_dir: Path,
+        step_delay: float = 0.0,
+        max_upload_bytes: int = 1 << 20,
+        max_state_bytes: int = 1 << 30,
     ) -> None:
         self.state_dir = state_dir
         model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -42,6 +47,7 @@ class BatchServer:
             model_path=str(checkpoint),
             state_dir=str(state_dir),
             max_upload_bytes=max_upload_bytes,
+            max_state_bytes=max_state_bytes,
         )
         app = build_app(self.engine, settings)  # mounts the batch routes because state_dir is set
         with socket.socket() as s:
@@ -172,3 +178,47 @@ def test_restart_mid_batch_resumes_and_answers_each_request_once(tiny_checkpoint
         assert Counter(o["custom_id"] for o in out) == Counter(f"q{i}" for i in range(total))
     finally:
         second.stop()
+
+
+def test_poison_lines_do_not_fail_a_server_batch(server):
+    client = server.client
+    deep = "[" * 5000 + "]" * 5000
+    lines = [
+        line("ok0", "Once upon a time", max_tokens=2, model=MODEL),
+        json.dumps(
+            {"custom_id": "surrogate", "method": "POST", "url": "/v1/completions", "body": {"prompt": "\udfff"}}
+        ),
+        '{"custom_id": "deep", "method": "POST", "url": "/v1/completions", "body": {"prompt": ' + deep + "}}",
+        line("ok1", "The fox", max_tokens=2, model=MODEL),
+    ]
+    upload = client.files.create(file=("poison.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    batch = wait_until(client, batch.id, lambda b: b.status not in ("validating", "in_progress", "finalizing"))
+    assert batch.status == "completed", batch
+    assert [o["custom_id"] for o in jsonl(client, batch.output_file_id)] == ["ok0", "ok1"]
+    errors = [(e["custom_id"], e["error"]["code"]) for e in jsonl(client, batch.error_file_id)]
+    assert errors == [("surrogate", "invalid_body"), ("deep", "invalid_json")]
+
+
+def test_uploads_past_the_state_quota_get_413(tiny_checkpoint, tmp_path):
+    live = BatchServer(tiny_checkpoint, tmp_path / "state", max_upload_bytes=64 * 1024, max_state_bytes=512 * 1024)
+    try:
+        client, base = live.client, f"http://127.0.0.1:{live.port}"
+        kept = [client.files.create(file=("0.jsonl", b"x" * 60_000), purpose="batch")]
+        while len(kept) < 12:  # the quota counts the database too, so the exact count of files varies
+            response = httpx.post(
+                f"{base}/v1/files", files={"file": ("n.jsonl", b"x" * 60_000)}, data={"purpose": "batch"}
+            )
+            if response.status_code != 200:
+                break
+            kept.append(client.files.retrieve(response.json()["id"]))
+        error = response.json()["error"]
+        assert response.status_code == 413 and error["code"] == "quota_exceeded" and "quota" in error["message"]
+        assert error["type"] == "invalid_request_error" and 2 <= len(kept) <= 8
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.files.create(file=("more.jsonl", b"x" * 60_000), purpose="batch")
+        assert exc.value.status_code == 413
+        client.files.delete(kept[0].id)  # deleting frees room
+        assert client.files.create(file=("again.jsonl", b"x" * 60_000), purpose="batch").bytes == 60_000
+    finally:
+        live.stop()

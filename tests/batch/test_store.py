@@ -73,3 +73,17 @@ def test_ingest_stopped_midway_resumes_from_the_committed_offset(tmp_path, monke
     assert (job.total, job.failed, job.ingest_offset) == (27, 2, source.stat().st_size)
     assert [r.custom_id for r in store.pending(job.id, 0, 100)] == [f"r{i}" for i in range(25)]
     store.close()
+
+
+def test_a_line_the_database_cannot_store_becomes_error_line(tmp_path):
+    store = Store(tmp_path)
+    job = store.create_job("batch_" + "2" * 24, "cli", "/in.jsonl")
+    lines = [_valid(1, "a"), ValidLine(2, "b", "/v1/completions", '{"prompt":"\ud800"}'), _valid(3, "c")]
+    store.add_lines(job.id, lines, offset=30, line_no=3)
+    job = store.get_job(job.id)
+    assert (job.total, job.failed, job.pending, job.ingest_line) == (3, 1, 2, 3)
+    assert [r.custom_id for r in store.pending(job.id, 0, 10)] == ["a", "c"]
+    (error,) = [json.loads(x) for x in store.iter_errors(job.id)]
+    assert error["custom_id"] == "b" and error["error"]["code"] == "invalid_line"
+    assert error["error"]["message"].startswith("line 2: cannot be stored")
+    store.close()
