@@ -24,9 +24,13 @@ logger = logging.getLogger(__name__)
 ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", None),
     404: ("not_found_error", None),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    421: ("invalid_request_error", "misdirected_request"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
     503: ("service_unavailable_error", "service_unavailable"),
@@ -64,8 +68,16 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
+# The 400s that a request valid by the OpenAPI schema can still get, as no schema can state them: a prompt plus
+# max_tokens over the context (its message says "maximum context length"), prompts x n over --max-choices, and
+# fields that only make sense together. The schema test allows only these.
+CONTEXT_LENGTH_PHRASE = "maximum context length"
+TOO_MANY_CHOICES = "too_many_choices"
+CONFLICTING_PARAMETERS = "conflicting_parameters"
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
 
 
 def from_value_error(exc: ValueError) -> APIError:
@@ -80,6 +92,12 @@ _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {
     "response_format",
     "max_completion_tokens",
     "stream_options",
+    "suffix",
+    "best_of",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
 }
 
 
@@ -96,9 +114,10 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
     # A union puts its branch names (e.g. 'str', 'list[int]') in the location: stop the field path there.
     branch = next((i for i, part in enumerate(loc) if "[" in part or part in _TYPE_NAMES), None)
     param = ".".join(loc[:branch] if branch is not None else loc) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    msg = str(first.get("msg")).removeprefix("Value error, ")
+    message = f"{param}: {msg}" if param else msg
     if branch is not None:
-        message = f"{param}: the value matches none of the accepted types ({first.get('msg')}, ...)"
+        message = f"{param}: the value matches none of the accepted types ({msg}, ...)"
     elif len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param

@@ -8,14 +8,13 @@ This file is long because its field declarations are flat.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
-
-MAX_TOP_LOGPROBS = 20
 
 
 class OpenAIBaseModel(BaseModel):
@@ -54,16 +53,19 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
+_TOKEN_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as in OpenAI's API
+
+
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """OpenAI sends token ids as JSON object keys (strings)."""
+    """OpenAI sends token ids as JSON object keys: plain decimal strings ("5_0", " 5" or "05" are refused)."""
     if bias is None:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
-            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}") from None
+        if not _TOKEN_KEY.fullmatch(key):
+            raise ValueError(f"logit_bias keys must be token ids (decimal integers as strings), got {key!r}")
+        out[int(key)] = value
     return out
 
 
@@ -76,6 +78,7 @@ def _sampling_params(
 ) -> SamplingParams:
     """The SamplingParams of either request: the sampling fields both share (nulls take the API's defaults),
     with ``max_tokens`` and ``logprobs`` already read the way each endpoint defines them."""
+    request.check_unsupported()
     return SamplingParams(
         n=_or(request.n, 1),
         max_tokens=max_tokens,
@@ -96,35 +99,73 @@ def _sampling_params(
     )
 
 
+# Value ranges shared by both requests. ``x-limit`` marks a bound only the running server knows (its context,
+# vocabulary, --max-logprobs...): ``openapi.py`` fills it in. SamplingParams checks the same ranges again.
+_NO_OP = "is not supported by this server"
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+Choices = Annotated[int, Field(ge=1, json_schema_extra={"x-limit": "choices"})]
+MaxTokens = Annotated[int, Field(ge=1, json_schema_extra={"x-limit": "max_tokens"})]
+TopLogprobs = Annotated[int, Field(ge=0, le=20, json_schema_extra={"x-limit": "logprobs"})]
+StopText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+TokenId = Annotated[int, Field(json_schema_extra={"minimum": 0, "x-limit": "token_id"})]
+TokenIds = Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1, "x-limit": "prompt_tokens"})]
+ModelName = Annotated[str, Field(json_schema_extra={"x-limit": "model"})]
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(json_schema_extra={"x-limit": "logit_bias"})
+]
+
+
+class _SamplingRequest(_RequestModel):
+    """What completions and chat share: the sampling fields, and the OpenAI fields falconlm refuses."""
+
+    model: ModelName | None = None
+    frequency_penalty: Penalty | None = 0.0
+    logit_bias: LogitBias | None = None
+    n: Choices | None = 1
+    presence_penalty: Penalty | None = 0.0
+    seed: Seed | None = None
+    stop: StopText | list[StopText] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
+    user: str | None = None
+    # ---- falconlm extensions (vLLM's names) ----
+    top_k: Annotated[int, Field(ge=-1)] | None = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = True
+
+    def check_unsupported(self) -> None:
+        """ValueError naming the first field that asks for something falconlm does not do."""
+
+
 # ---- completions --------------------------------------------------------------------------------------------------
 
 
-class CompletionRequest(_RequestModel):
-    """``POST /v1/completions``."""
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``. ``suffix`` and ``best_of`` (other than null or 1) are refused."""
 
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Annotated[str, Field(json_schema_extra={"minLength": 1})]
+        | Annotated[list[Annotated[str, Field(json_schema_extra={"minLength": 1})]], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    best_of: Annotated[int | None, Field(json_schema_extra={"enum": [1, None]})] = None
     echo: bool | None = False
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
-    max_tokens: int | None = 16
-    n: int | None = 1
-    presence_penalty: float | None = 0.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    user: str | None = None
-    # ---- falconlm extensions (vLLM's names) ----
-    top_k: int | None = 0
-    min_p: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
+    logprobs: TopLogprobs | None = None
+    max_tokens: MaxTokens | None = 16
+    suffix: Annotated[str | None, Field(json_schema_extra={"maxLength": 0})] = None
+
+    def check_unsupported(self) -> None:
+        if self.suffix:
+            raise ValueError(f"suffix {_NO_OP} (no fill-in-the-middle); leave it out")
+        if self.best_of is not None and self.best_of != 1:
+            raise ValueError(f"best_of {_NO_OP} except as 1; ask for n choices instead")
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """``default_max_tokens`` fills in when the request sent ``max_tokens: null`` (the rest of the context)."""
@@ -176,14 +217,25 @@ class CompletionStreamResponse(OpenAIBaseModel):
 # ---- chat completions ---------------------------------------------------------------------------------------------
 
 
+def _text_part_schema(schema: dict[str, Any]) -> None:
+    schema["properties"]["type"] = {"type": "string", "enum": ["text"]}
+    schema["properties"]["text"] = {"type": "string"}
+    schema["required"] = ["type", "text"]
+
+
 class ChatContentPart(_RequestModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    """Only text parts are served (the tokenizer refuses others with a 400)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_text_part_schema)
     type: str
     text: str | None = None
 
 
+CHAT_ROLES = ("system", "user", "assistant")  # the roles the tokenizer's chat rendering accepts
+
+
 class ChatMessage(_RequestModel):
-    role: str
+    role: Annotated[str, Field(json_schema_extra={"enum": list(CHAT_ROLES)})]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
 
@@ -200,45 +252,43 @@ class ChatMessage(_RequestModel):
 
 class ResponseFormat(_RequestModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    type: str
+    type: Annotated[str, Field(json_schema_extra={"enum": ["text"]})]
 
 
-class ChatCompletionRequest(_RequestModel):
-    """``POST /v1/chat/completions``."""
+_EMPTY_LIST = Field(json_schema_extra={"maxItems": 0})
 
-    messages: list[ChatMessage]
-    model: str | None = None
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``. Tools and functions are refused (until the server can call them)."""
+
+    messages: Annotated[list[ChatMessage], Field(json_schema_extra={"minItems": 1})]
     logprobs: bool | None = False
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None
-    n: int | None = 1
-    presence_penalty: float | None = 0.0
+    max_completion_tokens: MaxTokens | None = None
+    max_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = 1.0
-    top_logprobs: int | None = None
-    top_p: float | None = 1.0
-    user: str | None = None
+    top_logprobs: TopLogprobs | None = None
+    tools: Annotated[list[dict[str, Any]] | None, _EMPTY_LIST] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, Field(json_schema_extra={"enum": ["none", None]})] = None
+    functions: Annotated[list[dict[str, Any]] | None, _EMPTY_LIST] = None
+    function_call: Annotated[str | dict[str, Any] | None, Field(json_schema_extra={"enum": ["none", None]})] = None
     # ---- falconlm extensions (vLLM's names) ----
-    top_k: int | None = 0
-    min_p: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def check_unsupported(self) -> None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name} {_NO_OP} yet (no tool calling); leave it out")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name} {_NO_OP} yet (no tool calling); leave it out or send 'none'")
+
     def check_supported(self) -> None:
         """ValueError for fields that parse but that falconlm does not serve."""
+        self.check_unsupported()
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(
                 f"response_format {self.response_format.type!r} is not supported yet; only 'text' is (prompt "
@@ -246,8 +296,6 @@ class ChatCompletionRequest(_RequestModel):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """``default_max_tokens`` fills in when neither max_tokens nor max_completion_tokens is set."""
@@ -338,9 +386,9 @@ class ModelList(OpenAIBaseModel):
 class TokenizeRequest(_RequestModel):
     """``POST /tokenize``: either ``prompt`` or chat ``messages`` (rendered by the chat template)."""
 
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage] | None, Field(json_schema_extra={"minItems": 1})] = None
     add_generation_prompt: bool | None = True
 
 
@@ -353,8 +401,8 @@ class TokenizeResponse(OpenAIBaseModel):
 class DetokenizeRequest(_RequestModel):
     """``POST /detokenize``."""
 
-    model: str | None = None
-    tokens: list[int]
+    model: ModelName | None = None
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(OpenAIBaseModel):

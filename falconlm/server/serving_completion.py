@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from ..engine.async_engine import EngineError
 from ..engine.sampler import TokenLogprobs
-from .errors import APIError, bad_request
+from .errors import TOO_MANY_CHOICES, APIError, bad_request
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import completion_prompts, sampling_params
 from .logprobs import completion_logprobs
@@ -21,7 +20,7 @@ from .protocol import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
-from .serving import Serving
+from .serving import Serving, json_reply
 from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
@@ -34,7 +33,8 @@ class CompletionServing(Serving):
         prompts = completion_prompts(self.engine, request.prompt)
         params = [sampling_params(self.engine, request, len(ids), "prompt") for _, ids in prompts]
         if sum(p.n for p in params) > self.settings.max_choices:
-            raise bad_request(f"prompts x n must be at most {self.settings.max_choices}", "n")
+            limit = self.settings.max_choices
+            raise bad_request(f"prompts x n must be at most {limit} (--max-choices)", "n", TOO_MANY_CHOICES)
         prompt_logprobs = await self._prompt_logprobs(request, prompts)
         retry = self.settings.retry_after_seconds
         response_id = new_request_id("cmpl")
@@ -44,14 +44,16 @@ class CompletionServing(Serving):
         if request.stream:
             events = self._stream(request, generation, response_id, prompts, prompt_logprobs)
             return EventStreamResponse(events)
-        choices = await generation.run_to_end(retry)
-        response = CompletionResponse(
-            id=response_id,
-            model=self.settings.model_name,
-            choices=[self._choice(request, c, prompts, prompt_logprobs) for c in choices],
-            usage=generation.usage(),
+        with self.open_requests.track(generation.stream):
+            choices = await generation.run_to_end(retry)
+        return await json_reply(
+            lambda: CompletionResponse(
+                id=response_id,
+                model=self.settings.model_name,
+                choices=[self._choice(request, c, prompts, prompt_logprobs) for c in choices],
+                usage=generation.usage(),
+            )
         )
-        return JSONResponse(response.model_dump())
 
     async def _prompt_logprobs(
         self, request: CompletionRequest, prompts: list[tuple[str, list[int]]]
@@ -114,7 +116,7 @@ class CompletionServing(Serving):
                     entries = prompt_logprobs[c.prompt_index] if prompt_logprobs else []
                     yield chunk(c.index, text, ids if want_logprobs else [], entries)
             try:
-                async for choice, out in generation.outputs():
+                async for choice, out in self.outputs(generation):
                     new_ids = out.token_ids if want_logprobs else []
                     if not (out.text or out.finished or new_ids):
                         continue
