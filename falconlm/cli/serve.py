@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from .options import add_quantize_option, check_model_path, positive_int
+from .serve_http import add_http_options, check_api_keys, http_settings, uvicorn_server
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -79,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="enable /v1/files and /v1/batches, kept in this folder; jobs resume after a restart",
     )
+    add_http_options(p)
     p.set_defaults(run=run)
 
 
@@ -168,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError("--max-model-len must be at least 2")
     keys = read_api_keys(args)
-    import uvicorn
-
+    check_api_keys(keys)
     from ..engine.async_engine import AsyncEngine
     from ..server import ServerSettings, build_app
 
@@ -185,13 +186,11 @@ def run(args: argparse.Namespace) -> int:
         api_keys=keys,
         max_body_bytes=args.max_body_bytes,
         state_dir=str(args.state_dir) if args.state_dir else None,
+        **http_settings(args),
     )
     engine = AsyncEngine(_engine_factory(args.model, args))
     app = build_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn_server(app, args)
     threading.Thread(target=_exit_on_load_failure, args=(engine, server), daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; a no-op handler makes that an exit 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

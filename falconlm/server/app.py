@@ -146,6 +146,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
             "logprobs": settings.max_logprobs,
             "max_tokens": context - 1,
             "prompt_tokens": context - 1,
+            "prompts": settings.max_choices,
             "token_id": engine.vocab_size - 1,
             "logit_bias": below_pattern(engine.vocab_size),
         }

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..engine.sampling_params import SamplingParams
 
@@ -68,12 +69,10 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 
-# The 400s that a request valid by the OpenAPI schema can still get, as no schema can state them: a prompt plus
-# max_tokens over the context (its message says "maximum context length"), prompts x n over --max-choices, and
-# fields that only make sense together. The schema test allows only these.
+# The one 400 that a request valid by the OpenAPI schema can still get, as no schema can state it: a prompt plus
+# max_tokens over the context (its message says "maximum context length"). The schema test allows only this.
 CONTEXT_LENGTH_PHRASE = "maximum context length"
-TOO_MANY_CHOICES = "too_many_choices"
-CONFLICTING_PARAMETERS = "conflicting_parameters"
+CONFLICTING_PARAMETERS = "conflicting_parameters"  # fields that only make sense together (the schema says so too)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -126,6 +125,16 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "function-after", "json-or-python"}
 
 
+def _allowed_methods(request: Request) -> set[str]:
+    """The methods of every route whose path matches the request's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every failure through an OpenAI error object."""
 
@@ -142,7 +151,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         not_found = exc.status_code == 404
         message = f"no route {request.method} {request.url.path}" if not_found else str(exc.detail)
-        return error_response(APIError(exc.status_code, message, headers=exc.headers))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+        return error_response(APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

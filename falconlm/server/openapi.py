@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from .protocol import ErrorResponse
+from .protocol_batch import BATCH_ROUTES
 
 REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
@@ -55,9 +56,10 @@ def documented(
         name = response.__name__ if response else "JSON"
         ok["description"] = (
             f"A {name} object, or with `stream: true` server-sent events: `data: <{stream.__name__} JSON>` "
-            "lines, then `data: [DONE]`."
+            "events (an error object if the request fails midway), then `data: [DONE]`."
         )
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        ok["content"] = {"text/event-stream": {"schema": sse_event_schema(stream)}}
+        _EXTRA_MODELS[stream.__name__] = stream
     if media_type is not None:
         ok["content"] = {media_type: {"schema": {"type": "string"}}}
     responses[200] = ok
@@ -72,7 +74,20 @@ def documented(
     return kwargs
 
 
+def sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1: the schema of a ``text/event-stream`` describes each event): its data
+    is a ``chunk`` or an error object as JSON, or ``[DONE]``."""
+    payload = {"anyOf": [{"$ref": REF.format(model=chunk.__name__)}, {"$ref": REF.format(model="ErrorResponse")}]}
+    data = {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": {"contentMediaType": "application/json", "contentSchema": payload},
+    }
+    return {"type": "object", "required": ["data"], "properties": {"data": data, "event": {"type": "string"}}}
+
+
 _REQUEST_MODELS: dict[str, type[BaseModel]] = {}
+_EXTRA_MODELS: dict[str, type[BaseModel]] = {}  # stream chunks: referenced only from event schemas
 
 
 def install_openapi(app: FastAPI, limits: Callable[[], dict[str, Any] | None], bearer: bool) -> None:
@@ -85,13 +100,13 @@ def install_openapi(app: FastAPI, limits: Callable[[], dict[str, Any] | None], b
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name, model in _REQUEST_MODELS.items():
-            model_schema = model.model_json_schema(ref_template=REF, mode="validation")
-            components.update(model_schema.pop("$defs", {}))
-            components[name] = model_schema
+        for models, mode in ((_REQUEST_MODELS, "validation"), (_EXTRA_MODELS, "serialization")):
+            for model in models.values():
+                _add_model(components, model, mode)
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 operation.pop("x-request-model", None)
+        _document_batch_routes(schema, components)
         bounds = limits()
         _fill_limits(components, bounds or {})
         if bearer:
@@ -101,6 +116,42 @@ def install_openapi(app: FastAPI, limits: Callable[[], dict[str, Any] | None], b
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_responses(statuses: Iterable[int]) -> dict[str, Any]:
+    ref = {"$ref": REF.format(model="ErrorResponse")}
+    return {
+        str(status): {"description": ERROR_TEXT.get(status, "Error."), "content": {"application/json": {"schema": ref}}}
+        for status in sorted({*COMMON_ERRORS, *statuses})
+    }
+
+
+def _document_batch_routes(schema: dict[str, Any], components: dict[str, Any]) -> None:
+    """Bodies and responses of /v1/files and /v1/batches (when served): ``protocol_batch.BATCH_ROUTES``."""
+    paths = schema.get("paths", {})
+    for (method, path), (body, ok, errors) in BATCH_ROUTES.items():
+        operation = paths.get(path, {}).get(method)
+        if operation is None:
+            continue
+        if isinstance(body, type):
+            _add_model(components, body, "validation")
+            ref = {"$ref": REF.format(model=body.__name__)}
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+        elif body is not None:
+            operation["requestBody"] = body
+        if isinstance(ok, type):
+            _add_model(components, ok, "serialization")
+            content = {"application/json": {"schema": {"$ref": REF.format(model=ok.__name__)}}}
+        else:
+            content = {ok: {"schema": {"type": "string", "format": "binary"}}}
+        operation["responses"] = {"200": {"description": "Success.", "content": content}, **_error_responses(errors)}
+
+
+def _add_model(components: dict[str, Any], model: type[BaseModel], mode: str) -> None:
+    model_schema = model.model_json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
+    for def_name, definition in model_schema.pop("$defs", {}).items():
+        components.setdefault(def_name, definition)
+    components[model.__name__] = model_schema
 
 
 def _require_bearer(schema: dict[str, Any]) -> None:
@@ -138,7 +189,7 @@ def _apply(node: dict[str, Any], kind: str, bound: Any) -> None:
         node["enum"] = list(bound)
     elif kind == "logit_bias":
         node["propertyNames"] = {"pattern": bound}
-    elif kind == "prompt_tokens":
+    elif kind in ("prompt_tokens", "prompts"):
         node["maxItems"] = bound
     elif kind == "token_id":
         node["maximum"] = bound

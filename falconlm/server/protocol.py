@@ -15,6 +15,29 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
+from .request_types import (
+    Choices,
+    EmptyList,
+    EmptyText,
+    LogitBias,
+    MaxTokens,
+    ModelName,
+    NoneChoice,
+    NonNegative,
+    NoOpInt,
+    Penalty,
+    Prompts,
+    Seed,
+    Text,
+    TokenId,
+    TokenIdLists,
+    TokenIds,
+    TopK,
+    TopLogprobs,
+    chat_rules,
+    completion_rules,
+    tokenize_rules,
+)
 
 
 class OpenAIBaseModel(BaseModel):
@@ -54,7 +77,6 @@ class ErrorResponse(OpenAIBaseModel):
 
 
 _TOKEN_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as in OpenAI's API
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
@@ -99,21 +121,7 @@ def _sampling_params(
     )
 
 
-# Value ranges shared by both requests. ``x-limit`` marks a bound only the running server knows (its context,
-# vocabulary, --max-logprobs...): ``openapi.py`` fills it in. SamplingParams checks the same ranges again.
 _NO_OP = "is not supported by this server"
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
-Choices = Annotated[int, Field(ge=1, json_schema_extra={"x-limit": "choices"})]
-MaxTokens = Annotated[int, Field(ge=1, json_schema_extra={"x-limit": "max_tokens"})]
-TopLogprobs = Annotated[int, Field(ge=0, le=20, json_schema_extra={"x-limit": "logprobs"})]
-StopText = Annotated[str, Field(json_schema_extra={"minLength": 1})]
-TokenId = Annotated[int, Field(json_schema_extra={"minimum": 0, "x-limit": "token_id"})]
-TokenIds = Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1, "x-limit": "prompt_tokens"})]
-ModelName = Annotated[str, Field(json_schema_extra={"x-limit": "model"})]
-LogitBias = Annotated[
-    dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(json_schema_extra={"x-limit": "logit_bias"})
-]
 
 
 class _SamplingRequest(_RequestModel):
@@ -125,17 +133,17 @@ class _SamplingRequest(_RequestModel):
     n: Choices | None = 1
     presence_penalty: Penalty | None = 0.0
     seed: Seed | None = None
-    stop: StopText | list[StopText] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     user: str | None = None
     # ---- falconlm extensions (vLLM's names) ----
-    top_k: Annotated[int, Field(ge=-1)] | None = 0
+    top_k: TopK | None = 0
     min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[NonNegative] | None = None
     ignore_eos: bool | None = False
     skip_special_tokens: bool | None = True
 
@@ -149,17 +157,14 @@ class _SamplingRequest(_RequestModel):
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``. ``suffix`` and ``best_of`` (other than null or 1) are refused."""
 
-    prompt: (
-        Annotated[str, Field(json_schema_extra={"minLength": 1})]
-        | Annotated[list[Annotated[str, Field(json_schema_extra={"minLength": 1})]], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
-    best_of: Annotated[int | None, Field(json_schema_extra={"enum": [1, None]})] = None
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=completion_rules)
+
+    prompt: Text | Prompts | TokenIds | TokenIdLists
+    best_of: NoOpInt = None
     echo: bool | None = False
     logprobs: TopLogprobs | None = None
     max_tokens: MaxTokens | None = 16
-    suffix: Annotated[str | None, Field(json_schema_extra={"maxLength": 0})] = None
+    suffix: EmptyText = None
 
     def check_unsupported(self) -> None:
         if self.suffix:
@@ -255,11 +260,10 @@ class ResponseFormat(_RequestModel):
     type: Annotated[str, Field(json_schema_extra={"enum": ["text"]})]
 
 
-_EMPTY_LIST = Field(json_schema_extra={"maxItems": 0})
-
-
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``. Tools and functions are refused (until the server can call them)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=chat_rules)
 
     messages: Annotated[list[ChatMessage], Field(json_schema_extra={"minItems": 1})]
     logprobs: bool | None = False
@@ -267,10 +271,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
     top_logprobs: TopLogprobs | None = None
-    tools: Annotated[list[dict[str, Any]] | None, _EMPTY_LIST] = None
-    tool_choice: Annotated[str | dict[str, Any] | None, Field(json_schema_extra={"enum": ["none", None]})] = None
-    functions: Annotated[list[dict[str, Any]] | None, _EMPTY_LIST] = None
-    function_call: Annotated[str | dict[str, Any] | None, Field(json_schema_extra={"enum": ["none", None]})] = None
+    tools: EmptyList = None
+    tool_choice: NoneChoice = None
+    functions: EmptyList = None
+    function_call: NoneChoice = None
     # ---- falconlm extensions (vLLM's names) ----
     add_generation_prompt: bool | None = True
 
@@ -385,6 +389,8 @@ class ModelList(OpenAIBaseModel):
 
 class TokenizeRequest(_RequestModel):
     """``POST /tokenize``: either ``prompt`` or chat ``messages`` (rendered by the chat template)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=tokenize_rules)
 
     model: ModelName | None = None
     prompt: str | None = None

@@ -60,6 +60,8 @@ class Serving:
         name, asked = ("top_logprobs", request.top_logprobs) if chat else ("logprobs", request.logprobs)
         if chat and asked is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", name, CONFLICTING_PARAMETERS)
+        if (request.n or 1) > self.settings.max_choices:
+            raise bad_request(f"n must be at most {self.settings.max_choices} (--max-choices)", "n")
         limit = self.settings.max_logprobs
         if asked is not None and asked > limit:
             raise bad_request(f"{name} must be at most {limit} on this server (--max-logprobs)", name)

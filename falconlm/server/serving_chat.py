@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 
 from ..engine.async_engine import EngineError
-from .errors import APIError, bad_request, from_value_error
+from .errors import APIError, from_value_error
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import chat_prompt, sampling_params
 from .logprobs import chat_logprobs
@@ -39,8 +39,6 @@ class ChatServing(Serving):
         add_generation_prompt = request.add_generation_prompt is not False
         prompt_ids = await chat_prompt(self.engine, request.messages, add_generation_prompt)
         params = sampling_params(self.engine, request, len(prompt_ids), "messages")
-        if params.n > self.settings.max_choices:
-            raise bad_request(f"n must be at most {self.settings.max_choices} (--max-choices)", "n")
         response_id = new_request_id("chatcmpl")
         retry = self.settings.retry_after_seconds
         generation = await Generation.start(

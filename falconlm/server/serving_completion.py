@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from ..engine.async_engine import EngineError
 from ..engine.sampler import TokenLogprobs
-from .errors import TOO_MANY_CHOICES, APIError, bad_request
+from .errors import APIError, bad_request
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import completion_prompts, sampling_params
 from .logprobs import completion_logprobs
@@ -31,10 +31,9 @@ class CompletionServing(Serving):
         arrival = time.monotonic()
         self.check_request(request)
         prompts = completion_prompts(self.engine, request.prompt)
+        if len(prompts) > self.settings.max_choices:
+            raise bad_request(f"prompt: at most {self.settings.max_choices} prompts (--max-choices)", "prompt")
         params = [sampling_params(self.engine, request, len(ids), "prompt") for _, ids in prompts]
-        if sum(p.n for p in params) > self.settings.max_choices:
-            limit = self.settings.max_choices
-            raise bad_request(f"prompts x n must be at most {limit} (--max-choices)", "n", TOO_MANY_CHOICES)
         prompt_logprobs = await self._prompt_logprobs(request, prompts)
         retry = self.settings.retry_after_seconds
         response_id = new_request_id("cmpl")

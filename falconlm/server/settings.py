@@ -21,7 +21,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
     retry_after_seconds: int = 1
-    max_choices: int = 128  # prompts x n in one request
+    max_choices: int = 16  # n, and prompts in one completions request
     max_logprobs: int = DEFAULT_MAX_LOGPROBS  # top logprobs per token (completions' logprobs, chat's top_logprobs)
     state_dir: str | None = None  # enables /v1/files and /v1/batches (durable batch jobs)
     max_upload_bytes: int = 200 * 1024 * 1024
