@@ -21,16 +21,23 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+def _int(**field: Any) -> Any:
+    """An integer type with pydantic ``Field`` constraints that also takes 5.0 for 5. The constraints come before
+    the validator: after it, pydantic would write them into the schema as ``ge``/``le`` instead of
+    ``minimum``/``maximum``."""
+    return Annotated[int, Field(**field), BeforeValidator(_integral)]
+
+
+Int = _int()
 Penalty = Annotated[float, Field(ge=-2, le=2)]
-Seed = Annotated[Int, Field(ge=SEED_MIN, le=SEED_MAX)]
-Choices = Annotated[Int, Field(ge=1, json_schema_extra={"x-limit": "choices"})]
-MaxTokens = Annotated[Int, Field(ge=1, json_schema_extra={"x-limit": "max_tokens"})]
-TopLogprobs = Annotated[Int, Field(ge=0, le=20, json_schema_extra={"x-limit": "logprobs"})]
-TopK = Annotated[Int, Field(ge=-1)]
-NonNegative = Annotated[Int, Field(ge=0)]
+Seed = _int(ge=SEED_MIN, le=SEED_MAX)
+Choices = _int(ge=1, json_schema_extra={"x-limit": "choices"})
+MaxTokens = _int(ge=1, json_schema_extra={"x-limit": "max_tokens"})
+TopLogprobs = _int(ge=0, le=20, json_schema_extra={"x-limit": "logprobs"})
+TopK = _int(ge=-1)
+NonNegative = _int(ge=0)
 Text = Annotated[str, Field(json_schema_extra={"minLength": 1})]
-TokenId = Annotated[Int, Field(json_schema_extra={"minimum": 0, "x-limit": "token_id"})]
+TokenId = _int(json_schema_extra={"minimum": 0, "x-limit": "token_id"})
 TokenIds = Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1, "x-limit": "prompt_tokens"})]
 Prompts = Annotated[list[Text], Field(json_schema_extra={"minItems": 1, "x-limit": "prompts"})]
 TokenIdLists = Annotated[list[TokenIds], Field(json_schema_extra={"minItems": 1, "x-limit": "prompts"})]
