@@ -1,9 +1,10 @@
 """OpenAI API objects as pydantic models, named after OpenAI's (vLLM's layout).
 
 Request fields follow the order of the API reference; falconlm's extensions (vLLM's names) sit in a marked
-block. Requests are strict (no "5" for 5, no true for 1) and ignore unknown fields. Value checks live in
-``SamplingParams``: each request's ``to_sampling_params()`` builds one, and its ValueError names the field.
-This file is long because its field declarations are flat.
+block. Requests are strict (no "5" for 5, no true for 1; 5.0 is 5, as in JSON Schema) and ignore unknown fields.
+Field ranges (``request_types``) are in the OpenAPI schema; ``SamplingParams`` checks them again: each request's
+``to_sampling_params()`` builds one, and its ValueError names the field. Fields falconlm does not implement are
+declared so that a value other than their no-op is refused by name.
 """
 
 from __future__ import annotations
@@ -15,29 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
-from .request_types import (
-    Choices,
-    EmptyList,
-    EmptyText,
-    LogitBias,
-    MaxTokens,
-    ModelName,
-    NoneChoice,
-    NonNegative,
-    NoOpInt,
-    Penalty,
-    Prompts,
-    Seed,
-    Text,
-    TokenId,
-    TokenIdLists,
-    TokenIds,
-    TopK,
-    TopLogprobs,
-    chat_rules,
-    completion_rules,
-    tokenize_rules,
-)
+from . import request_types as rt
 
 
 class OpenAIBaseModel(BaseModel):
@@ -127,23 +106,23 @@ _NO_OP = "is not supported by this server"
 class _SamplingRequest(_RequestModel):
     """What completions and chat share: the sampling fields, and the OpenAI fields falconlm refuses."""
 
-    model: ModelName | None = None
-    frequency_penalty: Penalty | None = 0.0
-    logit_bias: LogitBias | None = None
-    n: Choices | None = 1
-    presence_penalty: Penalty | None = 0.0
-    seed: Seed | None = None
-    stop: Text | list[Text] | None = None
+    model: rt.ModelName | None = None
+    frequency_penalty: rt.Penalty | None = 0.0
+    logit_bias: rt.LogitBias | None = None
+    n: rt.Choices | None = 1
+    presence_penalty: rt.Penalty | None = 0.0
+    seed: rt.Seed | None = None
+    stop: rt.Text | list[rt.Text] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     user: str | None = None
     # ---- falconlm extensions (vLLM's names) ----
-    top_k: TopK | None = 0
+    top_k: rt.TopK | None = 0
     min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
-    stop_token_ids: list[NonNegative] | None = None
+    stop_token_ids: list[rt.NonNegative] | None = None
     ignore_eos: bool | None = False
     skip_special_tokens: bool | None = True
 
@@ -157,14 +136,14 @@ class _SamplingRequest(_RequestModel):
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``. ``suffix`` and ``best_of`` (other than null or 1) are refused."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=completion_rules)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.completion_rules)
 
-    prompt: Text | Prompts | TokenIds | TokenIdLists
-    best_of: NoOpInt = None
+    prompt: rt.Text | rt.Prompts | rt.TokenIds | rt.TokenIdLists
+    best_of: rt.NoOpInt = None
     echo: bool | None = False
-    logprobs: TopLogprobs | None = None
-    max_tokens: MaxTokens | None = 16
-    suffix: EmptyText = None
+    logprobs: rt.TopLogprobs | None = None
+    max_tokens: rt.MaxTokens | None = 16
+    suffix: rt.EmptyText = None
 
     def check_unsupported(self) -> None:
         if self.suffix:
@@ -263,18 +242,18 @@ class ResponseFormat(_RequestModel):
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``. Tools and functions are refused (until the server can call them)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=chat_rules)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.chat_rules)
 
     messages: Annotated[list[ChatMessage], Field(json_schema_extra={"minItems": 1})]
     logprobs: bool | None = False
-    max_completion_tokens: MaxTokens | None = None
-    max_tokens: MaxTokens | None = None
+    max_completion_tokens: rt.MaxTokens | None = None
+    max_tokens: rt.MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    top_logprobs: TopLogprobs | None = None
-    tools: EmptyList = None
-    tool_choice: NoneChoice = None
-    functions: EmptyList = None
-    function_call: NoneChoice = None
+    top_logprobs: rt.TopLogprobs | None = None
+    tools: rt.EmptyList = None
+    tool_choice: rt.NoneChoice = None
+    functions: rt.EmptyList = None
+    function_call: rt.NoneChoice = None
     # ---- falconlm extensions (vLLM's names) ----
     add_generation_prompt: bool | None = True
 
@@ -390,9 +369,9 @@ class ModelList(OpenAIBaseModel):
 class TokenizeRequest(_RequestModel):
     """``POST /tokenize``: either ``prompt`` or chat ``messages`` (rendered by the chat template)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=tokenize_rules)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.tokenize_rules)
 
-    model: ModelName | None = None
+    model: rt.ModelName | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage] | None, Field(json_schema_extra={"minItems": 1})] = None
     add_generation_prompt: bool | None = True
@@ -407,8 +386,8 @@ class TokenizeResponse(OpenAIBaseModel):
 class DetokenizeRequest(_RequestModel):
     """``POST /detokenize``."""
 
-    model: ModelName | None = None
-    tokens: list[TokenId]
+    model: rt.ModelName | None = None
+    tokens: list[rt.TokenId]
 
 
 class DetokenizeResponse(OpenAIBaseModel):

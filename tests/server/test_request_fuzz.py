@@ -64,7 +64,7 @@ def test_arbitrary_bytes_are_a_400_or_a_request(raw):
 
 
 @given(data=st.data())
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 def test_arbitrary_json_with_the_models_fields_is_a_400_or_a_request(data):
     model = data.draw(st.sampled_from(MODELS))
     body = data.draw(_field_values(model))
