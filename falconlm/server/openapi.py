@@ -69,7 +69,7 @@ def documented(
     if request is not None:
         ref = {"$ref": REF.format(model=request.__name__)}
         body = {"required": True, "content": {"application/json": {"schema": ref}}}
-        kwargs["openapi_extra"] = {"requestBody": body, "x-request-model": request.__name__}
+        kwargs["openapi_extra"] = {"requestBody": body}
         _REQUEST_MODELS[request.__name__] = request
     return kwargs
 
@@ -103,9 +103,6 @@ def install_openapi(app: FastAPI, limits: Callable[[], dict[str, Any] | None], b
         for models, mode in ((_REQUEST_MODELS, "validation"), (_EXTRA_MODELS, "serialization")):
             for model in models.values():
                 _add_model(components, model, mode)
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                operation.pop("x-request-model", None)
         _document_batch_routes(schema, components)
         bounds = limits()
         _fill_limits(components, bounds or {})
