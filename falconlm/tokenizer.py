@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 
 import jinja2
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .template_limits import BoundedSandbox, render_bounded
 
 # Falcon's end-of-text token, used when no config names an eos token.
 _DEFAULT_EOS = "<|endoftext|>"
@@ -246,16 +247,17 @@ def _tojson(value: Any, indent: int | None = None) -> str:
 
 @lru_cache(maxsize=8)
 def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     return env.from_string(source)
 
 
 def _render_jinja(source: str, **context: Any) -> str:
-    """Render a chat template in the immutable sandbox; every failure becomes a ValueError."""
+    """Render a chat template in the immutable sandbox, bounded in output length and time (``template_limits``);
+    every failure becomes a ValueError."""
     try:
-        return _compile_template(source).render(**context)
+        return render_bounded(_compile_template(source), context)
     except ValueError:
         raise
     except Exception as exc:  # TemplateSyntaxError, UndefinedError, SecurityError, a filter's TypeError

@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.responses import Response
 
 from ..engine.async_engine import AsyncEngine
+from ..server.body import parse_json
 from ..server.errors import APIError, bad_request
 from ..server.metrics import ServerMetrics
 from ..server.settings import ServerSettings
@@ -407,14 +408,8 @@ def _file_object(record: FileRecord) -> dict[str, Any]:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    return body
+    """The body as a JSON object; 400 for bad JSON, deep nesting or lone surrogates (the server's checks)."""
+    return parse_json(await request.body())
 
 
 def _check_metadata(metadata: Any) -> dict[str, str] | None:

@@ -24,6 +24,7 @@ from .options import (
     port_number,
     positive_int,
 )
+from .serve_http import add_http_options, check_api_keys, http_settings, uvicorn_server
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -97,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=10 * 2**30,
         help="uploads are refused (413) once the --state-dir files reach this size (default 10GiB)",
     )
+    add_http_options(p)
     p.set_defaults(run=run)
 
 
@@ -205,9 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError("--max-model-len must be at least 2")
     keys = read_api_keys(args)
+    check_api_keys(keys)
     _check_start(args)
-    import uvicorn
-
     from ..engine.async_engine import AsyncEngine
     from ..server import ServerSettings, build_app
 
@@ -225,13 +226,11 @@ def run(args: argparse.Namespace) -> int:
         state_dir=str(args.state_dir) if args.state_dir else None,
         max_upload_bytes=args.max_upload_bytes,
         max_state_bytes=args.max_state_bytes,
+        **http_settings(args),
     )
     engine = AsyncEngine(_engine_factory(args.model, args))
     app = build_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn_server(app, args)
     threading.Thread(target=_exit_on_load_failure, args=(engine, server), daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; a no-op handler makes that an exit 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -115,6 +115,13 @@ class RequestStream:
             self._engine.abort(list(self._unfinished))
             self._unfinished.clear()
 
+    def fail(self, exc: BaseException) -> None:
+        """Abort the unfinished requests and end the iteration with ``exc`` (after outputs already delivered);
+        on the event loop. The server uses it to end open responses when a shutdown runs out of time."""
+        if self._unfinished:
+            self._engine.abort(list(self._unfinished))
+            self._queue.put_nowait(exc)
+
     async def __aenter__(self) -> RequestStream:
         return self
 

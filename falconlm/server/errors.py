@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..engine.sampling_params import SamplingParams
 
@@ -24,9 +25,13 @@ logger = logging.getLogger(__name__)
 ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", None),
     404: ("not_found_error", None),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    421: ("invalid_request_error", "misdirected_request"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
     503: ("service_unavailable_error", "service_unavailable"),
@@ -64,8 +69,14 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
+# The one 400 that a request valid by the OpenAPI schema can still get, as no schema can state it: a prompt plus
+# max_tokens over the context (its message says "maximum context length"). The schema test allows only this.
+CONTEXT_LENGTH_PHRASE = "maximum context length"
+CONFLICTING_PARAMETERS = "conflicting_parameters"  # fields that only make sense together (the schema says so too)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
 
 
 def from_value_error(exc: ValueError) -> APIError:
@@ -80,6 +91,12 @@ _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {
     "response_format",
     "max_completion_tokens",
     "stream_options",
+    "suffix",
+    "best_of",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
 }
 
 
@@ -96,15 +113,26 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
     # A union puts its branch names (e.g. 'str', 'list[int]') in the location: stop the field path there.
     branch = next((i for i, part in enumerate(loc) if "[" in part or part in _TYPE_NAMES), None)
     param = ".".join(loc[:branch] if branch is not None else loc) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    msg = str(first.get("msg")).removeprefix("Value error, ")
+    message = f"{param}: {msg}" if param else msg
     if branch is not None:
-        message = f"{param}: the value matches none of the accepted types ({first.get('msg')}, ...)"
+        message = f"{param}: the value matches none of the accepted types ({msg}, ...)"
     elif len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "function-after", "json-or-python"}
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """The methods of every route whose path matches the request's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -123,7 +151,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         not_found = exc.status_code == 404
         message = f"no route {request.method} {request.url.path}" if not_found else str(exc.detail)
-        return error_response(APIError(exc.status_code, message, headers=exc.headers))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+        return error_response(APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,8 +1,9 @@
 """One API request's engine requests: prompts x n choices, submitted together and merged into one stream.
 
-Choice ``i`` of prompt ``p`` is engine request ``{id}-{p * n + i}`` with seed ``seed + i``, so seeded choices
-differ from each other and repeat across calls. Engine exceptions become OpenAI errors here: a full waiting
-queue 429, loading or shutting down 503, an engine failure 500.
+Choice ``i`` of prompt ``p`` is engine request ``{id}-{p * n + i}`` with seed ``seed + i`` (wrapping around within
+the signed 64-bit range the API accepts), so seeded choices differ from each other and repeat across calls.
+Engine exceptions become OpenAI errors here: a full waiting queue 429, loading or shutting down 503, an engine
+failure 500.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from ..engine.scheduler import QueueFullError
 from .errors import APIError, from_value_error
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import UsageInfo
+
+
+def child_seed(seed: int, child: int) -> int:
+    """The seed of choice ``child``: ``seed + child``, wrapped into [-2**63, 2**63 - 1]."""
+    return (seed + child + 2**63) % 2**64 - 2**63
 
 
 def new_request_id(prefix: str) -> str:
@@ -83,7 +89,7 @@ class Generation:
             for child in range(sp.n):
                 index = len(choices)
                 try:
-                    child_params = replace(sp, n=1, seed=None if sp.seed is None else sp.seed + child)
+                    child_params = replace(sp, n=1, seed=None if sp.seed is None else child_seed(sp.seed, child))
                 except ValueError as exc:
                     raise from_value_error(exc) from exc
                 child_id = f"{request_id}-{index}"
@@ -124,7 +130,12 @@ class Generation:
         return self.choices
 
     def abort(self) -> None:
+        """Stop the unfinished choices; each counts once as finish_reason "abort" in the metrics."""
         self.stream.abort()
+        for choice in self.choices:
+            if choice.finish_reason is None:
+                choice.finish_reason = "abort"
+                choice.timer.on_abort()
 
     def usage(self) -> UsageInfo:
         prompt = sum(self.prompt_lens)

@@ -6,11 +6,12 @@ context or the KV pool) is rejected here with a 400, so bad input never reaches 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.sampling_params import SamplingParams
-from .errors import APIError, bad_request, from_value_error
+from .errors import CONTEXT_LENGTH_PHRASE, APIError, bad_request, from_value_error
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .settings import ServerSettings
 
@@ -57,15 +58,23 @@ def completion_prompts(engine: AsyncEngine, prompt: str | list) -> list[tuple[st
     return prompts
 
 
-def chat_prompt(engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-    """Render messages with the chat template and encode them; 400 for messages the template rejects."""
+async def chat_prompt(
+    engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """Render messages with the chat template and encode them, off the event loop; 400 for messages the template
+    rejects or that render past its output or time limit (``falconlm.template_limits``)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
+    tokenizer = engine.tokenizer
+    dicts = [m.to_dict() for m in messages]
+
+    def render() -> list[int]:
+        return tokenizer.encode(tokenizer.apply_chat_template(dicts, add_generation_prompt))
+
     try:
-        text = engine.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt)
+        ids = await asyncio.to_thread(render)
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from exc
-    ids = engine.tokenizer.encode(text)
     if not ids:
         raise bad_request("messages render to an empty prompt", "messages")
     return ids
@@ -84,7 +93,7 @@ def sampling_params(
     room = limit - num_prompt_tokens
     if room < 1:
         raise bad_request(
-            f"the prompt has {num_prompt_tokens} tokens but this model's maximum context length is {limit} "
+            f"the prompt has {num_prompt_tokens} tokens but this model's {CONTEXT_LENGTH_PHRASE} is {limit} "
             "tokens, including at least one generated token; shorten the prompt",
             prompt_param,
         )
@@ -95,7 +104,7 @@ def sampling_params(
     if params.max_tokens is not None and params.max_tokens > room:
         total = num_prompt_tokens + params.max_tokens
         raise bad_request(
-            f"this model's maximum context length is {limit} tokens; you requested {total} tokens "
+            f"this model's {CONTEXT_LENGTH_PHRASE} is {limit} tokens; you requested {total} tokens "
             f"({num_prompt_tokens} in the prompt, {params.max_tokens} for the completion); reduce the prompt "
             "or max_tokens",
             "max_tokens",

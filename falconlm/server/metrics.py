@@ -82,6 +82,11 @@ class ServerMetrics:
         self.requests = Counter(
             "falconlm_requests", "Finished engine requests by finish reason.", ["finish_reason"], registry=registry
         )
+        self.aborted_requests = Counter(
+            "falconlm_aborted_requests",
+            "Engine requests stopped before they finished (client disconnects, cancels, shutdown).",
+            registry=registry,
+        )
         registry.register(_EngineCollector(stats))
 
     def render(self) -> tuple[bytes, str]:
@@ -114,3 +119,8 @@ class RequestTimer:
         if scheduled_time is not None:
             m.request_queue_time.observe(max(0.0, scheduled_time - self.arrival))
         m.requests.labels(finish_reason=finish_reason or "unknown").inc()
+
+    def on_abort(self) -> None:
+        """The request was stopped before it finished (client gone, cancelled, shut down)."""
+        self.metrics.requests.labels(finish_reason="abort").inc()
+        self.metrics.aborted_requests.inc()

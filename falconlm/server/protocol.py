@@ -1,21 +1,22 @@
 """OpenAI API objects as pydantic models, named after OpenAI's (vLLM's layout).
 
 Request fields follow the order of the API reference; falconlm's extensions (vLLM's names) sit in a marked
-block. Requests are strict (no "5" for 5, no true for 1) and ignore unknown fields. Value checks live in
-``SamplingParams``: each request's ``to_sampling_params()`` builds one, and its ValueError names the field.
-This file is long because its field declarations are flat.
+block. Requests are strict (no "5" for 5, no true for 1; 5.0 is 5, as in JSON Schema) and ignore unknown fields.
+Field ranges (``request_types``) are in the OpenAPI schema; ``SamplingParams`` checks them again: each request's
+``to_sampling_params()`` builds one, and its ValueError names the field. Fields falconlm does not implement are
+declared so that a value other than their no-op is refused by name.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
-
-MAX_TOP_LOGPROBS = 20
+from . import request_types as rt
 
 
 class OpenAIBaseModel(BaseModel):
@@ -54,16 +55,18 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
+_TOKEN_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """OpenAI sends token ids as JSON object keys (strings)."""
+    """OpenAI sends token ids as JSON object keys: plain decimal strings ("5_0", " 5" or "05" are refused)."""
     if bias is None:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
-            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}") from None
+        if not _TOKEN_KEY.fullmatch(key):
+            raise ValueError(f"logit_bias keys must be token ids (decimal integers as strings), got {key!r}")
+        out[int(key)] = value
     return out
 
 
@@ -76,6 +79,7 @@ def _sampling_params(
 ) -> SamplingParams:
     """The SamplingParams of either request: the sampling fields both share (nulls take the API's defaults),
     with ``max_tokens`` and ``logprobs`` already read the way each endpoint defines them."""
+    request.check_unsupported()
     return SamplingParams(
         n=_or(request.n, 1),
         max_tokens=max_tokens,
@@ -96,35 +100,56 @@ def _sampling_params(
     )
 
 
+_NO_OP = "is not supported by this server"
+
+
+class _SamplingRequest(_RequestModel):
+    """What completions and chat share: the sampling fields, and the OpenAI fields falconlm refuses."""
+
+    model: rt.ModelName | None = None
+    frequency_penalty: rt.Penalty | None = 0.0
+    logit_bias: rt.LogitBias | None = None
+    n: rt.Choices | None = 1
+    presence_penalty: rt.Penalty | None = 0.0
+    seed: rt.Seed | None = None
+    stop: rt.Text | list[rt.Text] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
+    user: str | None = None
+    # ---- falconlm extensions (vLLM's names) ----
+    top_k: rt.TopK | None = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
+    stop_token_ids: list[rt.NonNegative] | None = None
+    ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = True
+
+    def check_unsupported(self) -> None:
+        """ValueError naming the first field that asks for something falconlm does not do."""
+
+
 # ---- completions --------------------------------------------------------------------------------------------------
 
 
-class CompletionRequest(_RequestModel):
-    """``POST /v1/completions``."""
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``. ``suffix`` and ``best_of`` (other than null or 1) are refused."""
 
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.completion_rules)
+
+    prompt: rt.Text | rt.Prompts | rt.TokenIds | rt.TokenIdLists
+    best_of: rt.NoOpInt = None
     echo: bool | None = False
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
-    max_tokens: int | None = 16
-    n: int | None = 1
-    presence_penalty: float | None = 0.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    user: str | None = None
-    # ---- falconlm extensions (vLLM's names) ----
-    top_k: int | None = 0
-    min_p: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
+    logprobs: rt.TopLogprobs | None = None
+    max_tokens: rt.MaxTokens | None = 16
+    suffix: rt.EmptyText = None
+
+    def check_unsupported(self) -> None:
+        if self.suffix:
+            raise ValueError(f"suffix {_NO_OP} (no fill-in-the-middle); leave it out")
+        if self.best_of is not None and self.best_of != 1:
+            raise ValueError(f"best_of {_NO_OP} except as 1; ask for n choices instead")
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """``default_max_tokens`` fills in when the request sent ``max_tokens: null`` (the rest of the context)."""
@@ -176,14 +201,25 @@ class CompletionStreamResponse(OpenAIBaseModel):
 # ---- chat completions ---------------------------------------------------------------------------------------------
 
 
+def _text_part_schema(schema: dict[str, Any]) -> None:
+    schema["properties"]["type"] = {"type": "string", "enum": ["text"]}
+    schema["properties"]["text"] = {"type": "string"}
+    schema["required"] = ["type", "text"]
+
+
 class ChatContentPart(_RequestModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    """Only text parts are served (the tokenizer refuses others with a 400)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_text_part_schema)
     type: str
     text: str | None = None
 
 
+CHAT_ROLES = ("system", "user", "assistant")  # the roles the tokenizer's chat rendering accepts
+
+
 class ChatMessage(_RequestModel):
-    role: str
+    role: Annotated[str, Field(json_schema_extra={"enum": list(CHAT_ROLES)})]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
 
@@ -200,45 +236,42 @@ class ChatMessage(_RequestModel):
 
 class ResponseFormat(_RequestModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    type: str
+    type: Annotated[str, Field(json_schema_extra={"enum": ["text"]})]
 
 
-class ChatCompletionRequest(_RequestModel):
-    """``POST /v1/chat/completions``."""
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``. Tools and functions are refused (until the server can call them)."""
 
-    messages: list[ChatMessage]
-    model: str | None = None
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.chat_rules)
+
+    messages: Annotated[list[ChatMessage], Field(json_schema_extra={"minItems": 1})]
     logprobs: bool | None = False
-    max_completion_tokens: int | None = None
-    max_tokens: int | None = None
-    n: int | None = 1
-    presence_penalty: float | None = 0.0
+    max_completion_tokens: rt.MaxTokens | None = None
+    max_tokens: rt.MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = 1.0
-    top_logprobs: int | None = None
-    top_p: float | None = 1.0
-    user: str | None = None
+    top_logprobs: rt.TopLogprobs | None = None
+    tools: rt.EmptyList = None
+    tool_choice: rt.NoneChoice = None
+    functions: rt.EmptyList = None
+    function_call: rt.NoneChoice = None
     # ---- falconlm extensions (vLLM's names) ----
-    top_k: int | None = 0
-    min_p: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def check_unsupported(self) -> None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name} {_NO_OP} yet (no tool calling); leave it out")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name} {_NO_OP} yet (no tool calling); leave it out or send 'none'")
+
     def check_supported(self) -> None:
         """ValueError for fields that parse but that falconlm does not serve."""
+        self.check_unsupported()
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(
                 f"response_format {self.response_format.type!r} is not supported yet; only 'text' is (prompt "
@@ -246,8 +279,6 @@ class ChatCompletionRequest(_RequestModel):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         """``default_max_tokens`` fills in when neither max_tokens nor max_completion_tokens is set."""
@@ -338,9 +369,11 @@ class ModelList(OpenAIBaseModel):
 class TokenizeRequest(_RequestModel):
     """``POST /tokenize``: either ``prompt`` or chat ``messages`` (rendered by the chat template)."""
 
-    model: str | None = None
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.tokenize_rules)
+
+    model: rt.ModelName | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage] | None, Field(json_schema_extra={"minItems": 1})] = None
     add_generation_prompt: bool | None = True
 
 
@@ -353,8 +386,8 @@ class TokenizeResponse(OpenAIBaseModel):
 class DetokenizeRequest(_RequestModel):
     """``POST /detokenize``."""
 
-    model: str | None = None
-    tokens: list[int]
+    model: rt.ModelName | None = None
+    tokens: list[rt.TokenId]
 
 
 class DetokenizeResponse(OpenAIBaseModel):

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from pydantic import BaseModel
+from starlette.responses import Response
+
 from ..engine.async_engine import AsyncEngine
-from .errors import bad_request
+from ..engine.engine import StepOutput
+from .drain import OpenRequests
+from .errors import CONFLICTING_PARAMETERS, bad_request, from_value_error
+from .generation import Choice, Generation
 from .inputs import check_model
 from .logprobs import TokenTexts
 from .metrics import ServerMetrics
@@ -13,8 +22,15 @@ from .settings import ServerSettings
 class Serving:
     """Base of CompletionServing and ChatServing."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: ServerSettings,
+        metrics: ServerMetrics,
+        open_requests: OpenRequests | None = None,
+    ) -> None:
         self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.open_requests = open_requests if open_requests is not None else OpenRequests()
         self._texts: TokenTexts | None = None
 
     @property
@@ -23,8 +39,36 @@ class Serving:
             self._texts = TokenTexts(self.engine.tokenizer)
         return self._texts
 
+    async def outputs(self, generation: Generation) -> AsyncIterator[tuple[Choice, StepOutput]]:
+        """``generation.outputs()``, registered as open so a shutdown past its deadline can end it."""
+        with self.open_requests.track(generation.stream):
+            async for item in generation.outputs():
+                yield item
+
     def check_request(self, request) -> None:
-        """The model name, and stream_options only with stream."""
+        """The model name, fields falconlm refuses, stream_options only with stream, the --max-logprobs cap."""
         check_model(request.model, self.settings)
+        try:
+            request.check_unsupported()
+        except ValueError as exc:
+            raise from_value_error(exc) from exc
         if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+            raise bad_request(
+                "stream_options is only allowed when stream is true", "stream_options", CONFLICTING_PARAMETERS
+            )
+        chat = hasattr(request, "messages")
+        name, asked = ("top_logprobs", request.top_logprobs) if chat else ("logprobs", request.logprobs)
+        if chat and asked is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", name, CONFLICTING_PARAMETERS)
+        if (request.n or 1) > self.settings.max_choices:
+            raise bad_request(f"n must be at most {self.settings.max_choices} (--max-choices)", "n")
+        limit = self.settings.max_logprobs
+        if asked is not None and asked > limit:
+            raise bad_request(f"{name} must be at most {limit} on this server (--max-logprobs)", name)
+
+
+async def json_reply(build: Callable[[], BaseModel]) -> Response:
+    """``build()`` as a JSON response, built and serialised on a worker thread: a reply with many choices and
+    logprobs takes a while to encode, and the event loop keeps answering other requests meanwhile."""
+    body = await asyncio.to_thread(lambda: build().model_dump_json().encode("utf-8"))
+    return Response(body, media_type="application/json")

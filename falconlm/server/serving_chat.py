@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from ..engine.async_engine import EngineError
-from .errors import APIError, bad_request, from_value_error
+from .errors import APIError, from_value_error
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import chat_prompt, sampling_params
 from .logprobs import chat_logprobs
@@ -23,7 +22,7 @@ from .protocol import (
     ChatCompletionStreamResponse,
     DeltaMessage,
 )
-from .serving import Serving
+from .serving import Serving, json_reply
 from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
@@ -38,10 +37,8 @@ class ChatServing(Serving):
         except ValueError as exc:
             raise from_value_error(exc) from exc
         add_generation_prompt = request.add_generation_prompt is not False
-        prompt_ids = chat_prompt(self.engine, request.messages, add_generation_prompt)
+        prompt_ids = await chat_prompt(self.engine, request.messages, add_generation_prompt)
         params = sampling_params(self.engine, request, len(prompt_ids), "messages")
-        if params.n > self.settings.max_choices:
-            raise bad_request(f"n must be at most {self.settings.max_choices}", "n")
         response_id = new_request_id("chatcmpl")
         retry = self.settings.retry_after_seconds
         generation = await Generation.start(
@@ -49,14 +46,16 @@ class ChatServing(Serving):
         )
         if request.stream:
             return EventStreamResponse(self._stream(request, generation, response_id))
-        choices = await generation.run_to_end(retry)
-        response = ChatCompletionResponse(
-            id=response_id,
-            model=self.settings.model_name,
-            choices=[self._choice(request, c) for c in choices],
-            usage=generation.usage(),
+        with self.open_requests.track(generation.stream):
+            choices = await generation.run_to_end(retry)
+        return await json_reply(
+            lambda: ChatCompletionResponse(
+                id=response_id,
+                model=self.settings.model_name,
+                choices=[self._choice(request, c) for c in choices],
+                usage=generation.usage(),
+            )
         )
-        return JSONResponse(response.model_dump())
 
     def _num_top(self, request: ChatCompletionRequest) -> int:
         return request.top_logprobs or 0
@@ -85,7 +84,7 @@ class ChatServing(Serving):
                     ChatCompletionResponseStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
                 )
             try:
-                async for choice, out in generation.outputs():
+                async for choice, out in self.outputs(generation):
                     new_ids = out.token_ids if request.logprobs else []
                     if not (out.text or out.finished or new_ids):
                         continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from ..engine.async_engine import EngineError
@@ -21,7 +20,7 @@ from .protocol import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
-from .serving import Serving
+from .serving import Serving, json_reply
 from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
@@ -32,9 +31,9 @@ class CompletionServing(Serving):
         arrival = time.monotonic()
         self.check_request(request)
         prompts = completion_prompts(self.engine, request.prompt)
+        if len(prompts) > self.settings.max_choices:
+            raise bad_request(f"prompt: at most {self.settings.max_choices} prompts (--max-choices)", "prompt")
         params = [sampling_params(self.engine, request, len(ids), "prompt") for _, ids in prompts]
-        if sum(p.n for p in params) > self.settings.max_choices:
-            raise bad_request(f"prompts x n must be at most {self.settings.max_choices}", "n")
         prompt_logprobs = await self._prompt_logprobs(request, prompts)
         retry = self.settings.retry_after_seconds
         response_id = new_request_id("cmpl")
@@ -44,14 +43,16 @@ class CompletionServing(Serving):
         if request.stream:
             events = self._stream(request, generation, response_id, prompts, prompt_logprobs)
             return EventStreamResponse(events)
-        choices = await generation.run_to_end(retry)
-        response = CompletionResponse(
-            id=response_id,
-            model=self.settings.model_name,
-            choices=[self._choice(request, c, prompts, prompt_logprobs) for c in choices],
-            usage=generation.usage(),
+        with self.open_requests.track(generation.stream):
+            choices = await generation.run_to_end(retry)
+        return await json_reply(
+            lambda: CompletionResponse(
+                id=response_id,
+                model=self.settings.model_name,
+                choices=[self._choice(request, c, prompts, prompt_logprobs) for c in choices],
+                usage=generation.usage(),
+            )
         )
-        return JSONResponse(response.model_dump())
 
     async def _prompt_logprobs(
         self, request: CompletionRequest, prompts: list[tuple[str, list[int]]]
@@ -114,7 +115,7 @@ class CompletionServing(Serving):
                     entries = prompt_logprobs[c.prompt_index] if prompt_logprobs else []
                     yield chunk(c.index, text, ids if want_logprobs else [], entries)
             try:
-                async for choice, out in generation.outputs():
+                async for choice, out in self.outputs(generation):
                     new_ids = out.token_ids if want_logprobs else []
                     if not (out.text or out.finished or new_ids):
                         continue

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ..engine.async_engine import AsyncEngine
-from .errors import APIError, bad_request
+from .errors import CONFLICTING_PARAMETERS, APIError, bad_request
 from .inputs import chat_prompt, check_model, check_token_ids
 from .protocol import DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse
 from .settings import ServerSettings
@@ -17,7 +19,7 @@ class ModelServing:
 
     def _card(self, name: str) -> ModelCard:
         max_len = self.engine.max_model_len if self.engine.is_ready else None
-        return ModelCard(id=name, root=self.settings.model_path, max_model_len=max_len)
+        return ModelCard(id=name, root=self.settings.model_name, max_model_len=max_len)  # never the folder's path
 
     def models(self) -> ModelList:
         return ModelList(data=[self._card(name) for name in self.settings.served_model_names])
@@ -27,14 +29,14 @@ class ModelServing:
             raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
         return self._card(model_id)
 
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         check_model(request.model, self.settings)
         if (request.prompt is None) == (request.messages is None):
-            raise bad_request("send exactly one of prompt and messages", "prompt")
+            raise bad_request("send exactly one of prompt and messages", "prompt", CONFLICTING_PARAMETERS)
         if request.messages is not None:
-            ids = chat_prompt(self.engine, request.messages, request.add_generation_prompt is not False)
+            ids = await chat_prompt(self.engine, request.messages, request.add_generation_prompt is not False)
         else:
-            ids = self.engine.tokenizer.encode(request.prompt or "")
+            ids = await asyncio.to_thread(self.engine.tokenizer.encode, request.prompt or "")
         return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids)
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:

@@ -97,16 +97,20 @@ ServerFactory = Callable[..., LiveServer]
 
 @pytest.fixture(scope="session")
 def start_server(tiny_checkpoint: Path) -> Iterator[ServerFactory]:
-    """``start_server(api_keys=(), max_body_bytes=..., **engine_config)`` -> a running LiveServer (stopped at exit)."""
+    """``start_server(api_keys=(), max_body_bytes=..., settings={...}, **engine_config)`` -> a running LiveServer
+    (stopped at exit); ``settings`` holds further ServerSettings fields."""
     servers: list[LiveServer] = []
 
-    def start(api_keys: tuple[str, ...] = (), max_body_bytes: int = 1 << 20, **config) -> LiveServer:
+    def start(
+        api_keys: tuple[str, ...] = (), max_body_bytes: int = 1 << 20, settings: dict | None = None, **config
+    ) -> LiveServer:
         engine = AsyncEngine(load_engine(tiny_checkpoint, **config))
         settings = ServerSettings(
             served_model_names=(MODEL_NAME,),
             model_path=str(tiny_checkpoint),
             api_keys=api_keys,
             max_body_bytes=max_body_bytes,
+            **(settings or {}),
         )
         server = LiveServer(engine, settings).start()
         servers.append(server)

@@ -1,0 +1,104 @@
+"""``falconlm serve``'s HTTP options: who may call the server (hosts, origins), connection and reply limits,
+and the uvicorn server they configure."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import positive_int
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], got {text!r}")
+    return value
+
+
+def add_http_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=(),
+        metavar="NAMES",
+        help="extra Host names the server answers, comma-separated ('*.example.org' patterns, '*' for any); "
+        "by default only the bound address (and localhost names when bound to loopback)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=_names,
+        default=(),
+        metavar="ORIGINS",
+        help="web front ends whose pages may call the API (CORS), comma-separated like https://chat.example.org; "
+        "requests from other web pages get 403",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1024,
+        help="open connections; more are closed at once (default 1024)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="time for a request's headers to arrive before 408 and close (default 30)",
+    )
+    p.add_argument(
+        "--max-choices", type=positive_int, default=16, help="n, and prompts in one request, at most (default 16)"
+    )
+    p.add_argument(
+        "--max-logprobs", type=int, default=20, help="top logprobs per token a request may ask for, 0-20 (default 20)"
+    )
+
+
+def check_api_keys(keys: tuple[str, ...]) -> None:
+    """A key the Authorization header cannot carry (non-ASCII or control characters) could never match."""
+    for key in keys:
+        if not key.isascii() or not key.isprintable():
+            raise ValueError("API keys must be printable ASCII (an HTTP header cannot carry other characters)")
+
+
+def http_settings(args: argparse.Namespace) -> dict:
+    """The ServerSettings fields these options set."""
+    if not 0 <= args.max_logprobs <= 20:
+        raise ValueError(f"--max-logprobs must be in [0, 20], got {args.max_logprobs}")
+    return {
+        "bind_host": args.host,
+        "allowed_hosts": args.allowed_hosts,
+        "allowed_origins": args.allowed_origins,
+        "max_choices": args.max_choices,
+        "max_logprobs": args.max_logprobs,
+    }
+
+
+def uvicorn_server(app, args: argparse.Namespace):
+    """The uvicorn server for ``app``: guarded connections, a keyless access log, and a shutdown that ends
+    open responses with an error once ``--shutdown-timeout`` passes."""
+    import uvicorn
+
+    from ..server.uvicorn_server import (
+        DRAIN_GRACE_SECONDS,
+        DrainingServer,
+        guarded_protocol,
+        install_access_log_redaction,
+    )
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=guarded_protocol(args.header_timeout, args.max_connections),
+        timeout_graceful_shutdown=args.shutdown_timeout + DRAIN_GRACE_SECONDS,
+    )
+    install_access_log_redaction()
+    return DrainingServer(config, app.state.open_requests, drain_seconds=args.shutdown_timeout)
