@@ -20,7 +20,8 @@ from . import cpu_features, kernels, threads_for
 
 LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
 LINEAR_K_MULTIPLE = 32
-BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
+BF16_HARDWARE = ("avx512_bf16", "amx_bf16")
+WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has no bfloat16 arithmetic  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
 
 
 @functools.cache
@@ -38,13 +39,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _native_linear(x, weight)
     if bf16_hardware():
         return F.linear(x, weight)
-    return F.linear(x.float(), weight.float()).to(torch.bfloat16)
+    return _widened_linear(x, weight)
 
 
 def linear_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` with every bfloat16 CPU row through the native kernel, whose per-row sums run in one fixed
     order: row i of the result is the same whatever rows share the call. Anything else: ``F.linear``."""
     return _native_linear(x, weight) if _native_fits(x, weight) else F.linear(x, weight)
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A float32 GEMM over widened copies, WIDEN_ROWS weight rows at a time (a few MB, not a float32 copy of a
+    whole matrix), rounded back to bfloat16: on CPUs without bfloat16 arithmetic, torch's bfloat16 GEMM is several
+    times slower than this."""
+    x32 = x.float()
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for n0 in range(0, weight.shape[0], WIDEN_ROWS):
+        y[..., n0 : n0 + WIDEN_ROWS] = F.linear(x32, weight[n0 : n0 + WIDEN_ROWS].float())
+    return y
 
 
 def _native_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

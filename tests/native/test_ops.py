@@ -44,6 +44,10 @@ def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyP
     many = torch.randn(ops.LINEAR_MAX_ROWS + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     expected = F.linear(*many) if ops.bf16_hardware() else F.linear(*(t.float() for t in many)).bfloat16()
     assert torch.equal(ops.linear(*many), expected)  # many rows: a GEMM, in bfloat16 only where the CPU has it
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: False)
+    monkeypatch.setattr(ops, "WIDEN_ROWS", 3)  # widened three weight rows at a time: the same float32 GEMM
+    widened = F.linear(*(t.float() for t in many))
+    torch.testing.assert_close(ops.linear(*many).float(), widened, rtol=8e-3, atol=1e-3)  # one bf16 rounding
     x, weight = torch.randn(2, 64, requires_grad=True), torch.randn(8, 64)
     y = ops.linear(x.bfloat16(), weight.bfloat16())
     y.float().sum().backward()  # autograd still flows: the native path never runs with gradients wanted
