@@ -145,23 +145,25 @@ from falconlm import native  # noqa: E402
 
 RUNNABLE = native.runnable_variants() if native.unavailable_reason("scalar") is None else []
 SIMD = [v for v in RUNNABLE if v != "scalar"]
-needs_native = pytest.mark.skipif(not RUNNABLE, reason="no C++ compiler found (set CXX or install g++)")
-needs_simd = pytest.mark.skipif(not SIMD, reason="this CPU runs no SIMD variant of the native kernels")
+NO_COMPILER = "no C++ compiler found (set CXX or install g++)"
+NO_SIMD = "this CPU runs no SIMD variant of the native kernels"
+needs_native = pytest.mark.skipif(not RUNNABLE, reason=NO_COMPILER)
+
+
+def _select_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, why_none: str) -> str:
+    if request.param is None:
+        pytest.skip(why_none)
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", request.param)
+    return request.param
 
 
 @pytest.fixture(params=RUNNABLE or [None])
 def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Selects one native variant for the test (``FALCONLM_NATIVE_ISA``)."""
-    if request.param is None:
-        pytest.skip("no C++ compiler found (set CXX or install g++)")
-    monkeypatch.setenv("FALCONLM_NATIVE_ISA", request.param)
-    return request.param
+    return _select_variant(request, monkeypatch, NO_COMPILER)
 
 
 @pytest.fixture(params=SIMD or [None])
 def simd_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each SIMD variant this CPU runs (the scalar one is the reference it is compared with)."""
-    if request.param is None:
-        pytest.skip("this CPU runs no SIMD variant of the native kernels")
-    monkeypatch.setenv("FALCONLM_NATIVE_ISA", request.param)
-    return request.param
+    return _select_variant(request, monkeypatch, NO_SIMD)
