@@ -34,7 +34,6 @@ ACTIVATION_BLOCK = 32  # columns per activation scale, as llama.cpp's q8_0: an o
 
 class NativeKernel:
     name = "native"
-    _qlinear = None  # the native entry point, looked up once by ``prepare``
 
     def supports(self, spec: WeightSpec, device: torch.device) -> bool:
         if device.type != "cpu" or spec.out_features % TILE:
@@ -46,8 +45,6 @@ class NativeKernel:
     def prepare(self, qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if dtype not in DTYPES:
             raise ValueError(f"the native kernel takes {DTYPES} activations, not {dtype}")
-        if self._qlinear is None:
-            NativeKernel._qlinear = kernels().falcon_qlinear
         n, k = qt.out_features, qt.padded_in
         rows = TILE * 64  # re-tiled a strip of rows at a time: temporaries stay a few MB whatever the matrix
         if qt.bits == 8:
@@ -76,7 +73,7 @@ class NativeKernel:
             x = x.contiguous()
         y = x.new_empty(*x.shape[:-1], spec.out_features)
         bf16, rows = int(x.dtype is torch.bfloat16), x.numel() // spec.in_features
-        self._qlinear(
+        kernels().falcon_qlinear(  # the chosen variant's library (FALCONLM_NATIVE_ISA may change between calls)
             x.data_ptr(), bf16, rows, spec.in_features, spec.in_features, spec.padded_in, ACTIVATION_BLOCK,
             spec.group_size, spec.bits, weights[0].data_ptr(), weights[1].data_ptr(), spec.out_features,
             y.data_ptr(), bf16, threads_for(rows * spec.out_features * spec.padded_in),
