@@ -369,6 +369,7 @@ def main() -> None:
     parser.add_argument("--refresh", action="store_true", help="download the registry's latest llama-cpp-python")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Falcon's tokenizer files")
     parser.add_argument("--no-falconlm", action="store_true", help="measure llama.cpp only")
+    parser.add_argument("--prepare-only", action="store_true", help="build, write checkpoints and GGUFs, then stop")
     parser.add_argument("--serve", action="store_true", help="also compare llama-server with falconlm serve")
     parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -382,6 +383,9 @@ def main() -> None:
     variants = [] if args.no_falconlm else sorted({PAIRS[f] for f in args.formats}, key=list(PAIRS.values()).index)
     prepare(variants, args.out, args.model_size)
     ggufs = make_ggufs(src, bin_dir, args)
+    if args.prepare_only:
+        print(f"  ready: {', '.join(str(p) for p in ggufs.values())}", file=sys.stderr)
+        return
     bandwidth = read_bandwidth(args.threads)
     print(f"  memory read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
     falcon: dict[str, dict] = {}
