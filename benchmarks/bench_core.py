@@ -7,9 +7,10 @@ Two shapes (``--model-size``), both Falcon-7B style (multi-query, parallel atten
 
 For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
 the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
-in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5). ``int8`` and ``int4-g64``
-(or any ``falconlm.quant`` recipe) measure falconlm's quantized weights with bf16 activations; transformers runs
-the float dtypes only. Each (implementation, dtype) runs in its own subprocess so the peak RSS belongs to it alone.
+in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest).
+``int8`` and ``int4-g64`` (or any ``falconlm.quant`` recipe) measure falconlm's quantized weights with bf16
+activations; transformers runs the float dtypes only. Each (implementation, dtype) runs in its own subprocess
+so the peak RSS belongs to it alone.
 
     python benchmarks/bench_core.py [--model-size 194m|1b] [--threads 2] [--dtypes float32 bfloat16 int8]
                                     [--isa avx512|avx2|neon|scalar] [--out bench-out]
@@ -280,13 +281,14 @@ def main() -> None:
     for variant in args.dtypes:
         for impl in ("transformers", "falconlm") if variant in FLOAT_DTYPES else ("falconlm",):
             rows.append(measure(impl, variant, args))
+    bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
     print(render(rows, args.threads, args.model_size, bandwidth, args.prefill))
 
 
 def bandwidth_line(bandwidth: float, threads: int) -> str:
     return (
         f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (float32 sum of a "
-        f"{BANDWIDTH_BYTES >> 30} GiB buffer, {threads} threads, best of 5)"
+        f"{BANDWIDTH_BYTES >> 30} GiB buffer, {threads} threads, best of 5 before and 5 after the measurements)"
     )
 
 

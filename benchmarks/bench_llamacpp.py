@@ -398,6 +398,7 @@ def main() -> None:
     for fmt in args.formats:
         llama[fmt] = llama_bench(bin_dir, ggufs[fmt], args)
         print(f"  measured llama.cpp {fmt}: {llama[fmt]['decode_b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
+    bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
     report = render(falcon, llama, args, bandwidth)
     if args.serve:
         report += "\n" + serve_rows(bin_dir, ggufs, args)

@@ -278,6 +278,7 @@ def main() -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  measured {variant}: {rows[-1]['b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
+    bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
     print(render(rows, args, bandwidth))
 
 
