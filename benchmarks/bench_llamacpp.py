@@ -111,7 +111,10 @@ def download_source(root: Path, version: str | None) -> str:
     staging = target / "unpack"
     shutil.rmtree(staging, ignore_errors=True)
     with tarfile.open(sdist) as tar:
-        tar.extractall(staging, filter="data")
+        try:
+            tar.extractall(staging, filter="data")
+        except TypeError:  # Python before 3.10.12 has no extraction filters
+            tar.extractall(staging)
     vendored = next(staging.glob("*/vendor/llama.cpp"), None)
     if vendored is None or not (vendored / "CMakeLists.txt").is_file():
         fail(f"{sdist.name} holds no vendor/llama.cpp")
@@ -135,9 +138,9 @@ def build_tools(src: Path, threads: int) -> Path:
     configure += ["-G", "Ninja"] if shutil.which("ninja") else []
     compile_ = ["cmake", "--build", str(build), "-j", str(threads), "--target", *TOOLS]
     with log.open("w") as out:
-        for cmd in (configure, compile_):
+        for step, cmd in (("configure", configure), ("compile", compile_)):
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                fail(f"the llama.cpp build failed ({cmd[1]} step); see {log}")
+                fail(f"the llama.cpp build failed at the cmake {step} step; see {log}")
     return bin_dir
 
 
