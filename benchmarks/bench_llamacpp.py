@@ -215,7 +215,8 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
         key = "prefill_tok_s" if t["n_prompt"] and not t["n_gen"] else "decode_b1_tok_s"
         row[key] = max(t.get("samples_ts") or [t["avg_ts"]])
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads)]
-    cmd += ["-c", "4096", "-npp", str(PROMPT_DECODE), "-ntg", str(args.new_tokens), "-npl", "8"]
+    context = max(4096, 8 * (PROMPT_DECODE + args.new_tokens))  # a run that does not fit is skipped silently
+    cmd += ["-c", str(context), "-npp", str(PROMPT_DECODE), "-ntg", str(args.new_tokens), "-npl", "8"]
     cmd += ["--output-format", "jsonl"]
     lines = run_tool(cmd, "llama-batched-bench").splitlines()
     batched = [json.loads(line) for line in lines if line.startswith("{") and '"speed_tg"' in line]
