@@ -1,11 +1,19 @@
 """Core benchmark: falconlm against transformers on the same random Falcon-7B-style checkpoint, same run.
 
-Shape: hidden 1024, 12 layers, 16 heads, multi-query, vocab 65024 (about 194M parameters). For each dtype it
-measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8, the peak RSS, and
-the achieved GB/s of weight reading at batch 1. Each (implementation, dtype) runs in its own subprocess so the
-peak RSS belongs to it alone.
+Two shapes (``--model-size``), both Falcon-7B style (multi-query, parallel attention, vocab 65024, tied head):
 
-    python benchmarks/bench_core.py [--threads 2] [--dtypes float32 bfloat16] [--out bench-out]
+* ``194m``: hidden 1024, 12 layers, 16 heads (about 194M parameters; in int4 it fits a large L3);
+* ``1b``: hidden 2048, 24 layers, 32 heads (about 1.15B parameters, 2.3 GB in bf16: decode streams from memory).
+
+For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
+the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
+in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest).
+``int8`` and ``int4-g64`` (or any ``falconlm.quant`` recipe) measure falconlm's quantized weights with bf16
+activations; transformers runs the float dtypes only. Each (implementation, dtype) runs in its own subprocess
+so the peak RSS belongs to it alone.
+
+    python benchmarks/bench_core.py [--model-size 194m|1b] [--threads 2] [--dtypes float32 bfloat16 int8]
+                                    [--isa avx512|avx2|neon|scalar] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -19,22 +27,100 @@ import time
 from pathlib import Path
 
 PROMPT_DECODE = 16  # prompt length for the decode rows
+FLOAT_DTYPES = ("float32", "bfloat16")
+ISAS = ("avx512", "avx2", "neon", "scalar")
+# The benchmark shapes: overrides of the bench-194m preset (Falcon-7B layout), and how they are described.
+MODEL_SIZES = {
+    "194m": ({}, "hidden 1024, 12 layers, 16 heads, MQA, vocab 65024, tied head"),
+    "1b": (
+        {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32},
+        "hidden 2048, 24 layers, 32 heads, MQA, vocab 65024, tied head",
+    ),
+}
+BANDWIDTH_BYTES = 1 << 30
 
 
-def make_checkpoint(folder: Path) -> Path:
-    """A random bench-194m checkpoint in float32 (made once, reused)."""
+# ---- shared helpers (bench_quant, bench_serve and bench_llamacpp use these) -------------------------------------
+def model_config(size: str = "194m"):
+    """The FalconConfig of benchmark shape ``size`` (a key of MODEL_SIZES)."""
+    from falconlm.model.config import preset
+
+    return preset("bench-194m", **MODEL_SIZES[size][0])
+
+
+def describe(size: str) -> str:
+    """One line naming the shape, for table headers."""
+    return f"bench-{size} ({MODEL_SIZES[size][1]})"
+
+
+def checkpoint_folder(out: Path, size: str = "194m") -> Path:
+    return out / f"bench-{size}"
+
+
+def make_checkpoint(folder: Path, size: str = "194m") -> Path:
+    """A random checkpoint of shape ``size``, made once and reused: float32 for 194m, bfloat16 for 1b (2.3 GB
+    instead of 4.6; its float32 rows load the bf16 values widened)."""
     import torch
 
-    from falconlm.model.config import preset
     from falconlm.model.falcon import FalconForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
+    print(f"  writing the random {describe(size)} checkpoint to {folder} ...", file=sys.stderr)
     torch.manual_seed(0)
-    model = FalconForCausalLM(preset("bench-194m"))
+    model = FalconForCausalLM(model_config(size))
     model.init_weights(seed=0)
+    if size != "194m":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(folder)
     return folder
+
+
+def quantized_folder(out: Path, variant: str, size: str = "194m") -> Path:
+    """The bench checkpoint quantized as ``variant`` (a ``falconlm.quant`` recipe such as int8, int4-g64),
+    written once with the default recipe (head int8)."""
+    from falconlm.quant import QuantRecipe, quantize_checkpoint
+
+    source = make_checkpoint(checkpoint_folder(out, size), size)
+    folder = out / f"bench-{size}-{variant}"
+    if not (folder / "config.json").is_file():
+        quantize_checkpoint(source, folder, QuantRecipe.parse(variant), overwrite=True)
+    return folder
+
+
+def apply_isa(isa: str | None) -> None:
+    """Force one native kernel variant (``FALCONLM_NATIVE_ISA``) for this process and its workers; call it
+    before anything imports falconlm."""
+    if isa:
+        os.environ["FALCONLM_NATIVE_ISA"] = isa
+
+
+def native_variant() -> str:
+    """Which native kernel variant runs here (as built), or why none does."""
+    from falconlm import native
+
+    lib = native.kernels()
+    return lib.falcon_isa().decode() if lib is not None else f"none ({native.unavailable_reason()})"
+
+
+def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth in GB/s: the best of ``repeats`` float32 sums of an ``nbytes``
+    buffer (far beyond any cache) with ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()  # fault the pages in
+    seconds = best_time(buf.sum, repeats=repeats)
+    return nbytes / seconds / 1e9
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The options every bench script shares."""
+    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="194m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isa", choices=ISAS, default=None, help="force a native kernel variant")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="where checkpoints are cached")
 
 
 def peak_rss_mib() -> float:
@@ -66,20 +152,26 @@ def stored_bytes(model) -> int:
     return total
 
 
-def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int, new_tokens: int) -> dict:
-    """Run one implementation at one dtype; return its measurements."""
+# ---- one measurement ---------------------------------------------------------------------------------------------
+def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill: int, new_tokens: int) -> dict:
+    """Run one implementation with one dtype or quantization recipe; return its measurements."""
     import torch
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    dtype = {"float32": torch.float32}.get(variant, torch.bfloat16)
+    folder = checkpoint_folder(out, size)
     gen = torch.Generator().manual_seed(0)
     if impl == "falconlm":
         from falconlm.engine.engine import Engine, EngineConfig
         from falconlm.engine.sampling_params import SamplingParams
         from falconlm.model.falcon import FalconForCausalLM
+        from falconlm.quant import load_quantized
 
-        model = FalconForCausalLM.from_pretrained(folder, dtype=dtype)
+        if variant in FLOAT_DTYPES:
+            model = FalconForCausalLM.from_pretrained(folder, dtype=dtype)
+        else:
+            model = load_quantized(quantized_folder(out, variant, size), dtype=dtype)
         vocab = model.config.vocab_size
 
         class _NoText:  # token ids only: the benchmark measures the engine, not detokenization
@@ -120,11 +212,11 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
             )
             assert out.shape[1] == ids.shape[1] + new_tokens
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    weight_bytes = stored_bytes(model)
     long_prompt = torch.randint(0, vocab, (1, prefill), generator=gen)
     run_prefill(long_prompt)  # warm-up at the measured shape (oneDNN builds its kernels per shape)
     prefill_s = best_time(lambda: run_prefill(long_prompt), repeats=3)
-    result = {"impl": impl, "dtype": dtype_name, "prefill_tok_s": prefill / prefill_s}
+    result = {"impl": impl, "dtype": variant, "prefill_tok_s": prefill / prefill_s}
     for batch in (1, 8):
         ids = torch.randint(0, vocab, (batch, PROMPT_DECODE), generator=gen)
         if batch == 1:
@@ -134,67 +226,88 @@ def worker(impl: str, dtype_name: str, folder: Path, threads: int, prefill: int,
     result["gb_s_b1"] = weight_bytes * result["decode_b1_tok_s"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20
     result["peak_rss_mib"] = peak_rss_mib()
+    if impl == "falconlm":
+        result["native"] = native_variant()
     return result
+
+
+def measure(impl: str, variant: str, args: argparse.Namespace) -> dict:
+    """Run :func:`worker` in a subprocess of its own (its own peak RSS, ``args.threads`` OpenMP threads)."""
+    cmd = [sys.executable, __file__, "--worker", impl, variant, "--model-size", args.model_size]
+    cmd += ["--threads", str(args.threads), "--prefill", str(args.prefill), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--out", str(args.out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"bench_core: the {impl} {variant} worker failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  measured {impl} {variant}: {row['decode_b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
+    return row
+
+
+def prepare(variants: list[str], out: Path, size: str) -> None:
+    """Write the checkpoint and the quantized folders first, outside the measured processes."""
+    make_checkpoint(checkpoint_folder(out, size), size)
+    for variant in variants:
+        if variant not in FLOAT_DTYPES:
+            quantized_folder(out, variant, size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    add_common_args(parser)
+    parser.add_argument("--dtypes", nargs="+", default=list(FLOAT_DTYPES), help="float32, bfloat16, int8, int4-g64")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    folder = args.out / "bench-194m"
+    apply_isa(args.isa)
     if args.worker:
-        print(json.dumps(worker(*args.worker, folder, args.threads, args.prefill, args.new_tokens)))
+        impl, variant = args.worker
+        print(json.dumps(worker(impl, variant, args.out, args.model_size, args.threads, args.prefill, args.new_tokens)))
         return
-    make_checkpoint(folder)
+    prepare(args.dtypes, args.out, args.model_size)
+    bandwidth = read_bandwidth(args.threads)
+    print(f"  memory read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
-    for dtype in args.dtypes:
-        for impl in ("transformers", "falconlm"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                impl,
-                dtype,
-                "--threads",
-                str(args.threads),
-                "--prefill",
-                str(args.prefill),
-                "--new-tokens",
-                str(args.new_tokens),
-                "--out",
-                str(args.out),
-            ]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  measured {impl} {dtype}", file=sys.stderr)
-    print(render(rows, args.threads))
+    for variant in args.dtypes:
+        for impl in ("transformers", "falconlm") if variant in FLOAT_DTYPES else ("falconlm",):
+            rows.append(measure(impl, variant, args))
+    bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
+    print(render(rows, args.threads, args.model_size, bandwidth, args.prefill))
 
 
-def render(rows: list[dict], threads: int) -> str:
+def bandwidth_line(bandwidth: float, threads: int) -> str:
+    return (
+        f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (float32 sum of a "
+        f"{BANDWIDTH_BYTES >> 30} GiB buffer, {threads} threads, best of 5 before and 5 after the measurements)"
+    )
+
+
+def render(rows: list[dict], threads: int, size: str, bandwidth: float, prefill: int = 512) -> str:
+    native = next((r["native"] for r in rows if "native" in r), None)
     lines = [
-        f"bench-194m (hidden 1024, 12 layers, 16 heads, MQA, vocab 65024), {threads} threads",
+        f"{describe(size)}, {threads} threads" + (f", falconlm native kernels: {native}" if native else ""),
+        bandwidth_line(bandwidth, threads),
         "",
-        "| dtype | impl | prefill 512 tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| dtype | impl | prefill {prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 | % of read bw "
+        "| peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["impl"], r["dtype"]): r for r in rows}
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['impl']} | {r['prefill_tok_s']:.0f} | {r['decode_b1_tok_s']:.1f} | "
-            f"{r['decode_b8_tok_s']:.1f} | {r['gb_s_b1']:.1f} | {r['peak_rss_mib']:.0f} |"
+            f"{r['decode_b8_tok_s']:.1f} | {r['gb_s_b1']:.1f} | {100 * r['gb_s_b1'] / bandwidth:.0f}% | "
+            f"{r['peak_rss_mib']:.0f} |"
         )
-        if r["impl"] == "falconlm" and ("transformers", r["dtype"]) in by_key:
-            ref = by_key[("transformers", r["dtype"])]
+        ref_dtype = r["dtype"] if r["dtype"] in FLOAT_DTYPES else "bfloat16"
+        ref = by_key.get(("transformers", ref_dtype))
+        if r["impl"] == "falconlm" and ref is not None:
             ratio = [r[k] / ref[k] for k in ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")]
             lines.append(
-                f"| {r['dtype']} | ratio falconlm/transformers | {ratio[0]:.2f}x | {ratio[1]:.2f}x | "
-                f"{ratio[2]:.2f}x | | |"
+                f"| {r['dtype']} | ratio falconlm/transformers {ref_dtype} | {ratio[0]:.2f}x | {ratio[1]:.2f}x | "
+                f"{ratio[2]:.2f}x | | | |"
             )
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import checkpoint_folder, make_checkpoint, quantized_folder  # noqa: E402
+from bench_core import checkpoint_folder, make_checkpoint, quantized_folder
 
 PROMPT = 16
 SIZE = "1b"
@@ -57,13 +57,13 @@ def triton_rows(shapes: list[tuple[int, int]]) -> list[str]:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             y, expected = fast.matmul(x, fast_w, spec).float(), ref.matmul(x, ref_w, spec).float()
             err = float((y - expected).abs().max() / expected.abs().max())
-            t_fast = cuda_time(lambda x=x: fast.matmul(x, fast_w, spec))
-            t_ref = cuda_time(lambda x=x: ref.matmul(x, ref_w, spec))
+            t_fast = cuda_time(lambda x=x, f=fast, w=fast_w, s=spec: f.matmul(x, w, s))
+            t_ref = cuda_time(lambda x=x, r=ref, w=ref_w, s=spec: r.matmul(x, w, s))
             lines.append(f"| [{n}, {k}] | {rows} | {err:.1e} | {t_fast * 1e6:.0f} | {t_ref * 1e6:.0f} |")
     return lines
 
 
-def falconlm_tok_s(folder: Path, quantized: bool, batch: int, new_tokens: int) -> float:
+def falconlm_tok_s(folder: Path, batch: int, new_tokens: int) -> float:
     import torch
 
     from falconlm import LLM, SamplingParams
@@ -106,7 +106,7 @@ def main() -> int:
         print("bench_gpu: no CUDA device here; run it on a machine with an NVIDIA GPU", file=sys.stderr)
         return 2
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         print("bench_gpu: triton is not installed (pip install '.[triton]')", file=sys.stderr)
         return 2
@@ -117,8 +117,8 @@ def main() -> int:
     print("\n| engine, weights | batch 1 tok/s | batch 8 tok/s |\n|---|---:|---:|")
     for name, fn in (
         ("transformers bf16", lambda b: transformers_tok_s(folder, b, args.new_tokens)),
-        ("falconlm bf16", lambda b: falconlm_tok_s(folder, False, b, args.new_tokens)),
-        ("falconlm int4 g64 (triton)", lambda b: falconlm_tok_s(int4, True, b, args.new_tokens)),
+        ("falconlm bf16", lambda b: falconlm_tok_s(folder, b, args.new_tokens)),
+        ("falconlm int4 g64 (triton)", lambda b: falconlm_tok_s(int4, b, args.new_tokens)),
     ):
         print(f"| {name} | {fn(1):.1f} | {fn(8):.1f} |", flush=True)
     return 0

@@ -1,24 +1,30 @@
-"""Quantized decode speed: bf16 against int8 and int4 (groups of 32, 64, 128) on the bench-194m checkpoint.
+"""Quantized decode speed: bf16 against int8 and int4 (groups of 32, 64, 128) on a bench checkpoint.
 
-Shape: hidden 1024, 12 layers, 16 heads, multi-query, vocab 65024, tied head (about 194M parameters), the
-same random checkpoint as ``bench_core.py``. The quantized folders are written once with
+Shape (``--model-size``): bench-194m (hidden 1024, 12 layers, 16 heads, about 194M parameters) or bench-1b
+(hidden 2048, 24 layers, 32 heads, about 1.15B parameters), both multi-query, vocab 65024, tied head: the same
+random checkpoints as ``bench_core.py``. The quantized folders are written once with
 :func:`falconlm.quant.quantize_checkpoint` (head int8, the default) and reused. Each variant runs in its own
 subprocess, so its peak RSS is its own. Per variant:
 
+* prefill tok/s of a 512-token prompt through the model's forward (``last_token_only=True``);
 * decode tok/s at batch 1 and batch 8: a 16-token prompt, then greedy steps through the model's forward with a
   contiguous KV cache in a tight loop (``model(ids, kv_cache=cache, last_token_only=True)``);
 * the same through ``falconlm.engine.engine.Engine`` (paged attention, scheduler, sampler) with ``--engine``;
 * decode steps run through the fused native step where it applies (``falconlm.engine.fused_decode``; the
   kernels column says so); ``FALCONLM_FUSED_DECODE=0`` measures the torch path instead;
-* weight bytes read per token (each stored tensor once: a tied head shares the embedding) and the achieved
-  GB/s at batch 1 (bytes x tok/s); peak RSS (VmHWM).
+* weight bytes read per token (each stored tensor once: a tied head shares the embedding), the achieved
+  GB/s at batch 1 (bytes x tok/s) and its share of the machine's read bandwidth, measured in the same run
+  (``bench_core.read_bandwidth``); peak RSS (VmHWM).
+
+llama.cpp on the same checkpoints, measured in the same run: ``bench_llamacpp.py``.
 
 ``--matmul`` instead times one matmul per layer shape at batch 1: bf16 ``F.linear`` and the native bf16 kernel,
 the native quantized kernels, torch's fused CPU kernels, dequantize-then-matmul (the reference kernel) and a
 torch.compile of dequantize-then-matmul.
 
-    python benchmarks/bench_quant.py [--threads 2] [--variants bf16 int8 int4-g64 int4-g32 int4-g128] [--engine]
-    python benchmarks/bench_quant.py --matmul
+    python benchmarks/bench_quant.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2|neon|scalar]
+                                     [--variants bf16 int8 int4-g64 int4-g32 int4-g128] [--engine]
+    python benchmarks/bench_quant.py --matmul [--model-size 194m|1b]
 """
 
 from __future__ import annotations
@@ -32,26 +38,29 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import PROMPT_DECODE, best_time, make_checkpoint, peak_rss_mib, stored_bytes
+from bench_core import (
+    PROMPT_DECODE,
+    add_common_args,
+    apply_isa,
+    bandwidth_line,
+    best_time,
+    checkpoint_folder,
+    describe,
+    make_checkpoint,
+    model_config,
+    native_variant,
+    peak_rss_mib,
+    quantized_folder,
+    read_bandwidth,
+    stored_bytes,
+)
 
 VARIANTS = ("bf16", "int8", "int4-g64", "int4-g32", "int4-g128")
-# llama.cpp on this machine, same shape, 2 threads (issue 5), and the memory-bandwidth limits it quotes.
 COLD_BYTES = 512 << 20  # copies of a weight per matmul measurement, together: more than the caches hold
-LLAMA_CPP = {"int8": ("q8_0", 135, 149), "int4-g64": ("q4_0", 203, 215)}
+PREFILL = 512
 
 
-def quantized_folder(out: Path, variant: str) -> Path:
-    """The bench-194m checkpoint quantized as ``variant`` (written once)."""
-    from falconlm.quant import QuantRecipe, quantize_checkpoint
-
-    source = make_checkpoint(out / "bench-194m")
-    folder = out / f"bench-194m-{variant}"
-    if not (folder / "config.json").is_file():
-        quantize_checkpoint(source, folder, QuantRecipe.parse(variant), overwrite=True)
-    return folder
-
-
-def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool, kernel: str | None) -> dict:
+def worker(variant: str, out: Path, size: str, threads: int, new_tokens: int, engine: bool, kernel: str | None) -> dict:
     """Load one variant and measure it; returns one JSON-able row."""
     import torch
 
@@ -65,9 +74,9 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     torch.set_grad_enabled(False)
     dtype = torch.bfloat16
     if variant == "bf16":
-        model = FalconForCausalLM.from_pretrained(out / "bench-194m", dtype=dtype)
+        model = FalconForCausalLM.from_pretrained(checkpoint_folder(out, size), dtype=dtype)
     else:
-        model = load_quantized(quantized_folder(out, variant), dtype=dtype, kernel=kernel)
+        model = load_quantized(quantized_folder(out, variant, size), dtype=dtype, kernel=kernel)
     config = model.config
     gen = torch.Generator().manual_seed(0)
 
@@ -83,7 +92,13 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
                 logits = model(ids, kv_cache=cache, last_token_only=True)[:, -1]
             ids = argmax(logits)[:, None]
 
+    def prefill() -> None:
+        cache = KVCache(config, 1, PREFILL, dtype)
+        model(torch.randint(0, config.vocab_size, (1, PREFILL), generator=gen), kv_cache=cache, last_token_only=True)
+
     row = {"variant": variant, "weights_mib": stored_bytes(model) / 2**20}
+    prefill()  # warm-up at the measured shape
+    row["prefill_tok_s"] = PREFILL / best_time(prefill, repeats=3)
     decode(1)  # warm-up
     for batch in (1, 8):
         row[f"b{batch}_tok_s"] = batch * new_tokens / best_time(lambda b=batch: decode(b), repeats=2)
@@ -94,6 +109,7 @@ def worker(variant: str, out: Path, threads: int, new_tokens: int, engine: bool,
     row["kernels"] = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
     if fused_decoder(model.transformer) is not None:
         row["kernels"].append("fused decode")
+    row["native"] = native_variant()
     return row
 
 
@@ -122,12 +138,11 @@ def _engine_rows(model, new_tokens: int) -> dict:
 
 
 # ---- one matmul per layer shape ------------------------------------------------------------------------------
-def matmul_table(threads: int) -> str:
-    """Batch-1 matmul time per layer shape of bench-194m, for each way to run a quantized weight."""
+def matmul_table(threads: int, size: str) -> str:
+    """Batch-1 matmul time per layer shape of a bench model, for each way to run a quantized weight."""
     import torch
     import torch.nn.functional as F
 
-    from falconlm.model.config import preset
     from falconlm.native import kernels
     from falconlm.native.ops import linear as native_linear
     from falconlm.quant.kernels import WeightSpec, select_kernel
@@ -135,7 +150,7 @@ def matmul_table(threads: int) -> str:
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
-    cfg = preset("bench-194m")
+    cfg = model_config(size)
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     shapes = {"qkv": (cfg.qkv_out_features, h), "dense": (h, h), "h_to_4h": (f, h), "4h_to_h": (h, f)}
     shapes["lm_head"] = (cfg.vocab_size, h)
@@ -169,8 +184,8 @@ def matmul_table(threads: int) -> str:
         return [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-COLD_BYTES // nbytes)))]
 
     lines = [
-        f"batch-1 matmul, microseconds per call, weights read from memory (bf16 activations, {threads} threads); "
-        "(GB/s of weight bytes)",
+        f"{describe(size)}: batch-1 matmul, microseconds per call, weights read from memory (bf16 activations, "
+        f"{threads} threads); (GB/s of weight bytes)",
         "",
         "| layer [N, K] | bf16 F.linear | bf16 native | int8 native | int8 torch fused | int8 dequant+mm | "
         "int8 compiled | int4 g64 native | int4 g64 torch fused | int4 g64 dequant+mm | int4 g64 compiled |",
@@ -213,61 +228,63 @@ def matmul_table(threads: int) -> str:
 
 
 # ---- driver --------------------------------------------------------------------------------------------------
-def render(rows: list[dict], threads: int, new_tokens: int, engine: bool) -> str:
+def render(rows: list[dict], args: argparse.Namespace, bandwidth: float) -> str:
+    native = rows[0]["native"] if rows else "unknown"
     lines = [
-        f"bench-194m (hidden 1024, 12 layers, 16 heads, MQA, vocab 65024, tied head), bf16 activations, "
-        f"{threads} threads, {new_tokens} new tokens after a {PROMPT_DECODE}-token prompt",
+        f"{describe(args.model_size)}, bf16 activations, {args.threads} threads, {args.new_tokens} new tokens "
+        f"after a {PROMPT_DECODE}-token prompt, native kernels: {native}",
+        bandwidth_line(bandwidth, args.threads),
         "",
-        "| weights | MiB | decode b1 tok/s | decode b8 tok/s | GB/s b1 | peak RSS MiB | "
-        + ("engine b1 tok/s | engine b8 tok/s | " if engine else "")
-        + "kernels | llama.cpp (tok/s, bandwidth limit) |",
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if engine else "") + "---|---|",
+        f"| weights | MiB | prefill {PREFILL} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 | % of read bw "
+        "| peak RSS MiB | " + ("engine b1 tok/s | engine b8 tok/s | " if args.engine else "") + "kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.engine else "") + "---|",
     ]
     for r in rows:
-        ref = LLAMA_CPP.get(r["variant"])
-        ref_text = f"{ref[0]}: {ref[1]} ({ref[2]})" if ref else ""
-        eng = f"{r['engine_b1_tok_s']:.1f} | {r['engine_b8_tok_s']:.1f} | " if engine else ""
+        eng = f"{r['engine_b1_tok_s']:.1f} | {r['engine_b8_tok_s']:.1f} | " if args.engine else ""
         lines.append(
-            f"| {r['variant']} | {r['weights_mib']:.0f} | {r['b1_tok_s']:.1f} | {r['b8_tok_s']:.1f} | "
-            f"{r['gb_s_b1']:.1f} | {r['peak_rss_mib']:.0f} | {eng}{', '.join(r['kernels']) or '-'} | {ref_text} |"
+            f"| {r['variant']} | {r['weights_mib']:.0f} | {r['prefill_tok_s']:.0f} | {r['b1_tok_s']:.1f} | "
+            f"{r['b8_tok_s']:.1f} | {r['gb_s_b1']:.1f} | {100 * r['gb_s_b1'] / bandwidth:.0f}% | "
+            f"{r['peak_rss_mib']:.0f} | {eng}{', '.join(r['kernels']) or '-'} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    add_common_args(parser)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--engine", action="store_true", help="also measure through the serving Engine")
     parser.add_argument("--kernel", default=None, help="force a quantized kernel (cpu, reference)")
     parser.add_argument("--matmul", action="store_true", help="time single matmuls per kernel instead")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    apply_isa(args.isa)
     if args.matmul:
-        print(matmul_table(args.threads))
+        print(matmul_table(args.threads, args.model_size))
         return
     if args.worker:
-        row = worker(args.worker, args.out, args.threads, args.new_tokens, args.engine, args.kernel)
+        row = worker(args.worker, args.out, args.model_size, args.threads, args.new_tokens, args.engine, args.kernel)
         print(json.dumps(row))
         return
+    make_checkpoint(checkpoint_folder(args.out, args.model_size), args.model_size)
     for variant in args.variants:  # write the folders first, outside the measured processes
         if variant != "bf16":
-            quantized_folder(args.out, variant)
-        else:
-            make_checkpoint(args.out / "bench-194m")
+            quantized_folder(args.out, variant, args.model_size)
+    bandwidth = read_bandwidth(args.threads)
+    print(f"  memory read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
     for variant in args.variants:
-        cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(args.threads)]
-        cmd += ["--new-tokens", str(args.new_tokens), "--out", str(args.out)]
+        cmd = [sys.executable, __file__, "--worker", variant, "--model-size", args.model_size]
+        cmd += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--out", str(args.out)]
         cmd += ["--engine"] if args.engine else []
         cmd += ["--kernel", args.kernel] if args.kernel else []
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  measured {variant}: {rows[-1]['b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
-    print(render(rows, args.threads, args.new_tokens, args.engine))
+    bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
+    print(render(rows, args, bandwidth))
 
 
 if __name__ == "__main__":

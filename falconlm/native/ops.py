@@ -20,8 +20,8 @@ from . import cpu_features, kernels, threads_for
 
 LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
 LINEAR_K_MULTIPLE = 32
-BF16_HARDWARE = ("avx512_bf16", "amx_bf16")
-WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has no bfloat16 arithmetic  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
+BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
+WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has no bfloat16 arithmetic
 
 
 @functools.cache

@@ -1,0 +1,99 @@
+"""The benchmark scripts' helpers that need no measurement: shapes, tables, the GGUF staging folder, the
+toolchain check (the measurements themselves are run by hand, see README, Performance)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_core
+import bench_llamacpp
+
+
+def test_bench_1b_shape():
+    config = bench_core.model_config("1b")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (2048, 24, 32)
+    assert config.num_kv_groups == 1 and config.tie_word_embeddings and config.vocab_size == 65024
+    assert 1.10e9 < config.num_parameters() < 1.20e9
+    assert 1.8e8 < bench_core.model_config("194m").num_parameters() < 2.0e8
+
+
+def test_isa_is_passed_through(monkeypatch):
+    environ: dict[str, str] = {}
+    monkeypatch.setattr(bench_core.os, "environ", environ)  # the real one must not force a variant on later tests
+    bench_core.apply_isa(None)
+    assert environ == {}
+    bench_core.apply_isa("avx2")
+    assert environ == {"FALCONLM_NATIVE_ISA": "avx2"}
+
+
+def _row(impl: str, dtype: str, b1: float) -> dict:
+    return {
+        "impl": impl,
+        "dtype": dtype,
+        "prefill_tok_s": 500.0,
+        "decode_b1_tok_s": b1,
+        "decode_b8_tok_s": 8 * b1,
+        "gb_s_b1": b1 * 0.4,
+        "weights_mib": 400.0,
+        "peak_rss_mib": 700.0,
+    }
+
+
+def test_core_table_reports_bandwidth_share_and_ratios():
+    rows = [_row("transformers", "bfloat16", 20.0), _row("falconlm", "bfloat16", 40.0), _row("falconlm", "int8", 60.0)]
+    text = bench_core.render(rows, threads=2, size="1b", bandwidth=32.0)
+    assert "bench-1b" in text and "32.0 GB/s" in text
+    assert "| bfloat16 | falconlm | 500 | 40.0 | 320.0 | 16.0 | 50% | 700 |" in text
+    assert "| int8 | ratio falconlm/transformers bfloat16 | 1.00x | 3.00x | 3.00x | | | |" in text
+
+
+def test_staging_folder_for_the_converter(tmp_path):
+    folder, tokenizer = tmp_path / "bench", tmp_path / "tok"
+    folder.mkdir()
+    tokenizer.mkdir()
+    (folder / "config.json").write_text(json.dumps({"multi_query": True, "num_kv_heads": 16}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (tokenizer / "tokenizer.json").write_text("{}")
+    staging = bench_llamacpp.stage_checkpoint(folder, tmp_path / "hf", tokenizer)
+    assert json.loads((staging / "config.json").read_text())["num_kv_heads"] == 1
+    assert (staging / "model.safetensors").is_symlink() and (staging / "model.safetensors").read_bytes() == b"weights"
+    assert (staging / "tokenizer.json").is_file() and not (folder / "tokenizer.json").exists()
+    assert json.loads((folder / "config.json").read_text())["num_kv_heads"] == 16  # the checkpoint is untouched
+
+
+def test_missing_cmake_is_one_line(monkeypatch):
+    monkeypatch.setattr(bench_llamacpp.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as stop:
+        bench_llamacpp.check_toolchain()
+    assert str(stop.value).startswith("bench_llamacpp: cmake not found") and "\n" not in str(stop.value)
+
+
+def test_llamacpp_table_pairs_formats(monkeypatch):
+    monkeypatch.setattr(bench_llamacpp, "cpu_summary", lambda: "CPU: test")
+    falcon = {"transformers": _row("transformers", "bfloat16", 20.0), "int8": _row("falconlm", "int8", 60.0)}
+    falcon["int8"]["native"] = "avx2"
+    llama = {
+        "q8_0": {
+            "model_bytes": 200 * 2**20,
+            "build": "abc (CPU)",
+            "prefill_tok_s": 1000.0,
+            "decode_b1_tok_s": 30.0,
+            "decode_b8_tok_s": 120.0,
+            "gb_s_b1": 6.3,
+        }
+    }
+    args = argparse.Namespace(
+        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36"
+    )
+    text = bench_llamacpp.render(falcon, llama, args, bandwidth=30.0)
+    assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% |" in text
+    assert "| falconlm int8 / llama.cpp q8_0 | 0.50x | 2.00x | 4.00x |" in text
+    assert "| falconlm int8 / transformers bf16 | 1.00x | 3.00x | 3.00x |" in text
+    assert "native kernels: avx2" in text
