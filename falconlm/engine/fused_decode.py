@@ -106,7 +106,7 @@ def _signature(tensors: list[torch.Tensor]) -> tuple:
 
 
 class FusedDecoder:
-    """Runs one model's layers for decode steps natively (see :func:`decode_layers`).
+    """Runs one model's layers for decode steps natively (made by :func:`fused_decoder`).
 
     It holds pointers into the model's tensors, so every call first checks that they have not moved (a ``.to()``
     or a reload) and rebinds when they have. It refers to the model weakly: the model owns nothing of it, so a
@@ -198,19 +198,30 @@ def fused_decoder(model: FalconModel) -> FusedDecoder | None:
     return known[1]
 
 
+def fused_hidden(
+    model: FalconForCausalLM, decoder: FusedDecoder, ids: torch.Tensor, positions: torch.Tensor, rows: DecodeRows
+) -> torch.Tensor | None:
+    """Hidden states after ``ln_f`` of a decode step of token ``ids`` at ``positions`` (both [B, T], one new token
+    per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused."""
+    t = model.transformer
+    x = t.word_embeddings(ids)
+    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype), rows)
+    return None if x is None else t.ln_f(x)
+
+
 def dense_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
     """One fused decode step over a dense :class:`KVCache` (tests and benchmarks; the engine's runner does the
     same over its paged cache): logits [B, vocab] of ``ids`` [B, 1] at position ``cache.length``, or None when the
     model cannot decode fused (nothing is written then)."""
-    t = model.transformer
-    decoder = fused_decoder(t)
+    decoder = fused_decoder(model.transformer)
     if decoder is None:
         return None
-    x = t.word_embeddings(ids)
-    ctx = build_dense_attention(model.config, 1, None, cache, x.dtype, x.device, ids.shape[0], 0.0)
-    positions = torch.full((ids.shape[0], 1), cache.length, device=ids.device)
-    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype), ctx.decode_rows())
-    if x is None:
+    batch = ids.shape[0]
+    dtype = model.transformer.ln_f.weight.dtype  # the activations' (cheap on quantized models)
+    ctx = build_dense_attention(model.config, 1, None, cache, dtype, ids.device, batch, 0.0)
+    positions = torch.full((batch, 1), cache.length, device=ids.device)
+    hidden = fused_hidden(model, decoder, ids, positions, ctx.decode_rows())
+    if hidden is None:
         return None
     cache.length += 1
-    return model.lm_head(t.ln_f(x))[:, -1]
+    return model.lm_head(hidden)[:, -1]

@@ -13,8 +13,8 @@ import torch
 
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
-from ..model.positions import alibi_slopes, rope_cos_sin
-from .fused_decode import FusedDecoder, fused_decoder
+from ..model.positions import alibi_slopes
+from .fused_decode import FusedDecoder, fused_decoder, fused_hidden
 from .kernels import bind_weight_kernels, log_choice, row_attention
 from .request import Request
 from .sampler import Sampler, make_generator
@@ -118,24 +118,12 @@ class ModelRunner:
         input_ids = torch.tensor([ids], device=dev)
         position_ids = torch.tensor([positions], device=dev)
         rows = torch.tensor(logits_indices, dtype=torch.long, device=dev)
-        hidden = self._fused_hidden(decoder, input_ids, position_ids, ctx) if decoder is not None else None
+        rows_kv = ctx.decode_rows() if decoder is not None else None  # None unless every row adds one token
+        hidden = None if rows_kv is None else fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv)
         if hidden is not None:
             return sampled, self.model.lm_head(hidden[0, rows]) if sampled else None
         logits = self.model(input_ids, position_ids=position_ids, attention=ctx, logits_indices=rows)
         return sampled, logits if sampled else None
-
-    def _fused_hidden(
-        self, decoder: FusedDecoder, input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: PagedAttention
-    ) -> torch.Tensor | None:
-        """Hidden states after ``ln_f`` from the fused decode step; None when this step is not all decode rows."""
-        rows = ctx.decode_rows()
-        if rows is None:
-            return None
-        t = self.model.transformer
-        x = t.word_embeddings(input_ids)
-        cos, sin = rope_cos_sin(self.model.config, position_ids, x.dtype)
-        x = decoder(x, cos, sin, rows)
-        return None if x is None else t.ln_f(x)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:
