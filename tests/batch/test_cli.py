@@ -122,14 +122,16 @@ def test_a_file_of_only_bad_lines(tmp_path, tiny_checkpoint, no_model):
     assert all(e["error"]["message"].startswith(f"line {i}: ") for i, e in enumerate(errors, 1))
 
 
+def _interrupted(_args):
+    """An engine start-up cut short by Ctrl-C, after the input was ingested."""
+    raise KeyboardInterrupt
+
+
 def test_interrupted_job_resumes_refuses_a_changed_input_and_cancels(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(request_line(f"r{i}", max_tokens=2, temperature=0) for i in range(5)) + "\n")
 
-    def interrupted(_args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(batch_cli, "_start_engine", interrupted)
+    monkeypatch.setattr(batch_cli, "_start_engine", _interrupted)
     assert main(run_args(tmp_path, tiny_checkpoint, source)) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     monkeypatch.undo()
@@ -196,10 +198,7 @@ def test_rerun_after_cancel_keeps_work_already_done(tmp_path, tiny_checkpoint, c
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(request_line(f"r{i}", max_tokens=2, temperature=0) for i in range(4)) + "\n")
 
-    def interrupted(_args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(batch_cli, "_start_engine", interrupted)
+    monkeypatch.setattr(batch_cli, "_start_engine", _interrupted)
     assert main(run_args(tmp_path, tiny_checkpoint, source)) == 130  # ingested, nothing run
     monkeypatch.undo()
     store = Store(tmp_path / "state")
