@@ -220,7 +220,10 @@ def kernels(variant: str | None = None) -> ctypes.CDLL | None:
 
 @functools.cache
 def _load(name: str) -> ctypes.CDLL | None:
-    if unavailable_reason(name) is not None:
+    why = unavailable_reason(name)
+    if why is not None:
+        if os.environ.get("FALCONLM_NATIVE_ISA"):  # a forced variant that cannot run deserves a word (once)
+            warnings.warn(f"falconlm: FALCONLM_NATIVE_ISA={name}: {why}; using torch", stacklevel=3)
         return None
     try:
         path = _build(_variant(name))
