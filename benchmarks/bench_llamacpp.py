@@ -2,8 +2,9 @@
 
 1. llama.cpp's source ships inside the llama-cpp-python source package (``vendor/llama.cpp``): it is fetched with
    ``pip download --no-deps --no-binary :all: llama-cpp-python`` and ``llama-bench``, ``llama-batched-bench``,
-   ``llama-quantize`` and ``llama-server`` are built with cmake (Release, native CPU flags, no curl or OpenSSL)
-   into ``$FALCONLM_CACHE_DIR/llamacpp/<version>`` (default ``~/.cache/falconlm``), once per version;
+   ``llama-quantize`` and ``llama-server`` are built with cmake (Release, native CPU flags, or AVX2 + FMA only
+   with ``--isa avx2``; no curl or OpenSSL) into ``$FALCONLM_CACHE_DIR/llamacpp/<version>`` (default
+   ``~/.cache/falconlm``), once per version and instruction set;
 2. the bench checkpoint of ``bench_core.py`` is converted with llama.cpp's ``convert_hf_to_gguf.py`` (from a
    staging folder beside it: the config with ``"num_kv_heads": 1`` for a multi-query model, links to the
    weights, Falcon's real tokenizer copied in) to bf16 and f16 GGUFs, then ``llama-quantize`` makes q8_0 and
@@ -123,16 +124,28 @@ def download_source(root: Path, version: str | None) -> str:
     return version
 
 
-def build_tools(src: Path, threads: int) -> Path:
-    """Build the llama.cpp tools once per version; returns their folder."""
-    build = src.parent / "build"
+# llama.cpp's CPU flags for a forced falconlm variant, so both sides use the same instruction set: an AVX2 + FMA
+# build (no AVX-512, no AVX-VNNI) stands in for an AVX2-only server on an AVX-512 machine.
+LLAMACPP_ISA_FLAGS = {
+    "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
+}
+
+
+def build_tools(src: Path, threads: int, isa: str | None = None) -> Path:
+    """Build the llama.cpp tools once per version (and per forced instruction set); returns their folder."""
+    flags = LLAMACPP_ISA_FLAGS.get(isa or "", ["-DGGML_NATIVE=ON"])
+    build = src.parent / ("build" if flags == ["-DGGML_NATIVE=ON"] else f"build-{isa}")
     bin_dir = build / "bin"
     if all((bin_dir / tool).is_file() for tool in TOOLS):
         return bin_dir
     check_toolchain()
-    log = src.parent / "build.log"
+    gitlink = src / ".git"
+    if gitlink.is_file():  # the sdist keeps the submodule's gitlink; its target is missing, which makes ninja loop
+        gitlink.unlink()
+    log = build.with_name(build.name + ".log")
     print(f"  building llama.cpp ({src.parent.name}) into {build}; log in {log} ...", file=sys.stderr)
-    configure = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]
+    configure = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *flags]
     configure += ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
     configure += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
     configure += ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -384,7 +397,7 @@ def main() -> None:
     apply_isa(args.isa)
     src = find_source(args.llamacpp_version, args.refresh)
     args.llamacpp_version = src.parent.name
-    bin_dir = build_tools(src, args.threads)
+    bin_dir = build_tools(src, args.threads, args.isa)
     variants = [] if args.no_falconlm else sorted({PAIRS[f] for f in args.formats}, key=list(PAIRS.values()).index)
     prepare(variants, args.out, args.model_size)
     ggufs = make_ggufs(src, bin_dir, args)
