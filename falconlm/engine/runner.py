@@ -2,9 +2,10 @@
 
 It makes no scheduling decisions (the scheduler did): it flattens the step's tokens, computes each token's slot
 and position, runs the model's ``forward_hidden`` with a :class:`PagedAttention` context, and takes
-``compute_logits`` of the rows that reached the end of their known tokens to sample them. It makes the one per-step kernel choice (``kernels.py``): decode rows run every layer
-in one native call when the model allows it (``fused_decode.py``), apart from prompt chunks, which take the
-model's torch forward. So a decoding request is computed the same way whatever else is in the step.
+``compute_logits`` of the rows that reached the end of their known tokens to sample them. It makes the one
+per-step kernel choice (``kernels.py``): decode rows run every layer in one native call when the model allows it
+(``fused_decode.py``), apart from prompt chunks, which take the model's torch forward. So a decoding request is
+computed the same way whatever else is in the step.
 """
 
 from __future__ import annotations

@@ -205,12 +205,21 @@ class FalconForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        quantize: str | None = None,
     ) -> FalconForCausalLM:
-        """Load a Hugging Face Falcon checkpoint folder, shard by shard, straight into ``dtype`` on ``device``."""
-        from .checkpoint import load_model
+        """Load any Falcon checkpoint folder straight into ``dtype`` on ``device``: a plain Hugging Face one
+        (shard by shard), one written by ``falconlm quantize``, or a hub GPTQ one (``formats.py``).
 
-        return load_model(path, dtype=dtype, device=device)
+        ``quantize`` (``"int8"``, ``"int4"``, ``"int4-g128"``... or a ``falconlm.quant.QuantRecipe``) quantizes a
+        plain folder on load.
+        """
+        from .formats import load_pretrained
+
+        return load_pretrained(path, dtype, device, quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""
