@@ -13,7 +13,7 @@ from .engine.memory import check_max_model_len
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
 from .quant import load_checkpoint
-from .tokenizer import Tokenizer
+from .tokenizer import NoTokenizer, load_tokenizer
 
 DTYPES = {
     "float32": torch.float32,
@@ -80,6 +80,9 @@ class LLM:
 
     >>> llm = LLM("path/to/falcon")                               # doctest: +SKIP
     >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))[0].text  # doctest: +SKIP
+
+    With ``skip_tokenizer_init`` (vLLM's name), or when the folder has no ``tokenizer.json``, no tokenizer is
+    loaded: prompts must be token ids, and outputs carry token ids with empty text.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         quantize: str | None = None,
         deterministic: bool = False,
+        skip_tokenizer_init: bool = False,
     ) -> None:
         if model is None:
             from .default_model import default_model_path
@@ -105,8 +109,8 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.device)
         # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
         self.model = load_checkpoint(self.path, dtype=self.dtype, device=self.device, quantize=quantize)
-        self.tokenizer = Tokenizer.from_pretrained(self.path)
         self.config = self.model.config
+        self.tokenizer = load_tokenizer(self.path, self.config.eos_token_id, skip_tokenizer_init)
         self.max_model_len = check_max_model_len(self.config, max_model_len)
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -146,6 +150,8 @@ class LLM:
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
+        if isinstance(self.tokenizer, NoTokenizer) and any(sp.stop for sp in params):
+            raise ValueError(f"stop strings need a tokenizer, and {self.tokenizer.reason}; use stop_token_ids")
         token_prompts = [self.encode_prompt(p) for p in prompts]
         results = [
             RequestOutput(str(i), p if isinstance(p, str) else None, ids, [None] * sp.n)
