@@ -92,6 +92,8 @@ class FalconBlock(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+        """Sequential: ``x + Attn(LN(x))`` then ``+ MLP(LN(.))``. Parallel (the Falcon paper's block):
+        ``x + Attn(LN_attn(x)) + MLP(LN_mlp(x))``, where one shared LayerNorm may serve both."""
         if not self.parallel:  # falcon-rw
             x = x + self._drop(self.self_attention(self.input_layernorm(x), rope, ctx), self.attention_dropout)
             return x + self._drop(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout)
