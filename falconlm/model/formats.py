@@ -11,13 +11,13 @@ by-name import) the first time such a folder is met, as transformers picks a qua
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .config import FalconConfig
 
 if TYPE_CHECKING:
     from .falcon import FalconForCausalLM
@@ -44,9 +44,14 @@ def register_format(method: str, loader: FormatLoader) -> None:
 
 
 def quant_method(folder: Path) -> str | None:
-    """The quantization method a checkpoint folder was stored with, None for a plain folder. A
-    ``quantization_config`` without a ``quant_method`` string gives its repr, which no format registers."""
-    block = FalconConfig.from_pretrained(folder).extra.get("quantization_config")
+    """The quantization method a checkpoint folder was stored with, None for a plain folder (or one whose
+    config.json cannot be read: loading the config reports that). A ``quantization_config`` without a
+    ``quant_method`` string gives its repr, which no format registers."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    block = raw.get("quantization_config") if isinstance(raw, dict) else None
     if block is not None:
         method = block.get("quant_method") if isinstance(block, dict) else block
         return method if isinstance(method, str) else repr(method)

@@ -69,10 +69,7 @@ class QuantizeReport:
 def is_quantized(path: str | Path) -> bool:
     """Whether ``path``'s config.json carries a ``quantization_config`` block (any method; loading says which
     ones are supported), or AutoGPTQ's own ``quantize_config.json`` sits beside it."""
-    try:
-        return quant_method(Path(path)) is not None
-    except (OSError, ValueError):
-        return False  # loading the config reports the problem
+    return quant_method(Path(path)) is not None
 
 
 def load_checkpoint(
