@@ -33,7 +33,8 @@ from ..server.errors import APIError, bad_request
 from ..server.metrics import ServerMetrics
 from ..server.settings import ServerSettings
 from .jsonl import ENDPOINTS, new_id
-from .runner import BatchRunner, write_jsonl
+from .outputs import write_jsonl
+from .runner import BatchRunner
 from .store import ACTIVE, BATCH_ID, FILE_ID, FINAL, FileRecord, Job, StateLock, Store
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ objects), ``openapi.py`` (the contract), ``metrics.py``, ``sse.py``, ``drain.py`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from .body import read_json
 from .browser import install_browser_checks
 from .disconnect import cancel_on_disconnect
 from .drain import OpenRequests
-from .errors import APIError, error_response, install_error_handlers
+from .errors import APIError, EngineUnavailable, error_response, install_error_handlers
 from .inputs import context_limit
 from .limits import BodySizeLimitMiddleware
 from .metrics import ServerMetrics
@@ -43,6 +43,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .replies import http_reply
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 from .serving_models import ModelServing
@@ -51,6 +52,10 @@ from .settings import ServerSettings
 
 class HealthResponse(BaseModel):
     status: str
+
+
+async def http_reply_of(result: Awaitable[BaseModel | AsyncIterator[BaseModel]]) -> Response:
+    return await http_reply(await result)
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: float = 5.0) -> FastAPI:
@@ -78,11 +83,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
 
     def require_ready() -> None:
         if not engine.is_ready:
-            retry = {"Retry-After": str(settings.retry_after_seconds)}
+            retry = settings.retry_after_seconds
             if engine.load_error is not None:
-                raise APIError(503, f"the model failed to load: {engine.load_error}", headers=retry)
+                raise EngineUnavailable(f"the model failed to load: {engine.load_error}", retry)
             message = "the model is still loading" if engine.is_loading else "the server is not running"
-            raise APIError(503, message, headers=retry)
+            raise EngineUnavailable(message, retry)
 
     @app.get("/health", **documented(response=HealthResponse, errors=(503,)))
     async def health() -> Response:
@@ -112,7 +117,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
     async def create_completion(http_request: Request) -> Response:
         require_ready()
         request = await read_json(http_request, CompletionRequest, require_json_type)
-        return await cancel_on_disconnect(http_request, completions.create(request))
+        return await cancel_on_disconnect(http_request, http_reply_of(completions.create(request)))
 
     @app.post(
         "/v1/chat/completions",
@@ -121,7 +126,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
     async def create_chat_completion(http_request: Request) -> Response:
         require_ready()
         request = await read_json(http_request, ChatCompletionRequest, require_json_type)
-        return await cancel_on_disconnect(http_request, chat.create(request))
+        return await cancel_on_disconnect(http_request, http_reply_of(chat.create(request)))
 
     @app.post("/tokenize", **documented(TokenizeRequest, TokenizeResponse, errors=(*JSON_BODY_ERRORS, 404, 503)))
     async def tokenize(http_request: Request) -> Response:

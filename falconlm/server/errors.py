@@ -56,8 +56,32 @@ class APIError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
+    @property
+    def error_type(self) -> str:
+        """OpenAI's error type for the status (``invalid_request_error``, ``server_error``, ...)."""
+        return ERROR_KINDS.get(self.status_code, ("invalid_request_error", None))[0]
+
+    @property
+    def error_code(self) -> str | None:
+        """The code the error object states: the given one, else the status's default."""
+        return self.code or ERROR_KINDS.get(self.status_code, ("", None))[1]
+
     def to_dict(self) -> dict:
         return error_body(self.status_code, self.message, self.param, self.code)
+
+
+class QueueFull(APIError):
+    """429: the engine's waiting queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(429, message, headers={"Retry-After": str(retry_after)})
+
+
+class EngineUnavailable(APIError):
+    """503: the model is loading, failed to load, or the server is shutting down; retry after ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(503, message, headers={"Retry-After": str(retry_after)})
 
 
 def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -55,20 +55,20 @@ def test_cancelled_jobs_report_pending_requests_as_errors(tmp_path):
 
 
 def test_ingest_stopped_midway_resumes_from_the_committed_offset(tmp_path, monkeypatch):
-    from falconlm.batch import runner
+    from falconlm.batch import ingest as ingesting
 
     source = tmp_path / "in.jsonl"
     request = {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}
     lines = [json.dumps({"custom_id": f"r{i}", **request}) for i in range(25)]
     lines += ["{bad", lines[0]]  # a bad line and a duplicate of r0
     source.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(runner, "INGEST_CHUNK", 4)
+    monkeypatch.setattr(ingesting, "INGEST_CHUNK", 4)
     store = Store(tmp_path / "state")
     job = store.create_job("batch_" + "2" * 24, "cli", str(source))
-    assert runner.ingest(store, job, source, should_stop=lambda: True) is False  # stops after one chunk
+    assert ingesting.ingest(store, job, source, should_stop=lambda: True) is False  # stops after one chunk
     job = store.get_job(job.id)
     assert (job.total, job.ingest_line) == (4, 4) and 0 < job.ingest_offset < source.stat().st_size
-    assert runner.ingest(store, job, source) is True
+    assert ingesting.ingest(store, job, source) is True
     job = store.get_job(job.id)
     assert (job.total, job.failed, job.ingest_offset) == (27, 2, source.stat().st_size)
     assert [r.custom_id for r in store.pending(job.id, 0, 100)] == [f"r{i}" for i in range(25)]
