@@ -11,12 +11,12 @@ import json
 from collections.abc import Callable
 
 from ..engine.async_engine import AsyncEngine
-from ..server.errors import APIError, EngineUnavailable, QueueFull
-from ..server.metrics import ServerMetrics
-from ..server.protocol import ChatCompletionResponse, CompletionResponse
-from ..server.serving_chat import ChatServing
-from ..server.serving_completion import CompletionServing
-from ..server.settings import ServerSettings
+from ..serving.chat import ChatServing
+from ..serving.completion import CompletionServing
+from ..serving.errors import APIError, EngineUnavailable, QueueFull
+from ..serving.metrics import ServerMetrics
+from ..serving.protocol import ChatCompletionResponse, CompletionResponse
+from ..serving.settings import ServerSettings
 from .jsonl import CHAT_COMPLETIONS, COMPLETIONS, error_line, output_line, parse_body
 from .store import PendingRequest, Result
 

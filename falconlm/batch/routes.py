@@ -4,7 +4,7 @@
 server's AsyncEngine; on start it resumes every unfinished batch. Uploads stream to disk under the state
 directory (never held in memory) with a per-file limit and a quota for the whole directory (both answered
 with 413); every id is random and checked against its pattern before it names a path.
-``mount_batches(app, service)`` adds the routes and hooks start/stop to the app's lifespan.
+``build_batch_router(service)`` is the router, which an app includes (``falconlm.cli.serve_http``).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.responses import Response
 
 from ..engine.async_engine import AsyncEngine
-from ..server.body import parse_json
-from ..server.errors import APIError, bad_request
-from ..server.metrics import ServerMetrics
-from ..server.settings import ServerSettings
+from ..serving.errors import APIError, bad_request
+from ..serving.json_body import parse_json
+from ..serving.metrics import ServerMetrics
+from ..serving.settings import ServerSettings
 from .jsonl import ENDPOINTS, new_id
 from .outputs import write_jsonl
 from .runner import BatchRunner
@@ -316,8 +316,18 @@ class BatchService:
 
 
 def build_batch_router(service: BatchService) -> APIRouter:
-    """``/v1/files`` and ``/v1/batches``; errors are raised as the server's APIError (OpenAI error objects)."""
-    router = APIRouter()
+    """``/v1/files`` and ``/v1/batches``; errors are raised as APIError (OpenAI error objects). The service runs
+    inside the lifespan of the app that includes the router (after its engine starts, stopping before it stops)."""
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    router = APIRouter(lifespan=lifespan)
 
     @router.post("/v1/files")
     async def upload_file(request: Request) -> Response:
@@ -371,24 +381,6 @@ def build_batch_router(service: BatchService) -> APIRouter:
         return JSONResponse(service.batch_object(await service.cancel_batch(batch_id)))
 
     return router
-
-
-def mount_batches(app: FastAPI, service: BatchService) -> None:
-    """Add the routes to ``app`` and run the service inside the app's lifespan (after the engine starts,
-    stopping before it stops)."""
-    app.include_router(build_batch_router(service))
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
-        async with inner(a) as state:
-            await service.start()
-            try:
-                yield state
-            finally:
-                await service.stop()
-
-    app.router.lifespan_context = lifespan
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------

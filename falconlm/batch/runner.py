@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.async_engine import AsyncEngine
-from ..server.metrics import ServerMetrics
-from ..server.settings import ServerSettings
+from ..serving.metrics import ServerMetrics
+from ..serving.settings import ServerSettings
 from .execute import LeftPending, RequestExecutor, failed
 from .ingest import ingest
 from .jsonl import COMPLETIONS

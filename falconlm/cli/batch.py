@@ -115,7 +115,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from ..batch.runner import BatchRunner
     from ..batch.store import StateLock, Store
     from ..llm import resolve_device
-    from ..server.settings import ServerSettings
+    from ..serving.settings import ServerSettings
 
     output, errors, state = _paths(args)
     check_model_path(args.model)

@@ -9,7 +9,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, error_response
+from ..serving.errors import APIError
+from .errors import error_response
 
 
 class BodySizeLimitMiddleware:

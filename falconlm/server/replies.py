@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from .errors import APIError
+from ..serving.errors import APIError
 from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 

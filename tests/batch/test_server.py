@@ -15,10 +15,11 @@ import pytest
 import torch
 import uvicorn
 
+from falconlm.cli.serve_http import build_server_app
 from falconlm.engine.async_engine import AsyncEngine
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.model.falcon import FalconForCausalLM
-from falconlm.server import ServerSettings, build_app
+from falconlm.server import ServerSettings
 from falconlm.tokenizer import Tokenizer
 
 MODEL = "tiny-falcon"
@@ -49,7 +50,7 @@ class BatchServer:
             max_upload_bytes=max_upload_bytes,
             max_state_bytes=max_state_bytes,
         )
-        app = build_app(self.engine, settings)  # mounts the batch routes because state_dir is set
+        app = build_server_app(self.engine, settings)  # mounts the batch routes because state_dir is set
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from ..engine.async_engine import EngineError
 from ..engine.sampler import TokenLogprobs
+from .base import Serving, build_off_loop
 from .errors import bad_request
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import completion_prompts, sampling_params
@@ -18,7 +19,6 @@ from .protocol import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
-from .serving import Serving, build_off_loop
 
 
 class CompletionServing(Serving):

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..engine.async_engine import EngineError
+from .base import Serving, build_off_loop
 from .errors import from_value_error
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import chat_prompt, sampling_params
@@ -20,7 +21,6 @@ from .protocol import (
     ChatCompletionStreamResponse,
     DeltaMessage,
 )
-from .serving import Serving, build_off_loop
 
 
 class ChatServing(Serving):
