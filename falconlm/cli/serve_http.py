@@ -122,8 +122,10 @@ def build_server_app(engine: AsyncEngine, settings: ServerSettings, shutdown_tim
     mounts = []
     if settings.state_dir is not None:
         from ..batch.protocol import BATCH_ROUTES
-        from ..batch.routes import BatchService, build_batch_router
+        from ..batch.routes import build_batch_router, upload_body_limit
+        from ..batch.service import BatchService
 
         service = BatchService(settings.state_dir, engine, settings, metrics, settings.max_upload_bytes)
-        mounts.append(Mount(build_batch_router(service), BATCH_ROUTES, upload_paths=("/v1/files",)))
+        upload_limit = {"/v1/files": upload_body_limit(settings.max_upload_bytes)}
+        mounts.append(Mount(build_batch_router(service), BATCH_ROUTES, body_limits=upload_limit))
     return build_app(engine, settings, shutdown_timeout, metrics, mounts)

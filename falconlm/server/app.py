@@ -9,7 +9,7 @@ contract), ``sse.py``, ``disconnect.py``. Other routes (the batch API) come in a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,12 +60,12 @@ class HealthResponse(BaseModel):
 @dataclass(frozen=True)
 class Mount:
     """Routes from outside the server (the batch API), added by composition: the router (its lifespan runs inside
-    the app's, after the engine starts), their OpenAPI documentation, and the upload paths that limit their own
-    body sizes."""
+    the app's, after the engine starts), their OpenAPI documentation, and body size limits of their own (path ->
+    bytes, instead of --max-body-bytes)."""
 
     router: APIRouter
     route_docs: RouteDocs = field(default_factory=dict)
-    upload_paths: tuple[str, ...] = ()
+    body_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 async def http_reply_of(result: Awaitable[BaseModel | AsyncIterator[BaseModel]]) -> Response:
@@ -96,8 +96,8 @@ def build_app(
     chat = ChatServing(engine, settings, metrics, open_requests)
     models = ModelServing(engine, settings)
     install_error_handlers(app)
-    uploads = tuple(path for mount in mounts for path in mount.upload_paths)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, exempt_paths=uploads)
+    body_limits = {path: limit for mount in mounts for path, limit in mount.body_limits.items()}
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, path_limits=body_limits)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)  # no key, no body read
     install_browser_checks(app, settings.bind_host, settings.allowed_hosts, settings.allowed_origins)  # outermost
     require_json_type = not settings.api_keys  # see body.py
