@@ -18,7 +18,7 @@ from ..serving.metrics import ServerMetrics
 from ..serving.protocol import ChatCompletionResponse, CompletionResponse
 from ..serving.settings import ServerSettings
 from .jsonl import CHAT_COMPLETIONS, COMPLETIONS, error_line, output_line, parse_body
-from .store import PendingRequest, Result
+from .records import PendingRequest, Result
 
 RETRY_BUSY_S = 0.05
 

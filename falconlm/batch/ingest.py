@@ -6,7 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .jsonl import parse_line, read_lines
-from .store import Job, Store
+from .records import Job
+from .store import Store
 
 INGEST_CHUNK = 512
 

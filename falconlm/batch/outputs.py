@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .atomic import atomic_write
-from .store import Job, Store
+from .records import Job
+from .store import Store
 
 
 def write_jsonl(path: Path, lines: Iterable[str]) -> int:

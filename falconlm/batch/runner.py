@@ -23,7 +23,8 @@ from ..serving.settings import ServerSettings
 from .execute import LeftPending, RequestExecutor, failed
 from .ingest import ingest
 from .jsonl import COMPLETIONS
-from .store import Job, PendingRequest, Result, Store
+from .records import Job, PendingRequest, Result
+from .store import Store
 
 logger = logging.getLogger(__name__)
 

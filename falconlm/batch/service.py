@@ -28,8 +28,9 @@ from .atomic import atomic_write, temp_path
 from .jsonl import ENDPOINTS, new_id
 from .outputs import write_jsonl
 from .protocol import BatchList, BatchObject, BatchRequestCounts, FileList, FileObject
+from .records import ACTIVE, FileRecord, Job
 from .runner import BatchRunner
-from .store import ACTIVE, BATCH_ID, FILE_ID, FINAL, FileRecord, Job, StateLock, Store
+from .store import BATCH_ID, FILE_ID, FINAL, StateLock, Store
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from falconlm.batch.jsonl import InvalidLine, ValidLine
-from falconlm.batch.store import Result, Store, connect
+from falconlm.batch.records import Result
+from falconlm.batch.store import Store, connect
 
 
 def _valid(n: int, custom_id: str) -> ValidLine:
