@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from falconlm.batch.jsonl import InvalidLine, ValidLine
 from falconlm.batch.records import Result
 from falconlm.batch.store import Store, connect
@@ -88,3 +90,23 @@ def test_a_line_the_database_cannot_store_becomes_error_line(tmp_path):
     assert error["custom_id"] == "b" and error["error"]["code"] == "invalid_line"
     assert error["error"]["message"].startswith("line 2: cannot be stored")
     store.close()
+
+
+def test_on_commit_runs_inside_the_result_transaction(tmp_path):
+    calls: list[tuple[int, int]] = []
+    store = Store(tmp_path / "state", on_commit=lambda results, marked: calls.append((results, marked)))
+    job = store.create_job("batch_" + "3" * 24, "cli", "in.jsonl")
+    lines = [ValidLine(i + 1, f"r{i}", "/v1/completions", "{}") for i in range(3)]
+    store.add_lines(job.id, lines, 10, 3)
+    done = [Result("r0", "done", "{}"), Result("r1", "done", "{}")]
+    assert store.commit_results(job.id, done) == 2
+    assert store.commit_results(job.id, [Result("r0", "done", "{}")]) == 0  # a replay marks nothing
+    assert calls == [(2, 2), (1, 0)]
+
+    def fail(results: int, marked: int) -> None:
+        raise KeyboardInterrupt  # the process dies inside the transaction: nothing of it is kept
+
+    failing = Store(tmp_path / "state", on_commit=fail)
+    with pytest.raises(KeyboardInterrupt):
+        failing.commit_results(job.id, [Result("r2", "failed", "{}")])
+    assert [row.custom_id for row in store.pending(job.id, 0, 10)] == ["r2"]
