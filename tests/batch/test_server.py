@@ -223,3 +223,17 @@ def test_uploads_past_the_state_quota_get_413(tiny_checkpoint, tmp_path):
         assert client.files.create(file=("again.jsonl", b"x" * 60_000), purpose="batch").bytes == 60_000
     finally:
         live.stop()
+
+
+def test_upload_limits_hold_before_and_after_parsing(server):
+    """Over the limit by more than the form's overhead: refused from Content-Length, unparsed; just over it: the
+    parsed file is refused. Either way a 413 error object and nothing stored."""
+    base = f"http://127.0.0.1:{server.port}"
+    for size in (100 * 1024, 64 * 1024 + 1):
+        response = httpx.post(f"{base}/v1/files", files={"file": ("f.jsonl", b"x" * size)}, data={"purpose": "batch"})
+        error = response.json()["error"]
+        assert response.status_code == 413 and error["type"] == "invalid_request_error", (size, error)
+    assert "upload limit of 65536 bytes" in error["message"]
+    exact = httpx.post(f"{base}/v1/files", files={"file": ("f.jsonl", b"x" * 64 * 1024)}, data={"purpose": "batch"})
+    assert exact.status_code == 200 and exact.json()["bytes"] == 64 * 1024
+    assert [f.id for f in server.client.files.list()] == [exact.json()["id"]]
