@@ -5,7 +5,7 @@ decoded, parsed (nested too deep included), encoded as UTF-8 (a lone surrogate s
 validated becomes an :class:`InvalidLine` that the store keeps and the error file reports, with the line's
 custom_id when one can be recovered and always with its line number.
 
-Bodies are validated with the server's pydantic request models (``falconlm.server.protocol``), so batch and
+Bodies are validated with the server's pydantic request models (``falconlm.serving.protocol``), so batch and
 online requests accept the same fields; unknown fields are refused here (the server ignores them).
 """
 
@@ -20,8 +20,8 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..server.errors import describe_validation_errors
-from ..server.protocol import ChatCompletionRequest, CompletionRequest
+from ..serving.errors import describe_validation_errors
+from ..serving.protocol import ChatCompletionRequest, CompletionRequest
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"

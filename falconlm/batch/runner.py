@@ -13,70 +13,30 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..engine.async_engine import AsyncEngine
-from ..server.errors import ERROR_KINDS, APIError
-from ..server.metrics import ServerMetrics
-from ..server.serving_chat import ChatServing
-from ..server.serving_completion import CompletionServing
-from ..server.settings import ServerSettings
-from .jsonl import CHAT_COMPLETIONS, COMPLETIONS, error_line, output_line, parse_body, read_lines
-from .jsonl import parse_line as parse_input_line
-from .store import Job, PendingRequest, Result, Store
+from ..serving.metrics import ServerMetrics
+from ..serving.settings import ServerSettings
+from .execute import LeftPending, RequestExecutor, failed
+from .ingest import ingest
+from .jsonl import COMPLETIONS
+from .records import Job, PendingRequest, Result
+from .store import Store
 
 logger = logging.getLogger(__name__)
 
-INGEST_CHUNK = 512
 PAGE_SIZE = 256
 CANCEL_POLL_S = 0.5
-RETRY_BUSY_S = 0.05
 
 Finalizer = Callable[[Job, bool], dict[str, Any]]  # (job, cancelled) -> job columns to set (file ids ...)
 
 
-# ---- ingesting ------------------------------------------------------------------------------------------------------
-
-
-def ingest(store: Store, job: Job, path: Path, should_stop: Callable[[], bool] = lambda: False) -> bool:
-    """Validate and store the input lines after the job's committed offset; False when stopped early."""
-    with open(path, "rb") as f:
-        f.seek(job.ingest_offset)
-        line_no, offset, chunk, seen = job.ingest_line, job.ingest_offset, [], 0
-        for offset, raw in read_lines(f):
-            line_no += 1
-            seen += 1
-            parsed = parse_input_line(line_no, raw, job.endpoint)
-            if parsed is not None:
-                chunk.append(parsed)
-            if len(chunk) >= INGEST_CHUNK or seen >= 4 * INGEST_CHUNK:
-                store.add_lines(job.id, chunk, offset, line_no)
-                chunk, seen = [], 0
-                if should_stop():
-                    return False
-        store.add_lines(job.id, chunk, offset, line_no)
-    return True
-
-
-# ---- the runner -----------------------------------------------------------------------------------------------------
-
-
-class _LeftPending(Exception):
-    """The request did not finish here (engine stopping, request aborted): the next run does it."""
-
-
 class BatchRunner:
-    """Runs jobs of one store on an :class:`AsyncEngine` through the server's completion code.
-
-    Each request body goes through ``CompletionServing`` / ``ChatServing`` exactly as an online request would,
-    so batch responses are the server's responses. ``engine`` may also be a function returning a started
-    AsyncEngine: it is called only when a job has requests to run, so a job that only needs its files
-    written loads no model. ``ignore_body_model`` drops each body's ``model`` (the CLI serves whatever
-    ``--model`` is, whatever the file names); the server keeps it and answers unknown names with an error line.
-    """
+    """Runs jobs of one store on an :class:`AsyncEngine`, each request through :class:`RequestExecutor` (which
+    explains ``engine``, ``metrics`` and ``ignore_body_model``)."""
 
     def __init__(
         self,
@@ -94,29 +54,10 @@ class BatchRunner:
         self.settings = settings
         self.max_in_flight = max_in_flight
         self.on_progress = on_progress
-        self.ignore_body_model = ignore_body_model
-        self._engine = engine
-        self._metrics = metrics
-        self._servings: dict[str, CompletionServing | ChatServing] | None = None
+        self.executor = RequestExecutor(engine, settings, metrics, ignore_body_model)
         self._cancel = asyncio.Event()
         self._halt = False  # the run is being stopped (not cancelled): threads check it
         self._engine_stopped = False
-
-    @property
-    def engine(self) -> AsyncEngine:
-        if callable(self._engine):
-            self._engine = self._engine()
-        return self._engine
-
-    def _serving(self, url: str) -> CompletionServing | ChatServing:
-        if self._servings is None:
-            engine = self.engine
-            metrics = self._metrics or ServerMetrics(lambda: engine.stats)
-            self._servings = {
-                COMPLETIONS: CompletionServing(engine, self.settings, metrics),
-                CHAT_COMPLETIONS: ChatServing(engine, self.settings, metrics),
-            }
-        return self._servings[url]
 
     def cancel(self) -> None:
         """Wake the run after the job's cancel flag was set in the store (other processes are polled)."""
@@ -165,7 +106,7 @@ class BatchRunner:
 
     async def _process(self, job: Job) -> None:
         """Run every pending request; returns when none is left, on cancel, or when the engine stops."""
-        self._serving(COMPLETIONS)  # the engine (and model) now, before the first request needs it
+        self.executor.serving(COMPLETIONS)  # the engine (and model) now, before the first request needs it
         results: asyncio.Queue[Result | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_in_flight)  # a slot is freed once its result is committed
         committer = asyncio.create_task(self._commit_loop(job.id, results, slots))
@@ -218,8 +159,9 @@ class BatchRunner:
 
     async def _one(self, row: PendingRequest, results: asyncio.Queue[Result | None], slots: asyncio.Semaphore) -> None:
         try:
-            result = await self._execute(row)
-        except _LeftPending:
+            result = await self.executor.execute(row)
+        except LeftPending as exc:
+            self._engine_stopped = self._engine_stopped or exc.engine_stopped
             slots.release()
             return
         except asyncio.CancelledError:
@@ -227,35 +169,8 @@ class BatchRunner:
             raise
         except Exception as exc:  # a bug: answer the request with a server error rather than hang the job
             logger.exception("batch request %r failed unexpectedly", row.custom_id)
-            result = _failed(row.custom_id, "internal_error", f"internal error: {exc}")
+            result = failed(row.custom_id, "internal_error", f"internal error: {exc}")
         results.put_nowait(result)
-
-    async def _execute(self, row: PendingRequest) -> Result:
-        try:
-            request = parse_body(row.url, json.loads(row.body))
-        except ValueError as exc:
-            return _failed(row.custom_id, "invalid_request_error", str(exc))
-        if self.ignore_body_model:
-            request.model = None
-        while True:
-            try:
-                response = await self._serving(row.url).create(request)
-                break
-            except APIError as exc:
-                if exc.status_code == 429:  # the engine's waiting queue is full: wait for room
-                    await asyncio.sleep(RETRY_BUSY_S)
-                    continue
-                if exc.status_code == 503:  # loading or shutting down
-                    self._engine_stopped = True
-                    raise _LeftPending from exc
-                kind, default_code = ERROR_KINDS.get(exc.status_code, ("invalid_request_error", None))
-                return _failed(row.custom_id, exc.code or default_code or kind, exc.message)
-        body = json.loads(response.body)
-        if any(choice.get("finish_reason") == "abort" for choice in body.get("choices", [])):
-            raise _LeftPending
-        usage = body.get("usage") or {}
-        line = output_line(row.custom_id, body)
-        return Result(row.custom_id, "done", line, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
 
     async def _commit_loop(self, job_id: str, results: asyncio.Queue[Result | None], slots: asyncio.Semaphore) -> None:
         stop = False
@@ -273,49 +188,5 @@ class BatchRunner:
                     self.on_progress(len(items), sum(r.completion_tokens for r in items))
 
 
-def _failed(custom_id: str, code: str, message: str) -> Result:
-    return Result(custom_id, "failed", error_line(custom_id, code, message))
-
-
 def _errors(code: str, message: str) -> str:
     return json.dumps({"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]})
-
-
-# ---- writing results ------------------------------------------------------------------------------------------------
-
-
-def write_jsonl(path: Path, lines: Iterable[str]) -> int:
-    """Write lines to ``path`` atomically (temp file, fsync, rename); returns the line count."""
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer at a time: the state directory is locked
-    count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return count
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_outputs(store: Store, job: Job, output: Path, errors: Path | None, cancelled: bool) -> tuple[int, int]:
-    """Write the job's output (and error) file from the store; returns (output lines, error lines)."""
-    done = write_jsonl(output, store.iter_output(job.id))
-    failed = 0
-    if errors is not None:
-        failed = write_jsonl(errors, store.iter_errors(job.id, cancelled))
-    return done, failed

@@ -8,27 +8,26 @@ that marks its request done has committed, so a crash loses at most uncommitted 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from .jsonl import InvalidLine, Line, error_line
+from .records import ACTIVE, FileRecord, Job, PendingRequest, Result
 
 DB_NAME = "batch.db"
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 FINAL = ("completed", "failed", "cancelled", "expired")
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 BATCH_ID = re.compile(r"^batch_[0-9a-f]{24}$")
-COMMIT_HOOK_ENV = "FALCONLM_BATCH_COMMIT_HOOK"  # tests: a file to append to inside each result transaction
-COMMIT_PAUSE_ENV = "FALCONLM_BATCH_COMMIT_PAUSE"  # tests: seconds to sleep there, before COMMIT
+
+CommitHook = Callable[[int, int], None]  # (results given, rows marked), called inside the result transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -88,81 +87,6 @@ CREATE TABLE IF NOT EXISTS files (
 """
 
 
-@dataclass
-class Job:
-    """A row of ``jobs`` (plus its rowid as ``seq``, the creation order)."""
-
-    seq: int
-    id: str
-    source: str
-    status: str
-    endpoint: str | None
-    input_path: str
-    input_file_id: str | None
-    fingerprint: str | None
-    options: str
-    ingest_offset: int
-    ingest_line: int
-    total: int
-    completed: int
-    failed: int
-    prompt_tokens: int
-    completion_tokens: int
-    cancel_requested: int
-    metadata: str | None
-    completion_window: str | None
-    output_file_id: str | None
-    error_file_id: str | None
-    errors: str | None
-    created_at: int
-    in_progress_at: int | None
-    finalizing_at: int | None
-    completed_at: int | None
-    failed_at: int | None
-    cancelling_at: int | None
-    cancelled_at: int | None
-
-    @property
-    def pending(self) -> int:
-        return self.total - self.completed - self.failed
-
-    @property
-    def is_active(self) -> bool:
-        return self.status in ACTIVE
-
-    @property
-    def option(self) -> dict[str, Any]:
-        return json.loads(self.options or "{}")
-
-
-@dataclass(frozen=True)
-class PendingRequest:
-    custom_id: str
-    line_no: int
-    url: str
-    body: str
-
-
-@dataclass(frozen=True)
-class Result:
-    """A finished request: ``status`` "done" (an output line) or "failed" (an error line)."""
-
-    custom_id: str
-    status: str
-    line: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    id: str
-    purpose: str
-    filename: str
-    bytes: int
-    created_at: int
-
-
 _JOB_COLUMNS = [f.name for f in fields(Job) if f.name != "seq"]
 _ACTIVE_MARKS = ", ".join("?" for _ in ACTIVE)
 _TIMESTAMPED = {"in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"}
@@ -181,7 +105,8 @@ def connect(path: Path) -> sqlite3.Connection:
 class Store:
     """Thread-safe access to one state directory's database and files."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], on_commit: CommitHook | None = None) -> None:
+        """``on_commit`` is called inside each result transaction, before COMMIT (tests kill the process there)."""
         self.root = Path(state_dir)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.files_dir = self.root / "files"
@@ -191,8 +116,7 @@ class Store:
         self._conn = connect(self.db_path)
         with self._lock:
             self._conn.executescript(SCHEMA)
-        self._hook = os.environ.get(COMMIT_HOOK_ENV)
-        self._pause = float(os.environ.get(COMMIT_PAUSE_ENV) or 0)
+        self._on_commit = on_commit
 
     def close(self) -> None:
         with self._lock:
@@ -374,16 +298,9 @@ class Store:
                 "completion_tokens = completion_tokens + ? WHERE id = ?",
                 (done, failed, prompt, completion, job_id),
             )
-            if self._hook:
-                self._in_commit_hook(len(results), committed)
+            if self._on_commit is not None:
+                self._on_commit(len(results), committed)
         return committed
-
-    def _in_commit_hook(self, results: int, committed: int) -> None:
-        """Test hook: announce the open transaction (results given, rows it marks) in a file, then linger there
-        so that a kill can land inside it."""
-        with open(self._hook, "a", encoding="utf-8") as f:  # type: ignore[arg-type]
-            f.write(f"commit {results} {committed}\n")
-        time.sleep(self._pause)
 
     # ---- reading results back (own connection: long reads never hold the lock) -----------------------------------
     def iter_output(self, job_id: str) -> Iterator[str]:

@@ -110,10 +110,12 @@ def check_writable(path: Path) -> None:
 def run_batch(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ..batch.runner import BatchRunner, ingest, write_outputs
+    from ..batch.ingest import ingest
+    from ..batch.outputs import write_outputs
+    from ..batch.runner import BatchRunner
     from ..batch.store import StateLock, Store
     from ..llm import resolve_device
-    from ..server.settings import ServerSettings
+    from ..serving.settings import ServerSettings
 
     output, errors, state = _paths(args)
     check_model_path(args.model)
@@ -319,7 +321,7 @@ def _job_summary(job) -> dict:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from ..batch.runner import write_outputs
+    from ..batch.outputs import write_outputs
     from ..batch.store import StateLock
 
     store = _existing_store(args.state)

@@ -24,7 +24,7 @@ from .options import (
     port_number,
     positive_int,
 )
-from .serve_http import add_http_options, check_api_keys, http_settings, uvicorn_server
+from .serve_http import add_http_options, build_server_app, check_api_keys, http_settings, uvicorn_server
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     check_api_keys(keys)
     _check_start(args)
     from ..engine.async_engine import AsyncEngine
-    from ..server import ServerSettings, build_app
+    from ..server import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     if not keys and not is_loopback(args.host):
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         **http_settings(args),
     )
     engine = AsyncEngine(_engine_factory(args.model, args))
-    app = build_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
+    app = build_server_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
     server = uvicorn_server(app, args)
     threading.Thread(target=_exit_on_load_failure, args=(engine, server), daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; a no-op handler makes that an exit 0.

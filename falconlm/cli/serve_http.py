@@ -1,11 +1,18 @@
-"""``falconlm serve``'s HTTP options: who may call the server (hosts, origins), connection and reply limits,
-and the uvicorn server they configure."""
+"""``falconlm serve``'s HTTP side: its options (who may call the server, connection and reply limits), the app
+(server routes plus, with a state directory, the batch routes) and the uvicorn server that runs it."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from .options import positive_int
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from ..engine.async_engine import AsyncEngine
+    from ..serving.settings import ServerSettings
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -102,3 +109,23 @@ def uvicorn_server(app, args: argparse.Namespace):
     )
     install_access_log_redaction()
     return DrainingServer(config, app.state.open_requests, drain_seconds=args.shutdown_timeout)
+
+
+def build_server_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: float = 5.0) -> FastAPI:
+    """The server app over ``engine``; with ``settings.state_dir`` the batch API (``/v1/files``, ``/v1/batches``)
+    is mounted too, counting its requests in the same ``/metrics``. Server and batch know nothing of each other:
+    they meet here."""
+    from ..server import Mount, build_app
+    from ..serving.metrics import ServerMetrics
+
+    metrics = ServerMetrics(lambda: engine.stats)
+    mounts = []
+    if settings.state_dir is not None:
+        from ..batch.protocol import BATCH_ROUTES
+        from ..batch.routes import build_batch_router, upload_body_limit
+        from ..batch.service import BatchService
+
+        service = BatchService(settings.state_dir, engine, settings, metrics, settings.max_upload_bytes)
+        upload_limit = {"/v1/files": upload_body_limit(settings.max_upload_bytes)}
+        mounts.append(Mount(build_batch_router(service), BATCH_ROUTES, body_limits=upload_limit))
+    return build_app(engine, settings, shutdown_timeout, metrics, mounts)

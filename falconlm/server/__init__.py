@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: ``build_app(engine, settings)`` over an AsyncEngine."""
 
-from .app import build_app
-from .settings import ServerSettings
+from ..serving.settings import ServerSettings
+from .app import Mount, build_app
 
-__all__ = ["ServerSettings", "build_app"]
+__all__ = ["Mount", "ServerSettings", "build_app"]

@@ -1,35 +1,34 @@
 """``build_app(engine, settings)``: the FastAPI routes of the OpenAI-compatible server, and nothing else.
 
-The work behind each route lives beside this file: ``serving_*.py`` (requests to engine calls to responses),
-``auth.py``, ``limits.py`` and ``browser.py`` (middleware), ``body.py`` (request bodies), ``errors.py`` (error
-objects), ``openapi.py`` (the contract), ``metrics.py``, ``sse.py``, ``drain.py``.
+The work behind each route lives in ``falconlm.serving`` (requests to engine calls to typed responses). Beside
+this file: ``replies.py`` (typed responses as JSON or server-sent events), ``auth.py``, ``limits.py`` and
+``browser.py`` (middleware), ``body.py`` (request bodies), ``errors.py`` (error responses), ``openapi.py`` (the
+contract), ``sse.py``, ``disconnect.py``. Other routes (the batch API) come in as a :class:`Mount` each.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine
-from .auth import APIKeyMiddleware
-from .body import read_json
-from .browser import install_browser_checks
-from .disconnect import cancel_on_disconnect
-from .drain import OpenRequests
-from .errors import APIError, error_response, install_error_handlers
-from .inputs import context_limit
-from .limits import BodySizeLimitMiddleware
-from .metrics import ServerMetrics
-from .openapi import GENERATION_ERRORS, JSON_BODY_ERRORS, below_pattern, documented, install_openapi
-from .protocol import (
+from ..serving.chat import ChatServing
+from ..serving.completion import CompletionServing
+from ..serving.drain import OpenRequests
+from ..serving.errors import APIError, EngineUnavailable
+from ..serving.inputs import context_limit
+from ..serving.metrics import ServerMetrics
+from ..serving.models import ModelServing
+from ..serving.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
@@ -43,18 +42,45 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving_chat import ChatServing
-from .serving_completion import CompletionServing
-from .serving_models import ModelServing
-from .settings import ServerSettings
+from ..serving.settings import ServerSettings
+from .auth import APIKeyMiddleware
+from .body import read_json
+from .browser import install_browser_checks
+from .disconnect import cancel_on_disconnect
+from .errors import error_response, install_error_handlers
+from .limits import BodySizeLimitMiddleware
+from .openapi import GENERATION_ERRORS, JSON_BODY_ERRORS, RouteDocs, below_pattern, documented, install_openapi
+from .replies import http_reply
 
 
 class HealthResponse(BaseModel):
     status: str
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: float = 5.0) -> FastAPI:
-    """The server app. Its lifespan starts ``engine`` if needed and shuts it down (``shutdown_timeout`` s)."""
+@dataclass(frozen=True)
+class Mount:
+    """Routes from outside the server (the batch API), added by composition: the router (its lifespan runs inside
+    the app's, after the engine starts), their OpenAPI documentation, and body size limits of their own (path ->
+    bytes, instead of --max-body-bytes)."""
+
+    router: APIRouter
+    route_docs: RouteDocs = field(default_factory=dict)
+    body_limits: Mapping[str, int] = field(default_factory=dict)
+
+
+async def http_reply_of(result: Awaitable[BaseModel | AsyncIterator[BaseModel]]) -> Response:
+    return await http_reply(await result)
+
+
+def build_app(
+    engine: AsyncEngine,
+    settings: ServerSettings,
+    shutdown_timeout: float = 5.0,
+    metrics: ServerMetrics | None = None,
+    mounts: Sequence[Mount] = (),
+) -> FastAPI:
+    """The server app. Its lifespan starts ``engine`` if needed and shuts it down (``shutdown_timeout`` s).
+    ``metrics`` (one is made if None) is what ``/metrics`` reports; ``mounts`` adds routes from outside."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,25 +90,25 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
         await asyncio.to_thread(engine.shutdown, shutdown_timeout)
 
     app = FastAPI(title="falconlm", version=__version__, lifespan=lifespan)
-    app.state.metrics = metrics = ServerMetrics(lambda: engine.stats)
+    app.state.metrics = metrics = metrics or ServerMetrics(lambda: engine.stats)
     app.state.open_requests = open_requests = OpenRequests()
     completions = CompletionServing(engine, settings, metrics, open_requests)
     chat = ChatServing(engine, settings, metrics, open_requests)
     models = ModelServing(engine, settings)
     install_error_handlers(app)
-    uploads = ("/v1/files",) if settings.state_dir is not None else ()  # the batch router limits its own uploads
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, exempt_paths=uploads)
+    body_limits = {path: limit for mount in mounts for path, limit in mount.body_limits.items()}
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, path_limits=body_limits)
     app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys)  # no key, no body read
     install_browser_checks(app, settings.bind_host, settings.allowed_hosts, settings.allowed_origins)  # outermost
     require_json_type = not settings.api_keys  # see body.py
 
     def require_ready() -> None:
         if not engine.is_ready:
-            retry = {"Retry-After": str(settings.retry_after_seconds)}
+            retry = settings.retry_after_seconds
             if engine.load_error is not None:
-                raise APIError(503, f"the model failed to load: {engine.load_error}", headers=retry)
+                raise EngineUnavailable(f"the model failed to load: {engine.load_error}", retry)
             message = "the model is still loading" if engine.is_loading else "the server is not running"
-            raise APIError(503, message, headers=retry)
+            raise EngineUnavailable(message, retry)
 
     @app.get("/health", **documented(response=HealthResponse, errors=(503,)))
     async def health() -> Response:
@@ -112,7 +138,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
     async def create_completion(http_request: Request) -> Response:
         require_ready()
         request = await read_json(http_request, CompletionRequest, require_json_type)
-        return await cancel_on_disconnect(http_request, completions.create(request))
+        return await cancel_on_disconnect(http_request, http_reply_of(completions.create(request)))
 
     @app.post(
         "/v1/chat/completions",
@@ -121,7 +147,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
     async def create_chat_completion(http_request: Request) -> Response:
         require_ready()
         request = await read_json(http_request, ChatCompletionRequest, require_json_type)
-        return await cancel_on_disconnect(http_request, chat.create(request))
+        return await cancel_on_disconnect(http_request, http_reply_of(chat.create(request)))
 
     @app.post("/tokenize", **documented(TokenizeRequest, TokenizeResponse, errors=(*JSON_BODY_ERRORS, 404, 503)))
     async def tokenize(http_request: Request) -> Response:
@@ -151,9 +177,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: f
             "logit_bias": below_pattern(engine.vocab_size),
         }
 
-    if settings.state_dir is not None:
-        from ..batch.routes import BatchService, mount_batches
-
-        mount_batches(app, BatchService(settings.state_dir, engine, settings, metrics, settings.max_upload_bytes))
-    install_openapi(app, limits, bearer=bool(settings.api_keys))
+    route_docs: dict = {}
+    for mount in mounts:
+        app.include_router(mount.router)
+        route_docs.update(mount.route_docs)
+    install_openapi(app, limits, bearer=bool(settings.api_keys), route_docs=route_docs)
     return app

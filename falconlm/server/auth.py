@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import APIError, error_response
+from ..serving.errors import APIError
+from .errors import error_response
 
 PUBLIC_PATHS = frozenset({"/health"})
 

@@ -24,7 +24,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, error_response
+from ..serving.errors import APIError
+from .errors import error_response
 
 LOOPBACK_NAMES = ("localhost", "*.localhost", "127.0.0.1", "[::1]")
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})

@@ -1,30 +1,31 @@
 """Request body size limit: 413 before the body is read when Content-Length is too big, or as soon as a
-chunked body passes the limit."""
+chunked body passes the limit. Some paths (file uploads) have a limit of their own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, error_response
+from ..serving.errors import APIError
+from .errors import error_response
 
 
 class BodySizeLimitMiddleware:
     """Pure ASGI middleware (it never buffers and leaves streaming responses alone)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, exempt_paths: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, path_limits: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.exempt_paths = frozenset(exempt_paths)
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt_paths:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        limit = self.path_limits.get(scope["path"], self.max_body_bytes)
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             if declared.isdigit():

@@ -11,15 +11,14 @@ prompt plus max_tokens over the context, and the others listed in ``errors.py`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from .protocol import ErrorResponse
-from .protocol_batch import BATCH_ROUTES
+from ..serving.protocol import ErrorResponse
 
 REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
@@ -90,10 +89,16 @@ _REQUEST_MODELS: dict[str, type[BaseModel]] = {}
 _EXTRA_MODELS: dict[str, type[BaseModel]] = {}  # stream chunks: referenced only from event schemas
 
 
-def install_openapi(app: FastAPI, limits: Callable[[], dict[str, Any] | None], bearer: bool) -> None:
+# (method, path) -> (request body model or raw body, 200 model or media type, error statuses)
+RouteDocs = Mapping[tuple[str, str], tuple[Any, Any, tuple[int, ...]]]
+
+
+def install_openapi(
+    app: FastAPI, limits: Callable[[], dict[str, Any] | None], bearer: bool, route_docs: RouteDocs | None = None
+) -> None:
     """Make ``app.openapi()`` the full contract. ``limits()`` gives the runtime bounds (None while the model
     loads: the document is then built without them and not cached). ``bearer``: every route but /health needs
-    an API key."""
+    an API key. ``route_docs`` documents routes mounted from elsewhere (the batch routes)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -103,7 +108,7 @@ def install_openapi(app: FastAPI, limits: Callable[[], dict[str, Any] | None], b
         for models, mode in ((_REQUEST_MODELS, "validation"), (_EXTRA_MODELS, "serialization")):
             for model in models.values():
                 _add_model(components, model, mode)
-        _document_batch_routes(schema, components)
+        _document_routes(schema, components, route_docs or {})
         bounds = limits()
         _fill_limits(components, bounds or {})
         if bearer:
@@ -123,10 +128,10 @@ def _error_responses(statuses: Iterable[int]) -> dict[str, Any]:
     }
 
 
-def _document_batch_routes(schema: dict[str, Any], components: dict[str, Any]) -> None:
-    """Bodies and responses of /v1/files and /v1/batches (when served): ``protocol_batch.BATCH_ROUTES``."""
+def _document_routes(schema: dict[str, Any], components: dict[str, Any], route_docs: RouteDocs) -> None:
+    """Bodies and responses of the routes ``route_docs`` names (those served)."""
     paths = schema.get("paths", {})
-    for (method, path), (body, ok, errors) in BATCH_ROUTES.items():
+    for (method, path), (body, ok, errors) in route_docs.items():
         operation = paths.get(path, {}).get(method)
         if operation is None:
             continue

@@ -22,8 +22,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .drain import OpenRequests
-from .errors import error_body
+from ..serving.drain import OpenRequests
+from ..serving.errors import error_body
 
 logger = logging.getLogger("falconlm.serve")
 

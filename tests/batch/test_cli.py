@@ -193,7 +193,8 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, tiny_checkpoint,
 
 
 def test_rerun_after_cancel_keeps_work_already_done(tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    from falconlm.batch.store import Result, Store
+    from falconlm.batch.records import Result
+    from falconlm.batch.store import Store
 
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(request_line(f"r{i}", max_tokens=2, temperature=0) for i in range(4)) + "\n")

@@ -1,10 +1,11 @@
 """Crash test: SIGKILL ``falconlm batch run`` at random moments, some inside a result transaction, run it again,
 and compare the final files with an uninterrupted run.
 
-The store's test hook (``FALCONLM_BATCH_COMMIT_HOOK``) appends ``commit <results> <rows marked>`` to a file
-from inside each result transaction and then sleeps (``FALCONLM_BATCH_COMMIT_PAUSE``) before COMMIT, so a
-kill sent as soon as a new line appears lands inside the transaction. The file also proves that no committed
-request is ever computed again: in every transaction, every result marks a row that was still pending.
+The crashing runs go through ``commit_hook_launcher.py``, which gives the store an ``on_commit`` hook that
+appends ``commit <results> <rows marked>`` to a file from inside each result transaction and then sleeps
+before COMMIT, so a kill sent as soon as a new line appears lands inside the transaction. The file also proves
+that no committed request is ever computed again: in every transaction, every result marks a row that was
+still pending.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_checkpoint, capsys
     assert sorted(reference) == sorted(valid)
 
     hook, state = tmp_path / "hook.txt", tmp_path / "crash-state"
-    env.update(FALCONLM_BATCH_COMMIT_HOOK=str(hook), FALCONLM_BATCH_COMMIT_PAUSE="0.1")
-    argv = [sys.executable, "-m", "falconlm", *command(tmp_path, tiny_checkpoint, source, "crash")]
+    launcher = ["-m", "tests.batch.commit_hook_launcher", str(hook), "0.1"]  # 0.1 s inside each transaction
+    argv = [sys.executable, *launcher, *command(tmp_path, tiny_checkpoint, source, "crash")]
     kills: Counter[str] = Counter()
     expected_finished = 0  # rows committed so far, from the hook lines of committed transactions
     for plan in KILL_PLAN:

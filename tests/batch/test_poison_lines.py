@@ -14,8 +14,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from falconlm.batch.ingest import ingest
 from falconlm.batch.jsonl import InvalidLine, ValidLine, error_line, parse_line, read_lines
-from falconlm.batch.runner import ingest
 from falconlm.batch.store import Store
 from falconlm.cli import main
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 import uvicorn
 
+from falconlm.cli.serve_http import build_server_app
 from falconlm.engine.async_engine import AsyncEngine
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.model.falcon import FalconForCausalLM
-from falconlm.server import ServerSettings, build_app
+from falconlm.server import ServerSettings
 from falconlm.tokenizer import Tokenizer
 
 MODEL = "tiny-falcon"
@@ -49,7 +50,7 @@ class BatchServer:
             max_upload_bytes=max_upload_bytes,
             max_state_bytes=max_state_bytes,
         )
-        app = build_app(self.engine, settings)  # mounts the batch routes because state_dir is set
+        app = build_server_app(self.engine, settings)  # mounts the batch routes because state_dir is set
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -222,3 +223,17 @@ def test_uploads_past_the_state_quota_get_413(tiny_checkpoint, tmp_path):
         assert client.files.create(file=("again.jsonl", b"x" * 60_000), purpose="batch").bytes == 60_000
     finally:
         live.stop()
+
+
+def test_upload_limits_hold_before_and_after_parsing(server):
+    """Over the limit by more than the form's overhead: refused from Content-Length, unparsed; just over it: the
+    parsed file is refused. Either way a 413 error object and nothing stored."""
+    base = f"http://127.0.0.1:{server.port}"
+    for size in (100 * 1024, 64 * 1024 + 1):
+        response = httpx.post(f"{base}/v1/files", files={"file": ("f.jsonl", b"x" * size)}, data={"purpose": "batch"})
+        error = response.json()["error"]
+        assert response.status_code == 413 and error["type"] == "invalid_request_error", (size, error)
+    assert "upload limit of 65536 bytes" in error["message"]
+    exact = httpx.post(f"{base}/v1/files", files={"file": ("f.jsonl", b"x" * 64 * 1024)}, data={"purpose": "batch"})
+    assert exact.status_code == 200 and exact.json()["bytes"] == 64 * 1024
+    assert [f.id for f in server.client.files.list()] == [exact.json()["id"]]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from falconlm.batch.jsonl import InvalidLine, ValidLine
-from falconlm.batch.store import Result, Store, connect
+from falconlm.batch.records import Result
+from falconlm.batch.store import Store, connect
 
 
 def _valid(n: int, custom_id: str) -> ValidLine:
@@ -55,20 +58,20 @@ def test_cancelled_jobs_report_pending_requests_as_errors(tmp_path):
 
 
 def test_ingest_stopped_midway_resumes_from_the_committed_offset(tmp_path, monkeypatch):
-    from falconlm.batch import runner
+    from falconlm.batch import ingest as ingesting
 
     source = tmp_path / "in.jsonl"
     request = {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}
     lines = [json.dumps({"custom_id": f"r{i}", **request}) for i in range(25)]
     lines += ["{bad", lines[0]]  # a bad line and a duplicate of r0
     source.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(runner, "INGEST_CHUNK", 4)
+    monkeypatch.setattr(ingesting, "INGEST_CHUNK", 4)
     store = Store(tmp_path / "state")
     job = store.create_job("batch_" + "2" * 24, "cli", str(source))
-    assert runner.ingest(store, job, source, should_stop=lambda: True) is False  # stops after one chunk
+    assert ingesting.ingest(store, job, source, should_stop=lambda: True) is False  # stops after one chunk
     job = store.get_job(job.id)
     assert (job.total, job.ingest_line) == (4, 4) and 0 < job.ingest_offset < source.stat().st_size
-    assert runner.ingest(store, job, source) is True
+    assert ingesting.ingest(store, job, source) is True
     job = store.get_job(job.id)
     assert (job.total, job.failed, job.ingest_offset) == (27, 2, source.stat().st_size)
     assert [r.custom_id for r in store.pending(job.id, 0, 100)] == [f"r{i}" for i in range(25)]
@@ -87,3 +90,23 @@ def test_a_line_the_database_cannot_store_becomes_error_line(tmp_path):
     assert error["custom_id"] == "b" and error["error"]["code"] == "invalid_line"
     assert error["error"]["message"].startswith("line 2: cannot be stored")
     store.close()
+
+
+def test_on_commit_runs_inside_the_result_transaction(tmp_path):
+    calls: list[tuple[int, int]] = []
+    store = Store(tmp_path / "state", on_commit=lambda results, marked: calls.append((results, marked)))
+    job = store.create_job("batch_" + "3" * 24, "cli", "in.jsonl")
+    lines = [ValidLine(i + 1, f"r{i}", "/v1/completions", "{}") for i in range(3)]
+    store.add_lines(job.id, lines, 10, 3)
+    done = [Result("r0", "done", "{}"), Result("r1", "done", "{}")]
+    assert store.commit_results(job.id, done) == 2
+    assert store.commit_results(job.id, [Result("r0", "done", "{}")]) == 0  # a replay marks nothing
+    assert calls == [(2, 2), (1, 0)]
+
+    def fail(results: int, marked: int) -> None:
+        raise KeyboardInterrupt  # the process dies inside the transaction: nothing of it is kept
+
+    failing = Store(tmp_path / "state", on_commit=fail)
+    with pytest.raises(KeyboardInterrupt):
+        failing.commit_results(job.id, [Result("r2", "failed", "{}")])
+    assert [row.custom_id for row in store.pending(job.id, 0, 10)] == ["r2"]

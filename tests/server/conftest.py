@@ -13,10 +13,11 @@ import pytest
 import torch
 import uvicorn
 
+from falconlm.cli.serve_http import build_server_app
 from falconlm.engine.async_engine import AsyncEngine
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.model.falcon import FalconForCausalLM
-from falconlm.server import ServerSettings, build_app
+from falconlm.server import ServerSettings
 from falconlm.tokenizer import Tokenizer
 
 API_KEY = "test-key-123"
@@ -36,14 +37,16 @@ def load_engine(checkpoint: Path, **config) -> Engine:
 
 
 class LiveServer:
-    """uvicorn serving ``build_app(engine, settings)`` in a background thread."""
+    """uvicorn serving ``build_server_app(engine, settings)`` (the app as `falconlm serve` composes it) in a thread."""
 
     def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
         self.engine = engine
         self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            build_server_app(engine, settings), host="127.0.0.1", port=self.port, log_level="warning"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from falconlm.cli import main
-from falconlm.server.generation import child_seed
+from falconlm.serving.generation import child_seed
 
 from .conftest import MODEL_NAME, LiveServer, ServerFactory
 

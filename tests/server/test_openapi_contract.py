@@ -11,7 +11,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
-from falconlm.server.errors import CONTEXT_LENGTH_PHRASE  # noqa: E402
+from falconlm.serving.errors import CONTEXT_LENGTH_PHRASE  # noqa: E402
 
 from .conftest import LiveServer, ServerFactory  # noqa: E402
 

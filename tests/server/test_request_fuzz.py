@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from falconlm.engine.async_engine import AsyncEngine
 from falconlm.server import ServerSettings, build_app
-from falconlm.server.body import MAX_JSON_DEPTH, parse_json, validate
-from falconlm.server.errors import APIError, from_value_error
 from falconlm.server.openapi import below_pattern
-from falconlm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from falconlm.serving.errors import APIError, from_value_error
+from falconlm.serving.json_body import MAX_JSON_DEPTH, parse_json, validate
+from falconlm.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 from .conftest import MODEL_NAME, load_engine
 

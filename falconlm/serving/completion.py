@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from starlette.responses import Response
-
 from ..engine.async_engine import EngineError
 from ..engine.sampler import TokenLogprobs
-from .errors import APIError, bad_request
+from .base import Serving, build_off_loop
+from .errors import bad_request
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import completion_prompts, sampling_params
 from .logprobs import completion_logprobs
@@ -20,14 +19,13 @@ from .protocol import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
-from .serving import Serving, json_reply
-from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
 class CompletionServing(Serving):
     """Turns a CompletionRequest into engine requests and their outputs into OpenAI's completion objects."""
 
-    async def create(self, request: CompletionRequest) -> Response:
+    async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[CompletionStreamResponse]:
+        """The response, or with ``stream`` its chunks; raises APIError (also midway through the chunks)."""
         arrival = time.monotonic()
         self.check_request(request)
         prompts = completion_prompts(self.engine, request.prompt)
@@ -41,11 +39,10 @@ class CompletionServing(Serving):
             self.engine, response_id, [ids for _, ids in prompts], params, self.metrics, arrival, retry
         )
         if request.stream:
-            events = self._stream(request, generation, response_id, prompts, prompt_logprobs)
-            return EventStreamResponse(events)
+            return self._stream(request, generation, response_id, prompts, prompt_logprobs)
         with self.open_requests.track(generation.stream):
             choices = await generation.run_to_end(retry)
-        return await json_reply(
+        return await build_off_loop(
             lambda: CompletionResponse(
                 id=response_id,
                 model=self.settings.model_name,
@@ -94,19 +91,21 @@ class CompletionServing(Serving):
         response_id: str,
         prompts: list[tuple[str, list[int]]],
         prompt_logprobs: list[list[TokenLogprobs | None]] | None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[CompletionStreamResponse]:
         model = self.settings.model_name
         want_logprobs = request.logprobs is not None
         offsets = [0] * len(generation.choices)
 
-        def chunk(index: int, text: str, token_ids: list[int], entries: list, finish: str | None = None) -> str:
+        def chunk(
+            index: int, text: str, token_ids: list[int], entries: list, finish: str | None = None
+        ) -> CompletionStreamResponse:
             logprobs = None
             if want_logprobs:
                 logprobs = completion_logprobs(token_ids, entries, self.texts, offsets[index])
                 if logprobs.tokens:
                     offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             item = CompletionResponseStreamChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
-            return sse_event(CompletionStreamResponse(id=response_id, model=model, choices=[item]))
+            return CompletionStreamResponse(id=response_id, model=model, choices=[item])
 
         try:
             if request.echo:
@@ -124,11 +123,8 @@ class CompletionServing(Serving):
                     yield chunk(choice.index, out.text, new_ids, entries, finish)
                 if request.stream_options and request.stream_options.include_usage:
                     usage = generation.usage()
-                    yield sse_event(CompletionStreamResponse(id=response_id, model=model, choices=[], usage=usage))
+                    yield CompletionStreamResponse(id=response_id, model=model, choices=[], usage=usage)
             except EngineError as exc:
-                yield sse_event(engine_error(exc, self.settings.retry_after_seconds).to_dict())
-            except APIError as exc:
-                yield sse_event(exc.to_dict())
-            yield SSE_DONE
+                raise engine_error(exc, self.settings.retry_after_seconds) from exc
         finally:
             generation.abort()

@@ -1,4 +1,4 @@
-"""ServerSettings: what the HTTP layer needs to know beyond the engine (names, keys, limits, browser checks)."""
+"""ServerSettings: what serving needs beyond the engine (names, limits), and the HTTP layer's keys and checks."""
 
 from __future__ import annotations
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from starlette.responses import Response
-
 from ..engine.async_engine import EngineError
-from .errors import APIError, from_value_error
+from .base import Serving, build_off_loop
+from .errors import from_value_error
 from .generation import Choice, Generation, engine_error, new_request_id
 from .inputs import chat_prompt, sampling_params
 from .logprobs import chat_logprobs
@@ -22,14 +21,15 @@ from .protocol import (
     ChatCompletionStreamResponse,
     DeltaMessage,
 )
-from .serving import Serving, json_reply
-from .sse import SSE_DONE, EventStreamResponse, sse_event
 
 
 class ChatServing(Serving):
     """Turns a ChatCompletionRequest into engine requests and their outputs into OpenAI's chat objects."""
 
-    async def create(self, request: ChatCompletionRequest) -> Response:
+    async def create(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionStreamResponse]:
+        """The response, or with ``stream`` its chunks; raises APIError (also midway through the chunks)."""
         arrival = time.monotonic()
         self.check_request(request)
         try:
@@ -45,10 +45,10 @@ class ChatServing(Serving):
             self.engine, response_id, [prompt_ids], [params], self.metrics, arrival, retry
         )
         if request.stream:
-            return EventStreamResponse(self._stream(request, generation, response_id))
+            return self._stream(request, generation, response_id)
         with self.open_requests.track(generation.stream):
             choices = await generation.run_to_end(retry)
-        return await json_reply(
+        return await build_off_loop(
             lambda: ChatCompletionResponse(
                 id=response_id,
                 model=self.settings.model_name,
@@ -72,11 +72,11 @@ class ChatServing(Serving):
 
     async def _stream(
         self, request: ChatCompletionRequest, generation: Generation, response_id: str
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[ChatCompletionStreamResponse]:
         model = self.settings.model_name
 
-        def chunk(item: ChatCompletionResponseStreamChoice) -> str:
-            return sse_event(ChatCompletionStreamResponse(id=response_id, model=model, choices=[item]))
+        def chunk(item: ChatCompletionResponseStreamChoice) -> ChatCompletionStreamResponse:
+            return ChatCompletionStreamResponse(id=response_id, model=model, choices=[item])
 
         try:
             for c in generation.choices:
@@ -101,11 +101,8 @@ class ChatServing(Serving):
                     )
                 if request.stream_options and request.stream_options.include_usage:
                     usage = generation.usage()
-                    yield sse_event(ChatCompletionStreamResponse(id=response_id, model=model, choices=[], usage=usage))
+                    yield ChatCompletionStreamResponse(id=response_id, model=model, choices=[], usage=usage)
             except EngineError as exc:
-                yield sse_event(engine_error(exc, self.settings.retry_after_seconds).to_dict())
-            except APIError as exc:
-                yield sse_event(exc.to_dict())
-            yield SSE_DONE
+                raise engine_error(exc, self.settings.retry_after_seconds) from exc
         finally:
             generation.abort()

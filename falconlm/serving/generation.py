@@ -18,7 +18,7 @@ from ..engine.engine import StepOutput
 from ..engine.sampler import TokenLogprobs
 from ..engine.sampling_params import SamplingParams
 from ..engine.scheduler import QueueFullError
-from .errors import APIError, from_value_error
+from .errors import APIError, EngineUnavailable, QueueFull, from_value_error
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import UsageInfo
 
@@ -34,13 +34,12 @@ def new_request_id(prefix: str) -> str:
 
 def engine_error(exc: Exception, retry_after: int) -> APIError:
     """The OpenAI error for an exception raised by the AsyncEngine."""
-    retry = {"Retry-After": str(retry_after)}
     if isinstance(exc, QueueFullError):
-        return APIError(429, f"the server is busy: {exc}; retry later", headers=retry)
+        return QueueFull(f"the server is busy: {exc}; retry later", retry_after)
     if isinstance(exc, EngineNotReadyError):
-        return APIError(503, "the model is still loading; retry later", headers=retry)
+        return EngineUnavailable("the model is still loading; retry later", retry_after)
     if isinstance(exc, EngineStoppedError):
-        return APIError(503, "the server is shutting down", headers=retry)
+        return EngineUnavailable("the server is shutting down", retry_after)
     if isinstance(exc, EngineError):
         return APIError(500, str(exc))
     if isinstance(exc, ValueError):

@@ -1,6 +1,6 @@
 """Prometheus metrics on a private registry, all named ``falconlm_*``.
 
-Latency histograms and token counters are fed by the server as outputs arrive (:class:`RequestTimer`); the
+Latency histograms and token counters are fed by the serving classes as outputs arrive (:class:`RequestTimer`); the
 engine's load (running and waiting requests, KV blocks, prefix-cache hits) is read from the AsyncEngine's
 stats snapshot at scrape time.
 """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from pydantic import BaseModel
-from starlette.responses import Response
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import StepOutput
@@ -17,6 +17,8 @@ from .inputs import check_model
 from .logprobs import TokenTexts
 from .metrics import ServerMetrics
 from .settings import ServerSettings
+
+ResponseT = TypeVar("ResponseT", bound=BaseModel)
 
 
 class Serving:
@@ -67,8 +69,7 @@ class Serving:
             raise bad_request(f"{name} must be at most {limit} on this server (--max-logprobs)", name)
 
 
-async def json_reply(build: Callable[[], BaseModel]) -> Response:
-    """``build()`` as a JSON response, built and serialised on a worker thread: a reply with many choices and
-    logprobs takes a while to encode, and the event loop keeps answering other requests meanwhile."""
-    body = await asyncio.to_thread(lambda: build().model_dump_json().encode("utf-8"))
-    return Response(body, media_type="application/json")
+async def build_off_loop(build: Callable[[], ResponseT]) -> ResponseT:
+    """``build()`` on a worker thread: a reply with many choices and logprobs takes a while to build, and the
+    event loop keeps answering other requests meanwhile."""
+    return await asyncio.to_thread(build)

@@ -1,7 +1,7 @@
 """The OpenAPI contract of ``/v1/files`` and ``/v1/batches`` (served with ``--state-dir``): OpenAI's file and
 batch objects as pydantic models, and each route's body, responses and errors.
 
-The batch routes build these objects as dicts and check their inputs by hand (``falconlm.batch.routes``); the
+The batch routes (``falconlm.batch.routes``) check their inputs by hand; the
 models here state the same shapes and limits so the document matches what the routes send and accept.
 """
 
