@@ -1,8 +1,8 @@
 """Prometheus metrics on a private registry, all named ``falconlm_*``.
 
 Latency histograms and token counters are fed by the server as outputs arrive (:class:`RequestTimer`); the
-engine's load (running and waiting requests, KV blocks, prefix-cache hits) is read from the AsyncEngine's
-stats snapshot at scrape time.
+engine's load (running and waiting requests, KV blocks, prefix-cache hits) is read from the engine's
+stats snapshot at scrape time; the queue time from the SCHEDULED event recorded on each request.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..engine.async_engine import EngineStats
+from ..engine.stats import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
