@@ -265,12 +265,13 @@ class AsyncEngine:
         resolve_threadsafe(command.stream.loop, command.accepted, result=None)
 
     def _abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
-            return
-        self.engine.abort(request_id)
-        final = StepOutput(request_id, "", [], True, CompletionOutput(index=0, finish_reason="abort"), request_id)
-        call_threadsafe(stream.loop, stream._deliver, [final])
+        """Abort a sequence, or every sequence of a parent id, and end each one's stream."""
+        for sequence_id in self.engine.sequence_ids(request_id):
+            stream = self._streams.pop(sequence_id, None)
+            if stream is not None:
+                self.engine.abort(sequence_id)
+                final = CompletionOutput(index=0, finish_reason="abort")
+                call_threadsafe(stream.loop, stream._deliver, [StepOutput(sequence_id, "", [], True, final)])
 
     def _step(self) -> None:
         try:

@@ -146,6 +146,10 @@ class Engine:
                 self.scheduler.finish_requests([sequence_id], RequestStatus.FINISHED_ABORTED)
                 self.runner.free(sequence_id)
 
+    def sequence_ids(self, request_id: str) -> list[str]:
+        """The unfinished sequences of a parent request with n > 1, else ``[request_id]`` itself."""
+        return list(self._children.get(request_id, [request_id]))
+
     def stats(self) -> EngineStats:
         """A frozen snapshot of the load, built by the scheduler and the KV-cache manager."""
         return EngineStats.combine(self.scheduler.stats(), self.kv_cache_manager.stats(), self.num_steps)
