@@ -21,7 +21,7 @@ from .kv_cache_manager import KVCacheManager
 from .memory import check_max_model_len, kv_cache_blocks
 from .outputs import CompletionOutput
 from .parallel_sampling import child_sequences
-from .request import FINISH_REASON, Request, RequestEvent, RequestStatus
+from .request import FINISH_REASON, Request, RequestEvent, RequestEventType, RequestStatus
 from .runner import ModelRunner
 from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
@@ -185,6 +185,8 @@ class Engine:
         out = state.output
         if out.prompt_logprobs is None and state.prompt_logprobs is not None:
             out.prompt_logprobs = state.prompt_logprobs  # complete: the prompt is computed once a token is sampled
+        if not out.token_ids and new_ids:
+            request.record(RequestEventType.FIRST_TOKEN)
         text = ""
         for token_id, lp in zip(new_ids, logprobs, strict=True):
             out.token_ids.append(token_id)

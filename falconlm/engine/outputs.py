@@ -53,3 +53,8 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[TokenLogprobs] | None:
         return self.outputs[0].logprobs
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """With ``SamplingParams.prompt_logprobs``: each prompt token's logprobs (None for the first)."""
+        return self.outputs[0].prompt_logprobs

@@ -33,11 +33,12 @@ FINISH_REASON: dict[RequestStatus, str] = {
 
 
 class RequestEventType(enum.Enum):
-    """What happened to a request; the scheduler records QUEUED, SCHEDULED and PREEMPTED."""
+    """What happened to a request; the scheduler records QUEUED, SCHEDULED and PREEMPTED, the engine FIRST_TOKEN."""
 
     QUEUED = "queued"  # added to the waiting queue
     SCHEDULED = "scheduled"  # admitted to the running batch (again after a preemption)
     PREEMPTED = "preempted"  # its blocks were taken back; it waits to be recomputed
+    FIRST_TOKEN = "first_token"  # its first output token was sampled
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,11 @@ class Generation:
         async for out in self.stream:
             choice = self._by_request_id[out.request_id]
             now = time.monotonic()
-            choice.timer.on_tokens(len(out.token_ids), now)
+            choice.events.extend(out.events)
+            first_token = first_event_time(out.events, RequestEventType.FIRST_TOKEN)
+            choice.timer.on_tokens(len(out.token_ids), now, first_token)
             choice.text += out.text
             choice.token_ids.extend(out.token_ids)
-            choice.events.extend(out.events)
             if choice.prompt_logprobs is None:
                 choice.prompt_logprobs = out.output.prompt_logprobs
             if out.output.logprobs and out.token_ids:

@@ -102,12 +102,13 @@ class RequestTimer:
         self.arrival = arrival
         self.last_token_time: float | None = None
 
-    def on_tokens(self, num_tokens: int, now: float) -> None:
+    def on_tokens(self, num_tokens: int, now: float, first_token_time: float | None = None) -> None:
+        """``first_token_time``: when the engine sampled the first token (its FIRST_TOKEN event), else ``now``."""
         if num_tokens <= 0:
             return
         m = self.metrics
         if self.last_token_time is None:
-            m.time_to_first_token.observe(now - self.arrival)
+            m.time_to_first_token.observe((now if first_token_time is None else first_token_time) - self.arrival)
         else:
             m.inter_token_latency.observe(now - self.last_token_time)
         self.last_token_time = now

@@ -67,7 +67,11 @@ def test_engine_stats_and_events_on_outputs(tiny_checkpoint):
         for out in engine.step():
             events[out.request_id] += out.events
     for rid in ("a", "b"):  # each event goes out once, in order
-        assert [e.type for e in events[rid]] == [RequestEventType.QUEUED, RequestEventType.SCHEDULED]
+        assert [e.type for e in events[rid]] == [
+            RequestEventType.QUEUED,
+            RequestEventType.SCHEDULED,
+            RequestEventType.FIRST_TOKEN,
+        ]
     b_scheduled = first_event_time(events["b"], RequestEventType.SCHEDULED)
     assert b_scheduled is not None and b_scheduled > first_event_time(events["b"], RequestEventType.QUEUED)
     final = engine.stats()
