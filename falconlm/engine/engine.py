@@ -141,10 +141,10 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its sequences, given a parent id) now; its blocks are free when this returns."""
-        for sequence_id in self._children.pop(request_id, None) or [request_id]:
-            if self._states.pop(sequence_id, None) is not None:
+        for sequence_id in self.sequence_ids(request_id):
+            if sequence_id in self._states:
                 self.scheduler.finish_requests([sequence_id], RequestStatus.FINISHED_ABORTED)
-                self.runner.free(sequence_id)
+                self._forget(sequence_id)
 
     def sequence_ids(self, request_id: str) -> list[str]:
         """The unfinished sequences of a parent request with n > 1, else ``[request_id]`` itself."""

@@ -77,3 +77,7 @@ def test_later_children_share_the_prompts_blocks_and_abort_by_parent_frees_all(e
     engine.abort("q")
     assert not engine.has_unfinished()
     assert engine.stats().num_blocks_in_use == 0
+    engine.add_request("r", prompt, SamplingParams(n=2, max_tokens=50, ignore_eos=True))
+    engine.abort("r-0")
+    engine.abort("r-1")  # each child aborted by its own id: the parent id is free again
+    assert engine.add_request("r", prompt, SamplingParams(max_tokens=1)) == ["r"]
