@@ -19,13 +19,13 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .engine import Engine, StepOutput
 from .errors import EngineError, EngineNotReadyError, EngineStoppedError
 from .outputs import CompletionOutput
 from .parallel_sampling import sequence_ids
-from .request_stream import RequestStream, call_threadsafe, resolve_threadsafe
+from .request_stream import RequestStream, call_threadsafe, resolve_threadsafe, snapshot
 from .sampling_params import SamplingParams
 from .stats import EngineStats
 
@@ -287,7 +287,7 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            deliveries.setdefault(stream, []).append(_snapshot(out))
+            deliveries.setdefault(stream, []).append(snapshot(out))
         for stream, items in deliveries.items():
             call_threadsafe(stream.loop, stream._deliver, items)
 
@@ -324,12 +324,3 @@ class AsyncEngine:
                 resolve_threadsafe(command.stream.loop, command.accepted, exc=error)
         self._idle.set()
         self._ready.set()
-
-
-def _snapshot(out: StepOutput) -> StepOutput:
-    """A copy the event loop may read while the engine thread goes on mutating the live CompletionOutput."""
-    live = out.output
-    output = replace(
-        live, token_ids=list(live.token_ids), logprobs=None if live.logprobs is None else list(live.logprobs)
-    )
-    return replace(out, token_ids=list(out.token_ids), output=output)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from .engine import StepOutput
@@ -107,3 +108,12 @@ def resolve_threadsafe(
             future.set_result(result)
 
     call_threadsafe(loop, settle)
+
+
+def snapshot(out: StepOutput) -> StepOutput:
+    """A copy the event loop may read while the engine thread goes on mutating the live CompletionOutput."""
+    live = out.output
+    output = replace(
+        live, token_ids=list(live.token_ids), logprobs=None if live.logprobs is None else list(live.logprobs)
+    )
+    return replace(out, token_ids=list(out.token_ids), output=output)
