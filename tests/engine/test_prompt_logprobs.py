@@ -71,3 +71,14 @@ def test_prompt_logprobs_setting_is_checked():
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match="prompt_logprobs must be an integer"):
         SamplingParams(prompt_logprobs=1.5)
+
+
+def test_llm_returns_prompt_logprobs(tiny_checkpoint, engine_parts):
+    from falconlm.llm import LLM
+
+    model, _ = engine_parts
+    llm = LLM(tiny_checkpoint, dtype="float32", device="cpu")
+    prompt = [5, 9, 14, 3, 7, 21]
+    (out,) = llm.generate([prompt], SamplingParams(max_tokens=2, prompt_logprobs=1))
+    _check(out, model, prompt, 1)
+    assert out.prompt_logprobs is out.outputs[0].prompt_logprobs
