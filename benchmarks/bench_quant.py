@@ -65,7 +65,7 @@ def worker(variant: str, out: Path, size: str, threads: int, new_tokens: int, en
     import torch
 
     from falconlm.engine.fused_decode import dense_step, fused_decoder
-    from falconlm.model.attention import KVCache
+    from falconlm.model.dense import KVCache
     from falconlm.model.falcon import FalconForCausalLM
     from falconlm.native.ops import argmax
     from falconlm.quant import load_quantized

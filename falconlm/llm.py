@@ -12,6 +12,7 @@ from .engine.factory import EngineArgs, build_engine
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
 from .engine.validation import check_token_ids
+from .tokenizer import NoTokenizer
 
 __all__ = ["DTYPES", "LLM", "Prompt", "auto_dtype", "resolve_device", "resolve_dtype"]
 
@@ -23,6 +24,9 @@ class LLM:
 
     >>> llm = LLM("path/to/falcon")                               # doctest: +SKIP
     >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))[0].text  # doctest: +SKIP
+
+    With ``skip_tokenizer_init`` (vLLM's name), or when the folder has no ``tokenizer.json``, no tokenizer is
+    loaded: prompts must be token ids, and outputs carry token ids with empty text.
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         quantize: str | None = None,
         deterministic: bool = False,
+        skip_tokenizer_init: bool = False,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -51,6 +56,8 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             enable_prefix_caching=enable_prefix_caching,
             deterministic=deterministic,
+            skip_tokenizer_init=skip_tokenizer_init,
+            tokenizer_optional=True,
         )
         self.path = args.model_path
         self.device = resolve_device(device)
@@ -77,6 +84,8 @@ class LLM:
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
+        if isinstance(self.tokenizer, NoTokenizer) and any(sp.stop for sp in params):
+            raise ValueError(f"stop strings need a tokenizer, and {self.tokenizer.reason}; use stop_token_ids")
         token_prompts = [self.encode_prompt(p) for p in prompts]
         results = [
             RequestOutput(str(i), p if isinstance(p, str) else None, ids, [None] * sp.n)

@@ -54,7 +54,7 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-        tokenizer_file = folder / "tokenizer.json"
+        tokenizer_file = folder / TOKENIZER_FILE
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"tokenizer.json not found in {folder} (looked for {tokenizer_file})")
         try:
@@ -154,6 +154,47 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class NoTokenizer:
+    """Stands in for a :class:`Tokenizer` when a model runs without one (vLLM's ``skip_tokenizer_init``).
+
+    Prompts must then be token ids and outputs come back as ids with empty text: :meth:`decode` gives "" and
+    anything that needs text (:meth:`encode`, chat templates) raises a ValueError that says why. The end of a
+    sequence is the model config's ``eos_token_id``.
+    """
+
+    def __init__(self, eos_token_id: int | None, reason: str) -> None:
+        self.eos_token_id = eos_token_id
+        self.reason = reason  # why there is no tokenizer, for the error messages
+
+    def encode(self, text: str) -> NoReturn:
+        raise ValueError(f"text prompts need a tokenizer, and {self.reason}; give the prompt as token ids")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return ""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> NoReturn:
+        raise ValueError(f"chat templates need a tokenizer, and {self.reason}")
+
+    def __repr__(self) -> str:
+        return f"NoTokenizer(eos_token_id={self.eos_token_id}, {self.reason})"
+
+
+def load_tokenizer(
+    path: str | os.PathLike[str], eos_token_id: int | None, skip_tokenizer_init: bool = False
+) -> Tokenizer | NoTokenizer:
+    """The tokenizer of a model folder; a :class:`NoTokenizer` (token ids only) when ``skip_tokenizer_init``
+    asks for none or the folder has no ``tokenizer.json``."""
+    folder = Path(path)
+    if skip_tokenizer_init:
+        return NoTokenizer(eos_token_id, "the model was loaded with skip_tokenizer_init")
+    if folder.is_dir() and not (folder / TOKENIZER_FILE).is_file():
+        return NoTokenizer(eos_token_id, f"{folder} has no {TOKENIZER_FILE}")
+    return Tokenizer.from_pretrained(folder)
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from falconlm import LLM, FalconForCausalLM, SamplingParams
+from falconlm import LLM, SamplingParams
+
+from .oracle import uncached_greedy
 
 
 @pytest.fixture(scope="module")
@@ -13,21 +15,12 @@ def llm(tiny_checkpoint) -> LLM:
     return LLM(tiny_checkpoint, dtype="float32", device="cpu")
 
 
-def _uncached_greedy(model: FalconForCausalLM, prompt: list[int], steps: int) -> list[int]:
-    """The slow oracle: a full forward over the whole sequence for every new token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def test_greedy_matches_uncached_oracle_for_a_mixed_length_batch(llm):
     prompts = ["Once upon a time", "The fox", "One day she met a big bear and they played"]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outs, strict=True):
-        expected = _uncached_greedy(llm.model, llm.tokenizer.encode(prompt), 12)
+        expected = uncached_greedy(llm.model, llm.tokenizer.encode(prompt), 12)
         assert out.token_ids == expected, prompt
         assert out.finish_reason == "length"
         assert out.text == llm.tokenizer.decode(out.token_ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..quant import load_checkpoint
-from ..tokenizer import Tokenizer
+from ..tokenizer import NoTokenizer, Tokenizer, load_tokenizer
 from .devices import auto_dtype, resolve_device, resolve_dtype
 from .engine import Engine, EngineConfig
 from .memory import check_max_model_len, free_memory
@@ -29,6 +29,8 @@ class EngineArgs:
     ``model`` None is the embedded default model. ``max_num_batched_tokens`` None is max(512, the context).
     ``kv_cache_memory`` is bytes, a fraction (a float in (0, 1]) of the memory free after loading, or None
     for ``max_num_seqs`` full contexts capped by the free memory. ``threads`` sets torch's CPU threads.
+    ``skip_tokenizer_init`` loads no tokenizer (token ids in and out); ``tokenizer_optional`` does the same for a
+    folder without one instead of failing (the offline LLM; the server and batch need text).
     """
 
     model: str | Path | None = None
@@ -44,6 +46,8 @@ class EngineArgs:
     max_waiting: int | None = None
     deterministic: bool = False
     threads: int | None = None
+    skip_tokenizer_init: bool = False
+    tokenizer_optional: bool = False
 
     @property
     def model_path(self) -> Path:
@@ -66,7 +70,7 @@ def build_engine(args: EngineArgs) -> Engine:
     # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
     model = load_checkpoint(path, dtype=dtype, device=device, quantize=args.quantize)
     model.eval()
-    tokenizer = Tokenizer.from_pretrained(path)
+    tokenizer = _tokenizer(path, model.config.eos_token_id, args)
     max_model_len = check_max_model_len(model.config, args.max_model_len)
     if args.max_num_seqs < 1:
         raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
@@ -83,6 +87,12 @@ def build_engine(args: EngineArgs) -> Engine:
     engine = Engine(model, tokenizer, config)
     logger.info("model loaded: %s (%d KV blocks of %d tokens)", path, engine.stats().num_blocks, args.block_size)
     return engine
+
+
+def _tokenizer(path: Path, eos_token_id: int | None, args: EngineArgs) -> Tokenizer | NoTokenizer:
+    if args.skip_tokenizer_init or args.tokenizer_optional:
+        return load_tokenizer(path, eos_token_id, args.skip_tokenizer_init)
+    return Tokenizer.from_pretrained(path)
 
 
 def kv_cache_bytes(amount: int | float | None, device: torch.device) -> int | None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import native
-from ..model.attention import KVCache, build_dense_attention
+from ..model.dense import KVCache, build_dense_attention
 from ..model.positions import rope_cos_sin
 from ..native.decode import Layer, Rows, Shape, Weight, check_layout
 from ..quant.linear import QuantizedLinear
@@ -224,4 +224,4 @@ def dense_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> t
     if hidden is None:
         return None
     cache.length += 1
-    return model.lm_head(hidden)[:, -1]
+    return model.compute_logits(hidden)[:, -1]

@@ -1,10 +1,11 @@
 """ModelRunner: owns the paged KV cache tensors; turns a SchedulerOutput into forward passes and new tokens.
 
 It makes no scheduling decisions (the scheduler did): it flattens the step's tokens, computes each token's slot
-and position, runs the model with a :class:`PagedAttention` context, and samples for the rows that reached the
-end of their known tokens. It makes the one per-step kernel choice (``kernels.py``): decode rows run every layer
-in one native call when the model allows it (``fused_decode.py``), apart from prompt chunks, which take the
-model's torch forward. So a decoding request is computed the same way whatever else is in the step.
+and position, runs the model's ``forward_hidden`` with a :class:`PagedAttention` context, and takes
+``compute_logits`` of the rows that reached the end of their known tokens to sample them. It makes the one
+per-step kernel choice (``kernels.py``): decode rows run every layer in one native call when the model allows it
+(``fused_decode.py``), apart from prompt chunks, which take the model's torch forward. So a decoding request is
+computed the same way whatever else is in the step.
 """
 
 from __future__ import annotations
@@ -126,10 +127,9 @@ class ModelRunner:
         rows = torch.tensor(logits_indices, dtype=torch.long, device=dev)
         rows_kv = ctx.decode_rows() if decoder is not None else None  # None unless every row adds one token
         hidden = None if rows_kv is None else fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv)
-        if hidden is not None:
-            return sampled, self.model.lm_head(hidden[0, rows]) if logits_indices else None, scored
-        logits = self.model(input_ids, position_ids=position_ids, attention=ctx, logits_indices=rows)
-        return sampled, logits if logits_indices else None, scored
+        if hidden is None:
+            hidden = self.model.forward_hidden(input_ids, position_ids, ctx)
+        return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:

@@ -1,1 +1,1 @@
-"""The Falcon model: config, modules, positions, attention, checkpoints."""
+"""The Falcon model: config, modules, positions, attention (dense and paged), checkpoints and their formats."""

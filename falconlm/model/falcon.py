@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionContext, KVCache, build_dense_attention
+from .attention import AttentionContext
 from .config import FalconConfig
-from .positions import apply_rope, positions_from_mask, rope_cos_sin
+from .dense import KVCache, dense_inputs
+from .positions import apply_rope, rope_cos_sin
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -91,6 +92,8 @@ class FalconBlock(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+        """Sequential: ``x + Attn(LN(x))`` then ``+ MLP(LN(.))``. Parallel (the Falcon paper's block):
+        ``x + Attn(LN_attn(x)) + MLP(LN_mlp(x))``, where one shared LayerNorm may serve both."""
         if not self.parallel:  # falcon-rw
             x = x + self._drop(self.self_attention(self.input_layernorm(x), rope, ctx), self.attention_dropout)
             return x + self._drop(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout)
@@ -115,38 +118,16 @@ class FalconModel(nn.Module):
         self.h = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        attention: AttentionContext | None = None,
-    ) -> torch.Tensor:
-        """Hidden states [B, T, H] after ``ln_f``. Extends ``kv_cache`` by T positions when one is given.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext) -> torch.Tensor:
+        """Hidden states [B, T, H] after ``ln_f`` for tokens ``input_ids`` at ``positions`` (both [B, T]).
 
-        ``attention`` replaces the dense attention with another context (the engine's paged one); the caller
-        then gives ``position_ids``.
+        ``attention`` decides where each layer's K/V go and what each query sees (``dense.py``, the engine's
+        paged context); rotary models rotate by ``positions``, ALiBi ones take their bias from the context.
         """
-        B, T = input_ids.shape
         x = self.word_embeddings(input_ids)  # [B, T, H]
-        past = kv_cache.length if kv_cache is not None else 0
-        rope = None
-        if self.config.rotary:
-            if position_ids is None:
-                if attention_mask is not None:
-                    position_ids = positions_from_mask(attention_mask)[:, past:]
-                else:
-                    position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-            rope = rope_cos_sin(self.config, position_ids, x.dtype)
-        ctx = attention
-        if ctx is None:
-            dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
-            ctx = build_dense_attention(self.config, T, attention_mask, kv_cache, x.dtype, x.device, B, dropout_p)
+        rope = rope_cos_sin(self.config, positions, x.dtype) if self.config.rotary else None
         for block in self.h:
-            x = block(x, rope, ctx)
-        if kv_cache is not None:
-            kv_cache.length += T
+            x = block(x, rope, attention)
         return self.ln_f(x)
 
 
@@ -171,19 +152,34 @@ class FalconForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_token_only: bool = False,
-        attention: AttentionContext | None = None,
-        logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_token_only``).
+        """The HF-style call: logits [B, T, vocab] (or [B, 1, vocab] with ``last_token_only``).
 
-        ``attention_mask`` [B, past + T] marks real tokens with 1 and left padding with 0. The engine passes its
-        own ``attention`` context and ``logits_indices`` (positions of a [1, N] step to score), getting [R, vocab].
+        ``attention_mask`` [B, past + T] marks real tokens with 1 and left padding with 0; ``kv_cache`` is read
+        and extended by T positions. A thin wrapper over :meth:`forward_hidden` and :meth:`compute_logits` with
+        a dense attention context (``dense.py``).
         """
-        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, attention)
-        if logits_indices is not None:
-            hidden = hidden[0, logits_indices]
-        elif last_token_only:
-            hidden = hidden[:, -1:]
+        dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
+        dtype = self.transformer.ln_f.weight.dtype  # the activations' (cheap on quantized models)
+        positions, attention = dense_inputs(
+            self.config, input_ids, attention_mask, position_ids, kv_cache, dtype, dropout_p
+        )
+        hidden = self.forward_hidden(input_ids, positions, attention)
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
+
+    def forward_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] after ``ln_f`` (see :meth:`FalconModel.forward`)."""
+        return self.transformer(input_ids, positions, attention)
+
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``hidden`` [..., H]: all of them, or with ``rows`` only those token rows of the flattened
+        [B * T, H] states (e.g. each sequence's last), as [R, vocab]."""
+        if rows is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
         return self.lm_head(hidden)
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -211,12 +207,21 @@ class FalconForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        quantize: str | None = None,
     ) -> FalconForCausalLM:
-        """Load a Hugging Face Falcon checkpoint folder, shard by shard, straight into ``dtype`` on ``device``."""
-        from .checkpoint import load_model
+        """Load any Falcon checkpoint folder straight into ``dtype`` on ``device``: a plain Hugging Face one
+        (shard by shard), one written by ``falconlm quantize``, or a hub GPTQ one (``formats.py``).
 
-        return load_model(path, dtype=dtype, device=device)
+        ``quantize`` (``"int8"``, ``"int4"``, ``"int4-g128"``... or a ``falconlm.quant.QuantRecipe``) quantizes a
+        plain folder on load.
+        """
+        from .formats import load_pretrained
+
+        return load_pretrained(path, dtype, device, quantize)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""

@@ -9,7 +9,9 @@ Layout (imports point down; ``model/`` imports nothing from here):
 * ``convert.py``: QuantRecipe, the per-module plan, and the three rewrites (tensors, loading, a built model);
 * ``gptq.py``: GPTQ's error-compensating int4 rounding, and the block-by-block calibration pass it needs;
 * ``gptq_checkpoint.py``: hub GPTQ checkpoints (AutoGPTQ's packed int32 layout) read into the int4 format;
-* ``io.py``: quantized checkpoint folders: write (``falconlm quantize``), detect, load or quantize on load.
+* ``io.py``: quantized checkpoint folders: write (``falconlm quantize``), detect, load or quantize on load; its
+  loader is registered with ``falconlm.model.formats`` on import, so ``FalconForCausalLM.from_pretrained`` loads
+  every folder (the model imports this package by name only, when it meets a quantized folder).
 """
 
 from __future__ import annotations

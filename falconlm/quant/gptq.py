@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..model.attention import build_dense_attention
+from ..model.dense import build_dense_attention
 from ..model.falcon import FalconForCausalLM
 from ..model.positions import rope_cos_sin
 from .primitives import GroupPlan, QuantizedTensor, pack_int4

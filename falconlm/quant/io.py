@@ -5,9 +5,10 @@ A quantized folder is a Hugging Face-style folder: ``config.json`` with a ``quan
 tokenizer files of its source. Source weights are read with the checkpoint loader's bounded-chunk reader, one
 tensor at a time, so peak memory is the quantized model plus one source tensor and its float32 row blocks.
 
-Front ends load through :func:`load_checkpoint` (``LLM(path, quantize=...)`` calls it in place of
-``FalconForCausalLM.from_pretrained``), so a quantized folder and ``--quantize`` work wherever a model loads.
-Hub GPTQ checkpoints load the same way, converted as they are read (:mod:`falconlm.quant.gptq_checkpoint`).
+:func:`load_quantized` is registered with the model's checkpoint formats (``falconlm.model.formats``) for
+falconlm's own method, for GPTQ and for quantizing on load, so ``FalconForCausalLM.from_pretrained`` loads a
+quantized folder and ``quantize=`` works wherever a model loads. Hub GPTQ checkpoints are converted as they are
+read (:mod:`falconlm.quant.gptq_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from tqdm.auto import tqdm
 from ..model.checkpoint import SAFE_FILE, SAFE_INDEX, CheckpointError, _find_weights, _open_shard, _Source
 from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
-from .convert import QuantRecipe, build_quantized_model, module_kind, plan_model, quantize_tensors, recipe_of
+from ..model.formats import ON_LOAD, quant_method, register_format
+from .convert import (
+    QUANT_METHOD,
+    QuantRecipe,
+    build_quantized_model,
+    module_kind,
+    plan_model,
+    quantize_tensors,
+    recipe_of,
+)
 from .gptq import calibrate_blocks, gptq_quantize
 from .gptq_checkpoint import convert_gptq_tensors, gptq_recipe, gptq_settings
 from .primitives import QuantizedTensor
@@ -58,14 +68,8 @@ class QuantizeReport:
 
 def is_quantized(path: str | Path) -> bool:
     """Whether ``path``'s config.json carries a ``quantization_config`` block (any method; loading says which
-    ones are supported)."""
-    file = Path(path) / "config.json"
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False  # loading the config reports the problem
-    quantized = isinstance(raw, dict) and raw.get("quantization_config") is not None
-    return quantized or (Path(path) / "quantize_config.json").is_file()  # AutoGPTQ's own settings file
+    ones are supported), or AutoGPTQ's own ``quantize_config.json`` sits beside it."""
+    return quant_method(Path(path)) is not None
 
 
 def load_checkpoint(
@@ -75,11 +79,12 @@ def load_checkpoint(
     quantize: str | QuantRecipe | None = None,
     kernel: str | None = None,
 ) -> FalconForCausalLM:
-    """Any checkpoint folder, for front ends: a quantized one as stored, a plain one quantized on load when
-    ``quantize`` is given, else plainly through ``FalconForCausalLM.from_pretrained``."""
-    if quantize is None and not is_quantized(path):
-        return FalconForCausalLM.from_pretrained(path, dtype=dtype, device=device)
-    return load_quantized(path, dtype, device, quantize, kernel)
+    """Alias of ``FalconForCausalLM.from_pretrained`` (kept for existing callers), which loads any folder.
+
+    ``kernel`` forces the matmul kernel of a quantized model (``cpu``, ``triton``, ``reference``)."""
+    if kernel is not None and (quantize is not None or is_quantized(path)):
+        return load_quantized(path, dtype, device, quantize, kernel)
+    return FalconForCausalLM.from_pretrained(path, dtype=dtype, device=device, quantize=quantize)
 
 
 def load_quantized(
@@ -254,3 +259,7 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
         for old in out.iterdir():
             if old.is_file() and (old.suffix in (".safetensors", ".bin") or old.name.endswith(".index.json")):
                 old.unlink()
+
+
+for _method in (QUANT_METHOD, "gptq", ON_LOAD):  # what FalconForCausalLM.from_pretrained finds in a folder
+    register_format(_method, load_quantized)

@@ -9,6 +9,7 @@ from falconlm import FalconForCausalLM, SamplingParams, Tokenizer
 from falconlm.engine.engine import Engine, EngineConfig
 
 from ..conftest import make_hf_checkpoint
+from ..oracle import uncached_greedy
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -21,14 +22,7 @@ def model_and_tokenizer(request, tmp_path_factory):
 
 def _oracle(model: FalconForCausalLM, prompts: list[list[int]], steps: int) -> list[list[int]]:
     """Greedy tokens from a full, uncached forward over the whole sequence for every new token."""
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = list(prompt)
-            for _ in range(steps):
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            outs.append(ids[len(prompt) :])
-    return outs
+    return [uncached_greedy(model, prompt, steps) for prompt in prompts]
 
 
 def _prompts(tok: Tokenizer) -> list[list[int]]:

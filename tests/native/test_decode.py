@@ -21,7 +21,8 @@ import torch
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.engine.fused_decode import dense_step, fused_decoder, unsupported
 from falconlm.engine.sampling_params import SamplingParams
-from falconlm.model.attention import DecodeRows, KVCache, build_dense_attention
+from falconlm.model.attention import DecodeRows
+from falconlm.model.dense import KVCache, build_dense_attention
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.model.positions import rope_cos_sin
 from falconlm.native.decode import check_layout, python_layout

@@ -10,7 +10,7 @@ import torch
 
 from falconlm import native
 from falconlm.engine.fused_decode import fused_decoder
-from falconlm.model.attention import KVCache, build_dense_attention
+from falconlm.model.dense import KVCache, build_dense_attention
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.model.positions import rope_cos_sin
 from falconlm.native import ops

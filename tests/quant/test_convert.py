@@ -24,6 +24,7 @@ from falconlm.quant import (
 from falconlm.tokenizer import Tokenizer
 
 from ..conftest import make_hf_checkpoint
+from ..oracle import uncached_greedy
 
 RECIPES = ["int8", "int4", "int4-g128-sym", "int4-g32"]
 # Relative L2 error of the logits against float32, on random tiny weights (real models do much better).
@@ -120,13 +121,10 @@ def test_engine_on_a_quantized_model_equals_its_uncached_greedy(tiny_checkpoint:
     cache = model.new_kv_cache(1, 32)
     assert cache.k.dtype == dtype
     prompt = tok.encode("Once upon a time")
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(8):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    expected = uncached_greedy(model, prompt, 8)
     engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=16))
     (out,) = engine.generate([prompt], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)])
-    assert out.token_ids == ids[len(prompt) :]
+    assert out.token_ids == expected
 
 
 def test_bf16_cpu_kernels_track_the_reference(tiny_checkpoint: Path) -> None:

@@ -26,7 +26,7 @@ from falconlm.train.optim import CosineSchedule, param_groups
 from falconlm.train.perplexity import windows
 from falconlm.train.state import STATE_FILE
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "vocab_size": 300,
     "hidden_size": 64,

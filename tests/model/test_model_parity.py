@@ -11,7 +11,7 @@ from falconlm.engine.engine import Engine
 from falconlm.engine.sampling_params import SamplingParams
 from falconlm.tokenizer import Tokenizer
 
-from .conftest import make_hf_checkpoint
+from ..conftest import make_hf_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from transformers import FalconForCausalLM as HFModel
 from falconlm.model import checkpoint
 from falconlm.model.checkpoint import CheckpointError, load_model, save_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {
     # 40b-style grouped-query, tied head.
     "tied": dict(new_decoder_architecture=True, num_kv_heads=2),

@@ -1,0 +1,94 @@
+"""One model forward for both callers: the HF-style call is ``forward_hidden`` + ``compute_logits`` with a dense
+attention context, and the engine's paged context through the same forward gives the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from falconlm import FalconForCausalLM
+from falconlm.model.dense import KVCache, build_dense_attention
+from falconlm.model.paged_attention import PagedAttention, PagedKVCache
+from falconlm.model.positions import alibi_slopes
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def _padded(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three left-padded prompts of 9, 6 and 3 tokens, their mask and generate()'s positions."""
+    ids = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, n in enumerate([9, 6, 3]):
+        mask[row, 9 - n :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def test_hf_call_equals_forward_hidden_and_compute_logits(hf_checkpoint):
+    variant, path = hf_checkpoint
+    model = FalconForCausalLM.from_pretrained(path)
+    cfg = model.config
+    ids, mask, positions = _padded(cfg.vocab_size)
+    cache, twin = model.new_kv_cache(3, 10), KVCache(cfg, 3, 10, torch.float32)
+    prompt_logits = model(ids, attention_mask=mask, kv_cache=cache)
+    ctx = build_dense_attention(cfg, 9, mask, twin, torch.float32, ids.device, 3)
+    assert torch.equal(prompt_logits, model.compute_logits(model.forward_hidden(ids, positions, ctx))), variant
+    assert cache.length == 9
+    twin.length = 9  # forward_hidden leaves the count to its caller
+    step, step_mask = ids[:, -1:] + 1, torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+    step_logits = model(step, attention_mask=step_mask, kv_cache=cache, last_token_only=True)
+    ctx = build_dense_attention(cfg, 1, step_mask, twin, torch.float32, ids.device, 3)
+    hidden = model.forward_hidden(step, positions[:, -1:] + 1, ctx)
+    assert torch.equal(step_logits, model.compute_logits(hidden)), variant
+    assert torch.equal(cache.k, twin.k) and cache.length == 10
+
+
+def test_compute_logits_rows_are_rows_of_the_flattened_states(tiny_checkpoint):
+    model = FalconForCausalLM.from_pretrained(tiny_checkpoint)
+    hidden = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([4, 9, 0])
+    full = model.compute_logits(hidden)
+    assert full.shape == (2, 5, model.config.vocab_size)
+    picked = model.compute_logits(hidden, rows)
+    assert picked.shape == (3, model.config.vocab_size)
+    torch.testing.assert_close(picked, full.reshape(10, -1)[rows])
+
+
+def test_paged_context_through_the_same_forward_matches_the_hf_call(hf_checkpoint):
+    """Two prompts flattened into one step over a paged cache, then a decode step of both: the logits of each
+    row's last token equal the HF-style call on that row alone."""
+    variant, path = hf_checkpoint
+    model = FalconForCausalLM.from_pretrained(path)
+    cfg, bs = model.config, 4
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (7, 5)]
+    tables = [[0, 1, 2], [3, 4, 5]]
+    cache = PagedKVCache.allocate(cfg.num_hidden_layers, 6, bs, cfg.num_kv_groups, cfg.head_dim, torch.float32, "cpu")
+    slopes = alibi_slopes(cfg.num_attention_heads) if cfg.alibi else None
+
+    def step(tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        ids, positions, slots, query_starts, last = [], [], [], [], []
+        for toks, start, table in zip(tokens, starts, tables, strict=True):
+            query_starts.append(len(ids))
+            ids += toks
+            positions += range(start, start + len(toks))
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + len(toks))]
+            last.append(len(ids) - 1)
+        ctx = PagedAttention(
+            cache, torch.tensor(slots), query_starts, [len(t) for t in tokens],
+            [s + len(t) for s, t in zip(starts, tokens, strict=True)], torch.tensor(tables), slopes,
+        )  # fmt: skip
+        hidden = model.forward_hidden(torch.tensor([ids]), torch.tensor([positions]), ctx)
+        return model.compute_logits(hidden, torch.tensor(last))
+
+    got = step(prompts, [0, 0])
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(got[row], model(torch.tensor([prompt]))[0, -1], atol=1e-4, rtol=1e-4)
+    following = [[int(got[row].argmax())] for row in range(2)]
+    got = step(following, [len(p) for p in prompts])
+    for row, prompt in enumerate(prompts):
+        whole = torch.tensor([prompt + following[row]])
+        torch.testing.assert_close(got[row], model(whole)[0, -1], atol=1e-4, rtol=1e-4, msg=variant)
