@@ -3,76 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .engine.engine import Engine, EngineConfig
-from .engine.memory import check_max_model_len
+from .engine.devices import DTYPES, auto_dtype, resolve_device, resolve_dtype
+from .engine.factory import EngineArgs, build_engine
 from .engine.outputs import RequestOutput
 from .engine.sampling_params import SamplingParams
-from .quant import load_checkpoint
-from .tokenizer import NoTokenizer, load_tokenizer
+from .engine.validation import check_token_ids
+from .tokenizer import NoTokenizer
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
+__all__ = ["DTYPES", "LLM", "Prompt", "auto_dtype", "resolve_device", "resolve_dtype"]
 
 Prompt = str | Sequence[int]
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
-    """'bfloat16' / 'bf16' / torch.bfloat16 and friends -> torch dtype, 'auto' -> :func:`auto_dtype` on
-    ``device``; ValueError for anything else."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-    elif dtype == "auto":
-        return auto_dtype(resolve_device(device))[0]
-    elif dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not supported; use one of auto, float32, bfloat16, float16")
-
-
-def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
-    """The fastest weights dtype on ``device`` and why: bfloat16 on GPUs, and on CPUs where the native kernels
-    run (they widen bfloat16 to float32 where the CPU has no bfloat16 arithmetic, so bfloat16 reads half the
-    bytes and computes as fast) or the CPU multiplies bfloat16 itself; float32 elsewhere, where torch's bfloat16
-    GEMMs are several times slower than its float32 ones."""
-    from . import native
-    from .native.ops import bf16_hardware
-
-    if device.type == "cuda":
-        return torch.bfloat16, "a CUDA device"
-    if native.kernels() is not None:
-        return torch.bfloat16, f"the native {native.chosen_variant()} kernels run here"
-    if bf16_hardware():
-        return torch.bfloat16, "the CPU has bfloat16 arithmetic"
-    return torch.float32, f"no native kernels ({native.unavailable_reason()}) and no bfloat16 arithmetic"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None means CUDA when present, else CPU; ValueError (one line) for a device this machine does not have."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {str(device)!r} is not a device name torch knows; use cpu or cuda") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {str(device)!r} is not available: {why}; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) here")
-    return resolved
 
 
 class LLM:
@@ -100,45 +44,35 @@ class LLM:
         deterministic: bool = False,
         skip_tokenizer_init: bool = False,
     ) -> None:
-        if model is None:
-            from .default_model import default_model_path
-
-            model = default_model_path()
-        self.path = Path(model)
+        args = EngineArgs(
+            model=model,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            deterministic=deterministic,
+            skip_tokenizer_init=skip_tokenizer_init,
+            tokenizer_optional=True,
+        )
+        self.path = args.model_path
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
-        self.model = load_checkpoint(self.path, dtype=self.dtype, device=self.device, quantize=quantize)
+        self.engine = build_engine(args)
+        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
         self.config = self.model.config
-        self.tokenizer = load_tokenizer(self.path, self.config.eos_token_id, skip_tokenizer_init)
-        self.max_model_len = check_max_model_len(self.config, max_model_len)
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        self.engine = Engine(
-            self.model,
-            self.tokenizer,
-            EngineConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens or max(512, self.max_model_len),
-                block_size=block_size,
-                kv_cache_memory=kv_cache_memory,
-                max_model_len=self.max_model_len,
-                enable_prefix_caching=enable_prefix_caching,
-                deterministic=deterministic,
-            ),
-        )
+        self.max_model_len = self.engine.max_model_len
         self._next_id = 0
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string is tokenized; a list of ints is taken as token ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        vocab = self.config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        return ids
+        return check_token_ids(prompt, self.config.vocab_size, "prompt")
 
     def generate(
         self,
@@ -157,23 +91,19 @@ class LLM:
             RequestOutput(str(i), p if isinstance(p, str) else None, ids, [None] * sp.n)
             for i, (p, ids, sp) in enumerate(zip(prompts, token_prompts, params, strict=True))
         ]
-        # n > 1 becomes n engine requests; child i of a seeded request uses seed + i.
-        id_to_slot: dict[str, tuple[int, int]] = {}
+        # One engine request per prompt; n > 1 runs as its child sequences (engine/parallel_sampling.py).
+        parent_to_prompt: dict[str, int] = {}
         try:
-            for req, (ids, sp) in enumerate(zip(token_prompts, params, strict=True)):
-                for child in range(sp.n):
-                    seed = None if sp.seed is None else sp.seed + child
-                    request_id = self._new_id()
-                    self.engine.add_request(request_id, ids, replace(sp, seed=seed, n=1))
-                    id_to_slot[request_id] = (req, child)
+            for i, (ids, sp) in enumerate(zip(token_prompts, params, strict=True)):
+                request_id = self._new_id()
+                self.engine.add_request(request_id, ids, sp)
+                parent_to_prompt[request_id] = i
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     if out.finished:
-                        req, child = id_to_slot[out.request_id]
-                        out.output.index = child
-                        results[req].outputs[child] = out.output
+                        results[parent_to_prompt[out.parent_id]].outputs[out.output.index] = out.output
         finally:  # an error (or Ctrl-C) must not leave requests behind in the engine
-            for request_id in id_to_slot:
+            for request_id in parent_to_prompt:
                 self.engine.abort(request_id)
         return results
 

@@ -1,5 +1,7 @@
-"""Import layering that the kernel choices rely on: ``falconlm.native`` is a leaf (buffers and shapes only) and
-the model knows nothing of it; kernels are bound to the model from outside (engine, quant)."""
+"""Import layering. The whole contract (front ends over serving over the engine over quant over the model, server
+and batch as peers, a torch-free scheduler, an HTTP-free engine and serving layer) lives in ``pyproject.toml``'s
+``[tool.importlinter]`` and is checked by import-linter here and in CI; the AST checks below say the kernel rules
+in plain Python: ``falconlm.native`` is a leaf (buffers and shapes only) and the model knows nothing of it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import falconlm
 
 ROOT = Path(falconlm.__file__).parent
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:
@@ -41,3 +44,11 @@ def test_the_model_imports_nothing_from_native_quant_or_engine() -> None:
     for module, imports in imported_modules("model").items():
         bad = {m for m in imports if m.startswith(("falconlm.native", "falconlm.quant", "falconlm.engine"))}
         assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_the_import_linter_contracts_hold() -> None:
+    from importlinter.cli import lint_imports
+
+    assert lint_imports(config_filename=str(PYPROJECT), no_cache=True, no_logo=True) == 0, (
+        "lint-imports broke a contract"
+    )

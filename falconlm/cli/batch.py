@@ -114,7 +114,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from ..batch.outputs import write_outputs
     from ..batch.runner import BatchRunner
     from ..batch.store import StateLock, Store
-    from ..llm import resolve_device
+    from ..engine.devices import resolve_device
     from ..serving.settings import ServerSettings
 
     output, errors, state = _paths(args)
@@ -196,17 +196,17 @@ def _open_job(store, source: Path, output: Path, errors: Path):
 
 def _start_engine(args: argparse.Namespace):
     from ..engine.async_engine import AsyncEngine
-    from ..llm import LLM
+    from ..engine.factory import EngineArgs, build_engine
 
-    llm = LLM(
-        args.model,
+    settings = EngineArgs(
+        model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_num_seqs=args.max_num_seqs,
         quantize=args.quantize,
         deterministic=args.deterministic,
     )
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(build_engine(settings))
     engine.start()
     if not engine.wait_ready(timeout=600):
         raise RuntimeError(f"the engine did not start: {engine.load_error}")

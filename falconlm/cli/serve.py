@@ -14,6 +14,7 @@ import re
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import (
     add_deterministic_option,
@@ -25,6 +26,9 @@ from .options import (
     positive_int,
 )
 from .serve_http import add_http_options, build_server_app, check_api_keys, http_settings, uvicorn_server
+
+if TYPE_CHECKING:
+    from ..engine.factory import EngineArgs
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -125,65 +129,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _engine_factory(path: Path, args: argparse.Namespace):
-    """A function that loads the model and builds the Engine (run on the engine thread)."""
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """The engine settings of a ``serve`` command line."""
+    from ..engine.factory import EngineArgs
 
-    def load():
-        import torch
-
-        from ..engine.engine import Engine, EngineConfig
-        from ..llm import auto_dtype, resolve_device, resolve_dtype
-        from ..quant import load_checkpoint
-        from ..tokenizer import Tokenizer
-
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        if args.dtype == "auto":
-            logger.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), auto_dtype(device)[1])
-        model = load_checkpoint(path, dtype=dtype, device=device, quantize=args.quantize)
-        model.eval()
-        tokenizer = Tokenizer.from_pretrained(path)
-        config = EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size,
-            kv_cache_memory=_kv_bytes(args.kv_cache_memory, device),
-            max_model_len=args.max_model_len,
-            enable_prefix_caching=not args.no_prefix_caching,
-            max_waiting=args.max_waiting,
-            deterministic=args.deterministic,
-        )
-        engine = Engine(model, tokenizer, config)
-        logger.info(
-            "model loaded: %s (%d KV blocks of %d tokens)", path, engine.kv_cache_manager.num_blocks, args.block_size
-        )
-        return engine
-
-    return load
-
-
-def _kv_bytes(amount: int | float | None, device) -> int | None:
-    """Bytes for the KV pool: as given, or a fraction of the memory free now (after the weights loaded)."""
-    if amount is None or isinstance(amount, int):
-        return amount
-    return int(amount * _free_memory(device))
-
-
-def _free_memory(device) -> int:
-    from ..engine.memory import free_memory
-
-    free = free_memory(device)
-    if free is None:
-        raise ValueError("cannot tell the free memory here; give --kv-cache-memory in bytes")
-    return free
+    return EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_waiting=args.max_waiting,
+        deterministic=args.deterministic,
+        threads=args.threads,
+    )
 
 
 def _check_start(args: argparse.Namespace) -> None:
     """One-line errors before the socket opens: the device, the context length, a state dir in use."""
+    from ..engine.devices import resolve_device
     from ..engine.memory import check_max_model_len
-    from ..llm import resolve_device
     from ..model.config import FalconConfig
 
     resolve_device(args.device)
@@ -210,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     check_api_keys(keys)
     _check_start(args)
     from ..engine.async_engine import AsyncEngine
+    from ..engine.factory import build_engine
     from ..server import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
@@ -228,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         max_state_bytes=args.max_state_bytes,
         **http_settings(args),
     )
-    engine = AsyncEngine(_engine_factory(args.model, args))
+    settings_for_engine = engine_args(args)
+    engine = AsyncEngine(lambda: build_engine(settings_for_engine))  # loads on the engine thread
     app = build_server_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
     server = uvicorn_server(app, args)
     threading.Thread(target=_exit_on_load_failure, args=(engine, server), daemon=True).start()

@@ -207,7 +207,7 @@ def _register_ppl(sub: argparse._SubParsersAction) -> None:
 def run_eval_ppl(args: argparse.Namespace) -> int:
     import torch
 
-    from ..quant import load_checkpoint
+    from ..model.falcon import FalconForCausalLM
     from ..tokenizer import Tokenizer
     from ..train.data import tokenize_file
     from ..train.perplexity import perplexity
@@ -226,7 +226,9 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = Tokenizer.from_pretrained(args.model)
     ids = tokenize_file(args.data, tokenizer, args.doc_split)[: args.max_tokens]
-    model = load_checkpoint(args.model, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize)
+    model = FalconForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize
+    )
     result = perplexity(model, torch.from_numpy(ids.astype("int64")), args.context, args.stride, args.batch_size)
     if args.json:
         print(json.dumps({"tokens": result.tokens, "nll": result.nll, "perplexity": result.ppl}))

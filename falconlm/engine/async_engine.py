@@ -1,15 +1,14 @@
 """AsyncEngine: one background thread owns the Engine and runs its step loop; asyncio code streams the outputs.
 
-Every Engine call happens on that thread. Callers post commands (add, abort, score, stop) to a thread-safe queue
-that the thread drains between steps; with nothing queued and nothing unfinished it blocks on that queue, so an
-idle engine uses no CPU. Outputs go back to each caller's ``asyncio.Queue`` through ``loop.call_soon_threadsafe``.
+Every Engine call happens on that thread. Callers post commands (add, abort, stop) to a thread-safe queue that
+the thread drains between steps; with nothing queued and nothing unfinished it blocks on that queue, so an idle
+engine uses no CPU. Outputs go back to each caller's :class:`RequestStream` through ``loop.call_soon_threadsafe``.
+Statistics are the engine's own ``stats()``, published after every step; scheduling times and prompt logprobs
+travel on the outputs, so the thread never inspects the scheduler nor runs the model itself.
 
 A caller that stops iterating (client gone: ``GeneratorExit`` or ``CancelledError``) aborts its requests; the
 abort is applied before the next step, so their KV blocks are free within one step. A failing step fails the
 requests in flight with :class:`EngineError` (they cannot hang) and the loop goes on.
-
-Past 400 lines for a reason: RequestStream, the command records and the loop share private hand-offs
-(``_deliver``, ``_fail``, the futures) that are easier to check for thread safety in one file.
 """
 
 from __future__ import annotations
@@ -19,123 +18,30 @@ import contextlib
 import logging
 import queue
 import threading
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 from .engine import Engine, StepOutput
+from .errors import EngineError, EngineNotReadyError, EngineStoppedError
 from .outputs import CompletionOutput
-from .request import RequestStatus
-from .sampler import TokenLogprobs
+from .parallel_sampling import sequence_ids
+from .request_stream import RequestStream, call_threadsafe, resolve_threadsafe, snapshot
 from .sampling_params import SamplingParams
+from .stats import EngineStats
+
+__all__ = [
+    "AsyncEngine",
+    "EngineError",
+    "EngineNotReadyError",
+    "EngineRequest",
+    "EngineStats",
+    "EngineStoppedError",
+    "RequestStream",
+]
 
 logger = logging.getLogger(__name__)
 
 EngineRequest = tuple[str, Sequence[int], SamplingParams]  # (request_id, prompt_token_ids, params)
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running (or loading) a request."""
-
-
-class EngineNotReadyError(EngineError):
-    """The model is still loading."""
-
-
-class EngineStoppedError(EngineError):
-    """The engine is shut down or shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load, published by the engine thread after every step."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_blocks: int = 0
-    num_free_blocks: int = 0
-    num_prefix_query_tokens: int = 0
-    num_prefix_hit_tokens: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-
-    @property
-    def num_blocks_in_use(self) -> int:
-        return self.num_blocks - self.num_free_blocks
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.num_blocks_in_use / self.num_blocks if self.num_blocks else 0.0
-
-
-class RequestStream:
-    """The outputs of a group of engine requests (one API request's choices), in the order they are produced.
-
-    Iterate it for :class:`StepOutput` items; iteration ends when every request has finished. ``abort()`` (or
-    leaving ``async with``) stops the unfinished ones.
-    """
-
-    def __init__(self, engine: AsyncEngine, request_ids: Sequence[str]) -> None:
-        self.request_ids = list(request_ids)
-        self.arrival_time = time.monotonic()
-        self.scheduled_times: dict[str, float] = {}  # request id -> when it first left the waiting queue
-        self._engine = engine
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[list[StepOutput] | BaseException] = asyncio.Queue()
-        self._pending: deque[StepOutput] = deque()
-        self._unfinished = set(self.request_ids)
-
-    @property
-    def finished(self) -> bool:
-        return not self._unfinished
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StepOutput:
-        while not self._pending:
-            if not self._unfinished:
-                raise StopAsyncIteration
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                self._unfinished.clear()
-                raise item
-            self._pending.extend(out for out in item if out.request_id in self._unfinished)
-        out = self._pending.popleft()
-        if out.finished:
-            self._unfinished.discard(out.request_id)
-        return out
-
-    def abort(self) -> None:
-        """Abort the requests that have not finished; safe to call more than once, from any state."""
-        if self._unfinished:
-            self._engine.abort(list(self._unfinished))
-            self._unfinished.clear()
-
-    def fail(self, exc: BaseException) -> None:
-        """Abort the unfinished requests and end the iteration with ``exc`` (after outputs already delivered);
-        on the event loop. The server uses it to end open responses when a shutdown runs out of time."""
-        if self._unfinished:
-            self._engine.abort(list(self._unfinished))
-            self._queue.put_nowait(exc)
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.abort()
-
-    # ---- called on the event loop by the engine thread (call_soon_threadsafe) ----------------------------------
-    def _deliver(self, outputs: list[StepOutput], scheduled: dict[str, float]) -> None:
-        self.scheduled_times.update(scheduled)
-        if outputs:
-            self._queue.put_nowait(outputs)
-
-    def _fail(self, exc: BaseException) -> None:
-        self._queue.put_nowait(exc)
 
 
 @dataclass
@@ -148,14 +54,6 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: list[str]
-
-
-@dataclass
-class _Score:
-    prompt_token_ids: list[int]
-    num_top: int
-    loop: asyncio.AbstractEventLoop
-    result: asyncio.Future
 
 
 _STOP = object()
@@ -180,9 +78,7 @@ class AsyncEngine:
         self._idle.set()
         self._load_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._unscheduled: set[str] = set()  # engine thread only
-        self._num_steps = 0
+        self._streams: dict[str, RequestStream] = {}  # sequence id -> its stream; engine thread only
         self.stats = EngineStats()
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
@@ -240,24 +136,29 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def validator(self):
+        """The engine's request validator (its vocabulary, context and KV-pool limits)."""
+        return self.engine.validator
+
+    @property
     def vocab_size(self) -> int:
-        return self.engine.model.config.vocab_size
+        return self.validator.vocab_size
 
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the whole KV pool holds: no single request can be longer."""
-        manager = self.engine.kv_cache_manager
-        return manager.num_blocks * manager.block_size
+        return self.validator.kv_capacity_tokens
 
     # ---- requests ---------------------------------------------------------------------------------------------
     async def add(self, requests: Sequence[EngineRequest]) -> RequestStream:
         """Add a group of requests, all or none; returns their stream once the engine thread accepted them.
 
-        Raises what ``Engine.add_request`` raises (ValueError, QueueFullError), or an :class:`EngineError`.
+        A request with n > 1 streams one sequence per child. Raises what ``Engine.add_request`` raises
+        (ValueError, QueueFullError), or an :class:`EngineError`.
         """
         self._check_accepting()
-        stream = RequestStream(self, [r[0] for r in requests])
-        accepted = stream._loop.create_future()
+        stream = RequestStream(self, [i for rid, _, sp in requests for i in sequence_ids(rid, sp.n)])
+        accepted = stream.loop.create_future()
         self._post(_Add(stream, list(requests), accepted))
         try:
             await accepted
@@ -281,14 +182,6 @@ class AsyncEngine:
         if ids:
             with contextlib.suppress(EngineStoppedError):  # the thread aborted everything on its way out
                 self._post(_Abort(ids))
-
-    async def prompt_logprobs(self, prompt_token_ids: Sequence[int], num_top: int) -> list[TokenLogprobs | None]:
-        """Logprob of each prompt token given the ones before it (None for the first), with ``num_top`` best."""
-        self._check_accepting()
-        loop = asyncio.get_running_loop()
-        result = loop.create_future()
-        self._post(_Score(list(prompt_token_ids), num_top, loop, result))
-        return await result
 
     def _check_accepting(self) -> None:
         if not self._accepting or self._stopped:
@@ -356,69 +249,47 @@ class AsyncEngine:
         elif isinstance(command, _Abort):
             for request_id in command.request_ids:
                 self._abort(request_id)
-        elif isinstance(command, _Score):
-            self._score(command)
 
     def _add(self, command: _Add) -> None:
         engine, added = self.engine, []
         try:
             for request_id, prompt_token_ids, params in command.requests:
-                engine.add_request(request_id, prompt_token_ids, params)
-                added.append(request_id)
+                added += engine.add_request(request_id, prompt_token_ids, params)
         except Exception as exc:
-            for request_id in added:
-                engine.abort(request_id)
-            _resolve(command.stream._loop, command.accepted, exc=exc)
+            for sequence_id in added:
+                engine.abort(sequence_id)
+            resolve_threadsafe(command.stream.loop, command.accepted, exc=exc)
             return
-        for request_id in added:
-            self._streams[request_id] = command.stream
-            self._unscheduled.add(request_id)
-        _resolve(command.stream._loop, command.accepted, result=None)
+        for sequence_id in added:
+            self._streams[sequence_id] = command.stream
+        resolve_threadsafe(command.stream.loop, command.accepted, result=None)
 
     def _abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        self._unscheduled.discard(request_id)
-        if stream is None:
-            return
-        self.engine.abort(request_id)
-        final = StepOutput(request_id, "", [], True, CompletionOutput(index=0, finish_reason="abort"))
-        _call(stream._loop, stream._deliver, [final], {})
-
-    def _score(self, command: _Score) -> None:
-        try:
-            value = _prompt_logprobs(self.engine, command.prompt_token_ids, command.num_top)
-        except Exception as exc:
-            _resolve(command.loop, command.result, exc=EngineError(f"scoring the prompt failed: {exc}"))
-        else:
-            _resolve(command.loop, command.result, result=value)
+        """Abort a sequence, or every sequence of a parent id, and end each one's stream."""
+        for sequence_id in self.engine.sequence_ids(request_id):
+            stream = self._streams.pop(sequence_id, None)
+            if stream is not None:
+                self.engine.abort(sequence_id)
+                final = CompletionOutput(index=0, finish_reason="abort")
+                call_threadsafe(stream.loop, stream._deliver, [StepOutput(sequence_id, "", [], True, final)])
 
     def _step(self) -> None:
-        engine = self.engine
-        started = time.monotonic()
         try:
-            outputs = engine.step()
+            outputs = self.engine.step()
         except Exception as exc:
             logger.exception("an engine step failed; failing the requests in flight")
             self._fail_all(EngineError(f"the engine failed while running the request: {exc}"))
             return
-        self._num_steps += 1
-        deliveries: dict[RequestStream, tuple[list[StepOutput], dict[str, float]]] = {}
-        for request_id in list(self._unscheduled):
-            request = engine.scheduler.get_request(request_id)
-            if request is None or request.status != RequestStatus.WAITING:
-                self._unscheduled.discard(request_id)
-                stream = self._streams.get(request_id)
-                if stream is not None:
-                    deliveries.setdefault(stream, ([], {}))[1][request_id] = started
+        deliveries: dict[RequestStream, list[StepOutput]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            deliveries.setdefault(stream, ([], {}))[0].append(_snapshot(out))
-        for stream, (items, scheduled) in deliveries.items():
-            _call(stream._loop, stream._deliver, items, scheduled)
+            deliveries.setdefault(stream, []).append(snapshot(out))
+        for stream, items in deliveries.items():
+            call_threadsafe(stream.loop, stream._deliver, items)
 
     def _fail_all(self, error: EngineError) -> None:
         """Abort every request in flight and fail its stream with ``error``."""
@@ -429,23 +300,11 @@ class AsyncEngine:
             except Exception:
                 logger.exception("aborting %s after an engine failure failed", request_id)
         self._streams.clear()
-        self._unscheduled.clear()
         for stream in streams:
-            _call(stream._loop, stream._fail, error)
+            call_threadsafe(stream.loop, stream._fail, error)
 
     def _publish_stats(self) -> None:
-        engine = self.engine
-        manager = engine.kv_cache_manager
-        self.stats = EngineStats(
-            num_running=engine.scheduler.num_running,
-            num_waiting=engine.scheduler.num_waiting,
-            num_blocks=manager.num_blocks,
-            num_free_blocks=manager.num_free_blocks,
-            num_prefix_query_tokens=manager.num_prefix_queries_tokens,
-            num_prefix_hit_tokens=manager.num_prefix_hit_tokens,
-            num_preemptions=engine.scheduler.num_preemptions,
-            num_steps=self._num_steps,
-        )
+        self.stats = self.engine.stats()
         if not self._streams and self._commands.empty():
             self._idle.set()
 
@@ -462,54 +321,6 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if isinstance(command, _Add):
-                _resolve(command.stream._loop, command.accepted, exc=error)
-            elif isinstance(command, _Score):
-                _resolve(command.loop, command.result, exc=error)
+                resolve_threadsafe(command.stream.loop, command.accepted, exc=error)
         self._idle.set()
         self._ready.set()
-
-
-def _snapshot(out: StepOutput) -> StepOutput:
-    """A copy the event loop may read while the engine thread goes on mutating the live CompletionOutput."""
-    live = out.output
-    output = replace(
-        live, token_ids=list(live.token_ids), logprobs=None if live.logprobs is None else list(live.logprobs)
-    )
-    return replace(out, token_ids=list(out.token_ids), output=output)
-
-
-def _call(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
-    """``loop.call_soon_threadsafe`` that tolerates a loop already closed (its caller is gone)."""
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
-
-
-def _resolve(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: object = None, exc: BaseException | None = None
-) -> None:
-    def settle() -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    _call(loop, settle)
-
-
-@torch.inference_mode()
-def _prompt_logprobs(engine: Engine, prompt_token_ids: list[int], num_top: int) -> list[TokenLogprobs | None]:
-    """One dense forward over the prompt; logprobs from the raw logits, like the sampler's."""
-    model = engine.model
-    device = model.transformer.ln_f.weight.device
-    ids = torch.tensor([prompt_token_ids], device=device)  # [1, T]
-    logprobs = torch.log_softmax(model(ids)[0, :-1].float(), dim=-1)  # [T-1, V]
-    targets = ids[0, 1:]
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0])
-    top_values, top_ids = top_values.tolist(), top_ids.long().tolist()
-    result: list[TokenLogprobs | None] = [None]
-    for i, token_id in enumerate(prompt_token_ids[1:]):
-        result.append(TokenLogprobs(token_id, chosen[i], list(zip(top_ids[i], top_values[i], strict=True))))
-    return result

@@ -2,7 +2,8 @@
 
 Text exists only here, at the edge: the scheduler and runner see token ids; the engine's per-request output
 state turns them into text pieces (incremental detokenizer) and cuts at stop strings, finishing the request
-in the scheduler when one completes.
+in the scheduler when one completes. A request with n > 1 runs as child sequences (``parallel_sampling.py``);
+prompt logprobs come from the runner's rows in the step and go out with the request's first token.
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedKVCache
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .errors import DuplicateRequestIdError
 from .kv_cache_manager import KVCacheManager
 from .memory import check_max_model_len, kv_cache_blocks
 from .outputs import CompletionOutput
-from .request import FINISH_REASON, Request, RequestStatus
+from .parallel_sampling import child_sequences
+from .request import FINISH_REASON, Request, RequestEvent, RequestEventType, RequestStatus
 from .runner import ModelRunner
+from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .stats import EngineStats
+from .validation import RequestValidator
 
 
 @dataclass
@@ -42,20 +48,27 @@ class EngineConfig:
 
 @dataclass
 class StepOutput:
-    """What one request gained in one step."""
+    """What one sequence gained in one step. ``parent_id`` is the request it belongs to (itself unless n > 1;
+    ``output.index`` is its place among the parent's outputs); ``events`` are its lifecycle events since its
+    previous output."""
 
     request_id: str
     text: str
     token_ids: list[int]
     finished: bool
     output: CompletionOutput
+    parent_id: str = ""
+    events: list[RequestEvent] = field(default_factory=list)
 
 
 @dataclass
 class _OutputState:
     detok: IncrementalDetokenizer
     stop: StopMatcher
-    output: CompletionOutput = field(default_factory=lambda: CompletionOutput(index=0))
+    output: CompletionOutput
+    parent_id: str
+    prompt_logprobs: list[TokenLogprobs | None] | None  # by prompt position, filled as the prompt is computed
+    num_events_sent: int = 0
 
 
 class Engine:
@@ -71,7 +84,10 @@ class Engine:
             self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
-        self._states: dict[str, _OutputState] = {}
+        self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, num_blocks * config.block_size)
+        self.num_steps = 0
+        self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
+        self._children: dict[str, list[str]] = {}  # parent id -> its sequence ids, for n > 1
 
     def _num_blocks(self, model: FalconForCausalLM, config: EngineConfig) -> int:
         if config.num_blocks is not None:
@@ -90,37 +106,56 @@ class Engine:
         )
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError for an empty prompt or one that leaves no room in the context."""
-        if request_id in self._states:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens, the model's context is {self.max_model_len}")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        bad = next((t for t in (params.logit_bias or {}) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[str]:
+        """Queue a request (``params.n`` sequences, all or none); returns the sequence ids.
+
+        Raises the typed errors of ``validation.py`` (ValueErrors) for a request that cannot run, and
+        QueueFullError when the waiting queue is full."""
+        children = child_sequences(request_id, params)
+        taken = next((i for i in (request_id, *(c.request_id for c in children)) if self._in_use(i)), None)
+        if taken is not None:
+            raise DuplicateRequestIdError(taken)
+        prompt = self.validator.validate(prompt_token_ids, params)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
-        request = Request(request_id, list(prompt_token_ids), params, eos, time.monotonic(), self.max_model_len)
-        capacity = self.runner.cache.num_blocks * self.config.block_size
-        if request.num_prompt_tokens + request.max_tokens > capacity:
-            raise ValueError(
-                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
-                f"exceeds the KV cache capacity of {capacity} tokens"
-            )
-        self.scheduler.add_request(request)
-        self._states[request_id] = _OutputState(
-            IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), StopMatcher(params.stop or [])
-        )
+        added: list[str] = []
+        try:
+            for child in children:
+                sp = child.params
+                request = Request(child.request_id, prompt, sp, eos, time.monotonic(), self.max_model_len)
+                self.scheduler.add_request(request)
+                added.append(child.request_id)
+                self._states[child.request_id] = _OutputState(
+                    IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+                    StopMatcher(sp.stop or []),
+                    CompletionOutput(index=child.index),
+                    request_id,
+                    None if sp.prompt_logprobs is None else [None],
+                )
+        except BaseException:
+            for sequence_id in added:
+                self.abort(sequence_id)
+            raise
+        if params.n > 1:
+            self._children[request_id] = added
+        return added
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now; its blocks are free when this returns."""
-        if self._states.pop(request_id, None) is not None:
-            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
-            self.runner.free(request_id)
+        """Stop a request (all its sequences, given a parent id) now; its blocks are free when this returns."""
+        for sequence_id in self.sequence_ids(request_id):
+            if sequence_id in self._states:
+                self.scheduler.finish_requests([sequence_id], RequestStatus.FINISHED_ABORTED)
+                self._forget(sequence_id)
+
+    def sequence_ids(self, request_id: str) -> list[str]:
+        """The unfinished sequences of a parent request with n > 1, else ``[request_id]`` itself."""
+        return list(self._children.get(request_id, [request_id]))
+
+    def stats(self) -> EngineStats:
+        """A frozen snapshot of the load, built by the scheduler and the KV-cache manager."""
+        return EngineStats.combine(self.scheduler.stats(), self.kv_cache_manager.stats(), self.num_steps)
+
+    def _in_use(self, request_id: str) -> bool:
+        return request_id in self._states or request_id in self._children
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -129,15 +164,29 @@ class Engine:
     def step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduled)
+        self.num_steps += 1
+        self._add_prompt_logprobs(runner_output.prompt_logprobs)
         updates = self.scheduler.update_from_output(scheduled, runner_output)
         outputs = [self._abort_output(r) for r in scheduled.aborted]
         for update in updates:
             outputs.append(self._process(update.request, update.new_token_ids, update.logprobs, update.finished))
         return outputs
 
+    def _add_prompt_logprobs(self, scored: dict[str, tuple[int, list]]) -> None:
+        """Extend each request's prompt logprobs with the positions it lacks (a recompute after preemption
+        scores positions it has already)."""
+        for request_id, (first, entries) in scored.items():
+            state = self._states.get(request_id)
+            if state is not None and state.prompt_logprobs is not None and first <= len(state.prompt_logprobs):
+                state.prompt_logprobs.extend(entries[len(state.prompt_logprobs) - first :])
+
     def _process(self, request: Request, new_ids: list[int], logprobs: list, finished: bool) -> StepOutput:
         state = self._states[request.request_id]
         out = state.output
+        if out.prompt_logprobs is None and state.prompt_logprobs is not None:
+            out.prompt_logprobs = state.prompt_logprobs  # complete: the prompt is computed once a token is sampled
+        if not out.token_ids and new_ids:
+            request.record(RequestEventType.FIRST_TOKEN)
         text = ""
         for token_id, lp in zip(new_ids, logprobs, strict=True):
             out.token_ids.append(token_id)
@@ -160,20 +209,28 @@ class Engine:
         if finished:
             out.finish_reason = "stop" if state.stop.stopped else FINISH_REASON.get(request.status, "stop")
             out.stop_reason = request.stop_reason
-            self._states.pop(request.request_id, None)
-            self.runner.free(request.request_id)
+            self._forget(request.request_id)
         out.text += text
-        return StepOutput(request.request_id, text, new_ids, finished, out)
+        events = _new_events(state, request)
+        return StepOutput(request.request_id, text, new_ids, finished, out, state.parent_id, events)
 
     def _abort_output(self, request: Request) -> StepOutput:
-        state = self._states.pop(request.request_id)
+        state = self._states[request.request_id]
         state.output.finish_reason = "abort"
-        self.runner.free(request.request_id)
-        return StepOutput(request.request_id, "", [], True, state.output)
+        self._forget(request.request_id)
+        return StepOutput(request.request_id, "", [], True, state.output, state.parent_id, _new_events(state, request))
+
+    def _forget(self, sequence_id: str) -> None:
+        """Drop a finished sequence's state (and its parent's, once every child finished)."""
+        state = self._states.pop(sequence_id)
+        self.runner.free(sequence_id)
+        children = self._children.get(state.parent_id)
+        if children is not None and not any(c in self._states for c in children):
+            del self._children[state.parent_id]
 
     # ---- offline convenience ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[CompletionOutput]:
-        """Run a set of requests to the end; one CompletionOutput per prompt, in order."""
+        """Run a set of requests to the end; one CompletionOutput per prompt (its first when n > 1), in order."""
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [f"offline-{id(self)}-{i}" for i in range(len(prompts))]
@@ -182,6 +239,12 @@ class Engine:
         results: dict[str, CompletionOutput] = {}
         while self.has_unfinished():
             for out in self.step():
-                if out.finished:
-                    results[out.request_id] = out.output
+                if out.finished and out.output.index == 0:
+                    results[out.parent_id] = out.output
         return [results[rid] for rid in ids]
+
+
+def _new_events(state: _OutputState, request: Request) -> list[RequestEvent]:
+    """The request's events not yet sent with an output."""
+    start, state.num_events_sent = state.num_events_sent, len(request.events)
+    return request.events[start:]

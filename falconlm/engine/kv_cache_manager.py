@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from falconlm.engine.block_pool import BlockPool
+from falconlm.engine.stats import KVCacheStats
 
 if TYPE_CHECKING:
     from falconlm.engine.request import Request
@@ -65,6 +66,12 @@ class KVCacheManager:
             return 0.0
         return self.num_prefix_hit_tokens / self.num_prefix_queries_tokens
 
+    def stats(self) -> KVCacheStats:
+        """A frozen snapshot of the pool's occupancy and the prefix cache's counters."""
+        return KVCacheStats(
+            self.num_blocks, self.num_free_blocks, self.num_prefix_queries_tokens, self.num_prefix_hit_tokens
+        )
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
@@ -72,8 +79,9 @@ class KVCacheManager:
         """The longest run of leading full blocks already cached, and the number of tokens they cover.
 
         Capped below ``num_tokens``: the last token is always computed, so there are logits to sample from.
+        Nothing for a request that asks for prompt logprobs: its whole prompt must be computed.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.skips_prefix_cache:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(request, max_blocks)

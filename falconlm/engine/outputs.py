@@ -17,6 +17,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it, None for EOS/length
     logprobs: list[TokenLogprobs] | None = None
+    # with SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), from its first token on
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,3 +53,8 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[TokenLogprobs] | None:
         return self.outputs[0].logprobs
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprobs | None] | None:
+        """With ``SamplingParams.prompt_logprobs``: each prompt token's logprobs (None for the first)."""
+        return self.outputs[0].prompt_logprobs

@@ -6,6 +6,7 @@ Pure Python (no torch): the scheduler, KV cache manager and block pool pass ids 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,28 @@ FINISH_REASON: dict[RequestStatus, str] = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+
+
+class RequestEventType(enum.Enum):
+    """What happened to a request; the scheduler records QUEUED, SCHEDULED and PREEMPTED, the engine FIRST_TOKEN."""
+
+    QUEUED = "queued"  # added to the waiting queue
+    SCHEDULED = "scheduled"  # admitted to the running batch (again after a preemption)
+    PREEMPTED = "preempted"  # its blocks were taken back; it waits to be recomputed
+    FIRST_TOKEN = "first_token"  # its first output token was sampled
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One lifecycle event and when it happened (``time.monotonic()``)."""
+
+    type: RequestEventType
+    timestamp: float
+
+
+def first_event_time(events: list[RequestEvent], event_type: RequestEventType) -> float | None:
+    """When the first event of ``event_type`` happened, or None."""
+    return next((e.timestamp for e in events if e.type == event_type), None)
 
 
 def is_finished(status: RequestStatus) -> bool:
@@ -57,6 +80,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list, init=False, repr=False)
     num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first admission
     stop_reason: int | str | None = field(default=None, init=False)  # stop token id, or a stop string
+    events: list[RequestEvent] = field(default_factory=list, init=False, repr=False)
     _all_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +116,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return is_finished(self.status)
+
+    @property
+    def skips_prefix_cache(self) -> bool:
+        """True when the request asks for prompt logprobs: every prompt token must be computed, none reused."""
+        return getattr(self.sampling_params, "prompt_logprobs", None) is not None
+
+    def record(self, event_type: RequestEventType, timestamp: float | None = None) -> None:
+        """Append a lifecycle event, stamped now unless ``timestamp`` is given."""
+        self.events.append(RequestEvent(event_type, time.monotonic() if timestamp is None else timestamp))
 
     def append_output_token(self, token_id: int) -> RequestStatus | None:
         """Append a sampled token; return the finishing status it causes, else None.

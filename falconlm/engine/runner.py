@@ -17,6 +17,7 @@ from ..model.paged_attention import PagedAttention, PagedKVCache
 from ..model.positions import alibi_slopes
 from .fused_decode import FusedDecoder, fused_decoder, fused_hidden
 from .kernels import bind_weight_kernels, log_choice, row_attention
+from .prompt_logprobs import PromptRows, prompt_rows, score_prompt_rows
 from .request import Request
 from .sampler import Sampler, make_generator
 from .scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -60,13 +61,15 @@ class ModelRunner:
             groups = [group for group in (decodes, chunks) if group]
         sampled: list[Request] = []
         logits: list[torch.Tensor] = []
+        prompt_logprobs: dict[str, tuple[int, list]] = {}
         for group in groups:
-            requests, group_logits = self._forward(group, decoder)
+            requests, group_logits, group_prompt_rows = self._forward(group, decoder)
             sampled += requests
             if group_logits is not None:
-                logits.append(group_logits)
+                logits.append(group_logits[: len(requests)])
+                prompt_logprobs |= score_prompt_rows(group_logits[len(requests) :], group_prompt_rows)
         if not sampled:
-            return ModelRunnerOutput([], [], [])
+            return ModelRunnerOutput([], [], [], prompt_logprobs)
         generators = [self._generator(r) for r in sampled]
         out = self.sampler(
             torch.cat(logits).float(),
@@ -75,12 +78,13 @@ class ModelRunner:
             [r.output_token_ids for r in sampled],
             generators,
         )
-        return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs))
+        return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs), prompt_logprobs)
 
     def _forward(
         self, items: list[ScheduledRequest], decoder: FusedDecoder | None
-    ) -> tuple[list[Request], torch.Tensor | None]:
-        """One forward pass over ``items``: the requests to sample and their logits [R, vocab] (None if none)."""
+    ) -> tuple[list[Request], torch.Tensor | None, list[PromptRows]]:
+        """One forward pass over ``items``: the requests to sample, their logits [R, vocab] followed by those of
+        the prompt-logprob rows (None if no row), and those rows."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -100,7 +104,9 @@ class ModelRunner:
                 sampled.append(req)
                 logits_indices.append(len(ids) - 1)
         if not ids:
-            return [], None
+            return [], None, []
+        scored = prompt_rows(items, query_starts)
+        logits_indices += [i for part in scored for i in part.flat_indices]
         block_tables = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = torch.tensor(table)
@@ -123,7 +129,7 @@ class ModelRunner:
         hidden = None if rows_kv is None else fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv)
         if hidden is None:
             hidden = self.model.forward_hidden(input_ids, position_ids, ctx)
-        return sampled, self.model.compute_logits(hidden, rows) if sampled else None
+        return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:

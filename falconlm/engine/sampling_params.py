@@ -39,7 +39,8 @@ class SamplingParams:
     """How to pick tokens for one request; validated on construction.
 
     ``top_k`` of 0 or -1 turns top-k off. ``logprobs`` is the number of top
-    logprobs to return per position (0 = only the chosen token's). ``stop`` is
+    logprobs to return per position (0 = only the chosen token's); ``prompt_logprobs`` the same for each prompt
+    token after the first (computed inside the engine step; such a request skips the prefix cache). ``stop`` is
     normalized to a ``list[str]`` and ``stop_token_ids`` to a ``list[int]``.
     """
 
@@ -59,6 +60,7 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer("n", self.n)
@@ -100,6 +102,10 @@ class SamplingParams:
             self.logprobs = _integer("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= _MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= self.prompt_logprobs <= _MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.prompt_logprobs}")
         if self.logit_bias is not None:
             self.logit_bias = self._normalize_logit_bias(self.logit_bias)
 

@@ -15,8 +15,9 @@ from collections import deque
 from collections.abc import Iterable
 
 from falconlm.engine.kv_cache_manager import KVCacheManager
-from falconlm.engine.request import Request, RequestStatus, is_finished
+from falconlm.engine.request import Request, RequestEventType, RequestStatus, is_finished
 from falconlm.engine.scheduler_output import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from falconlm.engine.stats import SchedulerStats
 
 __all__ = [
     "ModelRunnerOutput",
@@ -63,6 +64,10 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def stats(self) -> SchedulerStats:
+        """A frozen snapshot of the queues and the preemption count."""
+        return SchedulerStats(self.num_running, self.num_waiting, self.num_preemptions)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -81,6 +86,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.req_id_to_request[request.request_id] = request
+        request.record(RequestEventType.QUEUED)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -182,6 +188,7 @@ class Scheduler:
                 request.num_cached_tokens = num_hit_tokens
             request.num_computed_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
+            request.record(RequestEventType.SCHEDULED)
             self.running.append(request)
             output.scheduled.append(self._row(request, num_new_tokens))
             budget -= num_new_tokens
@@ -194,6 +201,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        request.record(RequestEventType.PREEMPTED)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """Mark finished and release blocks; the caller has already taken it out of waiting/running."""

@@ -42,6 +42,8 @@ class ModelRunnerOutput:
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[object | None] = field(default_factory=list)  # opaque to the scheduler; may be empty
+    # request id -> (first prompt position scored, its logprobs), for rows that asked for prompt logprobs
+    prompt_logprobs: dict[str, tuple[int, list[object]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ..engine.async_engine import EngineError
 from ..engine.sampler import TokenLogprobs
@@ -32,47 +33,36 @@ class CompletionServing(Serving):
         if len(prompts) > self.settings.max_choices:
             raise bad_request(f"prompt: at most {self.settings.max_choices} prompts (--max-choices)", "prompt")
         params = [sampling_params(self.engine, request, len(ids), "prompt") for _, ids in prompts]
-        prompt_logprobs = await self._prompt_logprobs(request, prompts)
+        if request.echo and request.logprobs is not None:  # the prompt's logprobs, computed in the engine step
+            params = [replace(sp, prompt_logprobs=request.logprobs) for sp in params]
         retry = self.settings.retry_after_seconds
         response_id = new_request_id("cmpl")
         generation = await Generation.start(
             self.engine, response_id, [ids for _, ids in prompts], params, self.metrics, arrival, retry
         )
         if request.stream:
-            return self._stream(request, generation, response_id, prompts, prompt_logprobs)
+            return self._stream(request, generation, response_id, prompts)
         with self.open_requests.track(generation.stream):
             choices = await generation.run_to_end(retry)
         return await build_off_loop(
             lambda: CompletionResponse(
                 id=response_id,
                 model=self.settings.model_name,
-                choices=[self._choice(request, c, prompts, prompt_logprobs) for c in choices],
+                choices=[self._choice(request, c, prompts) for c in choices],
                 usage=generation.usage(),
             )
         )
-
-    async def _prompt_logprobs(
-        self, request: CompletionRequest, prompts: list[tuple[str, list[int]]]
-    ) -> list[list[TokenLogprobs | None]] | None:
-        """With echo and logprobs, the prompt tokens' logprobs (the first one null), one list per prompt."""
-        if not (request.echo and request.logprobs is not None):
-            return None
-        try:
-            return [await self.engine.prompt_logprobs(ids, request.logprobs) for _, ids in prompts]
-        except Exception as exc:
-            raise engine_error(exc, self.settings.retry_after_seconds) from exc
 
     def _choice(
         self,
         request: CompletionRequest,
         choice: Choice,
         prompts: list[tuple[str, list[int]]],
-        prompt_logprobs: list[list[TokenLogprobs | None]] | None,
     ) -> CompletionResponseChoice:
         text, ids = prompts[choice.prompt_index]
         logprobs = None
-        if request.logprobs is not None and prompt_logprobs is not None:  # echo
-            entries = [*prompt_logprobs[choice.prompt_index], *choice.logprobs]
+        if request.logprobs is not None and request.echo:
+            entries = [*_prompt_entries(choice, ids), *choice.logprobs]
             logprobs = completion_logprobs([*ids, *choice.token_ids], entries, self.texts)
         elif request.logprobs is not None:
             logprobs = completion_logprobs(choice.token_ids, choice.logprobs, self.texts)
@@ -90,7 +80,6 @@ class CompletionServing(Serving):
         generation: Generation,
         response_id: str,
         prompts: list[tuple[str, list[int]]],
-        prompt_logprobs: list[list[TokenLogprobs | None]] | None,
     ) -> AsyncIterator[CompletionStreamResponse]:
         model = self.settings.model_name
         want_logprobs = request.logprobs is not None
@@ -108,13 +97,19 @@ class CompletionServing(Serving):
             return CompletionStreamResponse(id=response_id, model=model, choices=[item])
 
         try:
+            echo_with_first_output: set[int] = set()  # choices whose echo waits for its prompt logprobs
             if request.echo:
                 for c in generation.choices:
-                    text, ids = prompts[c.prompt_index]
-                    entries = prompt_logprobs[c.prompt_index] if prompt_logprobs else []
-                    yield chunk(c.index, text, ids if want_logprobs else [], entries)
+                    if want_logprobs:
+                        echo_with_first_output.add(c.index)
+                    else:
+                        yield chunk(c.index, prompts[c.prompt_index][0], [], [])
             try:
                 async for choice, out in self.outputs(generation):
+                    if choice.index in echo_with_first_output:
+                        echo_with_first_output.discard(choice.index)
+                        text, ids = prompts[choice.prompt_index]
+                        yield chunk(choice.index, text, ids, _prompt_entries(choice, ids))
                     new_ids = out.token_ids if want_logprobs else []
                     if not (out.text or out.finished or new_ids):
                         continue
@@ -128,3 +123,8 @@ class CompletionServing(Serving):
                 raise engine_error(exc, self.settings.retry_after_seconds) from exc
         finally:
             generation.abort()
+
+
+def _prompt_entries(choice: Choice, prompt_ids: list[int]) -> list[TokenLogprobs | None]:
+    """The choice's prompt logprobs from the engine (all None if it ended before computing its prompt)."""
+    return choice.prompt_logprobs if choice.prompt_logprobs is not None else [None] * len(prompt_ids)

@@ -1,7 +1,7 @@
-"""One API request's engine requests: prompts x n choices, submitted together and merged into one stream.
+"""One API request's engine requests: one per prompt, each with its n choices, submitted together and merged.
 
-Choice ``i`` of prompt ``p`` is engine request ``{id}-{p * n + i}`` with seed ``seed + i`` (wrapping around within
-the signed 64-bit range the API accepts), so seeded choices differ from each other and repeat across calls.
+Prompt ``p`` is engine request ``{id}-{p}``; its n choices are the engine's child sequences (seed ``seed + i``
+for choice ``i``, see ``engine/parallel_sampling.py``), numbered ``p * n + i`` in the response.
 Engine exceptions become OpenAI errors here: a full waiting queue 429, loading or shutting down 503, an engine
 failure 500.
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..engine.async_engine import AsyncEngine, EngineError, EngineNotReadyError, EngineStoppedError, RequestStream
 from ..engine.engine import StepOutput
+from ..engine.parallel_sampling import child_seed, sequence_ids
+from ..engine.request import RequestEvent, RequestEventType, first_event_time
 from ..engine.sampler import TokenLogprobs
 from ..engine.sampling_params import SamplingParams
 from ..engine.scheduler import QueueFullError
@@ -22,10 +24,7 @@ from .errors import APIError, EngineUnavailable, QueueFull, from_value_error
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import UsageInfo
 
-
-def child_seed(seed: int, child: int) -> int:
-    """The seed of choice ``child``: ``seed + child``, wrapped into [-2**63, 2**63 - 1]."""
-    return (seed + child + 2**63) % 2**64 - 2**63
+__all__ = ["Choice", "Generation", "child_seed", "engine_error", "new_request_id"]
 
 
 def new_request_id(prefix: str) -> str:
@@ -58,6 +57,8 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with SamplingParams.prompt_logprobs
+    events: list[RequestEvent] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -85,20 +86,15 @@ class Generation:
     ) -> Generation:
         requests, choices = [], []
         for prompt_index, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
-            for child in range(sp.n):
-                index = len(choices)
-                try:
-                    child_params = replace(sp, n=1, seed=None if sp.seed is None else child_seed(sp.seed, child))
-                except ValueError as exc:
-                    raise from_value_error(exc) from exc
-                child_id = f"{request_id}-{index}"
-                requests.append((child_id, ids, child_params))
-                choices.append(Choice(index, prompt_index, child_id, RequestTimer(metrics, arrival)))
+            parent_id = f"{request_id}-{prompt_index}"
+            requests.append((parent_id, ids, sp))
+            for child_id in sequence_ids(parent_id, sp.n):
+                choices.append(Choice(len(choices), prompt_index, child_id, RequestTimer(metrics, arrival)))
         try:
             stream = await engine.add(requests)
         except Exception as exc:
             raise engine_error(exc, retry_after) from exc
-        metrics.prompt_tokens.inc(sum(len(ids) for _, ids, _ in requests))
+        metrics.prompt_tokens.inc(sum(len(ids) * sp.n for _, ids, sp in requests))
         return cls(stream, choices, [len(p) for p in prompts], metrics)
 
     async def outputs(self) -> AsyncIterator[tuple[Choice, StepOutput]]:
@@ -106,15 +102,20 @@ class Generation:
         async for out in self.stream:
             choice = self._by_request_id[out.request_id]
             now = time.monotonic()
-            choice.timer.on_tokens(len(out.token_ids), now)
+            choice.events.extend(out.events)
+            first_token = first_event_time(out.events, RequestEventType.FIRST_TOKEN)
+            choice.timer.on_tokens(len(out.token_ids), now, first_token)
             choice.text += out.text
             choice.token_ids.extend(out.token_ids)
+            if choice.prompt_logprobs is None:
+                choice.prompt_logprobs = out.output.prompt_logprobs
             if out.output.logprobs and out.token_ids:
                 choice.logprobs.extend(out.output.logprobs[-len(out.token_ids) :])
             if out.finished:
                 choice.finish_reason = out.output.finish_reason
                 choice.stop_reason = out.output.stop_reason
-                choice.timer.on_finish(choice.finish_reason, self.stream.scheduled_times.get(choice.request_id), now)
+                scheduled = first_event_time(choice.events, RequestEventType.SCHEDULED)
+                choice.timer.on_finish(choice.finish_reason, scheduled, now)
             yield choice, out
 
     async def run_to_end(self, retry_after: int = 1) -> list[Choice]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from ..engine import validation
 from ..engine.async_engine import AsyncEngine
+from ..engine.errors import MaxTokensTooLargeError, PromptTooLongError, TokenIdOutOfVocabError
 from ..engine.sampling_params import SamplingParams
 from .errors import CONTEXT_LENGTH_PHRASE, APIError, bad_request, from_value_error
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -28,9 +30,12 @@ def check_model(requested: str | None, settings: ServerSettings) -> None:
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
-    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+    """400 for a token id outside the vocabulary (the engine's validator decides)."""
+    try:
+        validation.check_token_ids(ids, vocab_size, param)
+    except TokenIdOutOfVocabError as exc:
+        message = f"{param}: token id {exc.token_id} is outside the vocabulary [0, {vocab_size})"
+        raise bad_request(message, param) from exc
 
 
 def completion_prompts(engine: AsyncEngine, prompt: str | list) -> list[tuple[str, list[int]]]:
@@ -82,7 +87,7 @@ async def chat_prompt(
 
 def context_limit(engine: AsyncEngine) -> int:
     """The longest request (prompt + output) the server runs: the context, or the KV pool if that is smaller."""
-    return min(engine.max_model_len, engine.kv_capacity_tokens)
+    return engine.validator.context_limit
 
 
 def sampling_params(
@@ -90,25 +95,28 @@ def sampling_params(
 ) -> SamplingParams:
     """Checked SamplingParams for one prompt; max_tokens null means the rest of the context."""
     limit = context_limit(engine)
-    room = limit - num_prompt_tokens
-    if room < 1:
+    try:
+        room = validation.check_prompt_length(num_prompt_tokens, limit)
+    except PromptTooLongError as exc:
         raise bad_request(
             f"the prompt has {num_prompt_tokens} tokens but this model's {CONTEXT_LENGTH_PHRASE} is {limit} "
             "tokens, including at least one generated token; shorten the prompt",
             prompt_param,
-        )
+        ) from exc
     try:
         params = request.to_sampling_params(default_max_tokens=room)
     except ValueError as exc:
         raise from_value_error(exc) from exc
-    if params.max_tokens is not None and params.max_tokens > room:
-        total = num_prompt_tokens + params.max_tokens
+    try:
+        validation.check_max_tokens(num_prompt_tokens, params.max_tokens, limit)
+    except MaxTokensTooLargeError as exc:
+        total = num_prompt_tokens + exc.max_tokens
         raise bad_request(
             f"this model's {CONTEXT_LENGTH_PHRASE} is {limit} tokens; you requested {total} tokens "
-            f"({num_prompt_tokens} in the prompt, {params.max_tokens} for the completion); reduce the prompt "
+            f"({num_prompt_tokens} in the prompt, {exc.max_tokens} for the completion); reduce the prompt "
             "or max_tokens",
             "max_tokens",
-        )
+        ) from exc
     vocab_size = engine.vocab_size
     if params.logit_bias:
         check_token_ids(list(params.logit_bias), vocab_size, "logit_bias")

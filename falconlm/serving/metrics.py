@@ -1,8 +1,8 @@
 """Prometheus metrics on a private registry, all named ``falconlm_*``.
 
 Latency histograms and token counters are fed by the serving classes as outputs arrive (:class:`RequestTimer`); the
-engine's load (running and waiting requests, KV blocks, prefix-cache hits) is read from the AsyncEngine's
-stats snapshot at scrape time.
+engine's load (running and waiting requests, KV blocks, prefix-cache hits) is read from the engine's
+stats snapshot at scrape time; the queue time from the SCHEDULED event recorded on each request.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..engine.async_engine import EngineStats
+from ..engine.stats import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
@@ -102,12 +102,13 @@ class RequestTimer:
         self.arrival = arrival
         self.last_token_time: float | None = None
 
-    def on_tokens(self, num_tokens: int, now: float) -> None:
+    def on_tokens(self, num_tokens: int, now: float, first_token_time: float | None = None) -> None:
+        """``first_token_time``: when the engine sampled the first token (its FIRST_TOKEN event), else ``now``."""
         if num_tokens <= 0:
             return
         m = self.metrics
         if self.last_token_time is None:
-            m.time_to_first_token.observe(now - self.arrival)
+            m.time_to_first_token.observe((now if first_token_time is None else first_token_time) - self.arrival)
         else:
             m.inter_token_latency.observe(now - self.last_token_time)
         self.last_token_time = now
