@@ -9,6 +9,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# No GPU runs the Triton kernel here: its tests run it in Triton's interpreter, and triton reads this at import, so
+# it is set before any test (or a library a test loads, such as transformers) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def shared_data_dir() -> Path | None:
     """The project's shared data folder (``../shared/data`` beside the checkout), if present."""

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from ..serving.errors import bad_request
 from ..serving.json_body import parse_json
 from .protocol import FileDeleted
 from .service import BatchService, file_object
@@ -48,8 +49,12 @@ def build_batch_router(service: BatchService) -> APIRouter:
 
     @router.post("/v1/files")
     async def upload_file(
-        purpose: Annotated[str | None, Form()] = None, file: Annotated[UploadFile | None, File()] = None
+        request: Request,
+        purpose: Annotated[str | None, Form()] = None,
+        file: Annotated[UploadFile | None, File()] = None,
     ) -> Response:
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise bad_request("upload the file as multipart/form-data with a 'purpose' and a 'file' part", "file")
         if file is None:
             return _json(await service.add_file(purpose, None, None, 0))
         size = file.size if file.size is not None else 0

@@ -155,6 +155,8 @@ def test_bad_uploads_and_ids(server):
     with pytest.raises(openai.BadRequestError, match="no batch input file"):
         client.batches.create(input_file_id="file-" + "0" * 24, endpoint="/v1/completions", completion_window="24h")
     assert httpx.get(f"{base}/v1/files/..%2F..%2Fbatch.db/content").status_code == 404
+    as_json = httpx.post(f"{base}/v1/files", json={"purpose": "batch", "file": "x"})
+    assert as_json.status_code == 400 and "multipart/form-data" in as_json.json()["error"]["message"]
     upload = client.files.create(file=("../../etc/passwd", b""), purpose="batch")
     assert upload.filename == "passwd" and upload.id.startswith("file-")
     assert not any("passwd" in p.name for p in server.state_dir.rglob("*"))
