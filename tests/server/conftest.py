@@ -36,6 +36,16 @@ def load_engine(checkpoint: Path, **config) -> Engine:
     return Engine(model, Tokenizer.from_pretrained(checkpoint), EngineConfig(**config))
 
 
+@pytest.fixture
+def engine(tiny_checkpoint) -> Iterator[AsyncEngine]:
+    """A started AsyncEngine on the tiny checkpoint (4 sequences at a time), shut down after the test."""
+    async_engine = AsyncEngine(load_engine(tiny_checkpoint, max_num_seqs=4))
+    async_engine.start()
+    assert async_engine.wait_ready(30)
+    yield async_engine
+    async_engine.shutdown(timeout=1)
+
+
 class LiveServer:
     """uvicorn serving ``build_server_app(engine, settings)`` (the app as `falconlm serve` composes it) in a thread."""
 

@@ -18,15 +18,6 @@ from .conftest import LiveServer, load_engine
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
-@pytest.fixture
-def engine(tiny_checkpoint):
-    async_engine = AsyncEngine(load_engine(tiny_checkpoint, max_num_seqs=4))
-    async_engine.start()
-    assert async_engine.wait_ready(30)
-    yield async_engine
-    async_engine.shutdown(timeout=1)
-
-
 def _wait_free(engine: AsyncEngine, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while engine.stats.num_blocks_in_use or engine.stats.num_running or engine.stats.num_waiting:

@@ -5,22 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from falconlm.engine.async_engine import AsyncEngine
 from falconlm.engine.request import RequestEventType
 from falconlm.engine.sampling_params import SamplingParams
-
-from .conftest import load_engine
-
-
-@pytest.fixture
-def engine(tiny_checkpoint):
-    async_engine = AsyncEngine(load_engine(tiny_checkpoint, max_num_seqs=4))
-    async_engine.start()
-    assert async_engine.wait_ready(30)
-    yield async_engine
-    async_engine.shutdown(timeout=1)
 
 
 def test_children_stream_with_their_index_and_events(engine: AsyncEngine):
