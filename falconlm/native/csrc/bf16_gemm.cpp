@@ -38,12 +38,7 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
     const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * NR;
-      if (N - n0 >= NR) {
-        rows_block<NR>(x + mb * ldx, ldx, rows, w, K, n0, y + mb * N, N);
-      } else {
-        rows_block<1>(x + mb * ldx, ldx, rows, w, K, n0, y + mb * N, N);
-      }
+      weight_pair(x + mb * ldx, ldx, rows, w, K, b * NR, y + mb * N, N);
     }
   }
 }

@@ -20,6 +20,10 @@ constexpr int MR = 8;  // activation rows per register block (2 x 8 measured 20-
 constexpr int MR = 2;  // 16 ymm / 32 q registers: 2 x 2 blocks of widened values keep the sums in registers
 #endif
 constexpr int PREFETCH = 2048;  // elements ahead of each weight row's stream to request
+// Up to this many activation rows, weight rows go one at a time: two rows read in step are two interleaved streams
+// inside one page, which the hardware prefetchers follow badly (a K = 1024 bf16 head streamed at about half the
+// bandwidth of one row at a time, on AVX2 and AVX-512 alike). Above it the pair's reuse of activations wins.
+constexpr int64_t ONE_ROW_MAX = 4;
 
 template <int R, int C, typename Out>
 inline void block(const uint16_t* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_t K, int64_t n0, Out* y,
@@ -63,6 +67,18 @@ inline void rows_block(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t
     case 1: block<1, C, Out>(x, ldx, m, w, K, n0, y, N); break;
     default: break;
   }
+}
+
+// y[:, n0 : n0 + NR] for the rows of x (or y[:, n0] alone when n0 is the last weight row): the NR weight rows
+// together, or one after the other for few activation rows (ONE_ROW_MAX). A row's result is the same either way.
+template <typename Out>
+inline void weight_pair(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0,
+                        Out* y, int64_t N) {
+  if (N - n0 >= NR && M > ONE_ROW_MAX) {
+    rows_block<NR>(x, ldx, M, w, K, n0, y, N);
+    return;
+  }
+  for (int64_t n = n0; n < n0 + NR && n < N; ++n) rows_block<1>(x, ldx, M, w, K, n, y, N);
 }
 
 }  // namespace falcon::bf16

@@ -193,7 +193,7 @@ void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, fl
   if (W.bits == 16) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
     for (int64_t n0 = t * TILE; n0 < (t + 1) * TILE; n0 += bf16::NR)
-      bf16::rows_block<bf16::NR>(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
+      bf16::weight_pair(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
     return;
   }
   for (int64_t m = 0; m < R; m += MR) {
