@@ -127,8 +127,16 @@ def download_source(root: Path, version: str | None) -> str:
 # llama.cpp's CPU flags for a forced falconlm variant, so both sides use the same instruction set: an AVX2 + FMA
 # build (no AVX-512, no AVX-VNNI) stands in for an AVX2-only server on an AVX-512 machine.
 LLAMACPP_ISA_FLAGS = {
-    "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
+    "avx2": [
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_AVX=ON",
+        "-DGGML_AVX2=ON",
+        "-DGGML_FMA=ON",
+        "-DGGML_F16C=ON",
+        "-DGGML_BMI2=ON",
+        "-DGGML_AVX512=OFF",
+        "-DGGML_AVX_VNNI=OFF",
+    ],
 }
 
 
