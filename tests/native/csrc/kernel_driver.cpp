@@ -7,8 +7,14 @@
 //   kernel_driver argmax    IN OUT   IN: M N, x f32 [M, N]                               OUT: i64 [M]
 //   kernel_driver attention IN OUT   IN: R Hq G d blocks block_size width, q, k, v f32, tables, lens i64
 //                                    OUT: f32 [R, Hq, d]
+//   kernel_driver decode    IN OUT   IN: L H Hq G d blocks block_size R tb, then per layer and matrix (qkv dense
+//                                    up down) bits n k k_real group w_bytes s_bytes, w, scales, then per layer
+//                                    ln_attn_w ln_attn_b ln_mlp_w ln_mlp_b f32 [H], k, v f32 [L, blocks,
+//                                    block_size, G, d], tables i64 [R, tb], lens i64 [R], cos, sin f32 [R, d],
+//                                    x f32 [R, H]        OUT: x f32 [R, H], k, v (falcon_decode_layers, eps 1e-5)
 //
-// Every header field is an int64; arrays follow in the order listed. Prints the build's instruction set.
+// Every header field is an int64; arrays follow in the order listed (decode's headers are
+// interleaved with them). Prints the build's instruction set.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -24,6 +30,29 @@ void falcon_linear_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16
 void falcon_qlinear(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, const uint8_t*,
                     const void*, int64_t, void*, int, int);
 void falcon_argmax_rows(const void*, int, int64_t, int64_t, int64_t, int64_t*, int);
+struct Weight {
+  const uint8_t* w;
+  const void* scales;
+  int64_t n, k, k_real, group, bits;
+};
+struct Layer {
+  Weight qkv, dense, up, down;
+  const float *ln_attn_w, *ln_attn_b, *ln_mlp_w, *ln_mlp_b;
+};
+struct Shape {
+  int64_t layers, hidden, heads, groups, head_dim;
+  double eps;
+  int64_t kv_bf16;
+};
+struct Rows {
+  void* k;
+  void* v;
+  int64_t layer_stride, sb, sp, sg, block_size;
+  const int64_t* block_tables;
+  int64_t tb;
+  const int64_t* context_lens;
+};
+void falcon_decode_layers(const Shape*, const Layer*, const Rows*, float*, int64_t, const float*, const float*, int);
 void falcon_decode_attention(const void*, int, int64_t, int64_t, int64_t, int64_t, const void*, const void*, int64_t,
                              int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, float, void*, int);
 }
@@ -96,6 +125,34 @@ int main(int argc, char** argv) {
     std::vector<float> out(R * Hq * d);
     falcon_decode_attention(q, 0, R, Hq, G, d, k, v, block_size * G * d, G * d, d, block_size, tables, width, lens,
                             1.f / std::sqrt(static_cast<float>(d)), out.data(), 2);
+    write(argv[3], out);
+  } else if (op == "decode") {
+    const int64_t L = r.field(), H = r.field(), Hq = r.field(), G = r.field(), d = r.field();
+    const int64_t blocks = r.field(), block_size = r.field(), R = r.field(), tb = r.field();
+    std::vector<Layer> layers(L);
+    for (Layer& layer : layers) {
+      for (Weight* w : {&layer.qkv, &layer.dense, &layer.up, &layer.down}) {
+        w->bits = r.field(), w->n = r.field(), w->k = r.field(), w->k_real = r.field(), w->group = r.field();
+        const int64_t w_bytes = r.field(), s_bytes = r.field();
+        w->w = r.array<uint8_t>(w_bytes);
+        w->scales = s_bytes ? r.array<char>(s_bytes) : nullptr;
+      }
+    }
+    for (Layer& layer : layers)
+      for (const float** p : {&layer.ln_attn_w, &layer.ln_attn_b, &layer.ln_mlp_w, &layer.ln_mlp_b})
+        *p = r.array<float>(H);
+    const int64_t cache = L * blocks * block_size * G * d;
+    std::vector<float> out(R * H + 2 * cache);
+    std::memcpy(out.data() + R * H, r.array<float>(2 * cache), 2 * cache * sizeof(float));  // k then v
+    const int64_t* tables = r.array<int64_t>(R * tb);
+    const int64_t* lens = r.array<int64_t>(R);
+    const float* cos = r.array<float>(R * d);
+    const float* sin = r.array<float>(R * d);
+    std::memcpy(out.data(), r.array<float>(R * H), R * H * sizeof(float));
+    const Shape shape{L, H, Hq, G, d, 1e-5, 0};
+    const Rows rows{out.data() + R * H, out.data() + R * H + cache, blocks * block_size * G * d, block_size * G * d,
+                    G * d, d, block_size, tables, tb, lens};
+    falcon_decode_layers(&shape, layers.data(), &rows, out.data(), R, cos, sin, 2);
     write(argv[3], out);
   } else {
     std::fprintf(stderr, "unknown op %s\n", op.c_str());
