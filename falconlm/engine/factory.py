@@ -60,6 +60,8 @@ class EngineArgs:
 
 def build_engine(args: EngineArgs) -> Engine:
     """Load the model and tokenizer and build the Engine; ValueError (one line) for a bad setting."""
+    if args.max_num_seqs < 1:  # before the weights load: a bad setting fails at once
+        raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     path = args.model_path
@@ -72,8 +74,6 @@ def build_engine(args: EngineArgs) -> Engine:
     model.eval()
     tokenizer = _tokenizer(path, model.config.eos_token_id, args)
     max_model_len = check_max_model_len(model.config, args.max_model_len)
-    if args.max_num_seqs < 1:
-        raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens or max(512, max_model_len),
