@@ -35,13 +35,71 @@ def _flag(name: str, value: object) -> bool:
 
 
 @dataclass
+class StructuredOutputParams:
+    """A constraint on a request's output; exactly one kind is set.
+
+    ``json_schema``: the output is JSON that validates against this schema. ``json_object``: any JSON object.
+    ``regex``: the output matches this regular expression. ``grammar``: the output is in this grammar.
+    ``choice``: the output is exactly one of these strings.
+    """
+
+    json_schema: dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.json_object = _flag("json_object", self.json_object)
+        kinds = [
+            name
+            for name, value in (
+                ("json_schema", self.json_schema),
+                ("json_object", self.json_object or None),
+                ("regex", self.regex),
+                ("grammar", self.grammar),
+                ("choice", self.choice),
+            )
+            if value is not None
+        ]
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured output takes exactly one of json_schema, json_object, regex, grammar, choice; "
+                f"got {kinds or 'none'}"
+            )
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema must be an object, got {type(self.json_schema).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string")
+        if self.choice is not None:
+            if (
+                not isinstance(self.choice, (list, tuple))
+                or not self.choice
+                or not all(isinstance(c, str) for c in self.choice)
+            ):
+                raise ValueError("choice must be a non-empty list of strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: ``json_schema``, ``json_object``, ``regex``, ``grammar`` or ``choice``."""
+        for name in ("json_schema", "regex", "grammar", "choice"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+
+@dataclass
 class SamplingParams:
     """How to pick tokens for one request; validated on construction.
 
     ``top_k`` of 0 or -1 turns top-k off. ``logprobs`` is the number of top
     logprobs to return per position (0 = only the chosen token's); ``prompt_logprobs`` the same for each prompt
     token after the first (computed inside the engine step; such a request skips the prefix cache). ``stop`` is
-    normalized to a ``list[str]`` and ``stop_token_ids`` to a ``list[int]``.
+    normalized to a ``list[str]`` and ``stop_token_ids`` to a ``list[int]``. ``structured_output`` constrains the
+    output (JSON schema, regex, grammar or choice) through the grammar mask in the sampler.
     """
 
     n: int = 1
@@ -61,6 +119,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer("n", self.n)
@@ -108,6 +167,8 @@ class SamplingParams:
                 raise ValueError(f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.prompt_logprobs}")
         if self.logit_bias is not None:
             self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
+            raise ValueError(f"structured_output must be a StructuredOutputParams, got {self.structured_output!r}")
 
     @property
     def greedy(self) -> bool:
