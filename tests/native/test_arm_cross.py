@@ -114,17 +114,30 @@ def _decode_weight(bits: int, n: int, k: int, gen: torch.Generator) -> tuple[Wei
     return weight, [np.array(header), tiled, scales]
 
 
+# (cache dtype, two LayerNorms, row lengths after the step, block size): the 40B layout on a float32 cache with
+# short rows; the 7B layout (one LayerNorm for both branches) on a bfloat16 cache with rows past PART_KEYS (512),
+# which are attended in parts that threads share and then combined.
+DECODE_CASES = {
+    "two-ln-f32-short": (torch.float32, True, [3, 10], 4),
+    "one-ln-bf16-long": (torch.bfloat16, False, [600, 1100], 16),
+}
+
+
 @needs_cross
 @needs_qemu
 @needs_native
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
 @pytest.mark.parametrize("bits", [16, 8, 4])
-def test_arm_fused_decode_matches_the_scalar_reference(driver, bits: int, tmp_path: Path, monkeypatch) -> None:
-    # Two layers of hidden 128 (4 heads of 32 on 2 KV groups), a paged float32 cache of 6 blocks of 4 positions,
-    # rows of 3 and 10 positions (this step's token included) through scattered blocks.
+def test_arm_fused_decode_matches_the_scalar_reference(driver, bits: int, case: str, tmp_path: Path,
+                                                       monkeypatch) -> None:  # fmt: skip
+    # Two layers of hidden 128 (4 heads of 32 on 2 KV groups), a paged cache with the rows' blocks scattered.
     monkeypatch.setenv("FALCONLM_NATIVE_ISA", "scalar")
     lib = native.kernels()
     assert lib is not None and lib.falcon_isa().decode() == "scalar"
-    L, H, Hq, G, d, blocks, bs, R, tb = 2, 128, 4, 2, 32, 6, 4, 2, 3
+    kv_dtype, two_ln, lengths, bs = DECODE_CASES[case]
+    L, H, Hq, G, d, R = 2, 128, 4, 2, 32, len(lengths)
+    tb = max(-(-n // bs) for n in lengths)
+    blocks = R * tb
     gen = torch.Generator().manual_seed(5)
     layers, arrays, keep = (Layer * L)(), [], []
     for i in range(L):
@@ -134,26 +147,28 @@ def test_arm_fused_decode_matches_the_scalar_reference(driver, bits: int, tmp_pa
             setattr(layers[i], name, weight)
             arrays += parts
     for i in range(L):
-        norms = [(1 + 0.1 * torch.randn(H, generator=gen)).numpy(), (0.1 * torch.randn(H, generator=gen)).numpy()] * 2
+        norms = [(1 + 0.1 * torch.randn(H, generator=gen)).numpy(), (0.1 * torch.randn(H, generator=gen)).numpy()]
+        norms = norms * 2 if two_ln else norms
         keep += norms
-        layers[i].ln_attn_w, layers[i].ln_attn_b, layers[i].ln_mlp_w, layers[i].ln_mlp_b = (
-            a.ctypes.data for a in norms
-        )
+        layers[i].ln_attn_w, layers[i].ln_attn_b = norms[0].ctypes.data, norms[1].ctypes.data
+        if two_ln:
+            layers[i].ln_mlp_w, layers[i].ln_mlp_b = norms[2].ctypes.data, norms[3].ctypes.data
     arrays += keep
-    kv = torch.randn(2, L, blocks, bs, G, d, generator=gen)
-    tables = torch.tensor([[4, 1, 0], [2, 5, 3]])
-    lens = torch.tensor([3, 10])
+    kv = torch.randn(2, L, blocks, bs, G, d, generator=gen).to(kv_dtype)
+    tables = torch.randperm(blocks, generator=gen).view(R, tb)
+    lens = torch.tensor(lengths)
     angles = torch.rand(R, d // 2, generator=gen) * 6.28
     cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
     x = torch.randn(R, H, generator=gen)
-    header = np.array([L, H, Hq, G, d, blocks, bs, R, tb])
-    out = _run(driver, "decode", [], [header, *arrays, kv.numpy(), tables.numpy(), lens.numpy(), cos.numpy(),
+    header = np.array([L, H, Hq, G, d, blocks, bs, R, tb, int(kv_dtype == torch.bfloat16), int(two_ln)])
+    kv_bits = kv.view(torch.int16) if kv_dtype == torch.bfloat16 else kv
+    out = _run(driver, "decode", [], [header, *arrays, kv_bits.numpy(), tables.numpy(), lens.numpy(), cos.numpy(),
                                       sin.numpy(), x.numpy()], tmp_path)  # fmt: skip
-    arm = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy())
-    arm_x, arm_kv = arm[: R * H].view(R, H), arm[R * H :].view(kv.shape)
+    arm_x = torch.from_numpy(np.frombuffer(out[: R * H * 4], dtype=np.float32).copy()).view(R, H)
+    arm_kv = torch.frombuffer(bytearray(out[R * H * 4 :]), dtype=kv_dtype).view(kv.shape)
 
     ref_x, ref_kv = x.clone(), kv.clone()
-    shape = Shape(L, H, Hq, G, d, 1e-5, 0)
+    shape = Shape(L, H, Hq, G, d, 1e-5, int(kv_dtype == torch.bfloat16))
     rows = Rows(ref_kv[0].data_ptr(), ref_kv[1].data_ptr(), blocks * bs * G * d, bs * G * d, G * d, d, bs,
                 tables.data_ptr(), tb, lens.data_ptr())  # fmt: skip
     lib.falcon_decode_layers(ctypes.addressof(shape), ctypes.addressof(layers), ctypes.addressof(rows),
@@ -162,4 +177,4 @@ def test_arm_fused_decode_matches_the_scalar_reference(driver, bits: int, tmp_pa
     # Float32 sums in another order only (measured: at most 4e-7 on values up to 3); an activation rounded to
     # another int8 / bfloat16 value would move them by about 1e-3 (test_decode's WORST), a real mistake by ~1.
     torch.testing.assert_close(arm_x, ref_x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(arm_kv, ref_kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(arm_kv.float(), ref_kv.float(), rtol=1e-5, atol=1e-5)

@@ -7,11 +7,12 @@
 //   kernel_driver argmax    IN OUT   IN: M N, x f32 [M, N]                               OUT: i64 [M]
 //   kernel_driver attention IN OUT   IN: R Hq G d blocks block_size width, q, k, v f32, tables, lens i64
 //                                    OUT: f32 [R, Hq, d]
-//   kernel_driver decode    IN OUT   IN: L H Hq G d blocks block_size R tb, then per layer and matrix (qkv dense
-//                                    up down) bits n k k_real group w_bytes s_bytes, w, scales, then per layer
-//                                    ln_attn_w ln_attn_b ln_mlp_w ln_mlp_b f32 [H], k, v f32 [L, blocks,
-//                                    block_size, G, d], tables i64 [R, tb], lens i64 [R], cos, sin f32 [R, d],
-//                                    x f32 [R, H]        OUT: x f32 [R, H], k, v (falcon_decode_layers, eps 1e-5)
+//   kernel_driver decode    IN OUT   IN: L H Hq G d blocks block_size R tb kv_bf16 two_ln, then per layer and
+//                                    matrix (qkv dense up down) bits n k k_real group w_bytes s_bytes, w, scales,
+//                                    then per layer ln_attn_w ln_attn_b (and ln_mlp_w ln_mlp_b when two_ln) f32 [H],
+//                                    k, v [L, blocks, block_size, G, d] (bf16 bits when kv_bf16, else f32), tables
+//                                    i64 [R, tb], lens i64 [R], cos, sin f32 [R, d], x f32 [R, H]
+//                                    OUT: x f32 [R, H], then k, v in the cache's dtype (falcon_decode_layers, eps 1e-5)
 //
 // Every header field is an int64; arrays follow in the order listed (decode's headers are
 // interleaved with them). Prints the build's instruction set.
@@ -129,6 +130,7 @@ int main(int argc, char** argv) {
   } else if (op == "decode") {
     const int64_t L = r.field(), H = r.field(), Hq = r.field(), G = r.field(), d = r.field();
     const int64_t blocks = r.field(), block_size = r.field(), R = r.field(), tb = r.field();
+    const int64_t kv_bf16 = r.field(), two_ln = r.field();
     std::vector<Layer> layers(L);
     for (Layer& layer : layers) {
       for (Weight* w : {&layer.qkv, &layer.dense, &layer.up, &layer.down}) {
@@ -138,22 +140,27 @@ int main(int argc, char** argv) {
         w->scales = s_bytes ? r.array<char>(s_bytes) : nullptr;
       }
     }
-    for (Layer& layer : layers)
-      for (const float** p : {&layer.ln_attn_w, &layer.ln_attn_b, &layer.ln_mlp_w, &layer.ln_mlp_b})
-        *p = r.array<float>(H);
-    const int64_t cache = L * blocks * block_size * G * d;
-    std::vector<float> out(R * H + 2 * cache);
-    std::memcpy(out.data() + R * H, r.array<float>(2 * cache), 2 * cache * sizeof(float));  // k then v
+    for (Layer& layer : layers) {
+      layer.ln_attn_w = r.array<float>(H), layer.ln_attn_b = r.array<float>(H);
+      layer.ln_mlp_w = two_ln ? r.array<float>(H) : nullptr;
+      layer.ln_mlp_b = two_ln ? r.array<float>(H) : nullptr;
+    }
+    const int64_t cache = L * blocks * block_size * G * d, cache_bytes = cache * (kv_bf16 ? 2 : 4);
+    std::vector<float> x(R * H);
+    std::vector<char> kv(2 * cache_bytes);
+    std::memcpy(kv.data(), r.array<char>(2 * cache_bytes), 2 * cache_bytes);  // k then v
     const int64_t* tables = r.array<int64_t>(R * tb);
     const int64_t* lens = r.array<int64_t>(R);
     const float* cos = r.array<float>(R * d);
     const float* sin = r.array<float>(R * d);
-    std::memcpy(out.data(), r.array<float>(R * H), R * H * sizeof(float));
-    const Shape shape{L, H, Hq, G, d, 1e-5, 0};
-    const Rows rows{out.data() + R * H, out.data() + R * H + cache, blocks * block_size * G * d, block_size * G * d,
-                    G * d, d, block_size, tables, tb, lens};
-    falcon_decode_layers(&shape, layers.data(), &rows, out.data(), R, cos, sin, 2);
-    write(argv[3], out);
+    std::memcpy(x.data(), r.array<float>(R * H), R * H * sizeof(float));
+    const Shape shape{L, H, Hq, G, d, 1e-5, kv_bf16};
+    const Rows rows{kv.data(), kv.data() + cache_bytes, blocks * block_size * G * d, block_size * G * d, G * d, d,
+                    block_size, tables, tb, lens};
+    falcon_decode_layers(&shape, layers.data(), &rows, x.data(), R, cos, sin, 2);
+    std::ofstream(argv[3], std::ios::binary)
+        .write(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float))
+        .write(kv.data(), kv.size());
   } else {
     std::fprintf(stderr, "unknown op %s\n", op.c_str());
     return 2;
