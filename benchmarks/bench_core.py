@@ -88,11 +88,19 @@ def quantized_folder(out: Path, variant: str, size: str = "194m") -> Path:
     return folder
 
 
+# What an AVX2-only CPU gives torch as well: ATen's kernels, oneDNN (bfloat16 GEMMs widen, as without AVX512_BF16)
+# and MKL capped at AVX2, so that transformers and falconlm's torch paths run as they would there.
+AVX2_TORCH_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def apply_isa(isa: str | None) -> None:
     """Force one native kernel variant (``FALCONLM_NATIVE_ISA``) for this process and its workers; call it
-    before anything imports falconlm."""
+    before anything imports torch or falconlm. ``avx2`` on a bigger x86 CPU also caps torch at AVX2, so the
+    whole run (transformers included) stands in for an AVX2-only machine."""
     if isa:
         os.environ["FALCONLM_NATIVE_ISA"] = isa
+    if isa == "avx2":
+        os.environ.update(AVX2_TORCH_CAPS)
 
 
 def native_variant() -> str:

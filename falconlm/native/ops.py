@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,19 @@ from . import cpu_features, kernels, threads_for
 LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
 LINEAR_K_MULTIPLE = 32
 BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them torch's bfloat16 GEMM
+# cannot use the CPU's bfloat16 arithmetic, whatever the CPU has.
+ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has no bfloat16 arithmetic
 
 
 @functools.cache
 def bf16_hardware() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (else torch's bfloat16 GEMM is slower than float32's)."""
+    """Whether torch's bfloat16 GEMM here multiplies bfloat16 natively (else it is slower than float32's): the
+    CPU has the instructions, and oneDNN is not capped below them (``ONEDNN_MAX_CPU_ISA`` or ``DNNL_MAX_CPU_ISA``)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in ONEDNN_CAPS_WITHOUT_BF16:
+        return False
     return any(f in cpu_features() for f in BF16_HARDWARE)
 
 

@@ -127,3 +127,18 @@ def test_dtype_auto_says_what_it_picked(monkeypatch: pytest.MonkeyPatch) -> None
     assert dtype is torch.float32 and "no native kernels" in why  # torch's bf16 GEMMs would be slower
     monkeypatch.setattr(ops, "bf16_hardware", lambda: True)
     assert auto_dtype(torch.device("cpu"))[0] is torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("cap", "native_bf16"), [("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_AMX", None)]
+)
+def test_a_onednn_cap_below_bf16_turns_bf16_hardware_off(monkeypatch: pytest.MonkeyPatch, cap: str, native_bf16):
+    # Under such a cap torch's bfloat16 GEMM cannot use the CPU's bfloat16 instructions, so prefill widens to float32.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    ops.bf16_hardware.cache_clear()
+    try:
+        expected = any(f in native.cpu_features() for f in ops.BF16_HARDWARE) if native_bf16 is None else native_bf16
+        assert ops.bf16_hardware() is expected
+    finally:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        ops.bf16_hardware.cache_clear()
