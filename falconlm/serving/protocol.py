@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
 from . import request_types as rt
-from .structured_output import request_constraint
+from .structured_output import request_constraint, response_format_rules
 
 
 class OpenAIBaseModel(BaseModel):
@@ -119,7 +119,7 @@ class JsonSchemaFormat(_RequestModel):
 class ResponseFormat(_RequestModel):
     """``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid by a schema)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=response_format_rules)
     type: Annotated[str, Field(json_schema_extra={"enum": ["text", "json_object", "json_schema"]})]
     json_schema: JsonSchemaFormat | None = None
 
@@ -128,9 +128,9 @@ class StructuredOutputsOptions(_RequestModel):
     """vLLM's ``structured_outputs`` (extra_body): at most one of its constraints."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    grammar: str | None = None
-    choice: list[str] | None = None
+    regex: rt.Text | None = None
+    grammar: rt.Text | None = None
+    choice: rt.ChoiceList | None = None
     json_object: bool | None = None
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
@@ -160,9 +160,9 @@ class _SamplingRequest(_RequestModel):
     # structured output: OpenAI's response_format, or one of vLLM's extra_body constraints
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_grammar: str | None = None
-    guided_choice: list[str] | None = None
+    guided_regex: rt.Text | None = None
+    guided_grammar: rt.Text | None = None
+    guided_choice: rt.ChoiceList | None = None
     structured_outputs: StructuredOutputsOptions | None = None
 
     def check_unsupported(self) -> None:

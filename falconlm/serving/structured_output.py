@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
+from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 from ..engine.sampling_params import SamplingParams, StructuredOutputParams
@@ -44,9 +45,9 @@ def _schema(param: str, value: Any) -> dict:
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise ConstraintError(param, f"is not valid JSON: {exc}") from exc
+            raise ConstraintError(param, f"is not valid JSON, so it {REFUSAL_PHRASE}: {exc}") from exc
     if not isinstance(value, dict):
-        raise ConstraintError(param, "must be a JSON Schema object")
+        raise ConstraintError(param, f"must be a JSON Schema object; {type(value).__name__} {REFUSAL_PHRASE}")
     return value
 
 
@@ -131,3 +132,38 @@ async def check_constraint(engine: AsyncEngine, request: Any, params: Sequence[S
         await asyncio.to_thread(engine.engine.grammars.compile, constraint)
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param) from exc
+
+
+# ---- the rules the OpenAPI document states (request_types.completion_rules / chat_rules) ----------------------------
+
+
+def _is_set(name: str, value_schema: dict | None = None) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: value_schema or {"not": {"type": "null"}}}}
+
+
+def one_constraint_rules() -> list[dict[str, Any]]:
+    """JSON Schema rules: at most one constraint field is set (non-null; ``response_format`` other than text), and
+    ``structured_outputs`` sets at most one of its own."""
+    inner = [_is_set(name) for name in ("json", "regex", "grammar", "choice")]
+    inner.append(_is_set("json_object", {"const": True}))
+    constrained_format = {"type": "object", "required": ["type"], "properties": {"type": {"not": {"const": "text"}}}}
+    top = [
+        _is_set("response_format", constrained_format),
+        *(_is_set(name) for name in ("guided_json", "guided_regex", "guided_grammar", "guided_choice")),
+        _is_set("structured_outputs", {"type": "object", "anyOf": inner}),
+    ]
+    rules: list[dict[str, Any]] = [{"not": {"allOf": [a, b]}} for a, b in combinations(top, 2)]
+    two_inner = {"anyOf": [{"allOf": [a, b]} for a, b in combinations(inner, 2)]}
+    rules.append({"properties": {"structured_outputs": {"anyOf": [{"type": "null"}, {"not": two_inner}]}}})
+    return rules
+
+
+def response_format_rules(schema: dict[str, Any]) -> None:
+    """``json_schema`` is required (an object) with type ``json_schema``."""
+    schema["anyOf"] = [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "required": ["json_schema"],
+            "properties": {"type": {"const": "json_schema"}, "json_schema": {"type": "object"}},
+        },
+    ]
