@@ -121,13 +121,16 @@ def request_constraint(request: Any) -> StructuredOutputParams | None:
         raise ConstraintError(param, str(exc)) from exc
 
 
-async def check_constraint(engine: AsyncEngine, request: Any, params: Sequence[SamplingParams]) -> None:
-    """Compile the request's constraint now (off the event loop; the engine keeps it cached for the request),
-    so one the grammar engine cannot enforce is a 400 naming its field rather than a failed engine request."""
+async def check_constraint(
+    engine: AsyncEngine, request: Any, params: Sequence[SamplingParams], param: str | None = None
+) -> None:
+    """Compile the params' constraint now (off the event loop; the engine keeps it cached for the request), so
+    one the grammar engine cannot enforce is a 400 naming its field (``param``, else the request's constraint
+    field) rather than a failed engine request."""
     constraint = params[0].structured_output if params else None
     if constraint is None:
         return
-    param = constraint_param(request) or "response_format"
+    param = param or constraint_param(request) or "response_format"
     try:
         await asyncio.to_thread(engine.engine.grammars.compile, constraint)
     except ValueError as exc:

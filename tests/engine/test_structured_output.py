@@ -13,9 +13,8 @@ import jsonschema
 import pytest
 import torch
 
-from falconlm import LLM, SamplingParams
+from falconlm import LLM, SamplingParams, StructuredOutputParams
 from falconlm.engine.sampler import Sampler, apply_transforms
-from falconlm.engine.sampling_params import StructuredOutputParams
 from falconlm.engine.structured_output import canonical_key, closed_objects, grammar_bitmask
 from falconlm.model.paged_attention import PagedKVCache
 
@@ -228,6 +227,14 @@ def test_refusals_name_the_part(default_llm: LLM, constraint: StructuredOutputPa
         default_llm.generate([PROMPT], SamplingParams(max_tokens=4, structured_output=constraint))
     assert part in str(err.value)
     assert not default_llm.engine.has_unfinished()
+
+
+def test_a_model_without_tokenizer_refuses_constraints(tiny_checkpoint: Path) -> None:
+    llm = LLM(tiny_checkpoint, dtype="float32", skip_tokenizer_init=True)
+    params = SamplingParams(max_tokens=4, structured_output=StructuredOutputParams(regex="[0-9]+"))
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        llm.generate([[1, 2, 3]], params)
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) >= 1
 
 
 def test_closed_objects_leaves_open_what_it_must() -> None:
