@@ -214,7 +214,9 @@ class FunctionDefinition(_RequestModel):
 
     name: Annotated[str, Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})]
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: (
+        Annotated[dict[str, Any], Field(json_schema_extra={"properties": {"type": {"enum": ["object"]}}})] | None
+    ) = None
     strict: bool | None = None
 
 

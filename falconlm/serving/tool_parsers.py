@@ -9,10 +9,10 @@ Formats read (``tool_choice`` ``auto``):
 
 ``parameters`` is read as a synonym of ``arguments``, and arguments given as a JSON string are read too. A call
 must name a declared function and carry an arguments object; otherwise its text stays ``content`` (so does a
-tag whose body is not JSON). Text outside the calls is ``content``; whitespace between or around calls is
-dropped. The stream parser holds back text that may be the start of a ``<tool_call>`` tag (and a reply that
-opens with ``{`` or ``[`` until it ends), so markup never leaks into ``content``; fed a text in any pieces it
-gives the same calls and content as fed it whole.
+tag whose body is not JSON). Text outside the calls is ``content``; whitespace next to a call is dropped. The
+stream parser holds back text that may be the start of a ``<tool_call>`` tag (and a reply that opens with ``{``
+or ``[`` until it ends), so markup never leaks into ``content``; fed a text in any pieces it gives the same calls
+and content as fed it whole.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class ToolCallParser:
         self._plain_json = False  # the reply opened with { or [: held to the end
         self._pending_space = ""  # whitespace-only content, sent once more content follows
         self._made_calls = False
+        self._after_call = False
 
     def feed(self, text: str) -> list[Piece]:
         self._buffer += text
@@ -154,17 +155,23 @@ class ToolCallParser:
 
     def _calls(self, calls: list[ParsedCall], pieces: list[Piece]) -> None:
         self._made_calls = True
+        self._after_call = True
         self._pending_space = ""
         pieces.extend(calls)
 
     def _content(self, text: str, pieces: list[Piece]) -> None:
-        if not text:
-            return
-        if not text.strip():
-            self._pending_space += text
-            return
-        pieces.append(self._pending_space + text)
-        self._pending_space = ""
+        """Send content, holding back trailing whitespace (dropped if a call follows) and dropping whitespace
+        right after a call."""
+        if self._after_call:
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_call = False
+        body = text.rstrip()
+        if body:
+            pieces.append(self._pending_space + body)
+            self._pending_space = ""
+        self._pending_space += text[len(body) :]
 
 
 def split_pieces(pieces: Iterable[Piece]) -> tuple[str | None, list[ParsedCall]]:

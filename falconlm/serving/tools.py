@@ -22,7 +22,7 @@ from .protocol import TOOL_NAME_PATTERN, ChatCompletionRequest, ChatCompletionTo
 
 # Part of every 400 for a tool_choice that does not fit the tools: the request's fields are each valid, but
 # not together, which no schema states (the OpenAPI contract test allows this phrase).
-TOOLS_MISMATCH_PHRASE = "does not match the request's tools"
+TOOLS_MISMATCH_PHRASE = "conflicts with the request's tools"
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
@@ -108,7 +108,8 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     for index, name in enumerate(names):
         if name in names[:index]:
             raise bad_request(
-                f"tools[{index}].function.name {name!r} is declared twice", f"tools[{index}].function.name"
+                f"tools[{index}].function.name {name!r} {TOOLS_MISMATCH_PHRASE}: it is declared twice",
+                f"tools[{index}].function.name",
             )
     choice = request.tool_choice
     if choice is None:
@@ -132,7 +133,8 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
         name = choice.function.name
         if name not in names:
             raise bad_request(
-                f"tool_choice names the function {name!r}, which {TOOLS_MISMATCH_PHRASE} ({', '.join(names)})",
+                f"tool_choice names the function {name!r}, which {TOOLS_MISMATCH_PHRASE}: they declare "
+                f"{', '.join(names)}",
                 "tool_choice.function.name",
             )
         tool = tools[names.index(name)]
