@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
 import pytest
 
-from falconlm import default_model_path
 from falconlm.engine.async_engine import AsyncEngine
 from falconlm.server import ServerSettings
 
+from ..tool_models import STRETCHED_CONTEXT, stretched_default_model
 from .conftest import MODEL_NAME, LiveServer, load_engine
 
 NEEDS_STRUCTURED = pytest.mark.skip(reason="needs structured output (i14-structured)")
@@ -56,23 +55,11 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 CHAT = {"model": MODEL_NAME, "messages": QUESTION, "max_tokens": 8}
 
 
-def stretched_default_model(folder: Path) -> Path:
-    """The embedded default model with its 256-token context stretched to 1024 by dynamic-NTK RoPE scaling
-    (unchanged up to 256 positions): a prompt listing tools, in its 4k-token vocabulary, needs more than 256."""
-    source = default_model_path()
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        (folder / name).symlink_to(source / name)
-    config = json.loads((source / "config.json").read_text())
-    config["rope_scaling"] = {"type": "dynamic", "factor": 4.0}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory) -> Iterator[LiveServer]:
     """A key-less server on the embedded default model (the built-in chat template, so the tool prompt)."""
     path = stretched_default_model(tmp_path_factory.mktemp("default-model"))
-    engine = AsyncEngine(load_engine(path, max_num_seqs=8, max_model_len=1024))
+    engine = AsyncEngine(load_engine(path, max_num_seqs=8, max_model_len=STRETCHED_CONTEXT))
     server = LiveServer(engine, ServerSettings(served_model_names=(MODEL_NAME,), model_path=str(path))).start()
     yield server
     server.stop()
@@ -103,7 +90,8 @@ BAD_SCHEMA = {"type": "object", "properties": {"city": {"type": "nonsense"}}}
          "tool_choice.function.name", "'launch'"),
         ({"tool_choice": "required"}, "tool_choice", "there are none"),
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "'sometimes'"),
-        ({"tools": TOOLS, "tool_choice": {"type": "custom", "function": {"name": "add"}}}, "tool_choice.type", "custom"),
+        ({"tools": TOOLS, "tool_choice": {"type": "custom", "function": {"name": "add"}}},
+         "tool_choice.type", "custom"),
     ],
 )  # fmt: skip
 def test_bad_tools_are_a_400_naming_the_field(server: LiveServer, extra: dict, param: str, words: str):
