@@ -27,6 +27,7 @@ from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats
+from .structured_output import GrammarCompiler
 from .validation import RequestValidator
 
 
@@ -85,6 +86,7 @@ class Engine:
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
         self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, num_blocks * config.block_size)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured output, compiled once
         self.num_steps = 0
         self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
         self._children: dict[str, list[str]] = {}  # parent id -> its sequence ids, for n > 1
@@ -116,12 +118,14 @@ class Engine:
         if taken is not None:
             raise DuplicateRequestIdError(taken)
         prompt = self.validator.validate(prompt_token_ids, params)
+        grammar = None if params.structured_output is None else self.grammars.compile(params.structured_output)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
         added: list[str] = []
         try:
             for child in children:
                 sp = child.params
                 request = Request(child.request_id, prompt, sp, eos, time.monotonic(), self.max_model_len)
+                request.grammar = None if grammar is None else grammar.new_state()
                 self.scheduler.add_request(request)
                 added.append(child.request_id)
                 self._states[child.request_id] = _OutputState(
