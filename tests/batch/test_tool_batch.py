@@ -65,3 +65,21 @@ def test_a_line_with_bad_tools_is_an_error_line(engine):
     line = _run(engine, "b", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": bad})
     assert line["response"] is None
     assert line["error"]["message"].startswith("tools[0].function.parameters is not a valid JSON Schema")
+
+
+def test_a_line_with_a_required_tool_gets_a_valid_call(engine):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather in Rome?"}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 40,
+        "temperature": 0.8,
+        "seed": 5,
+    }
+    line = _run(engine, "r", body)
+    (choice,) = line["response"]["body"]["choices"]
+    (call,) = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMETERS)
