@@ -278,3 +278,21 @@ def test_streamed_forced_calls_accumulate_to_valid_calls(embedded: LiveServer, c
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
         (c.function.name, json.loads(c.function.arguments)) for c in plain.message.tool_calls
     ]
+
+
+def test_readme_flow_required_call_then_the_result(embedded: LiveServer):
+    """The README's example: a required call, its message sent back as the client returned it, then the result."""
+    client = embedded.openai()
+    messages = list(QUESTION)
+    kwargs = dict(model=MODEL_NAME, tools=TOOLS, max_tokens=80, temperature=0)
+    reply = client.chat.completions.create(
+        messages=messages, tool_choice="required", parallel_tool_calls=False, **kwargs
+    )
+    message = reply.choices[0].message
+    (call,) = message.tool_calls
+    messages += [message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    second = client.chat.completions.create(messages=messages, **kwargs)
+    _check_calls(second.choices[0].message, second.choices[0].finish_reason)
+    tokenizer = embedded.engine.tokenizer
+    prompt = tokenizer.apply_chat_template(messages, tools=TOOLS)
+    assert second.usage.prompt_tokens == len(tokenizer.encode(prompt)) and "Tool: 21 C" in prompt
