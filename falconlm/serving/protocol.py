@@ -245,7 +245,7 @@ class MessageToolCall(_RequestModel):
     """A tool call of an earlier assistant message, as the client sends it back."""
 
     id: str | None = None
-    type: Annotated[str, Field(json_schema_extra={"enum": ["function"]})] = "function"
+    type: Literal["function"] = "function"
     function: MessageFunctionCall
 
 
