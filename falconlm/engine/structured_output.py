@@ -88,7 +88,7 @@ def grammar_text(constraint: StructuredOutputParams) -> str:
     try:  # Lark as llguidance reads it, or llama.cpp's GBNF (converted)
         lark = any_to_lark(constraint.grammar)
     except Exception as exc:  # the converter raises its own error types
-        raise ValueError(f"grammar cannot be read as Lark or GBNF: {exc}") from exc
+        raise ValueError(f"grammar cannot be enforced: it reads as neither Lark nor GBNF ({exc})") from exc
     return matcher.grammar_from_lark(lark)
 
 

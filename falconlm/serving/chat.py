@@ -24,8 +24,9 @@ from .protocol import (
     ChatCompletionStreamResponse,
     DeltaMessage,
 )
+from .structured_output import check_constraint, constraint_param
 from .tool_stream import ToolDeltas, finish_reason, reply_message
-from .tools import ToolPlan, plan_tools
+from .tools import TOOLS_MISMATCH_PHRASE, ToolPlan, plan_tools
 
 
 class ChatServing(Serving):
@@ -44,7 +45,8 @@ class ChatServing(Serving):
         plan = plan_tools(request)
         add_generation_prompt = request.add_generation_prompt is not False
         prompt_ids = await chat_prompt(self.engine, request.messages, add_generation_prompt, plan.tools)
-        params = _with_tool_schema(sampling_params(self.engine, request, len(prompt_ids), "messages"), plan)
+        params = _with_tool_schema(sampling_params(self.engine, request, len(prompt_ids), "messages"), plan, request)
+        await check_constraint(self.engine, request, [params], plan.schema_param)
         response_id = new_request_id("chatcmpl")
         retry = self.settings.retry_after_seconds
         generation = await Generation.start(
@@ -141,14 +143,14 @@ def _join(first: str | None, second: str | None) -> str | None:
     return (first or "") + (second or "") or None
 
 
-def _with_tool_schema(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
+def _with_tool_schema(params: SamplingParams, plan: ToolPlan, request: ChatCompletionRequest) -> SamplingParams:
     """The params with the structured output that a ``required`` or named tool_choice needs."""
     if plan.schema is None:
         return params
     if params.structured_output is not None:
+        other = constraint_param(request) or "response_format"
         raise bad_request(
-            "tool_choice 'required' or a named function cannot be combined with response_format (both constrain "
-            "the reply)",
+            f"tool_choice {plan.mode!r} {TOOLS_MISMATCH_PHRASE} {other}: both constrain the reply; send one",
             "tool_choice",
             CONFLICTING_PARAMETERS,
         )

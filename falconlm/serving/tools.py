@@ -20,9 +20,9 @@ import jsonschema
 from .errors import bad_request
 from .protocol import TOOL_NAME_PATTERN, ChatCompletionRequest, ChatCompletionTool, NamedToolChoice
 
-# Part of every 400 for a tool_choice that does not fit the tools: the request's fields are each valid, but
-# not together, which no schema states (the OpenAPI contract test allows this phrase).
-TOOLS_MISMATCH_PHRASE = "conflicts with the request's tools"
+# Part of every 400 for tools and tool_choice that do not fit together or with a response_format: the request's
+# fields are each valid, but not together, which no schema states (the OpenAPI contract test allows this phrase).
+TOOLS_MISMATCH_PHRASE = "conflicts with the request's"
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
@@ -32,13 +32,15 @@ class ToolPlan:
 
     ``tools``: the tool dicts for the chat template (None without tools). ``mode``: ``none``, ``auto``,
     ``required`` or ``named``. ``function``: the named function. ``schema``: the JSON schema that structured
-    output enforces (``required`` and ``named``). ``names``: the declared function names."""
+    output enforces (``required`` and ``named``), built from ``schema_param``. ``names``: the declared function
+    names."""
 
     tools: list[dict[str, Any]] | None
     mode: str
     names: tuple[str, ...] = ()
     function: str | None = None
     schema: dict[str, Any] | None = None
+    schema_param: str | None = None
 
     @property
     def parses_calls(self) -> bool:
@@ -108,7 +110,7 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     for index, name in enumerate(names):
         if name in names[:index]:
             raise bad_request(
-                f"tools[{index}].function.name {name!r} {TOOLS_MISMATCH_PHRASE}: it is declared twice",
+                f"tools[{index}].function.name {name!r} {TOOLS_MISMATCH_PHRASE} tools: it is declared twice",
                 f"tools[{index}].function.name",
             )
     choice = request.tool_choice
@@ -124,7 +126,7 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
             )
     if not tools:
         if mode != "none":
-            raise bad_request(f"tool_choice {mode!r} {TOOLS_MISMATCH_PHRASE}: there are none", "tool_choice")
+            raise bad_request(f"tool_choice {mode!r} {TOOLS_MISMATCH_PHRASE} tools: there are none", "tool_choice")
         return NO_TOOLS
     template_tools = [t.model_dump(exclude_none=True) for t in tools]
     if isinstance(choice, NamedToolChoice):
@@ -133,13 +135,14 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
         name = choice.function.name
         if name not in names:
             raise bad_request(
-                f"tool_choice names the function {name!r}, which {TOOLS_MISMATCH_PHRASE}: they declare "
+                f"tool_choice names the function {name!r}, which {TOOLS_MISMATCH_PHRASE} tools: they declare "
                 f"{', '.join(names)}",
                 "tool_choice.function.name",
             )
-        tool = tools[names.index(name)]
-        return ToolPlan(template_tools, "named", names, name, _parameters(tool))
+        index = names.index(name)
+        param = f"tools[{index}].function.parameters"
+        return ToolPlan(template_tools, "named", names, name, _parameters(tools[index]), param)
     if mode == "required":
         parallel = request.parallel_tool_calls is not False
-        return ToolPlan(template_tools, "required", names, None, required_schema(tools, parallel))
+        return ToolPlan(template_tools, "required", names, None, required_schema(tools, parallel), "tools")
     return ToolPlan(template_tools, mode, names)

@@ -97,6 +97,29 @@ def test_bad_tools_are_a_400_naming_the_field(server: LiveServer, extra: dict, p
         assert words in _error(http.post("/v1/chat/completions", json={**CHAT, **extra}), param)
 
 
+UNENFORCEABLE = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+
+
+@pytest.mark.parametrize(
+    ("choice", "param"),
+    [({"type": "function", "function": {"name": "tagged"}}, "tools[1].function.parameters"), ("required", "tools")],
+)
+def test_parameters_the_grammar_engine_cannot_enforce_are_a_400(embedded: LiveServer, choice, param: str):
+    tools = [WEATHER, {"type": "function", "function": {"name": "tagged", "parameters": UNENFORCEABLE}}]
+    with embedded.http() as http:
+        message = _error(http.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": choice}), param)
+        assert "uniqueItems" in message
+        # auto does not constrain the reply: the same tools are fine
+        assert http.post("/v1/chat/completions", json={**CHAT, "tools": tools}).status_code == 200
+
+
+def test_forced_tool_choice_and_response_format_conflict(embedded: LiveServer):
+    body = {**CHAT, "tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}
+    with embedded.http() as http:
+        message = _error(http.post("/v1/chat/completions", json=body), "tool_choice")
+    assert "response_format" in message
+
+
 def test_malformed_tool_types_are_a_400(server: LiveServer):
     with server.http() as http:
         for tools in ("get_weather", [{"type": "function"}], [{"type": "function", "function": {"parameters": {}}}]):
