@@ -19,11 +19,12 @@ import jinja2
 import tokenizers
 
 from .template_limits import BoundedSandbox, render_bounded
+from .tool_prompt import arguments_as_objects, fold_tools_into_messages, template_reads
 
 # Falcon's end-of-text token, used when no config names an eos token.
 _DEFAULT_EOS = "<|endoftext|>"
-_ROLES = ("system", "user", "assistant")
-_ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Falcon"}
+_ROLES = ("system", "user", "assistant", "tool")
+_ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Falcon", "tool": "Tool"}
 
 
 class Tokenizer:
@@ -136,17 +137,33 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a chat as a prompt string, with the folder's template or the built-in Falcon one."""
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """Render a chat as a prompt string, with the folder's template or the built-in Falcon one.
+
+        ``tools`` (OpenAI tool objects) reach a Jinja template as its ``tools`` variable, as in Hugging Face;
+        for a template that never reads them (and the built-in one) they, earlier ``tool_calls`` and ``tool``
+        messages are written into the messages instead (``falconlm.tool_prompt``)."""
         normalized = _normalize_messages(messages)
-        if self.chat_template is None:
+        source = self.chat_template
+        normalized = fold_tools_into_messages(
+            normalized,
+            tools,
+            inject_tools=not template_reads(source, "tools"),
+            fold_tool_calls=not template_reads(source, "tool_calls"),
+            fold_tool_role=source is not None and not template_reads(source, "tool"),
+        )
+        if source is None:
             return _falcon_chat(normalized, add_generation_prompt)
+        context: dict[str, Any] = {"tools": tools} if tools else {}
         return _render_jinja(
-            self.chat_template,
-            messages=normalized,
+            source,
+            messages=arguments_as_objects(normalized),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **context,
         )
 
     def __repr__(self) -> str:
@@ -177,7 +194,9 @@ class NoTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return ""
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> NoReturn:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> NoReturn:
         raise ValueError(f"chat templates need a tokenizer, and {self.reason}")
 
     def __repr__(self) -> str:
@@ -262,14 +281,15 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in _ROLES:
             raise ValueError(f"messages[{index}].role must be one of {', '.join(_ROLES)}; got {role!r}")
-        if "content" not in message:
+        if "content" not in message and not message.get("tool_calls"):
             raise ValueError(f"messages[{index}] has no 'content'")
-        normalized.append({**message, "content": _content_text(message["content"], index)})
+        normalized.append({**message, "content": _content_text(message.get("content"), index)})
     return normalized
 
 
 def _falcon_chat(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    """Built-in template: ``System: ...``, ``User: ...`` / ``Falcon: ...`` lines, then ``Falcon:``."""
+    """Built-in template: ``System: ...``, ``User: ...`` / ``Falcon: ...`` (and ``Tool: ...``) lines, then
+    ``Falcon:``."""
     lines = [f"{_ROLE_PREFIX[m['role']]}: {m['content']}\n" for m in messages]
     if add_generation_prompt:
         lines.append("Falcon:")

@@ -181,7 +181,7 @@ def test_tiny_folder_defaults(tiny_dir: Path) -> None:
     [
         ("hello", "must be a list"),
         (["hello"], r"messages\[0\] must be a dict"),
-        ([{"role": "tool", "content": "x"}], r"messages\[0\]\.role"),
+        ([{"role": "function", "content": "x"}], r"messages\[0\]\.role"),
         ([{"content": "x"}], r"messages\[0\]\.role"),
         ([{"role": "user"}], "no 'content'"),
         ([{"role": "user", "content": 3}], r"content must be a string"),

@@ -64,16 +64,21 @@ def completion_prompts(engine: AsyncEngine, prompt: str | list) -> list[tuple[st
 
 
 async def chat_prompt(
-    engine: AsyncEngine, messages: list[ChatMessage], add_generation_prompt: bool = True
+    engine: AsyncEngine,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """Render messages with the chat template and encode them, off the event loop; 400 for messages the template
-    rejects or that render past its output or time limit (``falconlm.template_limits``)."""
+    """Render messages (and ``tools``) with the chat template and encode them, off the event loop; 400 for
+    messages the template rejects or that render past its output or time limit (``falconlm.template_limits``)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     tokenizer = engine.tokenizer
     dicts = [m.to_dict() for m in messages]
 
     def render() -> list[int]:
+        if tools:
+            return tokenizer.encode(tokenizer.apply_chat_template(dicts, add_generation_prompt, tools=tools))
         return tokenizer.encode(tokenizer.apply_chat_template(dicts, add_generation_prompt))
 
     try:

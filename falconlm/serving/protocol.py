@@ -240,6 +240,80 @@ class CompletionStreamResponse(OpenAIBaseModel):
 # ---- chat completions ---------------------------------------------------------------------------------------------
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDefinition(_RequestModel):
+    """A function the model may call; ``parameters`` is a JSON Schema for its arguments object."""
+
+    name: Annotated[str, Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})]
+    description: str | None = None
+    parameters: (
+        Annotated[dict[str, Any], Field(json_schema_extra={"properties": {"type": {"enum": ["object"]}}})] | None
+    ) = None
+    strict: bool | None = None
+
+
+class ChatCompletionTool(_RequestModel):
+    type: Annotated[str, Field(json_schema_extra={"enum": ["function"]})]
+    function: FunctionDefinition
+
+
+class FunctionName(_RequestModel):
+    name: str
+
+
+class NamedToolChoice(_RequestModel):
+    """``{"type": "function", "function": {"name": ...}}``: the model must call this function."""
+
+    type: Annotated[str, Field(json_schema_extra={"enum": ["function"]})]
+    function: FunctionName
+
+
+class MessageFunctionCall(_RequestModel):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_RequestModel):
+    """A tool call of an earlier assistant message, as the client sends it back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """One piece of a streamed tool call: the first carries ``id``, ``type`` and ``function.name``, the rest
+    ``function.arguments`` fragments; ``index`` says which call of the choice it belongs to."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: DeltaFunctionCall | None = Field(default=None, exclude_if=_is_none)
+
+
 def _text_part_schema(schema: dict[str, Any]) -> None:
     schema["properties"]["type"] = {"type": "string", "enum": ["text"]}
     schema["properties"]["text"] = {"type": "string"}
@@ -254,13 +328,18 @@ class ChatContentPart(_RequestModel):
     text: str | None = None
 
 
-CHAT_ROLES = ("system", "user", "assistant")  # the roles the tokenizer's chat rendering accepts
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles the tokenizer's chat rendering accepts
 
 
 class ChatMessage(_RequestModel):
+    """A chat message; an assistant's may carry the ``tool_calls`` it made (content then may be null), and a
+    ``tool`` message the result of one (``tool_call_id``)."""
+
     role: Annotated[str, Field(json_schema_extra={"enum": list(CHAT_ROLES)})]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict the tokenizer's chat template expects (it checks roles and part types)."""
@@ -270,11 +349,16 @@ class ChatMessage(_RequestModel):
         message: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    """``POST /v1/chat/completions``. Tools and functions are refused (until the server can call them)."""
+    """``POST /v1/chat/completions``. ``tools`` and ``tool_choice`` are served (``serving/tools.py``); the
+    legacy ``functions`` and ``function_call`` are refused in favour of them."""
 
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=rt.chat_rules)
 
@@ -283,8 +367,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: rt.MaxTokens | None = None
     max_tokens: rt.MaxTokens | None = None
     top_logprobs: rt.TopLogprobs | None = None
-    tools: rt.EmptyList = None
-    tool_choice: rt.NoneChoice = None
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: Annotated[str, Field(json_schema_extra={"enum": list(TOOL_CHOICES)})] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     functions: rt.EmptyList = None
     function_call: rt.NoneChoice = None
     # ---- falconlm extensions (vLLM's names) ----
@@ -295,12 +380,10 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def check_unsupported(self) -> None:
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise ValueError(f"{name} {_NO_OP} yet (no tool calling); leave it out")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise ValueError(f"{name} {_NO_OP} yet (no tool calling); leave it out or send 'none'")
+        if self.functions:
+            raise ValueError(f"functions {_NO_OP} (the legacy form); send tools instead")
+        if self.function_call not in (None, "none"):
+            raise ValueError(f"function_call {_NO_OP} (the legacy form); send tool_choice instead")
 
     def check_supported(self) -> None:
         """ValueError for fields that parse but that falconlm does not serve."""
@@ -335,6 +418,7 @@ class ChatCompletionLogprobs(OpenAIBaseModel):
 class ChatCompletionMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -358,6 +442,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):

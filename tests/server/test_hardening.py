@@ -29,8 +29,6 @@ def _error(response: httpx.Response, status: int = 400) -> dict:
     [
         ("/v1/completions", "suffix", " and they lived happily"),
         ("/v1/completions", "best_of", 3),
-        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("/v1/chat/completions", "tool_choice", "auto"),
         ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
         ("/v1/chat/completions", "function_call", {"name": "f"}),
     ],
