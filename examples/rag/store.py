@@ -72,7 +72,8 @@ class RagIndex:
         faiss.write_index(flat, str(staging / VECTORS_FILE))
 
         bm25 = bm25s.BM25()
-        bm25.index(bm25s.tokenize([_keyword_text(c) for c in chunks], stopwords=STOPWORDS, show_progress=False))
+        tokens = bm25s.tokenize([_keyword_text(c) for c in chunks], stopwords=STOPWORDS, show_progress=False)
+        bm25.index(tokens, show_progress=False)
         bm25.save(str(staging / BM25_FOLDER))
 
         shutil.rmtree(folder, ignore_errors=True)
