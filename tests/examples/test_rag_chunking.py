@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_overlap_repeats_whole_sentences_of_the_chunk_before():
     text = " ".join(f"Sentence number {i} is here." for i in range(40))
     chunks = chunk_documents([Document("a.txt", text)], max_chars=200, overlap_chars=60)
     assert len(chunks) > 3
-    for before, after in zip(chunks, chunks[1:], strict=False):
+    for before, after in itertools.pairwise(chunks):
         first_sentence = after.text.split(". ")[0] + "."
         assert first_sentence in before.text  # the overlap: the start of a chunk ends the one before
         assert len(first_sentence) <= 60

@@ -101,5 +101,5 @@ def test_rebuilding_replaces_the_index(index: RagIndex, tmp_path: Path):
 
 
 def test_opening_a_missing_index_says_how_to_build_one(tmp_path: Path):
-    with pytest.raises(RagError, match="examples.rag index"):
+    with pytest.raises(RagError, match=r"examples\.rag index"):
         RagIndex.open(tmp_path / "none")
