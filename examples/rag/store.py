@@ -26,7 +26,9 @@ from .errors import RagError
 CHUNKS_FILE = "chunks.sqlite"
 VECTORS_FILE = "vectors.faiss"
 BM25_FOLDER = "bm25"
-STOPWORDS = "en"  # the same bm25s tokenization for the chunks and the questions
+# NLTK's English stopwords, which (unlike bm25s's short "en" list) hold the question words: in "What is Medusa?"
+# only "medusa" should count. The same tokenization serves the chunks and the questions.
+STOPWORDS = "en_plus"
 
 _SCHEMA = """
 CREATE TABLE chunks (id INTEGER PRIMARY KEY, source TEXT NOT NULL, number INTEGER NOT NULL,
