@@ -22,9 +22,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported where the math runs: the CLI reads the names here before loading it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def finish_embedding(vector: torch.Tensor, normalize: bool, dimensions: int | No
     """The first ``dimensions`` components (all if None), L2-normalised when ``normalize``."""
     if dimensions is not None:
         vector = vector[:dimensions]
+    import torch.nn.functional as F
+
     return F.normalize(vector, p=2, dim=-1) if normalize else vector
 
 
