@@ -18,7 +18,7 @@ import numpy as np
 from ..engine.async_engine import AsyncEngine, EngineError
 from ..engine.pooling import PoolingParams, truncate_prompt
 from .drain import OpenRequests
-from .embedding_protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from .embedding_protocol import MAX_EMBEDDING_INPUTS, EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from .errors import CONTEXT_LENGTH_PHRASE, EngineUnavailable, bad_request
 from .generation import engine_error, new_request_id
 from .inputs import check_model, check_token_ids
@@ -84,6 +84,8 @@ class EmbeddingServing:
         items = _input_items(request.input)
         if not items:
             raise bad_request("input must not be empty", "input")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise bad_request(f"input: at most {MAX_EMBEDDING_INPUTS} inputs in one request", "input")
         vocab_size = self.engine.vocab_size
         tokenizer = self.engine.tokenizer
         for item in items:
