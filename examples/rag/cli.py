@@ -41,7 +41,8 @@ def run_index(args: argparse.Namespace) -> int:
     documents = load_documents(args.docs)  # before the server, so a wrong path fails at once
     client = make_client(args.embeddings_base_url or args.base_url, args.api_key)
     model = args.embedding_model or served_model(client)
-    chunk_chars = args.chunk_chars or default_chunk_chars(context_length(client, model))
+    context = context_length(client, model)
+    chunk_chars = args.chunk_chars or default_chunk_chars(context)
     overlap_chars = args.overlap_chars if args.overlap_chars is not None else chunk_chars // 5
     chunks = chunk_documents(documents, chunk_chars, overlap_chars)
     print(
@@ -50,7 +51,7 @@ def run_index(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     started = time.perf_counter()
-    vectors = embed(client, model, [chunk.text for chunk in chunks], args.batch_size)
+    vectors = embed(client, model, [chunk.text for chunk in chunks], args.batch_size, truncate_to=context)
     meta = {
         "embedding_model": model,
         "dimensions": int(vectors.shape[1]),
@@ -75,7 +76,8 @@ def run_ask(args: argparse.Namespace) -> int:
         embedder = make_client(args.embeddings_base_url or args.base_url, args.api_key)
         model = args.model or served_model(chat)
         embedding_model = args.embedding_model or index.meta["embedding_model"]
-        (question_vector,) = embed(embedder, embedding_model, [args.question])
+        truncate_to = context_length(embedder, embedding_model)
+        (question_vector,) = embed(embedder, embedding_model, [args.question], truncate_to=truncate_to)
         passages = hybrid_search(index, args.question, question_vector, args.top_k)
     finally:
         index.close()

@@ -1,9 +1,9 @@
 """Talking to the server: the openai client, embeddings, the model's context length, and errors a user can act on.
 
 Everything goes through the OpenAI API (``/v1/models``, ``/v1/embeddings``, ``/v1/chat/completions``), so the same
-code runs against falconlm, vLLM or any other OpenAI-compatible server. The one extension used is ``POST
-/tokenize`` (falconlm and vLLM both serve it) to fit the passages into the model's context; without it the passages
-are sent as they are.
+code runs against falconlm, vLLM or any other OpenAI-compatible server. Two extensions that falconlm and vLLM share
+are used when the server reports its context length (``max_model_len`` in ``/v1/models``): ``truncate_prompt_tokens``
+in embedding requests, and ``POST /tokenize`` to fit the passages into the chat model's context.
 """
 
 from __future__ import annotations
@@ -71,13 +71,21 @@ def context_length(client: openai.OpenAI, model: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def embed(client: openai.OpenAI, model: str, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    """L2-normalised embeddings of ``texts`` from ``/v1/embeddings``, ``[len(texts), dim]`` float32, in order."""
+def embed(
+    client: openai.OpenAI, model: str, texts: list[str], batch_size: int = 32, truncate_to: int | None = None
+) -> np.ndarray:
+    """L2-normalised embeddings of ``texts`` from ``/v1/embeddings``, ``[len(texts), dim]`` float32, in order.
+
+    ``truncate_to`` (the model's context) embeds a longer text from its last ``truncate_to`` tokens instead of
+    failing, as sentence-transformers does with its ``max_seq_length``. A character budget cannot rule such texts
+    out: a line of box-drawing characters takes three byte-level tokens a character.
+    """
+    extra = {"truncate_prompt_tokens": truncate_to} if truncate_to else None
     rows: list[list[float]] = []
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
         with server_errors(client, f"embedding texts {start + 1}-{start + len(batch)} of {len(texts)}"):
-            reply = client.embeddings.create(model=model, input=batch, encoding_format="float")
+            reply = client.embeddings.create(model=model, input=batch, encoding_format="float", extra_body=extra)
         rows.extend(item.embedding for item in sorted(reply.data, key=lambda item: item.index))
     vectors = np.asarray(rows, dtype=np.float32)  # [n, dim]
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
