@@ -18,6 +18,7 @@ _EXPORTS = {
     "FalconForCausalLM": ".model.falcon",
     "RequestOutput": ".engine.outputs",
     "SamplingParams": ".engine.sampling_params",
+    "StructuredOutputParams": ".engine.sampling_params",
     "Tokenizer": ".tokenizer",
     "default_model_path": ".default_model",
 }
@@ -29,6 +30,7 @@ __all__ = [
     "FalconForCausalLM",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputParams",
     "Tokenizer",
     "default_model_path",
 ]
@@ -36,7 +38,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .default_model import default_model_path
     from .engine.outputs import CompletionOutput, RequestOutput
-    from .engine.sampling_params import SamplingParams
+    from .engine.sampling_params import SamplingParams, StructuredOutputParams
     from .llm import LLM
     from .model.config import FalconConfig
     from .model.falcon import FalconForCausalLM

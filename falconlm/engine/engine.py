@@ -31,6 +31,7 @@ from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats
+from .structured_output import GrammarCompiler
 from .validation import RequestValidator
 
 
@@ -95,6 +96,7 @@ class Engine:
         self.embedder = Embedder(
             model, config.pooling, self.max_model_len, config.max_num_batched_tokens, config.max_waiting
         )
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured output, compiled once
         self.num_steps = 0
         self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
         self._children: dict[str, list[str]] = {}  # parent id -> its sequence ids, for n > 1
@@ -138,12 +140,14 @@ class Engine:
         if taken is not None:
             raise DuplicateRequestIdError(taken)
         prompt = self.validator.validate(prompt_token_ids, params)
+        grammar = None if params.structured_output is None else self.grammars.compile(params.structured_output)
         eos = None if params.ignore_eos else self.tokenizer.eos_token_id
         added: list[str] = []
         try:
             for child in children:
                 sp = child.params
                 request = Request(child.request_id, prompt, sp, eos, time.monotonic(), self.max_model_len)
+                request.grammar = None if grammar is None else grammar.new_state()
                 self.scheduler.add_request(request)
                 added.append(child.request_id)
                 self._states[child.request_id] = _OutputState(

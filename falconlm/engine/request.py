@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from falconlm.engine.sampling_params import SamplingParams
+    from falconlm.engine.structured_output import GrammarState
 
 
 class RequestStatus(enum.IntEnum):
@@ -81,6 +82,7 @@ class Request:
     num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first admission
     stop_reason: int | str | None = field(default=None, init=False)  # stop token id, or a stop string
     events: list[RequestEvent] = field(default_factory=list, init=False, repr=False)
+    grammar: GrammarState | None = field(default=None, init=False, repr=False)  # structured output's state
     _all_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +140,8 @@ class Request:
             return RequestStatus.FINISHED_STOPPED
         if token_id in (params.stop_token_ids or ()):
             self.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if self.grammar is not None and self.grammar.accept(token_id):  # the grammar's end token
             return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH

@@ -21,6 +21,7 @@ from .prompt_logprobs import PromptRows, prompt_rows, score_prompt_rows
 from .request import Request
 from .sampler import Sampler, make_generator
 from .scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from .structured_output import grammar_bitmask
 
 
 class ModelRunner:
@@ -71,12 +72,14 @@ class ModelRunner:
         if not sampled:
             return ModelRunnerOutput([], [], [], prompt_logprobs)
         generators = [self._generator(r) for r in sampled]
+        logits_all = torch.cat(logits).float()
         out = self.sampler(
-            torch.cat(logits).float(),
+            logits_all,
             [r.sampling_params for r in sampled],
             [r.prompt_token_ids for r in sampled],
             [r.output_token_ids for r in sampled],
             generators,
+            grammar_bitmask([r.grammar for r in sampled], logits_all.shape[1]),
         )
         return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs), prompt_logprobs)
 

@@ -7,15 +7,19 @@ Logit transforms, in the order applied (each is skipped when no row uses it):
    token's logit is divided by the penalty when positive, multiplied when negative.
 3. Presence and frequency penalties (OpenAI rule) over generated tokens only:
    ``logit -= presence * (count > 0) + frequency * count``.
-4. Greedy rows (temperature 0 or top_k 1) take the argmax here and stop.
-5. Temperature: divide by ``temperature``.
-6. ``min_p``: drop tokens whose probability is below ``min_p`` times the top probability.
-7. ``top_k``: keep exactly the ``k`` highest tokens (which of tied tokens at the edge survive is unspecified).
-8. ``top_p``: keep the smallest highest-first set whose cumulative probability
+4. Grammar mask (structured output): tokens the row's grammar forbids become ``-inf``
+   (the bitmask comes from each request's grammar state, ``structured_output.py``).
+5. Greedy rows (temperature 0 or top_k 1) take the argmax here and stop.
+6. Temperature: divide by ``temperature``.
+7. ``min_p``: drop tokens whose probability is below ``min_p`` times the top probability.
+8. ``top_k``: keep exactly the ``k`` highest tokens (which of tied tokens at the edge survive is unspecified).
+9. ``top_p``: keep the smallest highest-first set whose cumulative probability
    reaches ``top_p``; the top token is always kept.
-9. Draw from the softmax with the row's generator (exponential race).
+10. Draw from the softmax with the row's generator (exponential race).
 
-Logprobs come from the raw logits (log_softmax before any transform), as in vLLM.
+Logprobs come from the raw logits (log_softmax before any transform), as in vLLM. The grammar mask is a transform
+too: a constrained token's logprob is the model's own, and the top-N may list tokens the grammar forbade.
+Every transform works on each row alone, so a row's tokens never depend on the other rows of the batch.
 All work is in float32 on the logits' device.
 """
 
@@ -134,7 +138,7 @@ def _apply_penalties(
 
 
 def _shape_distribution(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Steps 5-8 on non-greedy rows ``x``; dropped tokens become ``-inf``."""
+    """Steps 6-9 on non-greedy rows ``x``; dropped tokens become ``-inf``."""
     vocab, device = x.shape[1], x.device
 
     if any(p.temperature != 1.0 for p in params):
@@ -166,6 +170,17 @@ def _shape_distribution(x: torch.Tensor, params: Sequence[SamplingParams]) -> to
     return torch.full_like(x, _NEG_INF).scatter_(1, order, ordered)
 
 
+def _apply_grammar_mask(x: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+    """Step 4: ``-inf`` where bit ``t % 32`` of word ``t // 32`` of the row's int32 ``bitmask`` is 0."""
+    if bitmask is None:
+        return x
+    if bitmask.shape[0] != x.shape[0] or bitmask.shape[1] * 32 < x.shape[1]:
+        raise ValueError(f"a grammar bitmask of shape {tuple(bitmask.shape)} does not cover logits {tuple(x.shape)}")
+    bits = torch.arange(32, dtype=torch.int32, device=x.device)
+    allowed = ((bitmask.to(x.device).unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, : x.shape[1]]  # [R, V]
+    return x.masked_fill(~allowed, _NEG_INF)
+
+
 def _split_rows(params: Sequence[SamplingParams]) -> tuple[list[int], list[int]]:
     greedy = [i for i, p in enumerate(params) if p.greedy]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -185,14 +200,16 @@ def apply_transforms(
     params: Sequence[SamplingParams],
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
+    grammar_bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The float32 logits the sampler draws from, without drawing.
 
-    Greedy rows get steps 1-3 (their argmax is the greedy token); other rows
-    get steps 1-3 and 5-8, with dropped tokens at ``-inf``. ``logits`` is left unchanged.
+    Greedy rows get steps 1-4 (their argmax is the greedy token); other rows
+    get steps 1-4 and 6-9, with dropped tokens at ``-inf``. ``logits`` is left unchanged.
     """
     _check_batch(logits, params, prompt_ids, output_ids)
     x = _apply_penalties(logits.float(), params, prompt_ids, output_ids)
+    x = _apply_grammar_mask(x, grammar_bitmask)
     _, sampled = _split_rows(params)
     if sampled:
         shaped = _shape_distribution(_take_rows(x, sampled), [params[i] for i in sampled])
@@ -250,10 +267,13 @@ class Sampler:
         prompt_ids: Sequence[Sequence[int]],
         output_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None],
+        grammar_bitmask: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """Sample one token per row of ``logits`` ``[R, V]``."""
+        """Sample one token per row of ``logits`` ``[R, V]``; ``grammar_bitmask`` (int32 ``[R, ceil(V / 32)]``,
+        see ``structured_output.grammar_bitmask``) limits constrained rows to their grammar's tokens."""
         _check_batch(logits, params, prompt_ids, output_ids, generators)
         x = _apply_penalties(logits.float(), params, prompt_ids, output_ids)
+        x = _apply_grammar_mask(x, grammar_bitmask)
         greedy, sampled = _split_rows(params)
         if not sampled:
             token_ids = argmax(x)

@@ -21,6 +21,7 @@ from .protocol import (
     ChatCompletionStreamResponse,
     DeltaMessage,
 )
+from .structured_output import check_constraint
 
 
 class ChatServing(Serving):
@@ -39,6 +40,7 @@ class ChatServing(Serving):
         add_generation_prompt = request.add_generation_prompt is not False
         prompt_ids = await chat_prompt(self.engine, request.messages, add_generation_prompt)
         params = sampling_params(self.engine, request, len(prompt_ids), "messages")
+        await check_constraint(self.engine, request, [params])
         response_id = new_request_id("chatcmpl")
         retry = self.settings.retry_after_seconds
         generation = await Generation.start(

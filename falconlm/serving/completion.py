@@ -20,6 +20,7 @@ from .protocol import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
+from .structured_output import check_constraint
 
 
 class CompletionServing(Serving):
@@ -33,6 +34,7 @@ class CompletionServing(Serving):
         if len(prompts) > self.settings.max_choices:
             raise bad_request(f"prompt: at most {self.settings.max_choices} prompts (--max-choices)", "prompt")
         params = [sampling_params(self.engine, request, len(ids), "prompt") for _, ids in prompts]
+        await check_constraint(self.engine, request, params)
         if request.echo and request.logprobs is not None:  # the prompt's logprobs, computed in the engine step
             params = [replace(sp, prompt_logprobs=request.logprobs) for sp in params]
         retry = self.settings.retry_after_seconds

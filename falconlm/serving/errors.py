@@ -94,7 +94,8 @@ def from_value_error(exc: ValueError) -> APIError:
     """A 400 for a ValueError; SamplingParams messages start with the field name, which becomes ``param``."""
     message = str(exc) or "invalid request"
     first = message.split(" ", 1)[0].rstrip(":")
-    return APIError(400, message, param=first if first in _SAMPLING_FIELDS else None)
+    param = getattr(exc, "param", None)  # an error that knows its field (structured_output.ConstraintError)
+    return APIError(400, message, param=param or (first if first in _SAMPLING_FIELDS else None))
 
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {

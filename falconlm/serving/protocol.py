@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.sampling_params import SamplingParams
 from . import request_types as rt
+from .structured_output import request_constraint, response_format_rules
 
 
 class OpenAIBaseModel(BaseModel):
@@ -97,10 +98,41 @@ def _sampling_params(
         logprobs=logprobs,
         logit_bias=_logit_bias(request.logit_bias),
         skip_special_tokens=_or(request.skip_special_tokens, True),
+        structured_output=request_constraint(request),
     )
 
 
 _NO_OP = "is not supported by this server"
+
+
+class JsonSchemaFormat(_RequestModel):
+    """``response_format.json_schema``: the schema the output must validate against (always enforced, strict or
+    not; see ``serving/structured_output.py``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_RequestModel):
+    """``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid by a schema)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=response_format_rules)
+    type: Annotated[str, Field(json_schema_extra={"enum": ["text", "json_object", "json_schema"]})]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsOptions(_RequestModel):
+    """vLLM's ``structured_outputs`` (extra_body): at most one of its constraints."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: rt.Text | None = None
+    grammar: rt.Text | None = None
+    choice: rt.ChoiceList | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
 
 class _SamplingRequest(_RequestModel):
@@ -125,6 +157,13 @@ class _SamplingRequest(_RequestModel):
     stop_token_ids: list[rt.NonNegative] | None = None
     ignore_eos: bool | None = False
     skip_special_tokens: bool | None = True
+    # structured output: OpenAI's response_format, or one of vLLM's extra_body constraints
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: rt.Text | None = None
+    guided_grammar: rt.Text | None = None
+    guided_choice: rt.ChoiceList | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
 
     def check_unsupported(self) -> None:
         """ValueError naming the first field that asks for something falconlm does not do."""
@@ -234,11 +273,6 @@ class ChatMessage(_RequestModel):
         return message
 
 
-class ResponseFormat(_RequestModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Annotated[str, Field(json_schema_extra={"enum": ["text"]})]
-
-
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``. Tools and functions are refused (until the server can call them)."""
 
@@ -248,7 +282,6 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     max_completion_tokens: rt.MaxTokens | None = None
     max_tokens: rt.MaxTokens | None = None
-    response_format: ResponseFormat | None = None
     top_logprobs: rt.TopLogprobs | None = None
     tools: rt.EmptyList = None
     tool_choice: rt.NoneChoice = None
@@ -272,11 +305,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def check_supported(self) -> None:
         """ValueError for fields that parse but that falconlm does not serve."""
         self.check_unsupported()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(
-                f"response_format {self.response_format.type!r} is not supported yet; only 'text' is (prompt "
-                "the model for JSON instead)"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
 

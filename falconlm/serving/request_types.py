@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
+from .structured_output import one_constraint_rules
+
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as in OpenAI's API
 
 
@@ -47,6 +49,7 @@ LogitBias = Annotated[
 ]
 NoOpInt = Annotated[Int | None, Field(json_schema_extra={"enum": [1, None]})]
 EmptyText = Annotated[str | None, Field(json_schema_extra={"maxLength": 0})]
+ChoiceList = Annotated[list[str], Field(json_schema_extra={"minItems": 1})]
 EmptyList = Annotated[list[dict[str, Any]] | None, Field(json_schema_extra={"maxItems": 0})]
 NoneChoice = Annotated[str | dict[str, Any] | None, Field(json_schema_extra={"enum": ["none", None]})]
 
@@ -61,13 +64,17 @@ def _only_with_true(field: str, flag: str) -> dict[str, Any]:
 
 
 def completion_rules(schema: dict[str, Any]) -> None:
-    """stream_options only with stream."""
-    schema["allOf"] = [_only_with_true("stream_options", "stream")]
+    """stream_options only with stream; at most one structured-output constraint."""
+    schema["allOf"] = [_only_with_true("stream_options", "stream"), *one_constraint_rules()]
 
 
 def chat_rules(schema: dict[str, Any]) -> None:
-    """stream_options only with stream; top_logprobs only with logprobs."""
-    schema["allOf"] = [_only_with_true("stream_options", "stream"), _only_with_true("top_logprobs", "logprobs")]
+    """stream_options only with stream; top_logprobs only with logprobs; at most one structured-output constraint."""
+    schema["allOf"] = [
+        _only_with_true("stream_options", "stream"),
+        _only_with_true("top_logprobs", "logprobs"),
+        *one_constraint_rules(),
+    ]
 
 
 def tokenize_rules(schema: dict[str, Any]) -> None:

@@ -12,13 +12,15 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 
 from falconlm.serving.errors import CONTEXT_LENGTH_PHRASE  # noqa: E402
+from falconlm.serving.structured_output import REFUSAL_PHRASE  # noqa: E402
 
 from .conftest import LiveServer, ServerFactory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # The only 400s a schema-valid request may get (see schemathesis.toml): its prompt plus max_tokens is over the
-# context, or it names a batch input file that does not exist. Each field alone is valid; no schema states these.
-RUNTIME_REFUSALS = (CONTEXT_LENGTH_PHRASE, "no batch input file")
+# context, it names a batch input file that does not exist, or its structured-output constraint (a JSON Schema,
+# regex or grammar) is one the grammar engine cannot compile. No schema states these.
+RUNTIME_REFUSALS = (CONTEXT_LENGTH_PHRASE, "no batch input file", REFUSAL_PHRASE)
 MAX_EXAMPLES = 6
 
 
