@@ -148,16 +148,27 @@ def test_ask_returns_a_valid_answer_citing_retrieved_passages(rag_server: LiveSe
 
 
 def test_printed_answer_names_the_cited_sources(rag_server: LiveServer, index_folder: Path, capsys):
+    """The plain printout is the --json answer (greedy, so the same), with a file-and-chunk line per citation."""
     from examples.rag.cli import main
 
+    question = [
+        "ask",
+        "How does TGI stream tokens?",
+        "--index",
+        str(index_folder),
+        "--base-url",
+        f"{rag_server.url}/v1",
+    ]
     capsys.readouterr()
-    code = main(
-        ["ask", "How does TGI stream tokens?", "--index", str(index_folder), "--base-url", f"{rag_server.url}/v1"]
-    )
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    assert out.out.strip()
-    assert "No passage cited." in out.out or "chunk" in out.out
+    assert main([*question, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert main(question) == 0
+    printed = capsys.readouterr().out
+    assert printed.split()[: len(answer["answer"].split())] == answer["answer"].split()
+    for passage in answer["passages"]:
+        line = f"[{passage['number']}] {passage['source']}, chunk {passage['chunk']}"
+        assert (line in printed) == passage["cited"]
+    assert ("No passage cited." in printed) == (not answer["citations"])
 
 
 def test_prompt_is_fitted_to_the_context(server: LiveServer, tmp_path: Path):
