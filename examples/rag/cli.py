@@ -37,6 +37,13 @@ def default_max_tokens(context_tokens: int | None) -> int:
     return 256 if context_tokens is None else max(32, min(256, context_tokens // 4))
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run_index(args: argparse.Namespace) -> int:
     documents = load_documents(args.docs)  # before the server, so a wrong path fails at once
     client = make_client(args.embeddings_base_url or args.base_url, args.api_key)
@@ -106,17 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", parents=[server], help="chunk, embed and index a documents folder")
     index.add_argument("--docs", type=Path, nargs="+", required=True, help="folders (searched recursively) or files")
-    index.add_argument("--chunk-chars", type=int, help="chunk budget in characters (default: from the context)")
+    index.add_argument("--chunk-chars", type=positive, help="chunk budget in characters (default: from the context)")
     index.add_argument("--overlap-chars", type=int, help="overlap between chunks (default: a fifth of a chunk)")
-    index.add_argument("--batch-size", type=int, default=32, help="texts per /v1/embeddings request (default: 32)")
+    index.add_argument("--batch-size", type=positive, default=32, help="texts per embeddings request (default: 32)")
     index.set_defaults(run=run_index)
 
     question = commands.add_parser("ask", parents=[server], help="answer a question, citing the passages used")
     question.add_argument("question")
     question.add_argument("--model", help="the chat model (default: the server's model)")
-    question.add_argument("--top-k", type=int, default=4, help="passages to retrieve (default: 4)")
-    question.add_argument("--max-tokens", type=int, help="the answer's token budget (default: from the context)")
-    question.add_argument("--max-answer-chars", type=int, default=600, help="the answer's length cap (default: 600)")
+    question.add_argument("--top-k", type=positive, default=4, help="passages to retrieve (default: 4)")
+    question.add_argument("--max-tokens", type=positive, help="answer tokens (default: from the context)")
+    question.add_argument("--max-answer-chars", type=positive, default=600, help="answer length cap (default: 600)")
     question.add_argument("--temperature", type=float, default=0.0)
     question.add_argument("--json", action="store_true", help="print the answer object and passages as JSON")
     question.set_defaults(run=run_ask)
