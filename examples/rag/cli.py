@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .answer import answer_to_json, ask, fit_passages, format_answer
 from .chunking import chunk_documents
 from .client import context_length, embed, make_client, served_model
@@ -58,7 +60,9 @@ def run_index(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     started = time.perf_counter()
-    vectors = embed(client, model, [chunk.text for chunk in chunks], args.batch_size, truncate_to=context)
+    with tqdm(total=len(chunks), unit="chunk", desc="embedding", disable=None) as progress:  # only on a terminal
+        texts = [chunk.text for chunk in chunks]
+        vectors = embed(client, model, texts, args.batch_size, truncate_to=context, on_batch=progress.update)
     meta = {
         "embedding_model": model,
         "dimensions": int(vectors.shape[1]),

@@ -8,7 +8,7 @@ in embedding requests, and ``POST /tokenize`` to fit the passages into the chat 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -72,13 +72,19 @@ def context_length(client: openai.OpenAI, model: str) -> int | None:
 
 
 def embed(
-    client: openai.OpenAI, model: str, texts: list[str], batch_size: int = 32, truncate_to: int | None = None
+    client: openai.OpenAI,
+    model: str,
+    texts: list[str],
+    batch_size: int = 32,
+    truncate_to: int | None = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> np.ndarray:
     """L2-normalised embeddings of ``texts`` from ``/v1/embeddings``, ``[len(texts), dim]`` float32, in order.
 
     ``truncate_to`` (the model's context) embeds a longer text from its last ``truncate_to`` tokens instead of
     failing, as sentence-transformers does with its ``max_seq_length``. A character budget cannot rule such texts
-    out: a line of box-drawing characters takes three byte-level tokens a character.
+    out: a line of box-drawing characters takes three byte-level tokens a character. ``on_batch(n)`` is called
+    after each request with the number of texts it embedded (a progress bar's ``update``).
     """
     extra = {"truncate_prompt_tokens": truncate_to} if truncate_to else None
     rows: list[list[float]] = []
@@ -87,6 +93,8 @@ def embed(
         with server_errors(client, f"embedding texts {start + 1}-{start + len(batch)} of {len(texts)}"):
             reply = client.embeddings.create(model=model, input=batch, encoding_format="float", extra_body=extra)
         rows.extend(item.embedding for item in sorted(reply.data, key=lambda item: item.index))
+        if on_batch is not None:
+            on_batch(len(batch))
     vectors = np.asarray(rows, dtype=np.float32)  # [n, dim]
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)

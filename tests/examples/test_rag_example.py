@@ -111,6 +111,22 @@ def test_index_holds_every_document_of_the_subset(index_folder: Path, rag_docs: 
         index.close()
 
 
+def test_embed_batches_keep_order_and_return_unit_vectors(embed_server: LiveServer):
+    import numpy as np
+
+    from examples.rag.client import embed, make_client
+
+    client = make_client(f"{embed_server.url}/v1", "EMPTY")
+    texts = ["PagedAttention", "the quick brown fox", "Medusa heads", "streaming tokens", "a bear"]
+    batches: list[int] = []
+    vectors = embed(client, MODEL, texts, batch_size=2, on_batch=batches.append)
+    assert batches == [2, 2, 1] and vectors.shape[0] == 5 and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    alone = np.stack([embed(client, MODEL, [text])[0] for text in texts])
+    np.testing.assert_allclose(vectors, alone, atol=1e-4)  # row i is text i's vector, whatever the batch
+    assert np.abs(vectors[0] - vectors[2]).max() > 1e-3
+
+
 def test_hybrid_retrieval_finds_the_one_document_with_a_rare_word(embed_server: LiveServer, index_folder: Path):
     from examples.rag.client import embed, make_client
     from examples.rag.retrieve import hybrid_search
