@@ -10,6 +10,7 @@ import torch
 from .engine.devices import DTYPES, auto_dtype, resolve_device, resolve_dtype
 from .engine.factory import EngineArgs, build_engine
 from .engine.outputs import RequestOutput
+from .engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams, truncate_prompt
 from .engine.sampling_params import SamplingParams
 from .engine.validation import check_token_ids
 from .tokenizer import NoTokenizer
@@ -27,6 +28,10 @@ class LLM:
 
     With ``skip_tokenizer_init`` (vLLM's name), or when the folder has no ``tokenizer.json``, no tokenizer is
     loaded: prompts must be token ids, and outputs carry token ids with empty text.
+
+    :meth:`embed` gives embeddings (pooled final hidden states, see ``engine/pooling.py``); ``task="embed"``
+    loads the model for embeddings only, ``pooling`` ("last", "mean", "cls") and ``normalize`` override the
+    checkpoint's sentence-transformers pooling (default: last token, L2-normalised).
     """
 
     def __init__(
@@ -43,6 +48,9 @@ class LLM:
         quantize: str | None = None,
         deterministic: bool = False,
         skip_tokenizer_init: bool = False,
+        task: str = "generate",
+        pooling: str | None = None,
+        normalize: bool | None = None,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -58,6 +66,9 @@ class LLM:
             deterministic=deterministic,
             skip_tokenizer_init=skip_tokenizer_init,
             tokenizer_optional=True,
+            task=task,
+            pooling=pooling,
+            normalize=normalize,
         )
         self.path = args.model_path
         self.device = resolve_device(device)
@@ -106,6 +117,39 @@ class LLM:
             for request_id in parent_to_prompt:
                 self.engine.abort(request_id)
         return results
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One EmbeddingRequestOutput per prompt, in order (vLLM's shape: ``out.outputs.embedding`` is the vector,
+        a list of floats). All prompts share the engine's steps with any generation; none uses the KV cache.
+
+        A prompt longer than the context is a ValueError unless ``truncate_prompt_tokens`` keeps only its last
+        tokens."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        token_prompts = [truncate_prompt(self.encode_prompt(p), truncate_prompt_tokens) for p in prompts]
+        params = pooling_params or PoolingParams()
+        request_ids = [self._new_id() for _ in token_prompts]
+        vectors: dict[str, list[float]] = {}
+        try:
+            for request_id, ids in zip(request_ids, token_prompts, strict=True):
+                self.engine.add_request(request_id, ids, params)
+            while len(vectors) < len(request_ids) and self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.embedding is not None:
+                        vectors[out.request_id] = out.embedding
+        finally:  # an error (or Ctrl-C) must not leave requests behind in the engine
+            for request_id in request_ids:
+                if request_id not in vectors:
+                    self.engine.abort(request_id)
+        return [
+            EmbeddingRequestOutput(rid, ids, EmbeddingOutput(vectors[rid]))
+            for rid, ids in zip(request_ids, token_prompts, strict=True)
+        ]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one completion as they are produced (never a broken UTF-8 character)."""

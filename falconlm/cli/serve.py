@@ -25,6 +25,7 @@ from .options import (
     port_number,
     positive_int,
 )
+from .serve_embedding import add_embedding_options
 from .serve_http import add_http_options, build_server_app, check_api_keys, http_settings, uvicorn_server
 
 if TYPE_CHECKING:
@@ -56,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
-        "/detokenize, /health and /metrics.",
+        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, "
+        "/tokenize, /detokenize, /health and /metrics.",
     )
     p.add_argument("--model", "-m", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -102,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=10 * 2**30,
         help="uploads are refused (413) once the --state-dir files reach this size (default 10GiB)",
     )
+    add_embedding_options(p)
     add_http_options(p)
     p.set_defaults(run=run)
 
@@ -147,6 +149,9 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         max_waiting=args.max_waiting,
         deterministic=args.deterministic,
         threads=args.threads,
+        task=args.task,
+        pooling=args.pooling,
+        normalize=args.normalize,
     )
 
 
@@ -154,9 +159,11 @@ def _check_start(args: argparse.Namespace) -> None:
     """One-line errors before the socket opens: the device, the context length, a state dir in use."""
     from ..engine.devices import resolve_device
     from ..engine.memory import check_max_model_len
+    from ..engine.pooling import resolve_pooling_config
     from ..model.config import FalconConfig
 
     resolve_device(args.device)
+    resolve_pooling_config(args.model, args.pooling, args.normalize)  # a sentence-transformers config we cannot run
     check_max_model_len(FalconConfig.from_pretrained(args.model), args.max_model_len)
     if args.state_dir is not None:
         from ..batch.store import StateLock

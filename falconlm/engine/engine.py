@@ -4,23 +4,27 @@ Text exists only here, at the edge: the scheduler and runner see token ids; the 
 state turns them into text pieces (incremental detokenizer) and cuts at stop strings, finishing the request
 in the scheduler when one completes. A request with n > 1 runs as child sequences (``parallel_sampling.py``);
 prompt logprobs come from the runner's rows in the step and go out with the request's first token.
+A request added with :class:`PoolingParams` is an embedding request: it skips the scheduler and the KV cache and
+runs in the step's embedding share (``embedding.py``); its one output carries ``embedding``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedKVCache
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .errors import DuplicateRequestIdError
+from .embedding import Embedder, PooledOutput
+from .errors import DuplicateRequestIdError, InvalidRequestError
 from .kv_cache_manager import KVCacheManager
 from .memory import check_max_model_len, kv_cache_blocks
 from .outputs import CompletionOutput
 from .parallel_sampling import child_sequences
+from .pooling import PoolingConfig, PoolingParams
 from .request import FINISH_REASON, Request, RequestEvent, RequestEventType, RequestStatus
 from .runner import ModelRunner
 from .sampler import TokenLogprobs
@@ -45,6 +49,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
     deterministic: bool = False  # batch-invariant kernels on every path (runner.py)
+    task: str = "generate"  # "embed": embedding requests only, and a KV pool of one full-length sequence
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)  # embedding requests' defaults (pooling.py)
 
 
 @dataclass
@@ -60,6 +66,7 @@ class StepOutput:
     output: CompletionOutput
     parent_id: str = ""
     events: list[RequestEvent] = field(default_factory=list)
+    embedding: list[float] | None = None  # an embedding request's vector (its only output)
 
 
 @dataclass
@@ -86,6 +93,9 @@ class Engine:
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
         self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, num_blocks * config.block_size)
+        self.embedder = Embedder(
+            model, config.pooling, self.max_model_len, config.max_num_batched_tokens, config.max_waiting
+        )
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured output, compiled once
         self.num_steps = 0
         self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
@@ -94,6 +104,8 @@ class Engine:
     def _num_blocks(self, model: FalconForCausalLM, config: EngineConfig) -> int:
         if config.num_blocks is not None:
             return config.num_blocks
+        if config.task == "embed":  # generation is refused: room for one sequence keeps the context limit whole
+            return -(-self.max_model_len // config.block_size)
         cfg = model.config
         per_block = PagedKVCache.bytes_per_block(
             cfg.num_hidden_layers,
@@ -108,11 +120,21 @@ class Engine:
         )
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[str]:
-        """Queue a request (``params.n`` sequences, all or none); returns the sequence ids.
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams | PoolingParams
+    ) -> list[str]:
+        """Queue a request (``params.n`` sequences, all or none); returns the sequence ids. With PoolingParams it
+        is an embedding request (``embedding.py``).
 
         Raises the typed errors of ``validation.py`` (ValueErrors) for a request that cannot run, and
         QueueFullError when the waiting queue is full."""
+        if isinstance(params, PoolingParams):
+            if self._in_use(request_id):
+                raise DuplicateRequestIdError(request_id)
+            self.embedder.add(request_id, prompt_token_ids, params)
+            return [request_id]
+        if self.config.task == "embed":
+            raise InvalidRequestError("this engine runs its model for embeddings only (task embed)", "task")
         children = child_sequences(request_id, params)
         taken = next((i for i in (request_id, *(c.request_id for c in children)) if self._in_use(i)), None)
         if taken is not None:
@@ -145,6 +167,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its sequences, given a parent id) now; its blocks are free when this returns."""
+        self.embedder.abort(request_id)
         for sequence_id in self.sequence_ids(request_id):
             if sequence_id in self._states:
                 self.scheduler.finish_requests([sequence_id], RequestStatus.FINISHED_ABORTED)
@@ -156,13 +179,14 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """A frozen snapshot of the load, built by the scheduler and the KV-cache manager."""
-        return EngineStats.combine(self.scheduler.stats(), self.kv_cache_manager.stats(), self.num_steps)
+        stats = EngineStats.combine(self.scheduler.stats(), self.kv_cache_manager.stats(), self.num_steps)
+        return replace(stats, num_waiting=stats.num_waiting + self.embedder.num_waiting)
 
     def _in_use(self, request_id: str) -> bool:
-        return request_id in self._states or request_id in self._children
+        return request_id in self._states or request_id in self._children or request_id in self.embedder
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.embedder.has_unfinished()
 
     # ---- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -174,6 +198,9 @@ class Engine:
         outputs = [self._abort_output(r) for r in scheduled.aborted]
         for update in updates:
             outputs.append(self._process(update.request, update.new_token_ids, update.logprobs, update.finished))
+        if self.embedder.has_unfinished():
+            pooled = self.embedder.step(self.config.max_num_batched_tokens - scheduled.num_batched_tokens)
+            outputs += [_embedding_output(p) for p in pooled]
         return outputs
 
     def _add_prompt_logprobs(self, scored: dict[str, tuple[int, list]]) -> None:
@@ -246,6 +273,12 @@ class Engine:
                 if out.finished and out.output.index == 0:
                     results[out.parent_id] = out.output
         return [results[rid] for rid in ids]
+
+
+def _embedding_output(pooled: PooledOutput) -> StepOutput:
+    """An embedding request's one output: finished, no text, the vector in ``embedding``."""
+    done = CompletionOutput(index=0, finish_reason="stop")
+    return StepOutput(pooled.request_id, "", [], True, done, pooled.request_id, embedding=pooled.embedding)
 
 
 def _new_events(state: _OutputState, request: Request) -> list[RequestEvent]:

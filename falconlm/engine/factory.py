@@ -18,6 +18,7 @@ from ..tokenizer import NoTokenizer, Tokenizer, load_tokenizer
 from .devices import auto_dtype, resolve_device, resolve_dtype
 from .engine import Engine, EngineConfig
 from .memory import check_max_model_len, free_memory
+from .pooling import TASKS, resolve_pooling_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class EngineArgs:
     for ``max_num_seqs`` full contexts capped by the free memory. ``threads`` sets torch's CPU threads.
     ``skip_tokenizer_init`` loads no tokenizer (token ids in and out); ``tokenizer_optional`` does the same for a
     folder without one instead of failing (the offline LLM; the server and batch need text).
+    ``task`` "embed" serves embeddings only; ``pooling`` / ``normalize`` (None: the checkpoint's
+    sentence-transformers files, else last-token and normalised) set embedding requests' defaults (``pooling.py``).
     """
 
     model: str | Path | None = None
@@ -48,6 +51,9 @@ class EngineArgs:
     threads: int | None = None
     skip_tokenizer_init: bool = False
     tokenizer_optional: bool = False
+    task: str = "generate"
+    pooling: str | None = None
+    normalize: bool | None = None
 
     @property
     def model_path(self) -> Path:
@@ -62,6 +68,9 @@ def build_engine(args: EngineArgs) -> Engine:
     """Load the model and tokenizer and build the Engine; ValueError (one line) for a bad setting."""
     if args.max_num_seqs < 1:  # before the weights load: a bad setting fails at once
         raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
+    if args.task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {args.task!r}")
+    pooling = resolve_pooling_config(args.model_path, args.pooling, args.normalize)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     path = args.model_path
@@ -83,9 +92,12 @@ def build_engine(args: EngineArgs) -> Engine:
         enable_prefix_caching=args.enable_prefix_caching,
         max_waiting=args.max_waiting,
         deterministic=args.deterministic,
+        task=args.task,
+        pooling=pooling,
     )
     engine = Engine(model, tokenizer, config)
     logger.info("model loaded: %s (%d KV blocks of %d tokens)", path, engine.stats().num_blocks, args.block_size)
+    logger.info("embeddings: %s pooling, normalize %s (%s)", pooling.pooling_type, pooling.normalize, pooling.source)
     return engine
 
 

@@ -24,6 +24,8 @@ from ..engine.async_engine import AsyncEngine
 from ..serving.chat import ChatServing
 from ..serving.completion import CompletionServing
 from ..serving.drain import OpenRequests
+from ..serving.embedding import EmbeddingServing
+from ..serving.embedding_protocol import EmbeddingRequest, EmbeddingResponse
 from ..serving.errors import APIError, EngineUnavailable
 from ..serving.inputs import context_limit
 from ..serving.metrics import ServerMetrics
@@ -95,6 +97,7 @@ def build_app(
     completions = CompletionServing(engine, settings, metrics, open_requests)
     chat = ChatServing(engine, settings, metrics, open_requests)
     models = ModelServing(engine, settings)
+    embeddings = EmbeddingServing(engine, settings, metrics, open_requests)
     install_error_handlers(app)
     body_limits = {path: limit for mount in mounts for path, limit in mount.body_limits.items()}
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, path_limits=body_limits)
@@ -149,6 +152,12 @@ def build_app(
         request = await read_json(http_request, ChatCompletionRequest, require_json_type)
         return await cancel_on_disconnect(http_request, http_reply_of(chat.create(request)))
 
+    @app.post("/v1/embeddings", **documented(EmbeddingRequest, EmbeddingResponse, errors=GENERATION_ERRORS))
+    async def create_embedding(http_request: Request) -> Response:
+        require_ready()
+        request = await read_json(http_request, EmbeddingRequest, require_json_type)
+        return await cancel_on_disconnect(http_request, http_reply_of(embeddings.create(request)))
+
     @app.post("/tokenize", **documented(TokenizeRequest, TokenizeResponse, errors=(*JSON_BODY_ERRORS, 404, 503)))
     async def tokenize(http_request: Request) -> Response:
         require_ready()
@@ -175,6 +184,7 @@ def build_app(
             "prompts": settings.max_choices,
             "token_id": engine.vocab_size - 1,
             "logit_bias": below_pattern(engine.vocab_size),
+            "dimensions": engine.engine.model.config.hidden_size,
         }
 
     route_docs: dict = {}

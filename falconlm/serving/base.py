@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import StepOutput
 from .drain import OpenRequests
+from .embedding import check_generation_task
 from .errors import CONFLICTING_PARAMETERS, bad_request, from_value_error
 from .generation import Choice, Generation
 from .inputs import check_model
@@ -50,6 +51,7 @@ class Serving:
     def check_request(self, request) -> None:
         """The model name, fields falconlm refuses, stream_options only with stream, the --max-logprobs cap."""
         check_model(request.model, self.settings)
+        check_generation_task(self.engine)
         try:
             request.check_unsupported()
         except ValueError as exc:

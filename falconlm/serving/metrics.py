@@ -87,6 +87,12 @@ class ServerMetrics:
             "Engine requests stopped before they finished (client disconnects, cancels, shutdown).",
             registry=registry,
         )
+        self.embedding_requests = Counter(
+            "falconlm_embedding_requests", "Accepted /v1/embeddings requests.", registry=registry
+        )
+        self.embedding_prompt_tokens = Counter(
+            "falconlm_embedding_prompt_tokens", "Input tokens of accepted embedding requests.", registry=registry
+        )
         registry.register(_EngineCollector(stats))
 
     def render(self) -> tuple[bytes, str]:
