@@ -16,6 +16,7 @@ _EXPORTS = {
     "CompletionOutput": ".engine.outputs",
     "FalconConfig": ".model.config",
     "FalconForCausalLM": ".model.falcon",
+    "PoolingParams": ".engine.pooling",
     "RequestOutput": ".engine.outputs",
     "SamplingParams": ".engine.sampling_params",
     "Tokenizer": ".tokenizer",
@@ -27,6 +28,7 @@ __all__ = [
     "CompletionOutput",
     "FalconConfig",
     "FalconForCausalLM",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "Tokenizer",
@@ -36,6 +38,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .default_model import default_model_path
     from .engine.outputs import CompletionOutput, RequestOutput
+    from .engine.pooling import PoolingParams
     from .engine.sampling_params import SamplingParams
     from .llm import LLM
     from .model.config import FalconConfig
