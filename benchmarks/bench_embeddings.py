@@ -7,6 +7,10 @@ difference between the two implementations' vectors (a sanity check: they must a
 ``FalconModel`` on the whole batch at once (inputs of equal length need no padding); falconlm runs the inputs as
 engine embedding requests, packed into steps of ``--max-num-batched-tokens`` tokens.
 
+A second table shows the two kinds of traffic sharing the engine: one greedy generation's time per output token
+alone, then beside a backlog of embedding inputs added with it, and the embedding tokens/s done meanwhile (the
+engine gives embeddings what generation leaves of each step's budget, at least a quarter of it).
+
     python benchmarks/bench_embeddings.py [--model-size 194m|1b] [--threads 2] [--dtype float32|bfloat16]
                                           [--shapes 1x128 16x128 64x32] [--out bench-out]
     python benchmarks/bench_embeddings.py --tiny   # a two-layer toy model, to check that the script runs
@@ -66,6 +70,46 @@ def time_best(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def decode_beside_backlog(engine, prompt: list[int], new_tokens: int, backlog: list[list[int]]) -> dict:
+    """One greedy generation of ``new_tokens`` after ``prompt``, with ``backlog`` embedding inputs queued at the
+    same time: seconds per output token after the first, and the embedding tokens finished meanwhile."""
+    from falconlm import PoolingParams, SamplingParams
+
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.add_request("gen", prompt, greedy)
+    for i, ids in enumerate(backlog):
+        engine.add_request(f"bg{i}", ids, PoolingParams())
+    token_times: list[float] = []
+    embedded = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.embedding is not None:
+                embedded += len(backlog[int(out.request_id[2:])]) if len(token_times) < new_tokens else 0
+            elif out.token_ids:
+                token_times.append(now)
+    span = token_times[-1] - token_times[0]
+    return {"s_per_token": span / (len(token_times) - 1), "embedding_tokens_s": embedded / span if span else 0.0}
+
+
+def run_mixed(llm, args: argparse.Namespace) -> list[dict]:
+    """The generation alone, then beside backlogs of embedding inputs (the second table)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, llm.config.vocab_size, (args.mixed_prompt,), generator=gen).tolist()
+    batch, length = args.mixed_backlog
+    backlog = torch.randint(0, llm.config.vocab_size, (batch, length), generator=gen).tolist()
+    decode_beside_backlog(llm.engine, prompt, 4, [])  # warm-up
+    rows = []
+    for name, inputs in (("alone", []), (f"beside {batch}x{length} embedding inputs", backlog)):
+        row = decode_beside_backlog(llm.engine, prompt, args.mixed_tokens, inputs)
+        rows.append({"case": name, **row})
+        print(f"  decode {name}: {row['s_per_token'] * 1e3:.1f} ms/token", file=sys.stderr)
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -81,7 +125,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     longest = max(length for _, length in args.shapes)
     llm = LLM(folder, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens, pooling="last",
-              normalize=True, task="embed", max_model_len=max(longest, 16), skip_tokenizer_init=True)  # fmt: skip
+              normalize=True, max_num_seqs=2, max_model_len=max(longest, args.mixed_prompt + args.mixed_tokens, 16),
+              skip_tokenizer_init=True)  # fmt: skip
     reference = FalconModel.from_pretrained(folder, torch_dtype=dtype).eval()
     vocab = llm.config.vocab_size
     rows = []
@@ -112,7 +157,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                 }
             )
         print(f"  {batch}x{length}: falconlm {ours_s:.3f}s, transformers {theirs_s:.3f}s", file=sys.stderr)
-    return rows
+    return rows, run_mixed(llm, args)
+
+
+def render_mixed(rows: list[dict]) -> str:
+    """The second table: decode speed alone and beside an embedding backlog."""
+    lines = ["| generation | ms per output token | embedding tokens/s meanwhile |", "|---|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['case']} | {row['s_per_token'] * 1e3:.1f} | {row['embedding_tokens_s']:.0f} |")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict], title: str) -> str:
@@ -146,14 +199,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a toy model, to check the script runs")
+    parser.add_argument("--mixed-prompt", type=int, default=64, help="the generation's prompt length")
+    parser.add_argument("--mixed-tokens", type=int, default=32, help="the generation's output tokens")
+    parser.add_argument("--mixed-backlog", type=parse_shape, default=(256, 64), help="embedding inputs beside it")
     args = parser.parse_args(argv)
     bench_core.apply_isa(args.isa)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run(args)
+    rows, mixed = run(args)
     size = "tiny (hidden 64, 2 layers)" if args.tiny else bench_core.describe(args.model_size)
     title = f"{size}, {args.dtype}, {args.threads} threads, best of {args.repeats}"
     print(render(rows, title))
-    (args.out / "bench_embeddings.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
+    print()
+    print(render_mixed(mixed))
+    result = {"title": title, "rows": rows, "mixed": mixed}
+    (args.out / "bench_embeddings.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
