@@ -35,3 +35,12 @@ def test_table_pairs_the_implementations():
     text = bench_embeddings.render(rows, "test")
     assert "| 4x8 | falconlm | 40.0 | 320 | 1.0e-07 |" in text
     assert "| 4x8 | ratio falconlm/transformers | 2.00x | 2.00x | |" in text
+
+
+def test_mixed_table():
+    rows = [
+        {"case": "alone", "s_per_token": 0.02, "embedding_tokens_s": 0.0},
+        {"case": "beside 8x4 embedding inputs", "s_per_token": 0.025, "embedding_tokens_s": 1280.0},
+    ]
+    text = bench_embeddings.render_mixed(rows)
+    assert "| alone | 20.0 | 0 |" in text and "| beside 8x4 embedding inputs | 25.0 | 1280 |" in text
