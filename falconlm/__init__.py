@@ -16,6 +16,7 @@ _EXPORTS = {
     "CompletionOutput": ".engine.outputs",
     "FalconConfig": ".model.config",
     "FalconForCausalLM": ".model.falcon",
+    "PoolingParams": ".engine.pooling",
     "RequestOutput": ".engine.outputs",
     "SamplingParams": ".engine.sampling_params",
     "StructuredOutputParams": ".engine.sampling_params",
@@ -28,6 +29,7 @@ __all__ = [
     "CompletionOutput",
     "FalconConfig",
     "FalconForCausalLM",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputParams",
@@ -38,6 +40,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .default_model import default_model_path
     from .engine.outputs import CompletionOutput, RequestOutput
+    from .engine.pooling import PoolingParams
     from .engine.sampling_params import SamplingParams, StructuredOutputParams
     from .llm import LLM
     from .model.config import FalconConfig

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from ..engine.async_engine import AsyncEngine
 from ..serving.chat import ChatServing
 from ..serving.completion import CompletionServing
+from ..serving.embedding import EmbeddingServing
+from ..serving.embedding_protocol import EmbeddingResponse
 from ..serving.errors import APIError, EngineUnavailable, QueueFull
 from ..serving.metrics import ServerMetrics
 from ..serving.protocol import ChatCompletionResponse, CompletionResponse
 from ..serving.settings import ServerSettings
-from .jsonl import CHAT_COMPLETIONS, COMPLETIONS, error_line, output_line, parse_body
+from .jsonl import CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS, error_line, output_line, parse_body
 from .records import PendingRequest, Result
 
 RETRY_BUSY_S = 0.05
@@ -49,7 +51,7 @@ class RequestExecutor:
         self.ignore_body_model = ignore_body_model
         self._engine = engine
         self._metrics = metrics
-        self._servings: dict[str, CompletionServing | ChatServing] | None = None
+        self._servings: dict[str, CompletionServing | ChatServing | EmbeddingServing] | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -57,7 +59,7 @@ class RequestExecutor:
             self._engine = self._engine()
         return self._engine
 
-    def serving(self, url: str) -> CompletionServing | ChatServing:
+    def serving(self, url: str) -> CompletionServing | ChatServing | EmbeddingServing:
         """The serving class for an endpoint; the first call starts the engine."""
         if self._servings is None:
             engine = self.engine
@@ -65,6 +67,7 @@ class RequestExecutor:
             self._servings = {
                 COMPLETIONS: CompletionServing(engine, self.settings, metrics),
                 CHAT_COMPLETIONS: ChatServing(engine, self.settings, metrics),
+                EMBEDDINGS: EmbeddingServing(engine, self.settings, metrics),
             }
         return self._servings[url]
 
@@ -86,6 +89,9 @@ class RequestExecutor:
                 raise LeftPending(engine_stopped=True) from exc
             except APIError as exc:
                 return failed(row.custom_id, exc.error_code or exc.error_type, exc.message)
+        if isinstance(response, EmbeddingResponse):  # no choices: an aborted one raised EngineUnavailable
+            line = output_line(row.custom_id, response.model_dump(mode="json"))
+            return Result(row.custom_id, "done", line, response.usage.prompt_tokens, 0)
         if not isinstance(response, CompletionResponse | ChatCompletionResponse):
             raise TypeError("a batch request never streams")  # parse_body refuses "stream"
         if any(choice.finish_reason == "abort" for choice in response.choices):

@@ -20,12 +20,18 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..serving.embedding_protocol import EmbeddingRequest
 from ..serving.errors import describe_validation_errors
 from ..serving.protocol import ChatCompletionRequest, CompletionRequest
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
-ENDPOINTS: dict[str, type[BaseModel]] = {COMPLETIONS: CompletionRequest, CHAT_COMPLETIONS: ChatCompletionRequest}
+EMBEDDINGS = "/v1/embeddings"
+ENDPOINTS: dict[str, type[BaseModel]] = {
+    COMPLETIONS: CompletionRequest,
+    CHAT_COMPLETIONS: ChatCompletionRequest,
+    EMBEDDINGS: EmbeddingRequest,
+}
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
 MAX_CUSTOM_ID_CHARS = 512
@@ -198,7 +204,7 @@ class UnsupportedFieldError(ValueError):
     """The body has a field that batch jobs do not serve."""
 
 
-def parse_body(url: str, body: dict[str, Any]) -> CompletionRequest | ChatCompletionRequest:
+def parse_body(url: str, body: dict[str, Any]) -> CompletionRequest | ChatCompletionRequest | EmbeddingRequest:
     """The request model for ``body``; ValueError (one line) for bad values, UnsupportedFieldError for fields."""
     model = ENDPOINTS[url]
     unknown = sorted(set(body) - set(model.model_fields))
@@ -211,7 +217,8 @@ def parse_body(url: str, body: dict[str, Any]) -> CompletionRequest | ChatComple
         request = model.model_validate(body)
     except ValidationError as exc:
         raise ValueError(f"body.{describe_validation_errors(exc.errors())[0]}") from None
-    request.to_sampling_params(None)  # value checks (ValueError naming the field)
+    if not isinstance(request, EmbeddingRequest):
+        request.to_sampling_params(None)  # value checks (ValueError naming the field)
     return request
 
 

@@ -53,7 +53,7 @@ class BatchCreateRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     input_file_id: Annotated[str, Field(pattern=r"^file-[0-9a-f]{24}$")]
-    endpoint: Literal["/v1/completions", "/v1/chat/completions"]
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
     completion_window: Literal["24h"]
     metadata: Metadata = None
 

@@ -101,6 +101,7 @@ class Embedder:
         self.token_budget = token_budget
         self.max_waiting = max_waiting
         self.waiting: dict[str, EmbeddingRequest] = {}  # insertion order is FIFO order
+        self.num_waiting_tokens = 0
         self.num_requests = 0  # finished since start
         self.num_prompt_tokens = 0
 
@@ -119,8 +120,10 @@ class Embedder:
             raise InvalidRequestError(
                 f"dimensions {params.dimensions} is over the model's hidden size {cfg.hidden_size}", "dimensions"
             )
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"the embedding queue is full ({self.max_waiting} requests)")
+        limit = self.max_waiting_tokens
+        if limit is not None and self.num_waiting_tokens + len(ids) > limit:
+            raise QueueFullError(f"the embedding queue is full ({self.num_waiting_tokens} tokens waiting)")
+        self.num_waiting_tokens += len(ids)
         self.waiting[request_id] = EmbeddingRequest(
             request_id,
             ids,
@@ -132,7 +135,16 @@ class Embedder:
 
     def abort(self, request_id: str) -> bool:
         """Drop a queued request; False if it is not here."""
-        return self.waiting.pop(request_id, None) is not None
+        request = self.waiting.pop(request_id, None)
+        if request is not None:
+            self.num_waiting_tokens -= len(request.prompt_token_ids)
+        return request is not None
+
+    @property
+    def max_waiting_tokens(self) -> int | None:
+        """The queue's limit: the tokens of ``max_waiting`` full-context prompts (what the generation queue may
+        hold), counted in tokens because one API request may carry thousands of short inputs."""
+        return None if self.max_waiting is None else self.max_waiting * self.max_model_len
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.waiting
@@ -162,6 +174,7 @@ class Embedder:
             used += n
         for request in batch:
             del self.waiting[request.request_id]
+        self.num_waiting_tokens -= used
         return batch
 
     @torch.inference_mode()

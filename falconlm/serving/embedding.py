@@ -29,7 +29,7 @@ from .settings import ServerSettings
 def check_generation_task(engine: AsyncEngine) -> None:
     """400 for a generation request to a server that runs its model for embeddings only (``--task embed``), as
     vLLM answers a route its model does not support."""
-    if engine.engine.config.task == "embed":
+    if engine.is_ready and engine.engine.config.task == "embed":  # not loaded yet: the engine's call answers 503
         raise bad_request(
             "this server runs its model for embeddings only (--task embed): use /v1/embeddings", None, "wrong_task"
         )
@@ -51,14 +51,17 @@ class EmbeddingServing:
     async def create(self, request: EmbeddingRequest) -> EmbeddingResponse:
         """The response; raises APIError."""
         check_model(request.model, self.settings)
-        hidden_size = self.engine.engine.model.config.hidden_size
+        retry = self.settings.retry_after_seconds
+        try:
+            hidden_size = self.engine.engine.model.config.hidden_size
+        except EngineError as exc:  # loading, or failed to load
+            raise engine_error(exc, retry) from exc
         if request.dimensions is not None and request.dimensions > hidden_size:
             raise bad_request(f"dimensions must be at most the model's hidden size {hidden_size}", "dimensions")
         inputs = await self._token_inputs(request)
         params = PoolingParams(dimensions=request.dimensions, normalize=request.normalize)
         response_id = new_request_id("embd")
         requests = [(f"{response_id}-{i}", ids, params) for i, ids in enumerate(inputs)]
-        retry = self.settings.retry_after_seconds
         try:
             stream = await self.engine.add(requests)
         except Exception as exc:

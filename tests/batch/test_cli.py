@@ -23,7 +23,7 @@ def request_line(custom_id: str, prompt: str = "Once upon a time", url: str = "/
 BAD_LINES = [
     "{this is not json",
     json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),  # no custom_id
-    json.dumps({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}),
+    json.dumps({"custom_id": "emb", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}),
     json.dumps({"custom_id": "odd", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "foo": 1}}),
 ]
 

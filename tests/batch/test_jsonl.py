@@ -34,7 +34,7 @@ def test_valid_completion_and_chat_lines():
         (_line(custom_id=""), "missing_custom_id", None),
         (_line(custom_id=7), "missing_custom_id", None),
         (_line(method="GET"), "invalid_method", "a"),
-        (_line(url="/v1/embeddings"), "invalid_url", "a"),
+        (_line(url="/v1/moderations"), "invalid_url", "a"),
         (_line(body="hi"), "invalid_body", "a"),
         (_line(body={"prompt": "hi", "frobnicate": 1}), "unsupported_field", "a"),
         (_line(body={"prompt": "hi", "stream": True}), "unsupported_field", "a"),

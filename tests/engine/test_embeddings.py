@@ -15,6 +15,7 @@ from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.engine.errors import InvalidRequestError, TokenIdOutOfVocabError
 from falconlm.engine.pooling import PoolingConfig, PoolingParams
 from falconlm.engine.sampling_params import SamplingParams
+from falconlm.engine.scheduler import QueueFullError
 from falconlm.tokenizer import Tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [1, 2, 3, 4, 5, 6, 7], list(range(20, 61)), [300]]
@@ -190,3 +191,16 @@ def test_an_embed_task_engine_refuses_generation_and_holds_one_sequence_of_kv(ti
     with pytest.raises(InvalidRequestError, match="embeddings only"):
         engine.add_request("g", [1, 2], SamplingParams(max_tokens=2))
     assert len(_embed(engine, PROMPTS[:2], PoolingParams())) == 2
+
+
+def test_the_queue_limit_counts_tokens(tiny_checkpoint):
+    engine = _engine(tiny_checkpoint, max_waiting=2, max_model_len=32)  # 64 tokens of embedding inputs
+    for i in range(16):
+        engine.add_request(f"short{i}", [1, 2, 3, 4], PoolingParams())  # more inputs than max_waiting
+    with pytest.raises(QueueFullError):
+        engine.add_request("over", [1], PoolingParams())
+    engine.abort("short0")
+    engine.add_request("fits", [1, 2, 3, 4], PoolingParams())
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.embedder.num_waiting_tokens == 0
