@@ -23,12 +23,13 @@ def rope_inv_freq(config: FalconConfig, seq_len: int | None = None) -> torch.Ten
     measures against ``max_position_embeddings`` (it reads no ``original_max_position_embeddings``).
     """
     dim = config.head_dim
-    base = float(config.rope_theta)
+    base: float | torch.Tensor = float(config.rope_theta)
     scaling = config.rope_scaling
-    if scaling is not None and scaling.rope_type == "dynamic":
-        original = config.max_position_embeddings
-        seq_len = max(seq_len or original, original)
-        base = base * ((scaling.factor * seq_len / original) - (scaling.factor - 1)) ** (dim / (dim - 2))
+    original = config.max_position_embeddings
+    if scaling is not None and scaling.rope_type == "dynamic" and seq_len is not None and seq_len > original:
+        # In float32 tensors, as transformers computes it from a tensor length (bit-equal frequencies).
+        stretch = scaling.factor * torch.tensor(seq_len) / original - (scaling.factor - 1)
+        base = base * stretch ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (base**exponents)
     if scaling is not None and scaling.rope_type == "linear":
