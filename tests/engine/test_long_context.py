@@ -102,4 +102,3 @@ def test_engine_chunked_prefill_and_decode_match_past_8k(long_case):
     prompt_lp = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
     diff = (prompt_lp - expected).abs()
     assert diff.max().item() <= TOL, f"{name}: prompt logprob diff {diff.max().item()} at {int(diff.argmax()) + 1}"
-
