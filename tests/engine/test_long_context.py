@@ -193,3 +193,23 @@ def test_fused_decode_steps_at_8k_with_dynamic_scaling(tmp_path, monkeypatch):
     for a, b in zip(fused, plain, strict=True):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-3
+
+
+@pytest.mark.parametrize("variant", ["rw", "7b"])
+def test_a_long_chunk_is_attended_in_blocks_of_queries_with_the_same_result(tmp_path, monkeypatch, variant):
+    # One 8k-token chunk of a 32-head ALiBi model would need a [32, 8k, 8k] mask; the chunk path bounds it by
+    # attending blocks of queries. Tiny blocks here (down to one query) must give what one block gives.
+    from falconlm.model import paged_attention
+
+    path = make_hf_checkpoint(tmp_path, variant, **{**SMALL, "max_position_embeddings": 256})
+    prompt = torch.randint(1, 320, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    runs = []
+    for elements in (1 << 24, 2 * 200, 1):
+        monkeypatch.setattr(paged_attention, "MASK_ELEMENTS", elements)
+        runs.append(_small_engine(path, max_num_batched_tokens=150).generate([prompt], [params])[0])
+    first = [lp.logprob for lp in runs[0].prompt_logprobs[1:]] + [lp.logprob for lp in runs[0].logprobs]
+    for other in runs[1:]:
+        assert other.token_ids == runs[0].token_ids
+        got = [lp.logprob for lp in other.prompt_logprobs[1:]] + [lp.logprob for lp in other.logprobs]
+        assert max(abs(a - b) for a, b in zip(got, first, strict=True)) <= TOL  # float32 rounding only
