@@ -13,9 +13,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedKVCache
+from ..model.positions import prompt_rope_salt
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .embedding import Embedder, PooledOutput
@@ -87,7 +89,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = check_max_model_len(model.config, config.max_model_len)
         num_blocks = self._num_blocks(model, config)
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        salt = partial(prompt_rope_salt, model.config)  # dynamic RoPE: a long prompt's keys depend on its length
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(
             self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
         )

@@ -199,13 +199,19 @@ def fused_decoder(model: FalconModel) -> FusedDecoder | None:
 
 
 def fused_hidden(
-    model: FalconForCausalLM, decoder: FusedDecoder, ids: torch.Tensor, positions: torch.Tensor, rows: DecodeRows
+    model: FalconForCausalLM,
+    decoder: FusedDecoder,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    rows: DecodeRows,
+    rope_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Hidden states after ``ln_f`` of a decode step of token ``ids`` at ``positions`` (both [B, T], one new token
-    per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused."""
+    per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused.
+    ``rope_lengths`` as for the model's forward (dynamic RoPE scaling)."""
     t = model.transformer
     x = t.word_embeddings(ids)
-    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype), rows)
+    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype, rope_lengths), rows)
     return None if x is None else t.ln_f(x)
 
 

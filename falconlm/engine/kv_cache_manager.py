@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from falconlm.engine.block_pool import BlockPool
@@ -36,11 +36,20 @@ def cdiv(a: int, b: int) -> int:
 class KVCacheManager:
     """Allocates and frees a request's blocks, and finds its prompt prefix among cached blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        prefix_salt: Callable[[int], int | None] | None = None,
+    ) -> None:
+        """``prefix_salt(num_prompt_tokens)``: what else a request's cached KV depends on (an int that starts its
+        hash chain), or None; with dynamic RoPE scaling a long prompt's keys depend on its length."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_salt = prefix_salt
         self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.req_id_to_block_hashes: dict[str, list[int]] = {}
         self.req_id_to_num_cached_blocks: dict[str, int] = {}  # leading blocks already registered
@@ -144,7 +153,9 @@ class KVCacheManager:
         hashes = self.req_id_to_block_hashes.setdefault(request.request_id, [])
         token_ids = request.all_token_ids
         size = self.block_size
+        salt = None if self.prefix_salt is None else self.prefix_salt(request.num_prompt_tokens)
+        root = None if salt is None else block_hash(None, [-1, salt])  # no real block holds a negative token id
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[i * size : (i + 1) * size]))
+            hashes.append(block_hash(hashes[-1] if hashes else root, token_ids[i * size : (i + 1) * size]))
         return hashes

@@ -14,7 +14,7 @@ import torch
 
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
-from ..model.positions import alibi_slopes
+from ..model.positions import alibi_slopes, engine_rope_length, is_dynamic
 from .fused_decode import FusedDecoder, fused_decoder, fused_hidden
 from .kernels import bind_weight_kernels, log_choice, row_attention
 from .prompt_logprobs import PromptRows, prompt_rows, score_prompt_rows
@@ -41,6 +41,7 @@ class ModelRunner:
             cfg.num_hidden_layers, num_blocks, block_size, cfg.num_kv_groups, cfg.head_dim, weight.dtype, weight.device
         )
         self.alibi_slopes = alibi_slopes(cfg.num_attention_heads).to(self.device) if cfg.alibi else None
+        self.dynamic_rope = is_dynamic(cfg)  # each token's RoPE frequencies depend on its request's length
         self.sampler = Sampler()
         self.req_id_to_generator: dict[str, torch.Generator | None] = {}
         if self.device.type == "cpu":
@@ -90,6 +91,7 @@ class ModelRunner:
         the prompt-logprob rows (None if no row), and those rows."""
         ids: list[int] = []
         positions: list[int] = []
+        rope_lengths: list[int] = []
         slots: list[int] = []
         query_starts, query_lens, context_lens, tables = [], [], [], []
         sampled, logits_indices = [], []
@@ -101,6 +103,8 @@ class ModelRunner:
             context_lens.append(start + n)
             ids.extend(req.all_token_ids[start : start + n])
             positions.extend(range(start, start + n))
+            if self.dynamic_rope:
+                rope_lengths.extend(engine_rope_length(req.num_prompt_tokens, p) for p in range(start, start + n))
             slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
             tables.append(req.block_ids)
             if item.sample:
@@ -127,11 +131,14 @@ class ModelRunner:
         )
         input_ids = torch.tensor([ids], device=dev)
         position_ids = torch.tensor([positions], device=dev)
+        lengths = torch.tensor([rope_lengths], device=dev) if self.dynamic_rope else None
         rows = torch.tensor(logits_indices, dtype=torch.long, device=dev)
         rows_kv = ctx.decode_rows() if decoder is not None else None  # None unless every row adds one token
-        hidden = None if rows_kv is None else fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv)
+        hidden = None
+        if rows_kv is not None:
+            hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths)
         if hidden is None:
-            hidden = self.model.forward_hidden(input_ids, position_ids, ctx)
+            hidden = self.model.forward_hidden(input_ids, position_ids, ctx, lengths)
         return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
 
     def _generator(self, request: Request) -> torch.Generator | None:

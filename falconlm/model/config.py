@@ -162,7 +162,10 @@ class FalconConfig:
             if self.alibi:
                 raise ValueError("rope_scaling cannot be used with alibi")
             if scaling.rope_type not in ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported; use one of {ROPE_TYPES}")
+                raise ValueError(
+                    f"rope_scaling type {scaling.rope_type!r} is not supported; falconlm computes "
+                    f"{', '.join(ROPE_TYPES)} (as transformers' Falcon does)"
+                )
             if scaling.rope_type != "default" and not scaling.factor >= 1.0:
                 raise ValueError(f"rope_scaling factor must be >= 1, got {scaling.factor!r}")
 
@@ -293,11 +296,13 @@ def _read_rope(d: dict[str, Any]) -> RopeScaling | None:
     if not isinstance(scaling, dict):
         raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    factor = scaling.get("factor", 1.0)
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool):
-        raise ValueError(f"rope_scaling factor must be a number, got {factor!r}")
     if rope_type == "default":
         return None
+    if "factor" not in scaling:  # transformers requires it for linear and dynamic scaling
+        raise ValueError(f"rope_scaling factor is required for rope type {rope_type!r}")
+    factor = scaling["factor"]
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        raise ValueError(f"rope_scaling factor must be a number, got {factor!r}")
     return RopeScaling(
         rope_type=rope_type,
         factor=float(factor),

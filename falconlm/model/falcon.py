@@ -118,14 +118,21 @@ class FalconModel(nn.Module):
         self.h = nn.ModuleList(FalconBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionContext,
+        rope_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states [B, T, H] after ``ln_f`` for tokens ``input_ids`` at ``positions`` (both [B, T]).
 
         ``attention`` decides where each layer's K/V go and what each query sees (``dense.py``, the engine's
         paged context); rotary models rotate by ``positions``, ALiBi ones take their bias from the context.
+        ``rope_lengths`` [B, T]: per-token sequence lengths for dynamic RoPE scaling (``positions.rope_cos_sin``).
         """
         x = self.word_embeddings(input_ids)  # [B, T, H]
-        rope = rope_cos_sin(self.config, positions, x.dtype) if self.config.rotary else None
+        rope = rope_cos_sin(self.config, positions, x.dtype, rope_lengths) if self.config.rotary else None
         for block in self.h:
             x = block(x, rope, attention)
         return self.ln_f(x)
@@ -170,10 +177,14 @@ class FalconForCausalLM(nn.Module):
         return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
 
     def forward_hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionContext,
+        rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] after ``ln_f`` (see :meth:`FalconModel.forward`)."""
-        return self.transformer(input_ids, positions, attention)
+        return self.transformer(input_ids, positions, attention, rope_lengths)
 
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``hidden`` [..., H]: all of them, or with ``rows`` only those token rows of the flattened

@@ -23,6 +23,7 @@ from .attention import DecodeRows, sdpa
 
 # q [R, Hq, d], k / v blocks, block tables [R, max_blocks], context lengths [R], the longest length -> [R, Hq, d]
 # (None when the kernel cannot take these tensors; the caller then uses SDPA).
+MASK_ELEMENTS = 1 << 24  # most query x head x key elements of one masked SDPA call over a prompt chunk
 RowAttention = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor | None
 ]
@@ -193,13 +194,20 @@ class PagedAttention:
         if past == 0 and self.alibi_slopes is None:
             out[:, :, start : start + n] = sdpa(queries, keys, values, None, is_causal=True)
             return
-        q_pos = torch.arange(past, length, device=q.device)[:, None]
         key_pos = torch.arange(length, device=q.device)
-        mask = torch.zeros(n, length, dtype=q.dtype, device=q.device)
-        mask = mask.masked_fill(key_pos[None, :] > q_pos, torch.finfo(q.dtype).min)[None, None]  # [1, 1, n, L]
-        if self.alibi_slopes is not None:
-            mask = torch.where(mask == 0, self._alibi(key_pos, q.dtype, q.shape[-1])[None], mask)  # [1, Hq, n, L]
-        out[:, :, start : start + n] = sdpa(queries, keys, values, mask, is_causal=False)
+        alibi = None if self.alibi_slopes is None else self._alibi(key_pos, q.dtype, q.shape[-1])[None]  # [1, Hq, 1, L]
+        # The mask (and the scores SDPA makes beside it) grow as queries x heads x keys: a long prompt in one chunk
+        # goes through in blocks of queries (each row's softmax is its own), each against the keys up to its end.
+        step = max(1, MASK_ELEMENTS // (q.shape[1] * length))
+        for i in range(0, n, step):
+            m, end = min(step, n - i), min(past + i + step, length)
+            q_pos = torch.arange(past + i, end, device=q.device)[:, None]
+            mask = torch.zeros(m, end, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(key_pos[None, :end] > q_pos, torch.finfo(q.dtype).min)[None, None]  # [1, 1, m, E]
+            if alibi is not None:
+                mask = torch.where(mask == 0, alibi[..., :end], mask)  # [1, Hq, m, E]
+            block = sdpa(queries[:, :, i : i + m], keys[:, :, :end], values[:, :, :end], mask, is_causal=False)
+            out[:, :, start + i : start + i + m] = block
 
     def _alibi(self, key_pos: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
         """[Hq, 1, L] ALiBi bias over key positions 0..L-1, rounded exactly as the dense path rounds it."""

@@ -14,14 +14,22 @@ from .config import FalconConfig
 
 
 def rope_inv_freq(config: FalconConfig, seq_len: int | None = None) -> torch.Tensor:
-    """Inverse frequencies ``1 / theta^(2i/d)`` in float32, with linear or dynamic-NTK scaling applied."""
+    """Inverse frequencies ``1 / theta^(2i/d)`` in float32, with linear or dynamic-NTK scaling applied.
+
+    As transformers' Falcon computes them (``modeling_rope_utils``, 4.4x-4.5x): ``linear`` divides every
+    frequency by ``factor`` (the same as dividing positions by it); ``dynamic`` leaves them alone up to
+    ``max_position_embeddings`` and, for a sequence of ``seq_len`` > that, raises the base to
+    ``theta * (factor * seq_len / max_pos - (factor - 1)) ** (d / (d - 2))``. Like transformers, dynamic scaling
+    measures against ``max_position_embeddings`` (it reads no ``original_max_position_embeddings``).
+    """
     dim = config.head_dim
-    base = float(config.rope_theta)
+    base: float | torch.Tensor = float(config.rope_theta)
     scaling = config.rope_scaling
-    if scaling is not None and scaling.rope_type == "dynamic":
-        original = scaling.original_max_position_embeddings or config.max_position_embeddings
-        seq_len = max(seq_len or original, original)
-        base = base * ((scaling.factor * seq_len / original) - (scaling.factor - 1)) ** (dim / (dim - 2))
+    original = config.max_position_embeddings
+    if scaling is not None and scaling.rope_type == "dynamic" and seq_len is not None and seq_len > original:
+        # In float32 tensors, as transformers computes it from a tensor length (bit-equal frequencies).
+        stretch = scaling.factor * torch.tensor(seq_len) / original - (scaling.factor - 1)
+        base = base * stretch ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (base**exponents)
     if scaling is not None and scaling.rope_type == "linear":
@@ -29,19 +37,54 @@ def rope_inv_freq(config: FalconConfig, seq_len: int | None = None) -> torch.Ten
     return inv_freq
 
 
+def is_dynamic(config: FalconConfig) -> bool:
+    """True when the rotation of a position depends on the sequence's length (dynamic NTK scaling)."""
+    return config.rotary and config.rope_scaling is not None and config.rope_scaling.rope_type == "dynamic"
+
+
 def rope_cos_sin(
-    config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype
+    config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype, rope_lengths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for ``positions`` [B, T]: angles in float32, then cast to the activation dtype.
+
+    With dynamic scaling the frequencies depend on a sequence length: ``rope_lengths`` [B, T] gives it per token
+    (the serving engine, whose flattened step mixes sequences; see :func:`engine_rope_lengths`); without it the
+    whole call uses ``positions.max() + 1``, as one transformers forward does for its batch.
 
     Returns two tensors of shape [B, T, 1, 1, head_dim], ready to broadcast over the KV groups and the heads
     of each (the fused QKV layout, falcon-spec §2).
     """
-    seq_len = int(positions.max()) + 1 if config.rope_scaling is not None and positions.numel() else None
-    inv_freq = rope_inv_freq(config, seq_len).to(positions.device)
+    if is_dynamic(config) and rope_lengths is not None and positions.numel():
+        lengths, which = torch.unique(rope_lengths.reshape(-1), return_inverse=True)
+        table = torch.stack([rope_inv_freq(config, int(n)) for n in lengths.tolist()]).to(positions.device)
+        inv_freq = table[which].view(*positions.shape, -1)  # [B, T, d/2], each token its sequence's frequencies
+    else:
+        seq_len = int(positions.max()) + 1 if is_dynamic(config) and positions.numel() else None
+        inv_freq = rope_inv_freq(config, seq_len).to(positions.device)
     angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
     emb = torch.cat((angles, angles), dim=-1)  # [B, T, d]
     return emb.cos().to(dtype)[:, :, None, None], emb.sin().to(dtype)[:, :, None, None]
+
+
+def engine_rope_length(num_prompt_tokens: int, position: int) -> int:
+    """The sequence length whose dynamic-NTK frequencies rotate the token at ``position`` of a request.
+
+    It reproduces transformers' ``generate`` for one request: the prompt is one forward of its whole length (every
+    prompt token, however the engine chunks it, uses ``num_prompt_tokens``), and each later token is a forward
+    whose length reaches just past it (``position + 1``). Keys keep the rotation they were written with, as in
+    transformers' cache, so the result does not depend on chunking, batching or preemption (a recomputed token
+    gets the same length again).
+    """
+    return max(num_prompt_tokens, position + 1)
+
+
+def prompt_rope_salt(config: FalconConfig, num_prompt_tokens: int) -> int | None:
+    """What, beside the tokens, a prompt's cached keys depend on: with dynamic scaling and a prompt longer than
+    ``max_position_embeddings``, its length (every prompt key is rotated by frequencies of that length), so the
+    prefix cache must not share those blocks with a prompt of another length. None otherwise."""
+    if is_dynamic(config) and num_prompt_tokens > config.max_position_embeddings:
+        return num_prompt_tokens
+    return None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
