@@ -9,7 +9,8 @@ For each engine (xgrammar, llguidance, outlines-core) and each JSON schema below
 - ``advance_us``: accepting the sampled token (the grammar state's step).
 
 The document is the schema's example serialized compactly and tokenized with the real Falcon tokenizer, then the
-end-of-text token, which each engine must accept only at the end. Run:
+end-of-text token, which each engine must accept only at the end. Run (xgrammar and outlines-core are not falconlm
+dependencies: ``pip install xgrammar outlines-core`` first, or pass ``--engines llguidance``):
 ``python benchmarks/bench_grammar_engines.py [--tokenizer ../shared/data/falcon-tokenizer] [--repeat 3]``.
 
 Measured on the development machine (2 shared CPU cores, no other load control; falcon-tokenizer, 65,024 tokens;

@@ -8,11 +8,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from falconlm.engine.sampling_params import SamplingParams
-    from falconlm.engine.structured_output import GrammarState
+
+
+class OutputGrammar(Protocol):
+    """A request's structured-output state (``structured_output.GrammarState``), advanced by each sampled token."""
+
+    def accept(self, token_id: int) -> bool:
+        """Take the token; True when it ends the output."""
+        ...
 
 
 class RequestStatus(enum.IntEnum):
@@ -82,7 +89,7 @@ class Request:
     num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first admission
     stop_reason: int | str | None = field(default=None, init=False)  # stop token id, or a stop string
     events: list[RequestEvent] = field(default_factory=list, init=False, repr=False)
-    grammar: GrammarState | None = field(default=None, init=False, repr=False)  # structured output's state
+    grammar: OutputGrammar | None = field(default=None, init=False, repr=False)  # structured output's state
     _all_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

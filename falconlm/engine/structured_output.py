@@ -212,6 +212,7 @@ class GrammarCompiler:
         if is_error:
             raise ValueError(describe_error(constraint, messages[0] if messages else ""))
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
+        matcher.compute_bitmask()  # builds the lexer now (its tables are shared by every copy), not in a step
         if matcher.is_error():
             raise ValueError(describe_error(constraint, matcher.get_error()))
         return matcher

@@ -15,7 +15,7 @@ import torch
 
 from falconlm import LLM, SamplingParams, StructuredOutputParams
 from falconlm.engine.sampler import Sampler, apply_transforms
-from falconlm.engine.structured_output import canonical_key, closed_objects, grammar_bitmask
+from falconlm.engine.structured_output import GrammarCompiler, canonical_key, closed_objects, grammar_bitmask
 from falconlm.model.paged_attention import PagedKVCache
 
 from ..conftest import make_hf_checkpoint
@@ -206,6 +206,18 @@ def test_grammars_compile_once_per_constraint(default_llm: LLM) -> None:
     )
     grammars.compile(StructuredOutputParams(regex="[0-9]+"))
     assert grammars.num_compiled == before + 2
+
+
+def test_the_cache_keeps_the_most_recent(default_llm: LLM) -> None:
+    compiler = GrammarCompiler(default_llm.tokenizer, default_llm.config.vocab_size, cache_size=2)
+    a, b, c = (StructuredOutputParams(choice=[word]) for word in ("a", "b", "c"))
+    for constraint in (a, b, a, c):  # a is used again before c comes, so b is the one evicted
+        compiler.compile(constraint)
+    assert compiler.num_compiled == 3
+    compiler.compile(a)
+    assert compiler.num_compiled == 3
+    compiler.compile(b)
+    assert compiler.num_compiled == 4
 
 
 @pytest.mark.parametrize(
