@@ -19,8 +19,8 @@ SYSTEM_PROMPT = (
     "Answer the question from the numbered passages only, and cite the numbers of the passages you used. "
     "If they do not hold the answer, say so."
 )
-# Tokens an answer object takes besides the answer's characters: braces, keys, quotes and 2 per citation. A string
-# token holds at least one character, so an answer of at most (max_tokens - this) characters always closes in time.
+# Tokens an answer object takes besides the answer's characters and its citations (2 tokens each): braces, keys and
+# quotes. A token holds at least one character, so an answer capped at what is left always closes within max_tokens.
 JSON_OVERHEAD_TOKENS = 24
 
 
@@ -66,9 +66,9 @@ def fit_passages(
     Returns all of them when the server does not say its context length or cannot count tokens.
     """
     limit = context_length(client, model)
+    if limit is None:
+        return passages
     for n in range(len(passages), 0, -1):
-        if limit is None:
-            return passages
         count = count_chat_tokens(client, model, build_messages(question, passages[:n]))
         if count is None:
             return passages

@@ -14,6 +14,7 @@ from examples.rag.answer import (  # noqa: E402
     Answer,
     answer_schema,
     answer_to_json,
+    ask,
     build_messages,
     format_answer,
     parse_answer,
@@ -71,3 +72,8 @@ def test_printout_lists_the_cited_passages_only():
         (1, "tgi-docs/quicktour.md", 3, False),
         (2, "falcon-7b-README.md", 1, True),
     ]
+
+
+def test_a_token_budget_too_small_for_any_answer_is_refused_before_asking():
+    with pytest.raises(RagError, match="leaves no room for an answer"):
+        ask(None, "m", "Why?", PASSAGES, max_tokens=20)  # no client needed: it never gets that far
