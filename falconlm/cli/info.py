@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..model.config import FalconConfig
+from ..model.families import family_of, load_config
 from .options import check_model_path
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -32,11 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
-    config = FalconConfig.from_pretrained(path)
+    config = load_config(path)
+    family = family_of(config)
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
         "path": str(path),
+        "family": family.title,
         "variant": config.variant,
         "parameters": config.num_parameters(),
         "layers": config.num_hidden_layers,
@@ -51,6 +53,7 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "context_length": config.max_position_embeddings,
         "dtype": dtype,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
+        "fused_decode_step": _fused_decode_status(family, config),
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
         "native_kernels": _native_status(),
     }
@@ -87,6 +90,16 @@ def _human(n: float, base: int, unit: str) -> str:
             return f"{n:.4g} {suffix}".rstrip()
         n /= base
     return str(n)
+
+
+def _fused_decode_status(family, config) -> str:
+    """Whether decode steps of this checkpoint can take the fused native step (its weights decide the rest)."""
+    if family.fused_decode is not None:
+        return f"no ({family.fused_decode})"
+    from ..engine.fused_decode import config_unsupported  # imports torch: only when the command runs
+
+    why = config_unsupported(config)
+    return f"no ({why})" if why else "yes, on the CPU with native kernels and bfloat16 / int8 / int4 layer weights"
 
 
 def _native_status() -> dict[str, str]:

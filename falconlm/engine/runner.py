@@ -31,7 +31,7 @@ class ModelRunner:
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
-        weight = model.transformer.ln_f.weight  # the model dtype and device, cheap on quantized models
+        weight = model.final_norm.weight  # the model dtype and device, cheap on quantized models
         self.model = model
         self.device = weight.device
         self.block_size = block_size
@@ -53,7 +53,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        decoder = fused_decoder(self.model.transformer) if self.device.type == "cpu" else None
+        # The fused step is Falcon's block only (other families say why in `falconlm info`).
+        fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
+        decoder = fused_decoder(self.model.transformer) if fused else None
         groups = [step.scheduled]
         if decoder is not None or self.deterministic:  # decode rows apart from prompt chunks
             decodes = [item for item in step.scheduled if item.num_tokens == 1]
