@@ -53,6 +53,7 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "context_length": config.max_position_embeddings,
         "dtype": dtype,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
+        **_recurrent_state_facts(config, BYTES_PER_ELEMENT[dtype]),
         "fused_decode_step": _fused_decode_status(family, config),
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
         "native_kernels": _native_status(),
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     facts["parameters"] = f"{facts['parameters']:,} ({_human(facts['parameters'], 1000, '')})"
     facts["kv_cache_bytes_per_token"] = f"{_human(facts['kv_cache_bytes_per_token'], 1024, 'B')} ({facts['dtype']})"
+    if "ssm_state_bytes_per_sequence" in facts:
+        facts["ssm_state_bytes_per_sequence"] = _human(facts["ssm_state_bytes_per_sequence"], 1024, "B")
     facts["size_on_disk_bytes"] = (
         _human(facts["size_on_disk_bytes"], 1024, "B") if facts["size_on_disk_bytes"] else "no weight files"
     )
@@ -90,6 +93,18 @@ def _human(n: float, base: int, unit: str) -> str:
             return f"{n:.4g} {suffix}".rstrip()
         n /= base
     return str(n)
+
+
+def _recurrent_state_facts(config, itemsize: int) -> dict:
+    """For families with Mamba layers: the fixed state each sequence holds (conv state in ``itemsize`` bytes,
+    the SSM state in float32), whatever its length."""
+    if not hasattr(config, "ssm_state_bytes_per_sequence"):
+        return {}
+    return {
+        "mamba_heads": config.mamba_n_heads,
+        "ssm_state_size": config.mamba_d_state,
+        "ssm_state_bytes_per_sequence": config.ssm_state_bytes_per_sequence(conv_bytes=itemsize),
+    }
 
 
 def _fused_decode_status(family, config) -> str:

@@ -19,6 +19,8 @@ from .config import FalconConfig
 from .falcon import FalconForCausalLM
 from .falcon3 import Falcon3ForCausalLM
 from .falcon3_config import Falcon3Config
+from .falcon_h1 import FalconH1ForCausalLM
+from .h1_config import FalconH1Config
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,17 @@ FAMILIES: dict[str, Family] = {
         Falcon3Config.matrix_shapes,
         fused_decode="the fused step is written for Falcon's block (LayerNorm, GELU, fused QKV); Falcon3's "
         "RMSNorm / SwiGLU layers run the torch path",
+    ),
+    "h1": Family(
+        "h1",
+        "Falcon-H1 (attention + Mamba-2 in every layer)",
+        FalconH1Config,
+        FalconH1ForCausalLM,
+        "model.layers",
+        "model.embed_tokens",
+        FalconH1Config.matrix_shapes,
+        fused_decode="the fused step is written for Falcon's attention-only block; H1's Mamba-2 + attention "
+        "layers run the torch path",
     ),
 }
 

@@ -96,6 +96,10 @@ class FalconH1Config:
     def queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def ffn_hidden_size(self) -> int:
+        return self.intermediate_size
+
     alibi = False
     rotary = True
 
@@ -120,6 +124,31 @@ class FalconH1Config:
             f"falcon-h1 (attention {self.num_attention_heads} heads / {self.num_key_value_heads} KV "
             f"+ Mamba-2 {self.mamba_n_heads} heads, every layer)"
         )
+
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of each decoder layer's matrices, by their name inside the layer (what quantization
+        rewrites; the Mamba conv, A, D and Δ bias stay as they are)."""
+        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        return {
+            "self_attn.q_proj": (q, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q),
+            "mamba.in_proj": (self.in_proj_features, h),
+            "mamba.out_proj": (h, self.mamba_d_ssm),
+            "feed_forward.gate_proj": (f, h),
+            "feed_forward.up_proj": (f, h),
+            "feed_forward.down_proj": (h, f),
+        }
+
+    def conv_state_shape(self) -> tuple[int, int]:
+        """One layer's conv state per sequence: every conv channel's last ``mamba_d_conv - 1`` inputs."""
+        return (self.conv_dim, self.mamba_d_conv - 1)
+
+    def ssm_state_shape(self) -> tuple[int, int, int]:
+        """One layer's SSM state per sequence: [heads, head dim, state size]."""
+        return (self.mamba_n_heads, self.mamba_d_head, self.mamba_d_state)
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """K and V of every layer's attention (every H1 layer attends), KV heads only."""
