@@ -105,6 +105,7 @@ def _engine(model, max_len: int):
     """The serving engine over ``model``, or None when this build's engine does not run H1."""
     try:
         from falconlm.engine.engine import Engine, EngineConfig
+        from falconlm.engine.sampling_params import SamplingParams
 
         class _NoText:  # token ids only: the benchmark measures the engine, not detokenization
             eos_token_id = None
@@ -113,7 +114,9 @@ def _engine(model, max_len: int):
                 return ""
 
         config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=max_len, enable_prefix_caching=False)
-        return Engine(model, _NoText(), config)
+        engine = Engine(model, _NoText(), config)
+        engine.generate([[0, 1, 2]], [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)])
+        return engine
     except Exception:  # an engine that cannot take H1 yet: the model path measures instead
         return None
 
