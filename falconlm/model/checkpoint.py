@@ -80,10 +80,10 @@ def load_model(
     stderr is a terminal".
     """
     folder = Path(path)
-    config = FalconConfig.from_pretrained(folder)
+    config, model_class = _config_and_class(folder)
     source, shards, listed = _find_weights(folder)
     with torch.device("meta"), _SkipInit():
-        model = FalconForCausalLM(config)
+        model = model_class(config)
     expected = dict(model.named_parameters())  # a tied head appears once, as the embedding
     if listed is not None:  # an index: report a missing tensor before reading any shard
         _check_missing([name for name in expected if name not in listed], source)
@@ -117,6 +117,24 @@ def load_model(
     if head_file is not None:
         _warn_if_head_differs(model, head_file, buffer)
     return model.eval()
+
+
+def _config_and_class(folder: Path) -> tuple[Any, type[nn.Module]]:
+    """The family's config and model class, from config.json's ``model_type`` / ``architectures``.
+
+    A local dispatch for Falcon and Falcon-Mamba until the family registry (``families.py``) takes it over."""
+    from .mamba_config import FalconMambaConfig, is_mamba_config
+
+    file = folder / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        raw = None  # FalconConfig reports what is wrong with it
+    if isinstance(raw, dict) and is_mamba_config(raw):
+        from .falcon_mamba import FalconMambaForCausalLM
+
+        return FalconMambaConfig.from_dict(raw), FalconMambaForCausalLM
+    return FalconConfig.from_pretrained(folder), FalconForCausalLM
 
 
 def _check_missing(missing: list[str], source: Path) -> None:
@@ -188,7 +206,7 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _warn_if_head_differs(model: FalconForCausalLM, file: Path, buffer: bytearray) -> None:
     """A tied model ignores a stored head (the embedding wins); say so when it is not the same matrix."""
-    emb = model.transformer.word_embeddings.weight.detach()
+    emb = model.get_submodule("lm_head").weight.detach()  # tied: the embedding itself
     with _open_shard(file, buffer) as tensors:
         src = tensors["lm_head.weight"]
         same = src.shape == tuple(emb.shape)
