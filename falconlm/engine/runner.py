@@ -53,7 +53,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        decoder = fused_decoder(self.model.transformer) if self.device.type == "cpu" else None
+        decoder = self._fused_decoder()
         groups = [step.scheduled]
         if decoder is not None or self.deterministic:  # decode rows apart from prompt chunks
             decodes = [item for item in step.scheduled if item.num_tokens == 1]
@@ -79,6 +79,10 @@ class ModelRunner:
             generators,
         )
         return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs), prompt_logprobs)
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """The native all-layers decode step for this step's decode rows, None where it does not apply."""
+        return fused_decoder(self.model.transformer) if self.device.type == "cpu" else None
 
     def _forward(
         self, items: list[ScheduledRequest], decoder: FusedDecoder | None

@@ -80,7 +80,7 @@ def load_model(
     stderr is a terminal".
     """
     folder = Path(path)
-    config, model_class = _config_and_class(folder)
+    config, model_class = config_and_class(folder)
     source, shards, listed = _find_weights(folder)
     with torch.device("meta"), _SkipInit():
         model = model_class(config)
@@ -119,7 +119,7 @@ def load_model(
     return model.eval()
 
 
-def _config_and_class(folder: Path) -> tuple[Any, type[nn.Module]]:
+def config_and_class(folder: Path) -> tuple[Any, type[nn.Module]]:
     """The family's config and model class, from config.json's ``model_type`` / ``architectures``.
 
     A local dispatch for Falcon and Falcon-Mamba until the family registry (``families.py``) takes it over."""
