@@ -125,7 +125,7 @@ def config_and_class(folder: Path) -> tuple[Any, type[nn.Module]]:
     A local dispatch for Falcon and Falcon-Mamba until the family registry (``families.py``) takes it over."""
     from .mamba_config import FalconMambaConfig, is_mamba_config
 
-    file = folder / "config.json"
+    file = folder / "config.json" if folder.is_dir() else folder
     try:
         raw = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
     except (OSError, ValueError, RecursionError):
