@@ -7,7 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..model.families import family_of, load_config
 from .options import check_model_path
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -32,8 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
+    from ..model.families import family_of, load_config  # imports torch: only when the command runs
+    from ..model.mamba_config import FalconMambaConfig
+
     config = load_config(path)
     family = family_of(config)
+    if isinstance(config, FalconMambaConfig):
+        return describe_mamba(path, config, dtype)
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
@@ -60,6 +64,35 @@ def describe(path: Path, dtype: str | None = None) -> dict:
     }
 
 
+def describe_mamba(path: Path, config, dtype: str | None = None) -> dict:
+    """A Mamba-1 checkpoint: no attention, so no KV cache; a fixed recurrent state per sequence instead."""
+    dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
+    weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
+    return {
+        "path": str(path),
+        "family": config.family,
+        "variant": "Falcon-Mamba (Mamba-1, B/C/dt RMS norms)" if config.mixer_rms else "Mamba-1",
+        "parameters": config.num_parameters(),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "ssm_state_size": config.state_size,
+        "conv_kernel": config.conv_kernel,
+        "time_step_rank": config.time_step_rank,
+        "vocab_size": config.vocab_size,
+        "positions": "none (recurrent)",
+        "tied_head": config.tie_word_embeddings,
+        "context_length": config.max_position_embeddings,
+        "dtype": dtype,
+        "kv_cache_bytes_per_token": 0,
+        "ssm_state_bytes_per_sequence": config.state_bytes_per_sequence(BYTES_PER_ELEMENT[dtype], 4),
+        "prefix_caching": "off (recurrent state cannot be shared by blocks)",
+        "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
+        "native_kernels": _native_status(),
+        "fused_decode_step": "does not apply (Falcon attention layout only): the torch path runs",
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     check_model_path(args.model)
     if args.model is None:
@@ -73,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     facts["parameters"] = f"{facts['parameters']:,} ({_human(facts['parameters'], 1000, '')})"
     facts["kv_cache_bytes_per_token"] = f"{_human(facts['kv_cache_bytes_per_token'], 1024, 'B')} ({facts['dtype']})"
     if "ssm_state_bytes_per_sequence" in facts:
-        facts["ssm_state_bytes_per_sequence"] = _human(facts["ssm_state_bytes_per_sequence"], 1024, "B")
+        state = facts["ssm_state_bytes_per_sequence"]
+        facts["ssm_state_bytes_per_sequence"] = f"{_human(state, 1024, 'B')} (conv {facts['dtype']}, SSM float32)"
     facts["size_on_disk_bytes"] = (
         _human(facts["size_on_disk_bytes"], 1024, "B") if facts["size_on_disk_bytes"] else "no weight files"
     )

@@ -78,13 +78,19 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = check_max_model_len(model.config, config.max_model_len)
-        num_blocks = self._num_blocks(model, config)
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if getattr(model.config, "recurrent", False):  # Mamba: a state slot per sequence instead of KV blocks
+            from .recurrent_engine import recurrent_parts
+
+            self.kv_cache_manager, self.runner, capacity = recurrent_parts(model, config, self.max_model_len)
+        else:
+            num_blocks = self._num_blocks(model, config)
+            self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+            self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
+            capacity = num_blocks * config.block_size
         self.scheduler = Scheduler(
             self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
-        self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, num_blocks * config.block_size)
+        self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, capacity)
         self.num_steps = 0
         self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
         self._children: dict[str, list[str]] = {}  # parent id -> its sequence ids, for n > 1

@@ -53,9 +53,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        # The fused step is Falcon's block only (other families say why in `falconlm info`).
-        fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
-        decoder = fused_decoder(self.model.transformer) if fused else None
+        decoder = self._fused_decoder()
         groups = [step.scheduled]
         if decoder is not None or self.deterministic:  # decode rows apart from prompt chunks
             decodes = [item for item in step.scheduled if item.num_tokens == 1]
@@ -81,6 +79,12 @@ class ModelRunner:
             generators,
         )
         return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs), prompt_logprobs)
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """The native all-layers decode step for this step's decode rows, None where it does not apply (it is
+        Falcon's block only; other families say why in ``falconlm info``)."""
+        fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
+        return fused_decoder(self.model.transformer) if fused else None
 
     def _forward(
         self, items: list[ScheduledRequest], decoder: FusedDecoder | None

@@ -20,7 +20,9 @@ from .falcon import FalconForCausalLM
 from .falcon3 import Falcon3ForCausalLM
 from .falcon3_config import Falcon3Config
 from .falcon_h1 import FalconH1ForCausalLM
+from .falcon_mamba import FalconMambaForCausalLM
 from .h1_config import FalconH1Config
+from .mamba_config import FalconMambaConfig
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ FAMILIES: dict[str, Family] = {
         fused_decode="the fused step is written for Falcon's block (LayerNorm, GELU, fused QKV); Falcon3's "
         "RMSNorm / SwiGLU layers run the torch path",
     ),
+    "mamba": Family(
+        "mamba",
+        "Falcon-Mamba (Mamba-1, attention-free)",
+        FalconMambaConfig,
+        FalconMambaForCausalLM,
+        "backbone.layers",
+        "backbone.embeddings",
+        lambda c: {
+            "mixer.in_proj": (2 * c.intermediate_size, c.hidden_size),
+            "mixer.x_proj": (c.time_step_rank + 2 * c.state_size, c.intermediate_size),
+            "mixer.dt_proj": (c.intermediate_size, c.time_step_rank),
+            "mixer.out_proj": (c.hidden_size, c.intermediate_size),
+        },
+        fused_decode="the fused step is written for Falcon's attention block; Mamba layers run the torch path",
+    ),
     "h1": Family(
         "h1",
         "Falcon-H1 (attention + Mamba-2 in every layer)",
@@ -98,6 +115,7 @@ MODEL_TYPES: dict[str, str] = {
     "RefinedWebModel": "falcon",
     "llama": "falcon3",
     "falcon_mamba": "mamba",
+    "mamba": "mamba",
     "falcon_h1": "h1",
 }
 
@@ -107,6 +125,7 @@ ARCHITECTURES: dict[str, str] = {
     "RWForCausalLM": "falcon",
     "LlamaForCausalLM": "falcon3",
     "FalconMambaForCausalLM": "mamba",
+    "MambaForCausalLM": "mamba",
     "FalconH1ForCausalLM": "h1",
 }
 
