@@ -82,6 +82,10 @@ class Engine:
             from .recurrent_engine import recurrent_parts
 
             self.kv_cache_manager, self.runner, capacity = recurrent_parts(model, config, self.max_model_len)
+        elif getattr(model.config, "hybrid", False):  # Falcon-H1: KV blocks and a state slot per sequence
+            from .hybrid_engine import hybrid_parts
+
+            self.kv_cache_manager, self.runner, capacity = hybrid_parts(model, config, self.max_model_len)
         else:
             num_blocks = self._num_blocks(model, config)
             self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)

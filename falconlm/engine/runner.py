@@ -134,8 +134,15 @@ class ModelRunner:
         rows_kv = ctx.decode_rows() if decoder is not None else None  # None unless every row adds one token
         hidden = None if rows_kv is None else fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv)
         if hidden is None:
-            hidden = self.model.forward_hidden(input_ids, position_ids, ctx)
+            hidden = self._hidden(items, input_ids, position_ids, ctx)
         return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
+
+    def _hidden(
+        self, items: list[ScheduledRequest], input_ids: torch.Tensor, position_ids: torch.Tensor, ctx: PagedAttention
+    ) -> torch.Tensor:
+        """The model's torch forward over the step's flattened tokens (models with more state than the KV cache
+        add theirs here, ``hybrid_runner.py``)."""
+        return self.model.forward_hidden(input_ids, position_ids, ctx)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:

@@ -102,6 +102,7 @@ class FalconH1Config:
 
     alibi = False
     rotary = True
+    hybrid = True  # the engine keeps KV blocks and a recurrent-state slot per sequence
 
     # ---- Mamba shapes ---------------------------------------------------------------------------------------
     @property
