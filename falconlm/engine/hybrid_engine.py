@@ -1,8 +1,9 @@
 """The Engine's parts for a hybrid model (attention and Mamba layers, Falcon-H1): KV blocks *and* a recurrent
 state slot per running request, both from one memory budget.
 
-The states are sized first (a fixed size per sequence, ``max_num_seqs`` of them at most), the KV pool takes what
-is left. Prefix caching is off: the recurrent half of a cached prefix could not be restored from KV blocks.
+The states are sized first (a fixed size per sequence, ``max_num_seqs`` of them at most, leaving room for one
+full context of KV), the KV pool takes what is left. Prefix caching is off: the recurrent half of a cached
+prefix could not be restored from KV blocks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def hybrid_state_bytes_per_sequence(model) -> int:
 def hybrid_parts(model, config: EngineConfig, max_model_len: int) -> tuple[HybridCacheManager, HybridRunner, int]:
     """(manager, runner, KV token capacity). ``num_blocks`` in the config, when given, is the KV block count and
     every one of ``max_num_seqs`` gets a state slot; else both come out of ``kv_cache_memory`` bytes (or a share
-    of the free memory), states first."""
+    of the free memory): as many states as fit beside one full context of KV (``max_num_seqs`` at most), then
+    KV blocks from the rest."""
     cfg, weight = model.config, model.final_norm.weight
     per_sequence = hybrid_state_bytes_per_sequence(model)
     per_block = PagedKVCache.bytes_per_block(
@@ -43,7 +45,8 @@ def hybrid_parts(model, config: EngineConfig, max_model_len: int) -> tuple[Hybri
         if budget is None:
             free = free_memory(weight.device)
             budget = None if free is None else int(free * FREE_SHARE.get(weight.device.type, 0.5))
-        slots = state_slots(per_sequence, config.max_num_seqs, budget, None)
+        one_context = -(-max_model_len // config.block_size) * per_block  # the KV pool must hold one full context
+        slots = state_slots(per_sequence, config.max_num_seqs, None if budget is None else budget - one_context, None)
         left = None if budget is None else budget - slots * per_sequence
         blocks = kv_cache_blocks(per_block, config.block_size, config.max_num_seqs, max_model_len, left, weight.device)
     if config.enable_prefix_caching:
