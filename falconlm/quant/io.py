@@ -100,8 +100,12 @@ def load_quantized(
     ``kernel`` forces a matmul kernel (``cpu``, ``triton``, ``reference``); by default the fastest that fits.
     """
     folder = Path(path)
-    config = FalconConfig.from_pretrained(folder)
     recipe = QuantRecipe.parse(quantize) if isinstance(quantize, str) else quantize
+    if is_mamba_folder(folder):
+        from .mamba import load_mamba_quantized
+
+        return load_mamba_quantized(folder, dtype, device, recipe, kernel)
+    config = FalconConfig.from_pretrained(folder)
     gptq = gptq_settings(folder, config)
     if gptq is not None:  # a hub GPTQ checkpoint: converted to falconlm's int4 format as it is read
         if recipe is not None:
@@ -123,6 +127,17 @@ def load_quantized(
         tensors = dict(quantize_tensors(iter_checkpoint_tensors(folder), config, recipe))
         config = _with_recipe(config, recipe)
     return build_quantized_model(config, tensors, dtype, device, kernel)
+
+
+def is_mamba_folder(folder: Path) -> bool:
+    """Whether ``folder``'s config.json is a Falcon-Mamba / Mamba-1 model (quantized on load by ``mamba.py``)."""
+    from ..model.mamba_config import is_mamba_config
+
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(raw, dict) and is_mamba_config(raw)
 
 
 def quantize_checkpoint(
