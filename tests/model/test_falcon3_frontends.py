@@ -167,3 +167,26 @@ def test_quantized_falcon3_serves_valid_completions(quantized_folder):
     assert 1 <= response.json()["usage"]["completion_tokens"] <= 6
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_hub_gptq_falcon3_checkpoint_loads_to_the_weights_it_stores(checkpoint, tmp_path, monkeypatch):
+    """An AutoGPTQ-packed Falcon3 (as tiiuae's -GPTQ-Int4 repos ship): every Llama matrix converts."""
+    from ..quant import test_gptq_checkpoint as gptq
+
+    kinds = tuple(Falcon3ForCausalLM.from_pretrained(checkpoint).config.matrix_shapes())
+    monkeypatch.setattr(gptq, "BODY_KINDS", kinds)  # the writer quantizes these matrices
+    expected = gptq.write_gptq_checkpoint(checkpoint, tmp_path / "gptq")
+    assert len(expected) == 2 * len(kinds)
+    exact = load_quantized(tmp_path / "gptq", kernel="reference")
+    assert isinstance(exact, Falcon3ForCausalLM)
+    for module, weight in expected.items():
+        torch.testing.assert_close(exact.get_submodule(module).weight, weight, rtol=1e-6, atol=1e-7)
+
+
+def test_gptq_calibration_refuses_falcon3_with_one_clear_error(checkpoint, tmp_path):
+    from falconlm.quant import QuantRecipe, quantize_checkpoint
+
+    calibration = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="GPTQ calibration runs on Falcon's block only; quantize Falcon3"):
+        quantize_checkpoint(checkpoint, tmp_path / "q", QuantRecipe(bits=4, method="gptq"), calibration=calibration)
+    assert not (tmp_path / "q").exists()  # refused before writing anything
