@@ -7,8 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..model.config import FalconConfig
-from ..model.mamba_config import FalconMambaConfig, is_mamba_config
+from ..model.mamba_config import FalconMambaConfig
 from .options import check_model_path
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -33,15 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
-    mamba = _mamba_config(path)
-    if mamba is not None:
-        return describe_mamba(path, mamba, dtype)
-    config = FalconConfig.from_pretrained(path)
+    from ..model.families import family_of, load_config  # imports torch (the model classes): only when run
+
+    config = load_config(path)
+    family = family_of(config)
+    if getattr(config, "recurrent", False):
+        return describe_mamba(path, config, family.title, _fused_decode_status(family, config), dtype)
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
         "path": str(path),
-        "family": "falcon",
+        "family": family.title,
         "variant": config.variant,
         "parameters": config.num_parameters(),
         "layers": config.num_hidden_layers,
@@ -56,27 +57,19 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "context_length": config.max_position_embeddings,
         "dtype": dtype,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
+        "fused_decode_step": _fused_decode_status(family, config),
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
         "native_kernels": _native_status(),
     }
 
 
-def _mamba_config(path: Path) -> FalconMambaConfig | None:
-    file = path / "config.json" if path.is_dir() else path
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None  # FalconConfig says what is wrong
-    return FalconMambaConfig.from_dict(raw) if isinstance(raw, dict) and is_mamba_config(raw) else None
-
-
-def describe_mamba(path: Path, config: FalconMambaConfig, dtype: str | None = None) -> dict:
+def describe_mamba(path: Path, config: FalconMambaConfig, family: str, fused: str, dtype: str | None = None) -> dict:
     """A Mamba-1 checkpoint: no attention, so no KV cache; a fixed recurrent state per sequence instead."""
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
         "path": str(path),
-        "family": config.family,
+        "family": family,
         "variant": "Falcon-Mamba (Mamba-1, B/C/dt RMS norms)" if config.mixer_rms else "Mamba-1",
         "parameters": config.num_parameters(),
         "layers": config.num_hidden_layers,
@@ -95,7 +88,7 @@ def describe_mamba(path: Path, config: FalconMambaConfig, dtype: str | None = No
         "prefix_caching": "off (recurrent state cannot be shared by blocks)",
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
         "native_kernels": _native_status(),
-        "fused_decode_step": "does not apply (Falcon attention layout only): the torch path runs",
+        "fused_decode_step": fused,
     }
 
 
@@ -133,6 +126,16 @@ def _human(n: float, base: int, unit: str) -> str:
             return f"{n:.4g} {suffix}".rstrip()
         n /= base
     return str(n)
+
+
+def _fused_decode_status(family, config) -> str:
+    """Whether decode steps of this checkpoint can take the fused native step (its weights decide the rest)."""
+    if family.fused_decode is not None:
+        return f"no ({family.fused_decode})"
+    from ..engine.fused_decode import config_unsupported  # imports torch: only when the command runs
+
+    why = config_unsupported(config)
+    return f"no ({why})" if why else "yes, on the CPU with native kernels and bfloat16 / int8 / int4 layer weights"
 
 
 def _native_status() -> dict[str, str]:

@@ -154,10 +154,10 @@ def _check_start(args: argparse.Namespace) -> None:
     """One-line errors before the socket opens: the device, the context length, a state dir in use."""
     from ..engine.devices import resolve_device
     from ..engine.memory import check_max_model_len
-    from ..model.checkpoint import config_and_class
+    from ..model.families import load_config
 
     resolve_device(args.device)
-    check_max_model_len(config_and_class(args.model)[0], args.max_model_len)
+    check_max_model_len(load_config(args.model), args.max_model_len)
     if args.state_dir is not None:
         from ..batch.store import StateLock
 

@@ -104,9 +104,9 @@ class Engine:
             config.block_size,
             cfg.num_kv_groups,
             cfg.head_dim,
-            model.transformer.ln_f.weight.element_size(),
+            model.final_norm.weight.element_size(),
         )
-        device = model.transformer.ln_f.weight.device
+        device = model.final_norm.weight.device
         return kv_cache_blocks(
             per_block, config.block_size, config.max_num_seqs, self.max_model_len, config.kv_cache_memory, device
         )

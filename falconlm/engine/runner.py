@@ -31,7 +31,7 @@ class ModelRunner:
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
-        weight = model.transformer.ln_f.weight  # the model dtype and device, cheap on quantized models
+        weight = model.final_norm.weight  # the model dtype and device, cheap on quantized models
         self.model = model
         self.device = weight.device
         self.block_size = block_size
@@ -82,7 +82,9 @@ class ModelRunner:
 
     def _fused_decoder(self) -> FusedDecoder | None:
         """The native all-layers decode step for this step's decode rows, None where it does not apply."""
-        return fused_decoder(self.model.transformer) if self.device.type == "cpu" else None
+        # The fused step is Falcon's block only (other families say why in `falconlm info`).
+        fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
+        return fused_decoder(self.model.transformer) if fused else None
 
     def _forward(
         self, items: list[ScheduledRequest], decoder: FusedDecoder | None

@@ -28,8 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .config import FalconConfig
 from .falcon import FalconForCausalLM
+from .families import build_model, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +74,16 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
 ) -> FalconForCausalLM:
-    """Load a checkpoint folder into a FalconForCausalLM in ``dtype`` on ``device``, in eval mode.
+    """Load a checkpoint folder into its family's model (``families.py``) in ``dtype`` on ``device``, in eval mode.
 
     ``progress``: show a bar over shards and bytes (only when there are several shards); None means "if
     stderr is a terminal".
     """
     folder = Path(path)
-    config, model_class = config_and_class(folder)
+    config = load_config(folder)
     source, shards, listed = _find_weights(folder)
     with torch.device("meta"), _SkipInit():
-        model = model_class(config)
+        model = build_model(config)
     expected = dict(model.named_parameters())  # a tied head appears once, as the embedding
     if listed is not None:  # an index: report a missing tensor before reading any shard
         _check_missing([name for name in expected if name not in listed], source)
@@ -117,24 +117,6 @@ def load_model(
     if head_file is not None:
         _warn_if_head_differs(model, head_file, buffer)
     return model.eval()
-
-
-def config_and_class(folder: Path) -> tuple[Any, type[nn.Module]]:
-    """The family's config and model class, from config.json's ``model_type`` / ``architectures``.
-
-    A local dispatch for Falcon and Falcon-Mamba until the family registry (``families.py``) takes it over."""
-    from .mamba_config import FalconMambaConfig, is_mamba_config
-
-    file = folder / "config.json" if folder.is_dir() else folder
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
-    except (OSError, ValueError, RecursionError):
-        raw = None  # FalconConfig reports what is wrong with it
-    if isinstance(raw, dict) and is_mamba_config(raw):
-        from .falcon_mamba import FalconMambaForCausalLM
-
-        return FalconMambaConfig.from_dict(raw), FalconMambaForCausalLM
-    return FalconConfig.from_pretrained(folder), FalconForCausalLM
 
 
 def _check_missing(missing: list[str], source: Path) -> None:
@@ -206,7 +188,7 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _warn_if_head_differs(model: FalconForCausalLM, file: Path, buffer: bytearray) -> None:
     """A tied model ignores a stored head (the embedding wins); say so when it is not the same matrix."""
-    emb = model.get_submodule("lm_head").weight.detach()  # tied: the embedding itself
+    emb = model.get_input_embeddings().weight.detach()
     with _open_shard(file, buffer) as tensors:
         src = tensors["lm_head.weight"]
         same = src.shape == tuple(emb.shape)
@@ -324,7 +306,7 @@ def save_model(model: FalconForCausalLM, path: str | Path, max_shard_bytes: int 
     A tied head is not written (the embedding stands for it); an untied one is.
     """
     out = Path(path)
-    dtype = str(model.transformer.word_embeddings.weight.dtype).removeprefix("torch.")
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     dataclasses.replace(model.config, torch_dtype=dtype).save_pretrained(out)
     state = model.state_dict()
     if model.config.tie_word_embeddings:

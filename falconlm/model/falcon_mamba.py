@@ -231,6 +231,14 @@ class FalconMambaForCausalLM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
 
     @property
+    def final_norm(self) -> MambaRMSNorm:
+        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
+        return self.backbone.norm_f
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.embeddings
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.backbone.norm_f.weight.dtype
 

@@ -96,6 +96,14 @@ class FalconMambaConfig:
         """No attention layers: no KV cache."""
         return 0
 
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of each quantizable layer matrix (``mixer.in_proj``...), for the family registry.
+
+        ``dt_proj`` is left out: its input is only rank R = hidden/16 wide, it holds a few percent of the weights,
+        and Δ's exponential amplifies its rounding."""
+        h, d, n, r = self.hidden_size, self.intermediate_size, self.state_size, self.time_step_rank
+        return {"mixer.in_proj": (2 * d, h), "mixer.x_proj": (r + 2 * n, d), "mixer.out_proj": (h, d)}
+
     def num_parameters(self) -> int:
         """Parameter count, a tied head counted once."""
         h, d, n, r, k = (

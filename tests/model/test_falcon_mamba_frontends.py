@@ -78,3 +78,19 @@ def test_server_serves_completions_and_reports_prefix_cache_off(mamba_folder):
     finally:
         server.stop()
         engine.shutdown(timeout=1)
+
+
+def test_quantized_checkpoint_written_and_served(mamba_folder, tmp_path):
+    from falconlm.quant import QuantRecipe, quantize_checkpoint
+
+    out = tmp_path / "mamba-int4"
+    quantize_checkpoint(mamba_folder, out, QuantRecipe.parse("int4"))
+    on_load = load_pretrained(mamba_folder, torch.float32, "cpu", "int4")
+    stored = load_pretrained(out, torch.float32, "cpu")
+    assert isinstance(stored.backbone.layers[1].mixer.out_proj, QuantizedLinear)
+    ids = torch.randint(0, 4096, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(stored(ids), on_load(ids))
+    llm = LLM(out, dtype="float32", max_num_seqs=2)
+    text = llm.generate(["Stored and served"], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0].text
+    assert isinstance(text, str)
