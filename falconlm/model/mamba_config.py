@@ -83,7 +83,8 @@ class FalconMambaConfig:
         return self.intermediate_size, self.conv_kernel - 1
 
     def ssm_state_shape(self) -> tuple[int, int]:
-        return self.intermediate_size, self.state_size
+        """One layer's SSM state for one sequence, [N, D]: channels last (see ``selective_scan.py``)."""
+        return self.state_size, self.intermediate_size
 
     def state_bytes_per_sequence(self, conv_bytes: int = 2, ssm_bytes: int = 4) -> int:
         """Bytes of recurrent state one sequence holds, all layers: conv state in the model dtype, SSM state in

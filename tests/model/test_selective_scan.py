@@ -23,19 +23,21 @@ def _inputs(length: int, seed: int, big_dt: bool = False):
 
 @pytest.mark.parametrize("length", [1, 7, 32, 33, 100])
 @pytest.mark.parametrize("chunk_size", [1, 8, 32])
-def test_chunked_equals_reference(length, chunk_size):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_chunked_equals_reference(length, chunk_size, parallel):
     u, dt, A, B, C, D = _inputs(length, seed=length)
-    state = torch.randn(D_CH, N)
+    state = torch.randn(N, D_CH)
     y_ref, h_ref = selective_scan_reference(u, dt, A, B, C, D, state)
-    y, h = selective_scan_chunked(u, dt, A, B, C, D, state, chunk_size=chunk_size)
+    y, h = selective_scan_chunked(u, dt, A, B, C, D, state, chunk_size=chunk_size, parallel=parallel)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_large_steps_do_not_overflow():
+@pytest.mark.parametrize("parallel", [True, False])
+def test_large_steps_do_not_overflow(parallel):
     u, dt, A, B, C, D = _inputs(64, seed=1, big_dt=True)
     y_ref, h_ref = selective_scan_reference(u, dt, A, B, C, D)
-    y, h = selective_scan_chunked(u, dt, A, B, C, D)
+    y, h = selective_scan_chunked(u, dt, A, B, C, D, parallel=parallel)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
@@ -44,7 +46,7 @@ def test_large_steps_do_not_overflow():
 def test_decode_steps_equal_reference_for_several_sequences():
     seqs = [_inputs(9, seed=s) for s in range(3)]
     A, D = seqs[0][2], seqs[0][5]
-    state = torch.zeros(3, D_CH, N)
+    state = torch.zeros(3, N, D_CH)
     ys = []
     for t in range(9):
         u = torch.stack([s[0][t] for s in seqs])
