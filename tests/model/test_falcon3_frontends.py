@@ -190,3 +190,9 @@ def test_gptq_calibration_refuses_falcon3_with_one_clear_error(checkpoint, tmp_p
     with pytest.raises(ValueError, match="GPTQ calibration runs on Falcon's block only; quantize Falcon3"):
         quantize_checkpoint(checkpoint, tmp_path / "q", QuantRecipe(bits=4, method="gptq"), calibration=calibration)
     assert not (tmp_path / "q").exists()  # refused before writing anything
+
+
+def test_serve_checks_a_falcon3_context_length_before_starting(checkpoint, capsys):
+    assert main(["serve", "--model", str(checkpoint), "--max-model-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "max_model_len 4096 is longer than the model supports (128 tokens" in err and len(err.splitlines()) == 1
