@@ -68,6 +68,7 @@ def test_info_names_the_family_and_why_decode_is_not_fused(checkpoint, capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["family"] == "Falcon3 (Llama layout)" and "grouped-query" in facts["variant"]
     assert facts["kv_groups"] == 2 and facts["head_dim"] == 16 and facts["layers"] == 2
+    assert facts["positions"] == "RoPE theta=1000042"  # Falcon3's theta, not rounded to 1.00004e+06
     assert facts["kv_cache_bytes_per_token"] == 2 * 2 * 16 * 2 * 4  # K and V, 2 KV heads, 2 layers, float32
     assert facts["fused_decode_step"].startswith("no (") and "torch path" in facts["fused_decode_step"]
     assert facts["parameters"] == Falcon3ForCausalLM.from_pretrained(checkpoint).num_parameters()
