@@ -52,7 +52,7 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "head_dim": config.head_dim,
         "ffn_hidden_size": config.ffn_hidden_size,
         "vocab_size": config.vocab_size,
-        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:g}",
+        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:.10g}",
         "tied_head": config.tie_word_embeddings,
         "context_length": config.max_position_embeddings,
         "dtype": dtype,

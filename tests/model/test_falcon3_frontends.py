@@ -68,6 +68,7 @@ def test_info_names_the_family_and_why_decode_is_not_fused(checkpoint, capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["family"] == "Falcon3 (Llama layout)" and "grouped-query" in facts["variant"]
     assert facts["kv_groups"] == 2 and facts["head_dim"] == 16 and facts["layers"] == 2
+    assert facts["positions"] == "RoPE theta=1000042"  # Falcon3's theta, not rounded to 1.00004e+06
     assert facts["kv_cache_bytes_per_token"] == 2 * 2 * 16 * 2 * 4  # K and V, 2 KV heads, 2 layers, float32
     assert facts["fused_decode_step"].startswith("no (") and "torch path" in facts["fused_decode_step"]
     assert facts["parameters"] == Falcon3ForCausalLM.from_pretrained(checkpoint).num_parameters()
@@ -190,3 +191,9 @@ def test_gptq_calibration_refuses_falcon3_with_one_clear_error(checkpoint, tmp_p
     with pytest.raises(ValueError, match="GPTQ calibration runs on Falcon's block only; quantize Falcon3"):
         quantize_checkpoint(checkpoint, tmp_path / "q", QuantRecipe(bits=4, method="gptq"), calibration=calibration)
     assert not (tmp_path / "q").exists()  # refused before writing anything
+
+
+def test_serve_checks_a_falcon3_context_length_before_starting(checkpoint, capsys):
+    assert main(["serve", "--model", str(checkpoint), "--max-model-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "max_model_len 4096 is longer than the model supports (128 tokens" in err and len(err.splitlines()) == 1
