@@ -94,3 +94,23 @@ def test_quantized_checkpoint_written_and_served(mamba_folder, tmp_path):
     llm = LLM(out, dtype="float32", max_num_seqs=2)
     text = llm.generate(["Stored and served"], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0].text
     assert isinstance(text, str)
+
+
+def test_batch_job_lines(mamba_folder):
+    import asyncio
+    import json
+
+    from falconlm.batch.execute import RequestExecutor
+    from falconlm.batch.records import PendingRequest
+
+    engine = AsyncEngine(build_engine(EngineArgs(model=mamba_folder, dtype="float32", max_num_seqs=2)))
+    engine.start()
+    try:
+        executor = RequestExecutor(engine, ServerSettings(served_model_names=("mamba",)))
+        lines = []
+        for i, prompt in enumerate(["The bear", "A longer line about the river and the hills"]):
+            body = {"model": "mamba", "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+            lines.append(asyncio.run(executor.execute(PendingRequest(f"l{i}", 1, "/v1/completions", json.dumps(body)))))
+    finally:
+        engine.shutdown(5.0)
+    assert [(line.status, line.completion_tokens) for line in lines] == [("done", 3), ("done", 3)]
