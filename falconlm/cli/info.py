@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..model.mamba_config import FalconMambaConfig
 from .options import check_model_path
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,13 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
-    from ..model.families import family_of, load_config  # imports torch: only when the command runs
-    from ..model.mamba_config import FalconMambaConfig
+    from ..model.families import family_of, load_config  # imports torch (the model classes): only when run
 
     config = load_config(path)
     family = family_of(config)
-    if isinstance(config, FalconMambaConfig):
-        return describe_mamba(path, config, dtype)
+    if getattr(config, "recurrent", False):
+        return describe_mamba(path, config, family.title, _fused_decode_status(family, config), dtype)
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
@@ -52,7 +52,7 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "head_dim": config.head_dim,
         "ffn_hidden_size": config.ffn_hidden_size,
         "vocab_size": config.vocab_size,
-        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:g}",
+        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:.10g}",
         "tied_head": config.tie_word_embeddings,
         "context_length": config.max_position_embeddings,
         "dtype": dtype,
@@ -64,13 +64,13 @@ def describe(path: Path, dtype: str | None = None) -> dict:
     }
 
 
-def describe_mamba(path: Path, config, dtype: str | None = None) -> dict:
+def describe_mamba(path: Path, config: FalconMambaConfig, family: str, fused: str, dtype: str | None = None) -> dict:
     """A Mamba-1 checkpoint: no attention, so no KV cache; a fixed recurrent state per sequence instead."""
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
         "path": str(path),
-        "family": config.family,
+        "family": family,
         "variant": "Falcon-Mamba (Mamba-1, B/C/dt RMS norms)" if config.mixer_rms else "Mamba-1",
         "parameters": config.num_parameters(),
         "layers": config.num_hidden_layers,
@@ -89,7 +89,7 @@ def describe_mamba(path: Path, config, dtype: str | None = None) -> dict:
         "prefix_caching": "off (recurrent state cannot be shared by blocks)",
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
         "native_kernels": _native_status(),
-        "fused_decode_step": "does not apply (Falcon attention layout only): the torch path runs",
+        "fused_decode_step": fused,
     }
 
 
@@ -138,6 +138,7 @@ def _recurrent_state_facts(config, itemsize: int) -> dict:
         "mamba_heads": config.mamba_n_heads,
         "ssm_state_size": config.mamba_d_state,
         "ssm_state_bytes_per_sequence": config.ssm_state_bytes_per_sequence(conv_bytes=itemsize),
+        "prefix_caching": "off (recurrent state cannot be shared by blocks)",
     }
 
 

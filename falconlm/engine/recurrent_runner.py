@@ -24,7 +24,7 @@ from .scheduler_output import ScheduledRequest
 class RecurrentRunner(ModelRunner):
     """One Mamba model, its ``num_slots`` recurrent states, the sampler and the per-request generators."""
 
-    def __init__(self, model: FalconMambaForCausalLM, num_slots: int) -> None:  # noqa: D107 (no super: no KV)
+    def __init__(self, model: FalconMambaForCausalLM, num_slots: int) -> None:  # no super(): no KV cache
         self.model = model
         self.device = model.device
         self.deterministic = False

@@ -81,8 +81,8 @@ class ModelRunner:
         return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs), prompt_logprobs)
 
     def _fused_decoder(self) -> FusedDecoder | None:
-        """The native all-layers decode step for this step's decode rows, None where it does not apply (it is
-        Falcon's block only; other families say why in ``falconlm info``)."""
+        """The native all-layers decode step for this step's decode rows, None where it does not apply."""
+        # The fused step is Falcon's block only (other families say why in `falconlm info`).
         fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
         return fused_decoder(self.model.transformer) if fused else None
 

@@ -188,7 +188,7 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _warn_if_head_differs(model: FalconForCausalLM, file: Path, buffer: bytearray) -> None:
     """A tied model ignores a stored head (the embedding wins); say so when it is not the same matrix."""
-    emb = model.get_submodule("lm_head").weight.detach()  # tied: the embedding itself
+    emb = model.get_input_embeddings().weight.detach()
     with _open_shard(file, buffer) as tensors:
         src = tensors["lm_head.weight"]
         same = src.shape == tuple(emb.shape)

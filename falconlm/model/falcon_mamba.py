@@ -12,7 +12,7 @@ Face checkpoint loads by name. Each of the N blocks is ``x + Mixer(RMSNorm(x))``
     out_proj(y ⊙ SiLU(z))
 
 There is no attention and no position: each sequence carries a fixed-size state per layer (the last K-1 conv
-inputs and the [D, N] SSM state), kept in a :class:`MambaStates` pool. One forward runs any mix of sequences,
+inputs and the SSM state, N x D), kept in a :class:`MambaStates` pool. One forward runs any mix of sequences,
 each a run of flattened tokens that reads and writes its own slot (:class:`RecurrentBatch`): a one-token run is a
 decode step (all of them in one batched update), a longer run a prefill chunk (the chunked scan).
 """
@@ -33,7 +33,7 @@ from .selective_scan import selective_scan_chunked, selective_state_update
 @dataclass
 class MambaStates:
     """Recurrent state for ``num_slots`` sequences, every layer: ``conv`` [L, S, D, K-1] in the model dtype and
-    ``ssm`` [L, S, D, N] in float32 (the scan runs in float32; rounding it each token would drift)."""
+    ``ssm`` [L, S, N, D] in float32 (the scan runs in float32; rounding it each token would drift)."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
@@ -167,7 +167,7 @@ class FalconMambaMixer(nn.Module):
     def _scan(
         self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, batch: RecurrentBatch
     ) -> torch.Tensor:
-        states = batch.states.ssm[self.layer_idx]  # [S, D, N]
+        states = batch.states.ssm[self.layer_idx]  # [S, N, D]
         A = -torch.exp(self.A_log.float())
         y = torch.empty_like(u)
         rows, slots = batch.step_rows, batch.step_slots
@@ -229,6 +229,14 @@ class FalconMambaForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def final_norm(self) -> MambaRMSNorm:
+        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
+        return self.backbone.norm_f
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.embeddings
 
     @property
     def dtype(self) -> torch.dtype:

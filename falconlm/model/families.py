@@ -81,18 +81,14 @@ FAMILIES: dict[str, Family] = {
     ),
     "mamba": Family(
         "mamba",
-        "Falcon-Mamba (Mamba-1, attention-free)",
+        "Falcon-Mamba (Mamba-1)",
         FalconMambaConfig,
         FalconMambaForCausalLM,
         "backbone.layers",
         "backbone.embeddings",
-        lambda c: {
-            "mixer.in_proj": (2 * c.intermediate_size, c.hidden_size),
-            "mixer.x_proj": (c.time_step_rank + 2 * c.state_size, c.intermediate_size),
-            "mixer.dt_proj": (c.intermediate_size, c.time_step_rank),
-            "mixer.out_proj": (c.hidden_size, c.intermediate_size),
-        },
-        fused_decode="the fused step is written for Falcon's attention block; Mamba layers run the torch path",
+        FalconMambaConfig.matrix_shapes,
+        fused_decode="the fused step is written for Falcon's attention block; Mamba layers (recurrent state, "
+        "selective scan) run the torch path",
     ),
     "h1": Family(
         "h1",
@@ -115,7 +111,7 @@ MODEL_TYPES: dict[str, str] = {
     "RefinedWebModel": "falcon",
     "llama": "falcon3",
     "falcon_mamba": "mamba",
-    "mamba": "mamba",
+    "mamba": "mamba",  # plain Mamba-1: the same model without the B/C/Δ norms
     "falcon_h1": "h1",
 }
 

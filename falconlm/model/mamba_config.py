@@ -83,7 +83,8 @@ class FalconMambaConfig:
         return self.intermediate_size, self.conv_kernel - 1
 
     def ssm_state_shape(self) -> tuple[int, int]:
-        return self.intermediate_size, self.state_size
+        """One layer's SSM state for one sequence, [N, D]: channels last (see ``selective_scan.py``)."""
+        return self.state_size, self.intermediate_size
 
     def state_bytes_per_sequence(self, conv_bytes: int = 2, ssm_bytes: int = 4) -> int:
         """Bytes of recurrent state one sequence holds, all layers: conv state in the model dtype, SSM state in
@@ -95,6 +96,14 @@ class FalconMambaConfig:
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """No attention layers: no KV cache."""
         return 0
+
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of each quantizable layer matrix (``mixer.in_proj``...), for the family registry.
+
+        ``dt_proj`` is left out: its input is only rank R = hidden/16 wide, it holds a few percent of the weights,
+        and Δ's exponential amplifies its rounding."""
+        h, d, n, r = self.hidden_size, self.intermediate_size, self.state_size, self.time_step_rank
+        return {"mixer.in_proj": (2 * d, h), "mixer.x_proj": (r + 2 * n, d), "mixer.out_proj": (h, d)}
 
     def num_parameters(self) -> int:
         """Parameter count, a tied head counted once."""

@@ -104,6 +104,30 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, variant):
     assert got == expected
 
 
+def test_bfloat16_engine_tokens_agree_with_transformers(gqa_checkpoint):
+    """bfloat16 weights (the native matmul on CPU where it builds): greedy tokens equal transformers' bfloat16 ones,
+    or where they first differ each side's token is in the other's top 5 (near-ties round either way)."""
+    ours = Falcon3ForCausalLM.from_pretrained(gqa_checkpoint, dtype=torch.bfloat16)
+    ref = LlamaForCausalLM.from_pretrained(gqa_checkpoint, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    tok = Tokenizer.from_pretrained(gqa_checkpoint)
+    prompt = tok.encode("Once upon a time there was a little fox")
+    got = Engine(ours, tok).generate([prompt], [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)])
+    got = got[0].token_ids
+    expected = (
+        ref.eval()
+        .generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)[
+            0, len(prompt) :
+        ]
+        .tolist()
+    )
+    first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), None)
+    if first is not None:
+        context = torch.tensor([prompt + got[:first]])
+        ours_top = set(ours(context)[0, -1].float().topk(5).indices.tolist())
+        ref_top = set(ref(context).logits[0, -1].float().topk(5).indices.tolist())
+        assert got[first] in ref_top and expected[first] in ours_top, f"tokens part at {first}"
+
+
 def test_batched_requests_each_equal_their_request_alone(gqa_checkpoint):
     """Continuous batching with chunked prefill (a 24-token step budget) and prefix caching (two prompts share a
     20-token prefix): each request gets the tokens it gets alone."""

@@ -12,7 +12,7 @@ import torch
 from falconlm.cli.info import describe
 from falconlm.model.mamba_config import FalconMambaConfig, is_mamba_config
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "configs" / "falcon-mamba-7b.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "configs" / "falcon-mamba-7b.config.json"
 
 
 def test_published_config_reads_with_its_shapes():
@@ -48,8 +48,8 @@ def test_architectures_alone_decide_the_variant():
 def test_info_reports_family_state_bytes_and_torch_path(tmp_path):
     shutil.copy(FIXTURE, tmp_path / "config.json")
     facts = describe(tmp_path)
-    assert facts["family"] == "falcon-mamba"
+    assert facts["family"] == "Falcon-Mamba (Mamba-1)"
     assert facts["parameters"] == 7_272_665_088
     assert facts["kv_cache_bytes_per_token"] == 0
     assert facts["ssm_state_bytes_per_sequence"] == 64 * 8192 * 70
-    assert "does not apply" in facts["fused_decode_step"]
+    assert facts["fused_decode_step"].startswith("no (") and "torch path" in facts["fused_decode_step"]
