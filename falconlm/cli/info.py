@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..model.families import family_of, load_config
+from ..model.families import Family, family_of, load_config
 from .options import check_model_path
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -92,7 +92,7 @@ def _human(n: float, base: int, unit: str) -> str:
     return str(n)
 
 
-def _fused_decode_status(family, config) -> str:
+def _fused_decode_status(family: Family, config: object) -> str:
     """Whether decode steps of this checkpoint can take the fused native step (its weights decide the rest)."""
     if family.fused_decode is not None:
         return f"no ({family.fused_decode})"
