@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .falcon import FalconForCausalLM
-from .families import build_model, family_of_model, load_config
+from .families import build_model, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def save_model(model: FalconForCausalLM, path: str | Path, max_shard_bytes: int 
     A tied head is not written (the embedding stands for it); an untied one is.
     """
     out = Path(path)
-    dtype = str(model.get_submodule(family_of_model(model).embedding).weight.dtype).removeprefix("torch.")
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     dataclasses.replace(model.config, torch_dtype=dtype).save_pretrained(out)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
