@@ -98,3 +98,16 @@ def test_llm_serves_a_quantized_h1(folder, spec) -> None:
         tokens = out.outputs[0].token_ids
         assert len(tokens) == STEPS and all(0 <= t < 97 for t in tokens)
         assert tokens == uncached_greedy(llm.model, prompt, STEPS)
+
+
+def test_bfloat16_engine_agrees_with_transformers_bfloat16(folder) -> None:
+    """bfloat16 weights and activations (native matmuls bound by the engine, float32 SSM state) give
+    transformers' bfloat16 greedy tokens for each prompt."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.FalconH1ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    engine = _engine(load_pretrained(folder, torch.bfloat16, "cpu"))
+    prompts = PROMPTS[:3]
+    for prompt, got in zip(prompts, _run(engine, prompts), strict=True):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+        assert got == want[0, len(prompt) :].tolist()
