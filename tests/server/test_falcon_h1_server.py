@@ -61,3 +61,48 @@ def test_streamed_chat_from_a_quantized_h1(h1_server) -> None:
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
+
+
+@pytest.fixture(scope="module")
+def h1_folder(tmp_path_factory):
+    return save_hf_h1(tmp_path_factory.mktemp("h1-plain") / "ckpt", with_tokenizer=True)
+
+
+def test_batch_job_lines_through_the_serving_layer(h1_folder) -> None:
+    import asyncio
+
+    from falconlm.batch.execute import RequestExecutor
+    from falconlm.batch.records import PendingRequest
+
+    engine = AsyncEngine(build_engine(EngineArgs(model=h1_folder, dtype="float32", max_num_seqs=2)))
+    engine.start()
+    try:
+        executor = RequestExecutor(engine, ServerSettings(served_model_names=(MODEL,)))
+        lines = []
+        for i, prompt in enumerate(["The bear", "A longer line about the river, the hills and the sea"]):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+            request = PendingRequest(f"l{i}", 1, "/v1/completions", json.dumps(body))
+            lines.append(asyncio.run(executor.execute(request)))
+    finally:
+        engine.shutdown(5.0)
+    assert [(line.status, line.completion_tokens) for line in lines] == [("done", 3), ("done", 3)]
+
+
+def test_quantized_checkpoint_written_then_served(h1_folder, tmp_path) -> None:
+    """``falconlm quantize``'s writer on an H1 folder: the stored int8 checkpoint loads as quantized and gives the
+    same greedy tokens as quantizing on load."""
+    from falconlm.engine.sampling_params import SamplingParams
+    from falconlm.llm import LLM
+    from falconlm.quant import QuantRecipe, quantize_checkpoint
+    from falconlm.quant.linear import QuantizedLinear
+
+    out = tmp_path / "int8"
+    quantize_checkpoint(h1_folder, out, QuantRecipe.parse("int8"))
+    stored = LLM(out, dtype="float32", max_num_seqs=2)
+    assert isinstance(stored.model.model.layers[1].mamba.in_proj, QuantizedLinear)
+    on_load = LLM(h1_folder, dtype="float32", max_num_seqs=2, quantize="int8")
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = ["Stored and served", "Once upon a time"]
+    got = [o.outputs[0].token_ids for o in stored.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in on_load.generate(prompts, params)]
+    assert all(len(tokens) == 5 for tokens in got)
