@@ -382,12 +382,20 @@ class FalconH1ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        quantize: str | None = None,
     ) -> FalconH1ForCausalLM:
-        """Load a Falcon-H1 checkpoint folder straight into ``dtype`` on ``device``."""
-        from .checkpoint import load_model
+        """Load a Falcon-H1 checkpoint folder straight into ``dtype`` on ``device``: plain, written by ``falconlm
+        quantize``, or quantized on load with ``quantize`` (``"int8"``, ``"int4"``...), as for every family."""
+        from .formats import load_pretrained
 
-        return load_model(path, dtype=dtype, device=device)
+        model = load_pretrained(path, dtype, device, quantize)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a {type(model).__name__} checkpoint, not Falcon-H1")
+        return model
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""

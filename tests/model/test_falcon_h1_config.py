@@ -172,3 +172,13 @@ def test_quantized_h1_stays_close(hf_folder: Path, spec: str) -> None:
     cosine = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()
     assert cosine > (0.999 if spec == "int8" else 0.9)
     assert not torch.equal(a, b)
+
+
+def test_from_pretrained_quantizes_on_load_and_refuses_other_families(hf_folder: Path) -> None:
+    from falconlm.default_model import default_model_path
+    from falconlm.quant.linear import QuantizedLinear
+
+    model = FalconH1ForCausalLM.from_pretrained(hf_folder, quantize="int8")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    with pytest.raises(ValueError, match="not Falcon-H1"):
+        FalconH1ForCausalLM.from_pretrained(default_model_path())
