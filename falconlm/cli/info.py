@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..model.config import FalconConfig
+from ..model.mamba_config import FalconMambaConfig
 from .options import check_model_path
+
+if TYPE_CHECKING:
+    from ..model.families import Family
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -32,11 +36,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
-    config = FalconConfig.from_pretrained(path)
+    from ..model.families import family_of, load_config  # imports torch (the model classes): only when run
+
+    config = load_config(path)
+    family = family_of(config)
+    if getattr(config, "recurrent", False):
+        return describe_mamba(path, config, family.title, _fused_decode_status(family, config), dtype)
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
     weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
     return {
         "path": str(path),
+        "family": family.title,
         "variant": config.variant,
         "parameters": config.num_parameters(),
         "layers": config.num_hidden_layers,
@@ -46,13 +56,44 @@ def describe(path: Path, dtype: str | None = None) -> dict:
         "head_dim": config.head_dim,
         "ffn_hidden_size": config.ffn_hidden_size,
         "vocab_size": config.vocab_size,
-        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:g}",
+        "positions": "ALiBi" if config.alibi else f"RoPE theta={config.rope_theta:.10g}",
         "tied_head": config.tie_word_embeddings,
         "context_length": config.max_position_embeddings,
         "dtype": dtype,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(BYTES_PER_ELEMENT[dtype]),
+        **_recurrent_state_facts(config, BYTES_PER_ELEMENT[dtype]),
+        "fused_decode_step": _fused_decode_status(family, config),
         "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
         "native_kernels": _native_status(),
+    }
+
+
+def describe_mamba(path: Path, config: FalconMambaConfig, family: str, fused: str, dtype: str | None = None) -> dict:
+    """A Mamba-1 checkpoint: no attention, so no KV cache; a fixed recurrent state per sequence instead."""
+    dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
+    weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES] if path.is_dir() else []
+    return {
+        "path": str(path),
+        "family": family,
+        "variant": "Falcon-Mamba (Mamba-1, B/C/dt RMS norms)" if config.mixer_rms else "Mamba-1",
+        "parameters": config.num_parameters(),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "ssm_state_size": config.state_size,
+        "conv_kernel": config.conv_kernel,
+        "time_step_rank": config.time_step_rank,
+        "vocab_size": config.vocab_size,
+        "positions": "none (recurrent)",
+        "tied_head": config.tie_word_embeddings,
+        "context_length": config.max_position_embeddings,
+        "dtype": dtype,
+        "kv_cache_bytes_per_token": 0,
+        "ssm_state_bytes_per_sequence": config.state_bytes_per_sequence(BYTES_PER_ELEMENT[dtype], 4),
+        "prefix_caching": "off (recurrent state cannot be shared by blocks)",
+        "size_on_disk_bytes": sum(f.stat().st_size for f in weights),
+        "native_kernels": _native_status(),
+        "fused_decode_step": fused,
     }
 
 
@@ -68,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     facts["parameters"] = f"{facts['parameters']:,} ({_human(facts['parameters'], 1000, '')})"
     facts["kv_cache_bytes_per_token"] = f"{_human(facts['kv_cache_bytes_per_token'], 1024, 'B')} ({facts['dtype']})"
+    if "ssm_state_bytes_per_sequence" in facts:
+        state = facts["ssm_state_bytes_per_sequence"]
+        facts["ssm_state_bytes_per_sequence"] = f"{_human(state, 1024, 'B')} (conv {facts['dtype']}, SSM float32)"
     facts["size_on_disk_bytes"] = (
         _human(facts["size_on_disk_bytes"], 1024, "B") if facts["size_on_disk_bytes"] else "no weight files"
     )
@@ -87,6 +131,29 @@ def _human(n: float, base: int, unit: str) -> str:
             return f"{n:.4g} {suffix}".rstrip()
         n /= base
     return str(n)
+
+
+def _recurrent_state_facts(config, itemsize: int) -> dict:
+    """For families with Mamba layers: the fixed state each sequence holds (conv state in ``itemsize`` bytes,
+    the SSM state in float32), whatever its length."""
+    if not hasattr(config, "ssm_state_bytes_per_sequence"):
+        return {}
+    return {
+        "mamba_heads": config.mamba_n_heads,
+        "ssm_state_size": config.mamba_d_state,
+        "ssm_state_bytes_per_sequence": config.ssm_state_bytes_per_sequence(conv_bytes=itemsize),
+        "prefix_caching": "off (recurrent state cannot be shared by blocks)",
+    }
+
+
+def _fused_decode_status(family: Family, config: object) -> str:
+    """Whether decode steps of this checkpoint can take the fused native step (its weights decide the rest)."""
+    if family.fused_decode is not None:
+        return f"no ({family.fused_decode})"
+    from ..engine.fused_decode import config_unsupported  # imports torch: only when the command runs
+
+    why = config_unsupported(config)
+    return f"no ({why})" if why else "yes, on the CPU with native kernels and bfloat16 / int8 / int4 layer weights"
 
 
 def _native_status() -> dict[str, str]:

@@ -160,11 +160,11 @@ def _check_start(args: argparse.Namespace) -> None:
     from ..engine.devices import resolve_device
     from ..engine.memory import check_max_model_len
     from ..engine.pooling import resolve_pooling_config
-    from ..model.config import FalconConfig
+    from ..model.families import load_config
 
     resolve_device(args.device)
     resolve_pooling_config(args.model, args.pooling, args.normalize)  # a sentence-transformers config we cannot run
-    check_max_model_len(FalconConfig.from_pretrained(args.model), args.max_model_len)
+    check_max_model_len(load_config(args.model), args.max_model_len)
     if args.state_dir is not None:
         from ..batch.store import StateLock
 

@@ -88,14 +88,24 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = check_max_model_len(model.config, config.max_model_len)
-        num_blocks = self._num_blocks(model, config)
-        salt = partial(prompt_rope_salt, model.config)  # dynamic RoPE: a long prompt's keys depend on its length
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
+        if getattr(model.config, "recurrent", False):  # Mamba: a state slot per sequence instead of KV blocks
+            from .recurrent_engine import recurrent_parts
+
+            self.kv_cache_manager, self.runner, capacity = recurrent_parts(model, config, self.max_model_len)
+        elif getattr(model.config, "hybrid", False):  # Falcon-H1: KV blocks and a state slot per sequence
+            from .hybrid_engine import hybrid_parts
+
+            self.kv_cache_manager, self.runner, capacity = hybrid_parts(model, config, self.max_model_len)
+        else:
+            num_blocks = self._num_blocks(model, config)
+            salt = partial(prompt_rope_salt, model.config)  # dynamic RoPE: a long prompt's keys depend on its length
+            self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
+            self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
+            capacity = num_blocks * config.block_size
         self.scheduler = Scheduler(
             self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.deterministic)
-        self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, num_blocks * config.block_size)
+        self.validator = RequestValidator(model.config.vocab_size, self.max_model_len, capacity)
         self.embedder = Embedder(
             model, config.pooling, self.max_model_len, config.max_num_batched_tokens, config.max_waiting
         )
@@ -115,9 +125,9 @@ class Engine:
             config.block_size,
             cfg.num_kv_groups,
             cfg.head_dim,
-            model.transformer.ln_f.weight.element_size(),
+            model.final_norm.weight.element_size(),
         )
-        device = model.transformer.ln_f.weight.device
+        device = model.final_norm.weight.device
         return kv_cache_blocks(
             per_block, config.block_size, config.max_num_seqs, self.max_model_len, config.kv_cache_memory, device
         )

@@ -30,6 +30,7 @@ from ..quant.linear import QuantizedLinear
 
 if TYPE_CHECKING:
     from ..model.attention import DecodeRows
+    from ..model.config import FalconConfig
     from ..model.falcon import FalconForCausalLM, FalconModel
 
 ACTIVATION_BLOCK = 32  # the native quantized kernel's activation block; a head must span whole blocks
@@ -42,13 +43,20 @@ def enabled() -> bool:
     return native.switch(os.environ.get("FALCONLM_FUSED_DECODE", "1"))
 
 
-def unsupported(model: FalconModel) -> str | None:
-    """Why ``model``'s decode steps cannot run fused, or None when they can."""
-    c = model.config
+def config_unsupported(c: FalconConfig) -> str | None:
+    """Why a Falcon config's layers can never run fused (whatever their weights), or None when they may."""
     if not c.parallel_attn or not c.rotary or c.alibi or c.bias:
         return "only parallel-attention, rotary, bias-free layers run fused"
     if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
         return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
+    return None
+
+
+def unsupported(model: FalconModel) -> str | None:
+    """Why ``model``'s decode steps cannot run fused, or None when they can."""
+    c = model.config
+    if (why := config_unsupported(c)) is not None:
+        return why
     shapes = {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
     first = None
     for block in model.h:

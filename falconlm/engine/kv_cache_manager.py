@@ -78,7 +78,12 @@ class KVCacheManager:
     def stats(self) -> KVCacheStats:
         """A frozen snapshot of the pool's occupancy and the prefix cache's counters."""
         return KVCacheStats(
-            self.num_blocks, self.num_free_blocks, self.num_prefix_queries_tokens, self.num_prefix_hit_tokens
+            self.num_blocks,
+            self.num_free_blocks,
+            self.num_prefix_queries_tokens,
+            self.num_prefix_hit_tokens,
+            prefix_cache_enabled=self.enable_prefix_caching,
+            prefix_cache_disabled_reason="" if self.enable_prefix_caching else "turned off by the engine settings",
         )
 
     def num_blocks_for(self, num_tokens: int) -> int:

@@ -86,6 +86,7 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     num_computed_tokens: int = field(default=0, init=False)
     block_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    state_slot: int | None = field(default=None, init=False, repr=False)  # recurrent-state slot (state_pool.py)
     num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first admission
     stop_reason: int | str | None = field(default=None, init=False)  # stop token id, or a stop string
     events: list[RequestEvent] = field(default_factory=list, init=False, repr=False)

@@ -32,7 +32,7 @@ class ModelRunner:
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
-        weight = model.transformer.ln_f.weight  # the model dtype and device, cheap on quantized models
+        weight = model.final_norm.weight  # the model dtype and device, cheap on quantized models
         self.model = model
         self.device = weight.device
         self.block_size = block_size
@@ -55,7 +55,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        decoder = fused_decoder(self.model.transformer) if self.device.type == "cpu" else None
+        decoder = self._fused_decoder()
         groups = [step.scheduled]
         if decoder is not None or self.deterministic:  # decode rows apart from prompt chunks
             decodes = [item for item in step.scheduled if item.num_tokens == 1]
@@ -83,6 +83,12 @@ class ModelRunner:
             grammar_bitmask([r.grammar for r in sampled], logits_all.shape[1]),
         )
         return ModelRunnerOutput([r.request_id for r in sampled], out.token_ids, list(out.logprobs), prompt_logprobs)
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """The native all-layers decode step for this step's decode rows, None where it does not apply."""
+        # The fused step is Falcon's block only (other families say why in `falconlm info`).
+        fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
+        return fused_decoder(self.model.transformer) if fused else None
 
     def _forward(
         self, items: list[ScheduledRequest], decoder: FusedDecoder | None
@@ -138,8 +144,22 @@ class ModelRunner:
         if rows_kv is not None:
             hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths)
         if hidden is None:
-            hidden = self.model.forward_hidden(input_ids, position_ids, ctx, lengths)
+            hidden = self._hidden(items, input_ids, position_ids, ctx, lengths)
         return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
+
+    def _hidden(
+        self,
+        items: list[ScheduledRequest],
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        ctx: PagedAttention,
+        rope_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model's torch forward over the step's flattened tokens (models with more state than the KV cache
+        add theirs here, ``hybrid_runner.py``)."""
+        if rope_lengths is None:
+            return self.model.forward_hidden(input_ids, position_ids, ctx)
+        return self.model.forward_hidden(input_ids, position_ids, ctx, rope_lengths)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:

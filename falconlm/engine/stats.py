@@ -25,6 +25,10 @@ class KVCacheStats:
     num_free_blocks: int = 0
     num_prefix_query_tokens: int = 0
     num_prefix_hit_tokens: int = 0
+    num_state_slots: int = 0  # recurrent-state slots (Mamba layers), one per running sequence
+    num_free_state_slots: int = 0
+    prefix_cache_enabled: bool = True
+    prefix_cache_disabled_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class EngineStats:
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    num_state_slots: int = 0
+    num_free_state_slots: int = 0
+    prefix_cache_enabled: bool = True
+    prefix_cache_disabled_reason: str = ""
 
     @classmethod
     def combine(cls, scheduler: SchedulerStats, kv_cache: KVCacheStats, num_steps: int) -> EngineStats:
@@ -52,11 +60,19 @@ class EngineStats:
             num_prefix_hit_tokens=kv_cache.num_prefix_hit_tokens,
             num_preemptions=scheduler.num_preemptions,
             num_steps=num_steps,
+            num_state_slots=kv_cache.num_state_slots,
+            num_free_state_slots=kv_cache.num_free_state_slots,
+            prefix_cache_enabled=kv_cache.prefix_cache_enabled,
+            prefix_cache_disabled_reason=kv_cache.prefix_cache_disabled_reason,
         )
 
     @property
     def num_blocks_in_use(self) -> int:
         return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_state_slots_in_use(self) -> int:
+        return self.num_state_slots - self.num_free_state_slots
 
     @property
     def kv_cache_usage(self) -> float:

@@ -28,8 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .config import FalconConfig
 from .falcon import FalconForCausalLM
+from .families import build_model, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +74,16 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
 ) -> FalconForCausalLM:
-    """Load a checkpoint folder into a FalconForCausalLM in ``dtype`` on ``device``, in eval mode.
+    """Load a checkpoint folder into its family's model (``families.py``) in ``dtype`` on ``device``, in eval mode.
 
     ``progress``: show a bar over shards and bytes (only when there are several shards); None means "if
     stderr is a terminal".
     """
     folder = Path(path)
-    config = FalconConfig.from_pretrained(folder)
+    config = load_config(folder)
     source, shards, listed = _find_weights(folder)
     with torch.device("meta"), _SkipInit():
-        model = FalconForCausalLM(config)
+        model = build_model(config)
     expected = dict(model.named_parameters())  # a tied head appears once, as the embedding
     if listed is not None:  # an index: report a missing tensor before reading any shard
         _check_missing([name for name in expected if name not in listed], source)
@@ -188,7 +188,7 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _warn_if_head_differs(model: FalconForCausalLM, file: Path, buffer: bytearray) -> None:
     """A tied model ignores a stored head (the embedding wins); say so when it is not the same matrix."""
-    emb = model.transformer.word_embeddings.weight.detach()
+    emb = model.get_input_embeddings().weight.detach()
     with _open_shard(file, buffer) as tensors:
         src = tensors["lm_head.weight"]
         same = src.shape == tuple(emb.shape)
@@ -306,7 +306,7 @@ def save_model(model: FalconForCausalLM, path: str | Path, max_shard_bytes: int 
     A tied head is not written (the embedding stands for it); an untied one is.
     """
     out = Path(path)
-    dtype = str(model.transformer.word_embeddings.weight.dtype).removeprefix("torch.")
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     dataclasses.replace(model.config, torch_dtype=dtype).save_pretrained(out)
     state = model.state_dict()
     if model.config.tie_word_embeddings:

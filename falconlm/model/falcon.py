@@ -152,6 +152,14 @@ class FalconForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
+        return self.transformer.ln_f
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.transformer.word_embeddings
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -224,7 +232,8 @@ class FalconForCausalLM(nn.Module):
         device: str | torch.device = "cpu",
         quantize: str | None = None,
     ) -> FalconForCausalLM:
-        """Load any Falcon checkpoint folder straight into ``dtype`` on ``device``: a plain Hugging Face one
+        """Load any Falcon-family checkpoint folder (its family read from config.json, ``families.py``; a Falcon3
+        folder gives a ``Falcon3ForCausalLM``) straight into ``dtype`` on ``device``: a plain Hugging Face one
         (shard by shard), one written by ``falconlm quantize``, or a hub GPTQ one (``formats.py``).
 
         ``quantize`` (``"int8"``, ``"int4"``, ``"int4-g128"``... or a ``falconlm.quant.QuantRecipe``) quantizes a

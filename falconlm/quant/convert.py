@@ -24,6 +24,7 @@ from torch import nn
 from ..model.checkpoint import CheckpointError, _SkipInit
 from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
+from ..model.families import build_model, family_of
 from .kernels import Kernel, WeightSpec, select_kernel
 from .linear import QuantizedEmbedding, QuantizedLinear
 from .primitives import GROUP_SIZES, GroupPlan, QuantizedTensor, plan_groups, quantize_int4, quantize_int8
@@ -34,7 +35,8 @@ BITS = (4, 8)
 METHODS = ("rtn", "gptq")
 HEAD_BITS = (4, 8, 16)  # 16: the embedding / head stays in the model's dtype
 BODY_KINDS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-HEAD_KINDS = ("word_embeddings", "lm_head")
+HEAD_KINDS = ("word_embeddings", "lm_head")  # Falcon's; other families name their embedding (``families.py``)
+_LAYER_PREFIX = re.compile(r"^(?:[a-z_]+\.)+?(?:h|layers)\.\d+\.")  # transformer.h.3. / model.layers.3.
 KEEP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SPEC = re.compile(r"int(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?")
 FORMAT_DOC = {
@@ -164,17 +166,14 @@ class TensorPlan:
 
 def plan_model(config: FalconConfig, recipe: QuantRecipe) -> dict[str, TensorPlan]:
     """Kind -> plan for every quantized matrix kind of ``config`` (blocks share shapes, so kinds suffice)."""
-    h, f, v = config.hidden_size, config.ffn_hidden_size, config.vocab_size
-    shapes = {
-        "self_attention.query_key_value": (config.qkv_out_features, h),
-        "self_attention.dense": (h, h),
-        "mlp.dense_h_to_4h": (f, h),
-        "mlp.dense_4h_to_h": (h, f),
-    }
-    bits = dict.fromkeys(BODY_KINDS, recipe.bits)
+    h, v = config.hidden_size, config.vocab_size
+    family = family_of(config)
+    shapes = family.matrices(config)
+    bits = dict.fromkeys(shapes, recipe.bits)
     if recipe.head_bits != 16:
-        shapes["word_embeddings"] = (v, h)
-        bits["word_embeddings"] = recipe.head_bits
+        embedding = family.embedding.rpartition(".")[2]
+        shapes[embedding] = (v, h)
+        bits[embedding] = recipe.head_bits
         if not config.tie_word_embeddings:
             shapes["lm_head"] = (v, h)
             bits["lm_head"] = recipe.head_bits
@@ -186,9 +185,11 @@ def plan_model(config: FalconConfig, recipe: QuantRecipe) -> dict[str, TensorPla
 
 
 def module_kind(module_name: str) -> str:
-    """``transformer.h.3.mlp.dense_h_to_4h`` -> ``mlp.dense_h_to_4h``; the head modules by their last name."""
-    if module_name.startswith("transformer.h."):
-        return module_name.split(".", 3)[-1]
+    """``transformer.h.3.mlp.dense_h_to_4h`` -> ``mlp.dense_h_to_4h`` (``model.layers.3.`` likewise); the head
+    modules by their last name."""
+    layer = _LAYER_PREFIX.match(module_name)
+    if layer is not None:
+        return module_name[layer.end() :]
     return module_name.rpartition(".")[2]
 
 
@@ -240,10 +241,11 @@ def quantize_tensors(
 
 
 def _quantized_module_names(config: FalconConfig, plans: dict[str, TensorPlan]) -> set[str]:
-    names = {f"transformer.h.{i}.{kind}" for i in range(config.num_hidden_layers) for kind in BODY_KINDS}
-    return names | {
-        ("transformer." if kind == "word_embeddings" else "") + kind for kind in HEAD_KINDS if kind in plans
-    }
+    family = family_of(config)
+    kinds = family.matrices(config)
+    names = {f"{family.layers}.{i}.{kind}" for i in range(config.num_hidden_layers) for kind in kinds}
+    heads = {family.embedding.rpartition(".")[2]: family.embedding, "lm_head": "lm_head"}
+    return names | {name for kind, name in heads.items() if kind in plans}
 
 
 # ---- loading: stored tensors -> model -----------------------------------------------------------------------
@@ -263,7 +265,7 @@ def build_quantized_model(
         raise ValueError("the config has no quantization_config")
     device = torch.device(device)
     with torch.device("meta"), _SkipInit():
-        model = FalconForCausalLM(config)
+        model = build_model(config)
     left = tensors
     plans = plan_model(config, recipe)
     for name, module in _quantizable(model, plans):
@@ -320,7 +322,7 @@ def quantize_model(
     if is_quantized_model(model):
         raise ValueError("the model is already quantized")
     config = model.config
-    ln = model.transformer.ln_f.weight
+    ln = model.final_norm.weight
     dtype = dtype or ln.dtype
     plans = plan_model(config, recipe)
     for name, module in _quantizable(model, plans):
@@ -331,7 +333,9 @@ def quantize_model(
     model.to(dtype)
     block = recipe.to_config(config)
     model.config = dataclasses.replace(config, extra={**config.extra, "quantization_config": block})
-    model.transformer.config = model.config
+    for module in model.modules():  # the inner model (transformer / model) keeps a reference too
+        if getattr(module, "config", None) is config:
+            module.config = model.config
     return model.eval()
 
 

@@ -70,17 +70,18 @@ def gptq_recipe(settings: dict, config: FalconConfig) -> QuantRecipe:
 
 
 def convert_gptq_tensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], settings: dict
+    tensors: Iterable[tuple[str, torch.Tensor]], settings: dict, kinds: Iterable[str] = BODY_KINDS
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """falconlm's stored tensors from a GPTQ checkpoint's: each quantized linear's qweight / qzeros / scales /
-    g_idx become qweight / scales / zeros; everything else passes through."""
+    """falconlm's stored tensors from a GPTQ checkpoint's: each quantized linear (of the layer matrix ``kinds``)'s
+    qweight / qzeros / scales / g_idx become qweight / scales / zeros; everything else passes through."""
+    kinds = set(kinds)
     group = settings["group_size"]
     stored_minus_one = settings.get("checkpoint_format", "gptq") == "gptq"
     pending: dict[str, dict[str, torch.Tensor]] = {}
     parts = ("qweight", "qzeros", "scales", "g_idx")
     for name, tensor in tensors:
         module, _, leaf = name.rpartition(".")
-        if leaf not in parts or module_kind(module) not in BODY_KINDS:
+        if leaf not in parts or module_kind(module) not in kinds:
             yield name, tensor
             continue
         got = pending.setdefault(module, {})

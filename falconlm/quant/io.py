@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..model.checkpoint import SAFE_FILE, SAFE_INDEX, CheckpointError, _find_weights, _open_shard, _Source
 from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
+from ..model.families import family_of, load_config
 from ..model.formats import ON_LOAD, quant_method, register_format
 from .convert import (
     QUANT_METHOD,
@@ -100,14 +101,15 @@ def load_quantized(
     ``kernel`` forces a matmul kernel (``cpu``, ``triton``, ``reference``); by default the fastest that fits.
     """
     folder = Path(path)
-    config = FalconConfig.from_pretrained(folder)
+    config = load_config(folder)
     recipe = QuantRecipe.parse(quantize) if isinstance(quantize, str) else quantize
     gptq = gptq_settings(folder, config)
     if gptq is not None:  # a hub GPTQ checkpoint: converted to falconlm's int4 format as it is read
         if recipe is not None:
             raise ValueError(f"{folder} is already quantized (GPTQ); load it without quantizing")
         stored = gptq_recipe(gptq, config)
-        tensors = dict(convert_gptq_tensors(iter_checkpoint_tensors(folder), gptq))
+        kinds = family_of(config).matrices(config)
+        tensors = dict(convert_gptq_tensors(iter_checkpoint_tensors(folder), gptq, kinds))
         return build_quantized_model(_with_recipe(config, stored), tensors, dtype, device, kernel)
     stored = recipe_of(config)
     if stored is not None:
@@ -141,11 +143,16 @@ def quantize_checkpoint(
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
-    config = FalconConfig.from_pretrained(src)
+    config = load_config(src)
     if "quantization_config" in config.extra or gptq_settings(src, config) is not None:
         raise ValueError(f"{src} is already quantized; quantize the original checkpoint instead")
     if (recipe.method == "gptq") != (calibration is not None):
         raise ValueError("GPTQ needs calibration text, and only GPTQ uses it")
+    if recipe.method == "gptq" and not isinstance(config, FalconConfig):
+        raise ValueError(
+            f"GPTQ calibration runs on Falcon's block only; quantize {family_of(config).title} "
+            "with round to nearest (int8, int4)"
+        )
     _check_out(src, out, overwrite)
     _, shards, _ = _find_weights(src)
     total = sum(f.stat().st_size for f in shards)

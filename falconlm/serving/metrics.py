@@ -43,6 +43,16 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "falconlm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", s.num_prefix_hit_tokens
         )
+        yield GaugeMetricFamily(
+            "falconlm_prefix_cache_enabled",
+            "1 when the prefix cache is on; 0 when off (by setting, or for recurrent-state models).",
+            1 if s.prefix_cache_enabled else 0,
+        )
+        if s.num_state_slots:  # models with Mamba layers: a recurrent-state slot per running sequence
+            yield GaugeMetricFamily(
+                "falconlm_state_slots_in_use", "Recurrent-state slots held by requests.", s.num_state_slots_in_use
+            )
+            yield GaugeMetricFamily("falconlm_state_slots_total", "Recurrent-state slots.", s.num_state_slots)
         yield CounterMetricFamily(
             "falconlm_num_preemptions", "Requests preempted for lack of KV blocks.", s.num_preemptions
         )

@@ -1,0 +1,44 @@
+"""HybridRunner: the ModelRunner for models with attention and Mamba layers side by side (Falcon-H1).
+
+The attention half is the ModelRunner's own: paged KV blocks, slots and block tables per request. The Mamba
+half reads and writes each request's recurrent-state slot (``Request.state_slot``, held from admission with its
+KV blocks, ``state_pool.HybridCacheManager``): one :class:`~falconlm.model.recurrent.RecurrentBatch` per forward
+says where each request's tokens sit in the step and which slot they continue. A run starting at token 0 (a new
+request, or one recomputed after preemption) starts from a zero state; decode rows are updated together by the
+single-step recurrence, prompt chunks by the chunked scan. The native fused decode step is Falcon's block only,
+so these models take the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.paged_attention import PagedAttention
+from ..model.recurrent import RecurrentBatch
+from .runner import ModelRunner
+from .scheduler_output import ScheduledRequest
+
+
+class HybridRunner(ModelRunner):
+    """A ModelRunner that also owns ``num_slots`` recurrent states of every Mamba layer."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, num_slots: int, deterministic: bool = False) -> None:
+        super().__init__(model, num_blocks, block_size, deterministic)
+        self.states = model.new_recurrent_state(num_slots)
+
+    def _hidden(
+        self,
+        items: list[ScheduledRequest],
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        ctx: PagedAttention,
+        rope_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        slots = []
+        for item in items:
+            if item.request.state_slot is None:
+                raise RuntimeError(f"request {item.request.request_id!r} was scheduled without a state slot")
+            slots.append(item.request.state_slot)
+        fresh = [item.start == 0 for item in items]
+        rows = RecurrentBatch(self.states, slots, ctx.query_starts, ctx.query_lens, fresh)
+        return self.model.forward_hidden(input_ids, position_ids, ctx, rows)

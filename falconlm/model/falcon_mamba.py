@@ -1,0 +1,293 @@
+"""Falcon-Mamba (TII, "Falcon Mamba: The First Competitive Attention-free 7B Language Model", 2024): Mamba-1.
+
+Module and parameter names equal transformers' ``FalconMambaForCausalLM`` (and ``MambaForCausalLM``), so a Hugging
+Face checkpoint loads by name. Each of the N blocks is ``x + Mixer(RMSNorm(x))``; the mixer is
+
+    u, z = in_proj(x)                    two [D] halves per token (D = intermediate_size)
+    u = SiLU(causal_conv1d(u))           depthwise, kernel K, over the sequence
+    Δ, B, C = x_proj(u)                  Δ of rank R, B and C of the state size N
+    (Falcon-Mamba only: Δ, B, C each RMS-normalised, no weight)
+    Δ = softplus(dt_proj(Δ))             [D]
+    y = selective_scan(u, Δ, A = -exp(A_log), B, C) + D ⊙ u      (``selective_scan.py``)
+    out_proj(y ⊙ SiLU(z))
+
+There is no attention and no position: each sequence carries a fixed-size state per layer (the last K-1 conv
+inputs and the SSM state, N x D), kept in a :class:`MambaStates` pool. One forward runs any mix of sequences,
+each a run of flattened tokens that reads and writes its own slot (:class:`RecurrentBatch`): a one-token run is a
+decode step (all of them in one batched update), a longer run a prefill chunk (the chunked scan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mamba_config import FalconMambaConfig
+from .selective_scan import selective_scan_chunked, selective_state_update
+
+
+@dataclass
+class MambaStates:
+    """Recurrent state for ``num_slots`` sequences, every layer: ``conv`` [L, S, D, K-1] in the model dtype and
+    ``ssm`` [L, S, N, D] in float32 (the scan runs in float32; rounding it each token would drift)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, config: FalconMambaConfig, num_slots: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+    ) -> MambaStates:
+        layers = config.num_hidden_layers
+        conv = torch.zeros(layers, num_slots, *config.conv_state_shape(), dtype=dtype, device=device)
+        ssm = torch.zeros(layers, num_slots, *config.ssm_state_shape(), dtype=torch.float32, device=device)
+        return cls(conv, ssm)
+
+    @property
+    def num_slots(self) -> int:
+        return self.conv.shape[1]
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Zero the state of ``slots`` in every layer (a sequence starting from its first token)."""
+        self.conv[:, slots] = 0
+        self.ssm[:, slots] = 0
+
+
+@dataclass
+class RecurrentBatch:
+    """Which state slot each run of the step's flattened tokens reads and writes.
+
+    Run i is tokens ``query_starts[i] : query_starts[i] + query_lens[i]`` of sequence slot ``slots[i]``;
+    ``fresh[i]`` says it starts at the sequence's first token (its slot is zeroed first)."""
+
+    states: MambaStates
+    slots: list[int]
+    query_starts: list[int]
+    query_lens: list[int]
+    fresh: list[bool]
+    step_rows: torch.Tensor = field(init=False)  # token rows of the one-token runs (decode steps)
+    step_slots: torch.Tensor = field(init=False)  # and their slots
+    runs: list[tuple[int, int, int]] = field(init=False)  # (start, length, slot) of the longer runs
+
+    def __post_init__(self) -> None:
+        device = self.states.conv.device
+        steps = [(s, slot) for s, n, slot in zip(self.query_starts, self.query_lens, self.slots, strict=True) if n == 1]
+        self.step_rows = torch.tensor([s for s, _ in steps], dtype=torch.long, device=device)
+        self.step_slots = torch.tensor([slot for _, slot in steps], dtype=torch.long, device=device)
+        self.runs = [
+            (s, n, slot) for s, n, slot in zip(self.query_starts, self.query_lens, self.slots, strict=True) if n > 1
+        ]
+
+    @classmethod
+    def dense(cls, states: MambaStates, batch_size: int, length: int, fresh: bool) -> RecurrentBatch:
+        """``batch_size`` rows of ``length`` tokens each, row b in slot b."""
+        rows = list(range(batch_size))
+        return cls(states, rows, [b * length for b in rows], [length] * batch_size, [fresh] * batch_size)
+
+    def reset_fresh(self) -> None:
+        fresh = [slot for slot, f in zip(self.slots, self.fresh, strict=True) if f]
+        if fresh:
+            self.states.reset(torch.tensor(fresh, dtype=torch.long, device=self.states.conv.device))
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, computed in float32, back in ``x``'s dtype."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class MambaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * rms(x, self.eps)
+
+
+class FalconMambaMixer(nn.Module):
+    """in_proj -> causal conv1d -> SiLU -> x_proj -> dt_proj -> selective scan (+ D skip) -> gate -> out_proj."""
+
+    def __init__(self, config: FalconMambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        h, d, n, r, k = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.state_size,
+            config.time_step_rank,
+            config.conv_kernel,
+        )
+        self.layer_idx = layer_idx
+        self.time_step_rank, self.state_size = r, n
+        self.rms_eps = config.mixer_rms_eps if config.mixer_rms else None
+        self.in_proj = nn.Linear(h, 2 * d, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=config.use_conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(d, n).clone())
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, h, bias=config.use_bias)
+
+    def forward(self, x: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
+        """``x`` [tokens, H] -> [tokens, H]; each run's state is read from and written back to its slot."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u = F.silu(self._conv(u, batch))
+        dt, B, C = self._selection(u)
+        y = self._scan(u, dt, B, C, batch)
+        return self.out_proj(y * F.silu(z))
+
+    def _conv(self, u: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
+        """Causal depthwise conv1d over each run, prefixed by its slot's last K-1 inputs (zeros when fresh)."""
+        states = batch.states.conv[self.layer_idx]  # [S, D, K-1]
+        weight, bias = self.conv1d.weight, self.conv1d.bias  # [D, 1, K], [D]
+        out = torch.empty_like(u)
+        if batch.step_rows.numel():  # decode: one window per sequence, all at once
+            window = torch.cat([states[batch.step_slots], u[batch.step_rows, :, None]], dim=-1)  # [R, D, K]
+            y = (window * weight[:, 0, :]).sum(-1)
+            out[batch.step_rows] = y if bias is None else y + bias
+            states[batch.step_slots] = window[..., 1:]
+        for start, n, slot in batch.runs:  # prefill chunks
+            full = torch.cat([states[slot], u[start : start + n].T], dim=-1)  # [D, K-1+n]
+            out[start : start + n] = F.conv1d(full[None], weight, bias, groups=full.shape[0])[0].T
+            states[slot] = full[:, full.shape[1] - states.shape[-1] :]
+        return out
+
+    def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input-dependent Δ (after dt_proj and softplus) [tokens, D], B and C [tokens, N]."""
+        dt, B, C = self.x_proj(u).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        if self.rms_eps is not None:  # Falcon-Mamba
+            dt, B, C = rms(dt, self.rms_eps), rms(B, self.rms_eps), rms(C, self.rms_eps)
+        return F.softplus(self.dt_proj(dt)), B, C
+
+    def _scan(
+        self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, batch: RecurrentBatch
+    ) -> torch.Tensor:
+        states = batch.states.ssm[self.layer_idx]  # [S, N, D]
+        A = -torch.exp(self.A_log.float())
+        y = torch.empty_like(u)
+        rows, slots = batch.step_rows, batch.step_slots
+        if rows.numel():
+            h = states[slots]
+            y[rows] = selective_state_update(h, u[rows], dt[rows], A, B[rows], C[rows], self.D)
+            states[slots] = h
+        for start, n, slot in batch.runs:
+            part = slice(start, start + n)
+            y[part], states[slot] = selective_scan_chunked(u[part], dt[part], A, B[part], C[part], self.D, states[slot])
+        return y
+
+
+class FalconMambaBlock(nn.Module):
+    """``x + Mixer(RMSNorm(x))``, the residual in float32 when ``residual_in_fp32``."""
+
+    def __init__(self, config: FalconMambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = MambaRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = FalconMambaMixer(config, layer_idx)
+
+    def forward(self, x: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
+        residual = x.float() if self.residual_in_fp32 else x
+        return residual + self.mixer(self.norm(x.to(self.norm.weight.dtype)), batch)
+
+
+class FalconMambaModel(nn.Module):
+    """Embedding, the blocks, the final RMSNorm."""
+
+    def __init__(self, config: FalconMambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FalconMambaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = MambaRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
+        """Hidden states [B, T, H] after ``norm_f``, in the model dtype; ``batch`` maps the B*T flattened tokens
+        to state slots."""
+        shape = input_ids.shape
+        x = self.embeddings(input_ids.reshape(-1))  # [tokens, H]
+        batch.reset_fresh()
+        for block in self.layers:
+            x = block(x, batch)
+        return self.norm_f(x).to(self.norm_f.weight.dtype).view(*shape, -1)
+
+
+class FalconMambaForCausalLM(nn.Module):
+    """Falcon-Mamba with its language-model head (tied to the embedding unless ``tie_word_embeddings`` is false)."""
+
+    def __init__(self, config: FalconMambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = FalconMambaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def final_norm(self) -> MambaRMSNorm:
+        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
+        return self.backbone.norm_f
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.embeddings
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.norm_f.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.norm_f.weight.device
+
+    def new_states(self, num_slots: int) -> MambaStates:
+        """Zeroed recurrent state for ``num_slots`` sequences, in the model's dtype and device."""
+        return MambaStates.allocate(self.config, num_slots, self.dtype, self.device)
+
+    def forward(
+        self, input_ids: torch.Tensor, states: MambaStates | None = None, last_token_only: bool = False
+    ) -> torch.Tensor:
+        """The HF-style call: logits [B, T, vocab] for ``input_ids`` [B, T] (no padding).
+
+        Without ``states`` each row starts fresh; with them (one slot per row, from :meth:`new_states`) each row
+        continues from its slot, which then holds the state after these T tokens."""
+        b, t = input_ids.shape
+        fresh = states is None
+        states = self.new_states(b) if states is None else states
+        hidden = self.forward_hidden(input_ids, None, RecurrentBatch.dense(states, b, t, fresh))
+        return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
+
+    def forward_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None, batch: RecurrentBatch
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] after ``norm_f`` (``positions`` are not used: Mamba has none)."""
+        return self.backbone(input_ids, batch)
+
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``hidden`` [..., H]; with ``rows`` only those rows of the flattened states, as [R, vocab]."""
+        if rows is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+        return self.lm_head(hidden)
+
+    def num_parameters(self) -> int:
+        """Parameters counted once (a tied head is not counted twice)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        quantize: str | None = None,
+    ) -> FalconMambaForCausalLM:
+        """Load a Hugging Face Falcon-Mamba / Mamba folder (``quantize``: int8 / int4 on the mixer's matrices)."""
+        from .formats import load_pretrained
+
+        return load_pretrained(path, dtype, device, quantize)  # type: ignore[return-value]

@@ -1,0 +1,130 @@
+"""The Mamba-1 selective scan (Gu & Dao, 2023, Algorithm 2), three ways that agree.
+
+For one sequence of L tokens with D channels and an N-wide state per channel:
+
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + (Δ_t u_t) ⊗ B_t
+    y_t = C_t · h_t + D_skip ⊙ u_t                      y: [D]
+
+with ``A = -exp(A_log)`` [D, N] (the parameter's layout), ``Δ`` [L, D] (after softplus), ``B``, ``C`` [L, N] and
+``u`` [L, D]. The state is kept as ``h`` [N, D], channels last, so that every elementwise op runs along the long
+channel axis (an op whose innermost axis is N = 16 wide runs many times slower on CPU).
+
+* :func:`selective_scan_reference`: the recurrence above, a token at a time; the test oracle.
+* :func:`selective_scan_chunked`: prefill. Chunks of ``chunk_size`` tokens; a chunk's discretisation (the decays
+  ``a_t = exp(Δ_t A)``, the inputs ``b_t = Δ_t u_t B_t``) and its output contraction with C are each one batched
+  op, and the linear recurrence ``h_t = a_t h_{t-1} + b_t`` in between runs one of two ways. ``parallel``: an
+  associative scan over (a, b) pairs in log2(chunk) doubling steps (Hillis-Steele), each one op over the whole
+  chunk, for GPUs; decays are products of numbers in (0, 1], so nothing overflows, whatever Δ is. Otherwise (the
+  default on CPU, where the doubling steps' extra memory traffic costs more than they save): one fused
+  multiply-add per token into the chunk's buffer. The state carries from chunk to chunk.
+* :func:`selective_state_update`: decode, one token for each of R sequences at once, state updated in place.
+
+All math is float32; ``y`` comes back in ``u``'s dtype and the state in its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y`` [L, D] and the final state [N, D] for one sequence, starting from ``state`` (zeros if None)."""
+    h = _start(state, A)
+    At = A.float().T  # [N, D]
+    ys = []
+    for t in range(u.shape[0]):
+        dt_t = dt[t].float()  # [D]
+        h = torch.exp(dt_t * At) * h + B[t].float()[:, None] * (dt_t * u[t].float())
+        ys.append(C[t].float() @ h)
+    y = torch.stack(ys) + u.float() * D.float()
+    return y.to(u.dtype), h.to(_state_dtype(state))
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    state: torch.Tensor | None = None,
+    chunk_size: int = 32,
+    parallel: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same result as :func:`selective_scan_reference`, a chunk of tokens per batched op (see module doc).
+
+    ``parallel`` None picks the associative scan off the CPU and the in-order recurrence on it."""
+    if parallel is None:
+        parallel = u.device.type != "cpu"
+    scan = _linear_scan if parallel else _linear_recurrence
+    h = _start(state, A)
+    At = A.float().T  # [N, D]
+    ys = []
+    for start in range(0, u.shape[0], chunk_size):
+        end = min(start + chunk_size, u.shape[0])
+        dt_c = dt[start:end].float()  # [T, D]
+        a = torch.exp(dt_c[:, None, :] * At)  # [T, N, D] decay of each step
+        b = B[start:end].float()[:, :, None] * (dt_c * u[start:end].float())[:, None, :]  # [T, N, D] input
+        b[0] += a[0] * h  # the carried state enters through the first step
+        hs = scan(a, b)  # [T, N, D]: h_t for every t of the chunk
+        ys.append(torch.bmm(C[start:end].float()[:, None, :], hs)[:, 0])  # [T, D]
+        h = hs[-1]
+    y = torch.cat(ys) + u.float() * D.float()
+    return y.to(u.dtype), h.to(_state_dtype(state))
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """One token for each of R sequences: ``state`` [R, N, D] advanced in place; returns ``y`` [R, D].
+
+    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]."""
+    dt_r = dt.float()[:, None, :]  # [R, 1, D]
+    h = torch.exp(dt_r * A.float().T) * state.float() + B.float()[:, :, None] * (dt_r * u.float()[:, None, :])
+    state.copy_(h)
+    y = torch.bmm(C.float()[:, None, :], h)[:, 0] + u.float() * D.float()
+    return y.to(u.dtype)
+
+
+def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All prefixes of ``h_t = a_t h_{t-1} + b_t`` (h_{-1} = 0) along dim 0, by recursive doubling.
+
+    After the step with offset k, position t holds the composition of steps t-2k+1..t; pairs compose as
+    (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2)."""
+    a, b = a.clone(), b.clone()
+    k = 1
+    while k < a.shape[0]:
+        b[k:] = a[k:] * b[:-k] + b[k:]
+        a[k:] = a[k:] * a[:-k]
+        k *= 2
+    return b
+
+
+def _linear_recurrence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same prefixes in order, one fused multiply-add per step, written over ``b``."""
+    for t in range(1, a.shape[0]):
+        b[t].addcmul_(a[t], b[t - 1])
+    return b
+
+
+def _start(state: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+    n_d = (A.shape[1], A.shape[0])
+    return torch.zeros(n_d, dtype=torch.float32, device=A.device) if state is None else state.float()
+
+
+def _state_dtype(state: torch.Tensor | None) -> torch.dtype:
+    return torch.float32 if state is None else state.dtype
