@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..model.families import Family, family_of, load_config
 from .options import check_model_path
+
+if TYPE_CHECKING:
+    from ..model.families import Family
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -32,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
+    from ..model.families import family_of, load_config  # imports torch: only when the command runs
+
     config = load_config(path)
     family = family_of(config)
     dtype = dtype or (config.torch_dtype if config.torch_dtype in BYTES_PER_ELEMENT else "bfloat16")
