@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..model.mamba_config import FalconMambaConfig
 from .options import check_model_path
+
+if TYPE_CHECKING:
+    from ..model.families import Family
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -32,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
-    from ..model.families import family_of, load_config  # imports torch (the model classes): only when run
+    from ..model.families import family_of, load_config  # imports torch: only when the command runs
 
     config = load_config(path)
     family = family_of(config)
@@ -128,7 +132,7 @@ def _human(n: float, base: int, unit: str) -> str:
     return str(n)
 
 
-def _fused_decode_status(family, config) -> str:
+def _fused_decode_status(family: Family, config: object) -> str:
     """Whether decode steps of this checkpoint can take the fused native step (its weights decide the rest)."""
     if family.fused_decode is not None:
         return f"no ({family.fused_decode})"

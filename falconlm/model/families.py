@@ -42,9 +42,6 @@ class Family:
     matrices: Callable[[Any], dict[str, tuple[int, int]]]
     fused_decode: str | None = None
 
-    def model_type_names(self) -> list[str]:
-        return [t for t, name in MODEL_TYPES.items() if name == self.name]
-
 
 def _falcon_matrices(c: FalconConfig) -> dict[str, tuple[int, int]]:
     h, f = c.hidden_size, c.ffn_hidden_size
@@ -119,7 +116,7 @@ def detect(raw: dict[str, Any]) -> str:
     """The family name of a config.json dict; ValueError naming the field for one falconlm does not know."""
     model_type = raw.get("model_type")
     if model_type is not None:
-        if model_type not in MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
             known = ", ".join(f"{t!r}" for t in MODEL_TYPES)
             raise ValueError(f"model_type {model_type!r} is not a Falcon-family model (falconlm reads {known})")
         return MODEL_TYPES[model_type]
@@ -147,14 +144,6 @@ def family_of(config: object) -> Family:
         if isinstance(config, family.config_class):
             return family
     raise TypeError(f"{type(config).__name__} is no family's config class")
-
-
-def family_of_model(model: object) -> Family:
-    """The family whose model class ``model`` is (an instance of)."""
-    for family in FAMILIES.values():
-        if isinstance(model, family.model_class):
-            return family
-    raise TypeError(f"{type(model).__name__} is no family's model class")
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def test_shared_falcon_configs_are_falcon(shared_data):
     ("raw", "message"),
     [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not a Falcon-family model"),
+        ({"model_type": ["llama"]}, r"model_type \['llama'\] is not a Falcon-family model"),
         ({"architectures": ["GPT2LMHeadModel"]}, "architectures .* name no Falcon-family model"),
         ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
     ],
