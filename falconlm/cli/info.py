@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(path: Path, dtype: str | None = None) -> dict:
-    from ..model.families import family_of, load_config  # imports torch (the model classes): only when run
+    from ..model.families import family_of, load_config  # imports torch: only when the command runs
 
     config = load_config(path)
     family = family_of(config)

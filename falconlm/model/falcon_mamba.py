@@ -32,8 +32,9 @@ from .selective_scan import selective_scan_chunked, selective_state_update
 
 @dataclass
 class MambaStates:
-    """Recurrent state for ``num_slots`` sequences, every layer: ``conv`` [L, S, D, K-1] in the model dtype and
-    ``ssm`` [L, S, N, D] in float32 (the scan runs in float32; rounding it each token would drift)."""
+    """Recurrent state for ``num_slots`` sequences, every layer: ``conv`` [L, S, K-1, D] in the model dtype and
+    ``ssm`` [L, S, N, D] in float32 (the scan runs in float32; rounding it each token would drift). Channels
+    last in both, so each op runs along the long D axis."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
@@ -143,18 +144,18 @@ class FalconMambaMixer(nn.Module):
 
     def _conv(self, u: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
         """Causal depthwise conv1d over each run, prefixed by its slot's last K-1 inputs (zeros when fresh)."""
-        states = batch.states.conv[self.layer_idx]  # [S, D, K-1]
+        states = batch.states.conv[self.layer_idx]  # [S, K-1, D]
         weight, bias = self.conv1d.weight, self.conv1d.bias  # [D, 1, K], [D]
         out = torch.empty_like(u)
         if batch.step_rows.numel():  # decode: one window per sequence, all at once
-            window = torch.cat([states[batch.step_slots], u[batch.step_rows, :, None]], dim=-1)  # [R, D, K]
-            y = (window * weight[:, 0, :]).sum(-1)
+            window = torch.cat([states[batch.step_slots], u[batch.step_rows, None, :]], dim=1)  # [R, K, D]
+            y = (window * weight[:, 0, :].T).sum(1)
             out[batch.step_rows] = y if bias is None else y + bias
-            states[batch.step_slots] = window[..., 1:]
+            states[batch.step_slots] = window[:, 1:]
         for start, n, slot in batch.runs:  # prefill chunks
-            full = torch.cat([states[slot], u[start : start + n].T], dim=-1)  # [D, K-1+n]
-            out[start : start + n] = F.conv1d(full[None], weight, bias, groups=full.shape[0])[0].T
-            states[slot] = full[:, full.shape[1] - states.shape[-1] :]
+            full = torch.cat([states[slot], u[start : start + n]])  # [K-1+n, D]
+            out[start : start + n] = F.conv1d(full.T[None], weight, bias, groups=full.shape[1])[0].T
+            states[slot] = full[full.shape[0] - states.shape[1] :]
         return out
 
     def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -79,8 +79,8 @@ class FalconMambaConfig:
         return True
 
     def conv_state_shape(self) -> tuple[int, int]:
-        """One layer's convolution state for one sequence: the last ``conv_kernel - 1`` inputs per channel."""
-        return self.intermediate_size, self.conv_kernel - 1
+        """One layer's convolution state for one sequence: the last ``conv_kernel - 1`` inputs, [K-1, D]."""
+        return self.conv_kernel - 1, self.intermediate_size
 
     def ssm_state_shape(self) -> tuple[int, int]:
         """One layer's SSM state for one sequence, [N, D]: channels last (see ``selective_scan.py``)."""
@@ -89,7 +89,7 @@ class FalconMambaConfig:
     def state_bytes_per_sequence(self, conv_bytes: int = 2, ssm_bytes: int = 4) -> int:
         """Bytes of recurrent state one sequence holds, all layers: conv state in the model dtype, SSM state in
         float32 by default (as the engine keeps it), whatever the context length."""
-        d, k = self.conv_state_shape()
+        k, d = self.conv_state_shape()
         n = self.state_size
         return self.num_hidden_layers * d * (k * conv_bytes + n * ssm_bytes)
 
