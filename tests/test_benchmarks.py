@@ -29,8 +29,12 @@ def test_isa_is_passed_through(monkeypatch):
     monkeypatch.setattr(bench_core.os, "environ", environ)  # the real one must not force a variant on later tests
     bench_core.apply_isa(None)
     assert environ == {}
-    bench_core.apply_isa("avx2")
-    assert environ == {"FALCONLM_NATIVE_ISA": "avx2"}
+    bench_core.apply_isa("avx512")
+    assert environ == {"FALCONLM_NATIVE_ISA": "avx512"}
+    environ.clear()
+    bench_core.apply_isa("avx2")  # the stand-in for an AVX2-only CPU caps torch too, for transformers' sake
+    assert environ == {"FALCONLM_NATIVE_ISA": "avx2", **bench_core.AVX2_TORCH_CAPS}
+    assert environ["ONEDNN_MAX_CPU_ISA"] == "AVX2" and environ["ATEN_CPU_CAPABILITY"] == "avx2"
 
 
 def _row(impl: str, dtype: str, b1: float) -> dict:
