@@ -48,22 +48,10 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
     I32x16 iacc[MR];
     for (int r = 0; r < R; ++r) iacc[r] = izero();
     const uint8_t* wb = w + b * B * TILE;
-    if constexpr (R == 1) {  // batch 1: two independent sum chains, so the dot product's latency is hidden
-      const int8_t* xb = xq + m0 * K + b * B;
-      I32x16 odd = izero();
-      for (int64_t k = 0; k < B; k += 8) {
-        prefetch(wb + k * TILE + PREFETCH);
-        prefetch(wb + (k + 4) * TILE + PREFETCH);
-        iacc[0] = dot_q8(iacc[0], load_line(wb + k * TILE), four_bytes(xb + k));
-        odd = dot_q8(odd, load_line(wb + (k + 4) * TILE), four_bytes(xb + k + 4));
-      }
-      iacc[0] = iadd(iacc[0], odd);  // integer sums: exact in any order
-    } else {
-      for (int64_t k = 0; k < B; k += 4) {
-        prefetch(wb + k * TILE + PREFETCH);
-        const Line wv = load_line(wb + k * TILE);
-        for (int r = 0; r < R; ++r) iacc[r] = dot_q8(iacc[r], wv, four_bytes(xq + (m0 + r) * K + b * B + k));
-      }
+    for (int64_t k = 0; k < B; k += 4) {
+      prefetch(wb + k * TILE + PREFETCH);
+      const Line wv = load_line(wb + k * TILE);
+      for (int r = 0; r < R; ++r) iacc[r] = dot_q8(iacc[r], wv, four_bytes(xq + (m0 + r) * K + b * B + k));
     }
     for (int r = 0; r < R; ++r) {
       const int64_t i = (m0 + r) * nb + b;
@@ -87,25 +75,13 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
     I32x16 iacc[MR];
     for (int r = 0; r < R; ++r) iacc[r] = izero();
     const uint8_t* wb = w + b * (B / 2) * TILE;
-    if constexpr (R == 1) {  // batch 1: low and high nibbles in two sum chains, to hide the dot product's latency
-      const int8_t* xb = xq + m0 * K + b * B;
-      I32x16 high = izero();
-      for (int64_t k = 0; k < B; k += 8) {
-        prefetch(wb + (k / 2) * TILE + PREFETCH);
-        const Line packed = load_line(wb + (k / 2) * TILE);
-        iacc[0] = dot_u4(iacc[0], low_nibbles(packed), four_bytes(xb + k));
-        high = dot_u4(high, high_nibbles(packed), four_bytes(xb + k + 4));
-      }
-      iacc[0] = iadd(iacc[0], high);  // integer sums: exact in any order
-    } else {
-      for (int64_t k = 0; k < B; k += 8) {
-        prefetch(wb + (k / 2) * TILE + PREFETCH);
-        const Line packed = load_line(wb + (k / 2) * TILE);
-        const Line w0 = low_nibbles(packed), w1 = high_nibbles(packed);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xp = xq + (m0 + r) * K + b * B + k;
-          iacc[r] = dot_u4(dot_u4(iacc[r], w0, four_bytes(xp)), w1, four_bytes(xp + 4));
-        }
+    for (int64_t k = 0; k < B; k += 8) {
+      prefetch(wb + (k / 2) * TILE + PREFETCH);
+      const Line packed = load_line(wb + (k / 2) * TILE);
+      const Line w0 = low_nibbles(packed), w1 = high_nibbles(packed);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xp = xq + (m0 + r) * K + b * B + k;
+        iacc[r] = dot_u4(dot_u4(iacc[r], w0, four_bytes(xp)), w1, four_bytes(xp + 4));
       }
     }
     const uint16_t* group = sz + (b * B / G) * 2 * TILE;  // this block's weight group: scale, then zero
