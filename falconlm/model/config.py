@@ -32,6 +32,23 @@ class RopeScaling:
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
 
+    def to_dict(self, legacy_type: bool = True) -> dict[str, Any]:
+        """The config.json form: ``rope_type`` (and transformers 4.x's older ``type`` when ``legacy_type``)."""
+        d: dict[str, Any] = {"rope_type": self.rope_type}
+        if legacy_type:
+            d["type"] = self.rope_type
+        d["factor"] = self.factor
+        if self.original_max_position_embeddings:
+            d["original_max_position_embeddings"] = self.original_max_position_embeddings
+        return d
+
+
+def write_config_json(path: str | Path, config: dict[str, Any]) -> None:
+    """``config`` as ``path``/config.json (the folder is created), keys sorted."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
 
 @dataclass
 class FalconConfig:
@@ -230,27 +247,11 @@ class FalconConfig:
         d = {**{k: v for k, v in self.extra.items() if k not in dropped}, **d}
         d["model_type"] = NATIVE_MODEL_TYPE
         d["architectures"] = ["FalconForCausalLM"]
-        scaling = self.rope_scaling
-        d["rope_scaling"] = (
-            None
-            if scaling is None
-            else {
-                "rope_type": scaling.rope_type,
-                "type": scaling.rope_type,
-                "factor": scaling.factor,
-                **(
-                    {"original_max_position_embeddings": scaling.original_max_position_embeddings}
-                    if scaling.original_max_position_embeddings
-                    else {}
-                ),
-            }
-        )
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
         return d
 
     def save_pretrained(self, path: str | Path) -> None:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_config_json(path, self.to_dict())
 
     # ---- sizes ----------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

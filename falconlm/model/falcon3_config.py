@@ -8,12 +8,11 @@ derived names the engine reads (``num_kv_groups``, ``head_dim``, ``alibi``...) a
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ROPE_TYPES, RopeScaling, _read_rope
+from .config import ROPE_TYPES, RopeScaling, _read_rope, write_config_json
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
@@ -190,26 +189,11 @@ class Falcon3Config:
                 d[name] = self.extra[f"{name}s"]
         d["model_type"] = MODEL_TYPE
         d["architectures"] = [ARCHITECTURE]
-        scaling = self.rope_scaling
-        d["rope_scaling"] = (
-            None
-            if scaling is None
-            else {
-                "rope_type": scaling.rope_type,
-                "factor": scaling.factor,
-                **(
-                    {"original_max_position_embeddings": scaling.original_max_position_embeddings}
-                    if scaling.original_max_position_embeddings
-                    else {}
-                ),
-            }
-        )
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict(legacy_type=False)
         return d
 
     def save_pretrained(self, path: str | Path) -> None:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_config_json(path, self.to_dict())
 
 
 def _positive_int(value: object) -> bool:

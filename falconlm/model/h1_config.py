@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ROPE_TYPES, RopeScaling, _read_rope
+from .config import ROPE_TYPES, RopeScaling, _read_rope, write_config_json
 
 MODEL_TYPE = "falcon_h1"
 ARCHITECTURE = "FalconH1ForCausalLM"
@@ -299,24 +299,8 @@ class FalconH1Config:
         d = {**{k: v for k, v in self.extra.items() if k not in dropped}, **d}
         d["model_type"] = MODEL_TYPE
         d["architectures"] = [ARCHITECTURE]
-        scaling = self.rope_scaling
-        d["rope_scaling"] = (
-            None
-            if scaling is None
-            else {
-                "rope_type": scaling.rope_type,
-                "type": scaling.rope_type,
-                "factor": scaling.factor,
-                **(
-                    {"original_max_position_embeddings": scaling.original_max_position_embeddings}
-                    if scaling.original_max_position_embeddings
-                    else {}
-                ),
-            }
-        )
+        d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()
         return d
 
     def save_pretrained(self, path: str | Path) -> None:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_config_json(path, self.to_dict())

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .config import write_config_json
+
 MAMBA_MODEL_TYPES = {"falcon_mamba": "FalconMambaForCausalLM", "mamba": "MambaForCausalLM"}
 DEFAULT_CONTEXT = 8192  # Mamba has no position limit; the engine's default context (Falcon-Mamba's training length)
 
@@ -158,9 +160,7 @@ class FalconMambaConfig:
         return d
 
     def save_pretrained(self, path: str | Path) -> None:
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_config_json(path, self.to_dict())
 
 
 def is_mamba_config(raw: dict[str, Any]) -> bool:
