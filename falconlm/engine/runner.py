@@ -157,8 +157,6 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The model's torch forward over the step's flattened tokens (models with more state than the KV cache
         add theirs here, ``hybrid_runner.py``)."""
-        if rope_lengths is None:
-            return self.model.forward_hidden(input_ids, position_ids, ctx)
         return self.model.forward_hidden(input_ids, position_ids, ctx, rope_lengths)
 
     def _generator(self, request: Request) -> torch.Generator | None:

@@ -108,10 +108,17 @@ class Falcon3Model(nn.Module):
         self.layers = nn.ModuleList(Falcon3Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext) -> torch.Tensor:
-        """Hidden states [B, T, H] after the final norm for ``input_ids`` at ``positions`` (both [B, T])."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionContext,
+        rope_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] after the final norm for ``input_ids`` at ``positions`` (both [B, T]);
+        ``rope_lengths`` [B, T]: per-token sequence lengths for dynamic RoPE scaling, as in ``falcon.py``."""
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # [B, T, 1, 1, d]
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype, rope_lengths)  # [B, T, 1, 1, d]
         rope = (cos[:, :, 0], sin[:, :, 0])  # [B, T, 1, d]
         for layer in self.layers:
             x = layer(x, rope, attention)
@@ -159,10 +166,14 @@ class Falcon3ForCausalLM(nn.Module):
         return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
 
     def forward_hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionContext,
+        rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] after the final norm (see :meth:`Falcon3Model.forward`)."""
-        return self.model(input_ids, positions, attention)
+        return self.model(input_ids, positions, attention, rope_lengths)
 
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``hidden`` [..., H], or with ``rows`` of those rows of the flattened [B * T, H] states."""

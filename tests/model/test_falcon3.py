@@ -90,16 +90,18 @@ def test_cached_decoding_equals_full_forward(gqa_checkpoint):
     assert cache.k.shape[2] == ours.config.num_key_value_heads == 2
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied"])
+# dynamic-rope: the engine hands the model each token's RoPE length (the context stays within its 16 positions).
+@pytest.mark.parametrize("variant", ["gqa", "tied", "dynamic-rope"])
 def test_greedy_generation_equals_transformers_generate(tmp_path, variant):
     path = make_falcon3_checkpoint(tmp_path, variant, seed=3)
     ours, ref = Falcon3ForCausalLM.from_pretrained(path), _reference(path)
     tok = Tokenizer.from_pretrained(path)
-    prompt = tok.encode("Once upon a time there was a little fox")
+    prompt = tok.encode("Once upon a time" if variant == "dynamic-rope" else "Once upon a time there was a little fox")
+    new = min(16, ours.config.max_position_embeddings - len(prompt))
     expected = ref.generate(
-        torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+        torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
     )[0, len(prompt) :].tolist()
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     got = Engine(ours, tok).generate([prompt], [params])[0].token_ids
     assert got == expected
 
