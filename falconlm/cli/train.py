@@ -57,7 +57,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="pretrain or fine-tune a Falcon model on text files",
-        description="Train a Falcon model (single process, or data-parallel under torchrun). "
+        description="Train a Falcon model (single process, or data-parallel under torchrun: DDP, or FSDP with --fsdp). "
         "Writes a Hugging Face checkpoint, training_state.pt, metrics.jsonl and loss.png to --out.",
     )
     p.add_argument("--config", default=None, help="a preset name (e.g. tinystories-5m) or a config.json")
@@ -130,6 +130,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2) instead "
+        "of replicating them (DDP); checkpoints stay full",
+    )
     _add_doc_split(p)
     p.set_defaults(run=run_train)
 
@@ -170,6 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         threads=args.threads,
         device=args.device,
+        fsdp=args.fsdp,
         doc_split=args.doc_split,
     )
     result = train(targs)

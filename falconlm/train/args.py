@@ -10,7 +10,7 @@ from ..model.config import FalconConfig
 from ..model.falcon import FalconForCausalLM
 
 # Arguments of one invocation only, never taken from a saved run.
-SESSION_FIELDS = ("out", "resume", "stop_after", "progress", "grad_accum")
+SESSION_FIELDS = ("out", "resume", "stop_after", "progress", "grad_accum", "fsdp")
 # Arguments that define the run: a resumed run keeps the saved values (changing one would not be a resume).
 RUN_FIELDS = (
     "config",
@@ -66,6 +66,7 @@ class TrainArgs:
     init_from: Path | None = None
     threads: int | None = None
     device: str | None = None
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the torchrun ranks (FSDP2)
     doc_split: str = "eot"
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
 
@@ -144,7 +145,8 @@ class TrainResult:
     tokens_per_s: float
     elapsed_s: float
     interrupted: bool = False
-    model: FalconForCausalLM | None = field(default=None, repr=False)  # the trained model, in train mode
+    # the trained model in train mode (sharded under FSDP)
+    model: FalconForCausalLM | None = field(default=None, repr=False)
 
 
 def _plain(value: Any) -> Any:

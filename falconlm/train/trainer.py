@@ -1,10 +1,11 @@
-"""The training loop: deterministic data, AdamW with warmup + cosine, checkpoints, resume, DDP.
+"""The training loop: deterministic data, AdamW with warmup + cosine, checkpoints, resume, DDP or FSDP.
 
 A run is a pure function of its arguments: the data of step ``s`` comes from a generator seeded by
 ``(seed, s, micro-batch)`` and dropout is reseeded from ``(seed, s, rank)`` at every step, so resuming at step
 ``s`` from a checkpoint continues exactly as the uninterrupted run would. Under ``torchrun`` rank ``r``
 takes the global micro-batches ``r, r + W, ...``: 2 ranks with accumulation K see the same data as one
-process with 2K.
+process with 2K. With ``fsdp`` the ranks see the same data, but hold only their shard of the weights, gradients
+and optimizer state (``fsdp.py``); checkpoints are gathered into the same full files either way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..tokenizer import Tokenizer
-from . import distributed
+from . import distributed, fsdp
 from .args import TrainArgs, TrainResult
 from .data import EVAL_STREAM, TRAIN_STREAM, TokenWindows, cached_token_file, split_tail
 from .distributed import DistInfo
@@ -61,6 +62,9 @@ class _Run:
         self.info = info
         self.on_step = on_step
         self.out = Path(args.out)
+        self.fsdp = args.fsdp
+        if self.fsdp and not info.distributed:
+            raise ValueError("--fsdp shards over several processes: launch with torchrun --nproc-per-node N (N >= 2)")
         state = self._read_state(args)
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -84,16 +88,23 @@ class _Run:
             raise ValueError(f"the tokenizer in {self.tokenizer_dir} has no eos token")
         self.train_windows, self.val_windows = self._load_data()
         self.model = build_model(args, self.tokenizer, self.out if state is not None else None, info.device)
+        self.num_parameters = self.model.num_parameters()
+        if self.fsdp:
+            fsdp.shard_model(self.model, info.device, info.world_size)
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
         self.schedule = CosineSchedule(args.lr, args.resolved_min_lr, args.resolved_warmup, args.steps)
         self.start_step, self.tokens = 0, 0
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            layout = state.get("optimizer_layout", fsdp.BY_INDEX)
+            if layout == fsdp.BY_INDEX and not self.fsdp:
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                fsdp.load_optimizer_state(self.model, self.optimizer, state["optimizer"], layout)
             set_rng_state(state["rng"])
             self.start_step, self.tokens = int(state["step"]), int(state["tokens"])
         self.ddp = None
         self.forward: Any = self.model
-        if info.distributed:
+        if info.distributed and not self.fsdp:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.ddp = self.forward = DistributedDataParallel(self.model, device_ids=ids)
         if args.compile:
@@ -240,6 +251,8 @@ class _Run:
             x, y = self.train_windows.batch(args.seed, TRAIN_STREAM, index, args.batch_size)
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             last = micro == args.grad_accum - 1
+            if self.fsdp:
+                fsdp.set_gradient_sync(self.model, last)
             with nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with self._autocast():
                     logits = self.forward(x)
@@ -251,27 +264,41 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = distributed.all_sum([loss_sum.item() / args.grad_accum], info)[0] / info.world_size
-        return mean_loss, lr, float(grad_norm)
+        return mean_loss, lr, fsdp.local_float(grad_norm)
 
     @torch.no_grad()
     def _evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, shared out over the ranks."""
+        """Mean loss over the fixed validation batches, shared out over the ranks.
+
+        Under FSDP every forward is a collective, so all ranks run as many; a rank past the last batch runs
+        batch 0 again and ignores it.
+        """
         args, info = self.args, self.info
         assert self.val_windows is not None
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(info.rank, args.eval_batches, info.world_size):
-            x, y = self.val_windows.batch(args.seed, EVAL_STREAM, (i,), args.batch_size)
+        batches = -(-args.eval_batches // info.world_size) * info.world_size if self.fsdp else args.eval_batches
+        for i in range(info.rank, batches, info.world_size):
+            counted = i < args.eval_batches
+            x, y = self.val_windows.batch(args.seed, EVAL_STREAM, (i if counted else 0,), args.batch_size)
             x, y = x.to(info.device), y.to(info.device)
             with self._autocast():
                 logits = self.model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
+            if counted:
+                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+                count += y.numel()
         self.model.train()
         total, count = distributed.all_sum([total, float(count)], info)
         return total / count
 
     def _save(self, step: int) -> None:
+        model: Any = self.model
+        optimizer, layout = None, fsdp.BY_INDEX
+        if self.fsdp:  # every rank takes part in gathering the full weights and optimizer state to rank 0
+            weights = fsdp.full_weights(self.model)
+            optimizer, layout = fsdp.full_optimizer_state(self.model, self.optimizer), fsdp.BY_NAME
+            if self.info.is_main:
+                model = fsdp.plain_model(self.model.config, weights)
         if not self.info.is_main:
             return
         state = {
@@ -286,11 +313,12 @@ class _Run:
                 "total": self.schedule.total,
                 "next_lr": self.schedule(step),
             },
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
+            "optimizer_layout": layout,
             "rng": rng_state(),
             "args": self.args.to_state(),
         }
-        save_checkpoint(self.out, self.model, Path(self.tokenizer_dir), state)
+        save_checkpoint(self.out, model, Path(self.tokenizer_dir), state)
 
     # ---- helpers --------------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
@@ -308,10 +336,11 @@ class _Run:
     def _summary(self) -> str:
         args, c = self.args, self.model.config
         val = f"{self.val_windows.tokens:,}" if self.val_windows is not None else "none"
+        mode = " (FSDP)" if self.fsdp else ""
         start = f", resuming at step {self.start_step}" if self.state else ""
         return (
-            f"training {self.model.num_parameters():,} parameters ({c.num_hidden_layers} layers x "
-            f"{c.hidden_size}, vocab {c.vocab_size}) on {self.info.device} x{self.info.world_size}: "
+            f"training {self.num_parameters:,} parameters ({c.num_hidden_layers} layers x "
+            f"{c.hidden_size}, vocab {c.vocab_size}) on {self.info.device} x{self.info.world_size}{mode}: "
             f"{args.steps} steps of {self.tokens_per_step:,} tokens; data {self.train_windows.tokens:,} "
             f"tokens, validation {val}{start}"
         )
