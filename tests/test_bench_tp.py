@@ -1,0 +1,55 @@
+"""benchmarks/bench_tp.py on a tiny checkpoint: both rank counts run under torchrun and the table comes out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from falconlm.model.config import FalconConfig
+from falconlm.model.falcon import FalconForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import bench_tp  # noqa: E402
+
+
+def test_table_counts_tokens_equal_to_the_first_row():
+    rows = [
+        {"ranks": 1, "threads_per_rank": 2, "device": "cpu", "prefill_tok_s": 100.0, "decode_b1_tok_s": 10.0,
+         "decode_b8_tok_s": 40.0, "peak_mib_per_rank": [900.0], "tokens_b1": [1, 2, 3, 4]},
+        {"ranks": 2, "threads_per_rank": 1, "device": "cpu", "prefill_tok_s": 150.0, "decode_b1_tok_s": 12.5,
+         "decode_b8_tok_s": 50.0, "peak_mib_per_rank": [500.0, 480.0], "tokens_b1": [1, 2, 9, 4]},
+    ]  # fmt: skip
+    text = bench_tp.render(rows, "tiny", threads=2, prefill=512)
+    assert "2 threads in total" in text and "prefill 512 tok/s" in text
+    assert "| 1 x 2 | 100 | 10.0 | 40.0 | 900 | 4/4 |" in text
+    assert "| 2 x 1 | 150 | 12.5 | 50.0 | 500 / 480 | 3/4 |" in text
+
+
+@pytest.mark.slow
+def test_bench_tp_runs_one_and_two_ranks_on_a_tiny_model(tmp_path):
+    config = FalconConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = FalconForCausalLM(config)
+    model.init_weights(seed=0)
+    model.save_pretrained(tmp_path / "tiny")
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_tp.py"), "--model", str(tmp_path / "tiny")]
+    cmd += ["--dtype", "float32", "--prefill", "8", "--new-tokens", "4", "--repeats", "1", "--timeout", "120"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 x 2") or line.startswith("| 2 x 1")]
+    assert len(rows) == 2, done.stdout
+    assert rows[1].endswith("| 4/4 |"), done.stdout  # float32: 2 ranks pick the same greedy tokens as 1
+    assert len(rows[1].split("|")[5].split("/")) == 2  # a peak RSS for each of the 2 ranks
+
+
+def test_bad_rank_count_is_one_line(capsys):
+    with pytest.raises(SystemExit, match="--ranks"):
+        bench_tp.main(["--ranks", "4", "--threads", "2", "--model", "."])
