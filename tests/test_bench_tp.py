@@ -53,3 +53,23 @@ def test_bench_tp_runs_one_and_two_ranks_on_a_tiny_model(tmp_path):
 def test_bad_rank_count_is_one_line(capsys):
     with pytest.raises(SystemExit, match="--ranks"):
         bench_tp.main(["--ranks", "4", "--threads", "2", "--model", "."])
+
+
+@pytest.mark.slow
+def test_tp_parity_passes_on_two_cpu_ranks(tmp_path):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*launch, str(REPO_ROOT / "benchmarks" / "tp_parity.py"), "--out", str(tmp_path), "--steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "max |logit diff|" in line]
+    assert len(lines) == 2 and all(line.startswith("ok ") and "greedy tokens equal" in line for line in lines)
+
+
+def test_gpu_script_fails_fast_without_a_gpu():
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        ["bash", str(REPO_ROOT / "benchmarks" / "gpu_tp.sh")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "needs at least one NVIDIA GPU" in done.stderr
