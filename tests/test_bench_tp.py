@@ -73,3 +73,35 @@ def test_gpu_script_fails_fast_without_a_gpu():
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "needs at least one NVIDIA GPU" in done.stderr
+
+
+def test_tp_plan_figures_follow_the_architecture(tmp_path):
+    import tp_plan
+
+    spec = [tp_plan.load_shape(name, tmp_path) for name in tp_plan.MODELS]  # no config files: the fallback
+    assert all("no config file" in s.source for s in spec)
+    if tp_plan.CONFIG_DIR.is_dir():  # the real configs agree with the fallback numbers
+        real = [tp_plan.load_shape(name, tp_plan.CONFIG_DIR) for name in tp_plan.MODELS]
+        assert [(r.hidden, r.layers, r.heads, r.kv_groups, r.vocab, r.ffn) for r in real] == [
+            (s.hidden, s.layers, s.heads, s.kv_groups, s.vocab, s.ffn) for s in spec
+        ]
+    f40, f180 = spec
+    assert 40e9 < f40.params < 42e9 and 175e9 < f180.params < 182e9
+    plan = tp_plan.Plan(f40, "bf16", 8)
+    matrices = (128 + 2 * 8) * 64 * 8192 + 8192 * 8192 + 2 * 8192 * 32768
+    assert plan.layer_bytes() == 2 * matrices + 2 * (2 * 2 * 8192)  # two LayerNorms of weight + bias
+    assert plan.kv_bytes_per_token() == 60 * 2 * 1 * 64 * 2  # one KV group per GPU: 15 KiB
+    assert tp_plan.Plan(f180, "bf16", 8).kv_bytes_per_token() == 80 * 2 * 1 * 64 * 2
+    assert tp_plan.Plan(f40, "int4", 8).gpu_bytes() < plan.gpu_bytes() / 3
+    one = tp_plan.Plan(f40, "bf16", 1)  # 1 GPU: no collectives, only the bytes streamed
+    assert one.decode_tok_s(1, 0, 1e12, 1e9, 1.0) == pytest.approx(1e12 / one.gpu_bytes())
+    assert plan.decode_tok_s(1, 0, 1e12, 1e12, 1e-5) < 1e12 / plan.gpu_bytes()  # collectives cost time
+
+
+def test_tp_plan_prints_its_table(capsys):
+    import tp_plan
+
+    tp_plan.main(["--gpus", "8"])
+    out = capsys.readouterr().out
+    assert out.startswith("COMPUTED, not measured")
+    assert sum(line.startswith("| falcon-") for line in out.splitlines()) == 8
