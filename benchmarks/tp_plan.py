@@ -1,9 +1,10 @@
 """Memory and decode-speed plan for Falcon-40B and Falcon-180B under tensor parallelism (computed, not measured).
 
-From each model's config.json (``/work/shared/data/falcon-configs`` when present, else the same architecture
-numbers written below) it computes, for ``--gpus`` ranks: weight bytes per layer, weights per GPU in bf16 and
-int4, KV-cache bytes per token per GPU, how many KV tokens fit in the rest of a GPU, and a bandwidth bound on decode
-tokens/s. Every figure is arithmetic on the architecture and the stated assumptions; none is a measurement.
+From each model's config.json (``../shared/data/falcon-configs`` beside the checkout when present, else the
+same architecture numbers written below) it computes, for ``--gpus`` ranks: weight bytes per layer, weights per GPU
+in bf16 and int4, KV-cache bytes per token per GPU, how many KV tokens fit in the rest of a GPU, and a bandwidth
+bound on decode tokens/s. Every figure is arithmetic on the architecture and the stated assumptions, none a
+measurement.
 
 Sharding assumed (Megatron style): QKV and the MLP up-projection split by output (whole heads and KV groups per
 rank), the attention output and MLP down-projection split by input, the tied embedding/head split by vocabulary;
@@ -23,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIG_DIR = Path("/work/shared/data/falcon-configs")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The project's shared data beside the checkout (or under $FALCONLM_SHARED), as the tests find it.
+CONFIG_DIR = Path(os.environ.get("FALCONLM_SHARED", REPO_ROOT.parent / "shared")) / "data" / "falcon-configs"
 # model -> (config file in CONFIG_DIR, its architecture numbers for when the file is not there)
 MODELS = {
     "falcon-40b": (
@@ -84,7 +88,7 @@ def load_shape(name: str, config_dir: Path) -> Shape:
     file, fallback = MODELS[name]
     path = config_dir / file
     if path.is_file():
-        config, source = FalconConfig.from_pretrained(path), str(path)
+        config, source = FalconConfig.from_pretrained(path), f"shared/data/falcon-configs/{path.name}"
     else:
         config, source = FalconConfig(**COMMON, **fallback), "architecture numbers in tp_plan.py (no config file)"
     norms = 1 if not config.new_decoder_architecture else (config.num_ln_in_parallel_attn or 2)
