@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -115,12 +116,18 @@ def launch(args: argparse.Namespace, ranks: int, result: Path) -> dict:
     threads = max(1, args.threads // ranks) if args.device == "cpu" else args.threads
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": pythonpath}
+    # A process group of its own, so that a timeout takes the ranks down with torchrun.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        _, err = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         sys.exit(f"bench_tp: {ranks} rank(s) did not finish within {args.timeout:.0f} s")
-    if done.returncode != 0:
-        sys.exit(f"bench_tp: the {ranks}-rank run failed:\n{done.stderr[-3000:]}")
+    if proc.returncode != 0:
+        sys.exit(f"bench_tp: the {ranks}-rank run failed:\n{err[-3000:]}")
     row = json.loads(result.read_text())
     print(f"  measured {ranks} rank(s): {row['decode_b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
     return row
