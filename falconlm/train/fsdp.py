@@ -72,10 +72,11 @@ def _named(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
-def plain_model(config: Any, weights: dict[str, torch.Tensor]) -> FalconForCausalLM:
-    """An unsharded model around gathered ``weights`` (no copy), to be saved like any other."""
+def plain_model(cls: type[FalconForCausalLM], config: Any, weights: dict[str, torch.Tensor]) -> FalconForCausalLM:
+    """An unsharded ``cls`` (the model's class before sharding) around gathered ``weights`` (no copy), to be saved
+    like any other."""
     with torch.device("meta"):
-        model = FalconForCausalLM(config)
+        model = cls(config)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

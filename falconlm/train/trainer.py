@@ -89,6 +89,7 @@ class _Run:
         self.train_windows, self.val_windows = self._load_data()
         self.model = build_model(args, self.tokenizer, self.out if state is not None else None, info.device)
         self.num_parameters = self.model.num_parameters()
+        self.model_class = type(self.model)  # sharding swaps in a subclass
         if self.fsdp:
             fsdp.shard_model(self.model, info.device, info.world_size)
         self.optimizer = make_optimizer(self.model, args.lr, args.weight_decay)
@@ -298,7 +299,7 @@ class _Run:
             weights = fsdp.full_weights(self.model)
             optimizer, layout = fsdp.full_optimizer_state(self.model, self.optimizer), fsdp.BY_NAME
             if self.info.is_main:
-                model = fsdp.plain_model(self.model.config, weights)
+                model = fsdp.plain_model(self.model_class, self.model.config, weights)
         if not self.info.is_main:
             return
         state = {
