@@ -51,6 +51,8 @@ class LLM:
         task: str = "generate",
         pooling: str | None = None,
         normalize: bool | None = None,
+        tensor_parallel_size: int = 1,
+        distributed_timeout_s: float = 120.0,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -69,6 +71,8 @@ class LLM:
             task=task,
             pooling=pooling,
             normalize=normalize,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_timeout_s=distributed_timeout_s,
         )
         self.path = args.model_path
         self.device = resolve_device(device)
