@@ -17,6 +17,7 @@ group's timeout for a message), and stop. A collective that fails or times out (
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -155,11 +156,18 @@ class StepChannel:
             dist.broadcast(tensor, src=0, group=self.state.group)
         except Exception as exc:  # gloo / NCCL raise RuntimeError subclasses, with long multi-line texts
             self.broken = True
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise TensorParallelError(
                 f"the tensor-parallel group failed on rank {self.state.rank} (a rank died or did not answer within "
-                f"{self.state.timeout_s:g}s): {first}"
+                f"{self.state.timeout_s:g}s): {_first_sentence(exc)}"
             ) from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The gist of a backend error: its first sentence, without the ``[file.cc:line]`` prefix gloo puts first."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    end = text.find(". ")
+    return text[: end + 1] if 0 < end < 300 else text[:300]
 
 
 class TensorParallelDriver:
