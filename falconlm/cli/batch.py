@@ -16,7 +16,6 @@ from .parallel import (
     distributed_timeout,
     join_group,
     leave_group,
-    release_followers,
     run_follower,
 )
 
@@ -182,8 +181,6 @@ def _run_batch(args: argparse.Namespace) -> int:
     finally:
         for engine in engines:
             engine.shutdown(timeout=1.0)
-        if not engines:
-            release_followers()  # nothing was run: the other ranks still wait for an engine's plan
         lock.release()
         store.close()
 

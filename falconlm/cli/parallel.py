@@ -10,6 +10,7 @@ fails their next wait within ``--distributed-timeout``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -80,22 +81,25 @@ def join_group(args: argparse.Namespace) -> int:
     return _joined.rank
 
 
-def release_followers() -> None:
-    """On rank 0 that ends without having built an engine: tell the followers (waiting for its plan) to stop."""
-    if _joined is not None and _joined.is_driver and _joined.distributed:
-        from ..engine.tp_runner import StepChannel
-
-        StepChannel(_joined).send_stop()
-
-
 def leave_group() -> None:
-    """Destroy the process group (every rank, at the end of the command)."""
+    """Destroy the process group (every rank, at the end of the command). Rank 0 first releases followers that
+    still wait for an engine; after a clean run the ranks then meet at a barrier, so none closes its connections
+    while another still reads its last message."""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    from ..engine.tp_runner import TensorParallelError, group_failed, release_followers
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _joined is not None:
+        with contextlib.suppress(TensorParallelError):
+            release_followers(_joined)
+    if not group_failed():
+        with contextlib.suppress(Exception):  # a rank that is gone already: nothing left to wait for
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_follower(engine_args: EngineArgs, command: str) -> int:

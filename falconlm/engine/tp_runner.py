@@ -82,6 +82,22 @@ def plan_of(runner: ModelRunner, layout: str) -> RunnerPlan:
     )
 
 
+_failed = False  # a collective of this process's group failed: it cannot run another one
+_driving = False  # this process became rank 0 of an engine (its followers got, or are getting, a plan)
+
+
+def group_failed() -> bool:
+    """Whether a collective of the tensor-parallel group failed in this process (a rank died)."""
+    return _failed
+
+
+def release_followers(state: ParallelState) -> None:
+    """On rank 0 at the end of a command: followers still waiting for a plan (no engine was built, or its build
+    failed before the plan went out) get stop instead, so they exit now rather than at the timeout."""
+    if state.is_driver and state.distributed and not _driving and not _failed:
+        StepChannel(state).send_stop()
+
+
 class StepChannel:
     """Messages from rank 0 to every rank over the group's broadcast (each with the group's timeout)."""
 
@@ -155,7 +171,8 @@ class StepChannel:
         try:
             dist.broadcast(tensor, src=0, group=self.state.group)
         except Exception as exc:  # gloo / NCCL raise RuntimeError subclasses, with long multi-line texts
-            self.broken = True
+            global _failed
+            self.broken = _failed = True
             raise TensorParallelError(
                 f"the tensor-parallel group failed on rank {self.state.rank} (a rank died or did not answer within "
                 f"{self.state.timeout_s:g}s): {_first_sentence(exc)}"
@@ -178,6 +195,8 @@ class TensorParallelDriver:
         self.channel = StepChannel(state)
         self.keepalive_interval_s = max(state.timeout_s / 4, 0.05)
         self.stopped = False
+        global _driving
+        _driving = True
         runner.fused_allowed = False
         self.channel.send_plan(plan_of(runner, layout))
         runner.on_forward = self.channel.send_forward

@@ -125,6 +125,16 @@ def test_generate_under_torchrun_prints_the_one_process_text(falcon) -> None:
     assert one.stdout.startswith(PROMPT) and len(one.stdout.strip()) > len(PROMPT)
 
 
+def test_rank_0_failing_before_its_engine_releases_the_followers(falcon) -> None:
+    # The follower loads its shard and waits for rank 0's plan; rank 0 refuses the empty prompt and tells it to
+    # stop, so both end long before the 600 s timeout (a follower left waiting would make this run time out).
+    args = ["", "--model", str(falcon), "--device", "cpu", "--distributed-timeout", "600"]
+    result = _run(_torchrun("-m", "falconlm", "generate", *args, "--tensor-parallel-size", "2"))
+    assert result.returncode != 0
+    assert result.stderr.count("falconlm generate: error: the prompt is empty") == 1
+    assert "tensor-parallel group failed" not in result.stderr
+
+
 def _batch_input(path: Path) -> Path:
     lines = []
     for i, prompt in enumerate(["Once upon a time", "The fox", "Numbers like 123 and", "A"]):
