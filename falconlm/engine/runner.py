@@ -6,6 +6,10 @@ and position, runs the model's ``forward_hidden`` with a :class:`PagedAttention`
 per-step kernel choice (``kernels.py``): decode rows run every layer in one native call when the model allows it
 (``fused_decode.py``), apart from prompt chunks, which take the model's torch forward. So a decoding request is
 computed the same way whatever else is in the step.
+
+Each forward is first described as a :class:`ForwardBatch` (plain integers, no Request), then run from that alone
+(:meth:`ModelRunner.run_batch`): under tensor parallelism rank 0 sends the description to the other ranks, which
+run the same forward over their own caches (``tp_runner.py``, ``tp_follower.py``).
 """
 
 from __future__ import annotations
