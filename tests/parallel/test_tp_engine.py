@@ -311,11 +311,13 @@ def test_serve_with_two_ranks_answers_like_one_and_stops_on_sigterm(falcon) -> N
         ranks.close()
 
 
-def test_a_dead_follower_stops_the_server_with_an_error(falcon) -> None:
+def test_an_idle_server_keeps_its_follower_and_a_dead_follower_stops_it(falcon) -> None:
     port = _free_port()
-    ranks = _Ranks(falcon, port, "--distributed-timeout", "5")
+    ranks = _Ranks(falcon, port, "--distributed-timeout", "3")
     try:
         _wait_healthy(port, ranks.procs)
+        time.sleep(8)  # idle for over twice the timeout: rank 0's keepalives hold the follower
+        assert all(proc.poll() is None for proc in ranks.procs)
         _complete(port)
         os.killpg(ranks.procs[1].pid, signal.SIGKILL)
         _, err = ranks.procs[0].communicate(timeout=60)  # within the timeout, plus shutdown: no hang
