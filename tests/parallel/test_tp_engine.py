@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from falconlm.cli import main
 from tests.conftest import make_hf_checkpoint
 from tests.model.h1_checkpoints import save_hf_h1
 from tests.model.mamba_checkpoints import save_hf_mamba
@@ -171,26 +170,6 @@ def test_batch_run_under_torchrun_writes_the_one_process_output(falcon, tmp_path
     expected = _answers(tmp_path / "one.jsonl")
     assert len(expected) == 4
     assert _answers(two_out) == expected
-
-
-def test_a_size_that_is_not_the_world_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    assert main(["generate", "hi", "--tensor-parallel-size", "2"]) == 2  # no torchrun
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "torchrun --nproc-per-node 2" in err
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    assert main(["batch", "run", "x.jsonl", "-o", "y.jsonl", "--tensor-parallel-size", "2"]) == 2
-    assert "this world has 3" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started 2 processes but the command asks for 1
-    assert main(["generate", "hi"]) == 2
-    assert "this world has 2" in capsys.readouterr().err
-
-
-def test_embed_task_with_tensor_parallel_is_refused(capsys) -> None:
-    assert main(["serve", "--task", "embed", "--tensor-parallel-size", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--task embed" in err
 
 
 # ---- serve ------------------------------------------------------------------------------------------------------
