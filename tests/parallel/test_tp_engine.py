@@ -94,6 +94,10 @@ def test_two_ranks_generate_the_tokens_of_one(falcon, mamba, h1, tmp_path) -> No
         one = greedy(path, 1)
         assert two[path]["tokens"] == one["tokens"], path
         assert two[path]["preemptions"] == one["preemptions"]
+        for key in ("logprobs", "prompt_logprobs"):  # [logprob, top token ids...] per position
+            assert len(two[path][key]) == len(one[key]) > 0
+            for got, want in zip(two[path][key], one[key], strict=True):
+                assert got[1:] == want[1:] and got[0] == pytest.approx(want[0], abs=1e-4), (path, key)
     assert two[str(falcon)]["preemptions"] > 0  # the small KV pool made the scheduler preempt and recompute
     assert len({t for row in two[str(falcon)]["tokens"] for t in row}) > 5  # the tokens say something
 

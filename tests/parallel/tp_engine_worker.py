@@ -1,8 +1,9 @@
 """One rank of the tensor-parallel engine tests, run by ``torchrun`` (or alone for the 1-process answer).
 
 ``python tp_engine_worker.py OUT.json CKPT [CKPT...]``: for each checkpoint rank 0 builds the engine with the
-test's settings (a small KV pool, chunked prefill) and writes the greedy tokens of ``PROMPTS`` and the number of
-preemptions to ``OUT.json``; the other ranks follow rank 0 for each checkpoint in turn.
+test's settings (a small KV pool, chunked prefill) and writes the greedy tokens of ``PROMPTS``, the number of
+preemptions and one request's logprobs and prompt logprobs to ``OUT.json``; the other ranks follow rank 0 for
+each checkpoint in turn.
 """
 
 from __future__ import annotations
@@ -53,9 +54,17 @@ def greedy(path: str | Path, tensor_parallel_size: int) -> dict:
     """Rank 0's answer for one checkpoint: the greedy tokens of every prompt and how many preemptions it took."""
     engine = build_engine(engine_args(path, tensor_parallel_size))
     try:
-        params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True)
-        outputs = engine.generate(PROMPTS, [params] * len(PROMPTS))
-        return {"tokens": [o.token_ids for o in outputs], "preemptions": engine.stats().num_preemptions}
+        params = [SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True) for _ in PROMPTS]
+        # The chunked 21-token prompt also scores its prompt (extra logits rows that every rank must agree on).
+        params[2] = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+        outputs = engine.generate(PROMPTS, params)
+        scored = outputs[2]
+        return {
+            "tokens": [o.token_ids for o in outputs],
+            "preemptions": engine.stats().num_preemptions,
+            "logprobs": [[lp.logprob, *(t for t, _ in lp.top)] for lp in scored.logprobs],
+            "prompt_logprobs": [[lp.logprob, *(t for t, _ in lp.top)] for lp in scored.prompt_logprobs[1:]],
+        }
     finally:
         engine.close()
 
