@@ -32,6 +32,10 @@ class LLM:
     :meth:`embed` gives embeddings (pooled final hidden states, see ``engine/pooling.py``); ``task="embed"``
     loads the model for embeddings only, ``pooling`` ("last", "mean", "cls") and ``normalize`` override the
     checkpoint's sentence-transformers pooling (default: last token, L2-normalised).
+
+    ``tensor_parallel_size`` > 1 makes this process rank 0 of a ``torchrun`` group of that many processes; the
+    other ranks run ``falconlm.engine.tp_follower.run_follower`` with the same settings, and ``self.engine.close()``
+    at the end lets them exit. Embeddings are refused then.
     """
 
     def __init__(
@@ -51,6 +55,8 @@ class LLM:
         task: str = "generate",
         pooling: str | None = None,
         normalize: bool | None = None,
+        tensor_parallel_size: int = 1,
+        distributed_timeout_s: float = 120.0,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -69,6 +75,8 @@ class LLM:
             task=task,
             pooling=pooling,
             normalize=normalize,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_timeout_s=distributed_timeout_s,
         )
         self.path = args.model_path
         self.device = resolve_device(device)

@@ -11,6 +11,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .options import add_model_options, check_model_path, positive_int
+from .parallel import (
+    add_parallel_options,
+    distributed_timeout,
+    join_group,
+    leave_group,
+    run_follower,
+)
 
 STATE_SUFFIX = ".state"
 
@@ -44,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="requests in the engine at once (default 2 x max-num-seqs)",
     )
+    add_parallel_options(run)
     run.set_defaults(run=run_batch)
 
     status = actions.add_parser("status", help="show the jobs of a state folder", description="Show batch jobs.")
@@ -108,6 +116,16 @@ def check_writable(path: Path) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    if join_group(args) > 0:  # a follower rank: rank 0 owns the job store and writes the files
+        check_model_path(args.model)
+        return run_follower(_engine_args(args), "batch run")
+    try:
+        return _run_batch(args)
+    finally:
+        leave_group()
+
+
+def _run_batch(args: argparse.Namespace) -> int:
     import asyncio
 
     from ..batch.ingest import ingest
@@ -194,19 +212,26 @@ def _open_job(store, source: Path, output: Path, errors: Path):
     return store.create_job(new_id("batch_"), "cli", key, fingerprint=digest, options=options)
 
 
-def _start_engine(args: argparse.Namespace):
-    from ..engine.async_engine import AsyncEngine
-    from ..engine.factory import EngineArgs, build_engine
+def _engine_args(args: argparse.Namespace):
+    from ..engine.factory import EngineArgs
 
-    settings = EngineArgs(
+    return EngineArgs(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         max_num_seqs=args.max_num_seqs,
         quantize=args.quantize,
         deterministic=args.deterministic,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_timeout_s=distributed_timeout(args),
     )
-    engine = AsyncEngine(build_engine(settings))
+
+
+def _start_engine(args: argparse.Namespace):
+    from ..engine.async_engine import AsyncEngine
+    from ..engine.factory import build_engine
+
+    engine = AsyncEngine(build_engine(_engine_args(args)))
     engine.start()
     if not engine.wait_ready(timeout=600):
         raise RuntimeError(f"the engine did not start: {engine.load_error}")

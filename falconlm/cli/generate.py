@@ -7,6 +7,7 @@ import sys
 import time
 
 from .options import add_model_options, add_sampling_options, check_model_path, sampling_params
+from .parallel import add_parallel_options, distributed_timeout, join_group, leave_group, run_follower
 
 CHAT_STOPS = ["\nUser:", "\nUser"]  # keep the built-in template's model from writing the user's turn
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_options(p)
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the continuation")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr at the end")
+    add_parallel_options(p)
     p.set_defaults(run=run_generate)
 
     c = sub.add_parser(
@@ -40,16 +42,50 @@ def _load(args: argparse.Namespace):
     from ..llm import LLM
 
     return LLM(
-        args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, deterministic=args.deterministic
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        deterministic=args.deterministic,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        distributed_timeout_s=distributed_timeout(args) if hasattr(args, "distributed_timeout") else 120.0,
     )
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if join_group(args) > 0:  # a follower rank: rank 0 reads the prompt and prints
+        from ..engine.factory import EngineArgs
+
+        check_model_path(args.model)
+        settings = EngineArgs(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            deterministic=args.deterministic,
+            tensor_parallel_size=args.tensor_parallel_size,
+            distributed_timeout_s=distributed_timeout(args),
+        )
+        return run_follower(settings, "generate")
+    try:
+        return _generate(args)
+    finally:
+        leave_group()
+
+
+def _generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise ValueError("the prompt is empty")
     params = sampling_params(args)
     llm = _load(args)
+    try:
+        return _stream(args, llm, prompt, params)
+    finally:
+        llm.engine.close()  # under tensor parallelism the other ranks stop and exit 0
+
+
+def _stream(args: argparse.Namespace, llm, prompt: str, params) -> int:
     if not args.no_echo:
         sys.stdout.write(prompt)
         sys.stdout.flush()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..model.mamba_config import FalconMambaConfig
-from .options import check_model_path
+from .options import check_model_path, positive_int
 
 if TYPE_CHECKING:
     from ..model.families import Family
@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="dtype for the KV-cache figure (default: the checkpoint's, else bfloat16)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="also show how N tensor-parallel ranks would run it",
+    )
     p.set_defaults(run=run)
 
 
@@ -104,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
         args.model = default_model_path()
     facts = describe(args.model, args.dtype)
+    if args.tensor_parallel_size > 1:
+        facts.update(tensor_parallel_facts(facts, args.tensor_parallel_size))
     if args.json:
         print(json.dumps(facts, indent=2))
         return 0
@@ -121,6 +130,18 @@ def run(args: argparse.Namespace) -> int:
     for key, value in facts.items():
         print(f"{key.replace('_bytes', '').replace('_', ' '):<{width}}  {value}")
     return 0
+
+
+def tensor_parallel_facts(facts: dict, size: int) -> dict:
+    """How ``size`` ranks run the checkpoint: the launch, each rank's query heads, and the fused step off."""
+    from ..engine.tp_runner import FUSED_OFF_REASON
+    from ..parallel import partition
+
+    plan = f"{size} ranks (torchrun --nproc-per-node {size} ... --tensor-parallel-size {size})"
+    if "attention_heads" in facts:
+        heads = [partition(facts["attention_heads"], size, r).size for r in range(size)]
+        plan += f"; query heads per rank: {', '.join(map(str, heads))}"
+    return {"tensor_parallel": plan, "fused_decode_step": f"no ({FUSED_OFF_REASON})"}
 
 
 def _human(n: float, base: int, unit: str) -> str:

@@ -25,6 +25,7 @@ from .options import (
     port_number,
     positive_int,
 )
+from .parallel import add_parallel_options, distributed_timeout, join_group, leave_group, run_follower
 from .serve_embedding import add_embedding_options
 from .serve_http import add_http_options, build_server_app, check_api_keys, http_settings, uvicorn_server
 
@@ -105,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_embedding_options(p)
     add_http_options(p)
+    add_parallel_options(p)
     p.set_defaults(run=run)
 
 
@@ -152,6 +154,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         task=args.task,
         pooling=args.pooling,
         normalize=args.normalize,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_timeout_s=distributed_timeout(args),
     )
 
 
@@ -183,6 +187,17 @@ def run(args: argparse.Namespace) -> int:
         args.model = default_model_path()
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError("--max-model-len must be at least 2")
+    if args.tensor_parallel_size > 1 and args.task == "embed":
+        raise ValueError("--task embed does not run with --tensor-parallel-size > 1 (embeddings run on one process)")
+    if join_group(args) > 0:
+        return run_follower(engine_args(args), "serve")  # no HTTP here: rank 0 serves
+    try:
+        return _serve(args)
+    finally:
+        leave_group()
+
+
+def _serve(args: argparse.Namespace) -> int:
     keys = read_api_keys(args)
     check_api_keys(keys)
     _check_start(args)
@@ -211,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     app = build_server_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))
     server = uvicorn_server(app, args)
     threading.Thread(target=_exit_on_load_failure, args=(engine, server), daemon=True).start()
+    threading.Thread(target=_exit_on_engine_failure, args=(engine, server), daemon=True).start()
     # uvicorn re-raises the SIGTERM it handled once it has shut down; a no-op handler makes that an exit 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
@@ -222,7 +238,16 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     if engine.load_error is not None:
         return 2  # the engine has logged why (one line for a bad checkpoint or setting)
+    if engine.fatal_error is not None:  # a tensor-parallel rank died: logged in one line, the server stopped
+        return 1
     return 0
+
+
+def _exit_on_engine_failure(engine, server) -> None:
+    """Stop the server when the engine loop stopped on its own (a tensor-parallel rank died)."""
+    engine.wait_stopped()
+    if engine.fatal_error is not None:
+        server.should_exit = True
 
 
 def _exit_on_load_failure(engine, server) -> None:

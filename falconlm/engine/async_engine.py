@@ -28,6 +28,7 @@ from .parallel_sampling import sequence_ids
 from .request_stream import RequestStream, call_threadsafe, resolve_threadsafe, snapshot
 from .sampling_params import SamplingParams
 from .stats import EngineStats
+from .tp_runner import TensorParallelError
 
 __all__ = [
     "AsyncEngine",
@@ -77,6 +78,8 @@ class AsyncEngine:
         self._idle = threading.Event()  # no request in flight
         self._idle.set()
         self._load_error: BaseException | None = None
+        self.fatal_error: BaseException | None = None  # why the loop stopped on its own (a tensor-parallel rank died)
+        self._finished = threading.Event()
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # sequence id -> its stream; engine thread only
         self.stats = EngineStats()
@@ -119,6 +122,10 @@ class AsyncEngine:
             self._idle.wait(timeout)
         self._post_stop()
         self._thread.join(timeout=max(timeout, 1.0))
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the engine thread has ended (shut down, failed to load, or stopped on its own)."""
+        return self._finished.wait(timeout)
 
     # ---- facts about the loaded engine (immutable, readable from any thread) ---------------------------------
     @property
@@ -218,11 +225,18 @@ class AsyncEngine:
         self._publish_stats()
         self._ready.set()
         error: EngineError = EngineStoppedError("the server shut down before the request finished")
+        driver = getattr(self._engine, "parallel_driver", None)  # tensor parallel: followers need a message often
         try:
             while self._drain_commands(block=not self._engine.has_unfinished()):
                 if self._engine.has_unfinished():
                     self._step()
                 self._publish_stats()
+                if driver is not None:
+                    driver.tick()
+        except TensorParallelError as exc:  # a rank died: the group cannot run another step
+            logger.error("%s", exc)
+            self.fatal_error = exc
+            error = EngineError(f"the engine stopped: {exc}")
         except BaseException as exc:  # a bug in this loop: fail everyone rather than hang them
             logger.exception("the engine loop stopped")
             error = EngineError(f"the engine loop stopped: {exc}")
@@ -230,8 +244,9 @@ class AsyncEngine:
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one when ``block``); False once told to stop."""
+        driver = getattr(self._engine, "parallel_driver", None)
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=driver.keepalive_interval_s if driver and block else None)
         except queue.Empty:
             return True
         while True:
@@ -276,6 +291,8 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except TensorParallelError:
+            raise
         except Exception as exc:
             logger.exception("an engine step failed; failing the requests in flight")
             self._fail_all(EngineError(f"the engine failed while running the request: {exc}"))
@@ -315,6 +332,11 @@ class AsyncEngine:
         if self._engine is not None:
             self._fail_all(error)
             self._publish_stats()
+            try:
+                if hasattr(self._engine, "close"):
+                    self._engine.close()
+            except TensorParallelError as exc:
+                logger.error("%s", exc)
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -324,3 +346,4 @@ class AsyncEngine:
                 resolve_threadsafe(command.stream.loop, command.accepted, exc=error)
         self._idle.set()
         self._ready.set()
+        self._finished.set()

@@ -34,6 +34,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats
 from .structured_output import GrammarCompiler
+from .tp_runner import TensorParallelDriver
 from .validation import RequestValidator
 
 
@@ -111,6 +112,7 @@ class Engine:
         )
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured output, compiled once
         self.num_steps = 0
+        self.parallel_driver: TensorParallelDriver | None = None  # rank 0 of a tensor-parallel group (tp_runner.py)
         self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
         self._children: dict[str, list[str]] = {}  # parent id -> its sequence ids, for n > 1
 
@@ -142,6 +144,8 @@ class Engine:
         Raises the typed errors of ``validation.py`` (ValueErrors) for a request that cannot run, and
         QueueFullError when the waiting queue is full."""
         if isinstance(params, PoolingParams):
+            if self.parallel_driver is not None:  # the embedder's forwards are not sent to the other ranks
+                raise InvalidRequestError("embeddings are not served with tensor parallelism", "input")
             if self._in_use(request_id):
                 raise DuplicateRequestIdError(request_id)
             self.embedder.add(request_id, prompt_token_ids, params)
@@ -189,6 +193,11 @@ class Engine:
     def sequence_ids(self, request_id: str) -> list[str]:
         """The unfinished sequences of a parent request with n > 1, else ``[request_id]`` itself."""
         return list(self._children.get(request_id, [request_id]))
+
+    def close(self) -> None:
+        """Release what outlives the engine: under tensor parallelism, tell the other ranks to stop."""
+        if self.parallel_driver is not None:
+            self.parallel_driver.stop()
 
     def stats(self) -> EngineStats:
         """A frozen snapshot of the load, built by the scheduler and the KV-cache manager."""

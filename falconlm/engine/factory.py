@@ -14,11 +14,15 @@ from pathlib import Path
 import torch
 
 from ..model.falcon import FalconForCausalLM
+from ..parallel import init_parallel
+from ..parallel.loading import load_sharded
+from ..parallel.state import DEFAULT_TIMEOUT_S
 from ..tokenizer import NoTokenizer, Tokenizer, load_tokenizer
 from .devices import auto_dtype, resolve_device, resolve_dtype
 from .engine import Engine, EngineConfig
 from .memory import check_max_model_len, free_memory
 from .pooling import TASKS, resolve_pooling_config
+from .tp_runner import attach_driver
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ class EngineArgs:
     folder without one instead of failing (the offline LLM; the server and batch need text).
     ``task`` "embed" serves embeddings only; ``pooling`` / ``normalize`` (None: the checkpoint's
     sentence-transformers files, else last-token and normalised) set embedding requests' defaults (``pooling.py``).
+    ``tensor_parallel_size`` > 1 runs under ``torchrun`` with that many processes: this one (rank 0) schedules and
+    the others follow (``tp_follower.run_follower``); ``distributed_timeout_s`` bounds every collective, so a dead
+    rank is an error, not a hang.
     """
 
     model: str | Path | None = None
@@ -54,6 +61,8 @@ class EngineArgs:
     task: str = "generate"
     pooling: str | None = None
     normalize: bool | None = None
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def model_path(self) -> Path:
@@ -70,6 +79,8 @@ def build_engine(args: EngineArgs) -> Engine:
         raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
     if args.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {args.task!r}")
+    if args.tensor_parallel_size > 1 and args.task == "embed":
+        raise ValueError("--task embed does not run with --tensor-parallel-size > 1 (embeddings run on one process)")
     pooling = resolve_pooling_config(args.model_path, args.pooling, args.normalize)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -78,8 +89,16 @@ def build_engine(args: EngineArgs) -> Engine:
     dtype = resolve_dtype(args.dtype, device)
     if args.dtype == "auto":
         logger.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), auto_dtype(device)[1])
-    # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
-    model = FalconForCausalLM.from_pretrained(path, dtype=dtype, device=device, quantize=args.quantize)
+    state = None
+    if args.tensor_parallel_size > 1:
+        state = init_parallel(args.tensor_parallel_size, device, args.distributed_timeout_s)
+        if not state.is_driver:
+            raise ValueError(f"rank {state.rank} follows rank 0: it runs tp_follower.run_follower, not an Engine")
+        device = state.device
+        model = load_sharded(path, state, dtype, args.quantize)
+    else:
+        # A quantized folder loads as stored; quantize="int8" / "int4[-gN][-sym]" quantizes a plain one on load.
+        model = FalconForCausalLM.from_pretrained(path, dtype=dtype, device=device, quantize=args.quantize)
     model.eval()
     tokenizer = _tokenizer(path, model.config.eos_token_id, args)
     max_model_len = check_max_model_len(model.config, args.max_model_len)
@@ -96,6 +115,8 @@ def build_engine(args: EngineArgs) -> Engine:
         pooling=pooling,
     )
     engine = Engine(model, tokenizer, config)
+    if state is not None:
+        attach_driver(engine, state)  # sends the runner's plan: the followers allocate their caches now
     logger.info("model loaded: %s (%d KV blocks of %d tokens)", path, engine.stats().num_blocks, args.block_size)
     logger.info("embeddings: %s pooling, normalize %s (%s)", pooling.pooling_type, pooling.normalize, pooling.source)
     return engine

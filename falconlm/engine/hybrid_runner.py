@@ -15,6 +15,9 @@ import torch
 
 from ..model.paged_attention import PagedAttention
 from ..model.recurrent import RecurrentBatch
+from .forward_batch import ForwardBatch
+from .prompt_logprobs import PromptRows
+from .request import Request
 from .runner import ModelRunner
 from .scheduler_output import ScheduledRequest
 
@@ -24,21 +27,25 @@ class HybridRunner(ModelRunner):
 
     def __init__(self, model, num_blocks: int, block_size: int, num_slots: int, deterministic: bool = False) -> None:
         super().__init__(model, num_blocks, block_size, deterministic)
+        self.num_slots = num_slots
         self.states = model.new_recurrent_state(num_slots)
+
+    def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
+        batch, sampled, scored = super()._describe(items)
+        for item in items:
+            if item.request.state_slot is None:
+                raise RuntimeError(f"request {item.request.request_id!r} was scheduled without a state slot")
+            batch.state_slots.append(item.request.state_slot)
+            batch.fresh.append(item.start == 0)
+        return batch, sampled, scored
 
     def _hidden(
         self,
-        items: list[ScheduledRequest],
+        batch: ForwardBatch,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         ctx: PagedAttention,
         rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        slots = []
-        for item in items:
-            if item.request.state_slot is None:
-                raise RuntimeError(f"request {item.request.request_id!r} was scheduled without a state slot")
-            slots.append(item.request.state_slot)
-        fresh = [item.start == 0 for item in items]
-        rows = RecurrentBatch(self.states, slots, ctx.query_starts, ctx.query_lens, fresh)
+        rows = RecurrentBatch(self.states, batch.state_slots, ctx.query_starts, ctx.query_lens, batch.fresh)
         return self.model.forward_hidden(input_ids, position_ids, ctx, rows)

@@ -10,9 +10,12 @@ the torch path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..model.falcon_mamba import FalconMambaForCausalLM, RecurrentBatch
+from .forward_batch import ForwardBatch
 from .fused_decode import FusedDecoder
 from .prompt_logprobs import PromptRows, prompt_rows
 from .request import Request
@@ -28,6 +31,9 @@ class RecurrentRunner(ModelRunner):
         self.model = model
         self.device = model.device
         self.deterministic = False
+        self.num_slots = num_slots
+        self.fused_allowed = False
+        self.on_forward: Callable[[ForwardBatch], None] | None = None  # sees each forward first (tp_runner.py)
         self.states = model.new_states(num_slots)
         self.sampler = Sampler()
         self.req_id_to_generator: dict[str, torch.Generator | None] = {}
@@ -35,29 +41,29 @@ class RecurrentRunner(ModelRunner):
     def _fused_decoder(self) -> FusedDecoder | None:
         return None
 
-    def _forward(
-        self, items: list[ScheduledRequest], decoder: FusedDecoder | None
-    ) -> tuple[list[Request], torch.Tensor | None, list[PromptRows]]:
-        ids: list[int] = []
-        slots, query_starts, query_lens, fresh = [], [], [], []
-        sampled, logits_indices = [], []
+    def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
+        batch = ForwardBatch()
+        sampled = []
         for item in items:
             req, start, n = item.request, item.start, item.num_tokens
             if req.state_slot is None:
                 raise RuntimeError(f"request {req.request_id!r} was scheduled without a state slot")
-            slots.append(req.state_slot)
-            query_starts.append(len(ids))
-            query_lens.append(n)
-            fresh.append(start == 0)
-            ids.extend(req.all_token_ids[start : start + n])
+            batch.state_slots.append(req.state_slot)
+            batch.query_starts.append(batch.num_tokens)
+            batch.query_lens.append(n)
+            batch.fresh.append(start == 0)
+            batch.token_ids.extend(req.all_token_ids[start : start + n])
             if item.sample:
                 sampled.append(req)
-                logits_indices.append(len(ids) - 1)
-        if not ids:
-            return [], None, []
-        scored = prompt_rows(items, query_starts)
-        logits_indices += [i for part in scored for i in part.flat_indices]
-        batch = RecurrentBatch(self.states, slots, query_starts, query_lens, fresh)
-        hidden = self.model.forward_hidden(torch.tensor([ids], device=self.device), None, batch)
-        rows = torch.tensor(logits_indices, dtype=torch.long, device=self.device)
-        return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
+                batch.logits_rows.append(batch.num_tokens - 1)
+        if not batch.num_tokens:
+            return batch, [], []
+        scored = prompt_rows(items, batch.query_starts)
+        batch.logits_rows += [i for part in scored for i in part.flat_indices]
+        return batch, sampled, scored
+
+    def run_batch(self, batch: ForwardBatch, decoder: FusedDecoder | None = None) -> torch.Tensor | None:
+        rows = RecurrentBatch(self.states, batch.state_slots, batch.query_starts, batch.query_lens, batch.fresh)
+        hidden = self.model.forward_hidden(torch.tensor([batch.token_ids], device=self.device), None, rows)
+        logits_rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden, logits_rows) if batch.logits_rows else None

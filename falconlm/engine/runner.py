@@ -6,15 +6,22 @@ and position, runs the model's ``forward_hidden`` with a :class:`PagedAttention`
 per-step kernel choice (``kernels.py``): decode rows run every layer in one native call when the model allows it
 (``fused_decode.py``), apart from prompt chunks, which take the model's torch forward. So a decoding request is
 computed the same way whatever else is in the step.
+
+Each forward is first described as a :class:`ForwardBatch` (plain integers, no Request), then run from that alone
+(:meth:`ModelRunner.run_batch`): under tensor parallelism rank 0 sends the description to the other ranks, which
+run the same forward over their own caches (``tp_runner.py``, ``tp_follower.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
 from ..model.positions import alibi_slopes, engine_rope_length, is_dynamic
+from .forward_batch import ForwardBatch
 from .fused_decode import FusedDecoder, fused_decoder, fused_hidden
 from .kernels import bind_weight_kernels, log_choice, row_attention
 from .prompt_logprobs import PromptRows, prompt_rows, score_prompt_rows
@@ -48,6 +55,9 @@ class ModelRunner:
             bind_weight_kernels(model, invariant=deterministic)
             log_choice()
         self.row_attention = row_attention(self.device)
+        self.num_blocks = num_blocks
+        self.fused_allowed = True  # False under tensor parallelism: the fused step has no collectives
+        self.on_forward: Callable[[ForwardBatch], None] | None = None  # sees each forward first (tp_runner.py)
 
     def free(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -86,8 +96,9 @@ class ModelRunner:
 
     def _fused_decoder(self) -> FusedDecoder | None:
         """The native all-layers decode step for this step's decode rows, None where it does not apply."""
-        # The fused step is Falcon's block only (other families say why in `falconlm info`).
-        fused = self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
+        # The fused step is Falcon's block only (other families say why in `falconlm info`), and it runs every
+        # layer in C++ without collectives, so never under tensor parallelism (``fused_allowed`` False).
+        fused = self.fused_allowed and self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
         return fused_decoder(self.model.transformer) if fused else None
 
     def _forward(
@@ -95,61 +106,71 @@ class ModelRunner:
     ) -> tuple[list[Request], torch.Tensor | None, list[PromptRows]]:
         """One forward pass over ``items``: the requests to sample, their logits [R, vocab] followed by those of
         the prompt-logprob rows (None if no row), and those rows."""
-        ids: list[int] = []
-        positions: list[int] = []
-        rope_lengths: list[int] = []
-        slots: list[int] = []
-        query_starts, query_lens, context_lens, tables = [], [], [], []
-        sampled, logits_indices = [], []
+        batch, sampled, scored = self._describe(items)
+        if not batch.num_tokens:
+            return [], None, []
+        if self.on_forward is not None:  # tensor parallel: the other ranks make the same forward
+            self.on_forward(batch)
+        return sampled, self.run_batch(batch, decoder), scored
+
+    def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
+        """The forward pass of ``items`` as plain data, the requests it samples and its prompt-logprob rows."""
+        batch = ForwardBatch()
+        sampled = []
         bs = self.block_size
         for item in items:
             req, start, n = item.request, item.start, item.num_tokens
-            query_starts.append(len(ids))
-            query_lens.append(n)
-            context_lens.append(start + n)
-            ids.extend(req.all_token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+            batch.query_starts.append(batch.num_tokens)
+            batch.query_lens.append(n)
+            batch.context_lens.append(start + n)
+            batch.token_ids.extend(req.all_token_ids[start : start + n])
+            batch.positions.extend(range(start, start + n))
             if self.dynamic_rope:
-                rope_lengths.extend(engine_rope_length(req.num_prompt_tokens, p) for p in range(start, start + n))
-            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
-            tables.append(req.block_ids)
+                batch.rope_lengths.extend(engine_rope_length(req.num_prompt_tokens, p) for p in range(start, start + n))
+            batch.kv_slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            batch.block_tables.append(list(req.block_ids))
             if item.sample:
                 sampled.append(req)
-                logits_indices.append(len(ids) - 1)
-        if not ids:
-            return [], None, []
-        scored = prompt_rows(items, query_starts)
-        logits_indices += [i for part in scored for i in part.flat_indices]
+                batch.logits_rows.append(batch.num_tokens - 1)
+        if not batch.num_tokens:
+            return batch, [], []
+        scored = prompt_rows(items, batch.query_starts)
+        batch.logits_rows += [i for part in scored for i in part.flat_indices]
+        return batch, sampled, scored
+
+    def run_batch(self, batch: ForwardBatch, decoder: FusedDecoder | None = None) -> torch.Tensor | None:
+        """The model's forward over ``batch``: logits of its ``logits_rows`` (None when it has none)."""
+        tables = batch.block_tables
         block_tables = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
         for row, table in enumerate(tables):
             block_tables[row, : len(table)] = torch.tensor(table)
         dev = self.device
         ctx = PagedAttention(
             self.cache,
-            torch.tensor(slots, device=dev),
-            query_starts,
-            query_lens,
-            context_lens,
+            torch.tensor(batch.kv_slots, device=dev),
+            batch.query_starts,
+            batch.query_lens,
+            batch.context_lens,
             block_tables.to(dev),
             self.alibi_slopes,
             row_attention=self.row_attention,
             per_token_chunks=self.deterministic,
         )
-        input_ids = torch.tensor([ids], device=dev)
-        position_ids = torch.tensor([positions], device=dev)
-        lengths = torch.tensor([rope_lengths], device=dev) if self.dynamic_rope else None
-        rows = torch.tensor(logits_indices, dtype=torch.long, device=dev)
+        input_ids = torch.tensor([batch.token_ids], device=dev)
+        position_ids = torch.tensor([batch.positions], device=dev)
+        lengths = torch.tensor([batch.rope_lengths], device=dev) if self.dynamic_rope else None
+        rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=dev)
         rows_kv = ctx.decode_rows() if decoder is not None else None  # None unless every row adds one token
         hidden = None
         if rows_kv is not None:
             hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths)
         if hidden is None:
-            hidden = self._hidden(items, input_ids, position_ids, ctx, lengths)
-        return sampled, self.model.compute_logits(hidden, rows) if logits_indices else None, scored
+            hidden = self._hidden(batch, input_ids, position_ids, ctx, lengths)
+        return self.model.compute_logits(hidden, rows) if batch.logits_rows else None
 
     def _hidden(
         self,
-        items: list[ScheduledRequest],
+        batch: ForwardBatch,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         ctx: PagedAttention,
