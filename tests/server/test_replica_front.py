@@ -1,0 +1,186 @@
+"""The replica front end without Ray: routing rules, and the front over two in-process servers as its replicas."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import uvicorn
+
+from falconlm.server.replica_front import REPLICA_HEADER, FrontSettings, build_front_app
+from falconlm.server.replica_pool import ReplicaPool
+from falconlm.server.replica_routing import choose_replica, prefix_key, rendezvous_order
+
+from .conftest import API_KEY, MODEL_NAME, free_port
+
+REPLICA_KEY = "replica-secret-456"
+SHARED = "You are a careful assistant who answers in short sentences about foxes and rivers. " * 4
+
+
+# ---- routing rules --------------------------------------------------------------------------------------------
+
+
+def test_prefix_key_reads_the_prompt_of_each_route():
+    completion = json.dumps({"model": "m", "prompt": SHARED + "one"}).encode()
+    other_suffix = json.dumps({"model": "m", "prompt": [SHARED + "two", "x"]}).encode()
+    assert prefix_key("/v1/completions", completion) == prefix_key("/v1/completions", other_suffix)
+    assert prefix_key("/v1/completions", completion) != prefix_key("/v1/completions", b'{"prompt": "short"}')
+    chat = {"model": "m", "messages": [{"role": "system", "content": SHARED}, {"role": "user", "content": "a"}]}
+    chat_b = {**chat, "messages": [*chat["messages"][:1], {"role": "user", "content": "b"}]}
+    key = prefix_key("/v1/chat/completions", json.dumps(chat).encode())
+    assert key is not None and key == prefix_key("/v1/chat/completions", json.dumps(chat_b).encode())
+    assert prefix_key("/v1/completions", b'{"prompt": [1, 2, 3]}') != prefix_key(
+        "/v1/completions", b'{"prompt": [1, 2, 4]}'
+    )
+    assert prefix_key("/v1/embeddings", b'{"input": "hello"}') is not None
+    for path, body in [("/v1/models", b""), ("/v1/completions", b"not json"), ("/v1/completions", b"[1]")]:
+        assert prefix_key(path, body) is None
+
+
+def test_rendezvous_moves_only_the_keys_of_a_replica_that_leaves():
+    keys = [f"prefix {i}".encode() for i in range(200)]
+    before = {key: rendezvous_order(key, [0, 1, 2])[0] for key in keys}
+    after = {key: rendezvous_order(key, [0, 2])[0] for key in keys}
+    assert set(Counter(before.values())) == {0, 1, 2}  # every replica gets keys
+    for key in keys:
+        if before[key] != 1:
+            assert after[key] == before[key]  # keys of replicas that stayed do not move
+    assert rendezvous_order(b"x", [0, 1, 2]) == rendezvous_order(b"x", [2, 1, 0])  # independent of the order
+
+
+def test_bounded_loads_spill_a_hot_prefix_and_send_keyless_requests_to_the_least_loaded():
+    key = b"hot prefix"
+    home = rendezvous_order(key, [0, 1])[0]
+    other = 1 - home
+    assert choose_replica(key, {home: 5, other: 0}, floor=16) == home  # below the floor: stay for the cache
+    assert choose_replica(key, {home: 16, other: 0}, floor=16) == other  # full batch, idle neighbour: spill
+    assert choose_replica(key, {home: 16, other: 15}, floor=16) == home  # both busy: keep the cache hit
+    assert choose_replica(key, {home: 30, other: 30}, floor=16) == home
+    assert choose_replica(None, {0: 3, 1: 1, 2: 2}) == 1
+    with pytest.raises(ValueError):
+        choose_replica(key, {})
+
+
+# ---- the front over two live servers --------------------------------------------------------------------------
+
+
+class Front:
+    def __init__(self, pool: ReplicaPool, settings: FrontSettings) -> None:
+        self.pool = pool
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(build_front_app(pool, settings), host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the front did not start"
+            time.sleep(0.02)
+
+    def wait_ready(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.pool.ready) != count:
+            assert time.monotonic() < deadline, f"{len(self.pool.ready)} replicas ready, expected {count}"
+            time.sleep(0.05)
+
+    def http(self, key: str | None = API_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def replicas(start_server):
+    return [start_server(api_keys=(REPLICA_KEY,), max_num_seqs=16) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def front(replicas):
+    pool = ReplicaPool([lambda r=r: r.url for r in replicas], health_interval=0.2)
+    front = Front(pool, FrontSettings(replica_key=REPLICA_KEY, api_keys=(API_KEY,)))
+    front.wait_ready(2)
+    yield front
+    front.stop()
+
+
+def test_front_answers_like_a_single_server(front, server):
+    body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    with front.http() as client, server.http() as direct:
+        via_front = client.post("/v1/completions", json=body)
+        assert via_front.status_code == 200, via_front.text
+        assert via_front.headers[REPLICA_HEADER] in {"0", "1"}
+        assert (
+            via_front.json()["choices"][0]["text"]
+            == direct.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        )
+        stream = {**body, "stream": True}
+        with client.stream("POST", "/v1/completions", json=stream) as streamed:
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+        assert text == via_front.json()["choices"][0]["text"]
+        bad = client.post("/v1/completions", json={**body, "max_tokens": -1})  # the replica's own error object
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        assert client.get("/v1/models").json()["data"][0]["id"] == MODEL_NAME
+        assert client.get("/no/such/route").status_code == 404
+
+
+def test_front_checks_keys_and_keeps_health_open(front):
+    with front.http(key=None) as anonymous, front.http(key="wrong") as wrong:
+        assert anonymous.post("/v1/completions", json={"prompt": "a"}).status_code == 401
+        assert wrong.get("/v1/models").status_code == 401
+        assert wrong.get("/metrics").status_code == 401
+        assert anonymous.get("/health").json() == {"status": "ok", "replicas_ready": 2, "replicas": 2}
+    with front.http(key=REPLICA_KEY) as replica_key:  # the replicas' key is not a client key
+        assert replica_key.get("/v1/models").status_code == 401
+
+
+def test_front_routes_by_prefix_and_counts_per_replica(front):
+    body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0}
+    with front.http() as client:
+        shared = {client.post("/v1/completions", json={**body, "prompt": SHARED + s}).headers[REPLICA_HEADER]
+                  for s in ("a", "b", "c", "d")}  # fmt: skip
+        assert len(shared) == 1
+        spread = {client.post("/v1/completions", json={**body, "prompt": f"{i} different start"}).headers[REPLICA_HEADER]
+                  for i in range(12)}  # fmt: skip
+        assert spread == {"0", "1"}
+        metrics = client.get("/metrics").text
+    assert 'falconlm_replica_routed_requests_total{replica="0"}' in metrics
+    assert 'falconlm_replica_ready{replica="1"} 1.0' in metrics
+    finished = [line for line in metrics.splitlines() if line.startswith("falconlm_requests_total")]
+    assert any('replica="0"' in line for line in finished) and any('replica="1"' in line for line in finished)
+
+
+def test_front_keeps_answering_when_a_replica_goes_away(start_server):
+    first, second = (start_server(api_keys=(REPLICA_KEY,)) for _ in range(2))
+    pool = ReplicaPool([lambda: first.url, lambda: second.url], health_interval=0.2)
+    front = Front(pool, FrontSettings(replica_key=REPLICA_KEY))
+    try:
+        front.wait_ready(2)
+        first.stop()  # connections to it are refused from now on
+        body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0}
+        with front.http(key=None) as client:
+            for i in range(6):  # some are routed to the stopped replica before a health check notices
+                answer = client.post("/v1/completions", json={**body, "prompt": f"{i} start"})
+                assert answer.status_code == 200 and answer.headers[REPLICA_HEADER] == "1"
+            front.wait_ready(1)
+            assert client.get("/health").json()["replicas_ready"] == 1
+            second.stop()
+            front.wait_ready(0)
+            down = client.get("/health")
+            assert down.status_code == 503 and "no replica is ready" in down.json()["error"]["message"]
+            refused = client.post("/v1/completions", json={**body, "prompt": "x"})
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            text = client.post("/v1/completions", content=b"{}", headers={"content-type": "text/plain"})
+            assert text.status_code == 415  # no keys: JSON only, checked by the front itself
+    finally:
+        front.stop()
