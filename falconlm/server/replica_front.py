@@ -45,7 +45,7 @@ from .disconnect import cancel_on_disconnect
 from .errors import error_response, install_error_handlers
 from .limits import BodySizeLimitMiddleware
 from .replica_pool import Replica, ReplicaPool
-from .replica_routing import prefix_key
+from .replica_routing import PREFIX_CHARS, prefix_key
 from .sse import SSE_DONE, EventStreamResponse
 
 logger = logging.getLogger("falconlm.serve")
@@ -59,6 +59,8 @@ _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
      "upgrade", "content-length", "host"}
 )  # fmt: skip
+# The connection broke before any answer came: the replica went away (or a kept-alive connection to it went stale).
+RETRIED_ERRORS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 _CLIENT_ONLY_HEADERS = frozenset({"authorization", "origin", "referer", "cookie"})
 
 
@@ -74,6 +76,7 @@ class FrontSettings:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     retry_after_seconds: int = 1
+    prefix_chars: int = PREFIX_CHARS  # how much of a prompt's start decides its replica (see replica_routing)
     read_timeout: float = 600.0  # seconds a replica may stay silent mid-answer before the request fails
 
 
@@ -219,7 +222,9 @@ def build_front_app(pool: ReplicaPool, settings: FrontSettings) -> FastAPI:
         if path.startswith(BATCH_PREFIXES):
             return await _forward_batch(request)
         body = await request.body()
-        return await cancel_on_disconnect(request, _forward_routed(request, body, prefix_key(path, body)))
+        return await cancel_on_disconnect(
+            request, _forward_routed(request, body, prefix_key(path, body, settings.prefix_chars))
+        )
 
     async def _forward_batch(request: Request) -> Response:
         replica = pool.replicas[0]
@@ -233,44 +238,58 @@ def build_front_app(pool: ReplicaPool, settings: FrontSettings) -> FastAPI:
             pool.release(replica)
             pool.mark_down(replica, f"connection refused ({exc})")
             raise _unavailable("the batch API runs on replica 0, which is not reachable", settings) from None
+        except httpx.TransportError as exc:  # the upload is spent: no second try
+            pool.release(replica)
+            pool.suspect(replica)
+            raise _replica_failed(replica, exc) from None
         except BaseException:
             pool.release(replica)
             raise
         return await _answer(replica, upstream)
 
     async def _forward_routed(request: Request, body: bytes, key: bytes | None) -> Response:
+        """Send to the replica for ``key``; one whose connection is refused or drops before any answer (a dead
+        process, a stale kept-alive connection) leaves the routing and the next one is tried. These routes have
+        no side effects, so sending again is safe."""
         tried: set[int] = set()
+        failure: Exception | None = None
         while True:
             replica = pool.pick(key, exclude=tried)
             if replica is None:
+                if failure is not None:
+                    raise failure
                 total = len(pool.replicas)
                 raise _unavailable(f"no replica is ready ({len(pool.ready)} of {total})", settings)
             try:
                 upstream = await _send(replica, request, body)
-            except httpx.ConnectError as exc:  # it never saw the request: the next replica may take it
+            except httpx.ConnectError as exc:
                 pool.release(replica)
                 pool.mark_down(replica, f"connection refused ({exc})")
                 tried.add(replica.index)
                 continue
+            except RETRIED_ERRORS as exc:
+                pool.release(replica)
+                pool.suspect(replica)
+                tried.add(replica.index)
+                failure = _replica_failed(replica, exc)
+                continue
+            except httpx.TransportError as exc:  # a timeout: the replica is slow or hung, not gone
+                pool.release(replica)
+                pool.suspect(replica)
+                raise _replica_failed(replica, exc) from None
             except BaseException:
                 pool.release(replica)
                 raise
             return await _answer(replica, upstream)
 
     async def _send(replica: Replica, request: Request, content) -> httpx.Response:
-        """The replica's response, headers read (the caller owns it); 502 on a failure other than connecting."""
+        """The replica's response with its headers read (the caller owns it)."""
         client = client_box[0]
         url = httpx.URL(f"{replica.url}{request.url.path}", query=request.url.query.encode("latin-1"))
         outgoing = client.build_request(
             request.method, url, headers=_request_headers(request, settings), content=content
         )
-        try:
-            return await client.send(outgoing, stream=True)
-        except httpx.ConnectError:
-            raise
-        except httpx.TransportError as exc:
-            pool.suspect(replica)
-            raise _replica_failed(replica, exc) from None
+        return await client.send(outgoing, stream=True)
 
     async def _answer(replica: Replica, upstream: httpx.Response) -> Response:
         """The client's response for ``upstream``: read whole when small, else streamed; releases the replica."""

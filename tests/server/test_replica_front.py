@@ -11,6 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
+from falconlm.cli import main
 from falconlm.server.replica_front import REPLICA_HEADER, FrontSettings, build_front_app
 from falconlm.server.replica_pool import ReplicaPool
 from falconlm.server.replica_routing import choose_replica, prefix_key, rendezvous_order
@@ -18,7 +19,8 @@ from falconlm.server.replica_routing import choose_replica, prefix_key, rendezvo
 from .conftest import API_KEY, MODEL_NAME, free_port
 
 REPLICA_KEY = "replica-secret-456"
-SHARED = "You are a careful assistant who answers in short sentences about foxes and rivers. " * 4
+SHARED = "You are a careful assistant who answers in short sentences. "  # past PREFIX_CHARS below
+PREFIX_CHARS = 40  # the tiny model's context is 128 tokens: short prompts
 
 
 # ---- routing rules --------------------------------------------------------------------------------------------
@@ -27,12 +29,15 @@ SHARED = "You are a careful assistant who answers in short sentences about foxes
 def test_prefix_key_reads_the_prompt_of_each_route():
     completion = json.dumps({"model": "m", "prompt": SHARED + "one"}).encode()
     other_suffix = json.dumps({"model": "m", "prompt": [SHARED + "two", "x"]}).encode()
-    assert prefix_key("/v1/completions", completion) == prefix_key("/v1/completions", other_suffix)
+    assert prefix_key("/v1/completions", completion, PREFIX_CHARS) == prefix_key(
+        "/v1/completions", other_suffix, PREFIX_CHARS
+    )
+    assert prefix_key("/v1/completions", completion) != prefix_key("/v1/completions", other_suffix)  # 256 chars
     assert prefix_key("/v1/completions", completion) != prefix_key("/v1/completions", b'{"prompt": "short"}')
     chat = {"model": "m", "messages": [{"role": "system", "content": SHARED}, {"role": "user", "content": "a"}]}
     chat_b = {**chat, "messages": [*chat["messages"][:1], {"role": "user", "content": "b"}]}
-    key = prefix_key("/v1/chat/completions", json.dumps(chat).encode())
-    assert key is not None and key == prefix_key("/v1/chat/completions", json.dumps(chat_b).encode())
+    key = prefix_key("/v1/chat/completions", json.dumps(chat).encode(), PREFIX_CHARS)
+    assert key is not None and key == prefix_key("/v1/chat/completions", json.dumps(chat_b).encode(), PREFIX_CHARS)
     assert prefix_key("/v1/completions", b'{"prompt": [1, 2, 3]}') != prefix_key(
         "/v1/completions", b'{"prompt": [1, 2, 4]}'
     )
@@ -105,7 +110,7 @@ def replicas(start_server):
 @pytest.fixture(scope="module")
 def front(replicas):
     pool = ReplicaPool([lambda r=r: r.url for r in replicas], health_interval=0.2)
-    front = Front(pool, FrontSettings(replica_key=REPLICA_KEY, api_keys=(API_KEY,)))
+    front = Front(pool, FrontSettings(replica_key=REPLICA_KEY, api_keys=(API_KEY,), prefix_chars=PREFIX_CHARS))
     front.wait_ready(2)
     yield front
     front.stop()
@@ -147,11 +152,14 @@ def test_front_checks_keys_and_keeps_health_open(front):
 def test_front_routes_by_prefix_and_counts_per_replica(front):
     body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0}
     with front.http() as client:
-        shared = {client.post("/v1/completions", json={**body, "prompt": SHARED + s}).headers[REPLICA_HEADER]
-                  for s in ("a", "b", "c", "d")}  # fmt: skip
-        assert len(shared) == 1
-        spread = {client.post("/v1/completions", json={**body, "prompt": f"{i} different start"}).headers[REPLICA_HEADER]
-                  for i in range(12)}  # fmt: skip
+
+        def replica_of(prompt: str) -> str:
+            answer = client.post("/v1/completions", json={**body, "prompt": prompt})
+            assert answer.status_code == 200, answer.text
+            return answer.headers[REPLICA_HEADER]
+
+        assert len({replica_of(SHARED + suffix) for suffix in ("a", "b", "c", "d")}) == 1
+        spread = {replica_of(f"{i} different start") for i in range(12)}
         assert spread == {"0", "1"}
         metrics = client.get("/metrics").text
     assert 'falconlm_replica_routed_requests_total{replica="0"}' in metrics
@@ -184,3 +192,21 @@ def test_front_keeps_answering_when_a_replica_goes_away(start_server):
             assert text.status_code == 415  # no keys: JSON only, checked by the front itself
     finally:
         front.stop()
+
+
+def test_without_ray_installed_the_option_is_one_line(monkeypatch, capsys, tiny_checkpoint):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert main(["serve", "--model", str(tiny_checkpoint), "--ray-replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'falconlm[ray]'" in err
+    assert main(["serve", "--model", str(tiny_checkpoint), "--ray", "auto"]) == 2
+    assert "--ray-replicas" in capsys.readouterr().err
