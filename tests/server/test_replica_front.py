@@ -210,3 +210,36 @@ def test_without_ray_installed_the_option_is_one_line(monkeypatch, capsys, tiny_
     assert err.count("\n") == 1 and "pip install 'falconlm[ray]'" in err
     assert main(["serve", "--model", str(tiny_checkpoint), "--ray", "auto"]) == 2
     assert "--ray-replicas" in capsys.readouterr().err
+
+
+def test_a_client_that_leaves_stops_the_replicas_work(slow_server):
+    pool = ReplicaPool([lambda: slow_server.url], health_interval=0.2)
+    front = Front(pool, FrontSettings(replica_key=REPLICA_KEY))
+    body = {"model": MODEL_NAME, "prompt": "Once", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+
+    def aborted() -> float:
+        with slow_server.http() as direct:
+            lines = direct.get("/metrics").text.splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith("falconlm_aborted_requests_total")))
+
+    try:
+        front.wait_ready(1)
+        before = aborted()
+        with (
+            front.http(key=None) as client,
+            client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s,
+        ):
+            lines = s.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # generating; now hang up
+        slow_server.wait_idle(10)
+        assert aborted() == before + 1  # the replica stopped the request, it did not finish it
+        with front.http(key=None) as client, pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json=body, timeout=0.5)  # a non-streaming client that gives up
+        slow_server.wait_idle(10)
+        assert aborted() == before + 2
+        deadline = time.monotonic() + 10
+        while pool.replicas[0].in_flight:
+            assert time.monotonic() < deadline, "the front still counts the abandoned requests"
+            time.sleep(0.05)
+    finally:
+        front.stop()
