@@ -243,3 +243,43 @@ def test_a_client_that_leaves_stops_the_replicas_work(slow_server):
             time.sleep(0.05)
     finally:
         front.stop()
+
+
+def test_batch_api_goes_to_replica_0(start_server, tmp_path):
+    import openai
+
+    batch_home = start_server(api_keys=(REPLICA_KEY,), settings={"state_dir": str(tmp_path)})
+    other = start_server(api_keys=(REPLICA_KEY,))
+    pool = ReplicaPool([lambda: batch_home.url, lambda: other.url], health_interval=0.2)
+    front = Front(pool, FrontSettings(replica_key=REPLICA_KEY, api_keys=(API_KEY,)))
+    client = openai.OpenAI(base_url=f"{front.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    lines = [
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                    "body": {"model": MODEL_NAME, "prompt": f"{i} fox", "max_tokens": 3, "temperature": 0}})
+        for i in range(3)
+    ]  # fmt: skip
+    try:
+        front.wait_ready(2)
+        upload = client.files.with_raw_response.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+        assert upload.headers[REPLICA_HEADER] == "0"
+        batch = client.batches.create(
+            input_file_id=upload.parse().id, endpoint="/v1/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 60
+        while (batch := client.batches.retrieve(batch.id)).status not in {"completed", "failed"}:
+            assert time.monotonic() < deadline, f"the batch is still {batch.status}"
+            time.sleep(0.1)
+        assert batch.status == "completed" and batch.request_counts.completed == 3
+        output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+        assert sorted(row["custom_id"] for row in output) == ["r0", "r1", "r2"]
+        batch_home.stop()
+        front.wait_ready(1)
+        with front.http() as http:
+            down = http.get("/v1/batches")
+            assert down.status_code == 503 and "replica 0" in down.json()["error"]["message"]
+            assert (
+                http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "a", "max_tokens": 1}).status_code
+                == 200
+            )
+    finally:
+        front.stop()
