@@ -71,11 +71,24 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line error for a ``host:port`` (or ``ray://host:port``) nobody answers at; Ray itself retries for
+    minutes. Other forms (``auto``) are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
 def connect_ray(ray: Any, address: str | None, num_cpus: int) -> bool:
     """Join the cluster at ``address``, or start a local instance with ``num_cpus`` CPUs (True: started here)."""
     if ray.is_initialized():
         return False
     if address is not None:
+        check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return False
     # Local workers import this very falconlm, installed or not.
@@ -88,6 +101,18 @@ def connect_ray(ray: Any, address: str | None, num_cpus: int) -> bool:
         runtime_env={"env_vars": {"PYTHONPATH": path}},
     )
     return True
+
+
+def check_resources(available: dict[str, float], count: int, cpus: int, gpus: int) -> None:
+    """A one-line error when the Ray cluster cannot hold ``count`` replicas (they would wait forever)."""
+    if gpus and available.get("GPU", 0) < count * gpus:
+        have = int(available.get("GPU", 0))
+        raise ValueError(f"--ray-replicas {count} needs {count * gpus} GPUs (one each); the Ray cluster has {have}")
+    if available.get("CPU", 0) < count * cpus:
+        have = int(available.get("CPU", 0))
+        raise ValueError(
+            f"--ray-replicas {count} with --threads {cpus} needs {count * cpus} CPUs; the Ray cluster has {have}"
+        )
 
 
 class ReplicaServer:
@@ -138,13 +163,19 @@ class RayReplicas:
     """``count`` :class:`ReplicaServer` actors (Ray restarts one that dies); ``locators()`` feed a ReplicaPool."""
 
     def __init__(self, ray: Any, args: argparse.Namespace, count: int, replica_key: str, host: str | None) -> None:
+        from ..engine.devices import resolve_device
+
         self.ray = ray
-        threads = args.threads or 1
-        actor = ray.remote(num_cpus=threads, max_restarts=-1, scheduling_strategy="SPREAD")(ReplicaServer)
+        cpus = args.threads or 1
+        gpus = 1 if resolve_device(args.device).type == "cuda" else 0  # Ray shows each replica its own GPU
+        check_resources(ray.cluster_resources(), count, cpus, gpus)
+        actor = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, scheduling_strategy="SPREAD")(ReplicaServer)
         self.actors = []
         for index in range(count):
             # Only replica 0 keeps the batch jobs' state directory: the front sends the batch API there.
-            replica_args = argparse.Namespace(**{**vars(args), "state_dir": args.state_dir if index == 0 else None})
+            state_dir = args.state_dir if index == 0 else None
+            device = "cuda" if gpus else args.device
+            replica_args = argparse.Namespace(**{**vars(args), "state_dir": state_dir, "device": device})
             self.actors.append(actor.remote(replica_args, replica_key, host))
 
     def locators(self) -> list[Callable[[], str]]:

@@ -283,3 +283,19 @@ def test_batch_api_goes_to_replica_0(start_server, tmp_path):
             )
     finally:
         front.stop()
+
+
+def test_replicas_that_cannot_all_be_placed_are_an_error_not_a_wait():
+    from falconlm.cli.serve_ray import check_resources
+
+    check_resources({"CPU": 8.0, "GPU": 2.0}, count=2, cpus=4, gpus=1)
+    with pytest.raises(ValueError, match=r"needs 3 GPUs .* has 2"):
+        check_resources({"CPU": 64.0, "GPU": 2.0}, count=3, cpus=1, gpus=1)
+    with pytest.raises(ValueError, match="needs 8 CPUs; the Ray cluster has 6"):
+        check_resources({"CPU": 6.0}, count=2, cpus=4, gpus=0)
+    from falconlm.cli.serve_ray import check_reachable
+
+    port = free_port()  # nothing listens there
+    with pytest.raises(ValueError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}")
+    check_reachable("auto")  # left to Ray
