@@ -92,7 +92,6 @@ def test_keys_on_the_front_and_health_open(ray_front):
 
 def test_a_killed_replica_leaves_routing_and_comes_back(ray_front):
     pool = ray_front.pool
-    old_url = pool.replicas[0].url
     ray_front.replicas.kill(0)
     body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0}
     with ray_front.http() as client:
@@ -100,12 +99,16 @@ def test_a_killed_replica_leaves_routing_and_comes_back(ray_front):
             answer = client.post("/v1/completions", json={**body, "prompt": f"{i} after the kill"})
             assert answer.status_code == 200, answer.text
         deadline = time.monotonic() + 180
-        seen_down = not pool.replicas[0].ready
-        while not (pool.replicas[0].ready and pool.replicas[0].url != old_url):  # Ray restarted it: a new port
-            seen_down |= not pool.replicas[0].ready
-            assert time.monotonic() < deadline, "the killed replica did not come back"
-            if not pool.replicas[0].ready:
-                assert client.get("/health").json()["replicas_ready"] == 1
+        seen_down = False
+        while True:  # out of routing while Ray restarts it (and requests still succeed), then back in
+            ready = client.get("/health").json()["replicas_ready"]
+            if ready == 1:
+                seen_down = True
+                assert pool.replicas[1].ready  # the one that is left is the other one
+                answer = client.post("/v1/completions", json={**body, "prompt": f"{time.monotonic()} meanwhile"})
+                assert answer.status_code == 200 and answer.headers[REPLICA_HEADER] == "1", answer.text
+            elif seen_down:
+                break
+            assert time.monotonic() < deadline, "the killed replica did not leave and come back"
             time.sleep(0.1)
-        assert seen_down
         assert client.get("/health").json()["replicas_ready"] == 2
