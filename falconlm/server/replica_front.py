@@ -88,6 +88,8 @@ class _ProxyStream(EventStreamResponse):
     """A streamed answer from a replica, passed on chunk by chunk; closed when the client goes away.
     ``close`` (idempotent) runs at the end even when the stream never started."""
 
+    media_type = None  # the replica's Content-Type, whatever it is
+
     def __init__(
         self,
         chunks: AsyncIterator[bytes],
@@ -285,7 +287,9 @@ def build_front_app(pool: ReplicaPool, settings: FrontSettings) -> FastAPI:
     async def _send(replica: Replica, request: Request, content) -> httpx.Response:
         """The replica's response with its headers read (the caller owns it)."""
         client = client_box[0]
-        url = httpx.URL(f"{replica.url}{request.url.path}", query=request.url.query.encode("latin-1"))
+        raw_path = request.scope.get("raw_path")  # as the client encoded it (a model id may hold %2F)
+        path = raw_path.decode("latin-1") if raw_path else request.url.path
+        url = httpx.URL(f"{replica.url}{path}", query=request.url.query.encode("latin-1"))
         outgoing = client.build_request(
             request.method, url, headers=_request_headers(request, settings), content=content
         )

@@ -91,7 +91,10 @@ class ReplicaPool:
 
     async def _watch(self, replica: Replica, client: httpx.AsyncClient) -> None:
         while True:
-            await self.check(replica, client)
+            try:
+                await self.check(replica, client)
+            except Exception:  # a bug here must not stop the checks of this replica for good
+                logger.exception("health check of replica %d failed", replica.index)
             replica._check_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(replica._check_now.wait(), self.health_interval)

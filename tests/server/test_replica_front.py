@@ -137,6 +137,8 @@ def test_front_answers_like_a_single_server(front, server):
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         assert client.get("/v1/models").json()["data"][0]["id"] == MODEL_NAME
         assert client.get("/no/such/route").status_code == 404
+        for model_id in (MODEL_NAME, "other%2Fmodel"):  # the path goes on as the client encoded it
+            assert client.get(f"/v1/models/{model_id}").status_code == direct.get(f"/v1/models/{model_id}").status_code
 
 
 def test_front_checks_keys_and_keeps_health_open(front):
