@@ -84,9 +84,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def connect_ray(ray: Any, address: str | None, num_cpus: int) -> bool:
-    """Join the cluster at ``address``, or start a local instance with ``num_cpus`` CPUs (True: started here)."""
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), else start a local instance with ``num_cpus`` CPUs
+    (True: started here)."""
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own way to name a cluster
     if address is not None:
         check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
