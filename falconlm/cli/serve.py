@@ -28,9 +28,11 @@ from .options import (
 from .parallel import add_parallel_options, distributed_timeout, join_group, leave_group, run_follower
 from .serve_embedding import add_embedding_options
 from .serve_http import add_http_options, build_server_app, check_api_keys, http_settings, uvicorn_server
+from .serve_ray import add_ray_options
 
 if TYPE_CHECKING:
     from ..engine.factory import EngineArgs
+    from ..serving.settings import ServerSettings
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -107,6 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_embedding_options(p)
     add_http_options(p)
     add_parallel_options(p)
+    add_ray_options(p)
     p.set_defaults(run=run)
 
 
@@ -159,6 +162,22 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     )
 
 
+def server_settings(args: argparse.Namespace, keys: tuple[str, ...]) -> ServerSettings:
+    """The server settings of a ``serve`` command line (``keys``: the accepted API keys)."""
+    from ..server import ServerSettings
+
+    return ServerSettings(
+        served_model_names=(args.served_model_name or args.model.resolve().name,),
+        model_path=str(args.model),
+        api_keys=keys,
+        max_body_bytes=args.max_body_bytes,
+        state_dir=str(args.state_dir) if args.state_dir else None,
+        max_upload_bytes=args.max_upload_bytes,
+        max_state_bytes=args.max_state_bytes,
+        **http_settings(args),
+    )
+
+
 def _check_start(args: argparse.Namespace) -> None:
     """One-line errors before the socket opens: the device, the context length, a state dir in use."""
     from ..engine.devices import resolve_device
@@ -185,10 +204,14 @@ def run(args: argparse.Namespace) -> int:
         from ..default_model import default_model_path
 
         args.model = default_model_path()
+    if args.ray is not None and args.ray_replicas is None:
+        raise ValueError("--ray names the cluster for --ray-replicas; add --ray-replicas N")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError("--max-model-len must be at least 2")
     if args.tensor_parallel_size > 1 and args.task == "embed":
         raise ValueError("--task embed does not run with --tensor-parallel-size > 1 (embeddings run on one process)")
+    if args.ray_replicas is not None and args.tensor_parallel_size > 1:
+        raise ValueError("--ray-replicas runs one process per replica; it does not combine with --tensor-parallel-size")
     if join_group(args) > 0:
         return run_follower(engine_args(args), "serve")  # no HTTP here: rank 0 serves
     try:
@@ -203,24 +226,17 @@ def _serve(args: argparse.Namespace) -> int:
     _check_start(args)
     from ..engine.async_engine import AsyncEngine
     from ..engine.factory import build_engine
-    from ..server import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     if not keys and not is_loopback(args.host):
         logger.warning(
             "serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host
         )
-    name = args.served_model_name or args.model.resolve().name
-    settings = ServerSettings(
-        served_model_names=(name,),
-        model_path=str(args.model),
-        api_keys=keys,
-        max_body_bytes=args.max_body_bytes,
-        state_dir=str(args.state_dir) if args.state_dir else None,
-        max_upload_bytes=args.max_upload_bytes,
-        max_state_bytes=args.max_state_bytes,
-        **http_settings(args),
-    )
+    if args.ray_replicas is not None:
+        from .serve_ray import run_replicas
+
+        return run_replicas(args, keys)
+    settings = server_settings(args, keys)
     settings_for_engine = engine_args(args)
     engine = AsyncEngine(lambda: build_engine(settings_for_engine))  # loads on the engine thread
     app = build_server_app(engine, settings, shutdown_timeout=min(args.shutdown_timeout, 5.0))

@@ -25,6 +25,7 @@ ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     421: ("invalid_request_error", "misdirected_request"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
+    502: ("server_error", "bad_gateway"),  # a replica behind serve --ray-replicas failed mid-answer
     503: ("service_unavailable_error", "service_unavailable"),
 }
 
