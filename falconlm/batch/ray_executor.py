@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,7 @@ RAY_MISSING = "ray is not installed; pip install 'falconlm[ray]' to use --ray"
 FAULT_ENV = "FALCONLM_RAY_FAULT_EXIT_AFTER"
 CHUNKS_PER_ACTOR = 4  # chunks handed to an actor at once: one finishing leaves the others running
 ENGINE_START_S = 600.0
+PROBE_S = 10.0
 
 
 class RayUnavailable(RuntimeError):
@@ -63,6 +65,21 @@ def import_ray() -> Any:
     except ImportError:
         raise RayUnavailable(RAY_MISSING) from None
     return ray
+
+
+def check_address(address: str | None, timeout_s: float = PROBE_S) -> None:
+    """Fail at once (RayJobError, one line) when a ``host:port`` address takes no connection: Ray itself would
+    retry it for minutes. Other forms ("auto", "ray://...") are left to Ray."""
+    if not address or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayJobError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def _fault_from_env() -> int | None:
@@ -178,6 +195,7 @@ class RayCluster:
         if self.options.address is None:
             ray.init(num_cpus=os.cpu_count() or 1, **common)
         else:
+            check_address(self.options.address)
             try:
                 ray.init(address=self.options.address, **common)
             except ConnectionError as exc:
@@ -197,7 +215,8 @@ class RayCluster:
             raise RayJobError(f"{actors} actors x {threads} threads need {need} CPUs; the cluster has {cpus}")
         self.threads = threads
         args = replace(self.engine_args, threads=threads)
-        self._remote = ray.remote(num_cpus=threads, max_restarts=0)(EngineWorker)
+        gpus = 1 if str(self.engine_args.device or "").startswith("cuda") else 0  # --device cuda: one GPU each
+        self._remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(EngineWorker)
         self._args = args
         limit = self.options.max_replacements
         self.replacements_left = 2 * actors if limit is None else limit

@@ -235,11 +235,12 @@ def _ray_runner_factory(args: argparse.Namespace, max_in_flight: int):
         if args.ray_actors is not None:
             raise ValueError("--ray-actors needs --ray")
         return None
-    from ..batch.ray_executor import RayBatchRunner, RayOptions, RayUnavailable, import_ray
+    from ..batch.ray_executor import RayBatchRunner, RayJobError, RayOptions, RayUnavailable, check_address, import_ray
 
     try:
         import_ray()
-    except RayUnavailable as exc:
+        check_address(args.ray or None)
+    except (RayUnavailable, RayJobError) as exc:
         from . import CommandError
 
         raise CommandError(str(exc)) from None

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -292,6 +293,20 @@ def test_ray_flag_without_ray_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert code == 2
     assert len(err.splitlines()) == 1 and "pip install 'falconlm[ray]'" in err, err
     assert not (tmp_path / "out.jsonl.state").exists()  # refused before any work
+
+
+def test_unreachable_ray_address_is_one_line_and_exit_2(tmp_path, capsys):
+    pytest.importorskip("ray", reason="needs ray (pip install 'falconlm[ray]')")
+    source = tmp_path / "in.jsonl"
+    build_input(source)
+    with socket.socket() as sock:  # a port nothing listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = main(["batch", "run", str(source), "-o", str(tmp_path / "out.jsonl"), "--ray", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in err, err
+    assert not (tmp_path / "out.jsonl.state").exists()
 
 
 def test_ray_actors_without_ray_is_refused(tmp_path, capsys):
