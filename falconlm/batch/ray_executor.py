@@ -11,14 +11,14 @@ already recorded is dropped by the store, so nothing is ever recorded twice.
 Failures. Actors are created without Ray's ``max_restarts``: when a chunk fails with ``RayActorError`` (the actor
 process died, its node was lost, ...) the driver kills that actor for good, starts a replacement in its slot (at
 most ``max_replacements`` in the whole run) and queues the chunk's requests again, one request per chunk, so
-that a request that kills its actor is singled out. A request whose actor died ``max_attempts`` times is
-answered with an error line instead of taking the job down. Doing this in the driver rather than with Ray's
+that a request that kills its actor is singled out. A request that was on a dying actor ``max_attempts`` times
+is answered with an error line instead of taking the job down (a request that merely shared a chunk or an actor
+with the culprit is counted too, so this bound is loose on purpose). Doing this in the driver rather than with Ray's
 restarts and task retries keeps the bound on re-runs and the accounting of lost work in one place. If the driver
 dies, its actors die with it (they are owned by its Ray job) and the store holds exactly the committed results:
 the same command resumes.
 
-``FALCONLM_RAY_FAULT_EXIT_AFTER=k`` (fault injection for tests and drills) makes the first actor exit abruptly
-once it has answered k requests; its replacement runs normally.
+``RayCluster.worker_class`` is the actor's class; tests put a subclass there that dies on purpose.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import os
 import socket
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..engine.async_engine import AsyncEngine
@@ -44,7 +44,6 @@ from .store import Store
 logger = logging.getLogger(__name__)
 
 RAY_MISSING = "ray is not installed; pip install 'falconlm[ray]' to use --ray"
-FAULT_ENV = "FALCONLM_RAY_FAULT_EXIT_AFTER"
 CHUNKS_PER_ACTOR = 4  # chunks handed to an actor at once: one finishing leaves the others running
 ENGINE_START_S = 600.0
 PROBE_S = 10.0
@@ -82,11 +81,6 @@ def check_address(address: str | None, timeout_s: float = PROBE_S) -> None:
         raise RayJobError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
-def _fault_from_env() -> int | None:
-    value = os.environ.get(FAULT_ENV, "").strip()
-    return int(value) if value else None
-
-
 @dataclass
 class RayOptions:
     """Where and how wide to run.
@@ -106,7 +100,6 @@ class RayOptions:
     max_attempts: int = 3
     start_timeout_s: float = ENGINE_START_S
     stall_timeout_s: float = 1800.0
-    fault_exit_after: int | None = field(default_factory=_fault_from_env)
 
 
 def actor_shape(cpus: int, actors: int | None, threads: int | None) -> tuple[int, int]:
@@ -120,16 +113,18 @@ def actor_shape(cpus: int, actors: int | None, threads: int | None) -> tuple[int
 
 
 class EngineWorker:
-    """A Ray actor's body: one engine that answers chunks of stored requests (made remote by the driver)."""
+    """A Ray actor's body: one engine that answers chunks of stored requests (made remote by the driver).
 
-    def __init__(self, engine_args: EngineArgs, settings: ServerSettings, exit_after: int | None = None) -> None:
+    ``slot`` and ``generation`` say which actor this is: its place in the pool and how many died there before.
+    """
+
+    def __init__(self, engine_args: EngineArgs, settings: ServerSettings, slot: int = 0, generation: int = 0) -> None:
+        self.slot, self.generation = slot, generation
         self._engine = AsyncEngine(build_engine(engine_args))
         self._engine.start()
         if not self._engine.wait_ready(timeout=ENGINE_START_S):
             raise RuntimeError(f"the engine did not start: {self._engine.load_error}")
         self._executor = RequestExecutor(self._engine, settings, ignore_body_model=True)
-        self._exit_after = exit_after
-        self._answered = 0
 
     async def ready(self) -> int:
         """The actor's process id, once its engine is loaded."""
@@ -144,16 +139,12 @@ class EngineWorker:
 
     async def _one(self, row: PendingRequest) -> Result | None:
         try:
-            result = await self._executor.execute(row)
+            return await self._executor.execute(row)
         except LeftPending:
             return None
         except Exception as exc:  # a bug: answer the request with a server error rather than lose the chunk
             logger.exception("batch request %r failed unexpectedly", row.custom_id)
-            result = failed(row.custom_id, "internal_error", f"internal error: {exc}")
-        self._answered += 1
-        if self._exit_after is not None and self._answered >= self._exit_after:
-            os._exit(1)  # fault injection: die without a word, mid-chunk
-        return result
+            return failed(row.custom_id, "internal_error", f"internal error: {exc}")
 
 
 @dataclass
@@ -174,6 +165,8 @@ class _Chunk:
 
 class RayCluster:
     """Joins (or starts) Ray and runs the actor pool; :meth:`close` kills the actors and stops what it started."""
+
+    worker_class: type[EngineWorker] = EngineWorker
 
     def __init__(self, options: RayOptions, engine_args: EngineArgs, settings: ServerSettings) -> None:
         self.options = options
@@ -216,7 +209,7 @@ class RayCluster:
         self.threads = threads
         args = replace(self.engine_args, threads=threads)
         gpus = 1 if str(self.engine_args.device or "").startswith("cuda") else 0  # --device cuda: one GPU each
-        self._remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(EngineWorker)
+        self._remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(self.worker_class)
         self._args = args
         limit = self.options.max_replacements
         self.replacements_left = 2 * actors if limit is None else limit
@@ -233,8 +226,7 @@ class RayCluster:
             raise RayJobError(f"a Ray actor could not start: {_first_line(exc)}") from None
 
     def _create(self, index: int, generation: int) -> Any:
-        exit_after = self.options.fault_exit_after if (index, generation) == (0, 0) else None
-        return self._remote.remote(self._args, self.settings, exit_after)
+        return self._remote.remote(self._args, self.settings, index, generation)
 
     def live(self) -> list[_Slot]:
         return [s for s in self.slots if s.handle is not None]
@@ -295,7 +287,8 @@ class RayBatchRunner(BatchRunner):
         self.options = options
         self.cluster = RayCluster(options, engine_args, settings)
         self.on_ready = on_ready
-        self.chunk_size = max(1, options.max_in_flight // CHUNKS_PER_ACTOR)
+        self.chunks_per_actor = min(CHUNKS_PER_ACTOR, options.max_in_flight)
+        self.chunk_size = options.max_in_flight // self.chunks_per_actor
         self._attempts: dict[str, int] = {}
         self.answered: Counter[int] = Counter()  # requests each actor slot answered, for the log
 
@@ -337,9 +330,9 @@ class RayBatchRunner(BatchRunner):
             await asyncio.gather(watcher, *in_flight, return_exceptions=True)
 
     async def _fill(self, feed: _Feed, in_flight: dict[asyncio.Future, _Chunk]) -> None:
-        """Give each live actor chunks until it holds CHUNKS_PER_ACTOR or nothing is left to run."""
+        """Give each live actor chunks until it holds ``chunks_per_actor`` or nothing is left to run."""
         for slot in self.cluster.live():
-            while slot.handle is not None and slot.outstanding < CHUNKS_PER_ACTOR:
+            while slot.handle is not None and slot.outstanding < self.chunks_per_actor:
                 rows = await feed.next_chunk()
                 if not rows:
                     return

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from falconlm.batch.ray_executor import FAULT_ENV, actor_shape
+from falconlm.batch.ray_executor import actor_shape
 from falconlm.cli import main
+
+from . import ray_fault_workers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Once upon a time", "The fox", "A big bear", "Numbers like 123", "The river", "café naïve"]
@@ -184,8 +186,7 @@ def test_ctrl_c_stops_the_local_ray_instance_and_leaves_the_store_consistent(tmp
     source.write_text("\n".join(lines) + "\n")
     argv = run_args(tmp_path, tiny_checkpoint, source, "int", "--ray", "--ray-actors", "2", "--threads", "1")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
-    for name in ("RAY_ADDRESS", FAULT_ENV):
-        env.pop(name, None)
+    env.pop("RAY_ADDRESS", None)
     state = tmp_path / "int-state"
     proc = subprocess.Popen([sys.executable, "-m", "falconlm", *argv], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -233,14 +234,36 @@ def test_ray_run_equals_single_process(ray_address, job, tiny_checkpoint, caplog
 
 @pytest.mark.slow
 def test_actor_dies_mid_job_and_its_requests_run_elsewhere(ray_address, job, tiny_checkpoint, caplog, monkeypatch):
+    from falconlm.batch import ray_executor
+
     tmp, source, _ids, reference, errors = job
-    monkeypatch.setenv(FAULT_ENV, "5")  # the first actor exits abruptly after answering 5 requests
+    monkeypatch.setattr(ray_executor.RayCluster, "worker_class", ray_fault_workers.ExitsMidJob)
     caplog.set_level(logging.INFO, logger="falconlm.batch.ray_executor")
     argv = run_args(tmp, tiny_checkpoint, source, "dead", "--ray", "--ray-actors", "2", "--threads", "1")
     assert main(argv) == 0
     assert "Ray actor 0 died" in ray_log(caplog)
     assert answers(tmp / "dead-out.jsonl") == reference  # every custom_id once, as a single process answers it
     assert error_codes(tmp / "dead-err.jsonl") == errors
+
+
+@pytest.mark.slow
+def test_a_request_that_kills_every_actor_is_answered_with_an_error(
+    ray_address, job, tiny_checkpoint, caplog, monkeypatch
+):
+    from falconlm.batch import ray_executor
+
+    tmp, source, _ids, reference, errors = job
+    monkeypatch.setattr(ray_executor.RayCluster, "worker_class", ray_fault_workers.DiesOnPoison)
+    caplog.set_level(logging.INFO, logger="falconlm.batch.ray_executor")
+    argv = run_args(tmp, tiny_checkpoint, source, "poison", "--ray", "--ray-actors", "2", "--threads", "1")
+    argv += ["--max-in-flight", "1"]  # one request per actor at a time: only the poison is ever lost
+    assert main(argv) == 0
+    deaths = [line for line in ray_log(caplog).splitlines() if line.startswith("Ray actor") and " died " in line]
+    assert len(deaths) == 3, deaths  # max_attempts, then it is answered with an error line
+    poison = ray_fault_workers.POISON
+    assert answers(tmp / "poison-out.jsonl") == {k: v for k, v in reference.items() if k != poison}
+    expected_errors = sorted([*errors, (poison, "internal_error")], key=str)
+    assert sorted(error_codes(tmp / "poison-err.jsonl"), key=str) == expected_errors
 
 
 def finished_in_store(state: Path) -> int:
@@ -263,7 +286,6 @@ def test_driver_killed_mid_job_then_resumed(ray_address, job, tiny_checkpoint):
     argv = run_args(tmp, tiny_checkpoint, source, "killed", "--ray", ray_address, "--ray-actors", "2")
     argv += ["--threads", "1", "--max-in-flight", "4"]  # chunks of one request: many small commits
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
-    env.pop(FAULT_ENV, None)
     proc = subprocess.Popen([sys.executable, "-m", "falconlm", *argv], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
