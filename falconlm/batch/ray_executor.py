@@ -315,10 +315,10 @@ class RayBatchRunner(BatchRunner):
                 )
                 if not done:
                     raise RayJobError(f"no Ray actor answered for {self.options.stall_timeout_s:.0f} s")
-                if watcher in done:
-                    break  # cancelled: the job is finalized as it stands
-                for future in done:
+                for future in done - {watcher}:
                     await self._settle(job.id, feed, future, in_flight.pop(future))
+                if watcher in done:
+                    break  # cancelled: what came back is committed, the job is finalized as it stands
             for slot in self.cluster.slots:
                 logger.info("Ray actor %d answered %d requests", slot.index, self.answered[slot.index])
         finally:

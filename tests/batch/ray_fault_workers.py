@@ -1,10 +1,11 @@
-"""Ray actor classes that die on purpose, for tests/batch/test_ray_batch.py (the actors import them from here).
+"""Ray actor classes that die (or dawdle) on purpose, for tests/batch/test_ray_batch.py (actors import them here).
 
-Each dies with ``os._exit``: no exception, no reply, the way a killed or OOM-killed process goes.
+Those that die do it with ``os._exit``: no exception, no reply, the way a killed or OOM-killed process goes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from falconlm.batch.ray_executor import EngineWorker
@@ -12,6 +13,7 @@ from falconlm.batch.records import PendingRequest, Result
 
 EXIT_AFTER = 5
 POISON = "req-07"
+SLOW_S = 0.1
 
 
 class ExitsMidJob(EngineWorker):
@@ -33,4 +35,12 @@ class DiesOnPoison(EngineWorker):
     async def run(self, rows: list[PendingRequest]) -> tuple[list[Result], list[str]]:
         if any(row.custom_id == POISON for row in rows):
             os._exit(1)
+        return await super().run(rows)
+
+
+class Slow(EngineWorker):
+    """Takes SLOW_S longer over every chunk, so that a test can act while a job runs."""
+
+    async def run(self, rows: list[PendingRequest]) -> tuple[list[Result], list[str]]:
+        await asyncio.sleep(SLOW_S)
         return await super().run(rows)

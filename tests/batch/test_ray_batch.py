@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -264,6 +265,38 @@ def test_a_request_that_kills_every_actor_is_answered_with_an_error(
     assert answers(tmp / "poison-out.jsonl") == {k: v for k, v in reference.items() if k != poison}
     expected_errors = sorted([*errors, (poison, "internal_error")], key=str)
     assert sorted(error_codes(tmp / "poison-err.jsonl"), key=str) == expected_errors
+
+
+@pytest.mark.slow
+def test_cancel_mid_job_then_resume(ray_address, job, tiny_checkpoint, monkeypatch):
+    from falconlm.batch import ray_executor
+
+    tmp, source, ids, reference, errors = job
+    monkeypatch.setattr(ray_executor.RayCluster, "worker_class", ray_fault_workers.Slow)
+    argv = run_args(tmp, tiny_checkpoint, source, "cancel", "--ray", "--ray-actors", "2", "--threads", "1")
+    argv += ["--max-in-flight", "1"]
+    state = tmp / "cancel-state"
+    codes: list[int] = []
+    run = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    run.start()
+    deadline = time.monotonic() + 120
+    while finished_in_store(state) < 3:
+        assert run.is_alive(), "the run ended before the cancel"
+        assert time.monotonic() < deadline, "the run recorded no results"
+        time.sleep(0.01)
+    assert main(["batch", "cancel", "--state", str(state)]) == 0
+    run.join(timeout=120)
+    assert not run.is_alive() and codes == [1]  # stopped as cancelled
+    done = answers(tmp / "cancel-out.jsonl")
+    assert 3 <= len(done) < len(ids)
+    assert done == {k: reference[k] for k in done}
+    cancelled = [c for c, code in error_codes(tmp / "cancel-err.jsonl") if code == "batch_cancelled"]
+    assert sorted([*done, *cancelled]) == ids  # each request either answered or reported cancelled, once
+
+    monkeypatch.setattr(ray_executor.RayCluster, "worker_class", ray_executor.EngineWorker)
+    assert main(argv) == 0  # the same command takes the cancelled job up where it stopped
+    assert answers(tmp / "cancel-out.jsonl") == reference
+    assert error_codes(tmp / "cancel-err.jsonl") == errors
 
 
 def finished_in_store(state: Path) -> int:
