@@ -98,17 +98,15 @@ def error_codes(path: Path) -> list[tuple[str | None, str]]:
 def ray_address():
     """A local Ray instance for the module (stopped at its end); its address for drivers in other processes."""
     ray = pytest.importorskip("ray", reason="needs ray (pip install 'falconlm[ray]')")
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), previous) if p)
+    saved = dict(os.environ)  # ray.init sets RAY_* variables too: all are put back at the end
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), saved.get("PYTHONPATH")) if p)
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        if previous is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = previous
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
