@@ -104,9 +104,17 @@ def ray_address():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         yield ray.get_runtime_context().gcs_address
     finally:
+        started = descendants(os.getpid()) if sys.platform.startswith("linux") else {}  # its GCS, raylet, workers
         ray.shutdown()
         os.environ.clear()
         os.environ.update(saved)
+        deadline = time.monotonic() + 30
+        while still_running(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in started:  # still here after 30 s: stop them, so that no Ray process outlives the tests
+            if still_running({pid: started[pid]}):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
