@@ -20,6 +20,7 @@ from .parallel import (
 )
 
 STATE_SUFFIX = ".state"
+LOCAL_RAY = ""  # --ray without an address
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-in-flight",
         type=positive_int,
         default=None,
-        help="requests in the engine at once (default 2 x max-num-seqs)",
+        help="requests in the engine at once (default 2 x max-num-seqs); with --ray, in each actor",
     )
     add_parallel_options(run)
+    run.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (with --ray: per actor)")
+    add_ray_options(run)
     run.set_defaults(run=run_batch)
 
     status = actions.add_parser("status", help="show the jobs of a state folder", description="Show batch jobs.")
@@ -66,6 +69,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cancel.add_argument("--state", type=Path, required=True, help="the job store folder")
     cancel.set_defaults(run=run_cancel)
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL_RAY,
+        default=None,
+        metavar="ADDRESS",
+        help="spread the requests over Ray actors, each with its own engine: alone, on a local Ray instance "
+        "started for this run; with ADDRESS (or 'auto'), on that cluster (needs pip install 'falconlm[ray]')",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="Ray actors (default: 2, or the cluster's CPUs / --threads)",
+    )
 
 
 def fingerprint(path: Path) -> str:
@@ -116,6 +138,8 @@ def check_writable(path: Path) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    if args.ray is not None and args.tensor_parallel_size > 1:
+        raise ValueError("--ray runs one engine process per actor; it does not combine with --tensor-parallel-size")
     if join_group(args) > 0:  # a follower rank: rank 0 owns the job store and writes the files
         check_model_path(args.model)
         return run_follower(_engine_args(args), "batch run")
@@ -130,6 +154,7 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     from ..batch.ingest import ingest
     from ..batch.outputs import write_outputs
+    from ..batch.ray_executor import RayJobError
     from ..batch.runner import BatchRunner
     from ..batch.store import StateLock, Store
     from ..engine.devices import resolve_device
@@ -139,12 +164,14 @@ def _run_batch(args: argparse.Namespace) -> int:
     check_model_path(args.model)
     resolve_device(args.device)  # a device this machine lacks is refused before any work
     max_in_flight = 2 * args.max_num_seqs if args.max_in_flight is None else args.max_in_flight
+    ray_runner = _ray_runner_factory(args, max_in_flight)  # before any work: ray may be missing
     store = Store(state)
     lock = StateLock(state)
     if not lock.acquire():
         store.close()
         raise ValueError(f"another falconlm process (pid {lock.holder()}) is running the jobs in {state}")
     engines: list = []
+    runners: list = []  # a Ray runner, closed at the end (its actors, and the Ray instance it started)
     job = None
     try:
         job = _open_job(store, args.input, output, errors)
@@ -161,9 +188,13 @@ def _run_batch(args: argparse.Namespace) -> int:
             return engines[0]
 
         settings = ServerSettings(served_model_names=(_model_name(args),), model_path=str(args.model or ""))
-        runner = BatchRunner(
-            store, load_engine, settings, max_in_flight, on_progress=progress.update, ignore_body_model=True
-        )
+        if ray_runner is not None:
+            runner = ray_runner(store, settings, progress)
+            runners.append(runner)
+        else:
+            runner = BatchRunner(
+                store, load_engine, settings, max_in_flight, on_progress=progress.update, ignore_body_model=True
+            )
 
         def finalize(job, cancelled: bool) -> dict:
             write_outputs(store, job, output, errors, cancelled)
@@ -174,6 +205,10 @@ def _run_batch(args: argparse.Namespace) -> int:
         finally:
             progress.close()
         return _report(store.get_job(job.id), output, errors, progress)
+    except RayJobError as exc:
+        where = f"; run the same command again to resume job {job.id}" if job is not None else ""
+        print(f"falconlm batch: error: {exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if job is not None:
             print(f"falconlm batch: interrupted; run the same command again to resume job {job.id}", file=sys.stderr)
@@ -181,6 +216,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     finally:
         for engine in engines:
             engine.shutdown(timeout=1.0)
+        for ray_runner_ in runners:
+            ray_runner_.close()
         lock.release()
         store.close()
 
@@ -212,6 +249,33 @@ def _open_job(store, source: Path, output: Path, errors: Path):
     return store.create_job(new_id("batch_"), "cli", key, fingerprint=digest, options=options)
 
 
+def _ray_runner_factory(args: argparse.Namespace, max_in_flight: int):
+    """None without --ray; else what builds the Ray runner (ray is imported now, so its absence fails first)."""
+    if args.ray is None:
+        if args.ray_actors is not None:
+            raise ValueError("--ray-actors needs --ray")
+        return None
+    from ..batch.ray_executor import RayBatchRunner, RayJobError, RayOptions, RayUnavailable, check_address, import_ray
+
+    try:
+        import_ray()
+        check_address(args.ray or None)
+    except (RayUnavailable, RayJobError) as exc:
+        from . import CommandError
+
+        raise CommandError(str(exc)) from None
+    options = RayOptions(
+        address=args.ray or None, actors=args.ray_actors, threads=args.threads, max_in_flight=max_in_flight
+    )
+
+    def build(store, settings, progress: _Progress):
+        return RayBatchRunner(
+            store, settings, _engine_args(args), options, on_progress=progress.update, on_ready=progress.begin
+        )
+
+    return build
+
+
 def _engine_args(args: argparse.Namespace):
     from ..engine.factory import EngineArgs
 
@@ -224,6 +288,7 @@ def _engine_args(args: argparse.Namespace):
         deterministic=args.deterministic,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_timeout_s=distributed_timeout(args),
+        threads=args.threads,
     )
 
 
