@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from falconlm.parallel import partition
 from falconlm.parallel.heads import split_features, split_heads
@@ -71,3 +72,16 @@ def test_quantization_groups_move_or_forbid_boundaries() -> None:
         split_features(64, 3, 0, 32, "mlp.dense_4h_to_h")
     with pytest.raises(ValueError, match="heads"):
         split_heads(4, 4, 8, 5, 0)  # one query head per group cannot be shared by two ranks
+
+
+def test_splits_prefer_native_kernel_boundaries() -> None:
+    from falconlm.parallel.layers import vocab_partition, vocab_sizes
+    from falconlm.parallel.state import ParallelState
+
+    # 1056 features on 2 ranks: 544 + 512 (multiples of 32 columns) rather than 528 + 528; 40 is too narrow.
+    assert _shares(2, lambda r: split_features(1056, 2, r, 1, "mlp")) == [(0, 544), (544, 1056)]
+    assert _shares(2, lambda r: split_features(40, 2, r, 1, "mlp")) == [(0, 20), (20, 40)]
+    three = ParallelState(0, 3, torch.device("cpu"))
+    assert vocab_sizes(65024, three, 16) == [21680, 21680, 21664]
+    assert vocab_sizes(101, three) == [34, 34, 33]
+    assert vocab_partition(65024, three, 1, 16).start == 21680
