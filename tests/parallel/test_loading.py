@@ -19,7 +19,7 @@ from falconlm.model.positions import alibi_slopes, head_alibi_slopes
 from falconlm.parallel import ParallelState
 from falconlm.parallel.falcon import rank_config, split_falcon
 from falconlm.parallel.layers import parameter_shards
-from falconlm.parallel.loading import load_sharded
+from falconlm.parallel.loading import PLANS, load_sharded
 
 from .models import write_falcon, write_falcon3
 
@@ -110,3 +110,16 @@ def test_fused_decode_step_refuses_a_shard(tmp_path: Path) -> None:
     assert why is None or "tensor parallel" not in why
     shard = load_sharded(folder, _rank(0, 2), torch.bfloat16)
     assert "tensor parallel" in fused_decode.unsupported(shard.transformer)
+
+
+def test_families_without_a_plan_and_gptq_folders_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_falcon(tmp_path / "7b", "7b")
+    monkeypatch.delitem(PLANS, "falcon")  # as a family no plan splits yet
+    with pytest.raises(ValueError, match="does not split Falcon"):
+        load_sharded(folder, _rank(0, 2))
+    monkeypatch.undo()
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not 'gptq'"):
+        load_sharded(folder, _rank(0, 2))

@@ -61,7 +61,7 @@ def run_world(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
             while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"a {world}-rank world ran past {timeout} s")
-        except mp.ProcessRaisedException as exc:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             errors = sorted(Path(out).glob("*.err"))
             raise RuntimeError(errors[0].read_text() if errors else str(exc)) from None
         finally:
