@@ -47,9 +47,12 @@ class ParallelState:
         (uneven shares allowed)."""
         if not self.distributed:
             return x
-        parts = [x.new_empty((*x.shape[:-1], n)) for n in sizes]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        # Collectives move equal sizes (gloo insists): pad every part to the widest, then trim.
+        widest = max(sizes)
+        padded = x if x.shape[-1] == widest else torch.nn.functional.pad(x, (0, widest - x.shape[-1]))
+        parts = [x.new_empty((*x.shape[:-1], widest)) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
 
 def single_process(device: str | torch.device = "cpu") -> ParallelState:
