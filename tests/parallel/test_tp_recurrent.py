@@ -1,0 +1,135 @@
+"""Tensor-parallel Falcon-Mamba and Falcon-H1 on 2 and 3 gloo ranks give the logits of one process.
+
+Every case runs a prompt (the chunked scans from a fresh state), one decode token per row (the single-step
+recurrences, the state carried from the prompt) and a second chunk continuing from that state, on tiny float32
+checkpoints written by transformers. All cases of one world size share one spawned world.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from falconlm.model.falcon_h1 import FalconH1ForCausalLM
+from falconlm.model.falcon_mamba import FalconMambaForCausalLM
+from falconlm.parallel import ParallelState
+
+from ..model.h1_checkpoints import save_hf_h1
+from ..model.mamba_checkpoints import save_hf_mamba
+from .world import run_world
+
+VOCAB = 97
+BATCH = 2
+
+# Falcon-H1 shapes: three ratios of attention to SSM heads, B/C groups fewer than / as many as / more than the
+# ranks, the gated norm before and after the gate (and off), every bias on in one, multipliers away from 1.
+H1_CASES: dict[str, dict[str, Any]] = {
+    # 4 attention heads / 2 KV, 4 SSM heads in 1 group: the group (and its norm) spans the ranks
+    "h1-one-group": {"mamba_n_groups": 1},
+    # 6 / 3 KV heads of 8, 8 SSM heads of 8 in 2 groups, norm after the gate, tied head
+    "h1-two-groups": {
+        "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 8, "mamba_n_heads": 8, "mamba_d_ssm": 64,
+        "mamba_n_groups": 2, "mamba_norm_before_gate": False, "tie_word_embeddings": True,
+        "ssm_in_multiplier": 1.3, "attention_in_multiplier": 0.6, "attention_out_multiplier": 1.4,
+    },
+    # 8 attention heads on 1 KV head, 8 SSM heads in 4 groups, no gated norm, every bias
+    "h1-four-groups-biases": {
+        "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 8, "mamba_n_heads": 8, "mamba_d_ssm": 64,
+        "mamba_n_groups": 4, "mamba_rms_norm": False, "attention_bias": True, "mlp_bias": True,
+        "projectors_bias": True, "mamba_proj_bias": True, "intermediate_size": 80,
+    },
+}  # fmt: skip
+
+MAMBA_CASES: dict[str, dict[str, Any]] = {
+    "falcon-mamba": {"falcon": True},  # B, C and Δ RMS-normalised
+    "mamba-biases": {"falcon": False, "use_bias": True, "tie_word_embeddings": False},
+}
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "prompt": torch.randint(0, VOCAB, (BATCH, 11), generator=g),  # more than one H1 scan chunk (8)
+        "step": torch.randint(0, VOCAB, (BATCH, 1), generator=g),
+        "chunk": torch.randint(0, VOCAB, (BATCH, 3), generator=g),
+    }
+
+
+def _mamba_logits(model: FalconMambaForCausalLM) -> list[torch.Tensor]:
+    x = _inputs()
+    states = model.new_states(BATCH)
+    out = []
+    with torch.no_grad():
+        for key in ("prompt", "step", "chunk"):  # the first call starts each slot fresh (zeroed state)
+            out.append(model(x[key], states))
+    return out
+
+
+def _h1_logits(model: FalconH1ForCausalLM) -> list[torch.Tensor]:
+    x = _inputs()
+    cache = model.new_cache(BATCH, 32)
+    with torch.no_grad():
+        return [model(x[key], cache=cache) for key in ("prompt", "step", "chunk")]
+
+
+def _logits(model) -> list[torch.Tensor]:
+    return _mamba_logits(model) if isinstance(model, FalconMambaForCausalLM) else _h1_logits(model)
+
+
+def _ranks_logits(state: ParallelState, folders: dict[str, str]) -> dict[str, Any]:
+    from falconlm.parallel.recurrent import load_recurrent_shard
+
+    torch.manual_seed(0)
+    out: dict[str, Any] = {}
+    for name, folder in folders.items():
+        model = load_recurrent_shard(folder, state, torch.float32)
+        out[name] = _logits(model)
+        out[name + ":state"] = _state_sizes(model)
+    return out
+
+
+def _state_sizes(model) -> list[int]:
+    """What the rank's per-rank config asks the engine to allocate: recurrent state and KV cache."""
+    c = model.config
+    if isinstance(model, FalconMambaForCausalLM):
+        return [c.intermediate_size, c.state_bytes_per_sequence()]
+    return [c.ssm_state_bytes_per_sequence(), c.kv_cache_bytes_per_token(), c.mamba_n_heads, c.num_key_value_heads]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-recurrent")
+    folders = {}
+    for name, settings in MAMBA_CASES.items():
+        settings = dict(settings)
+        folders[name] = root / name
+        save_hf_mamba(folders[name], settings.pop("falcon"), seed=3, vocab_size=VOCAB, **settings)
+    for name, overrides in H1_CASES.items():
+        folders[name] = save_hf_h1(root / name, vocab_size=VOCAB, **overrides)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints) -> dict[str, list[torch.Tensor]]:
+    """One process's logits, the unsharded model."""
+    out = {}
+    for name, folder in checkpoints.items():
+        cls = FalconMambaForCausalLM if name in MAMBA_CASES else FalconH1ForCausalLM
+        out[name] = _logits(cls.from_pretrained(folder).eval())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_logits_equal_one_process(world: int, checkpoints, reference) -> None:
+    folders = {name: str(path) for name, path in checkpoints.items()}
+    ranks = run_world(_ranks_logits, world, folders, timeout=240)
+    for name, want in reference.items():
+        for rank, result in enumerate(ranks):
+            for step, (got, exp) in enumerate(zip(result[name], want, strict=True)):
+                torch.testing.assert_close(
+                    got, exp, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, r=rank, s=step: f"{n} rank {r} call {s}: {m}"
+                )
