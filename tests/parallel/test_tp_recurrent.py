@@ -87,16 +87,7 @@ def _ranks_logits(state: ParallelState, folders: dict[str, str]) -> dict[str, An
     for name, folder in folders.items():
         model = load_recurrent_shard(folder, state, torch.float32)
         out[name] = _logits(model)
-        out[name + ":state"] = _state_sizes(model)
     return out
-
-
-def _state_sizes(model) -> list[int]:
-    """What the rank's per-rank config asks the engine to allocate: recurrent state and KV cache."""
-    c = model.config
-    if isinstance(model, FalconMambaForCausalLM):
-        return [c.intermediate_size, c.state_bytes_per_sequence()]
-    return [c.ssm_state_bytes_per_sequence(), c.kv_cache_bytes_per_token(), c.mamba_n_heads, c.num_key_value_heads]
 
 
 @pytest.fixture(scope="module")
