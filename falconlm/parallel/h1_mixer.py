@@ -119,16 +119,23 @@ class SplitGatedRMSNorm(nn.Module):
         self.state = state
         self.num_groups = share.groups.total
         self.group_size = share.heads_per_group * share.head_dim
-        self.register_buffer("channel_group", torch.arange(c0, c1) // self.group_size, persistent=False)
+        self.channels = (c0, c1)
+        self._channel_group: torch.Tensor | None = None  # each local channel's group; made on the first call
+
+    def channel_group(self, device: torch.device) -> torch.Tensor:
+        if self._channel_group is None or self._channel_group.device != device:
+            self._channel_group = torch.arange(*self.channels, device=device) // self.group_size
+        return self._channel_group
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
         y = y.float()
         if not self.norm_before_gate:
             y = y * F.silu(z.float())
-        squares = y.new_zeros(y.shape[0], self.num_groups).index_add_(1, self.channel_group, y * y)
+        group = self.channel_group(y.device)
+        squares = y.new_zeros(y.shape[0], self.num_groups).index_add_(1, group, y * y)
         self.state.all_reduce(squares)
-        scale = torch.rsqrt(squares / self.group_size + self.eps)[:, self.channel_group]
+        scale = torch.rsqrt(squares / self.group_size + self.eps)[:, group]
         y = self.weight * (y * scale)
         if self.norm_before_gate:
             y = y * F.silu(z.float())
@@ -138,8 +145,6 @@ class SplitGatedRMSNorm(nn.Module):
 class ParallelH1Mixer(FalconH1Mixer):
     """The H1 Mamba-2 mixer over this rank's heads: ``config`` is the full model's, ``rank_config`` this rank's
     (:func:`ssm_rank_fields`); parameter names are the unsharded mixer's."""
-
-    head_groups: torch.Tensor | None
 
     def __init__(
         self, config: FalconH1Config, rank_config: FalconH1Config, layer_idx: int, share: SsmShare,
@@ -151,10 +156,8 @@ class ParallelH1Mixer(FalconH1Mixer):
         set_shards(self.conv1d, weight=shards["conv"], bias=shards["conv"] if config.mamba_conv_bias else None)
         set_shards(self, dt_bias=shards["heads"], A_log=shards["heads"], D=shards["heads"])
         self.out_proj = RowParallelLinear(shards["out_proj"], config.hidden_size, config.projectors_bias, state)
-        if share.groups_even:
-            self.head_groups = None
-        else:
-            self.register_buffer("head_groups", torch.tensor(share.head_groups()), persistent=False)
+        self.head_groups = None if share.groups_even else share.head_groups()  # each head's held group
+        self._head_index: torch.Tensor | None = None
         if rank_config.mamba_rms_norm:
             if share.norm_spans_ranks:
                 self.norm = SplitGatedRMSNorm(share, config.rms_norm_eps, config.mamba_norm_before_gate, state)
@@ -164,6 +167,8 @@ class ParallelH1Mixer(FalconH1Mixer):
         self, xs: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rows: RecurrentBatch
     ) -> torch.Tensor:
         if self.head_groups is not None:  # heads spread unevenly over the held groups: one B and C per head
-            B = B.view(B.shape[0], -1, self.d_state)[:, self.head_groups].flatten(1)
-            C = C.view(C.shape[0], -1, self.d_state)[:, self.head_groups].flatten(1)
+            if self._head_index is None or self._head_index.device != B.device:
+                self._head_index = torch.tensor(self.head_groups, device=B.device)
+            B = B.view(B.shape[0], -1, self.d_state)[:, self._head_index].flatten(1)
+            C = C.view(C.shape[0], -1, self.d_state)[:, self._head_index].flatten(1)
         return super()._scan(xs, dt, B, C, rows)

@@ -1,8 +1,9 @@
 """Tensor-parallel Falcon-Mamba and Falcon-H1 on 2 and 3 gloo ranks give the logits of one process.
 
 Every case runs a prompt (the chunked scans from a fresh state), one decode token per row (the single-step
-recurrences, the state carried from the prompt) and a second chunk continuing from that state, on tiny float32
-checkpoints written by transformers. All cases of one world size share one spawned world.
+recurrences, the state carried from the prompt) and a second chunk continuing from that state (Mamba also one
+engine-style step mixing a decode and a fresh prompt), on tiny float32 checkpoints written by transformers.
+All cases of one world size share one spawned world.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from falconlm.model.falcon_h1 import FalconH1ForCausalLM
-from falconlm.model.falcon_mamba import FalconMambaForCausalLM
+from falconlm.model.falcon_mamba import FalconMambaForCausalLM, RecurrentBatch
 from falconlm.parallel import ParallelState
 
 from ..model.h1_checkpoints import save_hf_h1
@@ -65,6 +66,10 @@ def _mamba_logits(model: FalconMambaForCausalLM) -> list[torch.Tensor]:
     with torch.no_grad():
         for key in ("prompt", "step", "chunk"):  # the first call starts each slot fresh (zeroed state)
             out.append(model(x[key], states))
+        # the engine's mixed step: slot 0 decodes one token while slot 1 restarts with a fresh 4-token prompt
+        ids = torch.cat([x["step"][0], x["prompt"][1, :4]])[None]
+        batch = RecurrentBatch(states, [0, 1], [0, 1], [1, 4], [False, True])
+        out.append(model.compute_logits(model.forward_hidden(ids, None, batch)))
     return out
 
 
