@@ -14,7 +14,7 @@ import torch
 
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
-from ..model.positions import alibi_slopes, engine_rope_length, is_dynamic
+from ..model.positions import engine_rope_length, head_alibi_slopes, is_dynamic
 from .fused_decode import FusedDecoder, fused_decoder, fused_hidden
 from .kernels import bind_weight_kernels, log_choice, row_attention
 from .prompt_logprobs import PromptRows, prompt_rows, score_prompt_rows
@@ -40,7 +40,7 @@ class ModelRunner:
         self.cache = PagedKVCache.allocate(
             cfg.num_hidden_layers, num_blocks, block_size, cfg.num_kv_groups, cfg.head_dim, weight.dtype, weight.device
         )
-        self.alibi_slopes = alibi_slopes(cfg.num_attention_heads).to(self.device) if cfg.alibi else None
+        self.alibi_slopes = head_alibi_slopes(cfg).to(self.device) if cfg.alibi else None
         self.dynamic_rope = is_dynamic(cfg)  # each token's RoPE frequencies depend on its request's length
         self.sampler = Sampler()
         self.req_id_to_generator: dict[str, torch.Generator | None] = {}

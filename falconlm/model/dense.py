@@ -15,7 +15,7 @@ import torch
 
 from .attention import DecodeRows, sdpa
 from .config import FalconConfig
-from .positions import alibi_bias, positions_from_mask
+from .positions import alibi_bias, head_alibi_slopes, positions_from_mask
 
 
 class KVCache:
@@ -113,7 +113,8 @@ def build_dense_attention(
     mask = _additive_mask(key_mask, past, query_len, total, dtype, device, batch_size)
     if config.alibi:
         full_mask = key_mask if key_mask is not None else torch.ones(batch_size, total, dtype=torch.long, device=device)
-        bias = alibi_bias(full_mask, config.num_attention_heads, dtype) / math.sqrt(config.head_dim)
+        slopes = head_alibi_slopes(config)  # a tensor-parallel rank: its own heads' slopes
+        bias = alibi_bias(full_mask, config.num_attention_heads, dtype, slopes) / math.sqrt(config.head_dim)
         mask = torch.where(mask == 0, bias, mask)  # [B, Hq, T, S]
     return DenseAttention(mask, False, cache, past, dropout_p)
 

@@ -111,14 +111,24 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-def alibi_bias(key_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi bias [B, heads, 1, S] from the 2-D key mask [B, S].
+def head_alibi_slopes(config: FalconConfig) -> torch.Tensor:
+    """The ALiBi slopes of the heads ``config``'s model computes. A slope depends on the head's index among all
+    heads: a tensor-parallel rank's config (``alibi_heads`` = (first head, all heads)) gets its heads' slopes."""
+    first, total = getattr(config, "alibi_heads", (0, config.num_attention_heads))
+    return alibi_slopes(total)[first : first + config.num_attention_heads]
+
+
+def alibi_bias(
+    key_mask: torch.Tensor, num_heads: int, dtype: torch.dtype, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ALiBi bias [B, heads, 1, S] from the 2-D key mask [B, S] (``slopes``: the heads' own, default the first
+    ``num_heads`` of ``num_heads``).
 
     Key positions come from the mask (0 at the first real token and at every pad). As in transformers the slopes
     are rounded to bfloat16 and the product is computed in bfloat16, even for a float32 model.
     """
     key_positions = (key_mask.long().cumsum(-1) - 1) * key_mask.long()  # [B, S]
-    slopes = alibi_slopes(num_heads).to(key_mask.device).bfloat16()
+    slopes = (alibi_slopes(num_heads) if slopes is None else slopes).to(key_mask.device).bfloat16()
     bias = slopes[None, :, None] * key_positions[:, None, :]  # [B, heads, S], bfloat16
     return bias.to(dtype)[:, :, None, :]
 

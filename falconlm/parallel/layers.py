@@ -21,7 +21,8 @@ layers in the same order, since the reducing ones run collectives):
 * :class:`RowParallelLinear` ``(columns, out_features, bias, state)``: this rank's input columns; the partial
   products are all-reduced and the (replicated) bias is added once, after the reduce. ``partial(x)`` is the
   un-reduced, bias-free product, and :func:`row_parallel_sum` sums several row-parallel outputs with one
-  all-reduce (a parallel attention + MLP block).
+  all-reduce (a parallel attention + MLP block); a layer built with ``reduce=False`` returns only its partial
+  product, for a caller that sums several and finishes them with :func:`finish_rows`.
 * :class:`VocabParallelEmbedding` ``(vocab, embedding_dim, state)``: this rank's vocabulary slice (a
   :class:`~falconlm.parallel.partition.Partition`); ids outside it give 0 and the ranks' lookups are all-reduced.
 * :class:`VocabParallelHead` ``(in_features, vocab, state)``: logits of this rank's vocabulary slice, gathered
@@ -141,9 +142,11 @@ class RowParallelLinear(FalconLinear):
     """This rank's input columns (``columns``, a dim-1 Shard) of a linear layer; outputs are all-reduced and the
     replicated bias is added once, after the reduce."""
 
-    def __init__(self, columns: Shard, out_features: int, bias: bool, state: ParallelState) -> None:
+    def __init__(
+        self, columns: Shard, out_features: int, bias: bool, state: ParallelState, reduce: bool = True
+    ) -> None:
         super().__init__(columns.size, out_features, bias=bias)
-        self.state = state
+        self.state, self.reduce = state, reduce
         set_shards(self, weight=columns)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,21 +154,28 @@ class RowParallelLinear(FalconLinear):
         return local_product(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _add_bias(self.state.all_reduce(self.partial(x)), self.bias)
+        """The reduced product plus bias; with ``reduce`` False only :meth:`partial` (the caller reduces, then
+        adds the bias: :func:`finish_rows`)."""
+        return _add_bias(self.state.all_reduce(self.partial(x)), self.bias) if self.reduce else self.partial(x)
+
+
+def finish_rows(y: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    """The sum of non-reducing row-parallel layers' outputs ``y`` (``reduce=False``) all-reduced once, then each
+    layer's bias added once (a parallel attention + MLP block)."""
+    y = layers[0].state.all_reduce(y)
+    for layer in layers:
+        y = _add_bias(y, layer.bias)
+    return y
 
 
 def row_parallel_sum(*pairs: tuple[nn.Module, torch.Tensor]) -> torch.Tensor:
     """``sum(layer(x) for layer, x in pairs)`` for row-parallel layers of one state, with one all-reduce: the
     partial products are summed, reduced once, then each layer's bias is added once."""
-    (first, _), *_ = pairs
     y = None
     for layer, x in pairs:
         p = layer.partial(x)
         y = p if y is None else y + p
-    y = first.state.all_reduce(y)
-    for layer, _ in pairs:
-        y = _add_bias(y, layer.bias)
-    return y
+    return finish_rows(y, *(layer for layer, _ in pairs))
 
 
 # ---- vocabulary-parallel embedding and head -------------------------------------------------------------------
@@ -231,12 +241,13 @@ class QuantizedRowParallelLinear(QuantizedLinear):
     """A :class:`RowParallelLinear` with quantized weights (the bias is added once, after the reduce)."""
 
     state: ParallelState
+    reduce: bool = True
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         return local_product(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _add_bias(self.state.all_reduce(self.partial(x)), self.bias)
+        return _add_bias(self.state.all_reduce(self.partial(x)), self.bias) if self.reduce else self.partial(x)
 
 
 class QuantizedVocabParallelHead(QuantizedLinear):
@@ -287,7 +298,7 @@ def quantized_twin(
         if kernel is None or isinstance(kernel, str):
             kernel = select_kernel(WeightSpec.of(qt), qt.qweight.device, kernel)
         twin = _TWINS.get(type(module), QuantizedLinear)(qt, bias, dtype, kernel)
-    for attr in ("state", "vocab", "sizes"):
+    for attr in ("state", "vocab", "sizes", "reduce"):
         if hasattr(module, attr):
             setattr(twin, attr, getattr(module, attr))
     if hasattr(module, "tp_shards"):

@@ -1,0 +1,48 @@
+"""Falcon and Falcon3 split over 2 and 3 gloo ranks give the one-process logits (fp32, within 1e-5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from falconlm.model.falcon import FalconForCausalLM
+from falconlm.parallel import ParallelState
+from falconlm.parallel.loading import load_sharded
+
+from .models import FALCON, FALCON3, logits, write_falcon, write_falcon3
+from .world import run_world
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-models")
+    paths = {f"falcon-{v}": write_falcon(root / f"falcon-{v}", v) for v in FALCON}
+    paths |= {f"falcon3-{v}": write_falcon3(root / f"falcon3-{v}", v) for v in FALCON3}
+    return paths
+
+
+def _sharded_logits(state: ParallelState, paths: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, path in paths.items():
+        model = load_sharded(path, state, torch.float32)
+        out[name] = logits(model)
+        out[f"{name}/heads"] = torch.tensor(model.config.num_attention_heads)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_logits_equal_one_process(world: int, checkpoints: dict[str, Path]) -> None:
+    expected = {name: logits(FalconForCausalLM.from_pretrained(p)) for name, p in checkpoints.items()}
+    ranks = run_world(_sharded_logits, world, {k: str(v) for k, v in checkpoints.items()}, timeout=240)
+    for name, want in expected.items():
+        heads = sum(int(r[f"{name}/heads"]) for r in ranks)
+        for rank, got in enumerate(ranks):
+            torch.testing.assert_close(
+                got[name], want, rtol=0, atol=1e-5, msg=lambda m, n=name, r=rank: f"{n} rank {r}: {m}"
+            )
+        assert (
+            heads == FalconForCausalLM.from_pretrained(checkpoints[name]).config.num_attention_heads
+        )  # split, not copied
