@@ -17,11 +17,17 @@ d_ssm and held B/C groups, so the engine sizes this rank's KV cache and recurren
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
-from ..model.falcon_h1 import FalconH1Attention, FalconH1ForCausalLM, FalconH1MLP
+import torch
+
+from ..model.attention import AttentionContext
+from ..model.checkpoint import _SkipInit
+from ..model.falcon_h1 import FalconH1DecoderLayer, FalconH1ForCausalLM, Rope
 from ..model.h1_config import FalconH1Config
+from ..model.recurrent import RecurrentBatch
+from .falcon import ColumnMultiple, no_constraint
 from .h1_mixer import ParallelH1Mixer, SsmShare, ssm_rank_fields, ssm_share
+from .heads import HeadSplit, split_features, split_heads
 from .layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -34,90 +40,92 @@ from .partition import Partition, partition
 from .state import ParallelState
 
 
-@dataclass(frozen=True)
-class AttentionShare:
-    """One rank's query heads and KV heads (contiguous ranges of the full model's)."""
+class H1Split:
+    """One rank's attention heads, SSM heads and MLP features (``multiple(kind)``: where a row-parallel matrix's
+    input may be split, for int4 groups)."""
 
-    query: Partition
-    kv: Partition
+    def __init__(self, config: FalconH1Config, state: ParallelState, multiple: ColumnMultiple = no_constraint) -> None:
+        world, rank = state.world_size, state.rank
+        self.attention: HeadSplit = split_heads(
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim, world, rank,
+            multiple("self_attn.o_proj"), "self_attn.o_proj",
+        )  # fmt: skip
+        self.ssm: SsmShare = ssm_share(config, state, multiple("mamba.out_proj"))
+        f = config.intermediate_size
+        if f < world:
+            raise ValueError(f"intermediate_size ({f}) must be at least the tensor-parallel size ({world})")
+        kind = "feed_forward.down_proj"
+        self.mlp = Partition(*split_features(f, world, rank, multiple(kind), kind), f)
 
+    def rank_config(self, config: FalconH1Config) -> FalconH1Config:
+        """This rank's config: its heads, KV heads, MLP width and Mamba sizes; everything else the full model's.
 
-def attention_share(num_heads: int, num_kv_heads: int, state: ParallelState) -> AttentionShare:
-    """This rank's query and KV heads (see the module docstring); ValueError when a rank would get no query head."""
-    world, rank = state.world_size, state.rank
-    per_kv = num_heads // num_kv_heads
-    if num_kv_heads >= world:
-        kv = partition(num_kv_heads, world, rank)
-        return AttentionShare(Partition(kv.start * per_kv, kv.stop * per_kv, num_heads), kv)
-    for g in range(num_kv_heads):  # KV head g is held by the ranks in ``block``; they split its query heads
-        block = partition(world, num_kv_heads, g)
-        if per_kv < block.size:
-            raise ValueError(
-                f"num_attention_heads ({num_heads}) over num_key_value_heads ({num_kv_heads}) gives {per_kv} "
-                f"query heads per KV head, fewer than the {block.size} ranks sharing one KV head at tensor-parallel "
-                f"size {world}: every rank needs one query head"
-            )
-        if block.start <= rank < block.stop:
-            q = partition(per_kv, block.size, rank - block.start)
-            return AttentionShare(
-                Partition(g * per_kv + q.start, g * per_kv + q.stop, num_heads), Partition(g, g + 1, num_kv_heads)
-            )
-    raise AssertionError("unreachable: every rank is in one KV head's block")
-
-
-def mlp_share(config: FalconH1Config, state: ParallelState) -> Partition:
-    f = config.intermediate_size
-    if f < state.world_size:
-        raise ValueError(f"intermediate_size ({f}) must be at least the tensor-parallel size ({state.world_size})")
-    return partition(f, state.world_size, state.rank)
+        Copied field by field rather than rebuilt: a rank's SSM heads need not be a multiple of the B/C groups
+        it holds (``n_groups < world``), which the full config's validation rightly forbids."""
+        local = copy.copy(config)
+        local.num_attention_heads = self.attention.local_heads
+        local.num_key_value_heads = self.attention.local_groups
+        local.intermediate_size = self.mlp.size
+        for name, value in ssm_rank_fields(self.ssm).items():
+            setattr(local, name, value)
+        return local
 
 
-def h1_rank_config(config: FalconH1Config, state: ParallelState) -> FalconH1Config:
-    """This rank's config: its heads, KV heads, MLP width and Mamba sizes; everything else the full model's.
-
-    Copied field by field rather than rebuilt: a rank's SSM heads need not be a multiple of the B/C groups it
-    holds (``n_groups < world``), which the full config's validation rightly forbids."""
-    attn = attention_share(config.num_attention_heads, config.num_key_value_heads, state)
-    local = copy.copy(config)
-    local.num_attention_heads = attn.query.size
-    local.num_key_value_heads = attn.kv.size
-    local.intermediate_size = mlp_share(config, state).size
-    for name, value in ssm_rank_fields(ssm_share(config, state)).items():
-        setattr(local, name, value)
-    return local
+def h1_rank_config(
+    config: FalconH1Config, state: ParallelState, multiple: ColumnMultiple = no_constraint
+) -> FalconH1Config:
+    """The per-rank config :func:`build_h1_shard` builds this rank's model from."""
+    return H1Split(config, state, multiple).rank_config(config)
 
 
-def _shard_attention(attn: FalconH1Attention, config: FalconH1Config, share: AttentionShare, state: ParallelState):
-    h, d, bias = config.hidden_size, config.head_dim, config.attention_bias
-    kv_rows = Shard.of(share.kv, 0, d)
-    attn.q_proj = ColumnParallelLinear(h, Shard.of(share.query, 0, d), bias, state)
-    attn.k_proj = ColumnParallelLinear(h, kv_rows, bias, state)
-    attn.v_proj = ColumnParallelLinear(h, kv_rows, bias, state)
-    attn.o_proj = RowParallelLinear(Shard.of(share.query, 1, d), h, bias, state)
+class ParallelH1DecoderLayer(FalconH1DecoderLayer):
+    """An H1 layer whose Mamba and attention outputs (both row-parallel, built with ``reduce=False``) are summed,
+    with their multipliers, before one all-reduce; each bias is then added once, scaled by its multiplier."""
+
+    def __init__(self, rank_config: FalconH1Config, layer_idx: int, state: ParallelState) -> None:
+        super().__init__(rank_config, layer_idx)
+        self.state = state
+
+    def forward(self, x: torch.Tensor, rope: Rope, attention: AttentionContext, rows: RecurrentBatch) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        ssm = self.mamba(h, rows) * self.ssm_out_multiplier
+        attn = self.self_attn(h * self.attention_in_multiplier, rope, attention) * self.attention_out_multiplier
+        mixed = self.state.all_reduce(ssm + attn)
+        for bias, scale in (
+            (self.mamba.out_proj.bias, self.ssm_out_multiplier),
+            (self.self_attn.o_proj.bias, self.attention_out_multiplier),
+        ):
+            if bias is not None:
+                mixed = mixed + bias * scale
+        x = x + mixed
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
-def _shard_mlp(mlp: FalconH1MLP, config: FalconH1Config, share: Partition, state: ParallelState) -> None:
-    h, bias = config.hidden_size, config.mlp_bias
-    mlp.gate_proj = ColumnParallelLinear(h, Shard.of(share, 0), bias, state)
-    mlp.up_proj = ColumnParallelLinear(h, Shard.of(share, 0), bias, state)
-    mlp.down_proj = RowParallelLinear(Shard.of(share, 1), h, bias, state)
-
-
-def build_h1_rank_model(config: FalconH1Config, state: ParallelState) -> FalconH1ForCausalLM:
-    """This rank's Falcon-H1 (parameters uninitialised: build it under ``torch.device("meta")`` and load the
-    shards, or fill it from a full model). Its ``config`` is the per-rank one; parameter names are the full
-    model's."""
-    rank_config = h1_rank_config(config, state)
-    attn = attention_share(config.num_attention_heads, config.num_key_value_heads, state)
-    ssm: SsmShare = ssm_share(config, state)
-    mlp = mlp_share(config, state)
-    model = FalconH1ForCausalLM(rank_config)
-    for i, layer in enumerate(model.model.layers):
-        layer.mamba = ParallelH1Mixer(config, rank_config, i, ssm, state)
-        _shard_attention(layer.self_attn, config, attn, state)
-        _shard_mlp(layer.feed_forward, config, mlp, state)
+def build_h1_shard(
+    config: FalconH1Config, state: ParallelState, multiple: ColumnMultiple = no_constraint
+) -> FalconH1ForCausalLM:
+    """This rank's Falcon-H1 on the meta device, parameters named as in the full model, each recording its slice
+    (``tp_shards``); its ``config`` is the per-rank one."""
+    split = H1Split(config, state, multiple)
+    rank_config = split.rank_config(config)
+    heads, d, h = split.attention, config.head_dim, config.hidden_size
+    a_bias, m_bias = config.attention_bias, config.mlp_bias
+    features = Shard.of(split.mlp, 0)
     vocab = partition(config.vocab_size, state.world_size, state.rank)
-    model.model.embed_tokens = VocabParallelEmbedding(vocab, config.hidden_size, state)
-    model.lm_head = VocabParallelHead(config.hidden_size, vocab, state, vocab_sizes(config.vocab_size, state))
-    model.tie_weights()
+    with torch.device("meta"), _SkipInit():
+        model = FalconH1ForCausalLM(rank_config)
+        for i in range(config.num_hidden_layers):
+            layer = model.model.layers[i] = ParallelH1DecoderLayer(rank_config, i, state)
+            layer.mamba = ParallelH1Mixer(config, rank_config, i, split.ssm, state, reduce_output=False)
+            attn, mlp = layer.self_attn, layer.feed_forward
+            attn.q_proj = ColumnParallelLinear(h, heads.query_rows(d), a_bias, state)
+            attn.k_proj = ColumnParallelLinear(h, heads.kv_rows(d), a_bias, state)
+            attn.v_proj = ColumnParallelLinear(h, heads.kv_rows(d), a_bias, state)
+            attn.o_proj = RowParallelLinear(heads.output_columns(d), h, a_bias, state, reduce=False)
+            mlp.gate_proj = ColumnParallelLinear(h, features, m_bias, state)
+            mlp.up_proj = ColumnParallelLinear(h, features, m_bias, state)
+            mlp.down_proj = RowParallelLinear(Shard.of(split.mlp, 1), h, m_bias, state)
+        model.model.embed_tokens = VocabParallelEmbedding(vocab, h, state)
+        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state))
+        model.tie_weights()
     return model

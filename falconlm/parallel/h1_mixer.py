@@ -28,8 +28,9 @@ from torch import nn
 from ..model.falcon_h1 import FalconH1Mixer
 from ..model.h1_config import FalconH1Config
 from ..model.recurrent import RecurrentBatch
+from .heads import split_at
 from .layers import ColumnParallelLinear, RowParallelLinear, Shard, set_shards
-from .partition import Partition, partition
+from .partition import Partition
 from .state import ParallelState
 
 
@@ -60,21 +61,25 @@ class SsmShare:
         return len(set(counts)) == 1
 
 
-def ssm_share(config: FalconH1Config, state: ParallelState) -> SsmShare:
-    """This rank's SSM heads and groups (see the module docstring); ValueError when some rank would get none."""
+def ssm_share(config: FalconH1Config, state: ParallelState, multiple: int = 1) -> SsmShare:
+    """This rank's SSM heads and groups (see the module docstring). ``multiple``: where ``out_proj``'s input
+    columns may be split (int4 groups). ValueError when some rank would get no head."""
     heads, groups, world = config.mamba_n_heads, config.mamba_n_groups, state.world_size
-    per_group = heads // groups
+    per_group, d_head = heads // groups, config.mamba_d_head
     if groups < world and heads < world:
         raise ValueError(
             f"mamba_n_heads ({heads}) must be at least the tensor-parallel size ({world}): every rank needs one "
             "SSM head"
         )
-    unit = per_group if groups >= world else 1  # whole groups when there are enough of them
-    shares = [partition(heads, world, r, multiple=unit) for r in range(world)]
+
+    def allowed(h: int) -> bool:  # whole groups when there are enough of them; int4 group boundaries always
+        return (groups < world or h % per_group == 0) and h * d_head % multiple == 0
+
+    shares = [Partition(*split_at(heads, world, r, allowed, "mamba.out_proj"), heads) for r in range(world)]
     mine = shares[state.rank]
     first, last = mine.start // per_group, math.ceil(mine.stop / per_group)
     spans = any(s.stop % per_group for s in shares)  # every rank must agree: the split norm is a collective
-    return SsmShare(mine, Partition(first, last, groups), per_group, config.mamba_d_head, config.mamba_d_state, spans)
+    return SsmShare(mine, Partition(first, last, groups), per_group, d_head, config.mamba_d_state, spans)
 
 
 def ssm_rank_fields(share: SsmShare) -> dict[str, int]:
@@ -144,18 +149,21 @@ class SplitGatedRMSNorm(nn.Module):
 
 class ParallelH1Mixer(FalconH1Mixer):
     """The H1 Mamba-2 mixer over this rank's heads: ``config`` is the full model's, ``rank_config`` this rank's
-    (:func:`ssm_rank_fields`); parameter names are the unsharded mixer's."""
+    (:func:`ssm_rank_fields`); parameter names are the unsharded mixer's. With ``reduce_output`` False it returns
+    ``out_proj``'s partial product (no all-reduce, no bias): the decoder layer reduces it with attention's."""
 
     def __init__(
         self, config: FalconH1Config, rank_config: FalconH1Config, layer_idx: int, share: SsmShare,
-        state: ParallelState,
+        state: ParallelState, reduce_output: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(rank_config, layer_idx)
         shards = _mixer_shards(config, share)
         self.in_proj = ColumnParallelLinear(config.hidden_size, shards["in_proj"], config.mamba_proj_bias, state)
         set_shards(self.conv1d, weight=shards["conv"], bias=shards["conv"] if config.mamba_conv_bias else None)
         set_shards(self, dt_bias=shards["heads"], A_log=shards["heads"], D=shards["heads"])
-        self.out_proj = RowParallelLinear(shards["out_proj"], config.hidden_size, config.projectors_bias, state)
+        self.out_proj = RowParallelLinear(
+            shards["out_proj"], config.hidden_size, config.projectors_bias, state, reduce=reduce_output
+        )
         self.head_groups = None if share.groups_even else share.head_groups()  # each head's held group
         self._head_index: torch.Tensor | None = None
         if rank_config.mamba_rms_norm:

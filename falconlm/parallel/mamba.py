@@ -17,9 +17,15 @@ state holds only its channels (conv state [K-1, c1-c0], SSM state [N, c1-c0]): t
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import torch
+
+from ..model.checkpoint import _SkipInit
 from ..model.falcon_mamba import FalconMambaForCausalLM, FalconMambaMixer
 from ..model.mamba_config import FalconMambaConfig
+from .falcon import ColumnMultiple, no_constraint
+from .heads import split_features
 from .layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -32,27 +38,35 @@ from .layers import (
 from .partition import Partition, partition
 from .state import ParallelState
 
+ROW_PARALLEL = ("mixer.x_proj", "mixer.out_proj")  # the matrices whose input (the channels) is split
 
-def mamba_channels(config: FalconMambaConfig, state: ParallelState) -> Partition:
-    """This rank's share of the inner channels; ValueError when some rank would get none."""
+
+def mamba_channels(
+    config: FalconMambaConfig, state: ParallelState, multiple: ColumnMultiple = no_constraint
+) -> Partition:
+    """This rank's share of the inner channels, split only where both row-parallel matrices allow (int4 groups);
+    ValueError when some rank would get none."""
     d = config.intermediate_size
     if d < state.world_size:
         raise ValueError(
             f"intermediate_size ({d}) must be at least the tensor-parallel size ({state.world_size}): "
             "every rank needs one inner channel"
         )
-    return partition(d, state.world_size, state.rank)
+    unit = math.lcm(*(multiple(kind) for kind in ROW_PARALLEL))
+    start, stop = split_features(d, state.world_size, state.rank, unit, " and ".join(ROW_PARALLEL))
+    return Partition(start, stop, d)
 
 
-def mamba_rank_config(config: FalconMambaConfig, state: ParallelState) -> FalconMambaConfig:
+def mamba_rank_config(
+    config: FalconMambaConfig, state: ParallelState, multiple: ColumnMultiple = no_constraint
+) -> FalconMambaConfig:
     """The config this rank's model is built from: its own inner width, everything else unchanged."""
-    return dataclasses.replace(config, intermediate_size=mamba_channels(config, state).size)
+    return dataclasses.replace(config, intermediate_size=mamba_channels(config, state, multiple).size)
 
 
-def shard_mamba_mixer(mixer: FalconMambaMixer, config: FalconMambaConfig, state: ParallelState) -> None:
+def shard_mamba_mixer(mixer: FalconMambaMixer, config: FalconMambaConfig, ch: Partition, state: ParallelState) -> None:
     """Turn a mixer built from the per-rank config into this rank's shard of the full one (module docstring)."""
     h, d = config.hidden_size, config.intermediate_size
-    ch = mamba_channels(config, state)
     own = Shard.of(ch, 0)
     mixer.in_proj = ColumnParallelLinear(
         h, Shard(0, ((ch.start, ch.stop), (d + ch.start, d + ch.stop)), 2 * d), config.use_bias, state
@@ -64,14 +78,19 @@ def shard_mamba_mixer(mixer: FalconMambaMixer, config: FalconMambaConfig, state:
     mixer.out_proj = RowParallelLinear(Shard.of(ch, 1), h, config.use_bias, state)
 
 
-def build_mamba_rank_model(config: FalconMambaConfig, state: ParallelState) -> FalconMambaForCausalLM:
-    """This rank's Falcon-Mamba (parameters uninitialised: build it under ``torch.device("meta")`` and load
-    the shards, or fill it from a full model). Its ``config`` is the per-rank one."""
-    model = FalconMambaForCausalLM(mamba_rank_config(config, state))
-    for block in model.backbone.layers:
-        shard_mamba_mixer(block.mixer, config, state)
+def build_mamba_shard(
+    config: FalconMambaConfig, state: ParallelState, multiple: ColumnMultiple = no_constraint
+) -> FalconMambaForCausalLM:
+    """This rank's Falcon-Mamba on the meta device, parameters named as in the full model, each recording its
+    slice (``tp_shards``); its ``config`` is the per-rank one. ``multiple(kind)``: where a row-parallel matrix's
+    input may be split (int4 groups)."""
+    ch = mamba_channels(config, state, multiple)
     vocab = partition(config.vocab_size, state.world_size, state.rank)
-    model.backbone.embeddings = VocabParallelEmbedding(vocab, config.hidden_size, state)
-    model.lm_head = VocabParallelHead(config.hidden_size, vocab, state, vocab_sizes(config.vocab_size, state))
-    model.tie_weights()
+    with torch.device("meta"), _SkipInit():
+        model = FalconMambaForCausalLM(dataclasses.replace(config, intermediate_size=ch.size))
+        for block in model.backbone.layers:
+            shard_mamba_mixer(block.mixer, config, ch, state)
+        model.backbone.embeddings = VocabParallelEmbedding(vocab, config.hidden_size, state)
+        model.lm_head = VocabParallelHead(config.hidden_size, vocab, state, vocab_sizes(config.vocab_size, state))
+        model.tie_weights()
     return model

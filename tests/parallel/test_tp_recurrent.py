@@ -85,12 +85,12 @@ def _logits(model) -> list[torch.Tensor]:
 
 
 def _ranks_logits(state: ParallelState, folders: dict[str, str]) -> dict[str, Any]:
-    from falconlm.parallel.recurrent import load_recurrent_shard
+    from falconlm.parallel.loading import load_sharded
 
     torch.manual_seed(0)
     out: dict[str, Any] = {}
     for name, folder in folders.items():
-        model = load_recurrent_shard(folder, state, torch.float32)
+        model = load_sharded(folder, state, torch.float32)
         out[name] = _logits(model)
     return out
 

@@ -10,7 +10,7 @@ import torch
 from falconlm.model.h1_config import FalconH1Config
 from falconlm.model.mamba_config import FalconMambaConfig
 from falconlm.parallel import ParallelState
-from falconlm.parallel.h1 import attention_share, h1_rank_config, mlp_share
+from falconlm.parallel.h1 import H1Split, h1_rank_config
 from falconlm.parallel.h1_mixer import ssm_share
 from falconlm.parallel.mamba import mamba_rank_config
 
@@ -60,27 +60,28 @@ def test_h1_ssm_heads_each_on_one_rank_with_their_groups(groups: int, heads: int
 
 
 @pytest.mark.parametrize(("q", "kv", "world"), [(8, 2, 2), (8, 2, 3), (6, 3, 2), (8, 1, 3), (8, 8, 3), (4, 2, 4)])
-def test_h1_query_heads_each_on_one_rank_beside_their_kv_head(q: int, kv: int, world: int) -> None:
-    shares = [attention_share(q, kv, s) for s in _world(world)]
-    owners = [r for h in range(q) for r, s in enumerate(shares) if s.query.start <= h < s.query.stop]
-    assert len(owners) == q  # each query head on exactly one rank
-    per_kv = q // kv
-    for s in shares:
-        assert s.query.size >= 1 and s.query.size % s.kv.size == 0
-        assert [h // per_kv for h in range(s.query.start, s.query.stop)] == [
-            s.kv.start + i // (s.query.size // s.kv.size) for i in range(s.query.size)
-        ]  # the rank's local grouping (query i reads local KV head i // (q / kv)) is the model's
-    locals_ = [h1_rank_config(_h1(num_attention_heads=q, num_key_value_heads=kv), s) for s in _world(world)]
+def test_h1_rank_configs_hold_the_ranks_heads_and_features(q: int, kv: int, world: int) -> None:
+    config = _h1(num_attention_heads=q, num_key_value_heads=kv)
+    locals_ = [h1_rank_config(config, s) for s in _world(world)]
+    assert sum(c.intermediate_size for c in locals_) == config.intermediate_size
+    assert sum(c.num_attention_heads for c in locals_) == q  # each query head on one rank
     assert all(c.queries_per_kv * c.num_key_value_heads == c.num_attention_heads for c in locals_)
+    assert all(c.head_dim == config.head_dim for c in locals_)
+
+
+def test_int4_groups_move_the_ssm_split_to_their_boundaries() -> None:
+    config = _h1(mamba_n_heads=6, mamba_n_groups=1, mamba_d_ssm=48)  # heads of 8 channels
+    ssm = [H1Split(config, s, lambda kind: 16 if kind == "mamba.out_proj" else 1).ssm for s in _world(2)]
+    assert [(s.heads.start, s.heads.stop) for s in ssm] == [(0, 4), (4, 6)]  # 3 + 3 would cut a group of 16
+    with pytest.raises(ValueError, match=r"mamba\.out_proj"):
+        H1Split(config, _world(4)[0], lambda kind: 16 if kind == "mamba.out_proj" else 1)
 
 
 def test_impossible_splits_say_which_constraint() -> None:
     with pytest.raises(ValueError, match="mamba_n_heads \\(4\\) must be at least the tensor-parallel size \\(5\\)"):
         ssm_share(_h1(mamba_n_heads=4, mamba_n_groups=1, mamba_d_ssm=32), _world(5)[0])
-    with pytest.raises(ValueError, match="query heads per KV head"):
-        attention_share(4, 2, _world(6)[0])
     with pytest.raises(ValueError, match="intermediate_size \\(2\\) must be at least the tensor-parallel size \\(3\\)"):
-        mlp_share(_h1(intermediate_size=2), _world(3)[0])
+        H1Split(_h1(intermediate_size=2), _world(3)[0])
     tiny = FalconMambaConfig(vocab_size=50, hidden_size=2, state_size=4, num_hidden_layers=1, expand=1)
     with pytest.raises(ValueError, match="intermediate_size \\(2\\) must be at least the tensor-parallel size \\(3\\)"):
         mamba_rank_config(tiny, _world(3)[0])
