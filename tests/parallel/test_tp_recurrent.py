@@ -129,3 +129,42 @@ def test_logits_equal_one_process(world: int, checkpoints, reference) -> None:
                 torch.testing.assert_close(
                     got, exp, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, r=rank, s=step: f"{n} rank {r} call {s}: {m}"
                 )
+
+
+QUANT_CASES = {"int8": "int8", "int4-g32": "int4-g32"}  # quantized on load; plus one folder stored as int4 g32 sym
+
+
+def _quantized_logits(state: ParallelState, folders: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    from falconlm.parallel.loading import load_sharded
+
+    out: dict[str, Any] = {}
+    for name, (folder, spec) in folders.items():
+        model = load_sharded(folder, state, torch.float32, quantize=spec)
+        with torch.no_grad():
+            out[name] = model(_inputs()["prompt"])
+    return out
+
+
+@pytest.mark.slow
+def test_quantized_shards_equal_one_process(tmp_path: Path, checkpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 / int4 on load and a stored int4 folder, on 2 ranks: the one-process quantized model's logits (both
+    sides on one kernel: a rank's narrower matrices could otherwise pick another one)."""
+    from falconlm.model.formats import load_pretrained
+    from falconlm.quant import QuantRecipe, quantize_checkpoint
+
+    monkeypatch.setenv("FALCONLM_QUANT_KERNEL", "reference")
+    folders: dict[str, tuple[str, str | None]] = {}
+    for name in ("falcon-mamba", "h1-one-group"):
+        for label, spec in QUANT_CASES.items():
+            folders[f"{name}-{label}"] = (str(checkpoints[name]), spec)
+        stored = tmp_path / f"{name}-int4-stored"
+        quantize_checkpoint(checkpoints[name], stored, QuantRecipe.parse("int4-g32-sym"), progress=False)
+        folders[f"{name}-int4-stored"] = (str(stored), None)
+    ranks = run_world(_quantized_logits, 2, folders, timeout=240)
+    for name, (folder, spec) in folders.items():
+        with torch.no_grad():
+            want = load_pretrained(Path(folder), torch.float32, "cpu", spec)(_inputs()["prompt"])
+        for rank, result in enumerate(ranks):
+            torch.testing.assert_close(
+                result[name], want, atol=2e-5, rtol=1e-5, msg=lambda m, n=name, r=rank: f"{n} rank {r}: {m}"
+            )
