@@ -1,22 +1,25 @@
 """Tensor-parallel Falcon-H1: attention heads, SSM heads and the MLP split over ranks, every layer.
 
-* Attention (grouped-query, like Falcon3): with at least as many KV heads as ranks, the KV heads split (the first
-  ranks taking one more) and each rank keeps the query heads that read them; with fewer, each KV head is held by
-  a block of consecutive ranks that split its query heads, so every rank holds one KV head (replicated in its
-  block). q/k/v are column-parallel, ``o_proj`` row-parallel. The KV cache holds the rank's KV heads.
+* Attention (grouped-query, like Falcon3; ``heads.py``): whole KV groups per rank when there are at least as many
+  as ranks, else one KV head per rank (replicated on the ranks sharing it) and a share of its query heads.
+  q/k/v column-parallel, ``o_proj`` row-parallel; the KV cache holds the rank's KV heads.
 * The Mamba-2 mixer: :mod:`falconlm.parallel.h1_mixer` (SSM heads split, B/C groups split or replicated, an
   exact split norm).
+* The layer adds its Mamba and attention outputs, each times its multiplier, before one all-reduce (both
+  ``out_proj`` and ``o_proj`` are built not to reduce), then each bias once, times its multiplier.
 * The MLP: ``gate_proj`` / ``up_proj`` column-parallel, ``down_proj`` row-parallel.
 * Embedding and head vocabulary-parallel. The µP multipliers scale whole tensors (or whole parts of in_proj's
   output), so each rank applies them to its slices unchanged.
 
-The per-rank config (:func:`h1_rank_config`) reports this rank's attention heads, KV heads, MLP width, SSM heads,
+The per-rank config (:class:`H1RankConfig`) reports this rank's attention heads, KV heads, MLP width, SSM heads,
 d_ssm and held B/C groups, so the engine sizes this rank's KV cache and recurrent state from it as usual.
+Row-parallel inputs split only on int4 group boundaries (``multiple``), else a ValueError naming the layer.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -57,18 +60,31 @@ class H1Split:
         kind = "feed_forward.down_proj"
         self.mlp = Partition(*split_features(f, world, rank, multiple(kind), kind), f)
 
-    def rank_config(self, config: FalconH1Config) -> FalconH1Config:
-        """This rank's config: its heads, KV heads, MLP width and Mamba sizes; everything else the full model's.
+    def rank_config(self, config: FalconH1Config) -> H1RankConfig:
+        """This rank's config: its heads, KV heads, MLP width and Mamba sizes; everything else the full model's."""
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        values.update(
+            num_attention_heads=self.attention.local_heads,
+            num_key_value_heads=self.attention.local_groups,
+            intermediate_size=self.mlp.size,
+            **ssm_rank_fields(self.ssm),
+        )
+        return H1RankConfig(**values)
 
-        Copied field by field rather than rebuilt: a rank's SSM heads need not be a multiple of the B/C groups
-        it holds (``n_groups < world``), which the full config's validation rightly forbids."""
-        local = copy.copy(config)
-        local.num_attention_heads = self.attention.local_heads
-        local.num_key_value_heads = self.attention.local_groups
-        local.intermediate_size = self.mlp.size
-        for name, value in ssm_rank_fields(self.ssm).items():
-            setattr(local, name, value)
-        return local
+
+@dataclass
+class H1RankConfig(FalconH1Config):
+    """One rank's share of a :class:`FalconH1Config`. A rank's SSM heads need not be a multiple of the B/C groups
+    it holds (with fewer groups than ranks, its heads may cover its groups unevenly: the mixer then hands each head
+    its group's B and C), so that one check is left to the full config; every other check still runs."""
+
+    def _validate(self) -> None:
+        groups = self.mamba_n_groups
+        self.mamba_n_groups = 1
+        try:
+            super()._validate()
+        finally:
+            self.mamba_n_groups = groups
 
 
 def h1_rank_config(

@@ -4,6 +4,8 @@ impossible. No processes: the plans are plain arithmetic on (rank, world size)."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,3 +87,16 @@ def test_impossible_splits_say_which_constraint() -> None:
     tiny = FalconMambaConfig(vocab_size=50, hidden_size=2, state_size=4, num_hidden_layers=1, expand=1)
     with pytest.raises(ValueError, match="intermediate_size \\(2\\) must be at least the tensor-parallel size \\(3\\)"):
         mamba_rank_config(tiny, _world(3)[0])
+
+
+def test_a_rank_config_with_heads_covering_groups_unevenly_survives_a_rebuild() -> None:
+    """8 SSM heads in 2 groups on 3 ranks: rank 1 holds heads 3-5, one of group 0 and two of group 1. Its config
+    (3 heads, 2 groups) is rebuilt when a quantize-on-load records its recipe; that must not trip the full
+    config's groups-divide-heads check, while the others still hold."""
+    config = _h1(mamba_n_heads=8, mamba_n_groups=2, mamba_d_ssm=64)
+    local = h1_rank_config(config, _world(3)[1])
+    assert (local.mamba_n_heads, local.mamba_n_groups) == (3, 2)
+    again = dataclasses.replace(local, extra={"quantization_config": {"quant_method": "falconlm"}})
+    assert again.conv_dim == local.conv_dim == 3 * 8 + 2 * 2 * 4
+    with pytest.raises(ValueError, match="head_dim"):
+        dataclasses.replace(local, head_dim=7)
