@@ -2,8 +2,9 @@
 
 Every case runs a prompt (the chunked scans from a fresh state), one decode token per row (the single-step
 recurrences, the state carried from the prompt) and a second chunk continuing from that state (Mamba also one
-engine-style step mixing a decode and a fresh prompt), on tiny float32 checkpoints written by transformers.
-All cases of one world size share one spawned world.
+engine-style step mixing a decode and a fresh prompt), on tiny float32 checkpoints written by transformers; two
+of them also run greedy requests through the engine on every rank. All cases of one world size share one spawned
+world.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from falconlm.parallel import ParallelState
 
 from ..model.h1_checkpoints import save_hf_h1
 from ..model.mamba_checkpoints import save_hf_mamba
+from ..oracle import uncached_greedy
 from .world import run_world
 
 VOCAB = 97
@@ -92,7 +94,29 @@ def _ranks_logits(state: ParallelState, folders: dict[str, str]) -> dict[str, An
     for name, folder in folders.items():
         model = load_sharded(folder, state, torch.float32)
         out[name] = _logits(model)
+        if name in ENGINE_CASES:
+            out[name + ":engine"] = _engine_tokens(model)
     return out
+
+
+ENGINE_CASES = ("falcon-mamba", "h1-two-groups")
+ENGINE_PROMPTS = [list(range(1, 14)), [5, 6], list(range(20, 41)), [9, 9, 9]]
+ENGINE_STEPS = 6
+
+
+def _engine_tokens(model) -> list[list[int]]:
+    """Greedy tokens through the engine (paged KV, state slots, chunked prefill, batched decode). Every rank runs
+    its own engine: the scheduling is deterministic, so all of them make the same forwards in the same order. The
+    pools are sized alike on every rank (num_blocks; slots = max_num_seqs), whatever each rank's state size."""
+    from falconlm.engine.engine import Engine, EngineConfig
+    from falconlm.engine.sampling_params import SamplingParams
+    from falconlm.tokenizer import NoTokenizer
+
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16, num_blocks=32,
+                          block_size=8, kv_cache_memory=1 << 30)  # fmt: skip
+    engine = Engine(model, NoTokenizer(None, "the test has none"), config)
+    params = SamplingParams(max_tokens=ENGINE_STEPS, temperature=0.0, ignore_eos=True)
+    return [out.token_ids for out in engine.generate(ENGINE_PROMPTS, [params] * len(ENGINE_PROMPTS))]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +138,10 @@ def reference(checkpoints) -> dict[str, list[torch.Tensor]]:
     out = {}
     for name, folder in checkpoints.items():
         cls = FalconMambaForCausalLM if name in MAMBA_CASES else FalconH1ForCausalLM
-        out[name] = _logits(cls.from_pretrained(folder).eval())
+        model = cls.from_pretrained(folder).eval()
+        out[name] = _logits(model)
+        if name in ENGINE_CASES:
+            out[name + ":engine"] = [uncached_greedy(model, p, ENGINE_STEPS) for p in ENGINE_PROMPTS]
     return out
 
 
@@ -124,6 +151,9 @@ def test_logits_equal_one_process(world: int, checkpoints, reference) -> None:
     folders = {name: str(path) for name, path in checkpoints.items()}
     ranks = run_world(_ranks_logits, world, folders, timeout=240)
     for name, want in reference.items():
+        if name.endswith(":engine"):
+            assert [r[name] for r in ranks] == [want] * world, name
+            continue
         for rank, result in enumerate(ranks):
             for step, (got, exp) in enumerate(zip(result[name], want, strict=True)):
                 torch.testing.assert_close(
