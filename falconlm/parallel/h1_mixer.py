@@ -13,7 +13,8 @@ The conv over [x, B, C] is per-channel, so it splits with those channels; A_log,
 ``out_proj`` is row-parallel. The gated RMS norm normalises over each group's d_ssm / n_groups channels: when a
 group's heads sit on more than one rank, its sum of squares is all-reduced (:class:`SplitGatedRMSNorm`), so the
 norm stays exact. The ``ssm_multipliers`` scale whole parts of in_proj's output (z, x, B, C, Δ), so each rank
-applies them to its share of each part unchanged.
+applies them to its share of each part unchanged. With int4 weights, a split between ranks also falls only on
+``out_proj``'s quantization-group boundaries (a ValueError naming ``mamba.out_proj`` when no such split exists).
 """
 
 from __future__ import annotations
