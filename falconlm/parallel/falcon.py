@@ -25,6 +25,7 @@ from ..model.attention import AttentionContext
 from ..model.checkpoint import _SkipInit
 from ..model.config import FalconConfig
 from ..model.falcon import FalconBlock, FalconForCausalLM, Rope
+from ..quant.kernels.native import TILE
 from .heads import split_features, split_heads
 from .layers import (
     ColumnParallelLinear,
@@ -33,11 +34,12 @@ from .layers import (
     VocabParallelEmbedding,
     VocabParallelHead,
     finish_rows,
+    vocab_partition,
     vocab_sizes,
 )
-from .partition import partition
 from .state import ParallelState
 
+VOCAB_ROWS = TILE  # vocabulary slices on the native quantized kernels' row tiles where they can be
 ColumnMultiple = Callable[[str], int]  # a row-parallel matrix kind -> where its input may be split (columns)
 
 
@@ -117,7 +119,7 @@ def build_falcon_shard(
     ffn = config.ffn_hidden_size
     cfg = rank_config(config, state, multiple)
     reduce = not config.parallel_attn  # parallel blocks reduce attention + MLP once (ParallelFalconBlock)
-    vocab = partition(config.vocab_size, state.world_size, state.rank)
+    vocab = vocab_partition(config.vocab_size, state, multiple=VOCAB_ROWS)
     with torch.device("meta"), _SkipInit():
         model = FalconForCausalLM(cfg)
         model.transformer.word_embeddings = VocabParallelEmbedding(vocab, h, state)
@@ -129,6 +131,6 @@ def build_falcon_shard(
             mlp.dense_h_to_4h = ColumnParallelLinear(h, Shard(0, ((f0, f1),), ffn), bias, state)
             mlp.dense_4h_to_h = RowParallelLinear(Shard(1, ((f0, f1),), ffn), h, bias, state, reduce)
             model.transformer.h[i] = block
-        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state))
+        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state, VOCAB_ROWS))
         model.tie_weights()
     return model

@@ -15,7 +15,7 @@ import torch
 from ..model.checkpoint import _SkipInit
 from ..model.falcon3 import Falcon3ForCausalLM
 from ..model.falcon3_config import Falcon3Config
-from .falcon import ColumnMultiple, no_constraint
+from .falcon import VOCAB_ROWS, ColumnMultiple, no_constraint
 from .heads import split_features, split_heads
 from .layers import (
     ColumnParallelLinear,
@@ -23,9 +23,9 @@ from .layers import (
     Shard,
     VocabParallelEmbedding,
     VocabParallelHead,
+    vocab_partition,
     vocab_sizes,
 )
-from .partition import partition
 from .state import ParallelState
 
 
@@ -44,7 +44,7 @@ def build_falcon3_shard(
         config, num_attention_heads=heads.local_heads, num_key_value_heads=heads.local_groups, head_dim=d,
         intermediate_size=f1 - f0,
     )  # fmt: skip
-    vocab = partition(config.vocab_size, state.world_size, state.rank)
+    vocab = vocab_partition(config.vocab_size, state, multiple=VOCAB_ROWS)
     a_bias, m_bias = config.attention_bias, config.mlp_bias
     features = Shard(0, ((f0, f1),), ffn)
     with torch.device("meta"), _SkipInit():
@@ -59,6 +59,6 @@ def build_falcon3_shard(
             mlp.gate_proj = ColumnParallelLinear(h, features, m_bias, state)
             mlp.up_proj = ColumnParallelLinear(h, features, m_bias, state)
             mlp.down_proj = RowParallelLinear(Shard(1, features.ranges, ffn), h, m_bias, state)
-        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state))
+        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state, VOCAB_ROWS))
         model.tie_weights()
     return model

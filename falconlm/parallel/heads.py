@@ -14,28 +14,22 @@ share on such boundaries is a ValueError naming the layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..quant.kernels.native import ACTIVATION_BLOCK
 from .layers import Shard
-from .partition import partition
+from .partition import UNITS_TO_ALIGN, aligned, partition, split_at
 
-
-def split_at(total: int, world: int, rank: int, allowed: Callable[[int], bool], what: str) -> tuple[int, int]:
-    """Rank ``rank``'s ``[start, stop)`` of ``total`` items when a boundary may fall only where ``allowed``:
-    the pieces between allowed boundaries are shared out as evenly as possible (the first ranks take one more).
-    ValueError naming ``what`` when some rank would get nothing."""
-    cuts = [0, *(i for i in range(1, total) if allowed(i)), total]
-    pieces = len(cuts) - 1
-    if pieces < world:
-        raise ValueError(f"{what}: {total} cannot be split over {world} ranks on the boundaries it allows")
-    share = partition(pieces, world, rank)
-    return cuts[share.start], cuts[share.stop]
+# Shares whose widths are multiples of this many columns keep the native quantized kernels (their activation
+# blocks, and torch's int8 pack) on every rank: splits prefer such boundaries when they can afford them.
+PREFERRED_COLUMNS = ACTIVATION_BLOCK
 
 
 def split_features(total: int, world: int, rank: int, multiple: int, what: str) -> tuple[int, int]:
-    """An MLP's hidden features: interior boundaries on multiples of ``multiple`` columns."""
-    return split_at(total, world, rank, lambda i: i % multiple == 0, what)
+    """An MLP's hidden features: interior boundaries on multiples of ``multiple`` columns, and of
+    :data:`PREFERRED_COLUMNS` too where shares stay near even (``partition.aligned``)."""
+    p = aligned(total, world, rank, math.lcm(multiple, PREFERRED_COLUMNS), multiple, what)
+    return p.start, p.stop
 
 
 @dataclass(frozen=True)
@@ -97,7 +91,14 @@ def split_heads(
     num_heads: int, num_groups: int, head_dim: int, world: int, rank: int, multiple: int = 1, what: str = "heads"
 ) -> HeadSplit:
     """Rank ``rank``'s heads (see the module docstring); a boundary between ranks' heads falls only on a multiple
-    of ``multiple`` output-projection columns (``what`` names the layer in the error when that is impossible)."""
+    of ``multiple`` output-projection columns (``what`` names the layer in the error when that is impossible),
+    and on one of :data:`PREFERRED_COLUMNS` too where shares stay near even and every rank still gets one."""
+    preferred = math.lcm(multiple, PREFERRED_COLUMNS)
+    if preferred != multiple and num_heads * head_dim >= UNITS_TO_ALIGN * world * preferred:
+        try:
+            return split_heads(num_heads, num_groups, head_dim, world, rank, preferred, what)
+        except ValueError:
+            pass
     q = num_heads // num_groups
     unit = multiple // math.gcd(multiple, head_dim)  # heads per quantization boundary
     if num_groups >= world:

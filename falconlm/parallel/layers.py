@@ -47,7 +47,7 @@ from ..model.falcon import FalconLinear
 from ..quant.kernels import Kernel, WeightSpec, select_kernel
 from ..quant.linear import QuantizedEmbedding, QuantizedLinear
 from ..quant.primitives import QuantizedTensor
-from .partition import Partition
+from .partition import Partition, aligned
 from .state import ParallelState
 
 
@@ -223,11 +223,16 @@ class VocabParallelHead(FalconLinear):
         return self.state.all_gather_last(local_product(self, x), self.sizes)
 
 
-def vocab_sizes(total: int, state: ParallelState) -> list[int]:
-    """Every rank's vocabulary share (for :class:`VocabParallelHead`)."""
-    from .partition import partition
+def vocab_partition(total: int, state: ParallelState, rank: int | None = None, multiple: int = 1) -> Partition:
+    """Rank ``rank``'s (default: this rank's) vocabulary slice, with boundaries on multiples of ``multiple`` rows
+    where that gives every rank a share (``multiple`` 1: :func:`~falconlm.parallel.partition.partition`)."""
+    rank = state.rank if rank is None else rank
+    return aligned(total, state.world_size, rank, multiple, 1, "vocabulary")
 
-    return [partition(total, state.world_size, r).size for r in range(state.world_size)]
+
+def vocab_sizes(total: int, state: ParallelState, multiple: int = 1) -> list[int]:
+    """Every rank's vocabulary share (for :class:`VocabParallelHead`), as :func:`vocab_partition` splits it."""
+    return [vocab_partition(total, state, r, multiple).size for r in range(state.world_size)]
 
 
 # ---- quantized twins ------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import torch
 
 from ..model.checkpoint import (
     _DTYPES,
-    CHUNK_BYTES,
     CheckpointError,
     _find_weights,
     _read_at,
@@ -28,6 +27,8 @@ from ..model.checkpoint import (
     _torch_load,
 )
 from .layers import Shard
+
+BUFFER_BYTES = 4 << 20  # column slices pass through a buffer this big (a rank's memory is its share plus this)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class CheckpointReader:
         self.source, self.files, self.listed = _find_weights(folder)
         self.tensors: dict[str, StoredTensor] = {}
         self._handles: dict[Path, BinaryIO] = {}
-        self._buffer = bytearray(CHUNK_BYTES)
+        self._buffer = bytearray(BUFFER_BYTES)
         for file in self.files:
             for name, stored in self._index(file).items():
                 if name in self.tensors:

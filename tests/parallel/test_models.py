@@ -1,4 +1,5 @@
-"""Falcon and Falcon3 split over 2 and 3 gloo ranks give the one-process logits (fp32, within 1e-5)."""
+"""Falcon and Falcon3 split over 2 and 3 gloo ranks give the one-process logits (fp32, within 1e-5), through
+the dense HF-style call with a KV cache and through the engine's paged attention."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from falconlm.model.falcon import FalconForCausalLM
 from falconlm.parallel import ParallelState
 from falconlm.parallel.loading import load_sharded
 
-from .models import FALCON, FALCON3, logits, write_falcon, write_falcon3
+from .models import FALCON, FALCON3, logits, paged_logits, write_falcon, write_falcon3
 from .world import run_world
 
 
@@ -28,6 +29,7 @@ def _sharded_logits(state: ParallelState, paths: dict[str, str]) -> dict[str, to
     for name, path in paths.items():
         model = load_sharded(path, state, torch.float32)
         out[name] = logits(model)
+        out[f"{name}/paged"] = paged_logits(model)
         out[f"{name}/heads"] = torch.tensor(model.config.num_attention_heads)
     return out
 
@@ -35,14 +37,16 @@ def _sharded_logits(state: ParallelState, paths: dict[str, str]) -> dict[str, to
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_logits_equal_one_process(world: int, checkpoints: dict[str, Path]) -> None:
-    expected = {name: logits(FalconForCausalLM.from_pretrained(p)) for name, p in checkpoints.items()}
+    expected, heads = {}, {}
+    for name, path in checkpoints.items():
+        model = FalconForCausalLM.from_pretrained(path)
+        expected |= {name: logits(model), f"{name}/paged": paged_logits(model)}
+        heads[name] = model.config.num_attention_heads
     ranks = run_world(_sharded_logits, world, {k: str(v) for k, v in checkpoints.items()}, timeout=240)
     for name, want in expected.items():
-        heads = sum(int(r[f"{name}/heads"]) for r in ranks)
         for rank, got in enumerate(ranks):
             torch.testing.assert_close(
                 got[name], want, rtol=0, atol=1e-5, msg=lambda m, n=name, r=rank: f"{n} rank {r}: {m}"
             )
-        assert (
-            heads == FalconForCausalLM.from_pretrained(checkpoints[name]).config.num_attention_heads
-        )  # split, not copied
+    for name, total in heads.items():  # the heads are split, not copied
+        assert sum(int(r[f"{name}/heads"]) for r in ranks) == total, name
