@@ -28,7 +28,7 @@ from ..model.checkpoint import _SkipInit
 from ..model.falcon_h1 import FalconH1DecoderLayer, FalconH1ForCausalLM, Rope
 from ..model.h1_config import FalconH1Config
 from ..model.recurrent import RecurrentBatch
-from .falcon import ColumnMultiple, no_constraint
+from .falcon import VOCAB_ROWS, ColumnMultiple, no_constraint
 from .h1_mixer import ParallelH1Mixer, SsmShare, ssm_rank_fields, ssm_share
 from .heads import HeadSplit, split_features, split_heads
 from .layers import (
@@ -37,9 +37,10 @@ from .layers import (
     Shard,
     VocabParallelEmbedding,
     VocabParallelHead,
+    vocab_partition,
     vocab_sizes,
 )
-from .partition import Partition, partition
+from .partition import Partition
 from .state import ParallelState
 
 
@@ -127,7 +128,7 @@ def build_h1_shard(
     heads, d, h = split.attention, config.head_dim, config.hidden_size
     a_bias, m_bias = config.attention_bias, config.mlp_bias
     features = Shard.of(split.mlp, 0)
-    vocab = partition(config.vocab_size, state.world_size, state.rank)
+    vocab = vocab_partition(config.vocab_size, state, multiple=VOCAB_ROWS)
     with torch.device("meta"), _SkipInit():
         model = FalconH1ForCausalLM(rank_config)
         for i in range(config.num_hidden_layers):
@@ -142,6 +143,6 @@ def build_h1_shard(
             mlp.up_proj = ColumnParallelLinear(h, features, m_bias, state)
             mlp.down_proj = RowParallelLinear(Shard.of(split.mlp, 1), h, m_bias, state)
         model.model.embed_tokens = VocabParallelEmbedding(vocab, h, state)
-        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state))
+        model.lm_head = VocabParallelHead(h, vocab, state, vocab_sizes(config.vocab_size, state, VOCAB_ROWS))
         model.tie_weights()
     return model

@@ -29,9 +29,8 @@ from torch import nn
 from ..model.falcon_h1 import FalconH1Mixer
 from ..model.h1_config import FalconH1Config
 from ..model.recurrent import RecurrentBatch
-from .heads import split_at
 from .layers import ColumnParallelLinear, RowParallelLinear, Shard, set_shards
-from .partition import Partition
+from .partition import Partition, split_at
 from .state import ParallelState
 
 

@@ -24,7 +24,7 @@ import torch
 from ..model.checkpoint import _SkipInit
 from ..model.falcon_mamba import FalconMambaForCausalLM, FalconMambaMixer
 from ..model.mamba_config import FalconMambaConfig
-from .falcon import ColumnMultiple, no_constraint
+from .falcon import VOCAB_ROWS, ColumnMultiple, no_constraint
 from .heads import split_features
 from .layers import (
     ColumnParallelLinear,
@@ -33,9 +33,10 @@ from .layers import (
     VocabParallelEmbedding,
     VocabParallelHead,
     set_shards,
+    vocab_partition,
     vocab_sizes,
 )
-from .partition import Partition, partition
+from .partition import Partition
 from .state import ParallelState
 
 ROW_PARALLEL = ("mixer.x_proj", "mixer.out_proj")  # the matrices whose input (the channels) is split
@@ -85,12 +86,14 @@ def build_mamba_shard(
     slice (``tp_shards``); its ``config`` is the per-rank one. ``multiple(kind)``: where a row-parallel matrix's
     input may be split (int4 groups)."""
     ch = mamba_channels(config, state, multiple)
-    vocab = partition(config.vocab_size, state.world_size, state.rank)
+    vocab = vocab_partition(config.vocab_size, state, multiple=VOCAB_ROWS)
     with torch.device("meta"), _SkipInit():
         model = FalconMambaForCausalLM(dataclasses.replace(config, intermediate_size=ch.size))
         for block in model.backbone.layers:
             shard_mamba_mixer(block.mixer, config, ch, state)
         model.backbone.embeddings = VocabParallelEmbedding(vocab, config.hidden_size, state)
-        model.lm_head = VocabParallelHead(config.hidden_size, vocab, state, vocab_sizes(config.vocab_size, state))
+        model.lm_head = VocabParallelHead(
+            config.hidden_size, vocab, state, vocab_sizes(config.vocab_size, state, VOCAB_ROWS)
+        )
         model.tie_weights()
     return model
