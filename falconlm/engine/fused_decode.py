@@ -63,7 +63,8 @@ def unsupported(model: FalconModel) -> str | None:
         kinds = {name: _kind(m) for name, m in _matrices(block).items()}
         if None in kinds.values():
             return "every layer matrix must be bfloat16 on the CPU, or quantized on the native kernel, without bias"
-        if any(_matrices(block)[name].out_features != n for name, n in shapes.items()):
+        sharded = any(hasattr(m, "tp_shards") for m in _matrices(block).values())  # falconlm.parallel's layers
+        if sharded or any(_matrices(block)[name].out_features != n for name, n in shapes.items()):
             return "the layer matrices are sharded (tensor parallel)"
         if first is not None and kinds != first:
             return "the layers' matrices differ in format"

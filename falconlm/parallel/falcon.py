@@ -26,7 +26,7 @@ from ..model.checkpoint import _SkipInit
 from ..model.config import FalconConfig
 from ..model.falcon import FalconBlock, FalconForCausalLM, Rope
 from ..quant.kernels.native import TILE
-from .heads import split_features, split_heads
+from .heads import HeadSplit, split_features, split_heads
 from .layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -84,8 +84,17 @@ def no_constraint(kind: str) -> int:
     return 1
 
 
-def rank_config(config: FalconConfig, state: ParallelState, multiple: ColumnMultiple) -> FalconRankConfig:
-    """The rank's share of ``config`` (see :mod:`falconlm.parallel.heads` for the split)."""
+@dataclass(frozen=True)
+class FalconSplit:
+    """A rank's heads and its MLP features ``[ffn_start, ffn_stop)``."""
+
+    heads: HeadSplit
+    ffn_start: int
+    ffn_stop: int
+
+
+def split_falcon(config: FalconConfig, state: ParallelState, multiple: ColumnMultiple = no_constraint) -> FalconSplit:
+    """The rank's heads and features (see :mod:`falconlm.parallel.heads`)."""
     heads = split_heads(
         config.num_attention_heads, config.num_kv_groups, config.head_dim, state.world_size, state.rank,
         multiple("self_attention.dense"), "self_attention.dense",
@@ -93,10 +102,17 @@ def rank_config(config: FalconConfig, state: ParallelState, multiple: ColumnMult
     f0, f1 = split_features(
         config.ffn_hidden_size, state.world_size, state.rank, multiple("mlp.dense_4h_to_h"), "mlp.dense_4h_to_h"
     )
+    return FalconSplit(heads, f0, f1)
+
+
+def rank_config(config: FalconConfig, split: FalconSplit) -> FalconRankConfig:
+    """The rank's share of ``config``."""
+    heads = split.heads
     kv = heads.local_groups if config.new_decoder_architecture else heads.local_heads
+    ffn = split.ffn_stop - split.ffn_start
     base = {f.name: getattr(config, f.name) for f in dataclasses.fields(FalconConfig)}
     return FalconRankConfig(
-        **base | {"num_attention_heads": heads.local_heads, "num_kv_heads": kv, "ffn_hidden_size": f1 - f0},
+        **base | {"num_attention_heads": heads.local_heads, "num_kv_heads": kv, "ffn_hidden_size": ffn},
         full_head_dim=config.head_dim,
         head_offset=heads.head_start,
         total_heads=config.num_attention_heads,
@@ -109,15 +125,10 @@ def build_falcon_shard(
     """This rank's Falcon on the meta device, parameters named as in the full model, each recording its slice
     (``tp_shards``); ``multiple(kind)`` is where a row-parallel matrix's input may be split (int4 groups)."""
     d, h, bias = config.head_dim, config.hidden_size, config.bias
-    heads = split_heads(
-        config.num_attention_heads, config.num_kv_groups, d, state.world_size, state.rank,
-        multiple("self_attention.dense"), "self_attention.dense",
-    )  # fmt: skip
-    f0, f1 = split_features(
-        config.ffn_hidden_size, state.world_size, state.rank, multiple("mlp.dense_4h_to_h"), "mlp.dense_4h_to_h"
-    )
+    split = split_falcon(config, state, multiple)
+    heads, f0, f1 = split.heads, split.ffn_start, split.ffn_stop
     ffn = config.ffn_hidden_size
-    cfg = rank_config(config, state, multiple)
+    cfg = rank_config(config, split)
     reduce = not config.parallel_attn  # parallel blocks reduce attention + MLP once (ParallelFalconBlock)
     vocab = vocab_partition(config.vocab_size, state, multiple=VOCAB_ROWS)
     with torch.device("meta"), _SkipInit():

@@ -25,8 +25,9 @@ layers in the same order, since the reducing ones run collectives):
   product, for a caller that sums several and finishes them with :func:`finish_rows`.
 * :class:`VocabParallelEmbedding` ``(vocab, embedding_dim, state)``: this rank's vocabulary slice (a
   :class:`~falconlm.parallel.partition.Partition`); ids outside it give 0 and the ranks' lookups are all-reduced.
-* :class:`VocabParallelHead` ``(in_features, vocab, state)``: logits of this rank's vocabulary slice, gathered
-  (``all_gather_last``) so every rank returns the full logits. A tied head shares the embedding's slice.
+* :class:`VocabParallelHead` ``(in_features, vocab, state, sizes)``: logits of this rank's vocabulary slice,
+  gathered (``all_gather_last``, every rank's slice size in ``sizes``) so every rank returns the full logits. A
+  tied head shares the embedding's slice. :func:`vocab_partition` and :func:`vocab_sizes` split a vocabulary.
 
 The linear ones are :class:`~falconlm.model.falcon.FalconLinear` subclasses, so the engine's native bfloat16
 matmul binding (``matmul`` set per weight) works inside them. :func:`quantized_twin` builds the quantized module

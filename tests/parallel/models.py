@@ -51,9 +51,9 @@ def write_falcon(out: Path, variant: str, seed: int = 0, **overrides: object) ->
     return out
 
 
-def write_falcon3(out: Path, variant: str, seed: int = 0) -> Path:
+def write_falcon3(out: Path, variant: str, seed: int = 0, **overrides: object) -> Path:
     base = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
-    model = Falcon3ForCausalLM(Falcon3Config(**{**base, **FALCON3[variant]}))
+    model = Falcon3ForCausalLM(Falcon3Config(**{**base, **FALCON3.get(variant, {}), **overrides}))
     _randomize(model, seed)
     model.save_pretrained(out)
     return out

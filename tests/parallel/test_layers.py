@@ -65,6 +65,7 @@ def _ranks_layers(state: ParallelState) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_parallel_layers_equal_unsharded(world: int) -> None:
     t = _full_tensors()

@@ -17,7 +17,7 @@ from falconlm.model.config import FalconConfig
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.model.positions import alibi_slopes, head_alibi_slopes
 from falconlm.parallel import ParallelState
-from falconlm.parallel.falcon import no_constraint, rank_config
+from falconlm.parallel.falcon import rank_config, split_falcon
 from falconlm.parallel.layers import parameter_shards
 from falconlm.parallel.loading import load_sharded
 
@@ -93,7 +93,20 @@ def test_world_of_one_is_the_plain_loader(tmp_path: Path) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_alibi_slopes_follow_global_heads(world: int) -> None:
     config = FalconConfig(hidden_size=48, num_attention_heads=6, alibi=True, parallel_attn=False, multi_query=False)
-    ranks = [rank_config(config, _rank(r, world), no_constraint) for r in range(world)]
+    ranks = [rank_config(config, split_falcon(config, _rank(r, world))) for r in range(world)]
     assert sum(c.num_attention_heads for c in ranks) == 6 and all(c.head_dim == 8 for c in ranks)
     torch.testing.assert_close(torch.cat([head_alibi_slopes(c) for c in ranks]), alibi_slopes(6), rtol=0, atol=0)
     assert json.dumps(ranks[1].alibi_heads) == json.dumps([ranks[0].num_attention_heads, 6])
+
+
+def test_fused_decode_step_refuses_a_shard(tmp_path: Path) -> None:
+    """The engine's fused native decode step runs whole layers without collectives: never on a rank's shard,
+    even when the shard's shapes agree with its rank config."""
+    from falconlm.engine import fused_decode
+
+    folder = write_falcon(tmp_path / "7b", "7b", hidden_size=128, num_attention_heads=4)  # head_dim 32
+    whole = FalconForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    why = fused_decode.unsupported(whole.transformer)
+    assert why is None or "tensor parallel" not in why
+    shard = load_sharded(folder, _rank(0, 2), torch.bfloat16)
+    assert "tensor parallel" in fused_decode.unsupported(shard.transformer)

@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from falconlm.model.falcon import FalconForCausalLM
+from falconlm import native
+from falconlm.engine.kernels import bind_weight_kernels
+from falconlm.model.falcon import FalconForCausalLM, FalconLinear
 from falconlm.parallel import ParallelState
 from falconlm.parallel.loading import load_sharded
 
 from .models import FALCON, FALCON3, logits, paged_logits, write_falcon, write_falcon3
 from .world import run_world
+
+BFLOAT16 = ("falcon-40b", "falcon3-gqa")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,18 @@ def _sharded_logits(state: ParallelState, paths: dict[str, str]) -> dict[str, to
         out[name] = logits(model)
         out[f"{name}/paged"] = paged_logits(model)
         out[f"{name}/heads"] = torch.tensor(model.config.num_attention_heads)
+    for name in BFLOAT16:  # the engine's native bfloat16 matmul, bound inside the parallel layers
+        model = load_sharded(paths[name], state, torch.bfloat16)
+        linears = sum(isinstance(m, FalconLinear) for m in model.modules())
+        out[f"{name}/bound"] = torch.tensor([linears, bind_weight_kernels(model)])
+        out[f"{name}/bf16"] = logits(model)
     return out
+
+
+def _bf16_logits(path: Path) -> torch.Tensor:
+    model = FalconForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    bind_weight_kernels(model)
+    return logits(model)
 
 
 @pytest.mark.slow
@@ -50,3 +65,9 @@ def test_sharded_logits_equal_one_process(world: int, checkpoints: dict[str, Pat
             )
     for name, total in heads.items():  # the heads are split, not copied
         assert sum(int(r[f"{name}/heads"]) for r in ranks) == total, name
+    for name in BFLOAT16:  # bfloat16 partial sums round differently: within bfloat16's precision of the logits
+        want = _bf16_logits(checkpoints[name])
+        for got in ranks:
+            linears, bound = got[f"{name}/bound"].tolist()
+            assert bound == (linears if native.kernels() is not None else 0) and linears > 0, name
+            assert (got[f"{name}/bf16"] - want).abs().max() <= 0.05 * want.abs().max(), name

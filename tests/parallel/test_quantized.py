@@ -1,5 +1,6 @@
-"""Quantized Falcon split over ranks: a folder written by ``falconlm quantize`` and quantize-on-load give the
-one-process quantized model's logits; a split that the int4 groups forbid is a ValueError naming the layer."""
+"""Quantized Falcon and Falcon3 split over ranks: a folder written by ``falconlm quantize`` and quantize-on-load
+give the one-process quantized model's logits; a split that the int4 groups forbid is a ValueError naming the
+layer."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from falconlm.parallel import ParallelState
 from falconlm.parallel.loading import load_sharded
 from falconlm.quant import QuantRecipe, quantize_checkpoint
 
-from .models import logits, write_falcon
+from .models import logits, write_falcon, write_falcon3
 from .world import run_world
 
 # Multi-query (one KV group shared by every rank, its 8 query heads split) with biases, and grouped-query
@@ -26,6 +27,11 @@ SHAPES = {
     },
 }  # fmt: skip
 RECIPES = {"int8": "int8", "int4-g32": "int4-g32", "int4-g64": "int4-g64-sym"}
+# Falcon3: grouped-query with 2 KV groups (shared by ranks on 3), untied head.
+FALCON3 = {
+    "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "head_dim": 16, "tie_word_embeddings": False,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +46,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, st
             quantize_checkpoint(plain, stored, QuantRecipe.parse(spec), progress=False)
             out[f"{shape}-{name}-stored"] = (str(stored), None)
             out[f"{shape}-{name}-on-load"] = (str(plain), spec)
+    plain = write_falcon3(root / "falcon3", "custom", seed=3, **FALCON3)
+    for name in ("int8", "int4-g32"):
+        stored = root / f"falcon3-{name}"
+        quantize_checkpoint(plain, stored, QuantRecipe.parse(RECIPES[name]), progress=False)
+        out[f"falcon3-{name}-stored"] = (str(stored), None)
+        out[f"falcon3-{name}-on-load"] = (str(plain), RECIPES[name])
     return out
 
 
