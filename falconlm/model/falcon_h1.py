@@ -182,8 +182,8 @@ class FalconH1Mixer(nn.Module):
         N = xs.shape[0]
         A = -torch.exp(self.A_log.float())
         xs = xs.view(N, self.num_heads, self.head_dim)
-        B = B.view(N, self.num_groups, self.d_state)
-        C = C.view(N, self.num_groups, self.d_state)
+        B = B.view(N, -1, self.d_state)  # [tokens, groups, state]: each head reads its group
+        C = C.view(N, -1, self.d_state)
         y = xs.new_empty(N, self.num_heads, self.head_dim, dtype=torch.float32)
         ssm_states = rows.state.ssm[self.layer_idx]  # [slots, H, P, N]
         if rows.step_rows:

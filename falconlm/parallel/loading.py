@@ -28,7 +28,9 @@ from ..quant.linear import QuantizedEmbedding
 from ..quant.primitives import INT8_MAX, GroupPlan, QuantizedTensor, quantize_int4, quantize_int8
 from .falcon import build_falcon_shard
 from .falcon3 import build_falcon3_shard
+from .h1 import build_h1_shard
 from .layers import Shard, parameter_shards, quantized_twin
+from .mamba import build_mamba_shard
 from .reader import CheckpointReader
 from .state import ParallelState
 
@@ -36,6 +38,8 @@ from .state import ParallelState
 PLANS: dict[str, Callable[[Any, ParallelState, Callable[[str], int]], nn.Module]] = {
     "falcon": build_falcon_shard,
     "falcon3": build_falcon3_shard,
+    "mamba": build_mamba_shard,
+    "h1": build_h1_shard,
 }
 
 
