@@ -7,9 +7,11 @@ every other part of the code relies on is :attr:`FalconConfig.num_kv_groups` (fa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config_base import check_positive_ints, hf_form, read_config_json, split_known
 
 NATIVE_MODEL_TYPE = "falcon"
 # Legacy TII remote-code model types: "RefinedWeb" is the 40B-style (new decoder) layout.
@@ -148,10 +150,7 @@ class FalconConfig:
             "ffn_hidden_size",
             "max_position_embeddings",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, positive)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -217,34 +216,16 @@ class FalconConfig:
         d["rope_scaling"] = _read_rope(d)
         if "rope_theta" in d and d["rope_theta"] is None:
             d.pop("rope_theta")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        return cls(**split_known(cls, d))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FalconConfig:
         """Read ``config.json`` from a checkpoint folder (or the file itself)."""
-        p = Path(path)
-        file = p / "config.json" if p.is_dir() else p
-        if not file.is_file():
-            raise FileNotFoundError(f"no config.json in {p}")
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-        except RecursionError:
-            raise ValueError(f"{file} is not a usable config: its JSON is nested too deeply") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{file} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The native HF form, loadable by transformers' FalconConfig."""
-        d = asdict(self)
-        d.pop("extra")
-        dropped = ("architectures", "auto_map", "_name_or_path")
-        d = {**{k: v for k, v in self.extra.items() if k not in dropped}, **d}
+        d = hf_form(self, ("architectures", "auto_map", "_name_or_path"))
         d["model_type"] = NATIVE_MODEL_TYPE
         d["architectures"] = ["FalconForCausalLM"]
         d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()

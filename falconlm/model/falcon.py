@@ -12,15 +12,14 @@ name. Block shapes (falcon-spec §3.1):
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext
+from .causal_lm import KVCausalLM
 from .config import FalconConfig
-from .dense import KVCache, dense_inputs
 from .positions import apply_rope, rope_cos_sin
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
@@ -138,8 +137,15 @@ class FalconModel(nn.Module):
         return self.ln_f(x)
 
 
-class FalconForCausalLM(nn.Module):
-    """Falcon with its language-model head (tied to the embedding unless ``tie_word_embeddings`` is false)."""
+class FalconForCausalLM(KVCausalLM):
+    """Falcon with its language-model head (tied to the embedding unless ``tie_word_embeddings`` is false).
+
+    ``from_pretrained`` reads any Falcon-family folder and returns that family's model (a Falcon3 folder gives a
+    ``Falcon3ForCausalLM``); the rest of the interface is :class:`~falconlm.model.causal_lm.KVCausalLM`'s."""
+
+    decoder_name, embeddings_name, final_norm_name = "transformer", "word_embeddings", "ln_f"
+    family_label = "Falcon"
+    loads_any_family = True
 
     def __init__(self, config: FalconConfig) -> None:
         super().__init__()
@@ -148,103 +154,6 @@ class FalconForCausalLM(nn.Module):
         self.lm_head = FalconLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
-
-    @property
-    def final_norm(self) -> nn.LayerNorm:
-        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
-        return self.transformer.ln_f
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.transformer.word_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        last_token_only: bool = False,
-    ) -> torch.Tensor:
-        """The HF-style call: logits [B, T, vocab] (or [B, 1, vocab] with ``last_token_only``).
-
-        ``attention_mask`` [B, past + T] marks real tokens with 1 and left padding with 0; ``kv_cache`` is read
-        and extended by T positions. A thin wrapper over :meth:`forward_hidden` and :meth:`compute_logits` with
-        a dense attention context (``dense.py``).
-        """
-        dropout_p = self.config.attention_dropout if (self.training and self.config.alibi) else 0.0
-        dtype = self.transformer.ln_f.weight.dtype  # the activations' (cheap on quantized models)
-        positions, attention = dense_inputs(
-            self.config, input_ids, attention_mask, position_ids, kv_cache, dtype, dropout_p
-        )
-        hidden = self.forward_hidden(input_ids, positions, attention)
-        if kv_cache is not None:
-            kv_cache.length += input_ids.shape[1]
-        return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
-
-    def forward_hidden(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention: AttentionContext,
-        rope_lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states [B, T, H] after ``ln_f`` (see :meth:`FalconModel.forward`)."""
-        return self.transformer(input_ids, positions, attention, rope_lengths)
-
-    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of ``hidden`` [..., H]: all of them, or with ``rows`` only those token rows of the flattened
-        [B * T, H] states (e.g. each sequence's last), as [R, vocab]."""
-        if rows is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-        return self.lm_head(hidden)
-
-    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache sized for ``batch_size`` rows of up to ``max_len`` positions, in the model's dtype and device."""
-        p = self.transformer.ln_f.weight  # dtype and device (a quantized head would rebuild its matrix)
-        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
-
-    def init_weights(self, seed: int | None = None) -> None:
-        """Random initialisation for training from scratch: N(0, initializer_range), LayerNorms at identity."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                w = torch.empty(module.weight.shape).normal_(0.0, std, generator=gen)
-                module.weight.data.copy_(w)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.data.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.data.fill_(1.0)
-                module.bias.data.zero_()
-
-    def num_parameters(self) -> int:
-        """Parameters counted once (a tied head is not counted twice)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        quantize: str | None = None,
-    ) -> FalconForCausalLM:
-        """Load any Falcon-family checkpoint folder (its family read from config.json, ``families.py``; a Falcon3
-        folder gives a ``Falcon3ForCausalLM``) straight into ``dtype`` on ``device``: a plain Hugging Face one
-        (shard by shard), one written by ``falconlm quantize``, or a hub GPTQ one (``formats.py``).
-
-        ``quantize`` (``"int8"``, ``"int4"``, ``"int4-g128"``... or a ``falconlm.quant.QuantRecipe``) quantizes a
-        plain folder on load.
-        """
-        from .formats import load_pretrained
-
-        return load_pretrained(path, dtype, device, quantize)
-
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
-        """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""
-        from .checkpoint import save_model
-
-        save_model(self, path, max_shard_bytes=max_shard_bytes)
+    def _attention_dropout(self) -> float:
+        """falcon-rw (ALiBi) trains with dropout on the attention probabilities."""
+        return self.config.attention_dropout if (self.training and self.config.alibi) else 0.0

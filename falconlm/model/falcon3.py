@@ -14,33 +14,18 @@ the bias-after-matmul Linear the engine binds its native matmul to. The forward 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext
-from .dense import KVCache, dense_inputs
+from .causal_lm import KVCausalLM
 from .falcon import FalconLinear
 from .falcon3_config import Falcon3Config
+from .norms import RMSNorm
 from .positions import apply_rope, rope_cos_sin
 
 Rope = tuple[torch.Tensor, torch.Tensor]
-
-
-class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32 and cast back before the weight (as Llama)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 class Falcon3Attention(nn.Module):
@@ -125,8 +110,11 @@ class Falcon3Model(nn.Module):
         return self.norm(x)
 
 
-class Falcon3ForCausalLM(nn.Module):
+class Falcon3ForCausalLM(KVCausalLM):
     """Falcon3 with its language-model head (untied unless ``tie_word_embeddings``)."""
+
+    decoder_name, embeddings_name, final_norm_name = "model", "embed_tokens", "norm"
+    family_label = "Falcon3"
 
     def __init__(self, config: Falcon3Config) -> None:
         super().__init__()
@@ -134,80 +122,3 @@ class Falcon3ForCausalLM(nn.Module):
         self.model = Falcon3Model(config)
         self.lm_head = FalconLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def final_norm(self) -> RMSNorm:
-        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
-        return self.model.norm
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        last_token_only: bool = False,
-    ) -> torch.Tensor:
-        """The HF-style call: logits [B, T, vocab] (or [B, 1, vocab] with ``last_token_only``); see
-        :meth:`falconlm.model.falcon.FalconForCausalLM.forward` for the arguments."""
-        positions, attention = dense_inputs(
-            self.config, input_ids, attention_mask, position_ids, kv_cache, self.final_norm.weight.dtype
-        )
-        hidden = self.forward_hidden(input_ids, positions, attention)
-        if kv_cache is not None:
-            kv_cache.length += input_ids.shape[1]
-        return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
-
-    def forward_hidden(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attention: AttentionContext,
-        rope_lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states [B, T, H] after the final norm (see :meth:`Falcon3Model.forward`)."""
-        return self.model(input_ids, positions, attention, rope_lengths)
-
-    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of ``hidden`` [..., H], or with ``rows`` of those rows of the flattened [B * T, H] states."""
-        if rows is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-        return self.lm_head(hidden)
-
-    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache sized for ``batch_size`` rows of up to ``max_len`` positions, in the model's dtype and device."""
-        p = self.final_norm.weight
-        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
-
-    def num_parameters(self) -> int:
-        """Parameters counted once (a tied head is not counted twice)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        quantize: str | None = None,
-    ) -> Falcon3ForCausalLM:
-        """Load a Falcon3 checkpoint folder (plain, falconlm-quantized, or quantized on load with ``quantize``)."""
-        from .formats import load_pretrained
-
-        model = load_pretrained(path, dtype, device, quantize)
-        if not isinstance(model, cls):
-            raise ValueError(f"{path} holds a {type(model).__name__} checkpoint, not a Falcon3 one")
-        return model
-
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
-        """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""
-        from .checkpoint import save_model
-
-        save_model(self, path, max_shard_bytes=max_shard_bytes)

@@ -8,18 +8,26 @@ derived names the engine reads (``num_kv_groups``, ``head_dim``, ``alibi``...) a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ROPE_TYPES, RopeScaling, _read_rope, write_config_json
+from .config_base import (
+    GroupedQueryShapes,
+    check_positive_ints,
+    hf_form,
+    is_positive_int,
+    read_config_json,
+    split_known,
+)
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
 
 
 @dataclass
-class Falcon3Config:
+class Falcon3Config(GroupedQueryShapes):
     """Every field that changes the computation of a Llama-layout model. Defaults are Falcon3-7B-Base's."""
 
     vocab_size: int = 131072
@@ -47,32 +55,11 @@ class Falcon3Config:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and _positive_int(self.num_attention_heads):
+        if self.head_dim is None and is_positive_int(self.num_attention_heads):
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._validate()
 
-    # ---- the names the engine reads (shared with FalconConfig) ----------------------------------------------
-    @property
-    def num_kv_groups(self) -> int:
-        """KV heads stored in the cache (never broadcast to the query heads)."""
-        return self.num_key_value_heads
-
-    @property
-    def queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        return self.intermediate_size
-
-    @property
-    def alibi(self) -> bool:
-        return False
-
-    @property
-    def rotary(self) -> bool:
-        return True
-
+    # ---- the names the engine reads beyond GroupedQueryShapes' -------------------------------------------
     @property
     def variant(self) -> str:
         """A human name for the block shape."""
@@ -80,23 +67,9 @@ class Falcon3Config:
         head = "tied" if self.tie_word_embeddings else "untied"
         return f"falcon3 / llama layout (RMSNorm, SwiGLU, {attention}, {head} head)"
 
-    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """K and V for every layer, KV heads only."""
-        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers * bytes_per_element
-
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """[out, in] of each decoder layer's matrices, by their name inside the layer."""
-        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        return {
-            "self_attn.q_proj": (q, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
-            "mlp.gate_proj": (f, h),
-            "mlp.up_proj": (f, h),
-            "mlp.down_proj": (h, f),
-        }
+        return {**self.attention_matrix_shapes(), **self.swiglu_matrix_shapes("mlp.")}
 
     def num_parameters(self) -> int:
         """Parameter count, a tied head counted once."""
@@ -120,21 +93,10 @@ class Falcon3Config:
             "head_dim",
             "max_position_embeddings",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not _positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        check_positive_ints(self, positive)
+        self._validate_attention()
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (the Llama layout uses 'silu')")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         scaling = self.rope_scaling
@@ -166,24 +128,16 @@ class Falcon3Config:
             d.pop("rope_theta")
         if d.get("head_dim") is None:
             d.pop("head_dim", None)
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        return cls(**split_known(cls, d))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Falcon3Config:
         """Read ``config.json`` from a checkpoint folder (or the file itself)."""
-        from .families import read_config_json
-
         return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The HF form, loadable by transformers' LlamaConfig."""
-        d = asdict(self)
-        d.pop("extra")
-        dropped = ("architectures", "auto_map", "_name_or_path", "bos_token_ids", "eos_token_ids")
-        d = {**{k: v for k, v in self.extra.items() if k not in dropped}, **d}
+        d = hf_form(self, ("architectures", "auto_map", "_name_or_path", "bos_token_ids", "eos_token_ids"))
         for name in ("bos_token_id", "eos_token_id"):
             if f"{name}s" in self.extra:
                 d[name] = self.extra[f"{name}s"]
@@ -194,7 +148,3 @@ class Falcon3Config:
 
     def save_pretrained(self, path: str | Path) -> None:
         write_config_json(path, self.to_dict())
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

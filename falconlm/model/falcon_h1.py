@@ -17,35 +17,22 @@ its scan through ``ssd_scan.py`` (chunked for prompts, one step for decodes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext
+from .causal_lm import CausalLM
 from .dense import KVCache, dense_inputs
 from .falcon import FalconLinear
 from .h1_config import FalconH1Config
+from .norms import RMSNorm
 from .positions import rope_cos_sin, rotate_half
 from .recurrent import RecurrentBatch, RecurrentState
 from .ssd_scan import ssd_chunked, ssd_step
 
 Rope = tuple[torch.Tensor, torch.Tensor]
-
-
-class RMSNorm(nn.Module):
-    """``weight * x / rms(x)``, the statistics in float32 (T5 / Llama style)."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -277,8 +264,11 @@ class HybridCache:
         return self.kv.nbytes() + self.state.conv.nbytes + self.state.ssm.nbytes
 
 
-class FalconH1ForCausalLM(nn.Module):
+class FalconH1ForCausalLM(CausalLM):
     """Falcon-H1 with its language-model head (untied unless ``tie_word_embeddings``)."""
+
+    decoder_name, embeddings_name, final_norm_name = "model", "embed_tokens", "final_layernorm"
+    family_label = "Falcon-H1"
 
     def __init__(self, config: FalconH1Config) -> None:
         super().__init__()
@@ -286,18 +276,6 @@ class FalconH1ForCausalLM(nn.Module):
         self.model = FalconH1Model(config)
         self.lm_head = FalconLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def final_norm(self) -> RMSNorm:
-        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
-        return self.model.final_layernorm
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
 
     def forward(
         self,
@@ -313,9 +291,8 @@ class FalconH1ForCausalLM(nn.Module):
         :meth:`new_cache`) is read and extended: K/V by T positions, the recurrent state to after these tokens.
         """
         B, T = input_ids.shape
-        dtype = self.model.final_layernorm.weight.dtype
         positions, attention = dense_inputs(
-            self.config, input_ids, attention_mask, position_ids, cache.kv if cache else None, dtype
+            self.config, input_ids, attention_mask, position_ids, cache.kv if cache else None, self.dtype
         )
         past = cache.length if cache is not None else 0
         state = self._new_state(B) if cache is None else cache.state
@@ -326,7 +303,7 @@ class FalconH1ForCausalLM(nn.Module):
         hidden = self.forward_hidden(input_ids, positions, attention, rows)
         if cache is not None:
             cache.kv.length += T
-        return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
+        return self._logits(hidden, last_token_only)
 
     def forward_hidden(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionContext, rows: RecurrentBatch
@@ -337,68 +314,31 @@ class FalconH1ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``hidden`` [..., H] (or with ``rows`` only those rows of the flattened states, as
         [R, vocab]), scaled by ``lm_head_multiplier``."""
-        if rows is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-        logits = self.lm_head(hidden)
+        logits = super().compute_logits(hidden, rows)
         multiplier = self.config.lm_head_multiplier
         return logits * multiplier if multiplier != 1.0 else logits
 
     def new_cache(self, batch_size: int, max_len: int) -> HybridCache:
         """A cache for ``batch_size`` rows of up to ``max_len`` positions, in the model's dtype and device."""
-        p = self.model.final_layernorm.weight
-        return HybridCache(KVCache(self.config, batch_size, max_len, p.dtype, p.device), self._new_state(batch_size))
+        kv = KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+        return HybridCache(kv, self._new_state(batch_size))
 
     def new_recurrent_state(self, num_slots: int) -> RecurrentState:
         """``num_slots`` sequences' conv and SSM state for every layer (the engine's pool)."""
         return self._new_state(num_slots)
 
     def _new_state(self, num_slots: int) -> RecurrentState:
-        c, p = self.config, self.model.final_layernorm.weight
+        c = self.config
         ssm_shape = (c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state)
         return RecurrentState.allocate(
-            c.num_hidden_layers, num_slots, c.conv_dim, c.mamba_d_conv, ssm_shape, p.dtype, p.device
+            c.num_hidden_layers, num_slots, c.conv_dim, c.mamba_d_conv, ssm_shape, self.dtype, self.device
         )
 
-    def init_weights(self, seed: int | None = None) -> None:
-        """Random initialisation: N(0, initializer_range) for matrices, norms at identity, Mamba's A, D and
-        Δ bias as transformers starts them."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                module.weight.data.copy_(torch.empty(module.weight.shape).normal_(0.0, std, generator=gen))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.data.zero_()
-            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
-                module.weight.data.fill_(1.0)
-            elif isinstance(module, FalconH1Mixer):
-                module.dt_bias.data.fill_(1.0)
-                module.D.data.fill_(1.0)
-                module.A_log.data.copy_(torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
-
-    def num_parameters(self) -> int:
-        """Parameters counted once (a tied head is not counted twice)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        quantize: str | None = None,
-    ) -> FalconH1ForCausalLM:
-        """Load a Falcon-H1 checkpoint folder straight into ``dtype`` on ``device``: plain, written by ``falconlm
-        quantize``, or quantized on load with ``quantize`` (``"int8"``, ``"int4"``...), as for every family."""
-        from .formats import load_pretrained
-
-        model = load_pretrained(path, dtype, device, quantize)
-        if not isinstance(model, cls):
-            raise ValueError(f"{path} holds a {type(model).__name__} checkpoint, not Falcon-H1")
-        return model
-
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
-        """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""
-        from .checkpoint import save_model
-
-        save_model(self, path, max_shard_bytes=max_shard_bytes)
+    def _init_own(self, module: nn.Module) -> None:
+        """Mamba's output norm at identity; its A, D and Δ bias as transformers starts them."""
+        if isinstance(module, GatedRMSNorm):
+            module.weight.data.fill_(1.0)
+        elif isinstance(module, FalconH1Mixer):
+            module.dt_bias.data.fill_(1.0)
+            module.D.data.fill_(1.0)
+            module.A_log.data.copy_(torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))

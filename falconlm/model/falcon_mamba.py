@@ -20,42 +20,32 @@ decode step (all of them in one batched update), a longer run a prefill chunk (t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_lm import CausalLM
 from .mamba_config import FalconMambaConfig
+from .norms import RMSNorm, rms
+from .recurrent import RecurrentState
 from .selective_scan import selective_scan_chunked, selective_state_update
 
 
 @dataclass
-class MambaStates:
+class MambaStates(RecurrentState):
     """Recurrent state for ``num_slots`` sequences, every layer: ``conv`` [L, S, K-1, D] in the model dtype and
     ``ssm`` [L, S, N, D] in float32 (the scan runs in float32; rounding it each token would drift). Channels
     last in both, so each op runs along the long D axis."""
 
-    conv: torch.Tensor
-    ssm: torch.Tensor
-
     @classmethod
-    def allocate(
+    def allocate(  # type: ignore[override]
         cls, config: FalconMambaConfig, num_slots: int, dtype: torch.dtype, device: str | torch.device = "cpu"
     ) -> MambaStates:
         layers = config.num_hidden_layers
         conv = torch.zeros(layers, num_slots, *config.conv_state_shape(), dtype=dtype, device=device)
         ssm = torch.zeros(layers, num_slots, *config.ssm_state_shape(), dtype=torch.float32, device=device)
         return cls(conv, ssm)
-
-    @property
-    def num_slots(self) -> int:
-        return self.conv.shape[1]
-
-    def reset(self, slots: torch.Tensor) -> None:
-        """Zero the state of ``slots`` in every layer (a sequence starting from its first token)."""
-        self.conv[:, slots] = 0
-        self.ssm[:, slots] = 0
 
 
 @dataclass
@@ -95,20 +85,8 @@ class RecurrentBatch:
             self.states.reset(torch.tensor(fresh, dtype=torch.long, device=self.states.conv.device))
 
 
-def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS normalisation without a weight, computed in float32, back in ``x``'s dtype."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-class MambaRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms(x, self.eps)
+class MambaRMSNorm(RMSNorm):
+    """The block and final norm (the same RMSNorm as Llama's; named as in transformers' Mamba)."""
 
 
 class FalconMambaMixer(nn.Module):
@@ -217,8 +195,11 @@ class FalconMambaModel(nn.Module):
         return self.norm_f(x).to(self.norm_f.weight.dtype).view(*shape, -1)
 
 
-class FalconMambaForCausalLM(nn.Module):
+class FalconMambaForCausalLM(CausalLM):
     """Falcon-Mamba with its language-model head (tied to the embedding unless ``tie_word_embeddings`` is false)."""
+
+    decoder_name, embeddings_name, final_norm_name = "backbone", "embeddings", "norm_f"
+    family_label = "Falcon-Mamba"
 
     def __init__(self, config: FalconMambaConfig) -> None:
         super().__init__()
@@ -226,26 +207,6 @@ class FalconMambaForCausalLM(nn.Module):
         self.backbone = FalconMambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
-
-    @property
-    def final_norm(self) -> MambaRMSNorm:
-        """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
-        return self.backbone.norm_f
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.backbone.embeddings
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.backbone.norm_f.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.backbone.norm_f.weight.device
 
     def new_states(self, num_slots: int) -> MambaStates:
         """Zeroed recurrent state for ``num_slots`` sequences, in the model's dtype and device."""
@@ -262,7 +223,7 @@ class FalconMambaForCausalLM(nn.Module):
         fresh = states is None
         states = self.new_states(b) if states is None else states
         hidden = self.forward_hidden(input_ids, None, RecurrentBatch.dense(states, b, t, fresh))
-        return self.compute_logits(hidden[:, -1:] if last_token_only else hidden)
+        return self._logits(hidden, last_token_only)
 
     def forward_hidden(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None, batch: RecurrentBatch
@@ -270,25 +231,9 @@ class FalconMambaForCausalLM(nn.Module):
         """Hidden states [B, T, H] after ``norm_f`` (``positions`` are not used: Mamba has none)."""
         return self.backbone(input_ids, batch)
 
-    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of ``hidden`` [..., H]; with ``rows`` only those rows of the flattened states, as [R, vocab]."""
-        if rows is not None:
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-        return self.lm_head(hidden)
-
-    def num_parameters(self) -> int:
-        """Parameters counted once (a tied head is not counted twice)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        quantize: str | None = None,
-    ) -> FalconMambaForCausalLM:
-        """Load a Hugging Face Falcon-Mamba / Mamba folder (``quantize``: int8 / int4 on the mixer's matrices)."""
-        from .formats import load_pretrained
-
-        return load_pretrained(path, dtype, device, quantize)  # type: ignore[return-value]
+    def _init_own(self, module: nn.Module) -> None:
+        """The mixer's A and D as at construction (S4D-real A = -[1..N] per channel, D = 1)."""
+        if isinstance(module, FalconMambaMixer):
+            n = module.state_size
+            module.A_log.data.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(module.A_log))
+            module.D.data.fill_(1.0)

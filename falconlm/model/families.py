@@ -9,13 +9,13 @@ either is the original Falcon (TII's first configs had neither). Everything that
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import FalconConfig
+from .config_base import read_config_json
 from .falcon import FalconForCausalLM
 from .falcon3 import Falcon3ForCausalLM
 from .falcon3_config import Falcon3Config
@@ -157,23 +157,6 @@ def family_of(config: object) -> Family:
         if isinstance(config, family.config_class):
             return family
     raise TypeError(f"{type(config).__name__} is no family's config class")
-
-
-def read_config_json(path: str | Path) -> dict[str, Any]:
-    """The JSON object of ``config.json`` in a checkpoint folder (or the file itself)."""
-    p = Path(path)
-    file = p / "config.json" if p.is_dir() else p
-    if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {p}")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise ValueError(f"{file} is not a usable config: its JSON is nested too deeply") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Any:

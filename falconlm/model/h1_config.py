@@ -10,12 +10,12 @@ transformers 4.57 (``configuration_falcon_h1.py``); the attributes the shared at
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ROPE_TYPES, RopeScaling, _read_rope, write_config_json
+from .config_base import GroupedQueryShapes, check_positive_ints, hf_form, read_config_json, split_known
 
 MODEL_TYPE = "falcon_h1"
 ARCHITECTURE = "FalconH1ForCausalLM"
@@ -23,7 +23,7 @@ SSM_MULTIPLIER_PARTS = ("z (gate)", "x", "B", "C", "dt")
 
 
 @dataclass
-class FalconH1Config:
+class FalconH1Config(GroupedQueryShapes):
     """Every field that changes Falcon-H1's computation, with transformers' defaults."""
 
     vocab_size: int = 128000
@@ -87,21 +87,7 @@ class FalconH1Config:
                 setattr(self, name, [1.0] * (5 if name == "ssm_multipliers" else 2))
         self._validate()
 
-    # ---- what the shared attention / rotary code reads -----------------------------------------------------
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        return self.intermediate_size
-
-    alibi = False
-    rotary = True
+    # ---- what the engine reads beyond GroupedQueryShapes' -----------------------------------------------
     hybrid = True  # the engine keeps KV blocks and a recurrent-state slot per sequence
 
     # ---- Mamba shapes ---------------------------------------------------------------------------------------
@@ -129,18 +115,12 @@ class FalconH1Config:
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """[out, in] of each decoder layer's matrices, by their name inside the layer (what quantization
         rewrites; the Mamba conv, A, D and Δ bias stay as they are)."""
-        h, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+        h = self.hidden_size
         return {
-            "self_attn.q_proj": (q, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
+            **self.attention_matrix_shapes(),
             "mamba.in_proj": (self.in_proj_features, h),
             "mamba.out_proj": (h, self.mamba_d_ssm),
-            "feed_forward.gate_proj": (f, h),
-            "feed_forward.up_proj": (f, h),
-            "feed_forward.down_proj": (h, f),
+            **self.swiglu_matrix_shapes("feed_forward."),
         }
 
     def conv_state_shape(self) -> tuple[int, int]:
@@ -150,10 +130,6 @@ class FalconH1Config:
     def ssm_state_shape(self) -> tuple[int, int, int]:
         """One layer's SSM state per sequence: [heads, head dim, state size]."""
         return (self.mamba_n_heads, self.mamba_d_head, self.mamba_d_state)
-
-    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """K and V of every layer's attention (every H1 layer attends), KV heads only."""
-        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers * bytes_per_element
 
     def conv_state_elements(self) -> int:
         """One sequence's conv state, all layers: the last ``mamba_d_conv - 1`` inputs of every conv channel."""
@@ -207,17 +183,8 @@ class FalconH1Config:
             "mamba_d_conv",
             "mamba_chunk_size",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        check_positive_ints(self, positive)
+        self._validate_attention()
         if self.mamba_d_ssm % self.mamba_n_heads:
             raise ValueError(f"mamba_n_heads ({self.mamba_n_heads}) must divide mamba_d_ssm ({self.mamba_d_ssm})")
         if self.mamba_d_head * self.mamba_n_heads != self.mamba_d_ssm:
@@ -232,8 +199,6 @@ class FalconH1Config:
             )
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Falcon-H1 uses 'silu')")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         if self.rope_scaling is not None and self.rope_scaling.rope_type not in ROPE_TYPES:
@@ -271,32 +236,16 @@ class FalconH1Config:
         for name in multipliers:  # transformers reads None as 1.0
             if name in d and d[name] is None:
                 d[name] = 1.0
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        return cls(**split_known(cls, d))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FalconH1Config:
         """Read ``config.json`` from a checkpoint folder (or the file itself)."""
-        p = Path(path)
-        file = p / "config.json" if p.is_dir() else p
-        if not file.is_file():
-            raise FileNotFoundError(f"no config.json in {p}")
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ValueError(f"{file} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The HF form, loadable by transformers' FalconH1Config."""
-        d = asdict(self)
-        d.pop("extra")
-        dropped = ("architectures", "auto_map", "_name_or_path")
-        d = {**{k: v for k, v in self.extra.items() if k not in dropped}, **d}
+        d = hf_form(self, ("architectures", "auto_map", "_name_or_path"))
         d["model_type"] = MODEL_TYPE
         d["architectures"] = [ARCHITECTURE]
         d["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_dict()

@@ -7,13 +7,13 @@ a fixed-size recurrent state per sequence instead of a KV cache (:meth:`FalconMa
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import write_config_json
+from .config_base import hf_form, read_config_json, split_known
 
 MAMBA_MODEL_TYPES = {"falcon_mamba": "FalconMambaForCausalLM", "mamba": "MambaForCausalLM"}
 DEFAULT_CONTEXT = 8192  # Mamba has no position limit; the engine's default context (Falcon-Mamba's training length)
@@ -142,20 +142,14 @@ class FalconMambaConfig:
             d["model_type"] = next((t for t, a in MAMBA_MODEL_TYPES.items() if a in archs), "falcon_mamba")
         if "dtype" in d:  # transformers >= 4.56 writes "dtype"
             d.setdefault("torch_dtype", d.pop("dtype"))
-        known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+        return cls(**split_known(cls, d))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FalconMambaConfig:
-        p = Path(path)
-        file = p / "config.json" if p.is_dir() else p
-        return cls.from_dict(json.loads(file.read_text(encoding="utf-8")))
+        return cls.from_dict(read_config_json(path))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        dropped = ("architectures", "_name_or_path")
-        d = {**{k: v for k, v in self.extra.items() if k not in dropped}, **d}
+        d = hf_form(self, ("architectures", "_name_or_path"))
         d["architectures"] = [MAMBA_MODEL_TYPES[self.model_type]]
         return d
 

@@ -48,6 +48,11 @@ class RecurrentState:
     def num_slots(self) -> int:
         return self.conv.shape[1]
 
+    def reset(self, slots: torch.Tensor) -> None:
+        """Zero the state of ``slots`` in every layer (a sequence starting from its first token)."""
+        self.conv[:, slots] = 0
+        self.ssm[:, slots] = 0
+
     def bytes_per_slot(self) -> int:
         return (self.conv[:, 0].numel() * self.conv.element_size()) + self.ssm[:, 0].numel() * self.ssm.element_size()
 

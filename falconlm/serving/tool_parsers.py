@@ -7,6 +7,11 @@ Formats read (``tool_choice`` ``auto``):
 - Falcon3-Instruct's tags around a list: ``<tool_call>[{"name": "f", "arguments": {...}}, ...]</tool_call>``;
 - a reply that is nothing but plain JSON: ``{"name": "f", "arguments": {...}}`` or a list of such objects.
 
+Inside ``<tool_call>`` tags the body may also be a Python literal with single quotes, ``{'arguments': {...},
+'name': 'f'}``: the schema line Falcon-H1-Instruct's template shows the model is written that way. An entry may
+also be the OpenAI shape that Falcon3-Instruct's template writes earlier calls in, ``{"id": ..., "type":
+"function", "function": {"name": "f", "arguments": {...}}}``.
+
 ``parameters`` is read as a synonym of ``arguments``, and arguments given as a JSON string are read too. A call
 must name a declared function and carry an arguments object; otherwise its text stays ``content`` (so does a
 tag whose body is not JSON). Text outside the calls is ``content``; whitespace next to a call is dropped. The
@@ -17,6 +22,7 @@ and content as fed it whole.
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +60,8 @@ def calls_from_json(value: Any, names: Sequence[str]) -> list[ParsedCall] | None
         return None
     calls = []
     for item in items:
+        if isinstance(item, dict) and isinstance(item.get("function"), dict) and "name" not in item:
+            item = item["function"]  # the OpenAI tool_calls entry shape
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or item["name"] not in names:
             return None
         args = _arguments(item)
@@ -63,13 +71,29 @@ def calls_from_json(value: Any, names: Sequence[str]) -> list[ParsedCall] | None
     return calls
 
 
-def calls_from_text(text: str, names: Sequence[str]) -> list[ParsedCall] | None:
-    """:func:`calls_from_json` of ``text`` parsed as JSON; None when it is not JSON."""
+def calls_from_text(text: str, names: Sequence[str], python_literal: bool = False) -> list[ParsedCall] | None:
+    """:func:`calls_from_json` of ``text`` parsed as JSON (or, with ``python_literal``, as a Python literal of
+    dicts, lists, strings, numbers and booleans); None when it is neither."""
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        return None
+        value = _python_literal(text) if python_literal else None
+        if value is None:
+            return None
     return calls_from_json(value, names)
+
+
+MAX_LITERAL_CHARS = 65536  # a call body longer than this is not read as a Python literal
+
+
+def _python_literal(text: str) -> Any:
+    """``text`` as a Python literal (``ast.literal_eval``: no names, calls or operators run), or None."""
+    if len(text) > MAX_LITERAL_CHARS:
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def _partial_tag_length(text: str, tag: str) -> int:
@@ -147,7 +171,7 @@ class ToolCallParser:
         return pieces
 
     def _tag(self, body: str, close: str, pieces: list[Piece]) -> None:
-        calls = calls_from_text(body, self.names)
+        calls = calls_from_text(body, self.names, python_literal=True)
         if calls is None:
             self._content(TOOL_CALL_OPEN + body + close, pieces)
         else:

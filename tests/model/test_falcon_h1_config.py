@@ -180,5 +180,5 @@ def test_from_pretrained_quantizes_on_load_and_refuses_other_families(hf_folder:
 
     model = FalconH1ForCausalLM.from_pretrained(hf_folder, quantize="int8")
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
-    with pytest.raises(ValueError, match="not Falcon-H1"):
+    with pytest.raises(ValueError, match="not a Falcon-H1 one"):
         FalconH1ForCausalLM.from_pretrained(default_model_path())
