@@ -19,6 +19,7 @@ from falconlm.engine.sampling_params import SamplingParams
 from falconlm.engine.tp_follower import run_follower
 from falconlm.model.families import load_config
 from falconlm.model.paged_attention import PagedKVCache
+from falconlm.parallel.heads import split_heads
 
 PROMPTS = [list(range(1, 14)), [5, 6], list(range(20, 41)), [3], [9, 9, 9, 9, 9, 9]]
 STEPS = 8
@@ -28,11 +29,15 @@ MAX_MODEL_LEN = 32
 
 def engine_args(path: str | Path, tensor_parallel_size: int) -> EngineArgs:
     """Four sequences at once, 16-token steps (prompts of 21 tokens are chunked) and, for attention-only
-    models, a KV pool of 10 blocks of 4 tokens: too few for every request at once, so some are preempted."""
+    models, a KV pool of 10 blocks of 4 tokens on every rank: too few for every request at once, so some are
+    preempted."""
     cfg = load_config(path)
     kv_memory = None
     if not getattr(cfg, "recurrent", False) and not getattr(cfg, "hybrid", False):
-        per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, BLOCK_SIZE, cfg.num_kv_groups, cfg.head_dim, 4)
+        # kv_cache_memory is per rank, and rank 0 sizes the pool from its own share of the KV groups.
+        groups = split_heads(cfg.num_attention_heads, cfg.num_kv_groups, cfg.head_dim, tensor_parallel_size, 0)
+        layers, dim = cfg.num_hidden_layers, cfg.head_dim
+        per_block = PagedKVCache.bytes_per_block(layers, BLOCK_SIZE, groups.local_groups, dim, 4)
         kv_memory = 10 * per_block
     return EngineArgs(
         model=path,
