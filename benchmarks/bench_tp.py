@@ -35,12 +35,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from falconlm.parallel import init_parallel
-
-    try:
-        from falconlm.parallel import load_sharded
-    except ImportError:  # not re-exported by the package (yet)
-        from falconlm.parallel.loading import load_sharded
+    from falconlm.parallel import init_parallel, load_sharded
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, args.threads // world) if args.device == "cpu" else args.threads)

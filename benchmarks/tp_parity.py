@@ -72,12 +72,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from falconlm.model.falcon import FalconForCausalLM
-    from falconlm.parallel import init_parallel
-
-    try:
-        from falconlm.parallel import load_sharded
-    except ImportError:  # not re-exported by the package (yet)
-        from falconlm.parallel.loading import load_sharded
+    from falconlm.parallel import init_parallel, load_sharded
 
     torch.set_grad_enabled(False)
     state = init_parallel(int(os.environ.get("WORLD_SIZE", "1")), args.device)

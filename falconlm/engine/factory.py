@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from ..model.falcon import FalconForCausalLM
-from ..parallel import init_parallel
-from ..parallel.loading import load_sharded
+from ..parallel import init_parallel, load_sharded
 from ..parallel.state import DEFAULT_TIMEOUT_S
 from ..tokenizer import NoTokenizer, Tokenizer, load_tokenizer
 from .devices import auto_dtype, resolve_device, resolve_dtype

@@ -8,7 +8,8 @@ checkpoint (``loading.py``), so no rank ever holds the whole model. The engine's
 each step; the other ranks follow (``falconlm.engine.tp_runner``).
 """
 
+from .loading import load_sharded
 from .partition import Partition, partition
 from .state import ParallelState, init_parallel, single_process
 
-__all__ = ["ParallelState", "Partition", "init_parallel", "partition", "single_process"]
+__all__ = ["ParallelState", "Partition", "init_parallel", "load_sharded", "partition", "single_process"]
