@@ -92,12 +92,17 @@ def selective_state_update(
 ) -> torch.Tensor:
     """One token for each of R sequences: ``state`` [R, N, D] advanced in place; returns ``y`` [R, D].
 
-    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]."""
+    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]. A float32 ``state`` (a view into a pool, say) is updated where it
+    lies, a few passes over it: the decays in place, one multiply, one fused multiply-add."""
     dt_r = dt.float()[:, None, :]  # [R, 1, D]
-    h = torch.exp(dt_r * A.float().T) * state.float() + B.float()[:, :, None] * (dt_r * u.float()[:, None, :])
-    state.copy_(h)
-    y = torch.bmm(C.float()[:, None, :], h)[:, 0] + u.float() * D.float()
-    return y.to(u.dtype)
+    u32 = u.float()
+    h = state if state.dtype is torch.float32 else state.float()
+    h.mul_(torch.exp_(dt_r * A.float().T))
+    h.addcmul_(B.float()[:, :, None], dt_r * u32[:, None, :])
+    if h is not state:
+        state.copy_(h)
+    y = torch.bmm(C.float()[:, None, :], h)[:, 0]
+    return y.addcmul_(u32, D.float()).to(u.dtype)
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
