@@ -160,40 +160,44 @@ class FalconMambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
         """``x`` [tokens, H] -> [tokens, H]; each run's state is read from and written back to its slot."""
+        A_T, taps = self._constants()
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        u = F.silu(self._conv(u, batch))
+        u = F.silu(self._conv(u, taps, batch))
         dt, B, C = self._selection(u)
-        y = self._scan(u, dt, B, C, batch)
+        y = self._scan(u, dt, A_T.T, B, C, batch)
         return self.out_proj(y * F.silu(z))
 
     def _constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A.T = -exp(A_log).T`` [N, D] in float32 and the conv taps [K, D], both contiguous: derived from the
         parameters once, not at every decode step (recomputed when a parameter is replaced or changed)."""
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (self.A_log, self.conv1d.weight))
+        A_log, weight = self.A_log, self.conv1d.weight
+        key = (A_log.data_ptr(), A_log._version, weight.data_ptr(), weight._version)
         if getattr(self, "_constants_key", None) != key:
-            self._A_T = (-torch.exp(self.A_log.detach().float())).T.contiguous()
-            self._conv_taps = self.conv1d.weight.detach()[:, 0, :].T.contiguous()
+            self._A_T = (-torch.exp(A_log.detach().float())).T.contiguous()
+            self._conv_taps = weight.detach()[:, 0, :].T.contiguous()
             self._constants_key = key
         return self._A_T, self._conv_taps
 
-    def _conv(self, u: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
+    def _conv(self, u: torch.Tensor, taps: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
         """Causal depthwise conv1d over each run, prefixed by its slot's last K-1 inputs (zeros when fresh)."""
         states = batch.states.conv[self.layer_idx]  # [S, K-1, D]
         if batch.steps_only:
-            return self._conv_step(u, states, batch)
+            return self._conv_step(u, taps, states, batch)
         weight, bias = self.conv1d.weight, self.conv1d.bias  # [D, 1, K], [D]
         out = torch.empty_like(u)
         if batch.step_rows.numel():  # decode: one window per sequence, all at once
-            out[batch.step_rows] = self._conv_step(u[batch.step_rows], states, batch)
+            out[batch.step_rows] = self._conv_step(u[batch.step_rows], taps, states, batch)
         for start, n, slot in batch.runs:  # prefill chunks
             full = torch.cat([states[slot], u[start : start + n]])  # [K-1+n, D]
             out[start : start + n] = F.conv1d(full.T[None], weight, bias, groups=full.shape[1])[0].T
             states[slot] = full[full.shape[0] - states.shape[1] :]
         return out
 
-    def _conv_step(self, u: torch.Tensor, states: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
-        """One new input per decode row ``u`` [R, D]: the window's dot product with the taps; the state shifts."""
-        taps = self._constants()[1]  # [K, D]
+    def _conv_step(
+        self, u: torch.Tensor, taps: torch.Tensor, states: torch.Tensor, batch: RecurrentBatch
+    ) -> torch.Tensor:
+        """One new input per decode row ``u`` [R, D]: the window's dot product with the taps [K, D]; the state
+        shifts by one."""
         past = batch.step_states(states)  # [R, K-1, D]
         window = torch.cat([past, u[:, None, :]], dim=1)  # [R, K, D]
         y = (window * taps).sum(1)
@@ -228,10 +232,15 @@ class FalconMambaMixer(nn.Module):
         return (x32 * scale[:, self._segment_of]).to(projected.dtype)
 
     def _scan(
-        self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, batch: RecurrentBatch
+        self,
+        u: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        batch: RecurrentBatch,
     ) -> torch.Tensor:
         states = batch.states.ssm[self.layer_idx]  # [S, N, D]
-        A = self._constants()[0].T  # [D, N]
         if batch.steps_only:
             return self._scan_step(u, dt, A, B, C, states, batch)
         y = torch.empty_like(u)
