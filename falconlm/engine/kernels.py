@@ -34,13 +34,14 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
 
 
 def _plain_linears_as_falcon(model: torch.nn.Module) -> None:
-    """Swap each bfloat16 CPU module of type exactly ``nn.Linear`` for a FalconLinear holding the same weight and
-    bias objects (so a tied head stays tied); without a bias the two compute the same thing."""
+    """Swap each bias-free bfloat16 CPU module of type exactly ``nn.Linear`` for a FalconLinear holding the same
+    weight object (so a tied head stays tied); without a bias the two compute the same thing."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype is torch.bfloat16 and child.weight.is_cpu:
+            plain = type(child) is torch.nn.Linear and child.bias is None
+            if plain and child.weight.dtype is torch.bfloat16 and child.weight.is_cpu:
                 swapped = FalconLinear(child.in_features, child.out_features, bias=False, device="meta")
-                swapped.weight, swapped.bias = child.weight, child.bias
+                swapped.weight = child.weight
                 setattr(parent, name, swapped)
 
 
