@@ -4,13 +4,13 @@ The ``200m`` shape is Falcon-H1-0.5B's layer (hidden 1024, attention 8 heads / 2
 64 with state 128, MLP 2048, vocab 32784, untied head) over 11 layers: about 206M parameters. ``tiny`` is a
 seconds-long smoke shape. Both carry the 0.5B's µP multipliers, so every multiply is paid as in the real model.
 
-Measured, each for falconlm and transformers (torch CPU, float32 or bfloat16): prefill of a 512-token prompt
-(batch 1), greedy decode at batch 1 and batch 8 after a short prompt, and batch-1 decode after a long context
-(attention's per-token cost grows with the context; the Mamba-2 half's does not). Also printed: KV-cache bytes
-per token and recurrent-state bytes per sequence. falconlm runs through its serving engine when the engine runs
+Measured, each for falconlm and transformers (torch CPU), in float32 and in bfloat16 (``--dtypes``): prefill of a
+512-token prompt (batch 1), greedy decode at batch 1 and batch 8 after a short prompt, and batch-1 decode after a
+long context (attention's per-token cost grows with the context; the Mamba-2 half's does not). Also printed: KV-cache
+bytes per token and recurrent-state bytes per sequence. falconlm runs through its serving engine when the engine runs
 H1 (continuous batching, paged KV cache, state pool), else through the model's own cached step.
 
-    python benchmarks/bench_h1.py [--size 200m|tiny] [--threads 2] [--dtype float32|bfloat16] [--repeats 3]
+    python benchmarks/bench_h1.py [--size 200m|tiny] [--threads 2] [--dtypes float32 bfloat16] [--repeats 3]
                                   [--new-tokens 32] [--long-context 1024] [--out bench-out]
 """
 
@@ -162,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="200m")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--long-context", type=int, default=1024)
@@ -171,8 +171,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    dtype = getattr(torch, args.dtype)
     folder = make_checkpoint(args.out, args.size)
+    reports = [run_dtype(folder, dtype_name, args) for dtype_name in args.dtypes]
+    print(json.dumps(reports, indent=2))
+    print("\n\n".join(render(report) for report in reports))
+
+
+def run_dtype(folder: Path, dtype_name: str, args: argparse.Namespace) -> dict:
+    """falconlm's and transformers' figures in one dtype."""
+    dtype = getattr(torch, dtype_name)
     max_len = max(args.prefill, args.long_context) + args.new_tokens + 8
     model, path, ours = falconlm_runner(folder, dtype, max_len)
     config = model.config
@@ -180,7 +187,7 @@ def main() -> None:
     report = {
         "shape": f"bench-h1-{args.size}",
         "parameters": model.num_parameters(),
-        "dtype": args.dtype,
+        "dtype": dtype_name,
         "threads": args.threads,
         "falconlm_path": path,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(itemsize),
@@ -193,8 +200,7 @@ def main() -> None:
     del model, ours
     theirs = transformers_runner(folder, dtype)
     report["results"]["transformers"] = measure(theirs, vocab, *shape)
-    print(json.dumps(report, indent=2))
-    print(render(report))
+    return report
 
 
 def render(report: dict) -> str:

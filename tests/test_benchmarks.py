@@ -103,38 +103,30 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
     assert "native kernels: avx2" in text
 
 
-def test_mamba_table_has_ratios_contexts_and_state_bytes():
+def test_mamba_table_has_ratios_per_dtype_contexts_and_state_bytes():
     import bench_mamba
 
-    rows = [
-        {
-            "impl": "transformers",
-            "prefill_tok_s": 100.0,
-            "decode_b1_tok_s": 5.0,
-            "decode_b8_tok_s": 20.0,
-            "weights_mib": 760,
-        },
-        {
-            "impl": "falconlm",
-            "prefill_tok_s": 400.0,
-            "decode_b1_tok_s": 25.0,
-            "decode_b8_tok_s": 120.0,
-            "weights_mib": 760,
-        },
-    ]
+    def row(impl: str, dtype: str, scale: float) -> dict:
+        rates = {"prefill_tok_s": 100.0, "decode_b1_tok_s": 5.0, "decode_b8_tok_s": 20.0}
+        return {"impl": impl, "dtype": dtype, **{k: v * scale for k, v in rates.items()}, "weights_mib": 760}
+
+    rows = [row("transformers", "float32", 1), row("falconlm", "float32", 4), row("transformers", "bfloat16", 1)]
+    rows.append(row("falconlm", "bfloat16", 3) | {"decode_b8_tok_s": 120.0})
     result = {
         "shape": "200m",
         "parameters": 199_000_000,
-        "dtype": "float32",
         "threads": 2,
         "throughput": rows,
+        "context_dtype": "bfloat16",
         "contexts": [128, 1536],
         "decode_ms_per_token": {"falcon-mamba": [40.0, 40.5], "falcon (bench-194m)": [30.0, 45.0]},
         "state_bytes_per_sequence": 20 * 2048 * (3 * 4 + 16 * 4),
         "falcon_kv_bytes_per_token": 12 * 2 * 64 * 4,
     }
     text = bench_mamba.render(result)
-    assert "| ratio falconlm/transformers | 4.00x | 5.00x | 6.00x | |" in text
+    assert "| float32 | ratio falconlm/transformers | 4.00x | 4.00x | 4.00x | |" in text
+    assert "| bfloat16 | ratio falconlm/transformers | 3.00x | 3.00x | 6.00x | |" in text
+    assert "| bfloat16 | falconlm | 300 | 15.0 | 120.0 | 760 |" in text
     assert "| falcon-mamba | 40.00 | 40.50 |" in text
     assert "Falcon-Mamba 2.97 MiB at any context" in text and "9.00 MiB at 1536" in text
     assert 1.9e8 < bench_mamba_parameters() < 2.1e8

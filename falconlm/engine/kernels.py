@@ -20,15 +20,29 @@ log = logging.getLogger("falconlm.engine")
 def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> int:
     """Give every bfloat16 CPU ``FalconLinear`` of ``model`` the native matmul (built now, not in the first
     request), the batch-invariant one for every row count when ``invariant``; returns how many weights took it.
+    A plain bfloat16 ``nn.Linear`` (a Mamba model's head) first becomes a FalconLinear over the same parameters.
     Without the native kernels nothing changes."""
     if native.kernels() is None:
         return 0
+    _plain_linears_as_falcon(model)
     bound = 0
     for module in model.modules():
         if isinstance(module, FalconLinear) and module.weight.dtype is torch.bfloat16 and module.weight.is_cpu:
             module.matmul = ops.linear_invariant if invariant else ops.linear
             bound += 1
     return bound
+
+
+def _plain_linears_as_falcon(model: torch.nn.Module) -> None:
+    """Swap each bias-free bfloat16 CPU module of type exactly ``nn.Linear`` for a FalconLinear holding the same
+    weight object (so a tied head stays tied); without a bias the two compute the same thing."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            plain = type(child) is torch.nn.Linear and child.bias is None
+            if plain and child.weight.dtype is torch.bfloat16 and child.weight.is_cpu:
+                swapped = FalconLinear(child.in_features, child.out_features, bias=False, device="meta")
+                swapped.weight = child.weight
+                setattr(parent, name, swapped)
 
 
 def row_attention(device: torch.device) -> RowAttention | None:

@@ -38,4 +38,4 @@ def recurrent_parts(
         logger.info("prefix caching is off for this model: %s", PREFIX_CACHE_OFF_REASON)
     logger.info("recurrent state: %d slots of %d bytes per sequence", slots, per_sequence)
     # A state does not grow with the context: any request up to max_model_len fits once it holds a slot.
-    return RecurrentStateManager(slots), RecurrentRunner(model, slots), max_model_len
+    return RecurrentStateManager(slots), RecurrentRunner(model, slots, config.deterministic), max_model_len

@@ -5,7 +5,7 @@ admission, see ``state_pool.py``); a run that starts at token 0 (a new request, 
 preemption) starts from a zeroed state. Decode rows of a step go through one batched state update, prompt chunks
 through the chunked scan, in the same forward (``model.falcon_mamba.RecurrentBatch``). Sampling, prompt logprobs
 and the per-request generators are the ModelRunner's. The native fused decode step is Falcon-only: these models run
-the torch path.
+the torch path, with the native bfloat16 matmul bound to their projections and head on CPU (``kernels.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from ..model.falcon_mamba import FalconMambaForCausalLM, RecurrentBatch
 from .forward_batch import ForwardBatch
 from .fused_decode import FusedDecoder
+from .kernels import bind_weight_kernels
 from .prompt_logprobs import PromptRows, prompt_rows
 from .request import Request
 from .runner import ModelRunner
@@ -27,16 +28,20 @@ from .scheduler_output import ScheduledRequest
 class RecurrentRunner(ModelRunner):
     """One Mamba model, its ``num_slots`` recurrent states, the sampler and the per-request generators."""
 
-    def __init__(self, model: FalconMambaForCausalLM, num_slots: int) -> None:  # no super(): no KV cache
+    def __init__(
+        self, model: FalconMambaForCausalLM, num_slots: int, deterministic: bool = False
+    ) -> None:  # no super(): no KV cache
         self.model = model
         self.device = model.device
-        self.deterministic = False
+        self.deterministic = False  # rows are already independent here: each runs its own scan
         self.num_slots = num_slots
         self.fused_allowed = False
         self.on_forward: Callable[[ForwardBatch], None] | None = None  # sees each forward first (tp_runner.py)
         self.states = model.new_states(num_slots)
         self.sampler = Sampler()
         self.req_id_to_generator: dict[str, torch.Generator | None] = {}
+        if self.device.type == "cpu":
+            bind_weight_kernels(model, invariant=deterministic)
 
     def _fused_decoder(self) -> FusedDecoder | None:
         return None

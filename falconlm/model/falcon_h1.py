@@ -142,25 +142,43 @@ class FalconH1Mixer(nn.Module):
 
     def _conv(self, xBC: torch.Tensor, rows: RecurrentBatch) -> torch.Tensor:
         """The causal depthwise convolution of each row, continuing from (and updating) its conv state."""
+        conv_states = rows.state.conv[self.layer_idx]  # [slots, K - 1, C]
+        if rows.steps_only:
+            return self._conv_step(xBC, conv_states, rows)
         out = torch.empty_like(xBC)
-        conv_states = rows.state.conv[self.layer_idx]  # [slots, C, K - 1]
         weight = self.conv1d.weight  # [C, 1, K]
         bias = self.conv1d.bias
-        if rows.step_rows:  # one new input per row: a dot product with the last K inputs
-            slots, positions = rows.step_slots, rows.step_positions
-            window = torch.cat([conv_states[slots], xBC[positions, :, None].to(conv_states.dtype)], dim=-1)
-            value = (window.to(weight.dtype) * weight[:, 0]).sum(-1)
-            out[positions] = value if bias is None else value + bias
-            conv_states[slots] = window[..., 1:]
+        if rows.step_rows:
+            out[rows.step_positions] = self._conv_step(xBC[rows.step_positions], conv_states, rows)
         for r in rows.scan_rows:
             start, n, slot = rows.query_starts[r], rows.query_lens[r], rows.slots[r]
             past = conv_states[slot].to(xBC.dtype)
             if rows.fresh[r]:
                 past = torch.zeros_like(past)
-            seq = torch.cat([past, xBC[start : start + n].T], dim=-1)  # [C, K - 1 + n]
-            out[start : start + n] = F.conv1d(seq[None], weight, bias, groups=self.conv_dim)[0].T
-            conv_states[slot] = seq[:, -(self.conv_width - 1) :]
+            seq = torch.cat([past, xBC[start : start + n]])  # [K - 1 + n, C]
+            out[start : start + n] = F.conv1d(seq.T[None], weight, bias, groups=self.conv_dim)[0].T
+            conv_states[slot] = seq[-(self.conv_width - 1) :]
         return out
+
+    def _conv_step(self, x: torch.Tensor, conv_states: torch.Tensor, rows: RecurrentBatch) -> torch.Tensor:
+        """One new input per step row ``x`` [R, C]: a dot product with the last K inputs; the state shifts."""
+        past = rows.step_states(conv_states)  # [R, K - 1, C]
+        window = torch.cat([past, x[:, None, :].to(conv_states.dtype)], dim=1)  # [R, K, C]
+        value = (window.to(self.conv1d.weight.dtype) * self._conv_taps()).sum(1)
+        if rows.step_block is not None:
+            past.copy_(window[:, 1:])
+        else:
+            rows.put_step_states(conv_states, window[:, 1:])
+        return value if self.conv1d.bias is None else value + self.conv1d.bias
+
+    def _conv_taps(self) -> torch.Tensor:
+        """The conv weight as [K, C], contiguous, made once per weight value (not at every step)."""
+        weight = self.conv1d.weight
+        key = (weight.data_ptr(), weight._version)
+        if getattr(self, "_taps_key", None) != key:
+            self._taps = weight.detach()[:, 0, :].T.contiguous()
+            self._taps_key = key
+        return self._taps
 
     def _scan(
         self, xs: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, rows: RecurrentBatch
@@ -171,13 +189,13 @@ class FalconH1Mixer(nn.Module):
         xs = xs.view(N, self.num_heads, self.head_dim)
         B = B.view(N, -1, self.d_state)  # [tokens, groups, state]: each head reads its group
         C = C.view(N, -1, self.d_state)
-        y = xs.new_empty(N, self.num_heads, self.head_dim, dtype=torch.float32)
         ssm_states = rows.state.ssm[self.layer_idx]  # [slots, H, P, N]
+        if rows.steps_only:
+            return self._scan_step(xs, dt, A, B, C, ssm_states, rows).view(N, self.d_ssm)
+        y = xs.new_empty(N, self.num_heads, self.head_dim, dtype=torch.float32)
         if rows.step_rows:
-            slots, p = rows.step_slots, rows.step_positions
-            state = ssm_states[slots].float()
-            y[p] = ssd_step(xs[p], dt[p], A, B[p], C[p], self.D, state)
-            ssm_states[slots] = state.to(ssm_states.dtype)
+            p = rows.step_positions
+            y[p] = self._scan_step(xs[p], dt[p], A, B[p], C[p], ssm_states, rows)
         for r in rows.scan_rows:
             start, n, slot = rows.query_starts[r], rows.query_lens[r], rows.slots[r]
             initial = None if rows.fresh[r] else ssm_states[slot][None]
@@ -188,6 +206,26 @@ class FalconH1Mixer(nn.Module):
             y[part] = out[0]
             ssm_states[slot] = final[0].to(ssm_states.dtype)
         return y.view(N, self.d_ssm)
+
+    def _scan_step(
+        self,
+        xs: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        ssm_states: torch.Tensor,
+        rows: RecurrentBatch,
+    ) -> torch.Tensor:
+        """The step rows' single-step recurrence: their float32 states updated where they lie when they are a
+        view of consecutive slots."""
+        held = rows.step_states(ssm_states)
+        state = held if held.dtype is torch.float32 else held.float()
+        y = ssd_step(xs, dt, A, B, C, self.D, state)
+        if state is not held:
+            held.copy_(state)
+        rows.put_step_states(ssm_states, held)
+        return y
 
 
 class FalconH1MLP(nn.Module):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .causal_lm import CausalLM
+from .falcon import FalconLinear
 from .mamba_config import FalconMambaConfig
 from .norms import RMSNorm, rms
 from .recurrent import RecurrentState
@@ -64,6 +65,9 @@ class RecurrentBatch:
     step_slots: torch.Tensor = field(init=False)  # and their slots
     runs: list[tuple[int, int, int]] = field(init=False)  # (start, length, slot) of the longer runs
 
+    step_block: slice | None = field(init=False)  # the step slots as one slice, when they are consecutive
+    steps_only: bool = field(init=False)  # every token is a decode step, token r in row r (no gathers needed)
+
     def __post_init__(self) -> None:
         device = self.states.conv.device
         steps = [(s, slot) for s, n, slot in zip(self.query_starts, self.query_lens, self.slots, strict=True) if n == 1]
@@ -72,6 +76,23 @@ class RecurrentBatch:
         self.runs = [
             (s, n, slot) for s, n, slot in zip(self.query_starts, self.query_lens, self.slots, strict=True) if n > 1
         ]
+        step_slots = [slot for _, slot in steps]
+        first = step_slots[0] if step_slots else 0
+        consecutive = step_slots == list(range(first, first + len(step_slots)))
+        self.step_block = slice(first, first + len(step_slots)) if steps and consecutive else None
+        self.steps_only = not self.runs and [s for s, _ in steps] == list(range(len(steps)))
+
+    def step_states(self, layer_states: torch.Tensor) -> torch.Tensor:
+        """The step rows' states of one layer [R, ...]: a view when their slots are consecutive (updated in
+        place), else a gathered copy (written back by :meth:`put_step_states`)."""
+        if self.step_block is not None:
+            return layer_states[self.step_block]
+        return layer_states[self.step_slots]
+
+    def put_step_states(self, layer_states: torch.Tensor, updated: torch.Tensor) -> None:
+        """Store the step rows' updated states (nothing to do when :meth:`step_states` gave a view)."""
+        if self.step_block is None:
+            layer_states[self.step_slots] = updated
 
     @classmethod
     def dense(cls, states: MambaStates, batch_size: int, length: int, fresh: bool) -> RecurrentBatch:
@@ -90,7 +111,10 @@ class MambaRMSNorm(RMSNorm):
 
 
 class FalconMambaMixer(nn.Module):
-    """in_proj -> causal conv1d -> SiLU -> x_proj -> dt_proj -> selective scan (+ D skip) -> gate -> out_proj."""
+    """in_proj -> causal conv1d -> SiLU -> x_proj -> dt_proj -> selective scan (+ D skip) -> gate -> out_proj.
+
+    The projections are :class:`FalconLinear` (an ``nn.Linear`` with the same parameters), so the engine can bind
+    the native bfloat16 matmul to them as it does for Falcon."""
 
     def __init__(self, config: FalconMambaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -104,59 +128,122 @@ class FalconMambaMixer(nn.Module):
         self.layer_idx = layer_idx
         self.time_step_rank, self.state_size = r, n
         self.rms_eps = config.mixer_rms_eps if config.mixer_rms else None
-        self.in_proj = nn.Linear(h, 2 * d, bias=config.use_bias)
+        self.in_proj = FalconLinear(h, 2 * d, bias=config.use_bias)
         self.conv1d = nn.Conv1d(d, d, k, groups=d, padding=k - 1, bias=config.use_conv_bias)
-        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.x_proj = FalconLinear(d, r + 2 * n, bias=False)
+        self.dt_proj = FalconLinear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(d, n).clone())
         self.D = nn.Parameter(torch.ones(d))
-        self.out_proj = nn.Linear(d, h, bias=config.use_bias)
+        self.out_proj = FalconLinear(d, h, bias=config.use_bias)
 
     def forward(self, x: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
         """``x`` [tokens, H] -> [tokens, H]; each run's state is read from and written back to its slot."""
+        A_T, taps = self._constants()
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        u = F.silu(self._conv(u, batch))
+        u = F.silu(self._conv(u, taps, batch))
         dt, B, C = self._selection(u)
-        y = self._scan(u, dt, B, C, batch)
+        y = self._scan(u, dt, A_T.T, B, C, batch)
         return self.out_proj(y * F.silu(z))
 
-    def _conv(self, u: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
+    def _constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A.T = -exp(A_log).T`` [N, D] in float32 and the conv taps [K, D], both contiguous: derived from the
+        parameters once, not at every decode step (recomputed when a parameter is replaced or changed)."""
+        A_log, weight = self.A_log, self.conv1d.weight
+        key = (A_log.data_ptr(), A_log._version, weight.data_ptr(), weight._version)
+        if getattr(self, "_constants_key", None) != key:
+            self._A_T = (-torch.exp(A_log.detach().float())).T.contiguous()
+            self._conv_taps = weight.detach()[:, 0, :].T.contiguous()
+            self._constants_key = key
+        return self._A_T, self._conv_taps
+
+    def _conv(self, u: torch.Tensor, taps: torch.Tensor, batch: RecurrentBatch) -> torch.Tensor:
         """Causal depthwise conv1d over each run, prefixed by its slot's last K-1 inputs (zeros when fresh)."""
         states = batch.states.conv[self.layer_idx]  # [S, K-1, D]
+        if batch.steps_only:
+            return self._conv_step(u, taps, states, batch)
         weight, bias = self.conv1d.weight, self.conv1d.bias  # [D, 1, K], [D]
         out = torch.empty_like(u)
         if batch.step_rows.numel():  # decode: one window per sequence, all at once
-            window = torch.cat([states[batch.step_slots], u[batch.step_rows, None, :]], dim=1)  # [R, K, D]
-            y = (window * weight[:, 0, :].T).sum(1)
-            out[batch.step_rows] = y if bias is None else y + bias
-            states[batch.step_slots] = window[:, 1:]
+            out[batch.step_rows] = self._conv_step(u[batch.step_rows], taps, states, batch)
         for start, n, slot in batch.runs:  # prefill chunks
             full = torch.cat([states[slot], u[start : start + n]])  # [K-1+n, D]
             out[start : start + n] = F.conv1d(full.T[None], weight, bias, groups=full.shape[1])[0].T
             states[slot] = full[full.shape[0] - states.shape[1] :]
         return out
 
+    def _conv_step(
+        self, u: torch.Tensor, taps: torch.Tensor, states: torch.Tensor, batch: RecurrentBatch
+    ) -> torch.Tensor:
+        """One new input per decode row ``u`` [R, D]: the window's dot product with the taps [K, D]; the state
+        shifts by one."""
+        past = batch.step_states(states)  # [R, K-1, D]
+        window = torch.cat([past, u[:, None, :]], dim=1)  # [R, K, D]
+        y = (window * taps).sum(1)
+        if self.conv1d.bias is not None:
+            y += self.conv1d.bias
+        if batch.step_block is not None:
+            past.copy_(window[:, 1:])
+        else:
+            batch.put_step_states(states, window[:, 1:])
+        return y
+
     def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input-dependent Δ (after dt_proj and softplus) [tokens, D], B and C [tokens, N]."""
-        dt, B, C = self.x_proj(u).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        projected = self.x_proj(u)
         if self.rms_eps is not None:  # Falcon-Mamba
-            dt, B, C = rms(dt, self.rms_eps), rms(B, self.rms_eps), rms(C, self.rms_eps)
+            projected = self._segment_rms(projected)
+        dt, B, C = projected.split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C
 
+    def _segment_rms(self, projected: torch.Tensor) -> torch.Tensor:
+        """:func:`rms` of Δ, B and C, each its own segment of ``projected`` [tokens, R + 2N], in a few ops for
+        all three: the squares' segment means come out of one matmul."""
+        sizes = (self.time_step_rank, self.state_size, self.state_size)
+        key = (projected.device, sizes)
+        if getattr(self, "_segments_key", None) != key:
+            which = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes)).to(projected.device)
+            self._segment_means = torch.zeros(sum(sizes), 3, device=projected.device)
+            self._segment_means[torch.arange(sum(sizes)), which] = 1.0 / torch.tensor(sizes, dtype=torch.float32)[which]
+            self._segment_of, self._segments_key = which, key
+        x32 = projected.float()
+        scale = torch.rsqrt((x32 * x32) @ self._segment_means + self.rms_eps)  # [tokens, 3]
+        return (x32 * scale[:, self._segment_of]).to(projected.dtype)
+
     def _scan(
-        self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, batch: RecurrentBatch
+        self,
+        u: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        batch: RecurrentBatch,
     ) -> torch.Tensor:
         states = batch.states.ssm[self.layer_idx]  # [S, N, D]
-        A = -torch.exp(self.A_log.float())
+        if batch.steps_only:
+            return self._scan_step(u, dt, A, B, C, states, batch)
         y = torch.empty_like(u)
-        rows, slots = batch.step_rows, batch.step_slots
+        rows = batch.step_rows
         if rows.numel():
-            h = states[slots]
-            y[rows] = selective_state_update(h, u[rows], dt[rows], A, B[rows], C[rows], self.D)
-            states[slots] = h
+            y[rows] = self._scan_step(u[rows], dt[rows], A, B[rows], C[rows], states, batch)
         for start, n, slot in batch.runs:
             part = slice(start, start + n)
             y[part], states[slot] = selective_scan_chunked(u[part], dt[part], A, B[part], C[part], self.D, states[slot])
+        return y
+
+    def _scan_step(
+        self,
+        u: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        states: torch.Tensor,
+        batch: RecurrentBatch,
+    ) -> torch.Tensor:
+        """The decode rows' single-step recurrence, their states updated in place where they are a view."""
+        h = batch.step_states(states)
+        y = selective_state_update(h, u, dt, A, B, C, self.D)
+        batch.put_step_states(states, h)
         return y
 
 

@@ -20,7 +20,8 @@ import torch
 class RecurrentState:
     """Conv and SSM state of every Mamba layer, one slot per sequence.
 
-    ``conv`` [layers, slots, conv channels, d_conv - 1] in the activations' dtype; ``ssm`` [layers, slots,
+    ``conv`` [layers, slots, d_conv - 1, conv channels] in the activations' dtype (channels last: a decode step's
+    ops run along the long channel axis, not the 3-wide window); ``ssm`` [layers, slots,
     *per-layer state shape*] (Mamba-2: heads, head dim, state size), float32 by default: it is summed over the
     whole sequence, so it keeps full precision even for a bfloat16 model.
     """
@@ -40,7 +41,7 @@ class RecurrentState:
         device: torch.device | str = "cpu",
         ssm_dtype: torch.dtype = torch.float32,
     ) -> RecurrentState:
-        conv = torch.zeros(num_layers, num_slots, conv_channels, conv_width - 1, dtype=conv_dtype, device=device)
+        conv = torch.zeros(num_layers, num_slots, conv_width - 1, conv_channels, dtype=conv_dtype, device=device)
         ssm = torch.zeros(num_layers, num_slots, *ssm_shape, dtype=ssm_dtype, device=device)
         return cls(conv, ssm)
 
@@ -86,6 +87,29 @@ class RecurrentBatch:
     @cached_property
     def step_slots(self) -> torch.Tensor:
         return torch.tensor([self.slots[r] for r in self.step_rows], dtype=torch.long, device=self.state.conv.device)
+
+    @cached_property
+    def step_block(self) -> slice | None:
+        """The step rows' slots as one slice when they are consecutive (their states are then a view, updated in
+        place), else None."""
+        slots = [self.slots[r] for r in self.step_rows]
+        if not slots or slots != list(range(slots[0], slots[0] + len(slots))):
+            return None
+        return slice(slots[0], slots[0] + len(slots))
+
+    @cached_property
+    def steps_only(self) -> bool:
+        """Every row is a step row and its token sits at its row index: the step needs no gathers."""
+        return len(self.step_rows) == len(self.query_lens) and self.query_starts == list(range(len(self.query_lens)))
+
+    def step_states(self, layer_states: torch.Tensor) -> torch.Tensor:
+        """The step rows' states of one layer: a view when :attr:`step_block` is set, else a gathered copy."""
+        return layer_states[self.step_block] if self.step_block is not None else layer_states[self.step_slots]
+
+    def put_step_states(self, layer_states: torch.Tensor, updated: torch.Tensor) -> None:
+        """Store the step rows' updated states unless ``updated`` is the view itself."""
+        if self.step_block is None or updated.data_ptr() != layer_states[self.step_block].data_ptr():
+            layer_states[self.step_slots] = updated
 
     @cached_property
     def step_positions(self) -> torch.Tensor:

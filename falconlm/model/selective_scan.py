@@ -19,12 +19,17 @@ channel axis (an op whose innermost axis is N = 16 wide runs many times slower o
   multiply-add per token into the chunk's buffer. The state carries from chunk to chunk.
 * :func:`selective_state_update`: decode, one token for each of R sequences at once, state updated in place.
 
-All math is float32; ``y`` comes back in ``u``'s dtype and the state in its own.
+All math is float32; ``y`` comes back in ``u``'s dtype and the state in its own. The fast scans floor the decays'
+exponents at ``LOG_DECAY_FLOOR``: below it exp(Δ A) is under 2e-35, nothing next to the state's other terms, and
+the exact value would be a subnormal float, which CPUs compute tens of times slower (a random or long-idle
+channel's large Δ hits this on every token).
 """
 
 from __future__ import annotations
 
 import torch
+
+LOG_DECAY_FLOOR = -80.0
 
 
 def selective_scan_reference(
@@ -71,7 +76,7 @@ def selective_scan_chunked(
     for start in range(0, u.shape[0], chunk_size):
         end = min(start + chunk_size, u.shape[0])
         dt_c = dt[start:end].float()  # [T, D]
-        a = torch.exp(dt_c[:, None, :] * At)  # [T, N, D] decay of each step
+        a = torch.exp((dt_c[:, None, :] * At).clamp_min_(LOG_DECAY_FLOOR))  # [T, N, D] decay of each step
         b = B[start:end].float()[:, :, None] * (dt_c * u[start:end].float())[:, None, :]  # [T, N, D] input
         b[0] += a[0] * h  # the carried state enters through the first step
         hs = scan(a, b)  # [T, N, D]: h_t for every t of the chunk
@@ -92,12 +97,17 @@ def selective_state_update(
 ) -> torch.Tensor:
     """One token for each of R sequences: ``state`` [R, N, D] advanced in place; returns ``y`` [R, D].
 
-    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]."""
+    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]. A float32 ``state`` (a view into a pool, say) is updated where it
+    lies, a few passes over it: the decays in place, one multiply, one fused multiply-add."""
     dt_r = dt.float()[:, None, :]  # [R, 1, D]
-    h = torch.exp(dt_r * A.float().T) * state.float() + B.float()[:, :, None] * (dt_r * u.float()[:, None, :])
-    state.copy_(h)
-    y = torch.bmm(C.float()[:, None, :], h)[:, 0] + u.float() * D.float()
-    return y.to(u.dtype)
+    u32 = u.float()
+    h = state if state.dtype is torch.float32 else state.float()
+    h.mul_((dt_r * A.float().T).clamp_min_(LOG_DECAY_FLOOR).exp_())
+    h.addcmul_(B.float()[:, :, None], dt_r * u32[:, None, :])
+    if h is not state:
+        state.copy_(h)
+    y = torch.bmm(C.float()[:, None, :], h)[:, 0]
+    return y.addcmul_(u32, D.float()).to(u.dtype)
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,11 @@ def ssd_step(
     B, C = _heads(B, H), _heads(C, H)
     x, dt = x.float(), dt.float()
     decay = torch.exp(dt * A.float())  # [b, H]
-    state.mul_(decay[:, :, None, None]).add_((dt[:, :, None] * x)[..., None] * B[:, :, None, :])
-    y = torch.einsum("bhpn,bhn->bhp", state, C)
-    return y + D.float()[:, None] * x
+    state.mul_(decay[:, :, None, None]).addcmul_((dt[:, :, None] * x)[..., None], B[:, :, None, :])
+    b, _, P, N = state.shape
+    # y = state · C as a row vector times each [N, P] matrix: many times faster on CPU than [P, N] by a column
+    y = torch.bmm(C.reshape(b * H, 1, N), state.reshape(b * H, P, N).transpose(1, 2)).view(b, H, P)
+    return y.addcmul_(D.float()[:, None], x)
 
 
 def segment_sums(a: torch.Tensor) -> torch.Tensor:
