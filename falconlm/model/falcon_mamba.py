@@ -28,7 +28,7 @@ from torch import nn
 from .causal_lm import CausalLM
 from .falcon import FalconLinear
 from .mamba_config import FalconMambaConfig
-from .norms import RMSNorm, rms
+from .norms import RMSNorm
 from .recurrent import RecurrentState
 from .selective_scan import selective_scan_chunked, selective_state_update
 

@@ -41,6 +41,9 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
         state = init_parallel(world, "cpu", timeout_s=60)
         result = fn(state, *args)
         torch.save(result, Path(out) / f"{rank}.pt")
+        # Meet before closing: a rank that tears its gloo pairs down while another still finishes its last
+        # transfer makes that one abort ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:
         (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
         raise
