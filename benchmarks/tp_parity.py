@@ -109,4 +109,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Under torchrun, skip interpreter finalization (as falconlm.cli.console_main does): gloo work still held by
+    # its threads would abort a rank that succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

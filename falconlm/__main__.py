@@ -1,5 +1,3 @@
-import sys
+from falconlm.cli import console_main
 
-from falconlm.cli import main
-
-sys.exit(main())
+console_main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -53,6 +54,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ValueError, OSError, RecursionError) as exc:
         print(f"falconlm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def console_main() -> None:
+    """The ``falconlm`` command (and ``python -m falconlm``): :func:`main`, then exit with its code.
+
+    A process that ran in a torch.distributed group (under ``torchrun``) leaves with ``os._exit`` once its output
+    is flushed: gloo's worker threads can still hold finished work when the interpreter finalizes, and freeing it
+    then aborts the process (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 class _SigintLatch:

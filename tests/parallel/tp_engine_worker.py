@@ -89,4 +89,9 @@ def main(out: str, checkpoints: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    code = main(sys.argv[1], sys.argv[2:])
+    # Under torchrun, skip interpreter finalization (as falconlm.cli.console_main does): gloo work still held by
+    # its threads would abort a rank that succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -41,15 +41,15 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
         state = init_parallel(world, "cpu", timeout_s=60)
         result = fn(state, *args)
         torch.save(result, Path(out) / f"{rank}.pt")
-        # Meet before closing: a rank that tears its gloo pairs down while another still finishes its last
-        # transfer makes that one abort ("terminate called without an active exception").
-        dist.barrier()
     except BaseException:
         (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Skip the interpreter's finalization, as the CLI does under torchrun (falconlm.cli.console_main): gloo work
+    # still held by its threads then aborts a rank that succeeded ("terminate called without an active exception").
+    os._exit(0)
 
 
 def run_world(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
