@@ -350,7 +350,8 @@ def test_a_follower_rank_dies_mid_job_and_its_engine_is_replaced(ray_address, tp
     monkeypatch.setattr(ray_executor.RayCluster, "follower_class", ray_fault_workers.FollowerExitsMidJob)
     caplog.set_level(logging.INFO, logger="falconlm.batch.ray_executor")
     argv = run_args(tmp, checkpoint, source, "tpdead", "--ray", "--ray-actors", "2", "--tensor-parallel-size", "2")
-    assert main([*argv, "--threads", "1"]) == 0
+    argv += ["--threads", "1", "--distributed-timeout", "60"]  # rank 0 notices within a minute even if gloo waits
+    assert main(argv) == 0
     deaths = [line for line in ray_log(caplog).splitlines() if " died " in line]
     assert len(deaths) == 1 and deaths[0].startswith("Ray actor 0 died"), deaths  # rank 0 of engine 0 went too
     assert answers(tmp / "tpdead-out.jsonl") == reference  # every custom_id once, as a single process answers it
