@@ -18,7 +18,12 @@ restarts and task retries keeps the bound on re-runs and the accounting of lost 
 dies, its actors die with it (they are owned by its Ray job) and the store holds exactly the committed results:
 the same command resumes.
 
-``RayCluster.worker_class`` is the actor's class; tests put a subclass there that dies on purpose.
+Tensor parallelism (``--tensor-parallel-size N``): each engine is N actors placed together (``ray_tp.py``); the
+driver sees the engine as its rank-0 actor, the one that answers chunks, and retires or replaces its N actors
+together: any rank that dies is that engine's death.
+
+``RayCluster.worker_class`` / ``follower_class`` are the actors' classes; tests put subclasses there that die on
+purpose.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ import os
 import socket
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.factory import EngineArgs, build_engine
 from ..serving.settings import ServerSettings
 from .execute import LeftPending, RequestExecutor, failed
+from .ray_tp import FollowerWorker, free_address, join_environment
 from .records import Job, PendingRequest, Result
 from .runner import PAGE_SIZE, BatchRunner
 from .store import Store
@@ -86,8 +92,9 @@ class RayOptions:
     """Where and how wide to run.
 
     ``address`` None starts a local Ray instance (stopped again at the end); otherwise it is a cluster's address
-    (or "auto") to connect to. ``actors`` / ``threads`` (torch threads per actor): None derives them from the
-    cluster's CPUs (2 actors, or CPUs / threads; threads = CPUs / actors). ``max_in_flight``: requests in one
+    (or "auto") to connect to. ``actors`` counts engines (each is ``tensor_parallel_size`` actors, one per rank);
+    ``threads`` is torch threads per actor (rank). None derives them from the cluster's CPUs (2 engines, or CPUs /
+    (threads x ranks); threads = CPUs / (engines x ranks)). ``max_in_flight``: requests in one
     actor at once. ``max_replacements`` None: 2 per actor. ``stall_timeout_s``: the run fails (resumably) when
     no chunk comes back for this long.
     """
@@ -102,9 +109,10 @@ class RayOptions:
     stall_timeout_s: float = 1800.0
 
 
-def actor_shape(cpus: int, actors: int | None, threads: int | None) -> tuple[int, int]:
-    """(actors, threads per actor) for a cluster of ``cpus`` CPUs when either or both are not given."""
-    cpus = max(1, cpus)
+def actor_shape(cpus: int, actors: int | None, threads: int | None, ranks: int = 1) -> tuple[int, int]:
+    """(engines, threads per actor) for a cluster of ``cpus`` CPUs when either or both are not given; an engine is
+    ``ranks`` actors."""
+    cpus = max(1, cpus // max(1, ranks))
     if actors is None:
         actors = max(1, cpus // threads) if threads is not None else min(2, cpus)
     if threads is None:
@@ -116,10 +124,24 @@ class EngineWorker:
     """A Ray actor's body: one engine that answers chunks of stored requests (made remote by the driver).
 
     ``slot`` and ``generation`` say which actor this is: its place in the pool and how many died there before.
+    Under tensor parallelism it is rank 0 of a group that meets at ``address`` (ray_tp.py); when the group fails
+    (another rank died), the actor ends its process before answering, so the driver replaces the whole group and
+    runs the chunks it had again.
     """
 
-    def __init__(self, engine_args: EngineArgs, settings: ServerSettings, slot: int = 0, generation: int = 0) -> None:
+    def __init__(
+        self,
+        engine_args: EngineArgs,
+        settings: ServerSettings,
+        slot: int = 0,
+        generation: int = 0,
+        address: tuple[str, int] | None = None,
+    ) -> None:
         self.slot, self.generation = slot, generation
+        if engine_args.tensor_parallel_size > 1:
+            if address is None:
+                raise ValueError("a tensor-parallel engine needs the address its ranks meet at")
+            join_environment(address, 0, engine_args.tensor_parallel_size)
         self._engine = AsyncEngine(build_engine(engine_args))
         self._engine.start()
         if not self._engine.wait_ready(timeout=ENGINE_START_S):
@@ -132,10 +154,20 @@ class EngineWorker:
 
     async def run(self, rows: list[PendingRequest]) -> tuple[list[Result], list[str]]:
         """Run a chunk at once: the results, and the custom_ids left unanswered (the engine stopped)."""
+        self._exit_if_group_failed()
         outcomes = await asyncio.gather(*(self._one(row) for row in rows))
+        self._exit_if_group_failed()  # the requests that ran into the failure were failed, not answered
         results = [r for r in outcomes if r is not None]
         left = [row.custom_id for row, r in zip(rows, outcomes, strict=True) if r is None]
         return results, left
+
+    def _exit_if_group_failed(self) -> None:
+        """End this process when a tensor-parallel rank died: the engine cannot run again, and no result of a chunk
+        it was running may be returned (the driver, seeing this actor die, runs those requests elsewhere)."""
+        if self._engine.fatal_error is not None:
+            logger.error("Ray engine %d stops: %s", self.slot, self._engine.fatal_error)
+            logging.shutdown()
+            os._exit(1)
 
     async def _one(self, row: PendingRequest) -> Result | None:
         try:
@@ -150,9 +182,12 @@ class EngineWorker:
 @dataclass
 class _Slot:
     index: int
-    handle: Any
+    handle: Any = None  # the engine's actor (rank 0 under tensor parallelism)
     generation: int = 0
     outstanding: int = 0  # chunks handed to it and not yet back
+    followers: list[Any] = field(default_factory=list)  # ranks 1..N-1 under tensor parallelism
+    follows: list[Any] = field(default_factory=list)  # their follow() calls' futures: one ends, the group failed
+    placement: Any = None  # the placement group that holds the engine's N bundles
 
 
 @dataclass
@@ -167,6 +202,7 @@ class RayCluster:
     """Joins (or starts) Ray and runs the actor pool; :meth:`close` kills the actors and stops what it started."""
 
     worker_class: type[EngineWorker] = EngineWorker
+    follower_class: type[FollowerWorker] = FollowerWorker
 
     def __init__(self, options: RayOptions, engine_args: EngineArgs, settings: ServerSettings) -> None:
         self.options = options
@@ -177,7 +213,11 @@ class RayCluster:
         self.replacements_left = 0
         self._owned = False
         self._remote: Any = None
+        self._follower_remote: Any = None
+        self._address_remote: Any = None
         self.threads = 1
+        self.ranks = engine_args.tensor_parallel_size
+        self.gpus = 1 if str(engine_args.device or "").startswith("cuda") else 0  # --device cuda: one GPU per rank
 
     def connect(self) -> None:
         """Start a local instance (``address`` None) or connect; an already-joined process keeps its cluster."""
@@ -201,19 +241,29 @@ class RayCluster:
             return
         self.connect()
         ray = self.ray
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors, threads = actor_shape(cpus, self.options.actors, self.options.threads)
-        if actors * threads > cpus:
-            need = actors * threads
-            raise RayJobError(f"{actors} actors x {threads} threads need {need} CPUs; the cluster has {cpus}")
+        resources = ray.cluster_resources()
+        cpus = int(resources.get("CPU", 1))
+        ranks = self.ranks
+        actors, threads = actor_shape(cpus, self.options.actors, self.options.threads, ranks)
+        shape = f"{actors} actors" if ranks == 1 else f"{actors} engines x {ranks} ranks"
+        if actors * ranks * threads > cpus:
+            need = actors * ranks * threads
+            raise RayJobError(f"{shape} x {threads} threads need {need} CPUs; the cluster has {cpus}")
+        gpus = int(resources.get("GPU", 0))
+        if self.gpus and actors * ranks > gpus:
+            raise RayJobError(f"{shape} need {actors * ranks} GPUs (one each); the cluster has {gpus}")
         self.threads = threads
-        args = replace(self.engine_args, threads=threads)
-        gpus = 1 if str(self.engine_args.device or "").startswith("cuda") else 0  # --device cuda: one GPU each
-        self._remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(self.worker_class)
-        self._args = args
+        self._args = replace(self.engine_args, threads=threads)
+        place = {"num_cpus": threads, "num_gpus": self.gpus, "max_restarts": 0}
+        self._remote = ray.remote(**place)(self.worker_class)
+        if ranks > 1:
+            self._follower_remote = ray.remote(**place)(self.follower_class)
+            self._address_remote = ray.remote(num_cpus=0)(free_address)
         limit = self.options.max_replacements
         self.replacements_left = 2 * actors if limit is None else limit
-        self.slots = [_Slot(i, self._create(i, 0)) for i in range(actors)]
+        self.slots = [_Slot(i) for i in range(actors)]
+        for slot in self.slots:
+            self._create(slot)
         ready = [asyncio.wrap_future(slot.handle.ready.remote().future()) for slot in self.slots]
         try:
             await asyncio.wait_for(asyncio.gather(*ready), self.options.start_timeout_s)
@@ -225,36 +275,75 @@ class RayCluster:
         except ray.exceptions.RayError as exc:
             raise RayJobError(f"a Ray actor could not start: {_first_line(exc)}") from None
 
-    def _create(self, index: int, generation: int) -> Any:
-        return self._remote.remote(self._args, self.settings, index, generation)
+    def _create(self, slot: _Slot) -> None:
+        """Start the slot's engine: one actor, or under tensor parallelism its N actors in a new placement group."""
+        index, generation = slot.index, slot.generation
+        if self.ranks == 1:
+            slot.handle = self._remote.remote(self._args, self.settings, index, generation)
+            return
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": float(self.threads), **({"GPU": float(self.gpus)} if self.gpus else {})}
+        slot.placement = placement_group([bundle] * self.ranks, strategy="STRICT_PACK")
+
+        def on(rank: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(slot.placement, placement_group_bundle_index=rank)
+            return {"scheduling_strategy": strategy}
+
+        address = self._address_remote.options(**on(0)).remote()  # rank 0's node and a free port there
+        slot.handle = self._remote.options(**on(0)).remote(self._args, self.settings, index, generation, address)
+        slot.followers = [
+            self._follower_remote.options(**on(rank)).remote(self._args, index, generation, rank)
+            for rank in range(1, self.ranks)
+        ]
+        slot.follows = [follower.follow.remote(address).future() for follower in slot.followers]
+
+    def _retire(self, slot: _Slot) -> None:
+        """Kill every actor of the slot's engine and free its placement group."""
+        for handle in [slot.handle, *slot.followers]:
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    self.ray.kill(handle, no_restart=True)
+        if slot.placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(slot.placement)
+        slot.handle, slot.followers, slot.follows, slot.placement = None, [], [], None
 
     def live(self) -> list[_Slot]:
         return [s for s in self.slots if s.handle is not None]
 
+    def check_ranks(self) -> None:
+        """Replace each engine a follower rank of which ended (its process died, or it saw the group fail). Rank 0
+        also ends its process when its group fails; this catches what it has not noticed yet."""
+        for slot in self.live():
+            for rank, follow in enumerate(slot.follows, start=1):
+                if follow.done():
+                    why = follow.exception() or RuntimeError(f"rank {rank} stopped: its group failed")
+                    self.replace_actor(slot, slot.generation, why)
+                    break
+
     def replace_actor(self, slot: _Slot, generation: int, why: BaseException) -> None:
-        """Retire the dead actor of ``slot`` (once per death) and start another in its place while allowed."""
+        """Retire the dead engine of ``slot`` (once per death; all its actors under tensor parallelism) and start
+        another in its place while allowed."""
         if slot.generation != generation or slot.handle is None:
             return  # already replaced: another of its chunks reported the same death
         logger.warning("Ray actor %d died (%s)", slot.index, _first_line(why))
-        with contextlib.suppress(Exception):
-            self.ray.kill(slot.handle, no_restart=True)
+        self._retire(slot)
         slot.generation += 1
         slot.outstanding = 0
         if self.replacements_left > 0:
             self.replacements_left -= 1
-            slot.handle = self._create(slot.index, slot.generation)
-        else:
-            slot.handle = None
+            self._create(slot)
         if not self.live():
             raise RayJobError("every Ray actor died and no replacement is left; run the same command to resume")
 
     def close(self) -> None:
         """Kill the actors; shut Ray down when this process started or joined it here."""
         for slot in self.slots:
-            if slot.handle is not None:
-                with contextlib.suppress(Exception):
-                    self.ray.kill(slot.handle, no_restart=True)
-                slot.handle = None
+            self._retire(slot)
         self.slots = []
         if self._owned and self.ray.is_initialized():
             self.ray.shutdown()
@@ -307,6 +396,7 @@ class RayBatchRunner(BatchRunner):
         watcher = asyncio.create_task(self._watch_cancel(job.id))
         try:
             while True:
+                self.cluster.check_ranks()
                 await self._fill(feed, in_flight)
                 if not in_flight:
                     break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -78,15 +79,17 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         const=LOCAL_RAY,
         default=None,
         metavar="ADDRESS",
-        help="spread the requests over Ray actors, each with its own engine: alone, on a local Ray instance "
-        "started for this run; with ADDRESS (or 'auto'), on that cluster (needs pip install 'falconlm[ray]')",
+        help="spread the requests over Ray actors, each with its own engine (or, with --tensor-parallel-size N, "
+        "N actors on one node per engine): alone, on a local Ray instance started for this run; with ADDRESS (or "
+        "'auto'), on that cluster (needs pip install 'falconlm[ray]')",
     )
     p.add_argument(
         "--ray-actors",
         type=positive_int,
         default=None,
         metavar="N",
-        help="Ray actors (default: 2, or the cluster's CPUs / --threads)",
+        help="engines on Ray, each of --tensor-parallel-size actors with --threads each "
+        "(default: 2, or the cluster's CPUs / (--threads x --tensor-parallel-size))",
     )
 
 
@@ -138,9 +141,10 @@ def check_writable(path: Path) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    if args.ray is not None and args.tensor_parallel_size > 1:
-        raise ValueError("--ray runs one engine process per actor; it does not combine with --tensor-parallel-size")
-    if join_group(args) > 0:  # a follower rank: rank 0 owns the job store and writes the files
+    if args.ray is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--ray starts the tensor-parallel ranks as Ray actors itself; run it without torchrun")
+    # --ray with --tensor-parallel-size N: the Ray actors form the groups (batch/ray_tp.py), this process joins none
+    if args.ray is None and join_group(args) > 0:  # a follower rank: rank 0 owns the job store and writes the files
         check_model_path(args.model)
         return run_follower(_engine_args(args), "batch run")
     try:

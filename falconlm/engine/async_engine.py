@@ -294,6 +294,10 @@ class AsyncEngine:
         except TensorParallelError:
             raise
         except Exception as exc:
+            driver = getattr(self._engine, "parallel_driver", None)
+            if driver is not None:  # e.g. a collective inside the model failed: the ranks are out of step for good
+                driver.fail()
+                raise TensorParallelError(f"a tensor-parallel step failed on rank 0: {exc}") from exc
             logger.exception("an engine step failed; failing the requests in flight")
             self._fail_all(EngineError(f"the engine failed while running the request: {exc}"))
             return

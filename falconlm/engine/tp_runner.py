@@ -210,6 +210,12 @@ class TensorParallelDriver:
         if not self.stopped and time.monotonic() - self.channel.last_send >= self.keepalive_interval_s:
             self.channel.send_keepalive()
 
+    def fail(self) -> None:
+        """Mark the group failed (a step broke off midway, the followers may sit in another collective): nothing
+        more is sent, not even stop."""
+        global _failed
+        self.channel.broken = _failed = True
+
     def stop(self) -> None:
         """Tell the followers to exit (once; nothing is sent over a group that already failed)."""
         if self.stopped or self.channel.broken:

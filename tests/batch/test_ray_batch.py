@@ -1,8 +1,10 @@
 """``falconlm batch run --ray``: requests spread over Ray actors give the single-process output, exactly once,
-when an actor dies mid-job and when the driver is killed and run again.
+when an actor dies mid-job and when the driver is killed and run again; with ``--tensor-parallel-size 2`` each
+engine is two actors (ranks), and a rank that dies takes its engine down without losing or doubling a request.
 
-One local Ray instance (2 CPUs) serves the whole module; in-process runs join it, the killed driver connects
-to it by address. Its workers inherit PYTHONPATH from this process, so they import this checkout.
+One local Ray instance (4 CPUs, whatever the machine has: 2 engines x 2 ranks x 1 thread) serves the whole
+module; in-process runs join it, the killed driver connects to it by address. Its workers inherit PYTHONPATH from
+this process, so they import this checkout.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def ray_address():
     saved = dict(os.environ)  # ray.init sets RAY_* variables too: all are put back at the end
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), saved.get("PYTHONPATH")) if p)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         yield ray.get_runtime_context().gcs_address
     finally:
         started = descendants(os.getpid()) if sys.platform.startswith("linux") else {}  # its GCS, raylet, workers
@@ -133,6 +135,29 @@ def job(tmp_path_factory, tiny_checkpoint):
     reference = answers(tmp / "ref-out.jsonl")
     assert sorted(reference) == ids
     return tmp, source, ids, reference, error_codes(tmp / "ref-err.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tp_job(tmp_path_factory):
+    """(folder, input, checkpoint, single-process answers, single-process error codes) for a 40b-shaped model:
+    8 query heads in 2 KV groups, so each of 2 ranks holds different heads. Weights spread wide so greedy tokens
+    vary from step to step."""
+    import torch
+
+    from tests.conftest import make_hf_checkpoint
+
+    tmp = tmp_path_factory.mktemp("ray-tp-batch")
+    checkpoint = make_hf_checkpoint(tmp / "falcon-40b", "40b", initializer_range=0.3)
+    source = tmp / "in.jsonl"
+    ids = build_input(source)
+    threads = torch.get_num_threads()
+    try:
+        assert main(run_args(tmp, checkpoint, source, "ref", "--threads", "1")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    reference = answers(tmp / "ref-out.jsonl")
+    assert sorted(reference) == ids
+    return tmp, source, checkpoint, reference, error_codes(tmp / "ref-err.jsonl")
 
 
 @pytest.fixture(autouse=True)
@@ -305,6 +330,34 @@ def test_cancel_mid_job_then_resume(ray_address, job, tiny_checkpoint, monkeypat
     assert error_codes(tmp / "cancel-err.jsonl") == errors
 
 
+@pytest.mark.slow
+def test_tensor_parallel_engines_on_ray_equal_single_process(ray_address, tp_job, caplog):
+    tmp, source, checkpoint, reference, errors = tp_job
+    caplog.set_level(logging.INFO, logger="falconlm.batch.ray_executor")
+    argv = run_args(tmp, checkpoint, source, "tp", "--ray", "--ray-actors", "2", "--tensor-parallel-size", "2")
+    assert main([*argv, "--threads", "1"]) == 0
+    assert answers(tmp / "tp-out.jsonl") == reference
+    assert error_codes(tmp / "tp-err.jsonl") == errors
+    shares = [line for line in ray_log(caplog).splitlines() if line.startswith("Ray actor")]
+    assert len(shares) == 2 and all(" 0 requests" not in line for line in shares), shares  # both engines worked
+
+
+@pytest.mark.slow
+def test_a_follower_rank_dies_mid_job_and_its_engine_is_replaced(ray_address, tp_job, caplog, monkeypatch):
+    from falconlm.batch import ray_executor
+
+    tmp, source, checkpoint, reference, errors = tp_job
+    monkeypatch.setattr(ray_executor.RayCluster, "follower_class", ray_fault_workers.FollowerExitsMidJob)
+    caplog.set_level(logging.INFO, logger="falconlm.batch.ray_executor")
+    argv = run_args(tmp, checkpoint, source, "tpdead", "--ray", "--ray-actors", "2", "--tensor-parallel-size", "2")
+    argv += ["--threads", "1", "--distributed-timeout", "60"]  # rank 0 notices within a minute even if gloo waits
+    assert main(argv) == 0
+    deaths = [line for line in ray_log(caplog).splitlines() if " died " in line]
+    assert len(deaths) == 1 and deaths[0].startswith("Ray actor 0 died"), deaths  # rank 0 of engine 0 went too
+    assert answers(tmp / "tpdead-out.jsonl") == reference  # every custom_id once, as a single process answers it
+    assert error_codes(tmp / "tpdead-err.jsonl") == errors
+
+
 def finished_in_store(state: Path) -> int:
     try:
         conn = sqlite3.connect(state / "batch.db", timeout=5)
@@ -383,3 +436,28 @@ def test_ray_actors_without_ray_is_refused(tmp_path, capsys):
 )
 def test_actor_shape(cpus, actors, threads, shape):
     assert actor_shape(cpus, actors, threads) == shape
+
+
+@pytest.mark.parametrize(
+    ("cpus", "actors", "threads", "shape"),
+    [
+        (8, None, None, (2, 2)),
+        (8, None, 2, (2, 2)),
+        (8, 1, None, (1, 4)),
+        (16, None, 1, (8, 1)),
+        (1, None, None, (1, 1)),
+    ],
+)
+def test_engine_shape_with_two_ranks(cpus, actors, threads, shape):
+    """With 2 ranks an engine takes twice the CPUs: (engines, threads per rank)."""
+    assert actor_shape(cpus, actors, threads, ranks=2) == shape
+
+
+def test_ray_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.jsonl"
+    build_input(source)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["batch", "run", str(source), "-o", str(tmp_path / "out.jsonl"), "--ray", "--tensor-parallel-size", "2"]
+    assert main(argv) == 2
+    assert "run it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl.state").exists()

@@ -81,6 +81,50 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on(engine
     assert asyncio.run(run("works"))
 
 
+class _FakeDriver:
+    """Stands for rank 0's link to its followers: records whether the group was marked failed or told to stop."""
+
+    keepalive_interval_s = 0.05
+
+    def __init__(self) -> None:
+        self.failed = self.stopped = False
+
+    def tick(self) -> None:
+        pass
+
+    def fail(self) -> None:
+        self.failed = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_under_tensor_parallelism_a_failing_step_stops_the_engine_for_good(tiny_checkpoint):
+    """A step that breaks off (a collective in the model failed: another rank died) leaves the ranks out of step;
+    the engine stops with ``fatal_error`` rather than failing the requests and going on."""
+    offline = load_engine(tiny_checkpoint)
+    driver = _FakeDriver()
+    offline.parallel_driver = driver
+
+    def broken_collective(step):
+        raise RuntimeError("Connection closed by peer")
+
+    offline.runner.execute = broken_collective
+    engine = AsyncEngine(offline)
+    engine.start()
+    assert engine.wait_ready(30)
+    prompt = engine.tokenizer.encode("Once upon a time")
+
+    async def run() -> str:
+        return "".join([out.text async for out in engine.generate("r", prompt, GREEDY)])
+
+    with pytest.raises(EngineError, match="tensor-parallel step failed"):
+        asyncio.run(asyncio.wait_for(run(), timeout=30))
+    assert engine.wait_stopped(30)
+    assert "Connection closed by peer" in str(engine.fatal_error)
+    assert driver.failed and not engine.is_ready
+
+
 def test_shutdown_fails_requests_in_flight_instead_of_hanging(tiny_checkpoint):
     engine = AsyncEngine(load_engine(tiny_checkpoint))
     engine.start()
