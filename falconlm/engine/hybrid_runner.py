@@ -16,8 +16,7 @@ import torch
 from ..model.paged_attention import PagedAttention
 from ..model.recurrent import RecurrentBatch
 from .forward_batch import ForwardBatch
-from .prompt_logprobs import PromptRows
-from .request import Request
+from .recurrent_runner import describe_state_row
 from .runner import ModelRunner
 from .scheduler_output import ScheduledRequest
 
@@ -30,14 +29,9 @@ class HybridRunner(ModelRunner):
         self.num_slots = num_slots
         self.states = model.new_recurrent_state(num_slots)
 
-    def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
-        batch, sampled, scored = super()._describe(items)
-        for item in items:
-            if item.request.state_slot is None:
-                raise RuntimeError(f"request {item.request.request_id!r} was scheduled without a state slot")
-            batch.state_slots.append(item.request.state_slot)
-            batch.fresh.append(item.start == 0)
-        return batch, sampled, scored
+    def _describe_row(self, batch: ForwardBatch, item: ScheduledRequest) -> None:
+        super()._describe_row(batch, item)  # positions, KV slots and block table for the attention half
+        describe_state_row(batch, item)  # and the Mamba half's state slot
 
     def _hidden(
         self,

@@ -18,11 +18,17 @@ from ..model.falcon_mamba import FalconMambaForCausalLM, RecurrentBatch
 from .forward_batch import ForwardBatch
 from .fused_decode import FusedDecoder
 from .kernels import bind_weight_kernels
-from .prompt_logprobs import PromptRows, prompt_rows
-from .request import Request
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler_output import ScheduledRequest
+
+
+def describe_state_row(batch: ForwardBatch, item: ScheduledRequest) -> None:
+    """A row's recurrent-state slot, and whether its state starts fresh (its first chunk) or continues."""
+    if item.request.state_slot is None:
+        raise RuntimeError(f"request {item.request.request_id!r} was scheduled without a state slot")
+    batch.state_slots.append(item.request.state_slot)
+    batch.fresh.append(item.start == 0)
 
 
 class RecurrentRunner(ModelRunner):
@@ -46,26 +52,8 @@ class RecurrentRunner(ModelRunner):
     def _fused_decoder(self) -> FusedDecoder | None:
         return None
 
-    def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
-        batch = ForwardBatch()
-        sampled = []
-        for item in items:
-            req, start, n = item.request, item.start, item.num_tokens
-            if req.state_slot is None:
-                raise RuntimeError(f"request {req.request_id!r} was scheduled without a state slot")
-            batch.state_slots.append(req.state_slot)
-            batch.query_starts.append(batch.num_tokens)
-            batch.query_lens.append(n)
-            batch.fresh.append(start == 0)
-            batch.token_ids.extend(req.all_token_ids[start : start + n])
-            if item.sample:
-                sampled.append(req)
-                batch.logits_rows.append(batch.num_tokens - 1)
-        if not batch.num_tokens:
-            return batch, [], []
-        scored = prompt_rows(items, batch.query_starts)
-        batch.logits_rows += [i for part in scored for i in part.flat_indices]
-        return batch, sampled, scored
+    def _describe_row(self, batch: ForwardBatch, item: ScheduledRequest) -> None:
+        describe_state_row(batch, item)  # no positions or KV: a Mamba row is its tokens and its state
 
     def run_batch(self, batch: ForwardBatch, decoder: FusedDecoder | None = None) -> torch.Tensor | None:
         rows = RecurrentBatch(self.states, batch.state_slots, batch.query_starts, batch.query_lens, batch.fresh)

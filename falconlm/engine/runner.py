@@ -117,18 +117,12 @@ class ModelRunner:
         """The forward pass of ``items`` as plain data, the requests it samples and its prompt-logprob rows."""
         batch = ForwardBatch()
         sampled = []
-        bs = self.block_size
         for item in items:
             req, start, n = item.request, item.start, item.num_tokens
             batch.query_starts.append(batch.num_tokens)
             batch.query_lens.append(n)
-            batch.context_lens.append(start + n)
             batch.token_ids.extend(req.all_token_ids[start : start + n])
-            batch.positions.extend(range(start, start + n))
-            if self.dynamic_rope:
-                batch.rope_lengths.extend(engine_rope_length(req.num_prompt_tokens, p) for p in range(start, start + n))
-            batch.kv_slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
-            batch.block_tables.append(list(req.block_ids))
+            self._describe_row(batch, item)
             if item.sample:
                 sampled.append(req)
                 batch.logits_rows.append(batch.num_tokens - 1)
@@ -137,6 +131,18 @@ class ModelRunner:
         scored = prompt_rows(items, batch.query_starts)
         batch.logits_rows += [i for part in scored for i in part.flat_indices]
         return batch, sampled, scored
+
+    def _describe_row(self, batch: ForwardBatch, item: ScheduledRequest) -> None:
+        """What this runner's model needs of one row beyond its tokens: positions, KV slots and block table
+        (models with recurrent state add theirs, ``recurrent_runner.py``, ``hybrid_runner.py``)."""
+        req, start, n = item.request, item.start, item.num_tokens
+        bs = self.block_size
+        batch.context_lens.append(start + n)
+        batch.positions.extend(range(start, start + n))
+        if self.dynamic_rope:
+            batch.rope_lengths.extend(engine_rope_length(req.num_prompt_tokens, p) for p in range(start, start + n))
+        batch.kv_slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+        batch.block_tables.append(list(req.block_ids))
 
     def run_batch(self, batch: ForwardBatch, decoder: FusedDecoder | None = None) -> torch.Tensor | None:
         """The model's forward over ``batch``: logits of its ``logits_rows`` (None when it has none)."""
