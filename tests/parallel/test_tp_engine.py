@@ -192,62 +192,30 @@ class _Ranks:
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=master,
             )
-            command = [
-                sys.executable,
-                "-m",
-                "falconlm",
-                "serve",
-                "--model",
-                str(model),
-                "--port",
-                str(port),
-                "--served-model-name",
-                "m",
-                "--dtype",
-                "float32",
-                "--device",
-                "cpu",
-                "--tensor-parallel-size",
-                "2",
-                *extra,
-            ]
-            self.procs.append(
-                subprocess.Popen(
-                    command,
-                    env=env,
-                    cwd=ROOT,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    start_new_session=True,
-                )
-            )
+            self.procs.append(_spawn(_serve_command(model, port, "--tensor-parallel-size", "2", *extra), env))
 
     def close(self) -> None:
         for proc in self.procs:
             _kill(proc)
 
 
-def _start_one(model: Path, port: int) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "falconlm",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--served-model-name",
-        "m",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-    ]
+def _serve_command(model: Path, port: int, *extra: str) -> list[str]:
+    """``falconlm serve`` of ``model`` on ``port`` as model "m", float32 on CPU, plus ``extra``."""
+    return [
+        sys.executable, "-m", "falconlm", "serve", "--model", str(model), "--port", str(port),
+        "--served-model-name", "m", "--dtype", "float32", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``command`` in its own session (so ``_kill`` takes its whole group), output captured."""
     return subprocess.Popen(
-        command, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+
+
+def _start_one(model: Path, port: int) -> subprocess.Popen:
+    return _spawn(_serve_command(model, port), _env())
 
 
 def _wait_healthy(port: int, procs: list[subprocess.Popen]) -> None:
