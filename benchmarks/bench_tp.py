@@ -168,11 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
-        # Skip interpreter finalization under torchrun (as falconlm.cli.console_main does): gloo work still held
-        # by its threads would abort a rank that succeeded.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        from falconlm.parallel.state import exit_rank
+
+        exit_rank(0)  # no interpreter finalization (see exit_rank)
     if any(r < 1 for r in args.ranks) or (args.device == "cpu" and max(args.ranks) > args.threads):
         sys.exit(f"bench_tp: --ranks {args.ranks} must be positive and, on CPU, at most --threads ({args.threads})")
     if args.model is None:

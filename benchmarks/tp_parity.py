@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -109,9 +108,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Under torchrun, skip interpreter finalization (as falconlm.cli.console_main does): gloo work still held by
-    # its threads would abort a rank that succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from falconlm.parallel.state import exit_rank
+
+    exit_rank(main())  # no interpreter finalization (see exit_rank)

@@ -57,17 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The ``falconlm`` command (and ``python -m falconlm``): :func:`main`, then exit with its code.
-
-    A process that ran in a torch.distributed group (under ``torchrun``) leaves with ``os._exit`` once its output
-    is flushed: gloo's worker threads can still hold finished work when the interpreter finalizes, and freeing it
-    then aborts the process (SIGABRT, "terminate called without an active exception") after a run that succeeded.
-    """
+    """The ``falconlm`` command (and ``python -m falconlm``): :func:`main`, then exit with its code; a rank under
+    ``torchrun`` skips the interpreter's finalization (``parallel.state.exit_rank`` says why)."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from ..parallel.state import exit_rank
+
+        exit_rank(code)
     sys.exit(code)
 
 

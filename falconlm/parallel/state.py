@@ -8,8 +8,10 @@ collective, NCCL through its watchdog).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,17 @@ class ParallelState:
         parts = [x.new_empty((*x.shape[:-1], widest)) for _ in sizes]
         dist.all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a process that ran in a gloo / NCCL group: flush its output, then ``os._exit(code)``.
+
+    Skipping the interpreter's finalization is the point: gloo's worker threads can still hold finished work
+    then, and freeing it during finalization aborts the process (SIGABRT, "terminate called without an active
+    exception") after a run that succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def single_process(device: str | torch.device = "cpu") -> ParallelState:

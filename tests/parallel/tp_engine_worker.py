@@ -20,6 +20,7 @@ from falconlm.engine.tp_follower import run_follower
 from falconlm.model.families import load_config
 from falconlm.model.paged_attention import PagedKVCache
 from falconlm.parallel.heads import split_heads
+from falconlm.parallel.state import exit_rank
 
 PROMPTS = [list(range(1, 14)), [5, 6], list(range(20, 41)), [3], [9, 9, 9, 9, 9, 9]]
 STEPS = 8
@@ -89,9 +90,4 @@ def main(out: str, checkpoints: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1], sys.argv[2:])
-    # Under torchrun, skip interpreter finalization (as falconlm.cli.console_main does): gloo work still held by
-    # its threads would abort a rank that succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_rank(main(sys.argv[1], sys.argv[2:]))  # no interpreter finalization (see exit_rank)

@@ -32,6 +32,7 @@ def free_port() -> int:
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, args: tuple) -> None:
     from falconlm.parallel import init_parallel
+    from falconlm.parallel.state import exit_rank
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
@@ -47,9 +48,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # Skip the interpreter's finalization, as the CLI does under torchrun (falconlm.cli.console_main): gloo work
-    # still held by its threads then aborts a rank that succeeded ("terminate called without an active exception").
-    os._exit(0)
+    exit_rank(0)  # no interpreter finalization (see exit_rank)
 
 
 def run_world(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
