@@ -87,17 +87,12 @@ def http_settings(args: argparse.Namespace) -> dict:
     }
 
 
-def uvicorn_server(app, args: argparse.Namespace):
-    """The uvicorn server for ``app``: guarded connections, a keyless access log, and a shutdown that ends
-    open responses with an error once ``--shutdown-timeout`` passes."""
+def uvicorn_config(app, args: argparse.Namespace):
+    """uvicorn's settings for ``app`` from the HTTP options: guarded connections, and a graceful shutdown that
+    gives open responses ``--shutdown-timeout`` (plus a grace), and the keyless access log."""
     import uvicorn
 
-    from ..server.uvicorn_server import (
-        DRAIN_GRACE_SECONDS,
-        DrainingServer,
-        guarded_protocol,
-        install_access_log_redaction,
-    )
+    from ..server.uvicorn_server import DRAIN_GRACE_SECONDS, guarded_protocol, install_access_log_redaction
 
     config = uvicorn.Config(
         app,
@@ -107,8 +102,16 @@ def uvicorn_server(app, args: argparse.Namespace):
         http=guarded_protocol(args.header_timeout, args.max_connections),
         timeout_graceful_shutdown=args.shutdown_timeout + DRAIN_GRACE_SECONDS,
     )
-    install_access_log_redaction()
-    return DrainingServer(config, app.state.open_requests, drain_seconds=args.shutdown_timeout)
+    install_access_log_redaction()  # after the Config: it sets up uvicorn's logging
+    return config
+
+
+def uvicorn_server(app, args: argparse.Namespace):
+    """The uvicorn server for ``app`` (:func:`uvicorn_config`), with a shutdown that ends open responses with an
+    error once ``--shutdown-timeout`` passes."""
+    from ..server.uvicorn_server import DrainingServer
+
+    return DrainingServer(uvicorn_config(app, args), app.state.open_requests, drain_seconds=args.shutdown_timeout)
 
 
 def build_server_app(engine: AsyncEngine, settings: ServerSettings, shutdown_timeout: float = 5.0) -> FastAPI:

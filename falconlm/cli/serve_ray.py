@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import positive_int
-from .serve_http import positive_seconds
+from .serve_http import positive_seconds, uvicorn_config
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -222,7 +222,6 @@ def run_replicas(args: argparse.Namespace, keys: tuple[str, ...]) -> int:
 
     from ..server.replica_front import FrontSettings, build_front_app
     from ..server.replica_pool import ReplicaPool
-    from ..server.uvicorn_server import DRAIN_GRACE_SECONDS, guarded_protocol, install_access_log_redaction
 
     ray = import_ray()
     count, threads = args.ray_replicas, args.threads or 1
@@ -243,15 +242,7 @@ def run_replicas(args: argparse.Namespace, keys: tuple[str, ...]) -> int:
             allowed_hosts=args.allowed_hosts,
             allowed_origins=args.allowed_origins,
         )
-        config = uvicorn.Config(
-            build_front_app(pool, settings),
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            http=guarded_protocol(args.header_timeout, args.max_connections),
-            timeout_graceful_shutdown=args.shutdown_timeout + DRAIN_GRACE_SECONDS,
-        )
-        install_access_log_redaction()
+        config = uvicorn_config(build_front_app(pool, settings), args)
         logger.info("starting %d replicas on Ray; /health reports how many are ready", count)
         previous = signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises the SIGTERM it handled
         try:
