@@ -77,9 +77,17 @@ def unsupported(model: FalconModel) -> str | None:
     return None
 
 
+# Where each matrix of a block lives, by its name in the native Layer struct.
+MATRIX_PATHS = {
+    "qkv": "self_attention.query_key_value",
+    "dense": "self_attention.dense",
+    "up": "mlp.dense_h_to_4h",
+    "down": "mlp.dense_4h_to_h",
+}
+
+
 def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    attn, mlp = block.self_attention, block.mlp
-    return {"qkv": attn.query_key_value, "dense": attn.dense, "up": mlp.dense_h_to_4h, "down": mlp.dense_4h_to_h}
+    return {name: block.get_submodule(path) for name, path in MATRIX_PATHS.items()}
 
 
 def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
@@ -105,13 +113,48 @@ def _weight(m: torch.nn.Module) -> Weight:
     return Weight(m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features, padded, m.in_features, group, bits)
 
 
-def _weight_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
-    return [m.weight] if isinstance(m, torch.nn.Linear) else [m.qweight, m.scales]
+def _tensor_names(m: torch.nn.Module) -> tuple[str, ...]:
+    return ("weight",) if isinstance(m, torch.nn.Linear) else ("qweight", "scales")
 
 
-def _signature(tensors: list[torch.Tensor]) -> tuple:
-    """Where the tensors are and in what dtype: a change means the native pointers must be rebuilt."""
-    return tuple((t.data_ptr(), t.dtype) for t in tensors)
+def _holder(module: torch.nn.Module, name: str) -> dict:
+    """The dictionary that holds ``module``'s attribute ``name``: its parameters, buffers, or plain attributes."""
+    for d in (module._parameters, module._buffers, module.__dict__):
+        if name in d:
+            return d
+    raise AttributeError(name)
+
+
+class _Binding:
+    """The objects a binding was made from, checked cheaply on every step: each dictionary entry on the way from
+    the model to a tensor the native call reads (a replaced module or tensor changes one) and each tensor's data
+    pointer (``param.data = ...``, as ``Module.to`` does, changes that). Holding them also keeps the memory the
+    native pointers refer to alive until the next rebind."""
+
+    def __init__(self, model: FalconModel) -> None:
+        self.links: list[tuple[dict, str, object]] = [(model._modules, "h", model.h)]
+        self.tensors: list[torch.Tensor] = []
+        for i, block in enumerate(model.h):
+            self.links.append((model.h._modules, str(i), block))
+            norms = [n for n in ("ln_attn", "ln_mlp", "input_layernorm") if hasattr(block, n)]
+            for path in [*MATRIX_PATHS.values(), *norms]:
+                module = block
+                for part in path.split("."):
+                    child = module._modules[part]
+                    self.links.append((module._modules, part, child))
+                    module = child
+                names = ("weight", "bias") if path in norms else _tensor_names(module)
+                for name in names:
+                    tensor = getattr(module, name)
+                    self.links.append((_holder(module, name), name, tensor))
+                    self.tensors.append(tensor)
+        self.pointers = [t.data_ptr() for t in self.tensors]
+
+    def current(self) -> bool:
+        """True while every link holds the same object and every tensor's data is where it was."""
+        return all(d.get(k) is v for d, k, v in self.links) and all(
+            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers, strict=True)
+        )
 
 
 class FusedDecoder:
@@ -128,18 +171,6 @@ class FusedDecoder:
         check_layout(lib)
         self._fn = lib.falcon_decode_layers
         self._bind(model)
-
-    @staticmethod
-    def _tensors(model: FalconModel) -> list[torch.Tensor]:
-        """The tensors the native call reads: each layer's matrices and LayerNorm parameters."""
-        out = []
-        for block in model.h:
-            for m in _matrices(block).values():
-                out += _weight_tensors(m)
-            for name in ("ln_attn", "ln_mlp", "input_layernorm"):
-                if hasattr(block, name):
-                    out += [getattr(block, name).weight, getattr(block, name).bias]
-        return out
 
     def _bind(self, model: FalconModel) -> None:
         c = model.config
@@ -159,7 +190,7 @@ class FusedDecoder:
             layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
             layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
         self._layers = layers
-        self._signature_now = _signature(self._tensors(model))
+        self._binding = _Binding(model)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
         """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
@@ -170,13 +201,12 @@ class FusedDecoder:
         tables, lengths = rows.block_tables, rows.context_lens
         if x.numel() != lengths.numel() * model.config.hidden_size or tables.shape[0] != lengths.numel():
             raise ValueError(f"a decode step of {lengths.numel()} rows got hidden states {list(x.shape)}")
-        tensors = self._tensors(model)
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-            return None  # gradients go through the torch path
-        if _signature(tensors) != self._signature_now:
+        if not self._binding.current():
             if unsupported(model) is not None:
                 return None
             self._bind(model)
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._binding.tensors)):
+            return None  # gradients go through the torch path
         c = model.config
         shape = Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
                        c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
