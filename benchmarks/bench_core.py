@@ -113,11 +113,16 @@ def native_variant() -> str:
 
 def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
     """The machine's memory read bandwidth in GB/s: the best of ``repeats`` float32 sums of an ``nbytes``
-    buffer (far beyond any cache) with ``threads`` threads."""
+    buffer (far beyond any cache) with ``threads`` threads. The buffer sits in transparent huge pages where the
+    engine puts its weights there too (``falconlm.engine.huge_pages``), so both read memory the same way."""
     import torch
+
+    from falconlm.engine.huge_pages import huge_page_copy, wanted
 
     torch.set_num_threads(threads)
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    if wanted():
+        buf = huge_page_copy(buf)
     buf.sum()  # fault the pages in
     seconds = best_time(buf.sum, repeats=repeats)
     return nbytes / seconds / 1e9

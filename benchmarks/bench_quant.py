@@ -65,6 +65,7 @@ def worker(variant: str, out: Path, size: str, threads: int, new_tokens: int, en
     import torch
 
     from falconlm.engine.fused_decode import dense_step, fused_decoder
+    from falconlm.engine.huge_pages import move_to_huge_pages
     from falconlm.model.dense import KVCache
     from falconlm.model.falcon import FalconForCausalLM
     from falconlm.native.ops import argmax
@@ -77,6 +78,7 @@ def worker(variant: str, out: Path, size: str, threads: int, new_tokens: int, en
         model = FalconForCausalLM.from_pretrained(checkpoint_folder(out, size), dtype=dtype)
     else:
         model = load_quantized(quantized_folder(out, variant, size), dtype=dtype, kernel=kernel)
+    move_to_huge_pages(model)  # as the engine's runner does
     config = model.config
     gen = torch.Generator().manual_seed(0)
 

@@ -13,6 +13,7 @@ from .. import native
 from ..model.falcon import FalconForCausalLM, FalconLinear
 from ..model.paged_attention import RowAttention
 from ..native import ops
+from .huge_pages import move_to_huge_pages
 
 log = logging.getLogger("falconlm.engine")
 
@@ -21,7 +22,9 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
     """Give every bfloat16 CPU ``FalconLinear`` of ``model`` the native matmul (built now, not in the first
     request), the batch-invariant one for every row count when ``invariant``; returns how many weights took it.
     A plain bfloat16 ``nn.Linear`` (a Mamba model's head) first becomes a FalconLinear over the same parameters.
-    Without the native kernels nothing changes."""
+    Large CPU weights first move to transparent huge pages (``huge_pages.py``), kernels or not. Without the native
+    kernels nothing else changes."""
+    move_to_huge_pages(model)
     if native.kernels() is None:
         return 0
     _plain_linears_as_falcon(model)
