@@ -13,7 +13,7 @@ activations; transformers runs the float dtypes only. Each (implementation, dtyp
 so the peak RSS belongs to it alone.
 
     python benchmarks/bench_core.py [--model-size 194m|1b] [--threads 2] [--dtypes float32 bfloat16 int8]
-                                    [--isa avx512|avx2|neon|scalar] [--out bench-out]
+                                    [--isa avx512|avx2-base|...] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 PROMPT_DECODE = 16  # prompt length for the decode rows
 FLOAT_DTYPES = ("float32", "bfloat16")
-ISAS = ("avx512", "avx2", "neon", "scalar")
+ISAS = ("avx512", "avx512-base", "avx2", "avx2-base", "neon", "neon-base", "scalar")
 # The benchmark shapes: overrides of the bench-194m preset (Falcon-7B layout), and how they are described.
 MODEL_SIZES = {
     "194m": ({}, "hidden 1024, 12 layers, 16 heads, MQA, vocab 65024, tied head"),
@@ -95,11 +95,12 @@ AVX2_TORCH_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", 
 
 def apply_isa(isa: str | None) -> None:
     """Force one native kernel variant (``FALCONLM_NATIVE_ISA``) for this process and its workers; call it
-    before anything imports torch or falconlm. ``avx2`` on a bigger x86 CPU also caps torch at AVX2, so the
-    whole run (transformers included) stands in for an AVX2-only machine."""
+    before anything imports torch or falconlm. ``avx2-base`` (AVX2 + FMA, no AVX-VNNI) on a bigger x86 CPU also
+    caps torch at AVX2, so the whole run (transformers included) stands in for an AVX2-only machine such as a
+    Zen 2/3 EPYC; ``avx2`` caps torch the same way but keeps AVX-VNNI in falconlm's kernels where the CPU has it."""
     if isa:
         os.environ["FALCONLM_NATIVE_ISA"] = isa
-    if isa == "avx2":
+    if isa in ("avx2", "avx2-base"):
         os.environ.update(AVX2_TORCH_CAPS)
 
 

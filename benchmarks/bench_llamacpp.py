@@ -3,7 +3,7 @@
 1. llama.cpp's source ships inside the llama-cpp-python source package (``vendor/llama.cpp``): it is fetched with
    ``pip download --no-deps --no-binary :all: llama-cpp-python`` and ``llama-bench``, ``llama-batched-bench``,
    ``llama-quantize`` and ``llama-server`` are built with cmake (Release, native CPU flags, or AVX2 + FMA only
-   with ``--isa avx2``; no curl or OpenSSL) into ``$FALCONLM_CACHE_DIR/llamacpp/<version>`` (default
+   with ``--isa avx2-base``; no curl or OpenSSL) into ``$FALCONLM_CACHE_DIR/llamacpp/<version>`` (default
    ``~/.cache/falconlm``), once per version and instruction set;
 2. the bench checkpoint of ``bench_core.py`` is converted with llama.cpp's ``convert_hf_to_gguf.py`` (from a
    staging folder beside it: the config with ``"num_kv_heads": 1`` for a multi-query model, links to the
@@ -18,7 +18,7 @@
 ``--serve`` also starts ``llama-server`` and ``falconlm serve`` in turn on 127.0.0.1 with the same weights and
 drives both with falconlm's load generator (``falconlm.bench``), the load of ``bench_serve.py``.
 
-    python benchmarks/bench_llamacpp.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2|neon|scalar]
+    python benchmarks/bench_llamacpp.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2-base|...]
                                         [--formats bf16 f16 q8_0 q4_0] [--llamacpp-version 0.3.36] [--serve]
 """
 
@@ -125,18 +125,20 @@ def download_source(root: Path, version: str | None) -> str:
 
 
 # llama.cpp's CPU flags for a forced falconlm variant, so both sides use the same instruction set: an AVX2 + FMA
-# build (no AVX-512, no AVX-VNNI) stands in for an AVX2-only server on an AVX-512 machine.
+# build (no AVX-512, no AVX-VNNI) stands in for an AVX2-only server on an AVX-512 machine, against falconlm's
+# avx2-base build; falconlm's avx2 build uses AVX-VNNI where the CPU has it, and llama.cpp then does too.
+_AVX2_FLAGS = [
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+    "-DGGML_AVX512=OFF",
+]
 LLAMACPP_ISA_FLAGS = {
-    "avx2": [
-        "-DGGML_NATIVE=OFF",
-        "-DGGML_AVX=ON",
-        "-DGGML_AVX2=ON",
-        "-DGGML_FMA=ON",
-        "-DGGML_F16C=ON",
-        "-DGGML_BMI2=ON",
-        "-DGGML_AVX512=OFF",
-        "-DGGML_AVX_VNNI=OFF",
-    ],
+    "avx2-base": [*_AVX2_FLAGS, "-DGGML_AVX_VNNI=OFF"],
+    "avx2": [*_AVX2_FLAGS, "-DGGML_AVX_VNNI=ON"],
 }
 
 

@@ -22,7 +22,7 @@ llama.cpp on the same checkpoints, measured in the same run: ``bench_llamacpp.py
 the native quantized kernels, torch's fused CPU kernels, dequantize-then-matmul (the reference kernel) and a
 torch.compile of dequantize-then-matmul.
 
-    python benchmarks/bench_quant.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2|neon|scalar]
+    python benchmarks/bench_quant.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2-base|...]
                                      [--variants bf16 int8 int4-g64 int4-g32 int4-g128] [--engine]
     python benchmarks/bench_quant.py --matmul [--model-size 194m|1b]
 """

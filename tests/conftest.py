@@ -137,7 +137,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(f"native kernels: not tested ({native.unavailable_reason('scalar')})")
         return
     built = []
-    for name in native.runnable_variants():
+    for name in native.runnable_variants(with_base=True):
         lib = native.kernels(name)
         built.append(f"{name} ({lib.falcon_isa().decode()})" if lib is not None else f"{name} (build failed)")
     terminalreporter.write_line("native kernel variants tested: " + ", ".join(built))
@@ -147,7 +147,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # reference everywhere, AVX2 / AVX-512 / NEON where the CPU has them); the run's summary names them.
 from falconlm import native  # noqa: E402
 
-RUNNABLE = native.runnable_variants() if native.unavailable_reason("scalar") is None else []
+# Each SIMD variant also runs as its "-base" build (without optional features such as VNNI) where the CPU has them.
+RUNNABLE = native.runnable_variants(with_base=True) if native.unavailable_reason("scalar") is None else []
 SIMD = [v for v in RUNNABLE if v != "scalar"]
 NO_COMPILER = "no C++ compiler found (set CXX or install g++)"
 NO_SIMD = "this CPU runs no SIMD variant of the native kernels"

@@ -35,6 +35,9 @@ def test_isa_is_passed_through(monkeypatch):
     bench_core.apply_isa("avx2")  # the stand-in for an AVX2-only CPU caps torch too, for transformers' sake
     assert environ == {"FALCONLM_NATIVE_ISA": "avx2", **bench_core.AVX2_TORCH_CAPS}
     assert environ["ONEDNN_MAX_CPU_ISA"] == "AVX2" and environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    environ.clear()
+    bench_core.apply_isa("avx2-base")  # the same caps, and falconlm's AVX2 build without AVX-VNNI
+    assert environ == {"FALCONLM_NATIVE_ISA": "avx2-base", **bench_core.AVX2_TORCH_CAPS}
 
 
 def _row(impl: str, dtype: str, b1: float) -> dict:

@@ -82,6 +82,15 @@ VARIANTS = (
     Variant("scalar", None, (), ()),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+# "<variant>-base" builds a variant without its optional features (AVX2 without AVX-VNNI, AVX-512 without VNNI and
+# BF16, NEON without dotprod): the code a CPU that has only the required ones runs. On a CPU with more, tests run
+# those paths too, and benchmarks stand in for the smaller CPU with them.
+BASE = "-base"
+
+
+def _split_name(name: str) -> tuple[str, bool]:
+    """(variant name, whether its optional features are left out) of a name such as ``avx2-base``."""
+    return (name[: -len(BASE)], True) if name.endswith(BASE) else (name, False)
 
 
 def threads_for(work: int) -> int:
@@ -142,9 +151,10 @@ def _arm_hwcap_features() -> frozenset[str]:
 
 def variant_unavailable(name: str) -> str | None:
     """Why variant ``name`` cannot run on this machine, or None when it can (nothing is built to find out)."""
-    if name not in VARIANT_NAMES:
-        return f"unknown variant {name!r} (choose from {', '.join(VARIANT_NAMES)})"
-    variant = _variant(name)
+    base_name, _ = _split_name(name)
+    if base_name not in VARIANT_NAMES:
+        return f"unknown variant {name!r} (choose from {', '.join(VARIANT_NAMES)}, or one of them + {BASE!r})"
+    variant = _variant(base_name)
     if variant.arch is not None and variant.arch != machine():
         return f"not an {variant.arch} CPU"
     missing = [f for f in variant.requires if f not in cpu_features()]
@@ -157,9 +167,16 @@ def _variant(name: str) -> Variant:
     return next(v for v in VARIANTS if v.name == name)
 
 
-def runnable_variants() -> list[str]:
-    """The variants this CPU runs, fastest first (``scalar`` always last)."""
-    return [v.name for v in VARIANTS if variant_unavailable(v.name) is None]
+def runnable_variants(with_base: bool = False) -> list[str]:
+    """The variants this CPU runs, fastest first (``scalar`` always last); ``with_base`` adds each one's
+    ``-base`` build after it where the CPU has optional features that the base build leaves out."""
+    out = []
+    for v in VARIANTS:
+        if variant_unavailable(v.name) is None:
+            out.append(v.name)
+            if with_base and any(feature in cpu_features() for feature, _ in v.optional):
+                out.append(v.name + BASE)
+    return out
 
 
 def chosen_variant() -> str:
@@ -189,9 +206,9 @@ def status() -> dict[str, str]:
     Nothing is built to find out."""
     why = unavailable_reason()
     if why is None:
-        chosen = _variant(chosen_variant())
-        extras = [feature for feature, _ in chosen.optional if feature in cpu_features()]
-        out = {"chosen": chosen.name + (f" (with {', '.join(extras)})" if extras else "")}
+        name, base = _split_name(chosen_variant())
+        extras = [] if base else [feature for feature, _ in _variant(name).optional if feature in cpu_features()]
+        out = {"chosen": chosen_variant() + (f" (with {', '.join(extras)})" if extras else "")}
     else:
         out = {"chosen": f"none ({why}); torch paths everywhere"}
     for v in VARIANTS:
@@ -226,7 +243,8 @@ def _load(name: str) -> ctypes.CDLL | None:
             warnings.warn(f"falconlm: FALCONLM_NATIVE_ISA={name}: {why}; using torch", stacklevel=3)
         return None
     try:
-        path = _build(_variant(name))
+        variant_name, base = _split_name(name)
+        path = _build(_variant(variant_name), frozenset() if base else cpu_features(), name)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         warnings.warn(f"falconlm: native {name} kernels unavailable, using torch ({exc})", stacklevel=3)
@@ -251,15 +269,16 @@ def build_command(variant: Variant, compiler: str, features: frozenset[str]) -> 
     return [compiler, *COMMON_FLAGS, *variant.compile_flags(features), *map(str, sorted(SOURCES.glob("*.cpp")))]
 
 
-def _build(variant: Variant) -> Path:
-    """The compiled library, compiled now unless a build of these exact sources and flags exists."""
+def _build(variant: Variant, features: frozenset[str] | None = None, name: str | None = None) -> Path:
+    """The library of ``variant`` for a CPU with ``features`` (default this one's), compiled now unless a build of
+    these exact sources and flags exists; ``name`` (default the variant's) names the file."""
     compiler = _compiler()
     assert compiler is not None
-    command = build_command(variant, compiler, cpu_features())
+    command = build_command(variant, compiler, cpu_features() if features is None else features)
     sources = b"".join(p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".cpp", ".h"))
     key = hashlib.sha256(sources + " ".join(command).encode() + torch.__version__.encode())
     out_dir = cache_dir()
-    target = out_dir / f"kernels-{variant.name}-{key.hexdigest()[:16]}.so"
+    target = out_dir / f"kernels-{name or variant.name}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ needs_madvise = pytest.mark.skipif(
 
 
 def _anon_huge_kib() -> int:
-    for line in open("/proc/self/smaps_rollup"):
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1])
     return 0

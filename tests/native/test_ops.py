@@ -88,6 +88,25 @@ def test_unavailable_reason_names_the_switch(monkeypatch: pytest.MonkeyPatch) ->
         assert native.kernels() is None
 
 
+def test_base_builds_leave_the_optional_features_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    zen3 = frozenset({"avx2", "fma", "f16c"})
+    zen4 = zen3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni"}
+    monkeypatch.setattr(native, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "cpu_features", lambda: zen4)
+    assert native.runnable_variants() == ["avx512", "avx2", "scalar"]
+    assert native.runnable_variants(with_base=True) == ["avx512", "avx512-base", "avx2", "avx2-base", "scalar"]
+    monkeypatch.setattr(native, "cpu_features", lambda: zen3)  # nothing optional: a base build would be the same
+    assert native.runnable_variants(with_base=True) == ["avx2", "scalar"]
+    assert native.variant_unavailable("avx512-base") == "the CPU lacks avx512f, avx512bw, avx512vl"
+    assert "or one of them + '-base'" in native.variant_unavailable("sse9-base")
+    avx2 = next(v for v in native.VARIANTS if v.name == "avx2")
+    assert "-mavxvnni" in native.build_command(avx2, "g++", zen4)
+    assert "-mavxvnni" not in native.build_command(avx2, "g++", frozenset())  # what avx2-base builds with
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "avx2-base")
+    monkeypatch.setattr(native, "cpu_features", lambda: zen4)
+    assert native.status()["chosen"] == "avx2-base"  # no "(with avx_vnni)": the base build does not use it
+
+
 @needs_native
 def test_a_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FALCONLM_CACHE_DIR", str(tmp_path))
