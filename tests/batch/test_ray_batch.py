@@ -210,9 +210,11 @@ def still_running(processes: dict[int, bytes]) -> list[str]:
 def test_ctrl_c_stops_the_local_ray_instance_and_leaves_the_store_consistent(tmp_path, tiny_checkpoint):
     """Runs before the module's shared Ray instance starts: the driver starts (and must stop) its own."""
     pytest.importorskip("ray", reason="needs ray (pip install 'falconlm[ray]')")
+    # a job long enough that Ctrl-C lands in it, not after its end
+    bodies = [{"prompt": f"x {i}", "max_tokens": 32, "ignore_eos": True} for i in range(2000)]
     lines = [
-        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": f"x {i}"}})
-        for i in range(400)
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": body})
+        for i, body in enumerate(bodies)
     ]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines) + "\n")
