@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run every request of INPUT (lines of {custom_id, method, url, body}); write one output line "
         "per answered request to --output and one error line per bad line or failed request to --errors.",
     )
-    run.add_argument("input", type=Path, help="the batch input, a JSONL file")
+    run.add_argument("input", type=Path, nargs="?", help="the batch input, a JSONL file")
     run.add_argument("--output", "-o", type=Path, required=True, help="where to write the results (JSONL)")
     run.add_argument("--errors", type=Path, default=None, help="where to write errors (default: OUTPUT.errors.jsonl)")
     run.add_argument("--state", type=Path, default=None, help=f"job store folder (default: OUTPUT{STATE_SUFFIX})")
@@ -72,12 +72,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     cancel.set_defaults(run=run_cancel)
 
 
+class _RayAddress(argparse.Action):
+    """``--ray [ADDRESS]``. A bare ``--ray`` placed before the input would take the input's name as its address:
+    a value that is an existing file or ends in ``.jsonl`` is kept aside as the input instead."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if value != LOCAL_RAY and (value.endswith(".jsonl") or Path(value).is_file()):
+            namespace.ray_input = Path(value)
+            value = LOCAL_RAY
+        namespace.ray = value
+
+
+def _input_after_ray(args: argparse.Namespace) -> None:
+    """Sets ``args.input`` from a name that a bare ``--ray`` took (see :class:`_RayAddress`)."""
+    taken = getattr(args, "ray_input", None)
+    if taken is not None and args.input is not None:
+        raise ValueError(f"two inputs: {taken} (after --ray) and {args.input}; --ray ADDRESS takes a Ray address")
+    args.input = args.input or taken
+    if args.input is None:
+        raise ValueError("no input file: batch run INPUT --output OUTPUT ...")
+
+
 def add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray",
         nargs="?",
         const=LOCAL_RAY,
         default=None,
+        action=_RayAddress,
         metavar="ADDRESS",
         help="spread the requests over Ray actors, each with its own engine (or, with --tensor-parallel-size N, "
         "N actors on one node per engine): alone, on a local Ray instance started for this run; with ADDRESS (or "
@@ -141,6 +163,7 @@ def check_writable(path: Path) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    _input_after_ray(args)
     if args.ray is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--ray starts the tensor-parallel ranks as Ray actors itself; run it without torchrun")
     # --ray with --tensor-parallel-size N: the Ray actors form the groups (batch/ray_tp.py), this process joins none

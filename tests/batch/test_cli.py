@@ -9,7 +9,7 @@ import pytest
 
 from falconlm.batch.store import StateLock
 from falconlm.cli import batch as batch_cli
-from falconlm.cli import main
+from falconlm.cli import build_parser, main
 
 
 def request_line(custom_id: str, prompt: str = "Once upon a time", url: str = "/v1/completions", **body) -> str:
@@ -161,6 +161,8 @@ def test_interrupted_job_resumes_refuses_a_changed_input_and_cancels(tmp_path, t
         (["batch", "run", "{tmp}/in.jsonl", "-o", "{tmp}/in.jsonl"], "is the input file"),
         (["batch", "run", "{tmp}/in.jsonl", "-o", "{tmp}/nodir/o.jsonl"], "does not exist"),
         (["batch", "status", "--state", "{tmp}/nothing"], "no batch jobs"),
+        (["batch", "run", "-o", "{tmp}/o.jsonl"], "no input file"),
+        (["batch", "run", "--ray", "{tmp}/in.jsonl", "{tmp}/in.jsonl", "-o", "{tmp}/o.jsonl"], "two inputs"),
     ],
 )
 def test_bad_usage_is_one_line_exit_2(tmp_path, capsys, argv, needle):
@@ -168,6 +170,25 @@ def test_bad_usage_is_one_line_exit_2(tmp_path, capsys, argv, needle):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "address", "source"),
+    [
+        (["--ray", "{tmp}/in.jsonl"], "", "{tmp}/in.jsonl"),  # a bare --ray before the input
+        (["--ray", "{tmp}/data"], "", "{tmp}/data"),  # an existing file of any name
+        (["{tmp}/in.jsonl", "--ray", "10.0.0.5:6379"], "10.0.0.5:6379", "{tmp}/in.jsonl"),
+        (["--ray", "auto", "{tmp}/in.jsonl"], "auto", "{tmp}/in.jsonl"),
+        (["{tmp}/in.jsonl", "--ray"], "", "{tmp}/in.jsonl"),
+    ],
+)
+def test_ray_takes_an_address_never_the_input(tmp_path, argv, address, source):
+    (tmp_path / "data").write_text("")
+    args = build_parser().parse_args(
+        ["batch", "run", *(a.replace("{tmp}", str(tmp_path)) for a in argv), "-o", str(tmp_path / "o.jsonl")]
+    )
+    batch_cli._input_after_ray(args)
+    assert args.ray == address and args.input == Path(source.replace("{tmp}", str(tmp_path)))
 
 
 def test_output_is_required(tmp_path, capsys):
