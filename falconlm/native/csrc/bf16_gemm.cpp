@@ -15,6 +15,7 @@
 #include "simd.h"
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 using namespace falcon;
 using namespace falcon::bf16;
@@ -33,12 +34,27 @@ const char* falcon_isa() { return isa_name(); }
 void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
                         uint16_t* y, int nthreads) {
   const int64_t blocks = (N + NR - 1) / NR;
+  static thread_local std::vector<float> widened;  // x in float32, when widen_first says so
+  const bool widen = widen_first(M, K);
+  if (widen && static_cast<int64_t>(widened.size()) < M * K) widened.resize(M * K);
+  float* wide = widened.data();  // the calling thread's buffer: the region's other threads have their own
 #pragma omp parallel num_threads(nthreads)
-  for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
-    const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
+  {
+    if (widen) {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      weight_pair(x + mb * ldx, ldx, rows, w, K, b * NR, y + mb * N, N);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) wide[m * K + k] = bf16_to_f32(x[m * ldx + k]);
+    }  // (the loop's end is a barrier)
+    for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
+      const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (widen) {
+          weight_pair(wide + mb * K, K, rows, w, K, b * NR, y + mb * N, N);
+        } else {
+          weight_pair(x + mb * ldx, ldx, rows, w, K, b * NR, y + mb * N, N);
+        }
+      }
     }
   }
 }

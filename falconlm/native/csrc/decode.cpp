@@ -76,14 +76,18 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
   std::vector<float> s;
   std::vector<int32_t> sum;
   std::vector<uint16_t> xb;
+  std::vector<float> xf;  // the same values widened, when bf16::widen_first says so
   int64_t K = 0, nb = 0, bits = 8;
+  bool widen = false;
 
   void resize(int64_t R, int64_t k, int64_t weight_bits) {
     K = k;
     nb = k / BLOCK;
     bits = weight_bits == 16 ? 16 : 8;
     if (bits == 16) {
+      widen = bf16::widen_first(R, K);
       if (static_cast<int64_t>(xb.size()) < R * K) xb.resize(R * K);
+      if (widen && static_cast<int64_t>(xf.size()) < R * K) xf.resize(R * K);
       return;
     }
     if (static_cast<int64_t>(q.size()) < R * K) q.resize(R * K);
@@ -99,6 +103,8 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
       uint16_t* dst = xb.data() + r * K + b * BLOCK;
       for (int64_t k = 0; k < BLOCK; ++k)
         dst[k] = k >= n ? 0 : x_bf16 ? static_cast<const uint16_t*>(x)[k] : f32_to_bf16(static_cast<const float*>(x)[k]);
+      if (widen)
+        for (int64_t k = 0; k < BLOCK; ++k) xf[r * K + b * BLOCK + k] = bf16_to_f32(dst[k]);
       return;
     }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b);
@@ -193,7 +199,11 @@ void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, fl
   if (W.bits == 16) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
     for (int64_t n0 = t * TILE; n0 < (t + 1) * TILE; n0 += bf16::NR)
-      bf16::weight_pair(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
+      if (a.widen) {
+        bf16::weight_pair(a.xf.data(), a.K, R, w, a.K, n0, y, W.n);
+      } else {
+        bf16::weight_pair(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
+      }
     return;
   }
   for (int64_t m = 0; m < R; m += MR) {
