@@ -210,11 +210,9 @@ def still_running(processes: dict[int, bytes]) -> list[str]:
 def test_ctrl_c_stops_the_local_ray_instance_and_leaves_the_store_consistent(tmp_path, tiny_checkpoint):
     """Runs before the module's shared Ray instance starts: the driver starts (and must stop) its own."""
     pytest.importorskip("ray", reason="needs ray (pip install 'falconlm[ray]')")
-    # a job long enough that Ctrl-C lands in it, not after its end
-    bodies = [{"prompt": f"x {i}", "max_tokens": 32, "ignore_eos": True} for i in range(2000)]
     lines = [
-        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": body})
-        for i, body in enumerate(bodies)
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": f"x {i}"}})
+        for i in range(400)
     ]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines) + "\n")
@@ -222,7 +220,13 @@ def test_ctrl_c_stops_the_local_ray_instance_and_leaves_the_store_consistent(tmp
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
     env.pop("RAY_ADDRESS", None)
     state = tmp_path / "int-state"
-    proc = subprocess.Popen([sys.executable, "-m", "falconlm", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "falconlm", *argv],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell's children ignore it
+    )
     try:
         deadline = time.monotonic() + 180
         while finished_in_store(state) < 3:
