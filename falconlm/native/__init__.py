@@ -48,8 +48,9 @@ FUNCTIONS: dict[str, tuple] = {
     "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C),
     "falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C),
     "falcon_struct_layout": (_P,),
+    "falcon_read_words": (_P, _I, _C),
 }
-RESULTS = {"falcon_isa": ctypes.c_char_p, "falcon_struct_layout": _I}
+RESULTS = {"falcon_isa": ctypes.c_char_p, "falcon_struct_layout": _I, "falcon_read_words": ctypes.c_uint64}
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,13 @@ def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyP
     assert torch.equal(ops.linear(xb, wb), F.linear(xb, wb))
 
 
+def test_the_read_probe_sums_every_word(isa: str) -> None:
+    words = torch.randint(0, 1 << 40, (100_003,), generator=torch.Generator().manual_seed(3))  # odd: uneven parts
+    expected = int(words.sum()) % (1 << 64)
+    for threads in (1, 2, 3):
+        assert native.kernels().falcon_read_words(words.data_ptr(), words.numel(), threads) == expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_equals_torch_with_ties_infinities_and_nan(isa: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)

@@ -59,6 +59,15 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
   }
 }
 
+// The sum of n 64-bit words, each thread reading one contiguous part front to back: a memory read-bandwidth probe
+// (benchmarks compare the weights' streaming rate with it). Integer sums, so the compiler vectorizes them freely.
+uint64_t falcon_read_words(const uint64_t* p, int64_t n, int nthreads) {
+  uint64_t total = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += p[i];
+  return total;
+}
+
 // out[m] = the first index of the largest value of row m of x [M, N] (float32 or bfloat16, rows ldx apart).
 // NaN counts as largest, as in torch.argmax.
 void falcon_argmax_rows(const void* x, int x_bf16, int64_t M, int64_t N, int64_t ldx, int64_t* out, int nthreads) {
