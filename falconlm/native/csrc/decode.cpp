@@ -366,9 +366,12 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
         }
       }
       // 4. Attention-out and MLP-out matmuls, added to the residual.
-      for (int64_t t = out_tiles * tid / nt; t < out_tiles * (tid + 1) / nt; ++t) {
-        matmul_tile(L.dense, buf.a_dense, t, R, buf.out_attn.data());
-        matmul_tile(L.down, buf.a_down, t, R, buf.out_mlp.data());
+      // One weight after the other, not a tile of each in turn: with int4, that made four streams at once
+      // (two weights and their scales), which read about 10% slower than two.
+      const int64_t t_lo = out_tiles * tid / nt, t_hi = out_tiles * (tid + 1) / nt;
+      for (int64_t t = t_lo; t < t_hi; ++t) matmul_tile(L.dense, buf.a_dense, t, R, buf.out_attn.data());
+      for (int64_t t = t_lo; t < t_hi; ++t) matmul_tile(L.down, buf.a_down, t, R, buf.out_mlp.data());
+      for (int64_t t = t_lo; t < t_hi; ++t) {
         for (int64_t r = 0; r < R; ++r)
           for (int64_t j = t * TILE; j < (t + 1) * TILE; ++j)
             x[r * H + j] += buf.out_attn[r * H + j] + buf.out_mlp[r * H + j];
