@@ -300,8 +300,8 @@ def main() -> None:
 
 def bandwidth_line(bandwidth: float, threads: int) -> str:
     return (
-        f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (torch float32 and native integer sums of a "
-        f"{BANDWIDTH_BYTES >> 30} GiB buffer, {threads} threads, best of 5 before and 5 after the measurements)"
+        f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (torch float32 and native integer sums "
+        f"of a {BANDWIDTH_BYTES >> 30} GiB buffer, {threads} threads, best of 5 before and 5 after the measurements)"
     )
 
 
