@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .. import native
+
 log = logging.getLogger("falconlm.engine")
 
 HUGE_PAGE = 2 << 20
@@ -39,7 +41,7 @@ def thp_mode() -> str | None:
 
 def wanted() -> bool:
     """Whether weights should be moved: Linux in ``madvise`` mode, and ``FALCONLM_HUGE_PAGES`` not off."""
-    if os.environ.get("FALCONLM_HUGE_PAGES", "1").strip().lower() in ("0", "false", "off", "no"):
+    if not native.switch(os.environ.get("FALCONLM_HUGE_PAGES", "1")):
         return False
     return hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() == "madvise"
 
