@@ -168,6 +168,11 @@ def _variant(name: str) -> Variant:
     return next(v for v in VARIANTS if v.name == name)
 
 
+def _optional_present(variant: Variant) -> list[str]:
+    """The optional features of ``variant`` that this CPU has (what its full build uses and its base build not)."""
+    return [feature for feature, _ in variant.optional if feature in cpu_features()]
+
+
 def runnable_variants(with_base: bool = False) -> list[str]:
     """The variants this CPU runs, fastest first (``scalar`` always last); ``with_base`` adds each one's
     ``-base`` build after it where the CPU has optional features that the base build leaves out."""
@@ -175,7 +180,7 @@ def runnable_variants(with_base: bool = False) -> list[str]:
     for v in VARIANTS:
         if variant_unavailable(v.name) is None:
             out.append(v.name)
-            if with_base and any(feature in cpu_features() for feature, _ in v.optional):
+            if with_base and _optional_present(v):
                 out.append(v.name + BASE)
     return out
 
@@ -208,7 +213,7 @@ def status() -> dict[str, str]:
     why = unavailable_reason()
     if why is None:
         name, base = _split_name(chosen_variant())
-        extras = [] if base else [feature for feature, _ in _variant(name).optional if feature in cpu_features()]
+        extras = [] if base else _optional_present(_variant(name))
         out = {"chosen": chosen_variant() + (f" (with {', '.join(extras)})" if extras else "")}
     else:
         out = {"chosen": f"none ({why}); torch paths everywhere"}
