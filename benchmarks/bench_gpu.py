@@ -1,14 +1,19 @@
 """The prepared GPU check: run it once on a machine with an NVIDIA GPU (CI never needs one).
 
 1. The Triton int4 group-wise kernel (``falconlm.quant.kernels.triton``) against the dequantize-then-matmul
-   reference on the layer shapes of bench-1b, at 1 and 16 rows: largest relative error and time per call.
-2. Greedy decode of bench-1b on CUDA (random weights, Falcon-7B style, hidden 2048, 24 layers, multi-query,
-   about 1.15B parameters): falconlm's engine in bfloat16 and int4 g64 against transformers in bfloat16, the same
-   run, batch 1 and batch 8, 128 new tokens after a 16-token prompt.
+   reference on the layer shapes of bench-1b, at 1 and 16 rows: largest relative error and time per call, then a
+   sweep of its tile width and warps at 1 row.
+2. Batch invariance on CUDA: 16 greedy requests through ``LLM.generate`` in batches of 1, 3 and 16, in bfloat16
+   and int4, with and without ``deterministic``: how many requests got the tokens they got alone.
+3. Greedy decode of bench-1b on CUDA (random weights, Falcon-7B style, hidden 2048, 24 layers, multi-query,
+   about 1.15B parameters): falconlm's engine in bfloat16, int8 and int4 g64 against transformers in bfloat16, the
+   same run, batch 1 and batch 8, 128 new tokens after a 16-token prompt (the prompt's time included), with the
+   weight bytes streamed per batch-1 step against the device's copy bandwidth measured in the same run.
 
-    python benchmarks/bench_gpu.py [--out bench-out] [--new-tokens 128]
+    python benchmarks/bench_gpu.py [--out bench-out] [--new-tokens 128] [--skip triton invariance decode]
 
-It exits with one line (code 2) where no CUDA device or no triton is found.
+It exits with one line (code 2) where no CUDA device or no triton is found, and with code 1 when a check fails
+(the Triton kernel off the reference, or a stage that raised); every stage runs either way.
 """
 
 from __future__ import annotations
@@ -16,16 +21,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import checkpoint_folder, make_checkpoint, quantized_folder
+from bench_core import checkpoint_folder, describe, make_checkpoint, quantized_folder
 
 PROMPT = 16
 SIZE = "1b"
+KV_CACHE_BYTES = 4 << 30  # plenty for these runs, and quick to allocate next to a transformers copy
+TRITON_TOLERANCE = 2e-2  # largest error relative to the output's largest value (bf16 outputs, fp32 sums)
+STAGES = ("triton", "invariance", "decode")
 
 
-def cuda_time(fn, repeats: int = 20) -> float:
+def cuda_time(fn: Callable[[], object], repeats: int = 20) -> float:
     """Median seconds of ``fn()`` on the GPU (synchronised)."""
     import torch
 
@@ -40,65 +50,180 @@ def cuda_time(fn, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def triton_rows(shapes: list[tuple[int, int]]) -> list[str]:
+def copy_bandwidth() -> float:
+    """The device's copy bandwidth in GB/s (bytes read plus bytes written), best of a few 2 GiB copies."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = min(cuda_time(lambda: dst.copy_(src), repeats=5) for _ in range(3))
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
+    """The kernel against the reference per shape and row count; True when every error is within tolerance."""
     import torch
 
     from falconlm.quant.kernels import WeightSpec, select_kernel
+    from falconlm.quant.kernels.triton import int4_matmul
     from falconlm.quant.primitives import plan_groups, quantize_int4
 
-    lines = ["| layer [N, K] | rows | max rel error | triton us | reference us |", "|---|---:|---:|---:|---:|"]
+    lines = ["| layer [N, K] | rows | max rel error | triton us | reference us | weight GB/s |"]
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    sweep = ["", "| layer [N, K] | block_n | warps | us at 1 row |", "|---|---:|---:|---:|"]
+    ok = True
     for n, k in shapes:
         qt = quantize_int4(torch.randn(n, k) * 0.02, plan_groups(k, 64)).to(device="cuda")
         spec = WeightSpec.of(qt)
         fast, ref = select_kernel(spec, "cuda", "triton"), select_kernel(spec, "cuda", "reference")
         fast_w = tuple(fast.prepare(qt, torch.bfloat16).values())
         ref_w = tuple(ref.prepare(qt, torch.bfloat16).values())
+        weight_bytes = sum(t.numel() * t.element_size() for t in fast_w)
         for rows in (1, 16):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             y, expected = fast.matmul(x, fast_w, spec).float(), ref.matmul(x, ref_w, spec).float()
             err = float((y - expected).abs().max() / expected.abs().max())
+            ok &= err <= TRITON_TOLERANCE
             t_fast = cuda_time(lambda x=x, f=fast, w=fast_w, s=spec: f.matmul(x, w, s))
             t_ref = cuda_time(lambda x=x, r=ref, w=ref_w, s=spec: r.matmul(x, w, s))
-            lines.append(f"| [{n}, {k}] | {rows} | {err:.1e} | {t_fast * 1e6:.0f} | {t_ref * 1e6:.0f} |")
-    return lines
+            lines.append(
+                f"| [{n}, {k}] | {rows} | {err:.1e} | {t_fast * 1e6:.0f} | {t_ref * 1e6:.0f} "
+                f"| {weight_bytes / t_fast / 1e9:.0f} |"
+            )
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for block_n in (16, 32, 64, 128):
+            for warps in (2, 4, 8):
+                seconds = cuda_time(lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps: int4_matmul(x, ws, s, b, w))
+                sweep.append(f"| [{n}, {k}] | {block_n} | {warps} | {seconds * 1e6:.1f} |")
+    return lines + sweep, ok
 
 
-def falconlm_tok_s(folder: Path, batch: int, new_tokens: int) -> float:
+def invariance_rows(out: Path) -> list[str]:
+    """Requests whose greedy tokens in batches of 3 and 16 equal theirs alone, per weights and mode."""
     import torch
 
     from falconlm import LLM, SamplingParams
 
-    llm = LLM(folder, dtype="bfloat16", device="cuda", max_num_seqs=batch)
-    prompts = torch.randint(0, llm.config.vocab_size, (batch, PROMPT)).tolist()
+    folder = make_checkpoint(checkpoint_folder(out, SIZE), SIZE)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 65024, (8 + 5 * i,), generator=gen).tolist() for i in range(16)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    lines = ["| weights | deterministic | same in batches of 3 | same in a batch of 16 |", "|---|---|---:|---:|"]
+    for label, path in (("bf16", folder), ("int4 g64", quantized_folder(out, "int4-g64", SIZE))):
+        for deterministic in (False, True):
+            llm = LLM(
+                path,
+                dtype="bfloat16",
+                device="cuda",
+                max_num_seqs=16,
+                kv_cache_memory=KV_CACHE_BYTES,
+                enable_prefix_caching=False,
+                deterministic=deterministic,
+                skip_tokenizer_init=True,
+            )
+            alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+            threes = [o.outputs[0].token_ids for i in range(0, 16, 3) for o in llm.generate(prompts[i : i + 3], params)]
+            sixteen = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            same3 = sum(list(a) == list(b) for a, b in zip(alone, threes, strict=True))
+            same16 = sum(list(a) == list(b) for a, b in zip(alone, sixteen, strict=True))
+            lines.append(f"| {label} | {deterministic} | {same3}/16 | {same16}/16 |")
+            print(lines[-1], file=sys.stderr, flush=True)
+            del llm
+            torch.cuda.empty_cache()
+    return lines
+
+
+def falconlm_tok_s(folder: Path, new_tokens: int) -> tuple[float, float, str]:
+    """Batch-1 and batch-8 tok/s through ``LLM.generate``, and the kernels its quantized layers took."""
+    import torch
+
+    from falconlm import LLM, SamplingParams
+
+    llm = LLM(
+        folder,
+        dtype="bfloat16",
+        device="cuda",
+        max_num_seqs=8,
+        kv_cache_memory=KV_CACHE_BYTES,
+        skip_tokenizer_init=True,
+    )
+    kernel = "+".join(sorted({m.kernel.name for m in llm.model.modules() if hasattr(m, "kernel")})) or "dense"
+    gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    return batch * new_tokens / (time.perf_counter() - start)
+    rates = []
+    for batch in (1, 8):
+        warm = torch.randint(0, 65024, (batch, PROMPT), generator=gen).tolist()
+        llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        prompts = torch.randint(0, 65024, (batch, PROMPT), generator=gen).tolist()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        rates.append(batch * new_tokens / (time.perf_counter() - start))
+    del llm
+    torch.cuda.empty_cache()
+    return rates[0], rates[1], kernel
 
 
-def transformers_tok_s(folder: Path, batch: int, new_tokens: int) -> float:
+def transformers_tok_s(folder: Path, new_tokens: int) -> tuple[float, float, str]:
     import torch
     from transformers import FalconForCausalLM as HFModel
 
-    model = HFModel.from_pretrained(folder, torch_dtype=torch.bfloat16).cuda().eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
-    kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens, "pad_token_id": 0}
-    with torch.no_grad():
-        model.generate(ids, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        torch.cuda.synchronize()
-    return batch * new_tokens / (time.perf_counter() - start)
+    model = HFModel.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    rates = []
+    for batch in (1, 8):
+        ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
+        kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens, "pad_token_id": 0}
+        with torch.no_grad():
+            model.generate(ids, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(ids, **kwargs)
+            torch.cuda.synchronize()
+        rates.append(batch * new_tokens / (time.perf_counter() - start))
+    del model
+    torch.cuda.empty_cache()
+    return rates[0], rates[1], "dense"
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def decode_rows(out: Path, new_tokens: int) -> list[str]:
+    folder = make_checkpoint(checkpoint_folder(out, SIZE), SIZE)
+    bandwidth = copy_bandwidth()
+    lines = [
+        f"{describe(SIZE)}; device copy bandwidth {bandwidth:.0f} GB/s (read + written)",
+        "| engine, weights | kernel | batch 1 tok/s | batch 8 tok/s | weight GB/s at batch 1 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    runs = [("transformers bf16", folder, transformers_tok_s), ("falconlm bf16", folder, falconlm_tok_s)]
+    for variant in ("int8", "int4-g64"):
+        runs.append((f"falconlm {variant}", quantized_folder(out, variant, SIZE), falconlm_tok_s))
+    for name, path, fn in runs:
+        b1, b8, kernel = fn(path, new_tokens)
+        lines.append(f"| {name} | {kernel} | {b1:.1f} | {b8:.1f} | {weight_bytes(path) * b1 / 1e9:.0f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def run_stage(name: str, fn: Callable[[], list[str]], failures: list[str]) -> None:
+    start = time.perf_counter()
+    print(f"\n## {name}", flush=True)
+    try:
+        print("\n".join(fn()), flush=True)
+    except Exception:  # every stage runs: one that breaks is reported and counted
+        traceback.print_exc()
+        failures.append(name)
+    print(f"({name}: {time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="where the bench checkpoints are cached")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip", nargs="*", choices=STAGES, default=[], help="stages to leave out")
     args = parser.parse_args()
     import torch
 
@@ -110,17 +235,30 @@ def main() -> int:
     except ImportError:
         print("bench_gpu: triton is not installed (pip install '.[triton]')", file=sys.stderr)
         return 2
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    folder = make_checkpoint(checkpoint_folder(args.out, SIZE), SIZE)
-    int4 = quantized_folder(args.out, "int4-g64", SIZE)
-    print("\n".join(triton_rows([(2048 + 2 * 64, 2048), (2048, 2048), (8192, 2048), (2048, 8192)])))
-    print("\n| engine, weights | batch 1 tok/s | batch 8 tok/s |\n|---|---:|---:|")
-    for name, fn in (
-        ("transformers bf16", lambda b: transformers_tok_s(folder, b, args.new_tokens)),
-        ("falconlm bf16", lambda b: falconlm_tok_s(folder, b, args.new_tokens)),
-        ("falconlm int4 g64 (triton)", lambda b: falconlm_tok_s(int4, b, args.new_tokens)),
-    ):
-        print(f"| {name} | {fn(1):.1f} | {fn(8):.1f} |", flush=True)
+    import transformers
+
+    print(
+        f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    torch.set_grad_enabled(False)
+    failures: list[str] = []
+    if "triton" not in args.skip:
+
+        def triton_stage() -> list[str]:
+            lines, ok = triton_rows([(2048 + 2 * 64, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (65024, 2048)])
+            if not ok:
+                failures.append(f"triton error above {TRITON_TOLERANCE}")
+            return lines
+
+        run_stage("Triton int4 kernel", triton_stage, failures)
+    if "invariance" not in args.skip:
+        run_stage("batch invariance on CUDA", lambda: invariance_rows(args.out), failures)
+    if "decode" not in args.skip:
+        run_stage("decode", lambda: decode_rows(args.out, args.new_tokens), failures)
+    if failures:
+        print(f"bench_gpu: failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

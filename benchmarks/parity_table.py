@@ -6,11 +6,14 @@ the largest |logit difference| over a 24-token prompt (batch 2) and whether 16 g
 engine equal transformers' greedy tokens (its full forward at every step). The tests assert the same within 1e-4;
 this prints the measured values.
 
-    python benchmarks/parity_table.py      # from the repository root, with the test extra installed
+    python benchmarks/parity_table.py [--device cuda]   # from the repository root, with the test extra installed
+
+On CUDA both sides run on the GPU (float32, TF32 off), so the table is the GPU's parity.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -64,11 +67,11 @@ def _reference_greedy(reference, ids: torch.Tensor) -> list[int]:
     return seq[0, ids.shape[1] :].tolist()
 
 
-def _engine_greedy(folder: Path, prompt: list[int]) -> list[int]:
+def _engine_greedy(folder: Path, prompt: list[int], device: str) -> list[int]:
     from falconlm.engine.factory import EngineArgs, build_engine
     from falconlm.engine.sampling_params import SamplingParams
 
-    engine = build_engine(EngineArgs(model=folder, dtype="float32", device="cpu", skip_tokenizer_init=True))
+    engine = build_engine(EngineArgs(model=folder, dtype="float32", device=device, skip_tokenizer_init=True))
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     return list(engine.generate([prompt], [params])[0].token_ids)
 
@@ -76,19 +79,24 @@ def _engine_greedy(folder: Path, prompt: list[int]) -> list[int]:
 def main() -> None:
     from falconlm.model.falcon import FalconForCausalLM
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    device = parser.parse_args().device
     torch.set_grad_enabled(False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family, variant, folder, reference in _variants(Path(tmp)):
-            reference = reference.float().eval()
-            ours = FalconForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            reference = reference.float().eval().to(device)
+            ours = FalconForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
             vocab = reference.config.vocab_size
-            ids = torch.randint(1, vocab, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(1, vocab, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).to(device)
             diff = (ours(ids) - reference(ids).logits).abs().max().item()
             want = _reference_greedy(reference, ids[:1])
-            got = _engine_greedy(folder, ids[0].tolist())
+            got = _engine_greedy(folder, ids[0].tolist(), device)
             rows.append((family, variant, diff, sum(a == b for a, b in zip(got, want, strict=True))))
             print(f"  {family} {variant}: {diff:.2e}", file=sys.stderr, flush=True)
+    print(f"Parity on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
     print("| family | variant | max abs logit diff (fp32) | greedy tokens equal (engine vs transformers) |")
     print("|---|---|---:|---:|")
     for family, variant, diff, same in rows:

@@ -74,6 +74,45 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def int4_matmul(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    spec: WeightSpec,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """``[M, K] @ W.T`` for one stored int4 weight (``qweight``, ``scales``, optional ``zeros``); ``block_n`` and
+    ``num_warps`` are the tile's width and the warps per program (the benchmarks sweep them)."""
+    qweight, scales = weights[0], weights[1]
+    zeros = weights[2] if len(weights) > 2 else scales  # unused when HAS_ZEROS is false
+    x2 = x.contiguous()
+    m, n = x2.shape[0], spec.out_features
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _compiled()[grid](
+        x2,
+        qweight,
+        scales,
+        zeros,
+        y,
+        m,
+        n,
+        spec.in_features,
+        spec.padded_in // spec.group_size,
+        x2.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        y.stride(0),
+        HAS_ZEROS=len(weights) > 2,
+        GROUP=spec.group_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return y
+
+
 class TritonKernel:
     name = "triton"
 
@@ -88,35 +127,9 @@ class TritonKernel:
         return out
 
     def matmul(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], spec: WeightSpec) -> torch.Tensor:
-        qweight, scales = weights[0], weights[1]
-        zeros = weights[2] if len(weights) > 2 else scales  # unused when HAS_ZEROS is false
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, spec.in_features).contiguous()  # [M, K]
-        m, n = x2.shape[0], spec.out_features
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        block_m = 16 if m <= 16 else 64
-        block_n = 64
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _compiled()[grid](
-            x2,
-            qweight,
-            scales,
-            zeros,
-            y,
-            m,
-            n,
-            spec.in_features,
-            spec.padded_in // spec.group_size,
-            x2.stride(0),
-            qweight.stride(0),
-            scales.stride(0),
-            y.stride(0),
-            HAS_ZEROS=len(weights) > 2,
-            GROUP=spec.group_size,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-        )
-        return y.view(*lead, n)
+        y = int4_matmul(x.reshape(-1, spec.in_features), weights, spec)
+        return y.view(*lead, spec.out_features)
 
     def dequantize(self, weights: tuple[torch.Tensor, ...], spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_stored(weights, spec, dtype)
