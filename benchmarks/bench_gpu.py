@@ -1,8 +1,9 @@
 """The prepared GPU check: run it once on a machine with an NVIDIA GPU (CI never needs one).
 
 1. The Triton int4 group-wise kernel (``falconlm.quant.kernels.triton``) against the dequantize-then-matmul
-   reference on the layer shapes of bench-1b, at 1 and 16 rows: largest relative error and time per call, then a
-   sweep of its tile width and warps at 1 row.
+   reference on the layer shapes of bench-1b, at 1 and 16 rows: largest relative error, the kernel's time (CUDA
+   events, L2 flushed before each run: ``triton.testing.do_bench``) and the time of one call from Python (launch
+   included), then a sweep of its tile width and warps at 1 row.
 2. Batch invariance on CUDA: 16 greedy requests through ``LLM.generate`` in batches of 1, 3 and 16, in bfloat16
    and int4, with and without ``deterministic``: how many requests got the tokens they got alone.
 3. Greedy decode of bench-1b on CUDA (random weights, Falcon-7B style, hidden 2048, 24 layers, multi-query,
@@ -60,6 +61,13 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
+def kernel_seconds(fn: Callable[[], object]) -> float:
+    """The kernel time of ``fn`` on the GPU in seconds (median, L2 flushed before each run)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
 def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
     """The kernel against the reference per shape and row count; True when every error is within tolerance."""
     import torch
@@ -68,9 +76,9 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
     from falconlm.quant.kernels.triton import int4_matmul
     from falconlm.quant.primitives import plan_groups, quantize_int4
 
-    lines = ["| layer [N, K] | rows | max rel error | triton us | reference us | weight GB/s |"]
-    lines.append("|---|---:|---:|---:|---:|---:|")
-    sweep = ["", "| layer [N, K] | block_n | warps | us at 1 row |", "|---|---:|---:|---:|"]
+    lines = ["| layer [N, K] | rows | max rel error | triton kernel us | weight GB/s | triton call us | reference us |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
+    sweep = ["", "| layer [N, K] | block_n | warps | kernel us at 1 row |", "|---|---:|---:|---:|"]
     ok = True
     for n, k in shapes:
         qt = quantize_int4(torch.randn(n, k) * 0.02, plan_groups(k, 64)).to(device="cuda")
@@ -84,16 +92,17 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
             y, expected = fast.matmul(x, fast_w, spec).float(), ref.matmul(x, ref_w, spec).float()
             err = float((y - expected).abs().max() / expected.abs().max())
             ok &= err <= TRITON_TOLERANCE
-            t_fast = cuda_time(lambda x=x, f=fast, w=fast_w, s=spec: f.matmul(x, w, s))
-            t_ref = cuda_time(lambda x=x, r=ref, w=ref_w, s=spec: r.matmul(x, w, s))
+            t_kernel = kernel_seconds(lambda x=x, f=fast, w=fast_w, s=spec: f.matmul(x, w, s))
+            t_call = cuda_time(lambda x=x, f=fast, w=fast_w, s=spec: f.matmul(x, w, s))
+            t_ref = kernel_seconds(lambda x=x, r=ref, w=ref_w, s=spec: r.matmul(x, w, s))
             lines.append(
-                f"| [{n}, {k}] | {rows} | {err:.1e} | {t_fast * 1e6:.0f} | {t_ref * 1e6:.0f} "
-                f"| {weight_bytes / t_fast / 1e9:.0f} |"
+                f"| [{n}, {k}] | {rows} | {err:.1e} | {t_kernel * 1e6:.1f} | {weight_bytes / t_kernel / 1e9:.0f} "
+                f"| {t_call * 1e6:.0f} | {t_ref * 1e6:.0f} |"
             )
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         for block_n in (16, 32, 64, 128):
             for warps in (2, 4, 8):
-                seconds = cuda_time(lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps: int4_matmul(x, ws, s, b, w))
+                seconds = kernel_seconds(lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps: int4_matmul(x, ws, s, b, w))
                 sweep.append(f"| [{n}, {k}] | {block_n} | {warps} | {seconds * 1e6:.1f} |")
     return lines + sweep, ok
 

@@ -70,7 +70,7 @@ def sdpa(
         if mask is not None and mask.shape[1] != 1:
             mask = mask.reshape(mask.shape[0], G, Hq // G, mask.shape[-1])
         out = F.scaled_dot_product_attention(q.reshape(B, G, Hq // G, d), k, v, attn_mask=mask)
-        return out.view(B, Hq, 1, d)
+        return out.reshape(B, Hq, 1, d)  # CUDA's SDPA kernels may return another memory layout than CPU's
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=Hq != G
     )

@@ -92,3 +92,23 @@ def test_paged_context_through_the_same_forward_matches_the_hf_call(hf_checkpoin
     for row, prompt in enumerate(prompts):
         whole = torch.tensor([prompt + following[row]])
         torch.testing.assert_close(got[row], model(whole)[0, -1], atol=1e-4, rtol=1e-4, msg=variant)
+
+
+def test_grouped_decode_attention_takes_any_layout_sdpa_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's SDPA kernels return [B, G, heads per group, d] in another memory layout than the CPU's (a view of
+    a transposed buffer): the grouped decode path must still give every head its own row."""
+    import torch.nn.functional as F
+
+    from falconlm.model import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    expected = attention.sdpa(q, k, v, None, is_causal=False)
+    plain = F.scaled_dot_product_attention
+
+    def other_layout(*args, **kwargs) -> torch.Tensor:
+        out = plain(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides of [B, P, G, d]
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", other_layout)
+    assert torch.equal(attention.sdpa(q, k, v, None, is_causal=False), expected)
