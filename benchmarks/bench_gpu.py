@@ -3,15 +3,17 @@
 1. The Triton int4 group-wise kernel (``falconlm.quant.kernels.triton``) against the dequantize-then-matmul
    reference on the layer shapes of bench-1b, at 1 and 16 rows: largest relative error, the kernel's time (CUDA
    events, L2 flushed before each run: ``triton.testing.do_bench``) and the time of one call from Python (launch
-   included), then a sweep of its tile width and warps at 1 row.
+   included), then a sweep of its tile width, warps and split-K at 1 row.
 2. Batch invariance on CUDA: 16 greedy requests through ``LLM.generate`` in batches of 1, 3 and 16, in bfloat16
    and int4, with and without ``deterministic``: how many requests got the tokens they got alone.
-3. Greedy decode of bench-1b on CUDA (random weights, Falcon-7B style, hidden 2048, 24 layers, multi-query,
+3. Where a batch-8 decode step's time goes on CUDA (``torch.profiler``), bfloat16 and int8: the top operators
+   by CPU time and by GPU time.
+4. Greedy decode of bench-1b on CUDA (random weights, Falcon-7B style, hidden 2048, 24 layers, multi-query,
    about 1.15B parameters): falconlm's engine in bfloat16, int8 and int4 g64 against transformers in bfloat16, the
    same run, batch 1 and batch 8, 128 new tokens after a 16-token prompt (the prompt's time included), with the
    weight bytes streamed per batch-1 step against the device's copy bandwidth measured in the same run.
 
-    python benchmarks/bench_gpu.py [--out bench-out] [--new-tokens 128] [--skip triton invariance decode]
+    python benchmarks/bench_gpu.py [--out bench-out] [--new-tokens 128] [--skip triton invariance profile decode]
 
 It exits with one line (code 2) where no CUDA device or no triton is found, and with code 1 when a check fails
 (the Triton kernel off the reference, or a stage that raised); every stage runs either way.
@@ -33,7 +35,7 @@ PROMPT = 16
 SIZE = "1b"
 KV_CACHE_BYTES = 4 << 30  # plenty for these runs, and quick to allocate next to a transformers copy
 TRITON_TOLERANCE = 2e-2  # largest error relative to the output's largest value (bf16 outputs, fp32 sums)
-STAGES = ("triton", "invariance", "decode")
+STAGES = ("triton", "invariance", "profile", "decode")
 
 
 def cuda_time(fn: Callable[[], object], repeats: int = 20) -> float:
@@ -73,12 +75,12 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
     import torch
 
     from falconlm.quant.kernels import WeightSpec, select_kernel
-    from falconlm.quant.kernels.triton import int4_matmul
+    from falconlm.quant.kernels.triton import int4_matmul, split_for
     from falconlm.quant.primitives import plan_groups, quantize_int4
 
     lines = ["| layer [N, K] | rows | max rel error | triton kernel us | weight GB/s | triton call us | reference us |"]
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
-    sweep = ["", "| layer [N, K] | block_n | warps | kernel us at 1 row |", "|---|---:|---:|---:|"]
+    sweep = ["", "| layer [N, K] | block_n | warps | split-K | kernel us at 1 row |", "|---|---:|---:|---:|---:|"]
     ok = True
     for n, k in shapes:
         qt = quantize_int4(torch.randn(n, k) * 0.02, plan_groups(k, 64)).to(device="cuda")
@@ -100,10 +102,13 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
                 f"| {t_call * 1e6:.0f} | {t_ref * 1e6:.0f} |"
             )
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for block_n in (16, 32, 64, 128):
-            for warps in (2, 4, 8):
-                seconds = kernel_seconds(lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps: int4_matmul(x, ws, s, b, w))
-                sweep.append(f"| [{n}, {k}] | {block_n} | {warps} | {seconds * 1e6:.1f} |")
+        for block_n in (16, 32, 64):
+            for warps in (2, 4):
+                for split in (1, split_for(-(-n // block_n), spec.padded_in // 64, x.device)):
+                    seconds = kernel_seconds(
+                        lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps, k=split: int4_matmul(x, ws, s, b, w, k)
+                    )
+                    sweep.append(f"| [{n}, {k}] | {block_n} | {warps} | {split} | {seconds * 1e6:.1f} |")
     return lines + sweep, ok
 
 
@@ -139,6 +144,42 @@ def invariance_rows(out: Path) -> list[str]:
             print(lines[-1], file=sys.stderr, flush=True)
             del llm
             torch.cuda.empty_cache()
+    return lines
+
+
+def profile_rows(out: Path) -> list[str]:
+    """torch.profiler over 16 greedy tokens at batch 8 through ``LLM.generate``, bfloat16 and int8 weights."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from falconlm import LLM, SamplingParams
+
+    lines = []
+    folder = make_checkpoint(checkpoint_folder(out, SIZE), SIZE)
+    for label, path in (("bf16", folder), ("int8", quantized_folder(out, "int8", SIZE))):
+        llm = LLM(
+            path,
+            dtype="bfloat16",
+            device="cuda",
+            max_num_seqs=8,
+            kv_cache_memory=KV_CACHE_BYTES,
+            skip_tokenizer_init=True,
+        )
+        gen = torch.Generator().manual_seed(2)
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        llm.generate(torch.randint(0, 65024, (8, PROMPT), generator=gen).tolist(), params)  # warm-up
+        prompts = torch.randint(0, 65024, (8, PROMPT), generator=gen).tolist()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            llm.generate(prompts, params)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        averages = prof.key_averages()
+        lines.append(f"### {label}, batch 8, 16 tokens: {seconds * 1e3:.0f} ms under the profiler")
+        lines.append(averages.table(sort_by="self_cpu_time_total", row_limit=12))
+        lines.append(averages.table(sort_by="self_cuda_time_total", row_limit=8))
+        del llm
+        torch.cuda.empty_cache()
     return lines
 
 
@@ -263,6 +304,8 @@ def main() -> int:
         run_stage("Triton int4 kernel", triton_stage, failures)
     if "invariance" not in args.skip:
         run_stage("batch invariance on CUDA", lambda: invariance_rows(args.out), failures)
+    if "profile" not in args.skip:
+        run_stage("profile", lambda: profile_rows(args.out), failures)
     if "decode" not in args.skip:
         run_stage("decode", lambda: decode_rows(args.out, args.new_tokens), failures)
     if failures:

@@ -201,10 +201,11 @@ class FalconMambaMixer(nn.Module):
         sizes = (self.time_step_rank, self.state_size, self.state_size)
         key = (projected.device, sizes)
         if getattr(self, "_segments_key", None) != key:
-            which = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes)).to(projected.device)
-            self._segment_means = torch.zeros(sum(sizes), 3, device=projected.device)
-            self._segment_means[torch.arange(sum(sizes)), which] = 1.0 / torch.tensor(sizes, dtype=torch.float32)[which]
-            self._segment_of, self._segments_key = which, key
+            which = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))  # built on the CPU, then moved
+            means = torch.zeros(sum(sizes), 3)
+            means[torch.arange(sum(sizes)), which] = 1.0 / torch.tensor(sizes, dtype=torch.float32)[which]
+            self._segment_means, self._segment_of = means.to(projected.device), which.to(projected.device)
+            self._segments_key = key
         x32 = projected.float()
         scale = torch.rsqrt((x32 * x32) @ self._segment_means + self.rms_eps)  # [tokens, 3]
         return (x32 * scale[:, self._segment_of]).to(projected.dtype)
