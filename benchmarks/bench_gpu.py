@@ -3,7 +3,7 @@
 1. The Triton int4 group-wise kernel (``falconlm.quant.kernels.triton``) against the dequantize-then-matmul
    reference on the layer shapes of bench-1b, at 1 and 16 rows: largest relative error, the kernel's time (CUDA
    events, L2 flushed before each run: ``triton.testing.do_bench``) and the time of one call from Python (launch
-   included), then a sweep of its tile width, warps and split-K at 1 row.
+   included), then a sweep of its tile width and warps at 1 row.
 2. Batch invariance on CUDA: 16 greedy requests through ``LLM.generate`` in batches of 1, 3 and 16, in bfloat16
    and int4, with and without ``deterministic``: how many requests got the tokens they got alone.
 3. Where a batch-8 decode step's time goes on CUDA (``torch.profiler``), bfloat16 and int8: the top operators
@@ -11,7 +11,8 @@
 4. Greedy decode of bench-1b on CUDA (random weights, Falcon-7B style, hidden 2048, 24 layers, multi-query,
    about 1.15B parameters): falconlm's engine in bfloat16, int8 and int4 g64 against transformers in bfloat16, the
    same run, batch 1 and batch 8, 128 new tokens after a 16-token prompt (the prompt's time included), with the
-   weight bytes streamed per batch-1 step against the device's copy bandwidth measured in the same run.
+   weight bytes streamed per batch-1 step against the device's copy bandwidth measured in the same run. Each timed
+   run follows an untimed one of the same length: cuDNN builds its attention plans per shape, at first use.
 
     python benchmarks/bench_gpu.py [--out bench-out] [--new-tokens 128] [--skip triton invariance profile decode]
 
@@ -75,12 +76,12 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
     import torch
 
     from falconlm.quant.kernels import WeightSpec, select_kernel
-    from falconlm.quant.kernels.triton import int4_matmul, split_for
+    from falconlm.quant.kernels.triton import int4_matmul
     from falconlm.quant.primitives import plan_groups, quantize_int4
 
     lines = ["| layer [N, K] | rows | max rel error | triton kernel us | weight GB/s | triton call us | reference us |"]
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
-    sweep = ["", "| layer [N, K] | block_n | warps | split-K | kernel us at 1 row |", "|---|---:|---:|---:|---:|"]
+    sweep = ["", "| layer [N, K] | block_n | warps | kernel us at 1 row |", "|---|---:|---:|---:|"]
     ok = True
     for n, k in shapes:
         qt = quantize_int4(torch.randn(n, k) * 0.02, plan_groups(k, 64)).to(device="cuda")
@@ -102,13 +103,10 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
                 f"| {t_call * 1e6:.0f} | {t_ref * 1e6:.0f} |"
             )
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for block_n in (16, 32, 64):
-            for warps in (2, 4):
-                for split in (1, split_for(-(-n // block_n), spec.padded_in // 64, x.device)):
-                    seconds = kernel_seconds(
-                        lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps, k=split: int4_matmul(x, ws, s, b, w, k)
-                    )
-                    sweep.append(f"| [{n}, {k}] | {block_n} | {warps} | {split} | {seconds * 1e6:.1f} |")
+        for block_n in (16, 32, 64, 128):
+            for warps in (2, 4, 8):
+                seconds = kernel_seconds(lambda x=x, ws=fast_w, s=spec, b=block_n, w=warps: int4_matmul(x, ws, s, b, w))
+                sweep.append(f"| [{n}, {k}] | {block_n} | {warps} | {seconds * 1e6:.1f} |")
     return lines + sweep, ok
 
 
@@ -203,7 +201,7 @@ def falconlm_tok_s(folder: Path, new_tokens: int) -> tuple[float, float, str]:
     rates = []
     for batch in (1, 8):
         warm = torch.randint(0, 65024, (batch, PROMPT), generator=gen).tolist()
-        llm.generate(warm, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        llm.generate(warm, params)  # every context length once: cuDNN attention plans are built per shape
         prompts = torch.randint(0, 65024, (batch, PROMPT), generator=gen).tolist()
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -225,7 +223,7 @@ def transformers_tok_s(folder: Path, new_tokens: int) -> tuple[float, float, str
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
         kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens, "pad_token_id": 0}
         with torch.no_grad():
-            model.generate(ids, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+            model.generate(ids, **kwargs)  # the same warm-up as falconlm's: every shape once
             torch.cuda.synchronize()
             start = time.perf_counter()
             model.generate(ids, **kwargs)

@@ -1,15 +1,10 @@
 """A Triton int4 group-wise matmul for GPUs: ``y = x @ ((q - 8) * scale + zero).T`` without a bf16 weight.
 
 It reads the stored format directly (``qweight`` uint8 [N, K / 2], ``scales``/``zeros`` [N, G]), so a layer
-and a tied embedding share one copy. Each program owns a [BLOCK_M, BLOCK_N] tile of ``y`` and walks its share of
-K one group at a time: it loads the group's packed bytes, splits the nibbles, applies that group's scale and zero
-point in registers and accumulates ``tl.dot`` in float32.
-
-A decode step has one row, so a layer of 2048 outputs is only 32 tiles: too few programs to keep a GPU's memory
-busy. So K is split too (split-K): ``split`` programs per tile each sum a run of groups into a float32 partial,
-and the partials are added in a fixed order afterwards. ``split`` depends on the layer's shape and the GPU, never
-on the number of rows, so a row's sums do not depend on the batch. Importing this module needs ``triton`` (the
-``triton`` extra); ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors, which is how the tests check it.
+and a tied embedding share one copy. Each program owns a [BLOCK_M, BLOCK_N] tile of ``y`` and walks K one group
+at a time: it loads the group's packed bytes, splits the nibbles, applies that group's scale and zero point in
+registers and accumulates ``tl.dot`` in float32. Importing this module needs ``triton`` (the ``triton``
+extra); ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors, which is how the tests check it.
 """
 
 from __future__ import annotations
@@ -35,11 +30,9 @@ def _int4_matmul(
     N,
     K,
     num_groups,
-    groups_per_split,
     stride_xm,
     stride_wn,
     stride_sn,
-    stride_ys,
     stride_ym,
     HAS_ZEROS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -48,7 +41,6 @@ def _int4_matmul(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, GROUP)
@@ -56,8 +48,7 @@ def _int4_matmul(
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first = pid_k * groups_per_split
-    for g in range(first, tl.minimum(first + groups_per_split, num_groups)):
+    for g in range(0, num_groups):
         k = g * GROUP + offs_g
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0.0
@@ -71,29 +62,12 @@ def _int4_matmul(
             w = w + z[:, None]
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     y = acc.to(y_ptr.dtype.element_ty)
-    y_ptr += pid_k * stride_ys
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _add_partials(p_ptr, y_ptr, split, numel, stride_s, BLOCK: tl.constexpr):
-    """``y = sum of the split-K partials``, added in split order for every element (a torch sum's order may
-    depend on the shape, and so on the number of rows)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, split):
-        acc += tl.load(p_ptr + s * stride_s + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
 def _compiled():  # decorated at first use, so TRITON_INTERPRET set by then is honoured
     return triton.jit(_int4_matmul)
-
-
-@functools.cache
-def _compiled_add():
-    return triton.jit(_add_partials)
 
 
 def interpreting() -> bool:
@@ -106,23 +80,16 @@ def int4_matmul(
     spec: WeightSpec,
     block_n: int = 64,
     num_warps: int = 4,
-    split: int | None = None,
 ) -> torch.Tensor:
-    """``[M, K] @ W.T`` for one stored int4 weight (``qweight``, ``scales``, optional ``zeros``). ``block_n`` and
-    ``num_warps`` are the tile's width and the warps per program, ``split`` the programs per tile along K (default
-    :func:`split_for`); the benchmarks sweep them."""
+    """``[M, K] @ W.T`` for one stored int4 weight (``qweight``, ``scales``, optional ``zeros``); ``block_n`` and
+    ``num_warps`` are the tile's width and the warps per program (the benchmarks sweep them)."""
     qweight, scales = weights[0], weights[1]
     zeros = weights[2] if len(weights) > 2 else scales  # unused when HAS_ZEROS is false
     x2 = x.contiguous()
     m, n = x2.shape[0], spec.out_features
-    num_groups = spec.padded_in // spec.group_size
-    if split is None:
-        split = split_for(triton.cdiv(n, block_n), num_groups, x.device)
-    per_split = triton.cdiv(num_groups, max(1, min(split, num_groups)))
-    split = triton.cdiv(num_groups, per_split)
-    y = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else 64
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _compiled()[grid](
         x2,
         qweight,
@@ -132,38 +99,18 @@ def int4_matmul(
         m,
         n,
         spec.in_features,
-        num_groups,
-        per_split,
+        spec.padded_in // spec.group_size,
         x2.stride(0),
         qweight.stride(0),
         scales.stride(0),
         y.stride(0),
-        y.stride(1),
         HAS_ZEROS=len(weights) > 2,
         GROUP=spec.group_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    if split == 1:
-        return y[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _compiled_add()[(triton.cdiv(m * n, 1024),)](y, out, split, m * n, y.stride(0), BLOCK=1024)
-    return out
-
-
-def split_for(column_tiles: int, num_groups: int, device: torch.device) -> int:
-    """Programs per tile along K so that a one-row matmul has about two programs per multiprocessor; 1 on CPU
-    (the interpreter) and where the columns alone give enough."""
-    if device.type != "cuda":
-        return 1
-    programs = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(num_groups, programs // max(1, column_tiles)))
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return y
 
 
 class TritonKernel:
