@@ -5,7 +5,7 @@ per *variant*:
 
 * ``avx512``: x86 with AVX-512 F/BW/VL, plus VNNI (vpdpbusd) and BF16 (vdpbf16ps) where the CPU has them;
 * ``avx2``: x86 with AVX2 and FMA, plus AVX-VNNI where present;
-* ``neon``: 64-bit ARM, plus the dot-product instructions (sdot) where present;
+* ``neon``: 64-bit ARM, plus the dot-product instructions (sdot) and the int8 matrix multiply (smmla) where present;
 * ``scalar``: plain C++, built everywhere; the reference the others are tested against.
 
 The library holds the bf16 matmul, the int8 / int4 matmuls, decode attention over a paged cache, a row-wise
@@ -78,13 +78,20 @@ VARIANTS = (
         (("avx512_vnni", ("-mavx512vnni",)), ("avx512_bf16", ("-mavx512bf16",))),
     ),
     Variant("avx2", "x86_64", ("avx2", "fma"), ("-mavx2", "-mfma", "-mf16c"), (("avx_vnni", ("-mavxvnni",)),)),
-    # -march picks the ISA level; dotprod needs armv8.2-a (the later flag wins).
-    Variant("neon", "aarch64", ("asimd",), ("-march=armv8-a",), (("asimddp", ("-march=armv8.2-a+dotprod",)),)),
+    # -march picks the ISA level; dotprod needs armv8.2-a, and the later flag wins, so i8mm's flag names dotprod
+    # too (every CPU with i8mm, an Armv8.6 feature, has dotprod, mandatory since Armv8.4).
+    Variant(
+        "neon",
+        "aarch64",
+        ("asimd",),
+        ("-march=armv8-a",),
+        (("asimddp", ("-march=armv8.2-a+dotprod",)), ("i8mm", ("-march=armv8.2-a+dotprod+i8mm",))),
+    ),
     Variant("scalar", None, (), ()),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 # "<variant>-base" builds a variant without its optional features (AVX2 without AVX-VNNI, AVX-512 without VNNI and
-# BF16, NEON without dotprod): the code a CPU that has only the required ones runs. On a CPU with more, tests run
+# BF16, NEON without dotprod and i8mm): the code a CPU that has only the required ones runs. On a CPU with more, tests run
 # those paths too, and benchmarks stand in for the smaller CPU with them.
 BASE = "-base"
 

@@ -27,7 +27,11 @@ QEMU = shutil.which("qemu-aarch64")
 DRIVER = Path(__file__).parent / "csrc" / "kernel_driver.cpp"
 needs_cross = pytest.mark.skipif(CROSS is None, reason="no aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="no qemu-user (apt install qemu-user)")
-FLAGS = {"neon+dotprod": "-march=armv8.2-a+dotprod", "neon": "-march=armv8-a"}
+FLAGS = {
+    "neon+dotprod+i8mm": "-march=armv8.2-a+dotprod+i8mm",
+    "neon+dotprod": "-march=armv8.2-a+dotprod",
+    "neon": "-march=armv8-a",
+}
 
 
 @pytest.fixture(scope="module", params=sorted(FLAGS))
@@ -68,16 +72,17 @@ def test_arm_kernels_match_the_scalar_reference(driver, tmp_path: Path, monkeypa
     out = _run(driver, "linear", [5, 320, 48], [t.view(torch.int16).numpy() for t in (x, w)], tmp_path)
     arm = torch.from_numpy(np.frombuffer(out, dtype=np.int16).copy()).view(torch.bfloat16).view(5, 48).float()
     torch.testing.assert_close(arm, ops.linear_invariant(x, w).float(), rtol=8e-3, atol=1e-3)
-    # int8 and int4 matmuls: integer dots, the same float steps: equal to float32 rounding.
-    xf = torch.randn(3, 256, generator=gen)
+    # int8 and int4 matmuls: integer dots, the same float steps: equal to float32 rounding. Five rows: with i8mm
+    # two pairs through smmla and a last row through sdot.
+    xf = torch.randn(5, 256, generator=gen)
     for bits in (8, 4):
         wf = torch.randn(32, 256, generator=gen) * 0.05
         qt = quantize_int8(wf) if bits == 8 else quantize_int4(wf, plan_groups(256, 64))
         spec = WeightSpec.of(qt)
         tiled, scales = NATIVE_KERNEL.prepare(qt, torch.float32).values()
-        fields = [bits, 3, 256, 32, spec.group_size, tiled.numel(), scales.numel() * scales.element_size()]
+        fields = [bits, 5, 256, 32, spec.group_size, tiled.numel(), scales.numel() * scales.element_size()]
         out = _run(driver, "qlinear", fields, [xf.numpy(), tiled.numpy(), scales.numpy()], tmp_path)
-        arm = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(3, 32)
+        arm = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(5, 32)
         torch.testing.assert_close(arm, NATIVE_KERNEL.matmul(xf, (tiled, scales), spec), rtol=1e-5, atol=1e-6)
     # argmax with a tie, -inf, inf and NaN rows.
     logits = torch.randn(4, 1000, generator=gen)

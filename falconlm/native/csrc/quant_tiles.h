@@ -19,8 +19,8 @@
 namespace falcon {
 
 constexpr int TILE = 16;  // output rows per tile (vector lanes)
-#if defined(FALCON_AVX512) || defined(FALCON_SCALAR)
-constexpr int MR = 4;  // activation rows per register block
+#if defined(FALCON_AVX512) || defined(FALCON_SCALAR) || defined(FALCON_I8MM)
+constexpr int MR = 4;  // activation rows per register block (with i8mm: two pairs of rows)
 #else
 constexpr int MR = 2;  // two ymm / four q registers per 16 lanes: fewer rows keep the sums in registers
 #endif
@@ -48,10 +48,32 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
     I32x16 iacc[MR];
     for (int r = 0; r < R; ++r) iacc[r] = izero();
     const uint8_t* wb = w + b * B * TILE;
-    for (int64_t k = 0; k < B; k += 4) {
-      prefetch(wb + k * TILE + PREFETCH);
-      const Line wv = load_line(wb + k * TILE);
-      for (int r = 0; r < R; ++r) iacc[r] = dot_q8(iacc[r], wv, four_bytes(xq + (m0 + r) * K + b * B + k));
+#if defined(FALCON_I8MM)
+    if constexpr (R >= 2) {  // pairs of rows through smmla, an odd last row through sdot
+      I32Pairs pacc[R / 2];
+      for (int p = 0; p < R / 2; ++p) pacc[p] = pzero();
+      for (int64_t k = 0; k < B; k += 8) {
+        prefetch(wb + k * TILE + PREFETCH);
+        prefetch(wb + (k + 4) * TILE + PREFETCH);
+        const Line w0 = load_line(wb + k * TILE), w4 = load_line(wb + (k + 4) * TILE);
+        const Line s0 = signed_q8(w0), s4 = signed_q8(w4);
+        const int8_t* xk = xq + m0 * K + b * B + k;
+        for (int p = 0; p < R / 2; ++p)
+          pacc[p] = mmla8(pacc[p], s0, s4, two_rows(xk + 2 * p * K, xk + (2 * p + 1) * K));
+        if constexpr (R % 2 == 1) {
+          const int8_t* xl = xk + (R - 1) * K;
+          iacc[R - 1] = dot_q8(dot_q8(iacc[R - 1], w0, four_bytes(xl)), w4, four_bytes(xl + 4));
+        }
+      }
+      for (int p = 0; p < R / 2; ++p) unpair(pacc[p], iacc[2 * p], iacc[2 * p + 1]);
+    } else
+#endif
+    {
+      for (int64_t k = 0; k < B; k += 4) {
+        prefetch(wb + k * TILE + PREFETCH);
+        const Line wv = load_line(wb + k * TILE);
+        for (int r = 0; r < R; ++r) iacc[r] = dot_q8(iacc[r], wv, four_bytes(xq + (m0 + r) * K + b * B + k));
+      }
     }
     for (int r = 0; r < R; ++r) {
       const int64_t i = (m0 + r) * nb + b;
@@ -75,15 +97,29 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
     I32x16 iacc[MR];
     for (int r = 0; r < R; ++r) iacc[r] = izero();
     const uint8_t* wb = w + b * (B / 2) * TILE;
+#if defined(FALCON_I8MM)
+    I32Pairs pacc[R / 2 > 0 ? R / 2 : 1];  // pairs of rows through smmla, an odd last row through sdot
+    for (int p = 0; p < R / 2; ++p) pacc[p] = pzero();
+#endif
     for (int64_t k = 0; k < B; k += 8) {
       prefetch(wb + (k / 2) * TILE + PREFETCH);
       const Line packed = load_line(wb + (k / 2) * TILE);
       const Line w0 = low_nibbles(packed), w1 = high_nibbles(packed);
-      for (int r = 0; r < R; ++r) {
+      int r = 0;
+#if defined(FALCON_I8MM)
+      for (; r + 1 < R; r += 2) {
+        const int8_t* xp = xq + (m0 + r) * K + b * B + k;
+        pacc[r / 2] = mmla8(pacc[r / 2], w0, w1, two_rows(xp, xp + K));
+      }
+#endif
+      for (; r < R; ++r) {
         const int8_t* xp = xq + (m0 + r) * K + b * B + k;
         iacc[r] = dot_u4(dot_u4(iacc[r], w0, four_bytes(xp)), w1, four_bytes(xp + 4));
       }
     }
+#if defined(FALCON_I8MM)
+    for (int p = 0; p < R / 2; ++p) unpair(pacc[p], iacc[2 * p], iacc[2 * p + 1]);
+#endif
     const uint16_t* group = sz + (b * B / G) * 2 * TILE;  // this block's weight group: scale, then zero
     const F32x16 scale = load_bf16(group);
     const F32x16 zero_point = load_bf16(group + TILE);

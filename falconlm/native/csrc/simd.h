@@ -3,7 +3,8 @@
 //
 //   AVX-512 (F, BW, VL)   one zmm register          int8 dots: vpdpbusd with VNNI, else vpmaddubsw + vpmaddwd
 //   AVX2 + FMA            two ymm registers         int8 dots: vpdpbusd with AVX-VNNI, else vpmaddubsw + vpmaddwd
-//   ARM NEON (AArch64)    four q registers          int8 dots: sdot with dotprod, else widening multiplies
+//   ARM NEON (AArch64)    four q registers          int8 dots: sdot with dotprod, else widening multiplies;
+//                                                   two activation rows at once: smmla with i8mm
 //   scalar                sixteen floats            the reference every other variant is tested against
 //
 // The kernels are written once against these types. Sixteen lanes match the weight layout (16 output rows per
@@ -57,7 +58,9 @@ inline const char* isa_name() {
   return "avx2";
 #endif
 #elif defined(FALCON_NEON)
-#if defined(__ARM_FEATURE_DOTPROD)
+#if defined(__ARM_FEATURE_DOTPROD) && defined(__ARM_FEATURE_MATMUL_INT8)
+  return "neon+dotprod+i8mm";
+#elif defined(__ARM_FEATURE_DOTPROD)
   return "neon+dotprod";
 #else
   return "neon";
@@ -438,6 +441,40 @@ inline I32x16 dot_q8(I32x16 acc, Line w, int32_t x4) {  // stored q + 128: flip 
   const int8x16_t x = vreinterpretq_s8_s32(vdupq_n_s32(x4));
   FALCON_IEACH(dot4(acc.v[i], veorq_s8(w.v[i], vdupq_n_s8(static_cast<int8_t>(0x80))), x));
 }
+
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define FALCON_I8MM 1
+// Two activation rows at once (i8mm): one smmla multiplies a 2 x 8 block of weights (two output rows, eight
+// columns) by the same eight columns of two activation rows, four sums per instruction where sdot gives one row.
+// The sums are integers, so a row's result is the same whichever way it is computed.
+struct I32Pairs { int32x4_t v[8]; };  // v[2i], v[2i + 1]: weight rows 4i..4i+3 x rows (a, b), interleaved
+
+inline I32Pairs pzero() {
+  I32Pairs r;
+  for (int i = 0; i < 8; ++i) r.v[i] = vdupq_n_s32(0);
+  return r;
+}
+inline Line signed_q8(Line w) {  // stored q + 128 -> q
+  for (int i = 0; i < 4; ++i) w.v[i] = veorq_s8(w.v[i], vdupq_n_s8(static_cast<int8_t>(0x80)));
+  return w;
+}
+inline int8x16_t two_rows(const int8_t* a, const int8_t* b) { return vcombine_s8(vld1_s8(a), vld1_s8(b)); }
+// cols0: columns k..k+3 of the 16 weight rows, cols4: columns k+4..k+7; x2: those 8 columns of rows a, then b.
+inline I32Pairs mmla8(I32Pairs acc, Line cols0, Line cols4, int8x16_t x2) {
+  for (int i = 0; i < 4; ++i) {
+    const int32x4_t lo = vreinterpretq_s32_s8(cols0.v[i]), hi = vreinterpretq_s32_s8(cols4.v[i]);
+    acc.v[2 * i] = vmmlaq_s32(acc.v[2 * i], vreinterpretq_s8_s32(vzip1q_s32(lo, hi)), x2);  // rows 4i, 4i+1
+    acc.v[2 * i + 1] = vmmlaq_s32(acc.v[2 * i + 1], vreinterpretq_s8_s32(vzip2q_s32(lo, hi)), x2);
+  }
+  return acc;
+}
+inline void unpair(const I32Pairs& p, I32x16& a, I32x16& b) {  // each smmla sum is [ra, rb, (r+1)a, (r+1)b]
+  for (int i = 0; i < 4; ++i) {
+    a.v[i] = vuzp1q_s32(p.v[2 * i], p.v[2 * i + 1]);
+    b.v[i] = vuzp2q_s32(p.v[2 * i], p.v[2 * i + 1]);
+  }
+}
+#endif
 #undef FALCON_EACH
 #undef FALCON_IEACH
 
