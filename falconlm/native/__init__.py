@@ -91,8 +91,8 @@ VARIANTS = (
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 # "<variant>-base" builds a variant without its optional features (AVX2 without AVX-VNNI, AVX-512 without VNNI and
-# BF16, NEON without dotprod and i8mm): the code a CPU that has only the required ones runs. On a CPU with more, tests run
-# those paths too, and benchmarks stand in for the smaller CPU with them.
+# BF16, NEON without dotprod and i8mm): the code a CPU that has only the required ones runs. On a CPU with more,
+# tests run those paths too, and benchmarks stand in for the smaller CPU with them.
 BASE = "-base"
 
 

@@ -84,6 +84,9 @@ def test_arm_kernels_match_the_scalar_reference(driver, tmp_path: Path, monkeypa
         out = _run(driver, "qlinear", fields, [xf.numpy(), tiled.numpy(), scales.numpy()], tmp_path)
         arm = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(5, 32)
         torch.testing.assert_close(arm, NATIVE_KERNEL.matmul(xf, (tiled, scales), spec), rtol=1e-5, atol=1e-6)
+        fields[1] = 1  # row 0 alone (sdot) gives the bits it got beside the others (with i8mm, through smmla)
+        alone = _run(driver, "qlinear", fields, [xf[:1].numpy(), tiled.numpy(), scales.numpy()], tmp_path)
+        assert torch.equal(torch.from_numpy(np.frombuffer(alone, dtype=np.float32).copy()), arm[0])
     # argmax with a tie, -inf, inf and NaN rows.
     logits = torch.randn(4, 1000, generator=gen)
     logits[0, 10] = logits[0, 900] = 30.0
