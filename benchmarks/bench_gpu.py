@@ -110,11 +110,26 @@ def triton_rows(shapes: list[tuple[int, int]]) -> tuple[list[str], bool]:
     return lines + sweep, ok
 
 
+def cuda_llm(path: Path, max_num_seqs: int, **options: object):
+    """An ``LLM`` over ``path`` on CUDA in bfloat16 with a KV cache of ``KV_CACHE_BYTES``."""
+    from falconlm import LLM
+
+    return LLM(
+        path,
+        dtype="bfloat16",
+        device="cuda",
+        max_num_seqs=max_num_seqs,
+        kv_cache_memory=KV_CACHE_BYTES,
+        skip_tokenizer_init=True,
+        **options,
+    )
+
+
 def invariance_rows(out: Path) -> list[str]:
     """Requests whose greedy tokens in batches of 3 and 16 equal theirs alone, per weights and mode."""
     import torch
 
-    from falconlm import LLM, SamplingParams
+    from falconlm import SamplingParams
 
     folder = make_checkpoint(checkpoint_folder(out, SIZE), SIZE)
     gen = torch.Generator().manual_seed(1)
@@ -123,16 +138,7 @@ def invariance_rows(out: Path) -> list[str]:
     lines = ["| weights | deterministic | same in batches of 3 | same in a batch of 16 |", "|---|---|---:|---:|"]
     for label, path in (("bf16", folder), ("int4 g64", quantized_folder(out, "int4-g64", SIZE))):
         for deterministic in (False, True):
-            llm = LLM(
-                path,
-                dtype="bfloat16",
-                device="cuda",
-                max_num_seqs=16,
-                kv_cache_memory=KV_CACHE_BYTES,
-                enable_prefix_caching=False,
-                deterministic=deterministic,
-                skip_tokenizer_init=True,
-            )
+            llm = cuda_llm(path, 16, enable_prefix_caching=False, deterministic=deterministic)
             alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
             threes = [o.outputs[0].token_ids for i in range(0, 16, 3) for o in llm.generate(prompts[i : i + 3], params)]
             sixteen = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -150,19 +156,12 @@ def profile_rows(out: Path) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from falconlm import LLM, SamplingParams
+    from falconlm import SamplingParams
 
     lines = []
     folder = make_checkpoint(checkpoint_folder(out, SIZE), SIZE)
     for label, path in (("bf16", folder), ("int8", quantized_folder(out, "int8", SIZE))):
-        llm = LLM(
-            path,
-            dtype="bfloat16",
-            device="cuda",
-            max_num_seqs=8,
-            kv_cache_memory=KV_CACHE_BYTES,
-            skip_tokenizer_init=True,
-        )
+        llm = cuda_llm(path, 8)
         gen = torch.Generator().manual_seed(2)
         params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
         llm.generate(torch.randint(0, 65024, (8, PROMPT), generator=gen).tolist(), params)  # warm-up
@@ -185,16 +184,9 @@ def falconlm_tok_s(folder: Path, new_tokens: int) -> tuple[float, float, str]:
     """Batch-1 and batch-8 tok/s through ``LLM.generate``, and the kernels its quantized layers took."""
     import torch
 
-    from falconlm import LLM, SamplingParams
+    from falconlm import SamplingParams
 
-    llm = LLM(
-        folder,
-        dtype="bfloat16",
-        device="cuda",
-        max_num_seqs=8,
-        kv_cache_memory=KV_CACHE_BYTES,
-        skip_tokenizer_init=True,
-    )
+    llm = cuda_llm(folder, 8)
     kernel = "+".join(sorted({m.kernel.name for m in llm.model.modules() if hasattr(m, "kernel")})) or "dense"
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
