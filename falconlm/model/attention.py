@@ -9,11 +9,23 @@ which is Falcon's fused-QKV order (falcon-spec §2).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA's backends on CUDA, without cuDNN's: PyTorch compiles a cuDNN attention graph for each new sequence length
+# (pytorch/pytorch#155958 makes avoiding that opt-in), which takes a large part of a second, and a decode step's
+# key length grows by one every step. Flash and memory-efficient attention have no such per-shape cost.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA backends allowed for attention on ``device``: :data:`CUDA_SDPA_BACKENDS` on CUDA, else torch's."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class AttentionContext(Protocol):
@@ -62,15 +74,17 @@ def sdpa(
 
     A single query position with grouped K/V (a decode step) is attended as each group's query heads at once:
     [B, G, heads per group, d] against the group's keys, one matrix product per group instead of one
-    matrix-vector product per head (the heads of group g are g * per_group ... in Falcon's order).
+    matrix-vector product per head (the heads of group g are g * per_group ... in Falcon's order). On CUDA it runs
+    without cuDNN's backend (:data:`CUDA_SDPA_BACKENDS`).
     """
     B, Hq, T, d = q.shape
     G = k.shape[1]
-    if T == 1 and Hq != G and not is_causal and dropout_p == 0.0:
-        if mask is not None and mask.shape[1] != 1:
-            mask = mask.reshape(mask.shape[0], G, Hq // G, mask.shape[-1])
-        out = F.scaled_dot_product_attention(q.reshape(B, G, Hq // G, d), k, v, attn_mask=mask)
-        return out.reshape(B, Hq, 1, d)  # CUDA's SDPA kernels may return another memory layout than CPU's
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=Hq != G
-    )
+    with sdpa_backends(q.device):
+        if T == 1 and Hq != G and not is_causal and dropout_p == 0.0:
+            if mask is not None and mask.shape[1] != 1:
+                mask = mask.reshape(mask.shape[0], G, Hq // G, mask.shape[-1])
+            out = F.scaled_dot_product_attention(q.reshape(B, G, Hq // G, d), k, v, attn_mask=mask)
+            return out.reshape(B, Hq, 1, d)  # CUDA's SDPA kernels may return another memory layout than CPU's
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=Hq != G
+        )

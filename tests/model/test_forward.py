@@ -112,3 +112,31 @@ def test_grouped_decode_attention_takes_any_layout_sdpa_returns(monkeypatch: pyt
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", other_layout)
     assert torch.equal(attention.sdpa(q, k, v, None, is_causal=False), expected)
+
+
+def test_cuda_attention_leaves_out_cudnn_and_cpu_attention_keeps_torch_choice() -> None:
+    """On CUDA, SDPA runs without the cuDNN backend, which compiles a graph for every new key length (a decode
+    step's grows by one); flash, memory-efficient and math stay allowed. Elsewhere torch's own choice stands."""
+    from falconlm.model.attention import sdpa_backends
+
+    flags = torch.backends.cuda
+    before = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled())
+    with sdpa_backends(torch.device("cuda")):
+        assert not flags.cudnn_sdp_enabled()
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+    assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled()) == before
+    with sdpa_backends(torch.device("cpu")):
+        assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled()) == before
+
+
+def test_every_attention_call_asks_for_its_device_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import nullcontext
+
+    from falconlm.model import attention
+
+    asked: list[torch.device] = []
+    monkeypatch.setattr(attention, "sdpa_backends", lambda device: asked.append(device) or nullcontext())
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    attention.sdpa(q, k, v, None, is_causal=False)  # the grouped decode path
+    attention.sdpa(torch.randn(1, 4, 3, 8), k, v, None, is_causal=True)  # the general one
+    assert asked == [q.device, q.device]
