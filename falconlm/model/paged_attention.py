@@ -114,9 +114,19 @@ class PagedAttention:
         return [self.context_lens[r] for r in self._decode_rows]
 
     @cached_property
-    def _decode_positions(self) -> torch.Tensor:
-        """Where the decode rows' queries sit in the flattened step."""
-        return torch.tensor([self.query_starts[r] for r in self._decode_rows], device=self.slot_mapping.device)
+    def _decode_positions(self) -> torch.Tensor | slice:
+        """Where the decode rows' queries sit in the flattened step: a slice when they are side by side (every
+        step of decodes alone), so that reading and writing them makes no index kernels."""
+        starts = [self.query_starts[r] for r in self._decode_rows]
+        return _as_slice(starts) or torch.tensor(starts, device=self.slot_mapping.device)
+
+    @cached_property
+    def _decode_block_table(self) -> torch.Tensor:
+        """The decode rows' block tables up to their longest length, shared by the K and V gathers of every
+        layer of the step (a view when every row decodes)."""
+        rows = _as_slice(self._decode_rows) or self._decode_rows
+        num = -(-max(self._decode_lengths) // self.cache.k.shape[2])
+        return self.block_tables[rows, :num]
 
     def _decode_mask(self, q: torch.Tensor) -> torch.Tensor | None:
         """The decode rows' additive mask [R, 1 or Hq, 1, L] for SDPA (the same for every layer of the step): None
@@ -141,11 +151,13 @@ class PagedAttention:
         lengths = torch.tensor(self._decode_lengths, dtype=torch.int64)
         return self.block_tables[self._decode_rows].contiguous(), lengths
 
-    def _gather(self, rows: list[int], blocks: torch.Tensor, length: int) -> torch.Tensor:
-        """K or V of ``rows`` as [R, G, length, d], read through their block tables."""
+    def _gather(self, rows: list[int], blocks: torch.Tensor, length: int, table: torch.Tensor | None = None):
+        """K or V of ``rows`` as [R, G, length, d], read through their block tables (``table``: those rows'
+        tables already cut to ``length``)."""
         block_size = blocks.shape[1]
         num = -(-length // block_size)
-        table = self.block_tables[rows, :num]  # [R, num]
+        if table is None:
+            table = self.block_tables[rows, :num]  # [R, num]
         gathered = blocks[table]  # [R, num, block_size, G, d]
         R, _, _, G, d = gathered.shape
         return gathered.view(R, num * block_size, G, d)[:, :length].transpose(1, 2)
@@ -161,8 +173,8 @@ class PagedAttention:
             if result is not None:
                 out[0, :, positions] = result.transpose(0, 1)
                 return
-        keys = self._gather(self._decode_rows, k_blocks, longest)  # [R, G, L, d]
-        values = self._gather(self._decode_rows, v_blocks, longest)
+        keys = self._gather(self._decode_rows, k_blocks, longest, self._decode_block_table)  # [R, G, L, d]
+        values = self._gather(self._decode_rows, v_blocks, longest, self._decode_block_table)
         queries = q[0, :, positions].transpose(0, 1)[:, :, None]  # [R, Hq, 1, d]
         result = sdpa(queries, keys, values, self._decode_mask(q), is_causal=False)  # [R, Hq, 1, d]
         out[0, :, positions] = result[:, :, 0].transpose(0, 1)
@@ -213,3 +225,10 @@ class PagedAttention:
         """[Hq, 1, L] ALiBi bias over key positions 0..L-1, rounded exactly as the dense path rounds it."""
         bias = self.alibi_slopes.bfloat16()[:, None] * key_pos[None, :]  # bfloat16, as transformers computes it
         return (bias.to(dtype) / math.sqrt(head_dim))[:, None]
+
+
+def _as_slice(indices: list[int]) -> slice | None:
+    """``indices`` as a slice when they are consecutive and ascending, else None."""
+    if indices and indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return None
