@@ -123,7 +123,8 @@ class PagedAttention:
     @cached_property
     def _decode_block_table(self) -> torch.Tensor:
         """The decode rows' block tables up to their longest length, shared by the K and V gathers of every
-        layer of the step (a view when every row decodes)."""
+        layer of the step (a view when the rows are side by side; else one index, which on a GPU is a copy from
+        the host that waits for the device, once a step instead of twice a layer)."""
         rows = _as_slice(self._decode_rows) or self._decode_rows
         num = -(-max(self._decode_lengths) // self.cache.k.shape[2])
         return self.block_tables[rows, :num]
@@ -156,8 +157,8 @@ class PagedAttention:
         tables already cut to ``length``)."""
         block_size = blocks.shape[1]
         num = -(-length // block_size)
-        if table is None:
-            table = self.block_tables[rows, :num]  # [R, num]
+        if table is None:  # a slice where it can: a list index is a host-to-device copy on a GPU
+            table = self.block_tables[_as_slice(rows) or rows, :num]  # [R, num]
         gathered = blocks[table]  # [R, num, block_size, G, d]
         R, _, _, G, d = gathered.shape
         return gathered.view(R, num * block_size, G, d)[:, :length].transpose(1, 2)
