@@ -82,7 +82,7 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-# ---- the two implementations: prefill(ids) and decode(ids, new_tokens) -------------------------------------------
+# ---- the two implementations: generate(ids, new_tokens) -> when each new token (of every row) was there ----------
 def falconlm_runner(folder: Path, dtype: torch.dtype, max_len: int):
     from falconlm.model.falcon_h1 import FalconH1ForCausalLM
 
@@ -91,17 +91,26 @@ def falconlm_runner(folder: Path, dtype: torch.dtype, max_len: int):
     if engine is not None:
         from falconlm.engine.sampling_params import SamplingParams
 
-        def generate(ids: torch.Tensor, new_tokens: int) -> None:
+        def generate(ids: torch.Tensor, new_tokens: int) -> list[float]:
             params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-            engine.generate(ids.tolist(), [params] * ids.shape[0])
+            for i, prompt in enumerate(ids.tolist()):
+                engine.add_request(f"bench-{i}", prompt, params)
+            times = []
+            while engine.has_unfinished():
+                if engine.step():  # every row adds its token in the same step (same-length prompts)
+                    times.append(time.perf_counter())
+            return times
 
         return model, "engine", generate
 
-    def generate(ids: torch.Tensor, new_tokens: int) -> None:  # the model's own cached step
+    def generate(ids: torch.Tensor, new_tokens: int) -> list[float]:  # the model's own cached step
         cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens)
         logits = model(ids, cache=cache, last_token_only=True)
+        times = [time.perf_counter()]
         for _ in range(new_tokens - 1):
             logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+            times.append(time.perf_counter())
+        return times
 
     return model, "model step API", generate
 
@@ -128,18 +137,31 @@ def _engine(model, max_len: int):
 
 def transformers_runner(folder: Path, dtype: torch.dtype):
     import transformers
+    from transformers.generation.streamers import BaseStreamer
 
     model = transformers.FalconH1ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
-    def generate(ids: torch.Tensor, new_tokens: int) -> None:
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    class Clock(BaseStreamer):  # generate hands it the prompt, then each step's new tokens
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def generate(ids: torch.Tensor, new_tokens: int) -> list[float]:
+        clock = Clock()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+        return clock.times[1:]  # the first put is the prompt
 
     return generate
 
 
 def measure(generate, vocab: int, prefill: int, new_tokens: int, long_context: int, repeats: int) -> dict:
-    """Tokens per second. Decode rates are ``new_tokens`` more tokens' time (generating ``new_tokens + 1``
-    against generating 1, each the best of ``repeats``), so the prompt's own cost drops out."""
+    """Tokens per second. A decode rate is the time from each row's first new token to its last, over
+    ``new_tokens`` more tokens (the best of ``repeats`` calls), so the prompt's cost is never in it."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, prefill), generator=gen)
     short = torch.randint(0, vocab, (8, 16), generator=gen)
@@ -147,8 +169,13 @@ def measure(generate, vocab: int, prefill: int, new_tokens: int, long_context: i
     generate(short[:1, :8], 2)  # warm up
 
     def decode_rate(ids: torch.Tensor) -> float:
-        extra = timed(lambda: generate(ids, new_tokens + 1), repeats) - timed(lambda: generate(ids, 1), repeats)
-        return ids.shape[0] * new_tokens / extra if extra > 0 else float("nan")
+        best = float("inf")
+        for _ in range(repeats):
+            times = generate(ids, new_tokens + 1)
+            if len(times) != new_tokens + 1:
+                raise RuntimeError(f"expected {new_tokens + 1} token times, got {len(times)}")
+            best = min(best, times[-1] - times[0])
+        return ids.shape[0] * new_tokens / best
 
     return {
         "prefill_tok_s": prefill / timed(lambda: generate(prompt, 1), repeats),
