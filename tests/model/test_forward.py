@@ -8,8 +8,9 @@ import torch
 
 from falconlm import FalconForCausalLM
 from falconlm.model.dense import KVCache, build_dense_attention
-from falconlm.model.paged_attention import PagedAttention, PagedKVCache
-from falconlm.model.positions import alibi_slopes
+from falconlm.model.paged_attention import PagedKVCache
+
+from .paged_step import paged_step
 
 
 @pytest.fixture(autouse=True)
@@ -57,26 +58,6 @@ def test_compute_logits_rows_are_rows_of_the_flattened_states(tiny_checkpoint):
     torch.testing.assert_close(picked, full.reshape(10, -1)[rows])
 
 
-def _paged_step(model, cache: PagedKVCache, tables: list[list[int]], tokens: list[list[int]], starts: list[int]):
-    """One engine-style step over ``cache``: row r adds ``tokens[r]`` at positions from ``starts[r]``, all rows
-    flattened into one sequence; the logits of each row's last token."""
-    cfg, bs = model.config, cache.k.shape[2]
-    slopes = alibi_slopes(cfg.num_attention_heads) if cfg.alibi else None
-    ids, positions, slots, query_starts, last = [], [], [], [], []
-    for toks, start, table in zip(tokens, starts, tables, strict=True):
-        query_starts.append(len(ids))
-        ids += toks
-        positions += range(start, start + len(toks))
-        slots += [table[p // bs] * bs + p % bs for p in range(start, start + len(toks))]
-        last.append(len(ids) - 1)
-    ctx = PagedAttention(
-        cache, torch.tensor(slots), query_starts, [len(t) for t in tokens],
-        [s + len(t) for s, t in zip(starts, tokens, strict=True)], torch.tensor(tables), slopes,
-    )  # fmt: skip
-    hidden = model.forward_hidden(torch.tensor([ids]), torch.tensor([positions]), ctx)
-    return model.compute_logits(hidden, torch.tensor(last))
-
-
 def test_paged_context_through_the_same_forward_matches_the_hf_call(hf_checkpoint):
     """Two prompts flattened into one step over a paged cache, then a decode step of both: the logits of each
     row's last token equal the HF-style call on that row alone."""
@@ -87,11 +68,11 @@ def test_paged_context_through_the_same_forward_matches_the_hf_call(hf_checkpoin
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (7, 5)]
     tables = [[0, 1, 2], [3, 4, 5]]
     cache = PagedKVCache.allocate(cfg.num_hidden_layers, 6, 4, cfg.num_kv_groups, cfg.head_dim, torch.float32, "cpu")
-    got = _paged_step(model, cache, tables, prompts, [0, 0])
+    got = paged_step(model, cache, tables, prompts, [0, 0])
     for row, prompt in enumerate(prompts):
         torch.testing.assert_close(got[row], model(torch.tensor([prompt]))[0, -1], atol=1e-4, rtol=1e-4)
     following = [[int(got[row].argmax())] for row in range(2)]
-    got = _paged_step(model, cache, tables, following, [len(p) for p in prompts])
+    got = paged_step(model, cache, tables, following, [len(p) for p in prompts])
     for row, prompt in enumerate(prompts):
         whole = torch.tensor([prompt + following[row]])
         torch.testing.assert_close(got[row], model(whole)[0, -1], atol=1e-4, rtol=1e-4, msg=variant)
@@ -107,9 +88,9 @@ def test_decode_rows_apart_in_a_step_with_a_prompt_chunk_match_the_hf_call(hf_ch
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (6, 4, 9)]
     tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     cache = PagedKVCache.allocate(cfg.num_hidden_layers, 9, 4, cfg.num_kv_groups, cfg.head_dim, torch.float32, "cpu")
-    _paged_step(model, cache, tables, prompts, [0, 0, 0])
+    paged_step(model, cache, tables, prompts, [0, 0, 0])
     added = [[11], [12, 13, 14], [15]]
-    got = _paged_step(model, cache, tables, added, [len(p) for p in prompts])
+    got = paged_step(model, cache, tables, added, [len(p) for p in prompts])
     for row, prompt in enumerate(prompts):
         whole = torch.tensor([prompt + added[row]])
         torch.testing.assert_close(got[row], model(whole)[0, -1], atol=1e-4, rtol=1e-4, msg=variant)

@@ -82,30 +82,14 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 def paged_logits(model: torch.nn.Module) -> torch.Tensor:
     """Two prompts flattened into one engine-style step over a paged cache, then a decode step of both: the
     last-token logits of each step (the paged attention path, ALiBi slopes from the model's config)."""
-    from falconlm.model.paged_attention import PagedAttention, PagedKVCache
-    from falconlm.model.positions import head_alibi_slopes
+    from falconlm.model.paged_attention import PagedKVCache
 
-    cfg, bs = model.config, 4
+    from ..model.paged_step import paged_step
+
+    cfg = model.config
     prompts = [[3, 9, 27, 81 % VOCAB, 43, 29, 87], [5, 25, 24, 19, 94]]
     tables = [[0, 1, 2], [3, 4, 5]]
-    cache = PagedKVCache.allocate(cfg.num_hidden_layers, 6, bs, cfg.num_kv_groups, cfg.head_dim, torch.float32, "cpu")
-    slopes = head_alibi_slopes(cfg) if cfg.alibi else None
-
-    def step(tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        ids, positions, slots, query_starts, last = [], [], [], [], []
-        for toks, start, table in zip(tokens, starts, tables, strict=True):
-            query_starts.append(len(ids))
-            ids += toks
-            positions += range(start, start + len(toks))
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + len(toks))]
-            last.append(len(ids) - 1)
-        ctx = PagedAttention(
-            cache, torch.tensor(slots), query_starts, [len(t) for t in tokens],
-            [s + len(t) for s, t in zip(starts, tokens, strict=True)], torch.tensor(tables), slopes,
-        )  # fmt: skip
-        hidden = model.forward_hidden(torch.tensor([ids]), torch.tensor([positions]), ctx)
-        return model.compute_logits(hidden, torch.tensor(last))
-
-    first = step(prompts, [0, 0])
+    cache = PagedKVCache.allocate(cfg.num_hidden_layers, 6, 4, cfg.num_kv_groups, cfg.head_dim, torch.float32, "cpu")
+    first = paged_step(model, cache, tables, prompts, [0, 0])
     following = [[int(first[row].argmax())] for row in range(2)]
-    return torch.cat([first, step(following, [len(p) for p in prompts])])
+    return torch.cat([first, paged_step(model, cache, tables, following, [len(p) for p in prompts])])
