@@ -136,3 +136,18 @@ def test_embedding_tied_to_a_native_head_reads_its_tensors(isa: str, bits: int) 
     tol = {"rtol": 0, "atol": 0} if bits == 8 else {"rtol": 1e-2, "atol": 1e-3}  # int4 scales are bfloat16
     torch.testing.assert_close(emb(ids), qt.dequantize()[ids], **tol)
     assert "layout=native" in repr(emb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k", "bits", "group"), [(64, 128, 8, 0), (4544, 256, 4, 64), (48, 100, 4, 64)])
+def test_native_rows_equal_the_torch_dequantization(isa: str, n: int, k: int, bits: int, group: int, dtype) -> None:
+    """The embedding's one-call row lookup gives the bits of the torch ops it replaces, padded widths too."""
+    qt = quantized(n, k, bits, group or 64)
+    spec = WeightSpec.of(qt)
+    kernel = select_kernel(spec, "cpu", "native")
+    weights = tuple(kernel.prepare(qt, dtype).values())
+    ids = torch.tensor([[0, n - 1, 17], [16, 15, n // 2]])
+    rows = kernel.rows(weights, ids, spec, dtype)
+    assert rows.dtype == dtype and rows.shape == (2, 3, k)
+    assert torch.equal(rows, kernel.torch_rows(weights, ids, spec, dtype))
+    torch.testing.assert_close(rows.float(), qt.dequantize()[ids], rtol=1e-2, atol=1e-3)

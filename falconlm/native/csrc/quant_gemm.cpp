@@ -75,4 +75,35 @@ void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_
   });
 }
 
+// Rows ids[0 .. R) of a tiled weight (the layouts above; K its padded width), dequantized to y [R, k_real]
+// (bfloat16 or float32): an embedding that reads its tied head's tiles. Each value as the torch dequantization
+// computes it in float32 ((q - 128) * scale; (q - 8) * scale + zero), then rounded once to y's dtype.
+void falcon_qrows(const uint8_t* w, const void* scales, int bits, int64_t K, int64_t k_real, int64_t G,
+                  const int64_t* ids, int64_t R, void* y, int y_bf16) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = ids[r], tile = n / TILE, lane = n % TILE;
+    auto put = [&](int64_t k, float v) {
+      if (y_bf16) {
+        static_cast<uint16_t*>(y)[r * k_real + k] = f32_to_bf16(v);
+      } else {
+        static_cast<float*>(y)[r * k_real + k] = v;
+      }
+    };
+    if (bits == 8) {
+      const uint8_t* row = w + tile * K * TILE + lane * 4;  // then a 64-byte line per 4 columns
+      const float scale = static_cast<const float*>(scales)[n];
+      for (int64_t k = 0; k < k_real; ++k) put(k, static_cast<float>(row[(k / 4) * 64 + k % 4] - 128) * scale);
+      continue;
+    }
+    const uint8_t* row = w + tile * (K / 2) * TILE + lane * 4;
+    const uint16_t* sz = static_cast<const uint16_t*>(scales) + tile * (K / G) * 2 * TILE + lane;
+    for (int64_t k = 0; k < k_real; ++k) {
+      const uint8_t byte = row[(k / 8) * 64 + k % 4];
+      const int q = k % 8 < 4 ? byte & 0x0F : byte >> 4;
+      const float scaled = static_cast<float>(q - 8) * bf16_to_f32(sz[(k / G) * 2 * TILE]);
+      put(k, scaled + bf16_to_f32(sz[(k / G) * 2 * TILE + TILE]));
+    }
+  }
+}
+
 }  // extern "C"

@@ -84,7 +84,23 @@ class NativeKernel:
         return self.rows(weights, torch.arange(spec.out_features), spec, dtype)
 
     def rows(self, weights: tuple[torch.Tensor, ...], ids: torch.Tensor, spec: WeightSpec, dtype: torch.dtype):
-        """Dequantized rows ``ids`` (any shape) of the tiled matrix -> [*ids.shape, in_features]."""
+        """Dequantized rows ``ids`` (any shape) of the tiled matrix -> [*ids.shape, in_features]: one foreign
+        call (an embedding lookup each decode step), or torch where the library is missing or ``dtype`` is
+        float16; the two give the same bits."""
+        lib = kernels()
+        if lib is None or dtype is torch.float16 or ids.device.type != "cpu":
+            return self.torch_rows(weights, ids, spec, dtype)
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        y = torch.empty(*ids.shape, spec.in_features, dtype=dtype)
+        tiled, scales = weights
+        lib.falcon_qrows(
+            tiled.data_ptr(), scales.data_ptr(), spec.bits, spec.padded_in, spec.in_features, spec.group_size,
+            flat.data_ptr(), flat.numel(), y.data_ptr(), int(dtype is torch.bfloat16),
+        )  # fmt: skip
+        return y
+
+    def torch_rows(self, weights: tuple[torch.Tensor, ...], ids: torch.Tensor, spec: WeightSpec, dtype: torch.dtype):
+        """:meth:`rows` in torch ops."""
         flat = ids.reshape(-1)
         tile, lane = flat // TILE, flat % TILE
         tiled, scales = weights
