@@ -6,6 +6,7 @@ falcon-spec §4.1 / §4.3 for the exact rounding transformers uses, which we rep
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,11 +31,25 @@ def rope_inv_freq(config: FalconConfig, seq_len: int | None = None) -> torch.Ten
         # In float32 tensors, as transformers computes it from a tensor length (bit-equal frequencies).
         stretch = scaling.factor * torch.tensor(seq_len) / original - (scaling.factor - 1)
         base = base * stretch ** (dim / (dim - 2))
+    return _inv_freq(dim, base, _linear_factor(config))
+
+
+def _linear_factor(config: FalconConfig) -> float | None:
+    scaling = config.rope_scaling
+    return scaling.factor if scaling is not None and scaling.rope_type == "linear" else None
+
+
+def _inv_freq(dim: int, base: float | torch.Tensor, linear_factor: float | None) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (base**exponents)
-    if scaling is not None and scaling.rope_type == "linear":
-        inv_freq = inv_freq / scaling.factor
-    return inv_freq
+    return inv_freq if linear_factor is None else inv_freq / linear_factor
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_inv_freq(dim: int, base: float, linear_factor: float | None, device: torch.device) -> torch.Tensor:
+    """:func:`_inv_freq` for a base that no sequence length changes, made once per device: a decode step's
+    cos / sin need a few microseconds of work, and this saves most of it. Shared, so never written to."""
+    return _inv_freq(dim, base, linear_factor).to(device)
 
 
 def is_dynamic(config: FalconConfig) -> bool:
@@ -58,9 +73,11 @@ def rope_cos_sin(
         lengths, which = torch.unique(rope_lengths.reshape(-1), return_inverse=True)
         table = torch.stack([rope_inv_freq(config, int(n)) for n in lengths.tolist()]).to(positions.device)
         inv_freq = table[which].view(*positions.shape, -1)  # [B, T, d/2], each token its sequence's frequencies
-    else:
-        seq_len = int(positions.max()) + 1 if is_dynamic(config) and positions.numel() else None
+    elif is_dynamic(config):
+        seq_len = int(positions.max()) + 1 if positions.numel() else None
         inv_freq = rope_inv_freq(config, seq_len).to(positions.device)
+    else:
+        inv_freq = _fixed_inv_freq(config.head_dim, float(config.rope_theta), _linear_factor(config), positions.device)
     angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
     emb = torch.cat((angles, angles), dim=-1)  # [B, T, d]
     return emb.cos().to(dtype)[:, :, None, None], emb.sin().to(dtype)[:, :, None, None]
