@@ -146,10 +146,8 @@ class ModelRunner:
 
     def run_batch(self, batch: ForwardBatch, decoder: FusedDecoder | None = None) -> torch.Tensor | None:
         """The model's forward over ``batch``: logits of its ``logits_rows`` (None when it has none)."""
-        tables = batch.block_tables
-        block_tables = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
-        for row, table in enumerate(tables):
-            block_tables[row, : len(table)] = torch.tensor(table)
+        width = max(map(len, batch.block_tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long)
         dev = self.device
         ctx = PagedAttention(
             self.cache,

@@ -150,7 +150,8 @@ class PagedAttention:
     def _decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode rows' block tables [R, max_blocks] and context lengths [R], for the native kernel."""
         lengths = torch.tensor(self._decode_lengths, dtype=torch.int64)
-        return self.block_tables[self._decode_rows].contiguous(), lengths
+        rows = _as_slice(self._decode_rows) or self._decode_rows  # a view of every row, in a decode-only step
+        return self.block_tables[rows].contiguous(), lengths
 
     def _gather(self, rows: list[int], blocks: torch.Tensor, length: int, table: torch.Tensor | None = None):
         """K or V of ``rows`` as [R, G, length, d], read through their block tables (``table``: those rows'
