@@ -8,6 +8,9 @@ Two shapes (``--model-size``), both Falcon-7B style (multi-query, parallel atten
 For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
 the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
 in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest).
+Decode tok/s include the 16-token prompt; GB/s is per decode step (the stored weights over one step's time: the
+128-token run less a 1-token run of the same prompt, over the other 127 tokens), as llama-bench's decode
+excludes its prompt.
 ``int8`` and ``int4-g64`` (or any ``falconlm.quant`` recipe) measure falconlm's quantized weights with bf16
 activations; transformers runs the float dtypes only. Each (implementation, dtype) runs in its own subprocess
 so the peak RSS belongs to it alone.
@@ -209,7 +212,7 @@ def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill:
             params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
             engine.generate(ids.tolist(), [params] * ids.shape[0])
 
-        def run_decode(ids):
+        def run_decode(ids, new_tokens=new_tokens):
             params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
             outs = engine.generate(ids.tolist(), [params] * ids.shape[0])
             assert all(len(o.token_ids) == new_tokens for o in outs)
@@ -222,7 +225,7 @@ def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill:
         def run_prefill(ids):
             model(ids, logits_to_keep=1)
 
-        def run_decode(ids):
+        def run_decode(ids, new_tokens=new_tokens):
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -244,7 +247,10 @@ def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill:
             run_decode(ids[:, :4])  # warm-up
         seconds = best_time(lambda ids=ids: run_decode(ids), repeats=2)
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
-    result["gb_s_b1"] = weight_bytes * result["decode_b1_tok_s"] / 1e9
+        if batch == 1:  # one decode step: the whole run less its prompt and first token, over the other tokens
+            first = best_time(lambda ids=ids: run_decode(ids, 1), repeats=2)
+            result["decode_step_s_b1"] = (seconds - first) / (new_tokens - 1)
+    result["gb_s_b1"] = weight_bytes / result["decode_step_s_b1"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20
     result["peak_rss_mib"] = peak_rss_mib()
     if impl == "falconlm":

@@ -321,8 +321,10 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
     lines += [
         "",
         f"- falconlm and transformers: `bench_core.py`'s worker; decode b1/b8 is {args.new_tokens} greedy tokens "
-        f"after a {PROMPT_DECODE}-token prompt (1 or 8 sequences), prompt included in the time; MiB and GB/s count "
-        "each stored weight once (falconlm int8/int4 keep the tied head in int8).",
+        f"after a {PROMPT_DECODE}-token prompt (1 or 8 sequences), prompt included in the time; GB/s b1 is per "
+        f"decode step (the {args.new_tokens}-token run less a 1-token run of the same prompt, over the other "
+        f"{args.new_tokens - 1} tokens); MiB and GB/s count each stored weight once (falconlm int8/int4 keep the "
+        "tied head in int8).",
         f"- llama.cpp: `llama-bench -t {args.threads} -p {args.prefill} -n {args.new_tokens} -r {args.repetitions}` "
         "(best repetition; decode from an empty context), "
         f"`llama-batched-bench -npp {PROMPT_DECODE} -ntg {args.new_tokens} -npl 8` "
