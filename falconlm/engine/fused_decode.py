@@ -69,8 +69,7 @@ def unsupported(model: FalconModel) -> str | None:
         if first is not None and kinds != first:
             return "the layers' matrices differ in format"
         first = kinds
-        ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
-        if ln.weight.device.type != "cpu":
+        if getattr(block, _norm_names(block)[0]).weight.device.type != "cpu":
             return "the model is not on the CPU"
     if (why := native.unavailable_reason()) is not None:
         return f"native kernels unavailable: {why}"
@@ -113,6 +112,11 @@ def _weight(m: torch.nn.Module) -> Weight:
     return Weight(m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features, padded, m.in_features, group, bits)
 
 
+def _norm_names(block: torch.nn.Module) -> tuple[str, ...]:
+    """The block's LayerNorms: one per branch (Falcon-40B / 180B / 11B), or one for both (Falcon-7B)."""
+    return ("ln_attn", "ln_mlp") if hasattr(block, "ln_attn") else ("input_layernorm",)
+
+
 def _tensor_names(m: torch.nn.Module) -> tuple[str, ...]:
     return ("weight",) if isinstance(m, torch.nn.Linear) else ("qweight", "scales")
 
@@ -136,7 +140,7 @@ class _Binding:
         self.tensors: list[torch.Tensor] = []
         for i, block in enumerate(model.h):
             self.links.append((model.h._modules, str(i), block))
-            norms = [n for n in ("ln_attn", "ln_mlp", "input_layernorm") if hasattr(block, n)]
+            norms = _norm_names(block)
             for path in [*MATRIX_PATHS.values(), *norms]:
                 module = block
                 for part in path.split("."):
@@ -180,9 +184,8 @@ class FusedDecoder:
             layer = layers[i]
             for name, m in _matrices(block).items():
                 setattr(layer, name, _weight(m))
-            norms = [block.ln_attn, block.ln_mlp] if hasattr(block, "ln_attn") else [block.input_layernorm]
             pointers = []
-            for ln in norms:
+            for ln in (getattr(block, name) for name in _norm_names(block)):
                 for p in (ln.weight, ln.bias):
                     p32 = p.detach().to(torch.float32).contiguous()
                     self._keep.append(p32)
