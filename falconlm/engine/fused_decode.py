@@ -26,6 +26,7 @@ from .. import native
 from ..model.dense import KVCache, build_dense_attention
 from ..model.positions import rope_cos_sin
 from ..native.decode import Layer, Rows, Shape, Weight, check_layout
+from ..quant.kernels.native import NativeKernel
 from ..quant.linear import QuantizedLinear
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
         return None
     if isinstance(m, QuantizedLinear):
         s = m.spec
-        return (s.bits, s.padded_in, s.group_size) if m.kernel.name == "native" else None
+        return (s.bits, s.padded_in, s.group_size) if isinstance(m.kernel, NativeKernel) else None
     w = getattr(m, "weight", None)
     if not isinstance(m, torch.nn.Linear) or w.dtype is not torch.bfloat16 or w.device.type != "cpu":
         return None

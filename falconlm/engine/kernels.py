@@ -1,6 +1,8 @@
 """The engine's kernel choices, made in two places only: per weight when the runner takes a model (which
-matmul each bfloat16 weight uses), and per step (the fused decode step or the model's torch forward, see
-``runner.py``). Quantized weights chose their kernel when they were loaded (``falconlm.quant.kernels``).
+matmul each bfloat16 weight uses, and whether a quantized weight's prompt batches go through a bfloat16 GEMM),
+and per step (the fused decode step or the model's torch forward, see ``runner.py``). Quantized weights chose
+their kernel when they were loaded (``falconlm.quant.kernels``); the runner may only swap the native one for
+its GEMM-backed twin, which reads the same tiles.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from .. import native
 from ..model.falcon import FalconForCausalLM, FalconLinear
 from ..model.paged_attention import RowAttention
 from ..native import ops
+from ..quant.kernels.native import GEMM_MIN_ROWS, NATIVE_GEMM_KERNEL, NATIVE_KERNEL
+from ..quant.linear import QuantizedLinear
 from .huge_pages import move_to_huge_pages
 
 log = logging.getLogger("falconlm.engine")
@@ -21,6 +25,8 @@ log = logging.getLogger("falconlm.engine")
 def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> int:
     """Give every bfloat16 CPU ``FalconLinear`` of ``model`` the native matmul (built now, not in the first
     request), the batch-invariant one for every row count when ``invariant``; returns how many weights took it.
+    Unless ``invariant``, on CPUs whose bfloat16 GEMMs run on AMX, each quantized weight on the native kernel
+    with bfloat16 activations takes NATIVE_GEMM_KERNEL: its prompt batches then go through that GEMM.
     A plain bfloat16 ``nn.Linear`` (a Mamba model's head) first becomes a FalconLinear over the same parameters.
     Large CPU weights first move to transparent huge pages (``huge_pages.py``), kernels or not. Without the native
     kernels nothing else changes."""
@@ -29,10 +35,14 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
         return 0
     _plain_linears_as_falcon(model)
     bound = 0
+    prompt_gemm = not invariant and ops.bf16_matrix_hardware()
     for module in model.modules():
         if isinstance(module, FalconLinear) and module.weight.dtype is torch.bfloat16 and module.weight.is_cpu:
             module.matmul = ops.linear_invariant if invariant else ops.linear
             bound += 1
+        if isinstance(module, QuantizedLinear) and module.kernel in (NATIVE_KERNEL, NATIVE_GEMM_KERNEL):
+            gemm = prompt_gemm and module.compute_dtype is torch.bfloat16
+            module.kernel = NATIVE_GEMM_KERNEL if gemm else NATIVE_KERNEL
     return bound
 
 
@@ -55,4 +65,11 @@ def row_attention(device: torch.device) -> RowAttention | None:
 
 def log_choice() -> None:
     """One log line: which native variant runs, and why the others do not."""
-    log.info("%s", native.describe())
+    log.info("%s; %s", native.describe(), quantized_prompt_path())
+
+
+def quantized_prompt_path() -> str:
+    """What the native kernel's quantized weights do with prompt-sized batches here (see bind_weight_kernels)."""
+    if ops.bf16_matrix_hardware():
+        return f"quantized prompt batches of {GEMM_MIN_ROWS}+ rows: bfloat16 GEMM on AMX (not with --deterministic)"
+    return "quantized prompt batches: int8 dot products (no AMX bfloat16 GEMM here)"

@@ -44,6 +44,7 @@ FUNCTIONS: dict[str, tuple] = {
     "falcon_isa": (),
     "falcon_qlinear": (_P, _C, _I, _I, _I, _I, _I, _I, _C, _P, _P, _I, _P, _C, _C),
     "falcon_qrows": (_P, _P, _C, _I, _I, _I, _P, _I, _P, _C),
+    "falcon_qdequant_t": (_P, _P, _C, _I, _I, _I, _I, _I, _P, _C),
     "falcon_linear_bf16": (_P, _I, _I, _I, _P, _I, _P, _C),
     "falcon_argmax_rows": (_P, _C, _I, _I, _I, _P, _C),
     "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C),

@@ -22,6 +22,7 @@ from . import cpu_features, kernels, threads_for
 LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
 LINEAR_K_MULTIPLE = 32
 BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
+BF16_MATRIX_HARDWARE = "amx_bf16"  # x86 CPUs whose bfloat16 GEMMs run on matrix units (AMX tiles)
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them torch's bfloat16 GEMM
 # cannot use the CPU's bfloat16 arithmetic, whatever the CPU has.
 ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
@@ -36,6 +37,16 @@ def bf16_hardware() -> bool:
     if cap.strip().upper() in ONEDNN_CAPS_WITHOUT_BF16:
         return False
     return any(f in cpu_features() for f in BF16_HARDWARE)
+
+
+@functools.cache
+def bf16_matrix_hardware() -> bool:
+    """Whether torch's bfloat16 GEMM here runs on AMX tiles, at prompt-sized batches several times the rate of
+    the int8 dot products: the CPU has them and oneDNN is not capped below them."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap not in ("", "ALL", "DEFAULT") and "AMX" not in cap:
+        return False
+    return bf16_hardware() and BF16_MATRIX_HARDWARE in cpu_features()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_info_json(tiny_checkpoint, capsys):
     assert main(["info", "--model", str(tiny_checkpoint), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["kv_groups"] == 1 and facts["layers"] == 2 and facts["size_on_disk_bytes"] > 0
-    assert set(facts["native_kernels"]) == {"chosen", "avx512", "avx2", "neon", "scalar"}
+    assert set(facts["native_kernels"]) == {"chosen", "avx512", "avx2", "neon", "scalar", "prompts"}
     assert facts["native_kernels"]["scalar"] == "runs"  # the plain C++ reference runs on every CPU
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from falconlm import native
 from falconlm.quant.kernels import WeightSpec, select_kernel
+from falconlm.quant.kernels import native as native_kernel
+from falconlm.quant.kernels.native import NATIVE_GEMM_KERNEL, NATIVE_KERNEL
 from falconlm.quant.linear import QuantizedEmbedding, QuantizedLinear
 from falconlm.quant.primitives import QuantizedTensor, plan_groups, quantize_int4, quantize_int8
 
@@ -151,3 +154,44 @@ def test_native_rows_equal_the_torch_dequantization(isa: str, n: int, k: int, bi
     assert rows.dtype == dtype and rows.shape == (2, 3, k)
     assert torch.equal(rows, kernel.torch_rows(weights, ids, spec, dtype))
     torch.testing.assert_close(rows.float(), qt.dequantize()[ids], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group"),
+    [(64, 128, 8, 0), (96, 4544, 8, 0), (4544, 256, 4, 64), (48, 100, 4, 64), (32, 256, 4, 32)],
+)
+def test_native_transposed_dequantization_equals_the_torch_one(isa: str, n: int, k: int, bits: int, group: int) -> None:
+    """The GEMM kernel's strips are the bits of the torch dequantization, transposed: whole, from an offset, and
+    over padded widths (the activation-block padding is not written)."""
+    qt = quantized(n, k, bits, group or 64)
+    spec = WeightSpec.of(qt)
+    weights = tuple(NATIVE_KERNEL.prepare(qt, torch.bfloat16).values())
+    reference = NATIVE_KERNEL.torch_rows(weights, torch.arange(n), spec, torch.bfloat16)
+    for n0, width in [(0, n), (16, n - 32)]:
+        out = torch.full((k, width), float("nan"), dtype=torch.bfloat16)
+        native.kernels().falcon_qdequant_t(
+            weights[0].data_ptr(), weights[1].data_ptr(), bits, spec.padded_in, k, spec.group_size, n0, width,
+            out.data_ptr(), 2,
+        )  # fmt: skip
+        assert torch.equal(out.T, reference[n0 : n0 + width])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_gemm_kernel_takes_the_gemm_from_its_threshold(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below GEMM_MIN_ROWS rows the GEMM kernel is the native one, bit for bit; from it (in strips, here several
+    per matrix) it is a bfloat16 GEMM over the dequantized weight; float32 activations never take the GEMM."""
+    monkeypatch.setattr(native_kernel, "STRIP_BYTES", 64 * 256 * 2)  # 64-row strips of a 256-wide matrix
+    qt = quantized(4544, 256, bits, 64)
+    spec = WeightSpec.of(qt)
+    weights = tuple(NATIVE_KERNEL.prepare(qt, torch.bfloat16).values())
+    dequantized = NATIVE_KERNEL.dequantize(weights, spec, torch.bfloat16)
+    few = torch.randn(1, native_kernel.GEMM_MIN_ROWS - 1, 256).bfloat16()
+    assert torch.equal(NATIVE_GEMM_KERNEL.matmul(few, weights, spec), NATIVE_KERNEL.matmul(few, weights, spec))
+    many = torch.randn(2, native_kernel.GEMM_MIN_ROWS // 2, 256).bfloat16()  # the rows of every batch count
+    y = NATIVE_GEMM_KERNEL.matmul(many, weights, spec)
+    assert y.shape == (2, native_kernel.GEMM_MIN_ROWS // 2, 4544) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, many @ dequantized.T, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(y, NATIVE_KERNEL.matmul(many, weights, spec))  # the int8 activations are gone
+    check(y.view(-1, 4544), many.view(-1, 256), qt, torch.bfloat16)  # as close to the reference as any kernel
+    many32 = many.float()
+    assert torch.equal(NATIVE_GEMM_KERNEL.matmul(many32, weights, spec), NATIVE_KERNEL.matmul(many32, weights, spec))

@@ -106,4 +106,50 @@ void falcon_qrows(const uint8_t* w, const void* scales, int bits, int64_t K, int
   }
 }
 
+// Weight rows [n0, n0 + n) (n0 and n a multiple of 16) of a tiled weight (the layouts above), dequantized and
+// transposed to y bfloat16 [k_real, n]: the operand of a bfloat16 GEMM for prompt-sized batches on CPUs whose
+// GEMMs multiply bfloat16 fast (AMX), where that beats the int8 dot products. Each value is computed as
+// falcon_qrows computes it, sixteen rows at a time: a weight line gives 16 values of y per byte. Each thread
+// takes a run of tiles and walks them a block of columns at a time, so y is written a row segment at a time.
+void falcon_qdequant_t(const uint8_t* w, const void* scales, int bits, int64_t K, int64_t k_real, int64_t G,
+                       int64_t n0, int64_t n, uint16_t* y, int nthreads) {
+  constexpr int64_t COLUMNS = 64;  // columns of a block: y rows written across the thread's tiles in turn
+  const int64_t t0 = n0 / TILE, tiles = n / TILE;
+  auto int8_lines = [&](int64_t t, int64_t k0, int64_t k1) {
+    const uint8_t* tile = w + t * K * TILE;
+    uint16_t* out = y + (t - t0) * TILE;
+    const F32x16 scale = load(static_cast<const float*>(scales) + t * TILE);
+    for (int64_t c = k0 / 4; c * 4 < k1; ++c) {
+      const I32x16 line = iload_line(tile + c * 64);
+      for (int j = 0; j < 4 && c * 4 + j < k1; ++j) {
+        const F32x16 q = to_float(isub(ibits(line, 8 * j, 0xff), iset1(128)));
+        store_bf16(out + (c * 4 + j) * n, mul(q, scale));
+      }
+    }
+  };
+  auto int4_lines = [&](int64_t t, int64_t k0, int64_t k1) {
+    const uint8_t* tile = w + t * (K / 2) * TILE;
+    uint16_t* out = y + (t - t0) * TILE;
+    const uint16_t* sz = static_cast<const uint16_t*>(scales) + t * (K / G) * 2 * TILE;
+    for (int64_t c = k0 / 8; c * 8 < k1; ++c) {
+      const int64_t g = c * 8 / G;
+      const F32x16 scale = load_bf16(sz + g * 2 * TILE), zero = load_bf16(sz + g * 2 * TILE + TILE);
+      const I32x16 line = iload_line(tile + c * 64);
+      for (int j = 0; j < 8 && c * 8 + j < k1; ++j) {  // byte j % 4: low nibble column j, high nibble j + 4
+        const F32x16 q = to_float(isub(ibits(line, 8 * (j % 4) + 4 * (j / 4), 0x0f), iset1(8)));
+        store_bf16(out + (c * 8 + j) * n, add(mul(q, scale), zero));
+      }
+    }
+  };
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int64_t threads = omp_get_num_threads(), per = (tiles + threads - 1) / threads;
+    const int64_t first = t0 + omp_get_thread_num() * per, last = first + per < t0 + tiles ? first + per : t0 + tiles;
+    for (int64_t k0 = 0; k0 < k_real; k0 += COLUMNS) {
+      const int64_t k1 = k0 + COLUMNS < k_real ? k0 + COLUMNS : k_real;
+      for (int64_t t = first; t < last; ++t) bits == 8 ? int8_lines(t, k0, k1) : int4_lines(t, k0, k1);
+    }
+  }
+}
+
 }  // extern "C"

@@ -168,6 +168,11 @@ inline int32_t ireduce_add(I32x16 a) { return _mm512_reduce_add_epi32(a.v); }
 inline void store_i8(int8_t* p, I32x16 a) {  // saturating
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(a.v));
 }
+// A 64-byte weight line as 16 int32 lanes (one output row's four bytes each), and one bit field of each lane.
+inline I32x16 iload_line(const uint8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline I32x16 ibits(I32x16 a, int shift, int32_t mask) {  // (lane >> shift) & mask, a logical shift
+  return {_mm512_and_si512(_mm512_srl_epi32(a.v, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask))};
+}
 
 // A 64-byte weight line: 16 lanes (output rows) x 4 bytes (columns).
 struct Line { __m512i v; };
@@ -293,6 +298,16 @@ inline void store_i8(int8_t* p, I32x16 a) {  // saturating
   const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b);
 }
+// A 64-byte weight line as 16 int32 lanes (one output row's four bytes each), and one bit field of each lane.
+inline I32x16 iload_line(const uint8_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
+}
+inline I32x16 ibits(I32x16 a, int shift, int32_t mask) {  // (lane >> shift) & mask, a logical shift
+  const __m128i n = _mm_cvtsi32_si128(shift);
+  const __m256i m = _mm256_set1_epi32(mask);
+  return {_mm256_and_si256(_mm256_srl_epi32(a.lo, n), m), _mm256_and_si256(_mm256_srl_epi32(a.hi, n), m)};
+}
 
 struct Line { __m256i lo, hi; };  // rows 0-7, rows 8-15
 inline Line load_line(const uint8_t* p) {
@@ -407,6 +422,12 @@ inline void store_i8(int8_t* p, I32x16 a) {  // saturating
   const int16x8_t lo = vcombine_s16(vqmovn_s32(a.v[0]), vqmovn_s32(a.v[1]));
   const int16x8_t hi = vcombine_s16(vqmovn_s32(a.v[2]), vqmovn_s32(a.v[3]));
   vst1q_s8(p, vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi)));
+}
+// A 64-byte weight line as 16 int32 lanes (one output row's four bytes each), and one bit field of each lane.
+inline I32x16 iload_line(const uint8_t* p) { FALCON_IEACH(vreinterpretq_s32_u8(vld1q_u8(p + 16 * i))); }
+inline I32x16 ibits(I32x16 a, int shift, int32_t mask) {  // (lane >> shift) & mask, a logical shift
+  const int32x4_t n = vdupq_n_s32(-shift);
+  FALCON_IEACH(vandq_s32(vreinterpretq_s32_u32(vshlq_u32(vreinterpretq_u32_s32(a.v[i]), n)), vdupq_n_s32(mask)));
 }
 
 struct Line { int8x16_t v[4]; };  // rows 4i..4i+3, as signed bytes
@@ -548,6 +569,15 @@ inline int32_t ireduce_add(I32x16 a) {
 }
 inline void store_i8(int8_t* p, I32x16 a) {  // saturating
   for (int i = 0; i < 16; ++i) p[i] = static_cast<int8_t>(a.v[i] > 127 ? 127 : (a.v[i] < -128 ? -128 : a.v[i]));
+}
+// A 64-byte weight line as 16 int32 lanes (one output row's four bytes each), and one bit field of each lane.
+inline I32x16 iload_line(const uint8_t* p) {
+  I32x16 r;
+  std::memcpy(r.v, p, 64);
+  return r;
+}
+inline I32x16 ibits(I32x16 a, int shift, int32_t mask) {  // (lane >> shift) & mask, a logical shift
+  FALCON_IEACH(static_cast<int32_t>(static_cast<uint32_t>(a.v[i]) >> shift) & mask);
 }
 
 struct Line { uint8_t v[64]; };
