@@ -69,11 +69,19 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
     } else
 #endif
     {
-      for (int64_t k = 0; k < B; k += 4) {
+      I32x16 odd[MR];  // a second chain of sums per row (the odd lines): few rows would wait on one chain's latency
+      for (int r = 0; r < R; ++r) odd[r] = izero();
+      for (int64_t k = 0; k < B; k += 8) {
         prefetch(wb + k * TILE + PREFETCH);
-        const Line wv = load_line(wb + k * TILE);
-        for (int r = 0; r < R; ++r) iacc[r] = dot_q8(iacc[r], wv, four_bytes(xq + (m0 + r) * K + b * B + k));
+        prefetch(wb + (k + 4) * TILE + PREFETCH);
+        const Line w0 = load_line(wb + k * TILE), w4 = load_line(wb + (k + 4) * TILE);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xk = xq + (m0 + r) * K + b * B + k;
+          iacc[r] = dot_q8(iacc[r], w0, four_bytes(xk));
+          odd[r] = dot_q8(odd[r], w4, four_bytes(xk + 4));
+        }
       }
+      for (int r = 0; r < R; ++r) iacc[r] = iadd(iacc[r], odd[r]);  // integer sums: exact in any order
     }
     for (int r = 0; r < R; ++r) {
       const int64_t i = (m0 + r) * nb + b;
@@ -94,8 +102,8 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
   F32x16 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = zero();
   for (int64_t b = 0; b < nb; ++b) {
-    I32x16 iacc[MR];
-    for (int r = 0; r < R; ++r) iacc[r] = izero();
+    I32x16 iacc[MR], high[MR];
+    for (int r = 0; r < R; ++r) iacc[r] = high[r] = izero();
     const uint8_t* wb = w + b * (B / 2) * TILE;
 #if defined(FALCON_I8MM)
     I32Pairs pacc[R / 2 > 0 ? R / 2 : 1];  // pairs of rows through smmla, an odd last row through sdot
@@ -112,11 +120,13 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
         pacc[r / 2] = mmla8(pacc[r / 2], w0, w1, two_rows(xp, xp + K));
       }
 #endif
-      for (; r < R; ++r) {
+      for (; r < R; ++r) {  // low and high nibbles in two chains of sums, added once per block
         const int8_t* xp = xq + (m0 + r) * K + b * B + k;
-        iacc[r] = dot_u4(dot_u4(iacc[r], w0, four_bytes(xp)), w1, four_bytes(xp + 4));
+        iacc[r] = dot_u4(iacc[r], w0, four_bytes(xp));
+        high[r] = dot_u4(high[r], w1, four_bytes(xp + 4));
       }
     }
+    for (int r = 0; r < R; ++r) iacc[r] = iadd(iacc[r], high[r]);  // integer sums: exact in any order
 #if defined(FALCON_I8MM)
     for (int p = 0; p < R / 2; ++p) unpair(pacc[p], iacc[2 * p], iacc[2 * p + 1]);
 #endif
