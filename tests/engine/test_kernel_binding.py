@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from falconlm import LLM, SamplingParams
 from falconlm.engine.fused_decode import fused_decoder
 from falconlm.engine.kernels import bind_weight_kernels, quantized_prompt_path
 from falconlm.native import ops
 from falconlm.quant import load_quantized
-from falconlm.quant.kernels.native import NATIVE_GEMM_KERNEL, NATIVE_KERNEL
+from falconlm.quant.kernels.native import GEMM_MIN_ROWS, NATIVE_GEMM_KERNEL, NATIVE_KERNEL, NativeGemmKernel
 from falconlm.quant.linear import QuantizedLinear
 
 from ..conftest import make_hf_checkpoint, needs_native
@@ -24,7 +25,7 @@ def _kernels(model: torch.nn.Module) -> set[str]:
 
 @pytest.fixture(scope="module")
 def seven(tmp_path_factory: pytest.TempPathFactory):
-    return make_hf_checkpoint(tmp_path_factory.mktemp("7b"), "7b", hidden_size=128)
+    return make_hf_checkpoint(tmp_path_factory.mktemp("7b"), "7b", hidden_size=128, max_position_embeddings=512)
 
 
 def test_quantized_weights_take_the_gemm_twin_only_with_amx_and_not_when_deterministic(seven, monkeypatch) -> None:
@@ -51,3 +52,31 @@ def test_float32_activations_and_other_kernels_keep_theirs(seven, monkeypatch) -
     reference = load_quantized(seven, quantize="int8", dtype=torch.bfloat16, kernel="reference")
     bind_weight_kernels(reference)
     assert _kernels(reference) == {"reference"}
+
+
+def test_the_engine_sends_prompt_chunks_through_the_gemm_with_the_same_distribution(seven, monkeypatch) -> None:
+    """A 200-token prompt goes through the GEMM twin (decode steps do not: they run fused), and its next-token
+    distribution is the one the int8 dot products give, up to their activation rounding."""
+    prompt = [(5 * j) % 90 + 1 for j in range(200)]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=5)
+
+    def first_logprobs(amx: bool) -> dict[int, float]:
+        monkeypatch.setattr(ops, "bf16_matrix_hardware", lambda: amx)
+        out = LLM(seven, dtype="bfloat16", quantize="int8").generate([prompt], params)[0].outputs[0]
+        assert len(out.token_ids) == 2
+        return dict(out.logprobs[0].top)
+
+    rows: list[int] = []
+    gemm_matmul = NativeGemmKernel.matmul
+
+    def counting(self, x, weights, spec):
+        rows.append(x.numel() // spec.in_features)
+        return gemm_matmul(self, x, weights, spec)
+
+    monkeypatch.setattr(NativeGemmKernel, "matmul", counting)
+    with_gemm = first_logprobs(True)
+    assert rows and max(rows) >= GEMM_MIN_ROWS  # the prompt chunk reached the GEMM
+    without = first_logprobs(False)
+    shared = with_gemm.keys() & without.keys()
+    assert len(shared) >= 4
+    assert max(abs(with_gemm[t] - without[t]) for t in shared) < 0.05
