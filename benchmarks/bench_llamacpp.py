@@ -229,25 +229,41 @@ def run_tool(cmd: list[str], what: str, env: dict | None = None) -> str:
 
 # ---- llama.cpp measurements --------------------------------------------------------------------------------------
 def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
-    """Prefill 512 and decode 128 at batch 1 (llama-bench), and 8 sequences decoding (llama-batched-bench)."""
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(args.prefill)]
-    cmd += ["-n", str(args.new_tokens), "-r", str(args.repetitions), "-o", "jsonl"]
-    tests = [json.loads(line) for line in run_tool(cmd, "llama-bench").splitlines() if line.startswith("{")]
-    row = {"model_bytes": tests[0]["model_size"], "build": f"{tests[0]['build_commit']} ({tests[0]['backends']})"}
-    for t in tests:  # the best repetition, as bench_core keeps falconlm's best run
-        key = "prefill_tok_s" if t["n_prompt"] and not t["n_gen"] else "decode_b1_tok_s"
-        row[key] = max(t.get("samples_ts") or [t["avg_ts"]])
+    """Prefill 512 and decode 128 at batch 1 (llama-bench, one call each), and 8 sequences decoding
+    (llama-batched-bench). A measurement whose tool crashes leaves its cell empty and is named in ``failed``
+    (llama.cpp 0.3.36's q8_0 prompt processing crashes on a Xeon with AMX), so the rest of the run stands."""
+    row: dict = {"model_bytes": gguf.stat().st_size, "build": "?", "failed": []}
+    for key, prompt, new in (("prefill_tok_s", args.prefill, 0), ("decode_b1_tok_s", 0, args.new_tokens)):
+        cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(prompt)]
+        cmd += ["-n", str(new), "-r", str(args.repetitions), "-o", "jsonl"]
+        out = peer_tool(cmd, f"llama-bench -p {prompt} -n {new}", row["failed"])
+        tests = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
+        for t in tests:  # the best repetition, as bench_core keeps falconlm's best run
+            row.update(model_bytes=t["model_size"], build=f"{t['build_commit']} ({t['backends']})")
+            row[key] = max(t.get("samples_ts") or [t["avg_ts"]])
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads)]
     context = max(4096, 8 * (PROMPT_DECODE + args.new_tokens))  # a run that does not fit is skipped silently
     cmd += ["-c", str(context), "-npp", str(PROMPT_DECODE), "-ntg", str(args.new_tokens), "-npl", "8"]
     cmd += ["--output-format", "jsonl"]
-    lines = run_tool(cmd, "llama-batched-bench").splitlines()
+    lines = (peer_tool(cmd, "llama-batched-bench", row["failed"]) or "").splitlines()
     batched = [json.loads(line) for line in lines if line.startswith("{") and '"speed_tg"' in line]
     if batched:  # the whole run, 8 prompts of 16 tokens included: what bench_core times for falconlm
         b = batched[-1]
         row["decode_b8_tok_s"] = b["pl"] * b["tg"] / b["t"]
-    row["gb_s_b1"] = row["model_bytes"] * row["decode_b1_tok_s"] / 1e9
+    if "decode_b1_tok_s" in row:
+        row["gb_s_b1"] = row["model_bytes"] * row["decode_b1_tok_s"] / 1e9
     return row
+
+
+def peer_tool(cmd: list[str], what: str, failed: list[str]) -> str | None:
+    """One llama.cpp measurement: its output, or None (and ``what`` with its exit status added to ``failed``)
+    when the tool crashes or fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode == 0:
+        return done.stdout + done.stderr
+    failed.append(f"{what} exited with {done.returncode}")
+    print(f"  {failed[-1]}: its cells stay empty", file=sys.stderr)
+    return None
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
@@ -290,9 +306,10 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         return f"{row[key]:.{digits}f}" if key in row else "-"
 
     def line(weights: str, engine: str, row: dict, mib: float) -> str:
+        share = f"{100 * row['gb_s_b1'] / bandwidth:.0f}%" if "gb_s_b1" in row else "-"
         return (
             f"| {weights} | {engine} | {mib:.0f} | {cell(row, cols[0], 0)} | {cell(row, cols[1], 1)} | "
-            f"{cell(row, cols[2], 1)} | {row['gb_s_b1']:.1f} | {100 * row['gb_s_b1'] / bandwidth:.0f}% |"
+            f"{cell(row, cols[2], 1)} | {cell(row, 'gb_s_b1', 1)} | {share} |"
         )
 
     entries = [("bf16", "transformers", falcon.get("transformers"))]
@@ -330,6 +347,8 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"`llama-batched-bench -npp {PROMPT_DECODE} -ntg {args.new_tokens} -npl 8` "
         "(tok/s over the whole run, prompts included); MiB is llama-bench's model size.",
     ]
+    failures = [(fmt, failure) for fmt, row in llama.items() for failure in row.get("failed", [])]
+    lines += [f"- llama.cpp {fmt}: {failure}; its cell is empty." for fmt, failure in failures]
     return "\n".join(lines)
 
 
@@ -426,7 +445,8 @@ def main() -> None:
     llama = {}
     for fmt in args.formats:
         llama[fmt] = llama_bench(bin_dir, ggufs[fmt], args)
-        print(f"  measured llama.cpp {fmt}: {llama[fmt]['decode_b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
+        b1 = llama[fmt].get("decode_b1_tok_s", float("nan"))
+        print(f"  measured llama.cpp {fmt}: {b1:.1f} tok/s at batch 1", file=sys.stderr)
     bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
     report = render(falcon, llama, args, bandwidth)
     if args.serve:

@@ -106,6 +106,35 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
     assert "native kernels: avx2" in text
 
 
+def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_path, monkeypatch):
+    """llama.cpp 0.3.36 crashes in q8_0 prompt processing on a Xeon with AMX: the run goes on without that cell."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = '{"model_size": 1048576, "build_commit": "abc", "backends": "CPU", "n_prompt": 0, "n_gen": 128, '
+    record += '"avg_ts": 25.0, "samples_ts": [24.0, 26.0]}'
+    tools = {
+        "llama-bench": f"case \"$*\" in *'-p 512'*) kill -SEGV $$;; esac\necho '{record}'",
+        "llama-batched-bench": """echo '{"pl": 8, "tg": 128, "t": 16.0, "speed_tg": 64.0}'""",
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"0" * 10)
+    args = argparse.Namespace(
+        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36"
+    )
+    row = bench_llamacpp.llama_bench(bin_dir, gguf, args)
+    assert "prefill_tok_s" not in row and row["decode_b1_tok_s"] == 26.0 and row["decode_b8_tok_s"] == 64.0
+    assert row["failed"] == ["llama-bench -p 512 -n 0 exited with -11"]
+    monkeypatch.setattr(bench_llamacpp, "cpu_summary", lambda: "CPU: test")
+    falcon = {"int8": _row("falconlm", "int8", 60.0)}
+    text = bench_llamacpp.render(falcon, {"q8_0": row}, args, bandwidth=30.0)
+    assert "| q8_0 | llama.cpp | 1 | - | 26.0 | 64.0 | 0.0 | 0% |" in text
+    assert "| falconlm int8 / llama.cpp q8_0 | - | " in text
+    assert "- llama.cpp q8_0: llama-bench -p 512 -n 0 exited with -11; its cell is empty." in text
+
+
 def test_mamba_table_has_ratios_per_dtype_contexts_and_state_bytes():
     import bench_mamba
 
