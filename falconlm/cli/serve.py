@@ -75,7 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quantize_option(p)
     add_deterministic_option(p)
     p.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests per batch (default 16)")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per step (default 512)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=None,
+        help="tokens per step (default 512; 128 on CPUs without bfloat16 arithmetic, such as AVX2-only ones)",
+    )
     p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
     p.add_argument(
         "--kv-cache-memory",
@@ -138,8 +143,13 @@ def is_loopback(host: str) -> bool:
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     """The engine settings of a ``serve`` command line."""
+    from ..engine.devices import auto_step_tokens, resolve_device
     from ..engine.factory import EngineArgs
 
+    step_tokens = args.max_num_batched_tokens
+    if step_tokens is None:
+        step_tokens, why = auto_step_tokens(resolve_device(args.device))
+        logger.info("max-num-batched-tokens auto: %d (%s)", step_tokens, why)
     return EngineArgs(
         model=args.model,
         dtype=args.dtype,
@@ -147,7 +157,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         quantize=args.quantize,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=step_tokens,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching,

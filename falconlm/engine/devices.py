@@ -45,6 +45,25 @@ def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     return torch.float32, f"no native kernels ({native.unavailable_reason()}) and no bfloat16 arithmetic"
 
 
+PROMPT_STEP_TOKENS = 512  # a server's tokens per step on GPUs and on CPUs with bfloat16 arithmetic
+SLOW_PROMPT_STEP_TOKENS = 128  # ... on CPUs without it, where prompts run several times slower
+
+
+def auto_step_tokens(device: torch.device) -> tuple[int, str]:
+    """A server's default tokens per step on ``device`` and why. Where prompt processing is slow (a CPU without
+    bfloat16 arithmetic: AVX2-only x86, most ARM), a 512-token prompt step takes about a second on a small model
+    and every prompt in it waits for its end; steps of 128 tokens let the first prompts of a burst answer sooner
+    (bench-194m on an AVX2 stand-in, 16 streams of 200-token prompts: TTFT p50 1.6 to 0.87 s at the same
+    output rate in int8, 1.7 to 1.2 s and 6% fewer tokens/s in bf16)."""
+    from ..native.ops import bf16_hardware
+
+    if device.type != "cpu":
+        return PROMPT_STEP_TOKENS, f"a {device.type} device"
+    if bf16_hardware():
+        return PROMPT_STEP_TOKENS, "the CPU has bfloat16 arithmetic"
+    return SLOW_PROMPT_STEP_TOKENS, "no bfloat16 arithmetic on this CPU: shorter prompt steps, earlier first tokens"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None means CUDA when present, else CPU; ValueError (one line) for a device this machine does not have."""
     if device is None:

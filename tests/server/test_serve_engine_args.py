@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from falconlm.cli import build_parser
 from falconlm.cli.serve import engine_args
+from falconlm.engine.devices import auto_step_tokens
+from falconlm.native import ops
 
 
 def test_serve_flags_become_engine_args(tmp_path):
@@ -16,4 +21,18 @@ def test_serve_flags_become_engine_args(tmp_path):
     assert args.kv_cache_memory == 0.25 and not args.enable_prefix_caching
     assert (args.max_waiting, args.threads, args.max_model_len) == (7, 2, 96)
     defaults = engine_args(build_parser().parse_args(["serve"]))
-    assert defaults.enable_prefix_caching and defaults.max_num_batched_tokens == 512 and defaults.max_waiting == 1024
+    assert defaults.enable_prefix_caching and defaults.max_waiting == 1024
+
+
+@pytest.mark.parametrize(("bf16_arithmetic", "step_tokens"), [(True, 512), (False, 128)])
+def test_the_default_step_is_shorter_where_prompts_are_slow(bf16_arithmetic, step_tokens, monkeypatch, caplog):
+    """On a CPU without bfloat16 arithmetic (AVX2-only x86) a server's steps default to 128 tokens, and it says so;
+    a GPU or a CPU with bfloat16 arithmetic keeps 512; a number given is kept."""
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: bf16_arithmetic)
+    with caplog.at_level("INFO", logger="falconlm.serve"):
+        args = engine_args(build_parser().parse_args(["serve", "--device", "cpu"]))
+    assert args.max_num_batched_tokens == step_tokens
+    assert f"max-num-batched-tokens auto: {step_tokens}" in caplog.text
+    given = engine_args(build_parser().parse_args(["serve", "--device", "cpu", "--max-num-batched-tokens", "300"]))
+    assert given.max_num_batched_tokens == 300
+    assert auto_step_tokens(torch.device("cuda")) == (512, "a cuda device")
