@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-num-batched-tokens",
         type=positive_int,
         default=None,
-        help="tokens per step (default 512; 128 on CPUs without bfloat16 arithmetic, such as AVX2-only ones)",
+        help="tokens per step (default 512; 128 for generation on CPUs without bfloat16 arithmetic, such as "
+        "AVX2-only ones)",
     )
     p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
     p.add_argument(
@@ -143,11 +144,13 @@ def is_loopback(host: str) -> bool:
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     """The engine settings of a ``serve`` command line."""
-    from ..engine.devices import auto_step_tokens, resolve_device
+    from ..engine.devices import PROMPT_STEP_TOKENS, auto_step_tokens, resolve_device
     from ..engine.factory import EngineArgs
 
     step_tokens = args.max_num_batched_tokens
-    if step_tokens is None:
+    if step_tokens is None and args.task == "embed":  # no first tokens to wait for: larger packed forwards
+        step_tokens = PROMPT_STEP_TOKENS
+    elif step_tokens is None:
         step_tokens, why = auto_step_tokens(resolve_device(args.device))
         logger.info("max-num-batched-tokens auto: %d (%s)", step_tokens, why)
     return EngineArgs(

@@ -26,8 +26,8 @@ def test_serve_flags_become_engine_args(tmp_path):
 
 @pytest.mark.parametrize(("bf16_arithmetic", "step_tokens"), [(True, 512), (False, 128)])
 def test_the_default_step_is_shorter_where_prompts_are_slow(bf16_arithmetic, step_tokens, monkeypatch, caplog):
-    """On a CPU without bfloat16 arithmetic (AVX2-only x86) a server's steps default to 128 tokens, and it says so;
-    a GPU or a CPU with bfloat16 arithmetic keeps 512; a number given is kept."""
+    """On a CPU without bfloat16 arithmetic (AVX2-only x86) a generation server's steps default to 128 tokens, and
+    it says so; a GPU, a CPU with bfloat16 arithmetic or an embedding server keeps 512; a number given is kept."""
     monkeypatch.setattr(ops, "bf16_hardware", lambda: bf16_arithmetic)
     with caplog.at_level("INFO", logger="falconlm.serve"):
         args = engine_args(build_parser().parse_args(["serve", "--device", "cpu"]))
@@ -35,4 +35,6 @@ def test_the_default_step_is_shorter_where_prompts_are_slow(bf16_arithmetic, ste
     assert f"max-num-batched-tokens auto: {step_tokens}" in caplog.text
     given = engine_args(build_parser().parse_args(["serve", "--device", "cpu", "--max-num-batched-tokens", "300"]))
     assert given.max_num_batched_tokens == 300
+    embed = engine_args(build_parser().parse_args(["serve", "--device", "cpu", "--task", "embed"]))
+    assert embed.max_num_batched_tokens == 512  # no first tokens to wait for
     assert auto_step_tokens(torch.device("cuda")) == (512, "a cuda device")
