@@ -33,8 +33,7 @@ WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has 
 def bf16_hardware() -> bool:
     """Whether torch's bfloat16 GEMM here multiplies bfloat16 natively (else it is slower than float32's): the
     CPU has the instructions, and oneDNN is not capped below them (``ONEDNN_MAX_CPU_ISA`` or ``DNNL_MAX_CPU_ISA``)."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    if cap.strip().upper() in ONEDNN_CAPS_WITHOUT_BF16:
+    if _onednn_cap() in ONEDNN_CAPS_WITHOUT_BF16:
         return False
     return any(f in cpu_features() for f in BF16_HARDWARE)
 
@@ -43,10 +42,15 @@ def bf16_hardware() -> bool:
 def bf16_matrix_hardware() -> bool:
     """Whether torch's bfloat16 GEMM here runs on AMX tiles, at prompt-sized batches several times the rate of
     the int8 dot products: the CPU has them and oneDNN is not capped below them."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    cap = _onednn_cap()
     if cap not in ("", "ALL", "DEFAULT") and "AMX" not in cap:
         return False
     return bf16_hardware() and BF16_MATRIX_HARDWARE in cpu_features()
+
+
+def _onednn_cap() -> str:
+    """oneDNN's instruction-set cap (``ONEDNN_MAX_CPU_ISA`` or ``DNNL_MAX_CPU_ISA``), upper case; "" for none."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
