@@ -177,6 +177,29 @@ def test_native_transposed_dequantization_equals_the_torch_one(isa: str, n: int,
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_native_transposed_dequantization_keeps_denormal_values(isa: str, bits: int) -> None:
+    """Rows whose scales (and int4 zeros) are denormal floats dequantize to denormals, which the AVX-512 BF16
+    pair conversion would flush to zero: their bits are still the torch ones, next to ordinary rows."""
+    n, k = 64, 128
+    qt = quantized(n, k, bits, 64)
+    tiny = torch.tensor(3e-39).to(qt.scales.dtype)  # a float32 denormal, also one in bfloat16
+    qt.scales[16:40] = tiny
+    if qt.zeros is not None:
+        qt.zeros[16:40] = -tiny
+    spec = WeightSpec.of(qt)
+    weights = tuple(NATIVE_KERNEL.prepare(qt, torch.bfloat16).values())
+    reference = NATIVE_KERNEL.torch_rows(weights, torch.arange(n), spec, torch.bfloat16)
+    denormal = (reference != 0) & (reference.float().abs() < torch.finfo(torch.float32).tiny)
+    assert denormal[16:40].any() and not denormal[:16].any()
+    out = torch.empty(k, n, dtype=torch.bfloat16)
+    native.kernels().falcon_qdequant_t(
+        weights[0].data_ptr(), weights[1].data_ptr(), bits, spec.padded_in, k, spec.group_size, 0, n,
+        out.data_ptr(), 2,
+    )  # fmt: skip
+    assert torch.equal(out.T, reference)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_native_gemm_kernel_takes_the_gemm_from_its_threshold(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below GEMM_MIN_ROWS rows the GEMM kernel is the native one, bit for bit; from it (in strips, here several
     per matrix) it is a bfloat16 GEMM over the dequantized weight; float32 activations never take the GEMM."""

@@ -204,6 +204,24 @@ inline BF16x32 load_bf16x32(const uint16_t* p) { return {_mm512_loadu_si512(p)};
 inline F32x16 dot_bf16(F32x16 acc, BF16x32 a, BF16x32 b) {  // lane i += a[2i] b[2i] + a[2i+1] b[2i+1]
   return {_mm512_dpbf16_ps(acc.v, reinterpret_cast<__m512bh&>(a.v), reinterpret_cast<__m512bh&>(b.v))};
 }
+
+// a then b rounded to bfloat16 into p[0, 32) as store_bf16 rounds them, in one conversion and one 64-byte store.
+// The conversion flushes denormal inputs to zero where store_bf16 (and torch) keep them, so a pair holding one
+// takes store_bf16 instead.
+#define FALCON_BF16_PAIR 1
+inline void store_bf16_pair(uint16_t* p, F32x16 a, F32x16 b) {
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000), mantissa = _mm512_set1_epi32(0x007fffff);
+  const __m512i ua = _mm512_castps_si512(a.v), ub = _mm512_castps_si512(b.v);
+  const __mmask16 denormal = (_mm512_testn_epi32_mask(ua, exponent) & _mm512_test_epi32_mask(ua, mantissa)) |
+                             (_mm512_testn_epi32_mask(ub, exponent) & _mm512_test_epi32_mask(ub, mantissa));
+  if (denormal) {
+    store_bf16(p, a);
+    store_bf16(p + 16, b);
+    return;
+  }
+  const __m512bh both = _mm512_cvtne2ps_pbh(b.v, a.v);
+  _mm512_storeu_si512(p, reinterpret_cast<const __m512i&>(both));
+}
 #endif
 
 #elif defined(FALCON_AVX2)
@@ -612,6 +630,13 @@ inline F32x16 reduce_add16(const F32x16* v) {  // lane i is reduce_add(v[i])
   alignas(64) float s[16];
   for (int i = 0; i < 16; ++i) s[i] = reduce_add(v[i]);
   return load(s);
+}
+#endif
+
+#if !defined(FALCON_BF16_PAIR)
+inline void store_bf16_pair(uint16_t* p, F32x16 a, F32x16 b) {  // a then b into p[0, 32), as store_bf16 does
+  store_bf16(p, a);
+  store_bf16(p + 16, b);
 }
 #endif
 
