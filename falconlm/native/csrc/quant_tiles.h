@@ -102,31 +102,34 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
   F32x16 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = zero();
   for (int64_t b = 0; b < nb; ++b) {
-    I32x16 iacc[MR], high[MR];
-    for (int r = 0; r < R; ++r) iacc[r] = high[r] = izero();
+    I32x16 iacc[MR];
+    for (int r = 0; r < R; ++r) iacc[r] = izero();
     const uint8_t* wb = w + b * (B / 2) * TILE;
 #if defined(FALCON_I8MM)
     I32Pairs pacc[R / 2 > 0 ? R / 2 : 1];  // pairs of rows through smmla, an odd last row through sdot
     for (int p = 0; p < R / 2; ++p) pacc[p] = pzero();
 #endif
-    for (int64_t k = 0; k < B; k += 8) {
-      prefetch(wb + (k / 2) * TILE + PREFETCH);
-      const Line packed = load_line(wb + (k / 2) * TILE);
-      const Line w0 = low_nibbles(packed), w1 = high_nibbles(packed);
-      int r = 0;
+    for (int64_t k0 = 0; k0 < B; k0 += 8 * U4_LINES) {  // runs of lines whose sums u4_line may keep (simd.h)
+      U4Sum sums[MR];
+      for (int r = 0; r < R; ++r) sums[r] = u4_zero();
+      for (int64_t k = k0; k < B && k < k0 + 8 * U4_LINES; k += 8) {
+        prefetch(wb + (k / 2) * TILE + PREFETCH);
+        const Line packed = load_line(wb + (k / 2) * TILE);
+        const Line w0 = low_nibbles(packed), w1 = high_nibbles(packed);
+        int r = 0;
 #if defined(FALCON_I8MM)
-      for (; r + 1 < R; r += 2) {
-        const int8_t* xp = xq + (m0 + r) * K + b * B + k;
-        pacc[r / 2] = mmla8(pacc[r / 2], w0, w1, two_rows(xp, xp + K));
-      }
+        for (; r + 1 < R; r += 2) {
+          const int8_t* xp = xq + (m0 + r) * K + b * B + k;
+          pacc[r / 2] = mmla8(pacc[r / 2], w0, w1, two_rows(xp, xp + K));
+        }
 #endif
-      for (; r < R; ++r) {  // low and high nibbles in two chains of sums, added once per block
-        const int8_t* xp = xq + (m0 + r) * K + b * B + k;
-        iacc[r] = dot_u4(iacc[r], w0, four_bytes(xp));
-        high[r] = dot_u4(high[r], w1, four_bytes(xp + 4));
+        for (; r < R; ++r) {
+          const int8_t* xp = xq + (m0 + r) * K + b * B + k;
+          sums[r] = u4_line(sums[r], w0, w1, four_bytes(xp), four_bytes(xp + 4));
+        }
       }
+      for (int r = 0; r < R; ++r) iacc[r] = widen_u4(iacc[r], sums[r]);  // integer sums: exact in any order
     }
-    for (int r = 0; r < R; ++r) iacc[r] = iadd(iacc[r], high[r]);  // integer sums: exact in any order
 #if defined(FALCON_I8MM)
     for (int p = 0; p < R / 2; ++p) unpair(pacc[p], iacc[2 * p], iacc[2 * p + 1]);
 #endif

@@ -187,6 +187,15 @@ inline I32x16 dot_u4(I32x16 acc, Line w, int32_t x4) {  // weights 0..15: no int
   const __m512i p = _mm512_maddubs_epi16(w.v, _mm512_set1_epi32(x4));
   return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(p, _mm512_set1_epi16(1)))};
 }
+#define FALCON_U4_SUM16 1
+struct U4Sum { __m512i v; };  // 16-bit sums (see U4_LINES below)
+inline U4Sum u4_zero() { return {_mm512_setzero_si512()}; }
+inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_high) {
+  const __m512i a = _mm512_maddubs_epi16(low.v, _mm512_set1_epi32(x_low));
+  const __m512i b = _mm512_maddubs_epi16(high.v, _mm512_set1_epi32(x_high));
+  return {_mm512_add_epi16(acc.v, _mm512_add_epi16(a, b))};
+}
+inline I32x16 widen_u4(I32x16 acc, U4Sum s) { return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(s.v, _mm512_set1_epi16(1)))}; }
 inline I32x16 dot_q8(I32x16 acc, Line w, int32_t x4) {  // q in [-127, 127]: |x| times q carrying x's sign
   const __m512i q = _mm512_xor_si512(w.v, _mm512_set1_epi8(static_cast<char>(0x80)));
   const __m512i x = _mm512_set1_epi32(x4);
@@ -351,6 +360,18 @@ inline I32x16 dot_u4(I32x16 acc, Line w, int32_t x4) {  // weights 0..15: no int
   const __m256i x = _mm256_set1_epi32(x4), one = _mm256_set1_epi16(1);
   return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, x), one)),
           _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(w.hi, x), one))};
+}
+#define FALCON_U4_SUM16 1
+struct U4Sum { __m256i lo, hi; };  // 16-bit sums (see U4_LINES below)
+inline U4Sum u4_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_high) {
+  const __m256i a = _mm256_set1_epi32(x_low), b = _mm256_set1_epi32(x_high);
+  return {_mm256_add_epi16(acc.lo, _mm256_add_epi16(_mm256_maddubs_epi16(low.lo, a), _mm256_maddubs_epi16(high.lo, b))),
+          _mm256_add_epi16(acc.hi, _mm256_add_epi16(_mm256_maddubs_epi16(low.hi, a), _mm256_maddubs_epi16(high.hi, b)))};
+}
+inline I32x16 widen_u4(I32x16 acc, U4Sum s) {
+  const __m256i one = _mm256_set1_epi16(1);
+  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(s.lo, one)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(s.hi, one))};
 }
 inline I32x16 dot_q8(I32x16 acc, Line w, int32_t x4) {  // q in [-127, 127]: |x| times q carrying x's sign
   const __m256i x = _mm256_set1_epi32(x4), one = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -631,6 +652,24 @@ inline F32x16 reduce_add16(const F32x16* v) {  // lane i is reduce_add(v[i])
   for (int i = 0; i < 16; ++i) s[i] = reduce_add(v[i]);
   return load(s);
 }
+#endif
+
+// Sums of int4 weight lines times int8 activations for one row: u4_line adds a line's low nibbles times x_low's
+// four bytes and its high nibbles times x_high's; widen_u4 adds the sums to 32-bit ones. Without a byte dot product
+// into 32 bits (vpdpbusd, sdot), each product pair is summed in 16 bits (vpmaddubsw) and widened (vpmaddwd):
+// a pair is at most 2 x 15 x 128 = 3840 in magnitude, so the 16-bit lanes take U4_LINES = 4 lines (8 pairs,
+// 30720) and one widening per 4 lines instead of one per product. Elsewhere the sums are two 32-bit chains (low
+// and high nibbles) that a row does not wait on one after the other. Integer sums: the same bits either way.
+#if defined(FALCON_U4_SUM16)
+constexpr int64_t U4_LINES = 4;
+#else
+constexpr int64_t U4_LINES = 1 << 30;
+struct U4Sum { I32x16 low, high; };
+inline U4Sum u4_zero() { return {izero(), izero()}; }
+inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_high) {
+  return {dot_u4(acc.low, low, x_low), dot_u4(acc.high, high, x_high)};
+}
+inline I32x16 widen_u4(I32x16 acc, U4Sum s) { return iadd(acc, iadd(s.low, s.high)); }
 #endif
 
 #if !defined(FALCON_BF16_PAIR)
