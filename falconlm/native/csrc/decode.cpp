@@ -104,7 +104,7 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
       for (int64_t k = 0; k < BLOCK; ++k)
         dst[k] = k >= n ? 0 : x_bf16 ? static_cast<const uint16_t*>(x)[k] : f32_to_bf16(static_cast<const float*>(x)[k]);
       if (widen)
-        widen_bf16x32(xf.data() + r * K + b * BLOCK, dst);  // in the lane order of the weights' loads
+        for (int64_t k = 0; k < BLOCK; ++k) xf[r * K + b * BLOCK + k] = bf16_to_f32(dst[k]);
       return;
     }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b);

@@ -680,34 +680,11 @@ inline void store_bf16_pair(uint16_t* p, F32x16 a, F32x16 b) {  // a then b into
 #endif
 
 #if !defined(FALCON_BF16_DOT)
-// Without bfloat16 dot products: both halves widened to float32, two fused multiply-adds. Only the dot product
-// reads the widened values, so they may sit in any lane order that both operands share: AVX2 interleaves each 16
-// values with zeros (vpunpcklwd / vpunpckhwd: values 0-3 and 8-11, then 4-7 and 12-15), which takes no slot of
-// the two ports that run its multiply-adds, where a widening shift takes one per 8 values.
+// Without bfloat16 dot products: both halves widened to float32 (a shift), two fused multiply-adds.
 struct BF16x32 { F32x16 lo, hi; };
-#if defined(FALCON_AVX2)
-inline F32x16 load_bf16_interleaved(const uint16_t* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
-  return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v)), _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v))};
-}
-inline BF16x32 load_bf16x32(const uint16_t* p) { return {load_bf16_interleaved(p), load_bf16_interleaved(p + 16)}; }
-#else
 inline BF16x32 load_bf16x32(const uint16_t* p) { return {load_bf16(p), load_bf16(p + 16)}; }
-#endif
 inline F32x16 dot_bf16(F32x16 acc, const BF16x32& a, const BF16x32& b) {
   return fmadd(a.hi, b.hi, fmadd(a.lo, b.lo, acc));
-}
-// 32 bfloat16 values widened to float32 into p[0, 32), in load_bf16x32's lane order: activations widened once
-// for a matmul's many weight rows, read back as {load(p), load(p + 16)}.
-inline void widen_bf16x32(float* p, const uint16_t* x) {
-  const BF16x32 v = load_bf16x32(x);
-  store(p, v.lo);
-  store(p + 16, v.hi);
-}
-#else
-inline void widen_bf16x32(float* p, const uint16_t* x) {  // (unused: with bfloat16 dot products nothing widens)
-  store(p, load_bf16(x));
-  store(p + 16, load_bf16(x + 16));
 }
 #endif
 
