@@ -72,18 +72,19 @@ struct Rows {  // where each row's K/V live (see CacheView), and the row lengths
 struct Activations {  // R rows of K columns for a matmul's input, in the form its weight wants
   // int8 weights (bits 8 or 4): int8 blocks of BLOCK columns, a scale and a sum per block;
   // bfloat16 weights (bits 16): the values rounded to bfloat16.
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, magnitude;  // magnitude: |q| where dot_q8 reads it (Q8_MAGNITUDES), int8 weights only
   std::vector<float> s;
   std::vector<int32_t> sum;
   std::vector<uint16_t> xb;
   std::vector<float> xf;  // the same values widened, when bf16::widen_first says so
   int64_t K = 0, nb = 0, bits = 8;
-  bool widen = false;
+  bool widen = false, with_magnitudes = false;
 
   void resize(int64_t R, int64_t k, int64_t weight_bits) {
     K = k;
     nb = k / BLOCK;
     bits = weight_bits == 16 ? 16 : 8;
+    with_magnitudes = Q8_MAGNITUDES && weight_bits == 8;
     if (bits == 16) {
       widen = bf16::widen_first(R, K);
       if (static_cast<int64_t>(xb.size()) < R * K) xb.resize(R * K);
@@ -91,6 +92,7 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
       return;
     }
     if (static_cast<int64_t>(q.size()) < R * K) q.resize(R * K);
+    if (with_magnitudes && static_cast<int64_t>(magnitude.size()) < R * K) magnitude.resize(R * K);
     if (static_cast<int64_t>(s.size()) < R * nb) {
       s.resize(R * nb);
       sum.resize(R * nb);
@@ -108,6 +110,7 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
       return;
     }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b);
+    if (with_magnitudes) magnitudes(q.data() + r * K + b * BLOCK, BLOCK, magnitude.data() + r * K + b * BLOCK);
   }
 
   void store_row(int64_t r, const float* x, int64_t k_real) {
@@ -208,8 +211,8 @@ void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, fl
   }
   for (int64_t m = 0; m < R; m += MR) {
     const int rows = static_cast<int>(R - m < MR ? R - m : MR);
-    weight_tile(a.q.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group, static_cast<int>(W.bits), W.w,
-                W.scales, t, y, W.n, 0);
+    weight_tile(a.q.data(), a.magnitude.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group,
+                static_cast<int>(W.bits), W.w, W.scales, t, y, W.n, 0);
   }
 }
 

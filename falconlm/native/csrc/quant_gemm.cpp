@@ -87,7 +87,7 @@ void dequantize_tiles(const TiledWeight& W, int64_t t, int64_t k0, int64_t k1, u
 }
 
 struct Scratch {  // one per calling thread, grown as needed
-  std::vector<int8_t> xq;
+  std::vector<int8_t> xq, xm;  // the int8 activations and, where dot_q8 reads them, their magnitudes
   std::vector<float> xs;
   std::vector<int32_t> xsum;
 };
@@ -107,12 +107,15 @@ void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_
                     int nthreads) {
   static thread_local Scratch s;
   const int64_t nb = K / B;
+  const bool with_magnitudes = Q8_MAGNITUDES && bits == 8;
   if (static_cast<int64_t>(s.xq.size()) < M * K) s.xq.resize(M * K);
+  if (with_magnitudes && static_cast<int64_t>(s.xm.size()) < M * K) s.xm.resize(M * K);
   if (static_cast<int64_t>(s.xs.size()) < M * nb) {
     s.xs.resize(M * nb);
     s.xsum.resize(M * nb);
   }
   int8_t* xq = s.xq.data();
+  int8_t* xm = with_magnitudes ? s.xm.data() : nullptr;
   float* xs = s.xs.data();
   int32_t* xsum = s.xsum.data();
   const int elem = x_bf16 ? 2 : 4;
@@ -123,10 +126,11 @@ void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_
       const int64_t n = k_real - k0 < B ? (k_real - k0 > 0 ? k_real - k0 : 0) : B;
       const char* src = static_cast<const char*>(x) + (m * ldx + k0) * elem;
       xs[m * nb + b] = quantize_block(src, x_bf16, n, B, xq + m * K + k0, xsum + m * nb + b);
+      if (with_magnitudes) magnitudes(xq + m * K + k0, B, xm + m * K + k0);
     }
   }
   run_tiles(M, N, nthreads, [&](int64_t t, int64_t m, int rows) {
-    weight_tile(xq, xs, xsum, m, rows, K, B, G, bits, w, scales, t, y, N, y_bf16);
+    weight_tile(xq, xm, xs, xsum, m, rows, K, B, G, bits, w, scales, t, y, N, y_bf16);
   });
 }
 

@@ -32,15 +32,21 @@ inline int32_t four_bytes(const int8_t* p) {
   return v;
 }
 
+// The magnitudes of activation bytes i .. i + 3 for dot_q8 where it reads them (Q8_MAGNITUDES), else 0.
+inline int32_t four_magnitudes(const int8_t* xm, int64_t i) {
+  if constexpr (Q8_MAGNITUDES) return four_bytes(xm + i);
+  return 0;
+}
+
 template <int R>
 inline void store_rows(const F32x16 (&acc)[MR], void* y, int64_t m0, int64_t N, int64_t n0, int y_bf16) {
   for (int r = 0; r < R; ++r) store_any(y, (m0 + r) * N + n0, acc[r], y_bf16);
 }
 
-// One tile of 16 int8 rows against R activation rows.
+// One tile of 16 int8 rows against R activation rows (xm: their magnitudes, see Q8_MAGNITUDES).
 template <int R>
-inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0, int64_t K, int64_t B,
-                    const uint8_t* w, const float* wscale, void* y, int64_t N, int64_t n0, int y_bf16) {
+inline void tile_w8(const int8_t* xq, const int8_t* xm, const float* xs, const int32_t* xsum, int64_t m0, int64_t K,
+                    int64_t B, const uint8_t* w, const float* wscale, void* y, int64_t N, int64_t n0, int y_bf16) {
   const int64_t nb = K / B;
   F32x16 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = zero();
@@ -61,8 +67,9 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
         for (int p = 0; p < R / 2; ++p)
           pacc[p] = mmla8(pacc[p], s0, s4, two_rows(xk + 2 * p * K, xk + (2 * p + 1) * K));
         if constexpr (R % 2 == 1) {
-          const int8_t* xl = xk + (R - 1) * K;
-          iacc[R - 1] = dot_q8(dot_q8(iacc[R - 1], w0, four_bytes(xl)), w4, four_bytes(xl + 4));
+          const int64_t i = (m0 + R - 1) * K + b * B + k;
+          iacc[R - 1] = dot_q8(dot_q8(iacc[R - 1], w0, four_bytes(xq + i), four_magnitudes(xm, i)), w4,
+                               four_bytes(xq + i + 4), four_magnitudes(xm, i + 4));
         }
       }
       for (int p = 0; p < R / 2; ++p) unpair(pacc[p], iacc[2 * p], iacc[2 * p + 1]);
@@ -76,9 +83,9 @@ inline void tile_w8(const int8_t* xq, const float* xs, const int32_t* xsum, int6
         prefetch(wb + (k + 4) * TILE + PREFETCH);
         const Line w0 = load_line(wb + k * TILE), w4 = load_line(wb + (k + 4) * TILE);
         for (int r = 0; r < R; ++r) {
-          const int8_t* xk = xq + (m0 + r) * K + b * B + k;
-          iacc[r] = dot_q8(iacc[r], w0, four_bytes(xk));
-          odd[r] = dot_q8(odd[r], w4, four_bytes(xk + 4));
+          const int64_t i = (m0 + r) * K + b * B + k;
+          iacc[r] = dot_q8(iacc[r], w0, four_bytes(xq + i), four_magnitudes(xm, i));
+          odd[r] = dot_q8(odd[r], w4, four_bytes(xq + i + 4), four_magnitudes(xm, i + 4));
         }
       }
       for (int r = 0; r < R; ++r) iacc[r] = iadd(iacc[r], odd[r]);  // integer sums: exact in any order
@@ -171,20 +178,25 @@ inline float quantize_block(const void* x, int x_bf16, int64_t n, int64_t B, int
   return m / 127.f;
 }
 
+// |q| of n int8 values q (at most 127 each) into m: the magnitudes dot_q8 reads where Q8_MAGNITUDES.
+inline void magnitudes(const int8_t* q, int64_t n, int8_t* m) {
+  for (int64_t k = 0; k < n; ++k) m[k] = static_cast<int8_t>(q[k] < 0 ? -q[k] : q[k]);
+}
+
 // Rows m..m + rows - 1 (at most MR) of y[:, 16t : 16t + 16] for tile t of a weight of K (padded) columns:
 // bits 8, scales float32 [N]; bits 4, scales bfloat16 [N / 16][K / G][2][16]. y: [.., N], bfloat16 or float32.
-inline void weight_tile(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m, int rows, int64_t K,
-                        int64_t B, int64_t G, int bits, const uint8_t* w, const void* scales, int64_t t, void* y,
-                        int64_t N, int y_bf16) {
+inline void weight_tile(const int8_t* xq, const int8_t* xm, const float* xs, const int32_t* xsum, int64_t m,
+                        int rows, int64_t K, int64_t B, int64_t G, int bits, const uint8_t* w, const void* scales,
+                        int64_t t, void* y, int64_t N, int y_bf16) {
   // rows <= MR always; the cases above MR are clamped only so that they compile where MR is 2.
   if (bits == 8) {
     const uint8_t* wt = w + t * K * TILE;
     const float* ws = static_cast<const float*>(scales);
     switch (rows) {
-      case 4: tile_w8<MR < 4 ? MR : 4>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
-      case 3: tile_w8<MR < 3 ? MR : 3>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
-      case 2: tile_w8<2>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
-      default: tile_w8<1>(xq, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+      case 4: tile_w8<MR < 4 ? MR : 4>(xq, xm, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+      case 3: tile_w8<MR < 3 ? MR : 3>(xq, xm, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+      case 2: tile_w8<2>(xq, xm, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
+      default: tile_w8<1>(xq, xm, xs, xsum, m, K, B, wt, ws, y, N, t * TILE, y_bf16); break;
     }
     return;
   }
