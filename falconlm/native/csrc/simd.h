@@ -195,11 +195,7 @@ inline I32x16 dot_q8(I32x16 acc, Line w, int32_t x4, int32_t) {
   return {_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(x4))};
 }
 #else
-inline I32x16 dot_u4(I32x16 acc, Line w, int32_t x4) {  // weights 0..15: no int16 saturation
-  const __m512i p = _mm512_maddubs_epi16(w.v, _mm512_set1_epi32(x4));
-  return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(p, _mm512_set1_epi16(1)))};
-}
-#define FALCON_U4_SUM16 1
+#define FALCON_U4_SUM16 1  // int4 lines through u4_line below, in 16-bit sums: no dot_u4 here
 struct U4Sum { __m512i v; };  // 16-bit sums (see U4_LINES below)
 inline U4Sum u4_zero() { return {_mm512_setzero_si512()}; }
 inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_high) {
@@ -371,12 +367,7 @@ inline I32x16 dot_u4(I32x16 acc, Line w, int32_t x4) {
 }
 inline I32x16 dot_q8(I32x16 acc, Line w, int32_t x4, int32_t) { return dot_u4(acc, w, x4); }
 #else
-inline I32x16 dot_u4(I32x16 acc, Line w, int32_t x4) {  // weights 0..15: no int16 saturation
-  const __m256i x = _mm256_set1_epi32(x4), one = _mm256_set1_epi16(1);
-  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, x), one)),
-          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(w.hi, x), one))};
-}
-#define FALCON_U4_SUM16 1
+#define FALCON_U4_SUM16 1  // int4 lines through u4_line below, in 16-bit sums: no dot_u4 here
 struct U4Sum { __m256i lo, hi; };  // 16-bit sums (see U4_LINES below)
 inline U4Sum u4_zero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
 inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_high) {
@@ -673,8 +664,8 @@ inline F32x16 reduce_add16(const F32x16* v) {  // lane i is reduce_add(v[i])
 #endif
 
 // Sums of int4 weight lines times int8 activations for one row: u4_line adds a line's low nibbles times x_low's
-// four bytes and its high nibbles times x_high's; widen_u4 adds the sums to 32-bit ones. Without a byte dot product
-// into 32 bits (vpdpbusd, sdot), each product pair is summed in 16 bits (vpmaddubsw) and widened (vpmaddwd):
+// four bytes and its high nibbles times x_high's; widen_u4 adds the sums to 32-bit ones. On x86 without a byte dot
+// product into 32 bits (vpdpbusd), each product pair is summed in 16 bits (vpmaddubsw) and widened (vpmaddwd):
 // a pair is at most 2 x 15 x 128 = 3840 in magnitude, so the 16-bit lanes take U4_LINES = 4 lines (8 pairs,
 // 30720) and one widening per 4 lines instead of one per product. Elsewhere the sums are two 32-bit chains (low
 // and high nibbles) that a row does not wait on one after the other. Integer sums: the same bits either way.
