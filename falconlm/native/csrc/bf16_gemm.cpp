@@ -1,7 +1,7 @@
 // bfloat16 matmuls y[M, N] = x[M, K] @ w[N, K].T, a row-wise argmax, and decode-step attention (attention.h).
 //
-// The matmul reads w in its own row-major layout, a block of 2 weight rows against a block of activation rows at
-// a time (bf16_tiles.h), so decode steps pay nothing for packing the weight as a general GEMM does. Threads split
+// The matmul reads w in its own row-major layout, a few weight rows against a block of activation rows at a time
+// (bf16_tiles.h), so decode steps pay nothing for packing the weight as a general GEMM does. Threads split
 // the weight rows into contiguous ranges, so each streams its part of w once per block of activation rows;
 // activation rows go in blocks small enough to stay in the core's cache. Every output element is one row's dot
 // product summed in a fixed order, so a row's result is the same whatever else shares the call (batch-invariant).
@@ -49,10 +49,11 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
       const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * NR, n1 = n0 + NR < N ? n0 + NR : N;
         if (widen) {
-          weight_pair(wide + mb * K, K, rows, w, K, b * NR, y + mb * N, N);
+          weight_rows(wide + mb * K, K, rows, w, K, n0, n1, y + mb * N, N);
         } else {
-          weight_pair(x + mb * ldx, ldx, rows, w, K, b * NR, y + mb * N, N);
+          weight_rows(x + mb * ldx, ldx, rows, w, K, n0, n1, y + mb * N, N);
         }
       }
     }

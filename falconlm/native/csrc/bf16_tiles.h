@@ -1,80 +1,119 @@
 // bfloat16 weight-row blocks for few activation rows, shared by the bf16 matmul (bf16_gemm.cpp) and the fused
 // decode layers (decode.cpp): y[m, n] = x[m, :] . w[n, :] for a block of C weight rows, w read in its own
-// row-major layout, 32 columns per inner step (one vdpbf16ps where the CPU has it, else two float32 FMAs on
-// widened values), sums across lanes at the end in simd.h's fixed order: a row's result does not depend on the
-// number of rows in the call.
+// row-major layout, STEP columns per inner step, sums across lanes at the end in a fixed order. A row's result
+// does not depend on the number of rows in the call, nor on the block it falls in.
 #pragma once
 
 #include "simd.h"
 #include <cstdint>
+#include <type_traits>
 
 namespace falcon::bf16 {
 
 inline void put(uint16_t* y, float v) { *y = f32_to_bf16(v); }
 inline void put(float* y, float v) { *y = v; }
 
+#if defined(FALCON_AVX2)
+// AVX2: 8 columns per step, widened to float32 (a shift), into one ymm register of sums per (row, weight row).
+// 4 rows x 3 weight rows of sums then fit in the 16 registers beside 3 widened weight rows, and each activation
+// load serves 3 weight rows. With 16 lanes of sums per pair (two registers), only 4 x 1 fit, and reloading the
+// activations from L2 for every weight row held 8-16 rows to about half the FMA ports' rate: 43-60 GMAC/s
+// against 62-83 for 4 x 3 on 2 threads of the stand-in.
+constexpr int STEP = 8;
+constexpr int NR = 3;  // weight rows per register block
+constexpr int MR = 4;  // activation rows per register block
+struct Sums { __m256 v; };
+struct Step { __m256 v; };  // STEP columns as float32
+inline Sums no_sums() { return {_mm256_setzero_ps()}; }
+inline Step load_w(const uint16_t* p) { return {widen8(p)}; }
+inline Step load_x(const uint16_t* p) { return {widen8(p)}; }
+inline Step load_x(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Sums dot(Sums acc, Step x, Step w) { return {_mm256_fmadd_ps(x.v, w.v, acc.v)}; }
+inline float total(Sums a) {  // the fixed tree: + lane i+4, + i+2, + i+1
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+#else
+// Elsewhere: 32 columns per step into 16 lanes of sums, one vdpbf16ps where the CPU has it, else two float32
+// FMAs on widened values (simd.h's dot_bf16).
+constexpr int STEP = 32;
 #if defined(FALCON_AVX512)
-constexpr int NR = 2;  // weight rows per register block
-constexpr int MR = 8;  // activation rows per register block (2 x 8 measured 20-45% faster than 4 x 4 for 8-16 rows)
-#elif defined(FALCON_AVX2)
-constexpr int NR = 1;  // 16 ymm registers: 4 rows' sums (8) and one widened weight row (4) fit, and each widening
-constexpr int MR = 4;  // of the weight then serves 4 activation rows instead of 2
+constexpr int NR = 2;
+constexpr int MR = 8;  // 2 x 8 measured 20-45% faster than 4 x 4 for 8-16 rows
 #else
 constexpr int NR = 2;
 constexpr int MR = 2;  // 32 q registers: 2 x 2 blocks of widened values keep the sums in registers
 #endif
-
-// Activations as the inner loop reads them: bfloat16 bits, or (AVX2) float32 widened once per call instead of
-// again for every weight row they meet; the values, and so the sums, are the same. Widened rows double the bytes
-// the inner loop rereads for each weight row, so they pay only while all of them stay near the core: measured on
-// AVX2 (2 threads), 1.2-1.7x for 4-16 rows of K = 1024 and 4-8 rows of K = 4096, 0.9x for 16 rows of K = 4096;
-// on AVX-512 without BF16 they were slower (wider registers already amortize the widening).
-inline BF16x32 load_x(const uint16_t* p) { return load_bf16x32(p); }
-inline BF16x32 load_x(const float* p) {
+using Sums = F32x16;
+using Step = BF16x32;
+inline Sums no_sums() { return zero(); }
+inline Step load_w(const uint16_t* p) { return load_bf16x32(p); }
+inline Step load_x(const uint16_t* p) { return load_bf16x32(p); }
+inline Step load_x(const float* p) {
 #if defined(FALCON_BF16_DOT)
   return load_bf16x32(reinterpret_cast<const uint16_t*>(p));  // never called: widen_first() is false here
 #else
   return {load(p), load(p + 16)};
 #endif
 }
+inline Sums dot(Sums acc, const Step& x, const Step& w) { return dot_bf16(acc, x, w); }
+inline float total(Sums a) { return reduce_add(a); }
+#endif
+
+// Activations as the inner loop reads them: bfloat16 bits, or (AVX2) float32 widened once per call instead of
+// again for every weight row they meet; the values, and so the sums, are the same. Widened rows double the bytes
+// the inner loop rereads, so they pay only while the rows stay near the core (AVX2, 2 threads: 16 rows of
+// K = 4096 73 -> 82 GMAC/s, 256 KiB of float32); on AVX-512 without BF16 they were slower (wider registers
+// already amortize the widening).
 #if defined(FALCON_AVX2)
-constexpr int64_t WIDEN_MAX = 32768;  // activation elements (M x K) up to which widening first pays
+constexpr int64_t WIDEN_MAX = 65536;  // activation elements (M x K) up to which widening first pays
 #else
 constexpr int64_t WIDEN_MAX = 0;
 #endif
 // Whether M rows of K bfloat16 activations should be widened to float32 before a matmul.
 inline bool widen_first(int64_t M, int64_t K) { return M * K <= WIDEN_MAX; }
 
-constexpr int PREFETCH = 2048;  // elements ahead of each weight row's stream to request
+// Each weight row's stream requests the same column of the next block's rows (C rows on: the block reads C rows
+// side by side, which the hardware prefetchers follow badly), or PREFETCH elements on where that is nearer.
+// Measured on 8-16 rows, 2 threads: a K = 1024 bf16 head 42-68 -> 68-73 GMAC/s on AVX2, 80-88 -> 91-100 on
+// AVX-512 with BF16; a lone row needs the longer reach (1 row ahead: 71 -> 60 GMAC/s for 4 rows).
+constexpr int PREFETCH = 2048;
+#if defined(FALCON_AVX2)
+// One register of sums per pair is one chain of dependent FMAs: a lone weight row would wait on the FMA latency.
+constexpr int64_t ONE_ROW_MAX = 0;
+#else
 // Up to this many activation rows, weight rows go one at a time: two rows read in step are two interleaved streams
 // inside one page, which the hardware prefetchers follow badly (a K = 1024 bf16 head streamed at about half the
-// bandwidth of one row at a time, on AVX2 and AVX-512 alike). Above it the pair's reuse of activations wins.
+// bandwidth of one row at a time). Above it the pair's reuse of activations wins.
 constexpr int64_t ONE_ROW_MAX = 4;
+#endif
 
 template <int R, int C, typename X, typename Out>
 inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_t K, int64_t n0, Out* y,
                   int64_t N) {
-  F32x16 acc[R * C];
-  for (int i = 0; i < R * C; ++i) acc[i] = zero();
+  const int64_t ahead = C * K > PREFETCH ? C * K : PREFETCH;
+  Sums acc[R * C];
+  for (int i = 0; i < R * C; ++i) acc[i] = no_sums();
   for (int64_t k = 0; k < K; k += 32) {
-    BF16x32 wv[C];
-    for (int c = 0; c < C; ++c) {
-      prefetch(w + (n0 + c) * K + k + PREFETCH);
-      wv[c] = load_bf16x32(w + (n0 + c) * K + k);
-    }
-    for (int r = 0; r < R; ++r) {
-      const BF16x32 xv = load_x(x + (m0 + r) * ldx + k);
-      for (int c = 0; c < C; ++c) acc[r * C + c] = dot_bf16(acc[r * C + c], xv, wv[c]);
+    for (int c = 0; c < C; ++c) prefetch(w + (n0 + c) * K + k + ahead);
+    for (int s = 0; s < 32; s += STEP) {
+      Step wv[C];
+      for (int c = 0; c < C; ++c) wv[c] = load_w(w + (n0 + c) * K + k + s);
+      for (int r = 0; r < R; ++r) {
+        const Step xv = load_x(x + (m0 + r) * ldx + k + s);
+        for (int c = 0; c < C; ++c) acc[r * C + c] = dot(acc[r * C + c], xv, wv[c]);
+      }
     }
   }
-  if constexpr (R * C == 16) {  // a full block: the 16 sums across lanes together
+  if constexpr (R * C == 16 && std::is_same_v<Sums, F32x16>) {  // the 16 sums across lanes together
     alignas(64) float sums[16];
     store(sums, reduce_add16(acc));
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, sums[r * C + c]);
   } else {
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, reduce_add(acc[r * C + c]));
+      for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, total(acc[r * C + c]));
   }
 }
 
@@ -95,16 +134,33 @@ inline void rows_block(const X* x, int64_t ldx, int64_t M, const uint16_t* w, in
   }
 }
 
-// y[:, n0 : n0 + NR] for the rows of x (or y[:, n0] alone when n0 is the last weight row): the NR weight rows
-// together, or one after the other for few activation rows (ONE_ROW_MAX). A row's result is the same either way.
+// y[:, n0 : n1] for the rows of x: NR weight rows at a time (a last 4 of NR = 3 as 2 + 2, so that no weight row
+// is left alone on one chain of sums), or one after the other for few activation rows (ONE_ROW_MAX). A row's
+// result is the same whichever way.
 template <typename X, typename Out>
-inline void weight_pair(const X* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0,
+inline void weight_rows(const X* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
                         Out* y, int64_t N) {
-  if (NR > 1 && N - n0 >= NR && M > ONE_ROW_MAX) {
-    rows_block<NR, X, Out>(x, ldx, M, w, K, n0, y, N);
+  if (M <= ONE_ROW_MAX) {
+    for (int64_t n = n0; n < n1; ++n) rows_block<1, X, Out>(x, ldx, M, w, K, n, y, N);
     return;
   }
-  for (int64_t n = n0; n < n0 + NR && n < N; ++n) rows_block<1, X, Out>(x, ldx, M, w, K, n, y, N);
+  for (int64_t n = n0; n < n1;) {
+    const int64_t left = n1 - n;
+    if constexpr (NR == 3) {
+      if (left >= 3 && left != 4) {
+        rows_block<3, X, Out>(x, ldx, M, w, K, n, y, N);
+        n += 3;
+        continue;
+      }
+    }
+    if (left >= 2) {
+      rows_block<2, X, Out>(x, ldx, M, w, K, n, y, N);
+      n += 2;
+    } else {
+      rows_block<1, X, Out>(x, ldx, M, w, K, n, y, N);
+      n += 1;
+    }
+  }
 }
 
 }  // namespace falcon::bf16

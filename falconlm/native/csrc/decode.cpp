@@ -201,12 +201,11 @@ void store_vector(const float* src, void* dst, int bf16, int64_t n) {
 void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, float* y) {
   if (W.bits == 16) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
-    for (int64_t n0 = t * TILE; n0 < (t + 1) * TILE; n0 += bf16::NR)
-      if (a.widen) {
-        bf16::weight_pair(a.xf.data(), a.K, R, w, a.K, n0, y, W.n);
-      } else {
-        bf16::weight_pair(a.xb.data(), a.K, R, w, a.K, n0, y, W.n);
-      }
+    if (a.widen) {
+      bf16::weight_rows(a.xf.data(), a.K, R, w, a.K, t * TILE, (t + 1) * TILE, y, W.n);
+    } else {
+      bf16::weight_rows(a.xb.data(), a.K, R, w, a.K, t * TILE, (t + 1) * TILE, y, W.n);
+    }
     return;
   }
   for (int64_t m = 0; m < R; m += MR) {
