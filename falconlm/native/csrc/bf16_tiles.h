@@ -117,6 +117,7 @@ inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_
   }
 }
 
+// Every row of x against y[:, n0 : n0 + C]: blocks of MR rows, then the rest.
 template <int C, typename X, typename Out>
 inline void rows_block(const X* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0,
                        Out* y, int64_t N) {
@@ -136,7 +137,8 @@ inline void rows_block(const X* x, int64_t ldx, int64_t M, const uint16_t* w, in
 
 // y[:, n0 : n1] for the rows of x: NR weight rows at a time (a last 4 of NR = 3 as 2 + 2, so that no weight row
 // is left alone on one chain of sums), or one after the other for few activation rows (ONE_ROW_MAX). A row's
-// result is the same whichever way.
+// result is the same whichever way. (Spans of weight rows met by each block of activation rows in turn, to keep
+// those in L1, measured no faster on AVX2 and 5% slower on AVX-512.)
 template <typename X, typename Out>
 inline void weight_rows(const X* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
                         Out* y, int64_t N) {

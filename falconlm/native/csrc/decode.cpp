@@ -197,22 +197,25 @@ void store_vector(const float* src, void* dst, int bf16, int64_t n) {
   }
 }
 
-// Rows 0..R-1 of y[:, 16t : 16t + 16] for tile t of W against activations a.
-void matmul_tile(const Weight& W, const Activations& a, int64_t t, int64_t R, float* y) {
+// Rows 0..R-1 of y[:, 16 t0 : 16 t1] for tiles t0 .. t1-1 of W against activations a. bfloat16 weights go as one
+// range of rows, so that the register blocks (bf16::NR rows) meet a range's end once rather than every tile's.
+void matmul_tiles(const Weight& W, const Activations& a, int64_t t0, int64_t t1, int64_t R, float* y) {
+  if (t0 >= t1) return;
   if (W.bits == 16) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
     if (a.widen) {
-      bf16::weight_rows(a.xf.data(), a.K, R, w, a.K, t * TILE, (t + 1) * TILE, y, W.n);
+      bf16::weight_rows(a.xf.data(), a.K, R, w, a.K, t0 * TILE, t1 * TILE, y, W.n);
     } else {
-      bf16::weight_rows(a.xb.data(), a.K, R, w, a.K, t * TILE, (t + 1) * TILE, y, W.n);
+      bf16::weight_rows(a.xb.data(), a.K, R, w, a.K, t0 * TILE, t1 * TILE, y, W.n);
     }
     return;
   }
-  for (int64_t m = 0; m < R; m += MR) {
-    const int rows = static_cast<int>(R - m < MR ? R - m : MR);
-    weight_tile(a.q.data(), a.magnitude.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group,
-                static_cast<int>(W.bits), W.w, W.scales, t, y, W.n, 0);
-  }
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t m = 0; m < R; m += MR) {
+      const int rows = static_cast<int>(R - m < MR ? R - m : MR);
+      weight_tile(a.q.data(), a.magnitude.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group,
+                  static_cast<int>(W.bits), W.w, W.scales, t, y, W.n, 0);
+    }
 }
 
 struct ThreadScratch {  // one per thread: a group's queries and attention output in the cache's dtype
@@ -297,12 +300,10 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
       }
 #pragma omp barrier
       // 2. QKV and MLP-in matmuls.
-      for (int64_t t = in_tiles * tid / nt; t < in_tiles * (tid + 1) / nt; ++t) {
-        if (t < qkv_tiles) {
-          matmul_tile(L.qkv, buf.a_qkv, t, R, buf.qkv.data());
-        } else {
-          matmul_tile(L.up, buf.a_up, t - qkv_tiles, R, buf.up.data());
-        }
+      {
+        const int64_t lo = in_tiles * tid / nt, hi = in_tiles * (tid + 1) / nt;  // QKV's tiles, then MLP-in's
+        matmul_tiles(L.qkv, buf.a_qkv, lo, std::min(hi, qkv_tiles), R, buf.qkv.data());
+        matmul_tiles(L.up, buf.a_up, std::max(lo, qkv_tiles) - qkv_tiles, hi - qkv_tiles, R, buf.up.data());
       }
 #pragma omp barrier
       // 3. Attention per (row, KV group) and the GELU in chunks, shared out as threads come free.
@@ -371,8 +372,8 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
       // One weight after the other, not a tile of each in turn: with int4, that made four streams at once
       // (two weights and their scales), which read about 10% slower than two.
       const int64_t t_lo = out_tiles * tid / nt, t_hi = out_tiles * (tid + 1) / nt;
-      for (int64_t t = t_lo; t < t_hi; ++t) matmul_tile(L.dense, buf.a_dense, t, R, buf.out_attn.data());
-      for (int64_t t = t_lo; t < t_hi; ++t) matmul_tile(L.down, buf.a_down, t, R, buf.out_mlp.data());
+      matmul_tiles(L.dense, buf.a_dense, t_lo, t_hi, R, buf.out_attn.data());
+      matmul_tiles(L.down, buf.a_down, t_lo, t_hi, R, buf.out_mlp.data());
       for (int64_t t = t_lo; t < t_hi; ++t) {
         for (int64_t r = 0; r < R; ++r)
           for (int64_t j = t * TILE; j < (t + 1) * TILE; ++j)
