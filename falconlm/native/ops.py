@@ -17,9 +17,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import cpu_features, kernels, threads_for
+from . import chosen_variant, cpu_features, kernels, threads_for
 
 LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
+# The same for the AVX2 kernels against float32 GEMMs on widened weights (no bfloat16 arithmetic): 16-48 rows ran
+# at 76-82 GMAC/s against 41-74 on the AVX2 stand-in (2 threads, K = 1024 and 4096), and the two met at 64.
+AVX2_LINEAR_MAX_ROWS = 64
 LINEAR_K_MULTIPLE = 32
 BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # x86 CPUs whose GEMMs compute in bfloat16 at full speed
 BF16_MATRIX_HARDWARE = "amx_bf16"  # x86 CPUs whose bfloat16 GEMMs run on matrix units (AMX tiles)
@@ -54,15 +57,22 @@ def _onednn_cap() -> str:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (no bias). bfloat16 on CPU: the native kernel up to LINEAR_MAX_ROWS rows; above, oneDNN
+    """``x @ weight.T`` (no bias). bfloat16 on CPU: the native kernel up to native_max_rows() rows; above, oneDNN
     where the CPU has bfloat16 arithmetic, else float32 on widened copies. Anything else: ``F.linear``."""
     if not _native_fits(x, weight):
         return F.linear(x, weight)
-    if x.numel() <= LINEAR_MAX_ROWS * weight.shape[-1]:
+    if x.numel() <= native_max_rows() * weight.shape[-1]:
         return _native_linear(x, weight)
     if bf16_hardware():
         return F.linear(x, weight)
     return _widened_linear(x, weight)
+
+
+def native_max_rows() -> int:
+    """Up to how many rows :func:`linear` multiplies bfloat16 natively rather than through a GEMM."""
+    if chosen_variant().startswith("avx2") and not bf16_hardware():
+        return AVX2_LINEAR_MAX_ROWS
+    return LINEAR_MAX_ROWS
 
 
 def linear_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

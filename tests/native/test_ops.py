@@ -41,7 +41,7 @@ def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyP
         (torch.randn(2, 48).bfloat16(), w.bfloat16()),  # K not a multiple of 32
     ]:
         assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
-    many = torch.randn(ops.LINEAR_MAX_ROWS + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    many = torch.randn(ops.native_max_rows() + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     expected = F.linear(*many) if ops.bf16_hardware() else F.linear(*(t.float() for t in many)).bfloat16()
     assert torch.equal(ops.linear(*many), expected)  # many rows: a GEMM, in bfloat16 only where the CPU has it
     monkeypatch.setattr(ops, "bf16_hardware", lambda: False)
