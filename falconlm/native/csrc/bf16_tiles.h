@@ -77,7 +77,9 @@ inline bool widen_first(int64_t M, int64_t K) { return M * K <= WIDEN_MAX; }
 // Each weight row's stream requests the same column of the next block's rows (C rows on: the block reads C rows
 // side by side, which the hardware prefetchers follow badly), or PREFETCH elements on where that is nearer.
 // Measured on 8-16 rows, 2 threads: a K = 1024 bf16 head 42-68 -> 68-73 GMAC/s on AVX2, 80-88 -> 91-100 on
-// AVX-512 with BF16; a lone row needs the longer reach (1 row ahead: 71 -> 60 GMAC/s for 4 rows).
+// AVX-512 with BF16; a lone row needs the longer reach (1 row ahead: 71 -> 60 GMAC/s for 4 rows). The requests
+// go to L2, whose queue holds more of them than L1's fill buffers: 16 rows against 48 weights of 8 MiB in turn
+// (none left in cache) 64 -> 68-69 GMAC/s on AVX2, 8 rows 52-53 -> 57-61; two blocks ahead was slower.
 constexpr int PREFETCH = 2048;
 #if defined(FALCON_AVX2)
 // One register of sums per pair is one chain of dependent FMAs: a lone weight row would wait on the FMA latency.
@@ -96,7 +98,7 @@ inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_
   Sums acc[R * C];
   for (int i = 0; i < R * C; ++i) acc[i] = no_sums();
   for (int64_t k = 0; k < K; k += 32) {
-    for (int c = 0; c < C; ++c) prefetch(w + (n0 + c) * K + k + ahead);
+    for (int c = 0; c < C; ++c) prefetch_l2(w + (n0 + c) * K + k + ahead);
     for (int s = 0; s < 32; s += STEP) {
       Step wv[C];
       for (int c = 0; c < C; ++c) wv[c] = load_w(w + (n0 + c) * K + k + s);

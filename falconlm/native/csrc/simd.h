@@ -86,6 +86,7 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
 }
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }  // into L2 (and L3), not L1
 
 // int8 weights are stored as q + 128 (unsigned) for every target, so one layout serves all; Q8_OFFSET is what
 // dot_q8 leaves in its sums (128 * the activations' sum with an unsigned dot product, none elsewhere).
