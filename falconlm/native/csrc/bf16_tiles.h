@@ -76,8 +76,8 @@ inline bool widen_first(int64_t M, int64_t K) { return M * K <= WIDEN_MAX; }
 
 // Each weight row's stream requests the same column of the next block's rows (C rows on: the block reads C rows
 // side by side, which the hardware prefetchers follow badly), or PREFETCH elements on where that is nearer.
-// Measured on 8-16 rows, 2 threads: a K = 1024 bf16 head 42-68 -> 68-73 GMAC/s on AVX2, 80-88 -> 91-100 on
-// AVX-512 with BF16; a lone row needs the longer reach (1 row ahead: 71 -> 60 GMAC/s for 4 rows). The requests
+// Measured on 8-16 rows, 2 threads: a K = 1024 bf16 head 42-68 -> 68-73 GMAC/s on AVX2 (3-row blocks); a lone
+// row needs the longer reach (1 row ahead: 71 -> 60 GMAC/s for 4 rows on AVX-512). The requests
 // go to L2, whose queue holds more of them than L1's fill buffers: 16 rows against 48 weights of 8 MiB in turn
 // (none left in cache) 64 -> 68-69 GMAC/s on AVX2, 8 rows 52-53 -> 57-61; two blocks ahead was slower.
 constexpr int PREFETCH = 2048;
