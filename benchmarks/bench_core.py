@@ -96,6 +96,16 @@ def quantized_folder(out: Path, variant: str, size: str = "194m") -> Path:
 AVX2_TORCH_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of a measured worker: ``threads`` OpenMP threads, and this checkout's falconlm first on the
+    path, so that the worker measures the code beside the script, not another installed copy."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
+
+
 def apply_isa(isa: str | None) -> None:
     """Force one native kernel variant (``FALCONLM_NATIVE_ISA``) for this process and its workers; call it
     before anything imports torch or falconlm. ``avx2-base`` (AVX2 + FMA, no AVX-VNNI) on a bigger x86 CPU also
@@ -263,8 +273,7 @@ def measure(impl: str, variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, variant, "--model-size", args.model_size]
     cmd += ["--threads", str(args.threads), "--prefill", str(args.prefill), "--new-tokens", str(args.new_tokens)]
     cmd += ["--out", str(args.out)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads))
     if done.returncode != 0:
         sys.exit(f"bench_core: the {impl} {variant} worker failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])

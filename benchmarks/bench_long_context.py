@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import ISAS, apply_isa, best_time, native_variant, peak_rss_mib
+from bench_core import ISAS, apply_isa, best_time, native_variant, peak_rss_mib, worker_env
 
 MAX_POSITIONS = 2048  # the checkpoint's trained context; scaling stretches it
 SIZES = {
@@ -188,8 +187,7 @@ def transformers_worker(args: argparse.Namespace, folder: Path) -> dict:
 def measure(impl: str, args: argparse.Namespace) -> dict:
     """Run one implementation's worker in a subprocess of its own (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--worker", impl, *_passthrough(args)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads))
     if done.returncode != 0:
         sys.exit(f"bench_long_context: the {impl} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

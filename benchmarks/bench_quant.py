@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ from bench_core import (
     quantized_folder,
     read_bandwidth,
     stored_bytes,
+    worker_env,
 )
 
 VARIANTS = ("bf16", "int8", "int4-g64", "int4-g32", "int4-g128")
@@ -281,8 +281,7 @@ def main() -> None:
         cmd += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--out", str(args.out)]
         cmd += ["--engine"] if args.engine else []
         cmd += ["--kernel", args.kernel] if args.kernel else []
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads), check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  measured {variant}: {rows[-1]['b1_tok_s']:.1f} tok/s at batch 1", file=sys.stderr)
     bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
