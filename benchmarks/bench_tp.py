@@ -24,9 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_core import MODEL_SIZES, PROMPT_DECODE, checkpoint_folder, describe, make_checkpoint, peak_rss_mib
+from bench_core import (
+    MODEL_SIZES,
+    PROMPT_DECODE,
+    checkpoint_folder,
+    describe,
+    make_checkpoint,
+    peak_rss_mib,
+    worker_env,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
 
 
@@ -109,11 +116,9 @@ def launch(args: argparse.Namespace, ranks: int, result: Path) -> dict:
     if args.quantize:
         cmd += ["--quantize", args.quantize]
     threads = max(1, args.threads // ranks) if args.device == "cpu" else args.threads
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": pythonpath}
     # A process group of its own, so that a timeout takes the ranks down with torchrun.
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(threads), start_new_session=True
     )
     try:
         _, err = proc.communicate(timeout=args.timeout)
