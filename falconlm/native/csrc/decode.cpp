@@ -109,8 +109,8 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
         for (int64_t k = 0; k < BLOCK; ++k) xf[r * K + b * BLOCK + k] = bf16_to_f32(dst[k]);
       return;
     }
-    s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b);
-    if (with_magnitudes) magnitudes(q.data() + r * K + b * BLOCK, BLOCK, magnitude.data() + r * K + b * BLOCK);
+    s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b,
+                                   with_magnitudes ? magnitude.data() + r * K + b * BLOCK : nullptr);
   }
 
   void store_row(int64_t r, const float* x, int64_t k_real) {

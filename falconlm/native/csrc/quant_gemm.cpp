@@ -125,8 +125,8 @@ void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_
       const int64_t k0 = b * B;
       const int64_t n = k_real - k0 < B ? (k_real - k0 > 0 ? k_real - k0 : 0) : B;
       const char* src = static_cast<const char*>(x) + (m * ldx + k0) * elem;
-      xs[m * nb + b] = quantize_block(src, x_bf16, n, B, xq + m * K + k0, xsum + m * nb + b);
-      if (with_magnitudes) magnitudes(xq + m * K + k0, B, xm + m * K + k0);
+      xs[m * nb + b] = quantize_block(src, x_bf16, n, B, xq + m * K + k0, xsum + m * nb + b,
+                                      with_magnitudes ? xm + m * K + k0 : nullptr);
     }
   }
   run_tiles(M, N, nthreads, [&](int64_t t, int64_t m, int rows) {

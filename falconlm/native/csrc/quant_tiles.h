@@ -165,14 +165,15 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
 }
 
 // One row block: x[k0, k0 + B) (float32 or bfloat16) -> int8, returns the scale; columns >= n are zero.
-// B is a multiple of 16.
-inline float quantize_block(const void* x, int x_bf16, int64_t n, int64_t B, int8_t* q, int32_t* qsum) {
+// B is a multiple of 16. With `magnitude`, |q| goes there too (what dot_q8 reads where Q8_MAGNITUDES).
+inline float quantize_block(const void* x, int x_bf16, int64_t n, int64_t B, int8_t* q, int32_t* qsum,
+                            int8_t* magnitude = nullptr) {
   if (n < B) {  // a partial block: its real values into a zero-padded float32 copy
     static thread_local std::vector<float> padded;
     padded.assign(B, 0.f);
     for (int64_t k = 0; k < n; ++k)
       padded[k] = x_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[k]) : static_cast<const float*>(x)[k];
-    return quantize_block(padded.data(), 0, B, B, q, qsum);
+    return quantize_block(padded.data(), 0, B, B, q, qsum, magnitude);
   }
   F32x16 amax = zero();
   for (int64_t k = 0; k < B; k += 16) amax = max(amax, abs(load_any(x, k, x_bf16)));
@@ -185,12 +186,9 @@ inline float quantize_block(const void* x, int x_bf16, int64_t n, int64_t B, int
     store_i8(q + k, v);
   }
   *qsum = ireduce_add(sum);
+  if (magnitude != nullptr)  // q is at most 127 in magnitude: no overflow
+    for (int64_t k = 0; k < B; ++k) magnitude[k] = static_cast<int8_t>(q[k] < 0 ? -q[k] : q[k]);
   return m / 127.f;
-}
-
-// |q| of n int8 values q (at most 127 each) into m: the magnitudes dot_q8 reads where Q8_MAGNITUDES.
-inline void magnitudes(const int8_t* q, int64_t n, int8_t* m) {
-  for (int64_t k = 0; k < n; ++k) m[k] = static_cast<int8_t>(q[k] < 0 ? -q[k] : q[k]);
 }
 
 // Rows m..m + rows - 1 (at most MR) of y[:, 16t : 16t + 16] for tile t of a weight of K (padded) columns:
