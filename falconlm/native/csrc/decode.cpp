@@ -103,10 +103,18 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
   void store_block(int64_t r, int64_t b, const void* x, int x_bf16, int64_t n) {
     if (bits == 16) {
       uint16_t* dst = xb.data() + r * K + b * BLOCK;
-      for (int64_t k = 0; k < BLOCK; ++k)
-        dst[k] = k >= n ? 0 : x_bf16 ? static_cast<const uint16_t*>(x)[k] : f32_to_bf16(static_cast<const float*>(x)[k]);
+      if (n == BLOCK && x_bf16) {
+        std::memcpy(dst, x, BLOCK * sizeof(uint16_t));
+      } else if (n == BLOCK) {  // whole vectors, rounded as f32_to_bf16 rounds
+        for (int64_t k = 0; k < BLOCK; k += 16) store_bf16(dst + k, load(static_cast<const float*>(x) + k));
+      } else {  // a partial block (padding columns): element by element, zeros past n
+        for (int64_t k = 0; k < BLOCK; ++k)
+          dst[k] = k >= n   ? 0
+                   : x_bf16 ? static_cast<const uint16_t*>(x)[k]
+                            : f32_to_bf16(static_cast<const float*>(x)[k]);
+      }
       if (widen)
-        for (int64_t k = 0; k < BLOCK; ++k) xf[r * K + b * BLOCK + k] = bf16_to_f32(dst[k]);
+        for (int64_t k = 0; k < BLOCK; k += 16) store(xf.data() + r * K + b * BLOCK + k, load_bf16(dst + k));
       return;
     }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b,
