@@ -38,9 +38,10 @@ def _kernels(x_bf16: torch.Tensor, x_f32: torch.Tensor, w_bf16: torch.Tensor) ->
     return out
 
 
-def test_simd_variants_match_the_scalar_reference(simd_isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows", [13, 15])  # last blocks of 1 and 3 rows after 4-row blocks, 5 and 7 after 8
+def test_simd_variants_match_the_scalar_reference(simd_isa: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(13, 320, generator=gen)
+    x = torch.randn(rows, 320, generator=gen)
     w = (torch.randn(96, 320, generator=gen) * 0.05).bfloat16()
     simd = _kernels(x.bfloat16(), x, w)
     monkeypatch.setenv("FALCONLM_NATIVE_ISA", "scalar")
