@@ -97,6 +97,7 @@ AVX2_TORCH_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", 
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = REPO_ROOT.parent / "shared" / "data" / "falcon-tokenizer"  # the real tokenizer, beside a checkout
 
 
 def worker_env(threads: int) -> dict[str, str]:

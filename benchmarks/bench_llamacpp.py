@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import (
     PROMPT_DECODE,
+    REPO_ROOT,
+    SHARED_TOKENIZER,
     add_common_args,
     apply_isa,
     bandwidth_line,
@@ -47,8 +49,6 @@ from bench_core import (
     read_bandwidth,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "falcon-tokenizer"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-server")
 FORMATS = ("bf16", "f16", "q8_0", "q4_0")
 # falconlm's weights for each llama.cpp format: the same bytes per weight, or as near as the formats allow.
@@ -387,7 +387,7 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace) 
             cmd += ["--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(port)]
             cmd += ["--quantize", variant] if variant != "bfloat16" else []
         with log.open("w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         try:
             wait_healthy(url, proc, log, timeout=600)
             run_benchmark(url, concurrency=1, num_requests=1, prompts=[prompts[0][:16]], max_tokens=4)
@@ -416,7 +416,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=3, help="llama-bench repetitions per test")
     parser.add_argument("--llamacpp-version", default=None, help="llama-cpp-python version (default: newest cached)")
     parser.add_argument("--refresh", action="store_true", help="download the registry's latest llama-cpp-python")
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Falcon's tokenizer files")
+    parser.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="Falcon's tokenizer files")
     parser.add_argument("--no-falconlm", action="store_true", help="measure llama.cpp only")
     parser.add_argument("--prepare-only", action="store_true", help="build, write checkpoints and GGUFs, then stop")
     parser.add_argument("--serve", action="store_true", help="also compare llama-server with falconlm serve")

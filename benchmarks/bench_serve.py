@@ -30,12 +30,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import make_checkpoint
+from bench_core import REPO_ROOT, SHARED_TOKENIZER, make_checkpoint
 
 from falconlm.bench import BenchResult, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "falcon-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FIRST_ORDINARY_ID = 12  # Falcon's ids 0-11 are special tokens (11 is <|endoftext|>)
 
@@ -71,7 +69,7 @@ def start_server(folder: Path, port: int, args: argparse.Namespace, log: Path) -
         cmd += ["--quantize", args.quantize]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with log.open("w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -191,7 +189,7 @@ def main() -> None:
     parser.add_argument("--reference-requests", type=int, default=2, help="transformers requests to time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="copied in when absent")
+    parser.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="copied in when absent")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     parser.add_argument("--quantize", default=None, help="serve int8 or int4 weights (transformers stays bf16)")
     args = parser.parse_args()

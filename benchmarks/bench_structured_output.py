@@ -15,10 +15,14 @@ Run: ``python benchmarks/bench_structured_output.py [--models default bench-194m
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import SHARED_TOKENIZER
 
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.engine.sampling_params import SamplingParams, StructuredOutputParams
@@ -37,7 +41,6 @@ SCHEMA = {
     },
 }
 PROMPT = "Once upon a time, in a small town by the sea, there lived an old fisherman who"
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "falcon-tokenizer"
 
 
 def build_engine(name: str, tokenizer_dir: Path, max_num_seqs: int) -> Engine:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Falcon tokenizer for bench-194m")
+    parser.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="Falcon tokenizer for bench-194m")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
