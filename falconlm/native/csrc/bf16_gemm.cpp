@@ -50,11 +50,7 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t n0 = b * NR, n1 = n0 + NR < N ? n0 + NR : N;
-        if (widen) {
-          weight_rows(wide + mb * K, K, rows, w, K, n0, n1, y + mb * N, N);
-        } else {
-          weight_rows(x + mb * ldx, ldx, rows, w, K, n0, n1, y + mb * N, N);
-        }
+        weight_rows_of(x + mb * ldx, ldx, widen ? wide + mb * K : nullptr, rows, w, K, n0, n1, y + mb * N, N);
       }
     }
   }

@@ -167,4 +167,16 @@ inline void weight_rows(const X* x, int64_t ldx, int64_t M, const uint16_t* w, i
   }
 }
 
+// weight_rows over activations held both ways: the float32 copy where there is one (xf not null, rows K apart),
+// else the bfloat16 bits (rows ldx apart).
+template <typename Out>
+inline void weight_rows_of(const uint16_t* xb, int64_t ldx, const float* xf, int64_t M, const uint16_t* w, int64_t K,
+                           int64_t n0, int64_t n1, Out* y, int64_t N) {
+  if (xf != nullptr) {
+    weight_rows(xf, K, M, w, K, n0, n1, y, N);
+  } else {
+    weight_rows(xb, ldx, M, w, K, n0, n1, y, N);
+  }
+}
+
 }  // namespace falcon::bf16

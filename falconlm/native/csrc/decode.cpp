@@ -211,11 +211,7 @@ void matmul_tiles(const Weight& W, const Activations& a, int64_t t0, int64_t t1,
   if (t0 >= t1) return;
   if (W.bits == 16) {
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
-    if (a.widen) {
-      bf16::weight_rows(a.xf.data(), a.K, R, w, a.K, t0 * TILE, t1 * TILE, y, W.n);
-    } else {
-      bf16::weight_rows(a.xb.data(), a.K, R, w, a.K, t0 * TILE, t1 * TILE, y, W.n);
-    }
+    bf16::weight_rows_of(a.xb.data(), a.K, a.widen ? a.xf.data() : nullptr, R, w, a.K, t0 * TILE, t1 * TILE, y, W.n);
     return;
   }
   for (int64_t t = t0; t < t1; ++t)
