@@ -3,7 +3,8 @@
 Every Engine call happens on that thread. Callers post commands (add, abort, stop) to a thread-safe queue that
 the thread drains between steps; with nothing queued and nothing unfinished it blocks on that queue, so an idle
 engine uses no CPU. Outputs go back to each caller's :class:`RequestStream` through ``loop.call_soon_threadsafe``.
-Statistics are the engine's own ``stats()``, published after every step; scheduling times and prompt logprobs
+Statistics are the engine's own ``stats()``, published after every step before its outputs go out (a client that
+has a token sees the state that made it) and after each round of commands; scheduling times and prompt logprobs
 travel on the outputs, so the thread never inspects the scheduler nor runs the model itself.
 
 A caller that stops iterating (client gone: ``GeneratorExit`` or ``CancelledError``) aborts its requests; the
@@ -301,6 +302,7 @@ class AsyncEngine:
             logger.exception("an engine step failed; failing the requests in flight")
             self._fail_all(EngineError(f"the engine failed while running the request: {exc}"))
             return
+        self._publish_stats()  # before the outputs go out: whoever reads them sees the state that made them
         deliveries: dict[RequestStream, list[StepOutput]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
