@@ -35,7 +35,10 @@ class ModelRunner:
     """One model, its paged KV cache, the sampler and the per-request random generators.
 
     ``deterministic`` forces the batch-invariant kernels everywhere: every bfloat16 matmul natively whatever its
-    row count, and prompt chunks attended a token at a time by the row kernel (slower prefill; see README)."""
+    row count, and prompt chunks attended a token at a time by the row kernel (slower prefill; see README). Where
+    the fused decode step applies, prompt tokens go through it too, each as a row of its own: its float32
+    residual stream differs from the torch forward's, so a prompt whose last chunk happens to be one token (a
+    decode-shaped row) would otherwise take the other path than the same prompt in one chunk."""
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
@@ -67,7 +70,8 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         decoder = self._fused_decoder()
         groups = [step.scheduled]
-        if decoder is not None or self.deterministic:  # decode rows apart from prompt chunks
+        one_path = decoder is not None and self.deterministic  # every token a row of the fused step (token_rows)
+        if not one_path and (decoder is not None or self.deterministic):  # decode rows apart from prompt chunks
             decodes = [item for item in step.scheduled if item.num_tokens == 1]
             chunks = [item for item in step.scheduled if item.num_tokens > 1]
             groups = [group for group in (decodes, chunks) if group]
@@ -164,7 +168,9 @@ class ModelRunner:
         position_ids = torch.tensor([batch.positions], device=dev)
         lengths = torch.tensor([batch.rope_lengths], device=dev) if self.dynamic_rope else None
         rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=dev)
-        rows_kv = ctx.decode_rows() if decoder is not None else None  # None unless every row adds one token
+        rows_kv = None  # every row adds one token (else None); deterministic: each token a row, prompts too
+        if decoder is not None:
+            rows_kv = ctx.token_rows() if self.deterministic else ctx.decode_rows()
         hidden = None
         if rows_kv is not None:
             hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths)

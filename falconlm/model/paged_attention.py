@@ -103,6 +103,19 @@ class PagedAttention:
         tables, lengths = self._decode_tables  # every row is a decode row, in order
         return DecodeRows(k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, lengths)
 
+    def token_rows(self) -> DecodeRows | None:
+        """Every new token of the step as a row of its own, a prompt chunk's tokens each up to itself (the fused
+        step's form of ``per_token_chunks``: prompts and decodes then take one path); None with ALiBi."""
+        if self.alibi_slopes is not None or not self.query_lens:
+            return None
+        owner = [r for r, n in enumerate(self.query_lens) for _ in range(n)]
+        lengths = [end - n + 1 + j for n, end in zip(self.query_lens, self.context_lens, strict=True) for j in range(n)]
+        k, v = self.cache.k, self.cache.v
+        tables = self.block_tables[_as_slice(owner) or owner].contiguous()
+        return DecodeRows(
+            k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, torch.tensor(lengths)
+        )
+
     @cached_property
     def _decode_rows(self) -> list[int]:
         """Rows adding one token this step: attended together in one call."""

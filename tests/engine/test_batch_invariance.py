@@ -8,8 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from falconlm import LLM, SamplingParams
+from falconlm.engine.engine import Engine, EngineConfig
+from falconlm.quant import load_checkpoint
+from falconlm.tokenizer import Tokenizer
 
 from ..conftest import make_hf_checkpoint, needs_native
 
@@ -46,3 +50,28 @@ def test_tokens_do_not_depend_on_the_batch(checkpoint: Path, quantize: str | Non
         assert all(len(tokens) == TOKENS for tokens in alone)
         for batch in batches:
             assert _generate_in_batches(llm, batch, params) == alone, f"batches of {batch}"
+
+
+@needs_native
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_prompt_cut_anywhere_scores_the_same(checkpoint: Path, quantize: str | None) -> None:
+    # Every token budget from 2 up cuts the prompt differently; several leave a last chunk of one token, which
+    # looks like a decode row. Each prompt position's logprob and each new token's must be the same bits as with
+    # the prompt in one chunk (a one-token last chunk once took the fused decode path while whole prompts took the
+    # torch forward, and a server returned 1 of 24 streams differently).
+    model = load_checkpoint(checkpoint, dtype=torch.bfloat16, device="cpu", quantize=quantize)
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    prompt = PROMPTS[1]  # 14 tokens
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+
+    def scores(budget: int) -> tuple[list[int], list, list]:
+        config = EngineConfig(
+            max_num_seqs=1, max_num_batched_tokens=budget, num_blocks=4, deterministic=True, enable_prefix_caching=False
+        )
+        out = Engine(model, tokenizer, config).generate([prompt], [params])[0]
+        return out.token_ids, out.logprobs, out.prompt_logprobs
+
+    whole = scores(len(prompt))
+    assert len(whole[2]) == len(prompt)
+    for budget in range(2, len(prompt)):
+        assert scores(budget) == whole, f"prompt cut into chunks of {budget}"

@@ -20,10 +20,6 @@
 using namespace falcon;
 using namespace falcon::bf16;
 
-namespace {
-constexpr int64_t M_BLOCK = 64;  // activation rows per pass over the weight (64 x 4096 x 2 bytes = 512 KiB)
-}
-
 extern "C" {
 
 // The instruction set this library was built for.

@@ -71,6 +71,9 @@ constexpr int64_t WIDEN_MAX = 65536;  // activation elements (M x K) up to which
 #else
 constexpr int64_t WIDEN_MAX = 0;
 #endif
+// Activation rows per pass over a weight, for many rows (64 x 4096 x 2 bytes = 512 KiB of activations).
+constexpr int64_t M_BLOCK = 64;
+
 // Whether M rows of K bfloat16 activations should be widened to float32 before a matmul.
 inline bool widen_first(int64_t M, int64_t K) { return M * K <= WIDEN_MAX; }
 

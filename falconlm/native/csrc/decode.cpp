@@ -11,7 +11,8 @@
 //   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
 //      (attention.h); the MLP's GELU; both results quantized for the output matmuls. A row longer than
 //      PART_KEYS positions is attended in parts of that size, shared between the threads, then combined (two
-//      more barriers);
+//      more barriers). Rows may also be the tokens of one prompt chunk, each attending up to itself (the engine's
+//      deterministic mode runs every token through this one path): then all K/V are stored before any attends;
 //   4. the attention-out and MLP-out matmuls, added to the residual.
 //
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
@@ -209,9 +210,13 @@ void store_vector(const float* src, void* dst, int bf16, int64_t n) {
 // range of rows, so that the register blocks (bf16::NR rows) meet a range's end once rather than every tile's.
 void matmul_tiles(const Weight& W, const Activations& a, int64_t t0, int64_t t1, int64_t R, float* y) {
   if (t0 >= t1) return;
-  if (W.bits == 16) {
+  if (W.bits == 16) {  // many rows (a prompt chunk's tokens) in blocks that stay in cache, as bf16_gemm.cpp does
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
-    bf16::weight_rows_of(a.xb.data(), a.K, a.widen ? a.xf.data() : nullptr, R, w, a.K, t0 * TILE, t1 * TILE, y, W.n);
+    for (int64_t m = 0; m < R; m += bf16::M_BLOCK) {
+      const int64_t rows = R - m < bf16::M_BLOCK ? R - m : bf16::M_BLOCK, at = m * a.K;
+      bf16::weight_rows_of(a.xb.data() + at, a.K, a.widen ? a.xf.data() + at : nullptr, rows, w, a.K, t0 * TILE,
+                           t1 * TILE, y + m * W.n, W.n);
+    }
     return;
   }
   for (int64_t t = t0; t < t1; ++t)
@@ -220,6 +225,15 @@ void matmul_tiles(const Weight& W, const Activations& a, int64_t t0, int64_t t1,
       weight_tile(a.q.data(), a.magnitude.data(), a.s.data(), a.sum.data(), m, rows, a.K, BLOCK, W.group,
                   static_cast<int>(W.bits), W.w, W.scales, t, y, W.n, 0);
     }
+}
+
+// Whether two of the R rows start in the same cache block: rows of one request (or of requests sharing a cached
+// prompt prefix, where this only costs a barrier).
+bool rows_share_blocks(const Rows* rows, int64_t R) {
+  std::vector<int64_t> first(R);
+  for (int64_t r = 0; r < R; ++r) first[r] = rows->block_tables[r * rows->tb];
+  std::sort(first.begin(), first.end());
+  return std::adjacent_find(first.begin(), first.end()) != first.end();
 }
 
 struct ThreadScratch {  // one per thread: a group's queries and attention output in the cache's dtype
@@ -269,8 +283,11 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
     part_start[rg + 1] = part_start[rg] + (parts > 1 ? parts : 0);
   }
   const int64_t total_parts = part_start[attention_units];
+  // Rows of one request (a prompt chunk's tokens, each a row up to itself) read the K/V that the others write in
+  // this same step: then every row's K/V is stored before any row attends, in a loop of its own.
+  const bool store_first = rows_share_blocks(rows, R);
+  if (total_parts > 0 || store_first) resize(buf.q, attention_units * per_group * d);
   if (total_parts > 0) {
-    resize(buf.q, attention_units * per_group * d);
     resize(buf.part_stats, 2 * total_parts * per_group);
     resize(buf.part_acc, total_parts * per_group * d);
     buf.parts.resize(total_parts);
@@ -341,28 +358,37 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
           buf.a_dense.store_block(r, b0 + b, static_cast<const char*>(out) + b * BLOCK * size, out_bf16, BLOCK);
       };
       auto split = [&](int64_t rg) { return part_start[rg + 1] > part_start[rg]; };
-      // A short row: prepare, attend, quantize in one unit. A long one: prepared here, attended in parts below.
+      auto queries = [&](int64_t rg) { return reinterpret_cast<char*>(buf.q.data()) + rg * per_group * d * elem; };
+      auto attend_whole = [&](int64_t r, int64_t g, const void* q) {
+        attend_group(q, ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
+                     rows->context_lens[r], g, scale);
+        quantize_heads(r, g, ts.out.data(), bf16);
+      };
+      // A short row: prepare, attend, quantize in one unit. A long one (or any, with store_first): prepared
+      // here, attended below (in parts, if long).
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
         if (u >= attention_units) {
           gelu_chunk(u - attention_units);
-        } else if (split(u)) {
-          prepare_group(u / G, u % G, buf.q.data() + u * per_group * d);
+        } else if (split(u) || store_first) {
+          prepare_group(u / G, u % G, queries(u));
         } else {
-          const int64_t r = u / G, g = u % G;
-          prepare_group(r, g, ts.q.data());
-          attend_group(ts.q.data(), ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
-                       rows->context_lens[r], g, scale);
-          quantize_heads(r, g, ts.out.data(), bf16);
+          prepare_group(u / G, u % G, ts.q.data());
+          attend_whole(u / G, u % G, ts.q.data());
         }
       }  // (each loop's end is a barrier)
+      if (store_first) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < attention_units; ++u)
+          if (!split(u)) attend_whole(u / G, u % G, queries(u));
+      }
       if (total_parts > 0) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < total_parts; ++u) {
           const int64_t rg = std::upper_bound(part_start.begin(), part_start.end(), u) - part_start.begin() - 1;
           const int64_t r = rg / G, begin = (u - part_start[rg]) * PART_KEYS;
           const int64_t end = std::min(begin + PART_KEYS, rows->context_lens[r]);
-          attend_group(buf.q.data() + rg * per_group * d, nullptr, bf16, per_group, d, cache,
+          attend_group(queries(rg), nullptr, bf16, per_group, d, cache,
                        rows->block_tables + r * rows->tb, begin, end, rg % G, scale, &buf.parts[u]);
         }
 #pragma omp for schedule(static)
