@@ -39,7 +39,9 @@ class RecurrentRunner(ModelRunner):
     ) -> None:  # no super(): no KV cache
         self.model = model
         self.device = model.device
-        self.deterministic = False  # rows are already independent here: each runs its own scan
+        # Rows are independent here (each runs its own scan), but a prompt whose last chunk is one token meets the
+        # single-step recurrence, whose sums are not the chunked scan's: not invariant to chunking (see README).
+        self.deterministic = False
         self.num_slots = num_slots
         self.fused_allowed = False
         self.on_forward: Callable[[ForwardBatch], None] | None = None  # sees each forward first (tp_runner.py)

@@ -12,10 +12,11 @@ import torch
 
 from falconlm import LLM, SamplingParams
 from falconlm.engine.engine import Engine, EngineConfig
-from falconlm.quant import load_checkpoint
+from falconlm.model.falcon import FalconForCausalLM
 from falconlm.tokenizer import Tokenizer
 
 from ..conftest import make_hf_checkpoint, needs_native
+from ..model.falcon3_checkpoint import make_falcon3_checkpoint
 
 PROMPTS = [[(7 * i + 3 * j) % 300 + 1 for j in range(5 + 9 * i)] for i in range(16)]  # 5 to 140 tokens
 TOKENS = 16
@@ -53,14 +54,18 @@ def test_tokens_do_not_depend_on_the_batch(checkpoint: Path, quantize: str | Non
 
 
 @needs_native
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_a_prompt_cut_anywhere_scores_the_same(checkpoint: Path, quantize: str | None) -> None:
+@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("falcon3", None)])
+def test_a_prompt_cut_anywhere_scores_the_same(
+    checkpoint: Path, tmp_path: Path, layout: str, quantize: str | None
+) -> None:
     # Every token budget from 2 up cuts the prompt differently; several leave a last chunk of one token, which
     # looks like a decode row. Each prompt position's logprob and each new token's must be the same bits as with
     # the prompt in one chunk (a one-token last chunk once took the fused decode path while whole prompts took the
-    # torch forward, and a server returned 1 of 24 streams differently).
-    model = load_checkpoint(checkpoint, dtype=torch.bfloat16, device="cpu", quantize=quantize)
-    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    # torch forward, and a server returned 1 of 24 streams differently). Falcon3 (Llama layout) has no fused step:
+    # its decode rows and prompt chunks both take the torch forward.
+    folder = checkpoint if layout == "7b" else make_falcon3_checkpoint(tmp_path / "falcon3")
+    model = FalconForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
+    tokenizer = Tokenizer.from_pretrained(folder)
     prompt = PROMPTS[1]  # 14 tokens
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
 
