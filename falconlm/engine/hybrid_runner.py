@@ -5,8 +5,9 @@ half reads and writes each request's recurrent-state slot (``Request.state_slot`
 KV blocks, ``state_pool.HybridCacheManager``): one :class:`~falconlm.model.recurrent.RecurrentBatch` per forward
 says where each request's tokens sit in the step and which slot they continue. A run starting at token 0 (a new
 request, or one recomputed after preemption) starts from a zero state; decode rows are updated together by the
-single-step recurrence, prompt chunks by the chunked scan. The native fused decode step is Falcon's block only,
-so these models take the torch path.
+single-step recurrence, prompt chunks by the chunked scan; in deterministic mode prompt tokens take the
+single-step recurrence too (``RecurrentBatch.stepwise``), since the chunked scan's sums depend on where a chunk
+starts. The native fused decode step is Falcon's block only, so these models take the torch path.
 """
 
 from __future__ import annotations
@@ -41,5 +42,7 @@ class HybridRunner(ModelRunner):
         ctx: PagedAttention,
         rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        rows = RecurrentBatch(self.states, batch.state_slots, ctx.query_starts, ctx.query_lens, batch.fresh)
+        rows = RecurrentBatch(
+            self.states, batch.state_slots, ctx.query_starts, ctx.query_lens, batch.fresh, stepwise=self.deterministic
+        )
         return self.model.forward_hidden(input_ids, position_ids, ctx, rows)

@@ -39,8 +39,9 @@ class RecurrentRunner(ModelRunner):
     ) -> None:  # no super(): no KV cache
         self.model = model
         self.device = model.device
-        # Rows are independent here (each runs its own scan), but a prompt whose last chunk is one token meets the
-        # single-step recurrence, whose sums are not the chunked scan's: not invariant to chunking (see README).
+        # Rows are independent here (each runs its own scan), and a token gets the same bits as a decode step as
+        # inside a prompt chunk (``selective_scan.py``, ``recurrent.causal_conv``), so deterministic mode needs no
+        # separate forwards for decode rows and prompt chunks: only the invariant matmuls bound below.
         self.deterministic = False
         self.num_slots = num_slots
         self.fused_allowed = False

@@ -29,7 +29,7 @@ from .falcon import FalconLinear
 from .h1_config import FalconH1Config
 from .norms import RMSNorm
 from .positions import rope_cos_sin, rotate_half
-from .recurrent import RecurrentBatch, RecurrentState
+from .recurrent import RecurrentBatch, RecurrentState, causal_conv
 from .ssd_scan import ssd_chunked, ssd_step
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -146,8 +146,6 @@ class FalconH1Mixer(nn.Module):
         if rows.steps_only:
             return self._conv_step(xBC, conv_states, rows)
         out = torch.empty_like(xBC)
-        weight = self.conv1d.weight  # [C, 1, K]
-        bias = self.conv1d.bias
         if rows.step_rows:
             out[rows.step_positions] = self._conv_step(xBC[rows.step_positions], conv_states, rows)
         for r in rows.scan_rows:
@@ -156,20 +154,20 @@ class FalconH1Mixer(nn.Module):
             if rows.fresh[r]:
                 past = torch.zeros_like(past)
             seq = torch.cat([past, xBC[start : start + n]])  # [K - 1 + n, C]
-            out[start : start + n] = F.conv1d(seq.T[None], weight, bias, groups=self.conv_dim)[0].T
+            out[start : start + n] = causal_conv(seq, self._conv_taps(), self.conv1d.bias)
             conv_states[slot] = seq[-(self.conv_width - 1) :]
         return out
 
     def _conv_step(self, x: torch.Tensor, conv_states: torch.Tensor, rows: RecurrentBatch) -> torch.Tensor:
-        """One new input per step row ``x`` [R, C]: a dot product with the last K inputs; the state shifts."""
+        """One new input per step row ``x`` [R, C]: a dot product with the last K inputs, summed as a prompt
+        chunk's are (``causal_conv``); the state shifts."""
         past = rows.step_states(conv_states)  # [R, K - 1, C]
         window = torch.cat([past, x[:, None, :].to(conv_states.dtype)], dim=1)  # [R, K, C]
-        value = (window.to(self.conv1d.weight.dtype) * self._conv_taps()).sum(1)
         if rows.step_block is not None:
             past.copy_(window[:, 1:])
         else:
             rows.put_step_states(conv_states, window[:, 1:])
-        return value if self.conv1d.bias is None else value + self.conv1d.bias
+        return causal_conv(window.to(x.dtype), self._conv_taps(), self.conv1d.bias)[:, 0]
 
     def _conv_taps(self) -> torch.Tensor:
         """The conv weight as [K, C], contiguous, made once per weight value (not at every step)."""
@@ -192,6 +190,8 @@ class FalconH1Mixer(nn.Module):
         ssm_states = rows.state.ssm[self.layer_idx]  # [slots, H, P, N]
         if rows.steps_only:
             return self._scan_step(xs, dt, A, B, C, ssm_states, rows).view(N, self.d_ssm)
+        if rows.stepwise:
+            return self._scan_stepwise(xs, dt, A, B, C, ssm_states, rows).view(N, self.d_ssm)
         y = xs.new_empty(N, self.num_heads, self.head_dim, dtype=torch.float32)
         if rows.step_rows:
             p = rows.step_positions
@@ -206,6 +206,34 @@ class FalconH1Mixer(nn.Module):
             y[part] = out[0]
             ssm_states[slot] = final[0].to(ssm_states.dtype)
         return y.view(N, self.d_ssm)
+
+    def _scan_stepwise(
+        self,
+        xs: torch.Tensor,
+        dt: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        ssm_states: torch.Tensor,
+        rows: RecurrentBatch,
+    ) -> torch.Tensor:
+        """Every token through the one-token update (``ssd_step``), the t-th new token of every row together.
+
+        The chunked form's sums depend on where a chunk starts, so a prompt cut differently by the scheduler
+        would get other bits; this way a prompt token gets the bits it gets as a decode step. One update per
+        position of the longest row: slower prompts, the price of deterministic mode."""
+        y = xs.new_empty(xs.shape, dtype=torch.float32)
+        live = [r for r, n in enumerate(rows.query_lens) if n > 0]
+        for t in range(max((rows.query_lens[r] for r in live), default=0)):
+            now = [r for r in live if rows.query_lens[r] > t]
+            at = torch.tensor([rows.query_starts[r] + t for r in now], device=xs.device)
+            slots = torch.tensor([rows.slots[r] for r in now], device=xs.device)
+            state = ssm_states[slots].float()
+            if t == 0:
+                state[[i for i, r in enumerate(now) if rows.fresh[r]]] = 0
+            y[at] = ssd_step(xs[at], dt[at], A, B[at], C[at], self.D, state)
+            ssm_states[slots] = state.to(ssm_states.dtype)
+        return y
 
     def _scan_step(
         self,

@@ -29,7 +29,7 @@ from .causal_lm import CausalLM
 from .falcon import FalconLinear
 from .mamba_config import FalconMambaConfig
 from .norms import RMSNorm
-from .recurrent import RecurrentState
+from .recurrent import RecurrentState, causal_conv
 from .selective_scan import selective_scan_chunked, selective_state_update
 
 
@@ -161,26 +161,23 @@ class FalconMambaMixer(nn.Module):
         states = batch.states.conv[self.layer_idx]  # [S, K-1, D]
         if batch.steps_only:
             return self._conv_step(u, taps, states, batch)
-        weight, bias = self.conv1d.weight, self.conv1d.bias  # [D, 1, K], [D]
         out = torch.empty_like(u)
         if batch.step_rows.numel():  # decode: one window per sequence, all at once
             out[batch.step_rows] = self._conv_step(u[batch.step_rows], taps, states, batch)
         for start, n, slot in batch.runs:  # prefill chunks
             full = torch.cat([states[slot], u[start : start + n]])  # [K-1+n, D]
-            out[start : start + n] = F.conv1d(full.T[None], weight, bias, groups=full.shape[1])[0].T
+            out[start : start + n] = causal_conv(full, taps, self.conv1d.bias)
             states[slot] = full[full.shape[0] - states.shape[1] :]
         return out
 
     def _conv_step(
         self, u: torch.Tensor, taps: torch.Tensor, states: torch.Tensor, batch: RecurrentBatch
     ) -> torch.Tensor:
-        """One new input per decode row ``u`` [R, D]: the window's dot product with the taps [K, D]; the state
-        shifts by one."""
+        """One new input per decode row ``u`` [R, D]: the window's dot product with the taps [K, D], summed as a
+        prompt chunk's are (``causal_conv``); the state shifts by one."""
         past = batch.step_states(states)  # [R, K-1, D]
         window = torch.cat([past, u[:, None, :]], dim=1)  # [R, K, D]
-        y = (window * taps).sum(1)
-        if self.conv1d.bias is not None:
-            y += self.conv1d.bias
+        y = causal_conv(window, taps, self.conv1d.bias)[:, 0]
         if batch.step_block is not None:
             past.copy_(window[:, 1:])
         else:

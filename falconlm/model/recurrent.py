@@ -64,7 +64,8 @@ class RecurrentBatch:
     tokens and continue the sequence held in slot ``slots[r]``, unless ``fresh[r]`` (the row's first tokens: the
     slot's old content is ignored and overwritten). ``token_mask`` [B * T] (1 real, 0 left padding) zeroes
     padding before and after the convolution, as transformers does, so a left-padded row equals its unpadded
-    self."""
+    self. ``stepwise`` (the engine's deterministic mode) sends prompt tokens through the one-token update too, a
+    position at a time, where a model's chunked scan would sum differently depending on where a chunk starts."""
 
     state: RecurrentState
     slots: list[int]
@@ -72,6 +73,7 @@ class RecurrentBatch:
     query_lens: list[int]
     fresh: list[bool]
     token_mask: torch.Tensor | None = None
+    stepwise: bool = False
 
     @cached_property
     def step_rows(self) -> list[int]:
@@ -127,3 +129,20 @@ class RecurrentBatch:
         return cls(
             state, list(rows), [r * length for r in rows], [length] * batch_size, [fresh] * batch_size, token_mask
         )
+
+
+def causal_conv(seq: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The causal depthwise convolution of ``seq`` [..., K - 1 + n, C] (the K - 1 inputs before the run, then its
+    n new ones) with ``taps`` [K, C]: [..., n, C] in ``seq``'s dtype.
+
+    Summed in float32 one tap after another, the same multiply-adds for every output, so a decode step (n = 1)
+    and a prompt chunk give a token the same bits however the prompt was cut into chunks (``F.conv1d``'s sums,
+    and a bfloat16 window product, differ)."""
+    K, n = taps.shape[0], seq.shape[-2] - taps.shape[0] + 1
+    seq32, taps = seq.float(), taps.float()
+    out = seq32[..., 0:n, :] * taps[0]
+    for k in range(1, K):
+        out.addcmul_(seq32[..., k : k + n, :], taps[k])
+    if bias is not None:
+        out += bias.float()
+    return out.to(seq.dtype)

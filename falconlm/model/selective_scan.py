@@ -74,15 +74,13 @@ def selective_scan_chunked(
     At = A.float().T  # [N, D]
     ys = []
     for start in range(0, u.shape[0], chunk_size):
-        end = min(start + chunk_size, u.shape[0])
-        dt_c = dt[start:end].float()  # [T, D]
-        a = torch.exp((dt_c[:, None, :] * At).clamp_min_(LOG_DECAY_FLOOR))  # [T, N, D] decay of each step
-        b = B[start:end].float()[:, :, None] * (dt_c * u[start:end].float())[:, None, :]  # [T, N, D] input
-        b[0] += a[0] * h  # the carried state enters through the first step
+        part = slice(start, min(start + chunk_size, u.shape[0]))
+        a, b = _decays_and_inputs(u[part], dt[part], At, B[part])  # [T, N, D] each
+        b[0].addcmul_(a[0], h)  # the carried state enters through the first step
         hs = scan(a, b)  # [T, N, D]: h_t for every t of the chunk
-        ys.append(torch.bmm(C[start:end].float()[:, None, :], hs)[:, 0])  # [T, D]
+        ys.append(_read_out(C[part], hs))  # [T, D]
         h = hs[-1]
-    y = torch.cat(ys) + u.float() * D.float()
+    y = torch.cat(ys).addcmul_(u.float(), D.float())
     return y.to(u.dtype), h.to(_state_dtype(state))
 
 
@@ -97,17 +95,29 @@ def selective_state_update(
 ) -> torch.Tensor:
     """One token for each of R sequences: ``state`` [R, N, D] advanced in place; returns ``y`` [R, D].
 
-    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]. A float32 ``state`` (a view into a pool, say) is updated where it
-    lies, a few passes over it: the decays in place, one multiply, one fused multiply-add."""
-    dt_r = dt.float()[:, None, :]  # [R, 1, D]
-    u32 = u.float()
-    h = state if state.dtype is torch.float32 else state.float()
-    h.mul_((dt_r * A.float().T).clamp_min_(LOG_DECAY_FLOOR).exp_())
-    h.addcmul_(B.float()[:, :, None], dt_r * u32[:, None, :])
-    if h is not state:
-        state.copy_(h)
-    y = torch.bmm(C.float()[:, None, :], h)[:, 0]
-    return y.addcmul_(u32, D.float()).to(u.dtype)
+    ``u``, ``dt`` [R, D]; ``B``, ``C`` [R, N]. The same ops, on the same per-token shapes, as a token of
+    :func:`selective_scan_chunked` on the CPU: a token gets the same bits as a decode step as inside a prompt
+    chunk, so a prompt's result does not depend on where it was cut into chunks."""
+    a, b = _decays_and_inputs(u, dt, A.float().T, B)  # [R, N, D] each
+    h = b.addcmul_(a, state.float())
+    state.copy_(h)
+    return _read_out(C, h).addcmul_(u.float(), D.float()).to(u.dtype)
+
+
+def _decays_and_inputs(
+    u: torch.Tensor, dt: torch.Tensor, At: torch.Tensor, B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's decay ``a = exp(Δ A)`` and input ``b = (Δ u) ⊗ B``, [T, N, D] each, from ``u``, ``dt`` [T, D],
+    ``At`` [N, D] and ``B`` [T, N]; the exponent floored at ``LOG_DECAY_FLOOR``."""
+    dt32 = dt.float()
+    a = torch.exp((dt32[:, None, :] * At).clamp_min_(LOG_DECAY_FLOOR))
+    b = B.float()[:, :, None] * (dt32 * u.float())[:, None, :]
+    return a, b
+
+
+def _read_out(C: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+    """``y_t = C_t · h_t`` [T, D] for ``C`` [T, N] and the states ``hs`` [T, N, D]."""
+    return torch.bmm(C.float()[:, None, :], hs)[:, 0]
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
