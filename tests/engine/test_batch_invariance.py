@@ -147,3 +147,33 @@ def test_a_recurrent_prompt_cut_anywhere_leaves_the_same_state(
         scores, state = run(budget)
         assert torch.equal(state, whole_state), f"state after the prompt (cut into chunks of {budget}) and 3 tokens"
         assert scores == whole, f"prompt cut into chunks of {budget}"
+
+
+@needs_native
+@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("h1", None)])
+def test_a_preempted_request_scores_the_same(
+    checkpoint: Path, recurrent_checkpoints: dict[str, Path], layout: str, quantize: str | None
+) -> None:
+    # A KV pool with room for one request at a time preempts the newest ones: each recomputes its prompt and the
+    # tokens it had made as a prompt. In deterministic mode those take the path they took the first time, so every
+    # request's tokens and logprobs must equal those of the same request run alone in a roomy pool.
+    folder = checkpoint if layout == "7b" else recurrent_checkpoints[layout]
+    model = FalconForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
+    tokenizer = load_tokenizer(folder, None, skip_tokenizer_init=True)
+    prompts = [[token % 90 + 3 for token in prompt] for prompt in PROMPTS[4:10]]  # 41 to 86 tokens
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
+
+    def run(num_blocks: int, together: bool) -> tuple[list, int]:
+        config = EngineConfig(
+            block_size=16, num_blocks=num_blocks, max_num_batched_tokens=64, deterministic=True,
+            enable_prefix_caching=False,
+        )  # fmt: skip
+        engine = Engine(model, tokenizer, config)  # type: ignore[arg-type]
+        batches = [prompts] if together else [[prompt] for prompt in prompts]
+        outs = [out for batch in batches for out in engine.generate(batch, [params] * len(batch))]
+        return [(out.token_ids, out.logprobs) for out in outs], engine.scheduler.num_preemptions
+
+    alone, _ = run(64, together=False)
+    tight, preemptions = run(-(-(max(map(len, prompts)) + TOKENS) // 16), together=True)
+    assert preemptions > 0
+    assert tight == alone
