@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 ACTIVATION_BLOCK = 32  # the native quantized kernel's activation block; a head must span whole blocks
 MAX_HEAD_DIM = 256
 CACHE_DTYPES = (torch.bfloat16, torch.float32)
+# Rows per native call. A step with more (deterministic mode sends prompt chunks through the step, up to the token
+# budget: 2048 rows or more for long contexts) runs in parts of this many, one after the other, so the step's
+# scratch, which grows to its largest call (about 230 KB a row for a Falcon-7B shape), stays near 115 MB. A row's
+# bits do not change: the kernels sum each row alone, and a later part reads the K/V that an earlier one stored.
+MAX_CALL_ROWS = 512
 
 
 def enabled() -> bool:
@@ -214,15 +219,19 @@ class FusedDecoder:
         c = model.config
         shape = Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
                        c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
-        where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
-                      rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
         residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
         cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
         sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
-        self._fn(
-            ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where), residual.data_ptr(),
-            residual.shape[0], cos32.data_ptr(), sin32.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+        for start in range(0, residual.shape[0], MAX_CALL_ROWS):
+            part = slice(start, start + MAX_CALL_ROWS)
+            table_rows, part_lengths = tables[part], lengths[part]
+            where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
+                         rows.block_size, table_rows.data_ptr(), tables.stride(0), part_lengths.data_ptr())  # fmt: skip
+            self._fn(
+                ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where),
+                residual[part].data_ptr(), residual[part].shape[0], cos32[part].data_ptr(), sin32[part].data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
         return residual.view(x.shape).to(x.dtype)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from falconlm import LLM, SamplingParams
+from falconlm.engine import fused_decode
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.tokenizer import Tokenizer, load_tokenizer
@@ -177,3 +178,26 @@ def test_a_preempted_request_scores_the_same(
     tight, preemptions = run(-(-(max(map(len, prompts)) + TOKENS) // 16), together=True)
     assert preemptions > 0
     assert tight == alone
+
+
+@needs_native
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_step_run_in_parts_scores_the_same(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, quantize: str | None
+) -> None:
+    # A fused step of more rows than MAX_CALL_ROWS (deterministic prompt chunks) runs as several native calls, to
+    # bound its scratch; the rows of a later call read the K/V that an earlier call stored. Four prompts in one
+    # step of 218 rows, in calls of 5 rows, must score as in one call.
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=quantize)
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    prompts = PROMPTS[4:8]  # 41 to 68 tokens
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+
+    def run() -> list:
+        config = EngineConfig(max_num_batched_tokens=512, deterministic=True, enable_prefix_caching=False)
+        outs = Engine(model, tokenizer, config).generate(prompts, [params] * len(prompts))
+        return [(out.token_ids, out.logprobs, out.prompt_logprobs) for out in outs]
+
+    whole = run()
+    monkeypatch.setattr(fused_decode, "MAX_CALL_ROWS", 5)
+    assert run() == whole
