@@ -7,7 +7,8 @@ token (decodes) are attended together in one call (by the ``row_attention`` kern
 the blocks in place, else gathered for SDPA); rows with several new tokens (prefill chunks) one by one, with a
 causal mask offset by what the row already had in the cache. With ``per_token_chunks`` a chunk's tokens go
 through the row kernel too, each as a row of its own length: every query position is then computed the same way
-however the prompt was split into chunks and whatever else shares the step.
+however the prompt was split into chunks and whatever else shares the step. ALiBi models give the row kernel a
+bias table by key position and head, with the values SDPA gets as its mask.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import torch
 
 from .attention import DecodeRows, sdpa
 
-# q [R, Hq, d], k / v blocks, block tables [R, max_blocks], context lengths [R], the longest length -> [R, Hq, d]
-# (None when the kernel cannot take these tensors; the caller then uses SDPA).
+# q [R, Hq, d], k / v blocks, block tables [R, max_blocks], context lengths [R], the longest length, the ALiBi
+# bias by key position and query head (or None) -> [R, Hq, d] (None when the kernel cannot take these tensors; the
+# caller then uses SDPA).
 MASK_ELEMENTS = 1 << 24  # most query x head x key elements of one masked SDPA call over a prompt chunk
 RowAttention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor | None
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None],
+    torch.Tensor | None,
 ]
+BIAS_PAD = 16  # columns past the heads in the row kernel's bias table (it reads 16 heads at a time)
 
 
 @dataclass
@@ -181,10 +185,10 @@ class PagedAttention:
         self, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     ) -> None:
         positions, longest = self._decode_positions, max(self._decode_lengths)
-        if self.alibi_slopes is None and self.row_attention is not None:  # read in place (no gathered copy)
+        if self.row_attention is not None:  # read in place (no gathered copy)
             tables, lengths = self._decode_tables
             queries = q[0, :, positions].transpose(0, 1)
-            result = self.row_attention(queries, k_blocks, v_blocks, tables, lengths, longest)
+            result = self.row_attention(queries, k_blocks, v_blocks, tables, lengths, longest, self._alibi_table)
             if result is not None:
                 out[0, :, positions] = result.transpose(0, 1)
                 return
@@ -198,13 +202,13 @@ class PagedAttention:
         self, r: int, q: torch.Tensor, out: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor
     ) -> bool:
         """Row r's chunk through ``row_attention``, one row per token; False when the kernel cannot take it."""
-        if self.alibi_slopes is not None or self.row_attention is None:
+        if self.row_attention is None:
             return False
         start, n, length = self.query_starts[r], self.query_lens[r], self.context_lens[r]
         tables = self.block_tables[r].expand(n, -1).contiguous()
         lengths = torch.arange(length - n + 1, length + 1, dtype=torch.int64)
         queries = q[0, :, start : start + n].transpose(0, 1)  # [n, Hq, d]
-        result = self.row_attention(queries, k_blocks, v_blocks, tables, lengths, length)
+        result = self.row_attention(queries, k_blocks, v_blocks, tables, lengths, length, self._alibi_table)
         if result is None:
             return False
         out[0, :, start : start + n] = result.transpose(0, 1)
@@ -235,6 +239,20 @@ class PagedAttention:
                 mask = torch.where(mask == 0, alibi[..., :end], mask)  # [1, Hq, m, E]
             block = sdpa(queries[:, :, i : i + m], keys[:, :, :end], values[:, :, :end], mask, is_causal=False)
             out[:, :, start + i : start + i + m] = block
+
+    @cached_property
+    def _alibi_table(self) -> torch.Tensor | None:
+        """The ALiBi bias for the row kernel, the same values as :meth:`_alibi` gives SDPA: float32 [positions,
+        Hq + BIAS_PAD] by key position and query head, up to the step's longest row; None without ALiBi. A
+        position's values do not depend on the table's length, so a token gets the same bias in any step."""
+        if self.alibi_slopes is None:
+            return None
+        longest, heads = max(self.context_lens), self.alibi_slopes.shape[0]
+        key_pos = torch.arange(longest, device=self.alibi_slopes.device)
+        bias = self._alibi(key_pos, self.cache.k.dtype, self.cache.k.shape[-1])[:, 0]  # [Hq, L]
+        table = torch.zeros(longest, heads + BIAS_PAD, dtype=torch.float32, device=bias.device)
+        table[:, :heads] = bias.T
+        return table
 
     def _alibi(self, key_pos: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
         """[Hq, 1, L] ALiBi bias over key positions 0..L-1, rounded exactly as the dense path rounds it."""

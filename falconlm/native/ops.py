@@ -150,14 +150,17 @@ def decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     max_len: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """``softmax(q k^T / sqrt(d)) v`` for one query position per row, reading K/V in place; None where the native
-    kernel does not apply (the caller then attends with torch).
+    """``softmax(q k^T / sqrt(d) + bias) v`` for one query position per row, reading K/V in place; None where the
+    native kernel does not apply (the caller then attends with torch).
 
     ``q`` [R, Hq, d]; ``k``, ``v`` [blocks, block_size, G, d] views of the cache (any strides, d contiguous);
     row r's positions 0..context_lens[r]-1 live in blocks ``block_tables[r, 0], [r, 1], ...`` (both int64,
     contiguous); ``max_len`` is the largest context length (it sizes the threads' work).
-    Query heads ``g * Hq / G ...`` read group g. Scores, softmax and sums in float32.
+    Query heads ``g * Hq / G ...`` read group g. Scores, softmax and sums in float32. ``bias`` (ALiBi) is float32
+    [positions >= max_len, Hq + 16], contiguous: key position p's bias for each query head, then 16 columns the
+    kernel may read past the last head (zeros).
     """
     R, Hq, d = q.shape
     G = k.shape[2]
@@ -176,6 +179,7 @@ def decode_attention(
         or not block_tables.is_contiguous()
         or not context_lens.is_contiguous()
         or (torch.is_grad_enabled() and q.requires_grad)
+        or (bias is not None and not _bias_fits(bias, max_len, Hq))
         or (lib := kernels()) is None
     ):
         return None
@@ -185,5 +189,19 @@ def decode_attention(
         q.data_ptr(), int(q.dtype is torch.bfloat16), R, Hq, G, d, k.data_ptr(), v.data_ptr(), k.stride(0),
         k.stride(1), k.stride(2), k.shape[1], block_tables.data_ptr(), block_tables.stride(0),
         context_lens.data_ptr(), 1.0 / math.sqrt(d), out.data_ptr(), threads_for(R * Hq * d * max_len),
+        None if bias is None else bias.data_ptr(), 0 if bias is None else bias.stride(0),
     )  # fmt: skip
     return out
+
+
+def _bias_fits(bias: torch.Tensor, max_len: int, heads: int) -> bool:
+    """Whether ``bias`` is a table :func:`decode_attention` can read: float32 on the CPU, contiguous, a row for
+    every position up to ``max_len`` and 16 columns past the heads."""
+    return (
+        bias.dtype is torch.float32
+        and bias.is_cpu
+        and bias.dim() == 2
+        and bias.is_contiguous()
+        and bias.shape[0] >= max_len
+        and bias.shape[1] >= heads + 16
+    )

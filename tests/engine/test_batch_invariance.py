@@ -35,6 +35,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def rw_checkpoint(tmp_path_factory) -> Path:
+    """falcon-rw: ALiBi instead of rotary, so no fused step; its attention goes through the row kernel with the
+    ALiBi bias table (batches of 3 and 16 changed its tokens when prompts went through SDPA)."""
+    folder = tmp_path_factory.mktemp("invariant-rw")
+    return make_hf_checkpoint(
+        folder, "rw", hidden_size=512, num_attention_heads=8, num_hidden_layers=4, max_position_embeddings=512
+    )
+
+
+@pytest.fixture(scope="module")
 def recurrent_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Falcon-Mamba and Falcon-H1 checkpoints (vocabulary 97), random weights."""
     folder = tmp_path_factory.mktemp("recurrent")
@@ -68,10 +78,13 @@ def _check_batches_change_nothing(llm: LLM, prompts: list[list[int]] = PROMPTS) 
 
 
 @needs_native
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_tokens_do_not_depend_on_the_batch(checkpoint: Path, quantize: str | None) -> None:
+@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("rw", None), ("rw", "int4")])
+def test_tokens_do_not_depend_on_the_batch(
+    checkpoint: Path, rw_checkpoint: Path, layout: str, quantize: str | None
+) -> None:
+    folder = checkpoint if layout == "7b" else rw_checkpoint
     _check_batches_change_nothing(
-        LLM(checkpoint, dtype="bfloat16", quantize=quantize, deterministic=True, max_num_batched_tokens=48)
+        LLM(folder, dtype="bfloat16", quantize=quantize, deterministic=True, max_num_batched_tokens=48)
     )
 
 
@@ -92,16 +105,17 @@ def test_recurrent_tokens_do_not_depend_on_the_batch(
 
 
 @needs_native
-@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("falcon3", None)])
+@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("falcon3", None), ("rw", None)])
 def test_a_prompt_cut_anywhere_scores_the_same(
-    checkpoint: Path, tmp_path: Path, layout: str, quantize: str | None
+    checkpoint: Path, rw_checkpoint: Path, tmp_path: Path, layout: str, quantize: str | None
 ) -> None:
     # Every token budget from 2 up cuts the prompt differently; several leave a last chunk of one token, which
     # looks like a decode row. Each prompt position's logprob and each new token's must be the same bits as with
     # the prompt in one chunk (a one-token last chunk once took the fused decode path while whole prompts took the
     # torch forward, and a server returned 1 of 24 streams differently). Falcon3 (Llama layout) has no fused step:
-    # its decode rows and prompt chunks both take the torch forward.
-    folder = checkpoint if layout == "7b" else make_falcon3_checkpoint(tmp_path / "falcon3")
+    # its decode rows and prompt chunks both take the torch forward; so does falcon-rw, with ALiBi in the row kernel.
+    folders = {"7b": checkpoint, "rw": rw_checkpoint}
+    folder = folders[layout] if layout in folders else make_falcon3_checkpoint(tmp_path / "falcon3")
     model = FalconForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
     tokenizer = Tokenizer.from_pretrained(folder)
     prompt = PROMPTS[1]  # 14 tokens

@@ -164,6 +164,32 @@ def test_decode_attention_matches_sdpa_through_block_tables(
     torch.testing.assert_close(out.float(), _reference_attention(q, k, v, tables, lens), **tol)
 
 
+@pytest.mark.parametrize(("heads", "groups"), [(8, 1), (32, 4)])
+def test_decode_attention_adds_a_bias_by_position_and_head(isa: str, heads: int, groups: int) -> None:
+    # ALiBi's form: a bias for each key position and query head, added to the scaled scores (float32 cache).
+    gen = torch.Generator().manual_seed(heads)
+    d, block, num_blocks = 64, 16, 16
+    k = torch.randn(num_blocks, block, groups, d, generator=gen)
+    v = torch.randn(num_blocks, block, groups, d, generator=gen)
+    lens = torch.tensor([1, 19, 40])
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:4] for _ in lens])
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    bias = torch.zeros(48, heads + 16)
+    bias[:, :heads] = torch.randn(48, heads, generator=gen) * 3
+    out = ops.decode_attention(q, k, v, tables, lens, int(lens.max()), bias)
+    assert out is not None
+    for r, n in enumerate(lens.tolist()):
+        keys = k[tables[r]].reshape(-1, groups, d)[:n]  # [n, G, d]
+        values = v[tables[r]].reshape(-1, groups, d)[:n]
+        for h in range(heads):
+            g = h // (heads // groups)
+            weights = torch.softmax(keys[:, g] @ q[r, h] / d**0.5 + bias[:n, h], dim=0)
+            torch.testing.assert_close(out[r, h], weights @ values[:, g], rtol=1e-5, atol=1e-5)
+    unpadded = bias[:, :heads].contiguous()  # the kernel reads 16 heads at a time: it needs the padding
+    assert ops.decode_attention(q, k, v, tables, lens, int(lens.max()), unpadded) is None
+    assert ops.decode_attention(q, k, v, tables, lens, int(lens.max()), bias[:39]) is None  # too few positions
+
+
 def test_decode_attention_declines_what_it_cannot_run() -> None:
     q, k = torch.randn(1, 4, 64), torch.randn(4, 16, 2, 64)
     tables, lens = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([3])

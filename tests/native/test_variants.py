@@ -64,16 +64,22 @@ def test_matmul_rows_do_not_depend_on_the_batch(isa: str, total: int) -> None:
             assert torch.equal(value[0], batched[name][i]), f"{name} row {i} of {total}"
 
 
-def test_attention_rows_do_not_depend_on_the_batch(isa: str) -> None:
+@pytest.mark.parametrize("alibi", [False, True])
+def test_attention_rows_do_not_depend_on_the_batch(isa: str, alibi: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(32, 16, 2, 64, generator=gen).bfloat16()
     v = torch.randn(32, 16, 2, 64, generator=gen).bfloat16()
     q = torch.randn(5, 8, 64, generator=gen).bfloat16()
     tables = torch.stack([torch.randperm(32, generator=gen)[:8] for _ in range(5)])
     lens = torch.tensor([100, 3, 128, 17, 64])
-    batched = ops.decode_attention(q, k, v, tables, lens, 128)
+    bias = None
+    if alibi:  # a bias by key position and head, as ALiBi's table (16 padding columns)
+        bias = torch.zeros(128, 8 + 16)
+        bias[:, :8] = -torch.arange(128.0)[:, None] * torch.rand(8, generator=gen)
+    batched = ops.decode_attention(q, k, v, tables, lens, 128, bias)
+    assert batched is not None
     for i in range(5):
-        alone = ops.decode_attention(q[i : i + 1], k, v, tables[i : i + 1].contiguous(), lens[i : i + 1], 128)
+        alone = ops.decode_attention(q[i : i + 1], k, v, tables[i : i + 1].contiguous(), lens[i : i + 1], 128, bias)
         assert torch.equal(alone[0], batched[i])
 
 

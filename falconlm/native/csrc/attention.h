@@ -42,13 +42,14 @@ struct Partial {
   float* acc;  // [per_group][d]
 };
 
-// softmax(q k^T * scale) v for the per_group query heads of group g at q ([per_group][d], the cache's dtype)
-// over positions begin..end-1 (end > begin), whose blocks are table[0], table[1], ...; written to out
-// ([per_group][d], the cache's dtype), or as a Partial when `part` is given.
-// d must be a multiple of 16, at most 256. Scores, softmax and sums in float32.
+// softmax(q k^T * scale + bias) v for the per_group query heads of group g at q ([per_group][d], the cache's
+// dtype) over positions begin..end-1 (end > begin), whose blocks are table[0], table[1], ...; written to out
+// ([per_group][d], the cache's dtype), or as a Partial when `part` is given. `bias`, when given, is an additive
+// score bias by position and query head (ALiBi): position p's heads side by side at bias + p * bias_ld, with 16
+// floats readable past the last head. d must be a multiple of 16, at most 256. Scores, softmax and sums in float32.
 inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, int64_t d, const CacheView& c,
                          const int64_t* table, int64_t begin, int64_t end, int64_t g, float scale,
-                         const Partial* part = nullptr) {
+                         const Partial* part = nullptr, const float* bias = nullptr, int64_t bias_ld = 0) {
   const int64_t L = end - begin;
   static thread_local AttentionScratch s;
   const int64_t chunks = d / 16;
@@ -112,6 +113,8 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
           for (int t = 0; t < KEY_BLOCK; ++t) acc[t] = fmadd(qv, set1(s.key[t * d + i]), acc[t]);
         }
       }
+      for (int64_t t = 0; t < nk && bias != nullptr; ++t)  // 16 heads' biases at this position, side by side
+        acc[t] = add(acc[t], load(bias + (begin + p0 + t) * bias_ld + g * per_group + j0));
       for (int64_t t = 0; t < nk; ++t) {
         store(&s.scores[(p0 + t) * hp + j0], acc[t]);
         top = max(top, acc[t]);

@@ -107,11 +107,12 @@ void falcon_argmax_rows(const void* x, int x_bf16, int64_t M, int64_t N, int64_t
 // q, out: [R, Hq, d] contiguous, bfloat16 or float32 like the cache. K/V element (block b, position p, group g,
 // dim i) is at b * sb + p * sp + g * sg + i; a row's positions 0..len-1 live in the blocks
 // block_tables[r * tb + 0, 1, ...] of block_size positions each. Query heads g * Hq / G ... share group g.
-// d must be a multiple of 16, at most 256.
+// d must be a multiple of 16, at most 256. `bias` (or null): float32 [positions][Hq], rows bias_ld apart, added to
+// the scaled scores (ALiBi), with 16 floats readable past the last row.
 void falcon_decode_attention(const void* q, int bf16, int64_t R, int64_t Hq, int64_t G, int64_t d, const void* k,
                              const void* v, int64_t sb, int64_t sp, int64_t sg, int64_t block_size,
                              const int64_t* block_tables, int64_t tb, const int64_t* context_lens, float scale,
-                             void* out, int nthreads) {
+                             void* out, int nthreads, const float* bias, int64_t bias_ld) {
   const int64_t per_group = Hq / G;
   const CacheView cache{k, v, sb, sp, sg, block_size};
   const int64_t elem = bf16 ? 2 : 4;
@@ -120,7 +121,7 @@ void falcon_decode_attention(const void* q, int bf16, int64_t R, int64_t Hq, int
     const int64_t r = rg / G, g = rg % G;
     const int64_t at = ((r * Hq) + g * per_group) * d * elem;  // this group's first query head in q and out
     attend_group(static_cast<const char*>(q) + at, static_cast<char*>(out) + at, bf16, per_group, d, cache,
-                 block_tables + r * tb, 0, context_lens[r], g, scale);
+                 block_tables + r * tb, 0, context_lens[r], g, scale, nullptr, bias, bias_ld);
   }
 }
 

@@ -55,7 +55,8 @@ struct Rows {
 };
 void falcon_decode_layers(const Shape*, const Layer*, const Rows*, float*, int64_t, const float*, const float*, int);
 void falcon_decode_attention(const void*, int, int64_t, int64_t, int64_t, int64_t, const void*, const void*, int64_t,
-                             int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, float, void*, int);
+                             int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, float, void*, int,
+                             const float*, int64_t);
 }
 
 namespace {
@@ -125,7 +126,7 @@ int main(int argc, char** argv) {
     const int64_t* lens = r.array<int64_t>(R);
     std::vector<float> out(R * Hq * d);
     falcon_decode_attention(q, 0, R, Hq, G, d, k, v, block_size * G * d, G * d, d, block_size, tables, width, lens,
-                            1.f / std::sqrt(static_cast<float>(d)), out.data(), 2);
+                            1.f / std::sqrt(static_cast<float>(d)), out.data(), 2, nullptr, 0);
     write(argv[3], out);
   } else if (op == "decode") {
     const int64_t L = r.field(), H = r.field(), Hq = r.field(), G = r.field(), d = r.field();
