@@ -217,22 +217,22 @@ class FalconH1Mixer(nn.Module):
         ssm_states: torch.Tensor,
         rows: RecurrentBatch,
     ) -> torch.Tensor:
-        """Every token through the one-token update (``ssd_step``), the t-th new token of every row together.
+        """Every token through the decode rows' one-token update (``_scan_step``), the t-th new token of every row
+        together.
 
         The chunked form's sums depend on where a chunk starts, so a prompt cut differently by the scheduler
         would get other bits; this way a prompt token gets the bits it gets as a decode step. One update per
         position of the longest row: slower prompts, the price of deterministic mode."""
         y = xs.new_empty(xs.shape, dtype=torch.float32)
-        live = [r for r, n in enumerate(rows.query_lens) if n > 0]
-        for t in range(max((rows.query_lens[r] for r in live), default=0)):
-            now = [r for r in live if rows.query_lens[r] > t]
+        ssm_states[[slot for slot, fresh in zip(rows.slots, rows.fresh, strict=True) if fresh]] = 0
+        for t in range(max(rows.query_lens, default=0)):
+            now = [r for r, n in enumerate(rows.query_lens) if n > t]
             at = torch.tensor([rows.query_starts[r] + t for r in now], device=xs.device)
-            slots = torch.tensor([rows.slots[r] for r in now], device=xs.device)
-            state = ssm_states[slots].float()
-            if t == 0:
-                state[[i for i, r in enumerate(now) if rows.fresh[r]]] = 0
-            y[at] = ssd_step(xs[at], dt[at], A, B[at], C[at], self.D, state)
-            ssm_states[slots] = state.to(ssm_states.dtype)
+            ones = [1] * len(now)  # position t of each row as a decode row of its own
+            step = RecurrentBatch(
+                rows.state, [rows.slots[r] for r in now], list(range(len(now))), ones, [False] * len(now)
+            )
+            y[at] = self._scan_step(xs[at], dt[at], A, B[at], C[at], ssm_states, step)
         return y
 
     def _scan_step(
