@@ -22,6 +22,7 @@ from ..model.h1_checkpoints import save_hf_h1
 from ..model.mamba_checkpoints import save_hf_mamba
 
 PROMPTS = [[(7 * i + 3 * j) % 300 + 1 for j in range(5 + 9 * i)] for i in range(16)]  # 5 to 140 tokens
+SMALL_VOCAB_PROMPTS = [[token % 90 + 3 for token in prompt] for prompt in PROMPTS]  # for vocabularies of 97
 TOKENS = 16
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
 
@@ -95,7 +96,7 @@ def test_recurrent_tokens_do_not_depend_on_the_batch(
     recurrent_checkpoints: dict[str, Path], layout: str, quantize: str | None
 ) -> None:
     # Decode rows share one batched state update, prompt chunks are cut differently in each batching.
-    prompts = [[token % 90 + 3 for token in prompt] for prompt in PROMPTS]  # within the vocabulary of 97
+    prompts = SMALL_VOCAB_PROMPTS
     folder = recurrent_checkpoints[layout]
     llm = LLM(
         folder, dtype="bfloat16", quantize=quantize, deterministic=True, max_num_batched_tokens=48,
@@ -175,7 +176,7 @@ def test_a_preempted_request_scores_the_same(
     folder = checkpoint if layout == "7b" else recurrent_checkpoints[layout]
     model = FalconForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
     tokenizer = load_tokenizer(folder, None, skip_tokenizer_init=True)
-    prompts = [[token % 90 + 3 for token in prompt] for prompt in PROMPTS[4:10]]  # 41 to 86 tokens
+    prompts = SMALL_VOCAB_PROMPTS[4:10]  # 41 to 86 tokens
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
 
     def run(num_blocks: int, together: bool) -> tuple[list, int]:
