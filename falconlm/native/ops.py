@@ -1,7 +1,8 @@
 """torch-facing wrappers of the native kernels, each falling back to torch where the kernel does not apply.
 
 * :func:`linear`: ``F.linear(x, w)`` for bfloat16 weights on CPU: natively for few rows (decode steps); for more
-  rows oneDNN's bfloat16 GEMM where the CPU computes in bfloat16, else a float32 GEMM on widened values;
+  rows oneDNN's bfloat16 GEMM where the CPU computes in bfloat16, else float32 sums of widened values (the
+  native panel GEMM on AVX2, a torch GEMM elsewhere);
 * :func:`linear_invariant`: the same, natively for any number of rows, so that a row's result never depends
   on the others (``--deterministic``);
 * :func:`argmax`: the last-dimension argmax of float32 / bfloat16 logits (torch's CPU argmax is scalar);
@@ -30,6 +31,10 @@ BF16_MATRIX_HARDWARE = "amx_bf16"  # x86 CPUs whose bfloat16 GEMMs run on matrix
 # cannot use the CPU's bfloat16 arithmetic, whatever the CPU has.
 ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has no bfloat16 arithmetic
+# Variants whose panel GEMM (bf16_panels.h) beats a float32 GEMM on widened weights for many rows. AVX2 stand-in,
+# 2 threads, GMAC/s (widened / panels): 128 rows 93-97 / 96-110, 512 rows 97-103 / 92-110 (the 65024-row head
+# slower, the rest faster). Not on AVX-512, where MKL's float32 GEMM reached 104-163 against 96-120.
+PANEL_VARIANTS = ("avx2",)
 
 
 @functools.cache
@@ -65,6 +70,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _native_linear(x, weight)
     if bf16_hardware():
         return F.linear(x, weight)
+    if chosen_variant().split("-")[0] in PANEL_VARIANTS:
+        return panel_linear(x, weight)
     return _widened_linear(x, weight)
 
 
@@ -79,6 +86,12 @@ def linear_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` with every bfloat16 CPU row through the native kernel, whose per-row sums run in one fixed
     order: row i of the result is the same whatever rows share the call. Anything else: ``F.linear``."""
     return _native_linear(x, weight) if _native_fits(x, weight) else F.linear(x, weight)
+
+
+def panel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for bfloat16 CPU tensors through the native panel GEMM: float32 sums,
+    each output's products added in column order, one fused multiply-add at a time, on every variant alike."""
+    return _native_linear(x, weight, kernels().falcon_gemm_bf16)
 
 
 def _widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -104,13 +117,15 @@ def _native_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _native_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, kernel=None) -> torch.Tensor:
+    """``x @ weight.T`` through a native bfloat16 matmul: by default the row-dot kernel, whose rows never depend on
+    each other (``falcon_linear_bf16``); or ``kernel``, another entry with its arguments."""
     if not x.is_contiguous():
         x = x.contiguous()
     n, k = weight.shape
     y = x.new_empty(*x.shape[:-1], n)
     rows = x.numel() // k
-    kernels().falcon_linear_bf16(
+    (kernel or kernels().falcon_linear_bf16)(
         x.data_ptr(), rows, k, k, weight.data_ptr(), n, y.data_ptr(), threads_for(rows * n * k)
     )
     return y

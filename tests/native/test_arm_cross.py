@@ -72,6 +72,12 @@ def test_arm_kernels_match_the_scalar_reference(driver, tmp_path: Path, monkeypa
     out = _run(driver, "linear", [5, 320, 48], [t.view(torch.int16).numpy() for t in (x, w)], tmp_path)
     arm = torch.from_numpy(np.frombuffer(out, dtype=np.int16).copy()).view(torch.bfloat16).view(5, 48).float()
     torch.testing.assert_close(arm, ops.linear_invariant(x, w).float(), rtol=8e-3, atol=1e-3)
+    # bf16 panel GEMM: the same fused multiply-adds in the same order on every variant, so the same bits. 13 rows
+    # (two 6-row blocks and one more), 21 weight rows (a panel and part of one), 264 columns (a block and a tail).
+    x, w = torch.randn(13, 264, generator=gen).bfloat16(), (torch.randn(21, 264, generator=gen) * 0.05).bfloat16()
+    out = _run(driver, "gemm", [13, 264, 21], [t.view(torch.int16).numpy() for t in (x, w)], tmp_path)
+    arm = torch.from_numpy(np.frombuffer(out, dtype=np.int16).copy()).view(torch.bfloat16).view(13, 21)
+    assert torch.equal(arm, ops.panel_linear(x, w))
     # int8 and int4 matmuls: integer dots, the same float steps: equal to float32 rounding. Five rows: with i8mm
     # two pairs through smmla and a last row through sdot.
     xf = torch.randn(5, 256, generator=gen)

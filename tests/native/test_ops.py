@@ -42,10 +42,11 @@ def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyP
     ]:
         assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
     many = torch.randn(ops.native_max_rows() + 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
-    expected = F.linear(*many) if ops.bf16_hardware() else F.linear(*(t.float() for t in many)).bfloat16()
-    assert torch.equal(ops.linear(*many), expected)  # many rows: a GEMM, in bfloat16 only where the CPU has it
+    if ops.bf16_hardware():
+        assert torch.equal(ops.linear(*many), F.linear(*many))  # many rows: torch's bfloat16 GEMM
     monkeypatch.setattr(ops, "bf16_hardware", lambda: False)
-    monkeypatch.setattr(ops, "WIDEN_ROWS", 3)  # widened three weight rows at a time: the same float32 GEMM
+    monkeypatch.setattr(ops, "PANEL_VARIANTS", ())  # no panel GEMM: torch's float32 GEMM on widened weights,
+    monkeypatch.setattr(ops, "WIDEN_ROWS", 3)  # widened three weight rows at a time
     widened = F.linear(*(t.float() for t in many))
     torch.testing.assert_close(ops.linear(*many).float(), widened, rtol=8e-3, atol=1e-3)  # one bf16 rounding
     x, weight = torch.randn(2, 64, requires_grad=True), torch.randn(8, 64)
@@ -197,3 +198,32 @@ def test_decode_attention_declines_what_it_cannot_run() -> None:
     assert ops.decode_attention(q[..., :40], k[..., :40], k[..., :40], tables, lens, 3) is None  # d % 16
     assert ops.decode_attention(q, k, k, tables.int(), lens, 3) is None  # int32 tables
     assert ops.decode_attention(q[:, :3], k, k, tables, lens, 3) is None  # heads not a multiple of groups
+
+
+# Rows: 6-row blocks and every remainder, and 300 (two chunks of up to 256 rows). (N, K): a partial panel, more
+# panels than a group of 32, a 256-column block with a tail (4544 = 17 x 256 + 192).
+@pytest.mark.parametrize("rows", [1, 5, 6, 13, 300])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (21, 64), (533, 96), (40, 4544)])
+def test_panel_gemm_matches_float32_and_every_variant_gives_the_same_bits(
+    isa: str, rows: int, n: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(2, rows, k, generator=gen).bfloat16()[1]
+    w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+    y = ops.panel_linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    torch.testing.assert_close(y.float(), x.float() @ w.float().T, rtol=8e-3, atol=1e-3)
+    assert torch.equal(ops.panel_linear(x[-1:], w)[0], y[-1])  # a row's sums do not depend on the others
+    monkeypatch.setenv("FALCONLM_NATIVE_ISA", "scalar")  # the same fused multiply-adds in the same order
+    assert torch.equal(ops.panel_linear(x, w), y)
+
+
+def test_many_rows_take_the_panel_gemm_where_it_pays(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(ops.native_max_rows() + 3, 128, generator=gen).bfloat16()
+    w = torch.randn(24, 128, generator=gen).bfloat16()
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: False)
+    monkeypatch.setattr(ops, "PANEL_VARIANTS", (isa.split("-")[0],))
+    assert torch.equal(ops.linear(x, w), ops.panel_linear(x, w))
+    monkeypatch.setattr(ops, "PANEL_VARIANTS", ())
+    assert torch.equal(ops.linear(x, w), F.linear(x.float(), w.float()).bfloat16())  # float32 GEMM, widened

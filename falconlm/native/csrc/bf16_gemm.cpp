@@ -5,12 +5,15 @@
 // the weight rows into contiguous ranges, so each streams its part of w once per block of activation rows;
 // activation rows go in blocks small enough to stay in the core's cache. Every output element is one row's dot
 // product summed in a fixed order, so a row's result is the same whatever else shares the call (batch-invariant).
+// For prompts on CPUs without bfloat16 arithmetic, falcon_gemm_bf16 packs widened weight panels as a general GEMM
+// does, and pays for it over hundreds of rows (bf16_panels.h).
 //
 // The argmax is the greedy pick over float32 / bfloat16 logits, which torch does element by element.
 
 #include <omp.h>
 
 #include "attention.h"
+#include "bf16_panels.h"
 #include "bf16_tiles.h"
 #include "simd.h"
 #include <cmath>
@@ -48,6 +51,51 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
         const int64_t n0 = b * NR, n1 = n0 + NR < N ? n0 + NR : N;
         weight_rows_of(x + mb * ldx, ldx, widen ? wide + mb * K : nullptr, rows, w, K, n0, n1, y + mb * N, N);
       }
+    }
+  }
+}
+
+// The same product for many rows (prompts) where the CPU has no bfloat16 arithmetic: weight panels widened once
+// and every row run against them (bf16_panels.h). Not batch-invariant against falcon_linear_bf16's order.
+// x: bfloat16 [M, K], rows ldx apart; w: bfloat16 [N, K] contiguous; y: bfloat16 [M, N] contiguous.
+void falcon_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
+                      uint16_t* y, int nthreads) {
+  using namespace falcon::panels;
+  // The calling thread's buffers, shared by the region: x in float32, and the float32 sums, padded to whole panels.
+  static thread_local std::vector<float> widened, summed;
+  const int64_t panels = (N + PANEL - 1) / PANEL, lds = panels * PANEL, rows = M < MC ? M : MC;
+  if (static_cast<int64_t>(widened.size()) < rows * K) widened.resize(rows * K);
+  if (static_cast<int64_t>(summed.size()) < rows * lds) summed.resize(rows * lds);
+  float* wide = widened.data();
+  float* sums = summed.data();
+#pragma omp parallel num_threads(nthreads)
+  {
+    static thread_local std::vector<float> panel;  // each thread's own
+    if (panel.size() < static_cast<size_t>(KC * PANEL)) panel.resize(KC * PANEL);
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t p0 = panels * t / n, p1 = panels * (t + 1) / n;  // this thread's panels, the same in every chunk
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {  // chunks of MC rows, whose KC-column blocks stay in L2
+      const int64_t mc = M - m0 < MC ? M - m0 : MC;
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < mc; ++m) {
+        const uint16_t* row = x + (m0 + m) * ldx;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) store(wide + m * K + k, load_bf16(row + k));
+        for (; k < K; ++k) wide[m * K + k] = bf16_to_f32(row[k]);
+      }
+      panel_sums(wide, mc, K, w, N, p0, p1, panel.data(), sums, lds);
+      for (int64_t m = 0; m < mc; ++m) {
+        uint16_t* out = y + (m0 + m) * N;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c0 = p * PANEL;
+          if (c0 + PANEL <= N) {
+            store_bf16(out + c0, load(sums + m * lds + c0));
+          } else {
+            for (int64_t c = c0; c < N; ++c) out[c] = f32_to_bf16(sums[m * lds + c]);
+          }
+        }
+      }
+#pragma omp barrier
     }
   }
 }

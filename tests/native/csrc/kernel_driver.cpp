@@ -28,6 +28,7 @@
 extern "C" {
 const char* falcon_isa();
 void falcon_linear_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int);
+void falcon_gemm_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int);
 void falcon_qlinear(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, const uint8_t*,
                     const void*, int64_t, void*, int, int);
 void falcon_argmax_rows(const void*, int, int64_t, int64_t, int64_t, int64_t*, int);
@@ -94,12 +95,12 @@ int main(int argc, char** argv) {
   Reader r{std::vector<char>(std::istreambuf_iterator<char>(in), {})};
   const std::string op = argv[1];
   std::printf("%s\n", falcon_isa());
-  if (op == "linear") {
+  if (op == "linear" || op == "gemm") {
     const int64_t M = r.field(), K = r.field(), N = r.field();
     const uint16_t* x = r.array<uint16_t>(M * K);
     const uint16_t* w = r.array<uint16_t>(N * K);
     std::vector<uint16_t> y(M * N);
-    falcon_linear_bf16(x, M, K, K, w, N, y.data(), 2);
+    (op == "linear" ? falcon_linear_bf16 : falcon_gemm_bf16)(x, M, K, K, w, N, y.data(), 2);
     write(argv[3], y);
   } else if (op == "qlinear") {
     const int64_t bits = r.field(), M = r.field(), K = r.field(), N = r.field(), G = r.field();
