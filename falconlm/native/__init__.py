@@ -200,6 +200,11 @@ def chosen_variant() -> str:
     return _chosen(os.environ.get("FALCONLM_NATIVE_ISA", ""))
 
 
+def chosen_family() -> str:
+    """The chosen variant's name without ``-base`` (``avx2`` for ``avx2-base``): the code paths it shares."""
+    return _split_name(chosen_variant())[0]
+
+
 @functools.lru_cache(maxsize=8)
 def _chosen(forced: str) -> str:  # read on every kernel call: kept to a dictionary lookup
     return forced.strip().lower() or runnable_variants()[0]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import chosen_variant, cpu_features, kernels, threads_for
+from . import chosen_family, cpu_features, kernels, threads_for
 
 LINEAR_MAX_ROWS = 32  # above this, a GEMM that packs the weight once per call is faster than the native kernel
 # The same for the AVX2 kernels against float32 GEMMs on widened weights (no bfloat16 arithmetic): 16-48 rows ran
@@ -30,10 +31,11 @@ BF16_MATRIX_HARDWARE = "amx_bf16"  # x86 CPUs whose bfloat16 GEMMs run on matrix
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: under them torch's bfloat16 GEMM
 # cannot use the CPU's bfloat16 arithmetic, whatever the CPU has.
 ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+BIAS_PAD = 16  # columns past the heads that decode attention's bias table holds: the kernel reads 16 heads at once
 WIDEN_ROWS = 1024  # weight rows widened to float32 at a time where the CPU has no bfloat16 arithmetic
 # Variants whose panel GEMM (bf16_panels.h) beats a float32 GEMM on widened weights for many rows. AVX2 stand-in,
-# 2 threads, GMAC/s (widened / panels): 128 rows 93-97 / 96-110, 512 rows 97-103 / 92-110 (the 65024-row head
-# slower, the rest faster). Not on AVX-512, where MKL's float32 GEMM reached 104-163 against 96-120.
+# 2 threads, GMAC/s (widened / panels): 128 rows 92-98 / 101-108, 512 rows 97-105 / 101-107 (the 65024-row head
+# at 512 rows slower: 95-98 / 88-91). Not on AVX-512, where MKL's float32 GEMM reached 104-163 against 96-120.
 PANEL_VARIANTS = ("avx2",)
 
 
@@ -70,14 +72,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _native_linear(x, weight)
     if bf16_hardware():
         return F.linear(x, weight)
-    if chosen_variant().split("-")[0] in PANEL_VARIANTS:
+    if chosen_family() in PANEL_VARIANTS:
         return panel_linear(x, weight)
     return _widened_linear(x, weight)
 
 
 def native_max_rows() -> int:
     """Up to how many rows :func:`linear` multiplies bfloat16 natively rather than through a GEMM."""
-    if chosen_variant().startswith("avx2") and not bf16_hardware():
+    if chosen_family() == "avx2" and not bf16_hardware():
         return AVX2_LINEAR_MAX_ROWS
     return LINEAR_MAX_ROWS
 
@@ -117,7 +119,7 @@ def _native_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _native_linear(x: torch.Tensor, weight: torch.Tensor, kernel=None) -> torch.Tensor:
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., None] | None = None) -> torch.Tensor:
     """``x @ weight.T`` through a native bfloat16 matmul: by default the row-dot kernel, whose rows never depend on
     each other (``falcon_linear_bf16``); or ``kernel``, another entry with its arguments."""
     if not x.is_contiguous():
@@ -174,8 +176,8 @@ def decode_attention(
     row r's positions 0..context_lens[r]-1 live in blocks ``block_tables[r, 0], [r, 1], ...`` (both int64,
     contiguous); ``max_len`` is the largest context length (it sizes the threads' work).
     Query heads ``g * Hq / G ...`` read group g. Scores, softmax and sums in float32. ``bias`` (ALiBi) is float32
-    [positions >= max_len, Hq + 16], contiguous: key position p's bias for each query head, then 16 columns the
-    kernel may read past the last head (zeros).
+    [positions >= max_len, Hq + BIAS_PAD], contiguous: key position p's bias for each query head, then BIAS_PAD
+    columns the kernel may read past the last head (zeros).
     """
     R, Hq, d = q.shape
     G = k.shape[2]
@@ -211,12 +213,12 @@ def decode_attention(
 
 def _bias_fits(bias: torch.Tensor, max_len: int, heads: int) -> bool:
     """Whether ``bias`` is a table :func:`decode_attention` can read: float32 on the CPU, contiguous, a row for
-    every position up to ``max_len`` and 16 columns past the heads."""
+    every position up to ``max_len`` and BIAS_PAD columns past the heads."""
     return (
         bias.dtype is torch.float32
         and bias.is_cpu
         and bias.dim() == 2
         and bias.is_contiguous()
         and bias.shape[0] >= max_len
-        and bias.shape[1] >= heads + 16
+        and bias.shape[1] >= heads + BIAS_PAD
     )
