@@ -15,7 +15,7 @@ from falconlm.model.falcon_h1 import FalconH1ForCausalLM
 from falconlm.model.formats import load_pretrained
 from falconlm.tokenizer import NoTokenizer
 from tests.model.h1_checkpoints import save_hf_h1
-from tests.oracle import uncached_greedy
+from tests.oracle import assert_greedy_agrees, uncached_greedy
 
 PROMPTS = [list(range(1, 14)), [5, 6], list(range(20, 41)), [3], [9, 9, 9, 9, 9, 9]]
 STEPS = 8
@@ -102,12 +102,13 @@ def test_llm_serves_a_quantized_h1(folder, spec) -> None:
 
 def test_bfloat16_engine_agrees_with_transformers_bfloat16(folder) -> None:
     """bfloat16 weights and activations (native matmuls bound by the engine, float32 SSM state) give
-    transformers' bfloat16 greedy tokens for each prompt."""
+    transformers' bfloat16 greedy tokens for each prompt, up to near-ties (``assert_greedy_agrees``)."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.FalconH1ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    engine = _engine(load_pretrained(folder, torch.bfloat16, "cpu"))
+    ours = load_pretrained(folder, torch.bfloat16, "cpu")
+    engine = _engine(ours)
     prompts = PROMPTS[:3]
     for prompt, got in zip(prompts, _run(engine, prompts), strict=True):
         with torch.no_grad():
             want = hf.generate(torch.tensor([prompt]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
-        assert got == want[0, len(prompt) :].tolist()
+        assert_greedy_agrees(got, want[0, len(prompt) :].tolist(), prompt, ours, lambda ids: hf(ids).logits)
