@@ -150,9 +150,9 @@ from falconlm import native  # noqa: E402
 # Each SIMD variant also runs as its "-base" build (without optional features such as VNNI) where the CPU has them.
 RUNNABLE = native.runnable_variants(with_base=True) if native.unavailable_reason("scalar") is None else []
 SIMD = [v for v in RUNNABLE if v != "scalar"]
-NO_COMPILER = "no C++ compiler found (set CXX or install g++)"
+NO_NATIVE = f"native kernels unavailable: {native.unavailable_reason('scalar')}"
 NO_SIMD = "this CPU runs no SIMD variant of the native kernels"
-needs_native = pytest.mark.skipif(not RUNNABLE, reason=NO_COMPILER)
+needs_native = pytest.mark.skipif(not RUNNABLE, reason=NO_NATIVE)
 
 
 def _select_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, why_none: str) -> str:
@@ -165,7 +165,7 @@ def _select_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 @pytest.fixture(params=RUNNABLE or [None])
 def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Selects one native variant for the test (``FALCONLM_NATIVE_ISA``)."""
-    return _select_variant(request, monkeypatch, NO_COMPILER)
+    return _select_variant(request, monkeypatch, NO_NATIVE)
 
 
 @pytest.fixture(params=SIMD or [None])

@@ -101,6 +101,8 @@ def test_base_builds_leave_the_optional_features_out(monkeypatch: pytest.MonkeyP
     zen4 = zen3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni"}
     monkeypatch.setattr(native, "machine", lambda: "x86_64")
     monkeypatch.setattr(native, "cpu_features", lambda: zen4)
+    monkeypatch.setattr(native, "_compiler", lambda: "g++")  # status() builds nothing: any compiler name will do
+    monkeypatch.delenv("FALCONLM_NATIVE", raising=False)
     assert native.runnable_variants() == ["avx512", "avx2", "scalar"]
     assert native.runnable_variants(with_base=True) == ["avx512", "avx512-base", "avx2", "avx2-base", "scalar"]
     monkeypatch.setattr(native, "cpu_features", lambda: zen3)  # nothing optional: a base build would be the same

@@ -19,7 +19,7 @@ from falconlm.quant.kernels import WeightSpec
 from falconlm.quant.kernels.native import NATIVE_KERNEL
 from falconlm.quant.primitives import plan_groups, quantize_int4, quantize_int8
 
-from ..conftest import make_hf_checkpoint
+from ..conftest import make_hf_checkpoint, needs_native
 
 
 def _quantized(bits: int, n: int = 96, k: int = 320):
@@ -112,6 +112,7 @@ def test_a_fused_decode_row_does_not_depend_on_the_batch(isa: str, tmp_path: Pat
         assert torch.equal(alone[0], batched[0]), f"prompt of {prompt_len}"
 
 
+@needs_native
 def test_the_engine_logs_which_variant_runs(tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
     from falconlm.engine.engine import Engine
     from falconlm.tokenizer import Tokenizer

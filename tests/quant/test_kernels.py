@@ -12,7 +12,7 @@ from falconlm.quant.kernels.native import NATIVE_GEMM_KERNEL, NATIVE_KERNEL
 from falconlm.quant.linear import QuantizedEmbedding, QuantizedLinear
 from falconlm.quant.primitives import QuantizedTensor, plan_groups, quantize_int4, quantize_int8
 
-from ..conftest import RUNNABLE
+from ..conftest import RUNNABLE, needs_native
 
 # Max |kernel - reference| relative to max |reference|: the kernels round activations and scales to the dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -199,6 +199,7 @@ def test_native_transposed_dequantization_keeps_denormal_values(isa: str, bits: 
     assert torch.equal(out.T, reference)
 
 
+@needs_native
 @pytest.mark.parametrize("bits", [8, 4])
 def test_native_gemm_kernel_takes_the_gemm_from_its_threshold(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below GEMM_MIN_ROWS rows the GEMM kernel is the native one, bit for bit; from it (in strips, here several
