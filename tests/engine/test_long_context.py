@@ -33,6 +33,12 @@ PROMPT_LEN = 8200  # past 8,192
 STEPS = 4
 BUDGET = 1000  # tokens per engine step: the prompt takes 9 chunks, none aligned to the 16-token blocks
 TOL = 2e-4
+# Over 8k-token prompts float32 differs by more, and by how much depends on the BLAS kernels (MKL capped at AVX2,
+# as on an AVX2-only CPU: up to 3.6e-4 on logits of magnitude 27, against 1.3e-4 with AVX-512). The long cases
+# allow this fraction of the case's largest |logit|, about 5e-4 for them; a wrong position or scale moves logits
+# by O(1).
+LONG_TOL = 2e-5
+
 WIDE = {"initializer_range": 1.0, "num_hidden_layers": 2}
 
 CASES = {
@@ -88,13 +94,19 @@ def hf_greedy(ref: HFModel, prompt: list[int], steps: int) -> tuple[torch.Tensor
     return logits, tokens, logprobs
 
 
+def long_tol(ref_logits: torch.Tensor) -> float:
+    """What the long cases allow: LONG_TOL of the case's largest |logit|."""
+    return LONG_TOL * float(ref_logits.abs().max())
+
+
 def test_dense_forward_matches_past_8k(long_case):
     name, path, prompt, ref_logits, _, _ = long_case
     ours = FalconForCausalLM.from_pretrained(path, dtype=torch.float32)
     logits = ours(torch.tensor([prompt]))[0]
     diff = (logits - ref_logits).abs().max().item()
     past = (logits[8192:] - ref_logits[8192:]).abs().max().item()
-    assert diff <= TOL and past <= TOL, f"{name}: max |logit diff| {diff} (past 8k: {past})"
+    tol = long_tol(ref_logits)
+    assert diff <= tol and past <= tol, f"{name}: max |logit diff| {diff} (past 8k: {past}, allowed {tol:.1e})"
 
 
 def test_engine_chunked_prefill_and_decode_match_past_8k(long_case):
@@ -108,11 +120,12 @@ def test_engine_chunked_prefill_and_decode_match_past_8k(long_case):
     assert engine.num_steps >= PROMPT_LEN // BUDGET + STEPS  # the prompt really went in chunks
     assert out.token_ids == ref_tokens, f"{name}: engine {out.token_ids} vs transformers {ref_tokens}"
     got = torch.tensor([lp.logprob for lp in out.logprobs])
-    assert (got - torch.tensor(ref_logprobs)).abs().max().item() <= TOL, name
+    tol = long_tol(ref_logits)
+    assert (got - torch.tensor(ref_logprobs)).abs().max().item() <= tol, name
     expected = ref_logits[:-1].log_softmax(-1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
     prompt_lp = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
     diff = (prompt_lp - expected).abs()
-    assert diff.max().item() <= TOL, f"{name}: prompt logprob diff {diff.max().item()} at {int(diff.argmax()) + 1}"
+    assert diff.max().item() <= tol, f"{name}: prompt logprob diff {diff.max().item()} at {int(diff.argmax()) + 1}"
 
 
 # ---- the engine's per-request dynamic scaling, small and fast --------------------------------------------------
