@@ -27,13 +27,16 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
     request), the batch-invariant one for every row count when ``invariant``; returns how many weights took it.
     Unless ``invariant``, on CPUs whose bfloat16 GEMMs run on AMX, each quantized weight on the native kernel
     with bfloat16 activations takes NATIVE_GEMM_KERNEL: its prompt batches then go through that GEMM.
-    A plain bfloat16 ``nn.Linear`` (a Mamba model's head) first becomes a FalconLinear over the same parameters.
-    Large CPU weights first move to transparent huge pages (``huge_pages.py``), kernels or not. Without the native
-    kernels nothing else changes."""
+    A plain bfloat16 ``nn.Linear`` (a Mamba model's head) first becomes a FalconLinear over the same parameters;
+    when ``invariant``, so does each bfloat16 quantized matrix the native kernel cannot take (over its dequantized
+    weight, see :func:`_dequantize_odd_shapes`). Large CPU weights first move to transparent huge pages
+    (``huge_pages.py``), kernels or not. Without the native kernels nothing else changes."""
     move_to_huge_pages(model)
     if native.kernels() is None:
         return 0
     _plain_linears_as_falcon(model)
+    if invariant:
+        _dequantize_odd_shapes(model)
     bound = 0
     prompt_gemm = not invariant and ops.bf16_matrix_hardware()
     for module in model.modules():
@@ -44,6 +47,26 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
             gemm = prompt_gemm and module.compute_dtype is torch.bfloat16
             module.kernel = NATIVE_GEMM_KERNEL if gemm else NATIVE_KERNEL
     return bound
+
+
+def _dequantize_odd_shapes(model: torch.nn.Module) -> None:
+    """Swap each bfloat16 CPU QuantizedLinear that is not on the native kernel (a shape its tiles cannot take: in
+    practice the odd widths of small test models, as real Falcon widths fit) for a FalconLinear over its dequantized
+    weight and bias, which then takes the invariant native matmul. Its own kernel would go through torch's quantized
+    or bfloat16 GEMMs, whose sums follow the row count on some CPUs (oneDNN without bfloat16 arithmetic)."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            odd = isinstance(child, QuantizedLinear) and child.kernel not in (NATIVE_KERNEL, NATIVE_GEMM_KERNEL)
+            if not odd or child.compute_dtype is not torch.bfloat16 or not child.weight.is_cpu:
+                continue
+            plain = FalconLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+            plain.weight = torch.nn.Parameter(child.weight.contiguous(), requires_grad=False)
+            plain.bias = child.bias
+            setattr(parent, name, plain)
+            swapped += 1
+    if swapped:
+        log.info("deterministic: %d quantized matrices the native kernel cannot take run dequantized", swapped)
 
 
 def _plain_linears_as_falcon(model: torch.nn.Module) -> None:

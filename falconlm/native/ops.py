@@ -86,8 +86,16 @@ def native_max_rows() -> int:
 
 def linear_invariant(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` with every bfloat16 CPU row through the native kernel, whose per-row sums run in one fixed
-    order: row i of the result is the same whatever rows share the call. Anything else: ``F.linear``."""
-    return _native_linear(x, weight) if _native_fits(x, weight) else F.linear(x, weight)
+    order: row i of the result is the same whatever rows share the call. A width that is not a multiple of
+    LINEAR_K_MULTIPLE (a small Falcon-Mamba's dt_proj) is padded with zeros, which add nothing to the sums, rather
+    than left to torch, whose bfloat16 GEMM sums in an order that depends on the row count where the CPU has no
+    bfloat16 arithmetic. Anything else: ``F.linear``."""
+    if not _native_fits(x, weight, any_width=True):
+        return F.linear(x, weight)
+    pad = -weight.shape[-1] % LINEAR_K_MULTIPLE
+    if pad:  # a copy of the weight per call: only small widths are not multiples of 32
+        x, weight = F.pad(x, (0, pad)), F.pad(weight, (0, pad))
+    return _native_linear(x, weight)
 
 
 def panel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,12 +115,14 @@ def _widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _native_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _native_fits(x: torch.Tensor, weight: torch.Tensor, any_width: bool = False) -> bool:
+    """Whether the native kernel takes ``x @ weight.T``; ``any_width``: also a width that is not a multiple of
+    LINEAR_K_MULTIPLE (the caller pads it)."""
     return not (
         x.dtype is not torch.bfloat16
         or weight.dtype is not torch.bfloat16
         or not x.is_cpu
-        or weight.shape[-1] % LINEAR_K_MULTIPLE
+        or (weight.shape[-1] % LINEAR_K_MULTIPLE and not any_width)
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or not weight.is_contiguous()
         or kernels() is None

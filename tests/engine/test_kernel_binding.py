@@ -54,6 +54,34 @@ def test_float32_activations_and_other_kernels_keep_theirs(seven, monkeypatch) -
     assert _kernels(reference) == {"reference"}
 
 
+def test_deterministic_mode_dequantizes_what_the_native_kernel_cannot_take(seven) -> None:
+    """A quantized matrix of a shape the native tiles cannot take (here 20 outputs) keeps a torch kernel, whose
+    GEMM sums follow the row count on some CPUs; under --deterministic it becomes a FalconLinear over its
+    dequantized weight and bias on the invariant matmul. The matrices on the native kernel stay as they are."""
+    from falconlm.model.falcon import FalconLinear
+    from falconlm.quant.kernels import WeightSpec, select_kernel
+    from falconlm.quant.primitives import quantize_int8
+
+    model = load_quantized(seven, quantize="int8", dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    qt = quantize_int8(torch.randn(20, 128, generator=gen) * 0.05)
+    odd = QuantizedLinear(
+        qt, torch.randn(20, generator=gen), torch.bfloat16, select_kernel(WeightSpec.of(qt), "cpu", "reference")
+    )
+    model.transformer.h[0].odd = odd
+    x = torch.randn(7, 128, generator=gen).bfloat16()
+    expected = odd(x).float()
+    bind_weight_kernels(model)
+    assert model.transformer.h[0].odd is odd  # default mode: as loaded
+    bind_weight_kernels(model, invariant=True)
+    plain = model.transformer.h[0].odd
+    assert type(plain) is FalconLinear and plain.matmul is ops.linear_invariant
+    assert _kernels(model) == {NATIVE_KERNEL.name}  # the others are untouched
+    y = plain(x)
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    assert all(torch.equal(plain(x[r : r + 1]), y[r : r + 1]) for r in range(7))
+
+
 def test_the_engine_sends_prompt_chunks_through_the_gemm_with_the_same_distribution(seven, monkeypatch) -> None:
     """A 200-token prompt goes through the GEMM twin (decode steps do not: they run fused), and its next-token
     distribution is the one the int8 dot products give, up to their activation rounding."""

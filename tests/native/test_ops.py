@@ -34,6 +34,22 @@ def test_linear_keeps_leading_dims_and_non_contiguous_rows(isa: str) -> None:
     torch.testing.assert_close(ops.linear(strided, w).float(), F.linear(strided, w).float(), rtol=8e-3, atol=2e-2)
 
 
+@pytest.mark.parametrize("k", [6, 16, 40])
+def test_linear_invariant_pads_any_width(isa: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widths that are not multiples of 32 (a small Falcon-Mamba's dt_proj) still go through the native kernel,
+    padded with zeros, not through torch: each row is the same bits alone as among others, and as F.linear's up to
+    rounding."""
+    monkeypatch.setattr(F, "linear", None)  # torch's matmul would fail here
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(9, k, generator=gen).bfloat16()
+    w = (torch.randn(24, k, generator=gen) * 0.3).bfloat16()
+    y = ops.linear_invariant(x, w)
+    assert y.shape == (9, 24) and y.dtype == torch.bfloat16
+    for r in (0, 4, 8):
+        assert torch.equal(ops.linear_invariant(x[r : r + 1], w), y[r : r + 1])
+    torch.testing.assert_close(y.float(), x.float() @ w.float().T, rtol=8e-3, atol=1e-3)
+
+
 def test_linear_falls_back_to_torch_outside_its_case(monkeypatch: pytest.MonkeyPatch) -> None:
     w = torch.randn(8, 48)
     for x, weight in [
