@@ -50,15 +50,18 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
 
 
 def _dequantize_odd_shapes(model: torch.nn.Module) -> None:
-    """Swap each bfloat16 CPU QuantizedLinear that is not on the native kernel (a shape its tiles cannot take: in
-    practice the odd widths of small test models, as real Falcon widths fit) for a FalconLinear over its dequantized
-    weight and bias, which then takes the invariant native matmul. Its own kernel would go through torch's quantized
-    or bfloat16 GEMMs, whose sums follow the row count on some CPUs (oneDNN without bfloat16 arithmetic)."""
+    """Swap each bfloat16 CPU QuantizedLinear whose shape the native kernel cannot take (in practice the odd
+    widths of small test models, as real Falcon widths fit its tiles) for a FalconLinear over its dequantized weight
+    and bias, which then takes the invariant native matmul. Its own kernel would go through torch's quantized or
+    bfloat16 GEMMs, whose sums follow the row count on some CPUs (oneDNN without bfloat16 arithmetic). A weight
+    the native kernel could take but that was given another kernel by name stays as it was chosen."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            odd = isinstance(child, QuantizedLinear) and child.kernel not in (NATIVE_KERNEL, NATIVE_GEMM_KERNEL)
-            if not odd or child.compute_dtype is not torch.bfloat16 or not child.weight.is_cpu:
+            if not isinstance(child, QuantizedLinear) or child.compute_dtype is not torch.bfloat16:
+                continue
+            device = next(child.buffers()).device
+            if device.type != "cpu" or NATIVE_KERNEL.supports(child.spec, device):  # native, or could be
                 continue
             plain = FalconLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
             plain.weight = torch.nn.Parameter(child.weight.contiguous(), requires_grad=False)
