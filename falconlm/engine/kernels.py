@@ -8,6 +8,7 @@ its GEMM-backed twin, which reads the same tiles.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -55,33 +56,49 @@ def _dequantize_odd_shapes(model: torch.nn.Module) -> None:
     and bias, which then takes the invariant native matmul. Its own kernel would go through torch's quantized or
     bfloat16 GEMMs, whose sums follow the row count on some CPUs (oneDNN without bfloat16 arithmetic). A weight
     the native kernel could take but that was given another kernel by name stays as it was chosen."""
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, QuantizedLinear) or child.compute_dtype is not torch.bfloat16:
-                continue
-            device = next(child.buffers()).device
-            if device.type != "cpu" or NATIVE_KERNEL.supports(child.spec, device):  # native, or could be
-                continue
-            plain = FalconLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-            plain.weight = torch.nn.Parameter(child.weight.contiguous(), requires_grad=False)
-            plain.bias = child.bias
-            setattr(parent, name, plain)
-            swapped += 1
-    if swapped:
+
+    def dequantized(child: torch.nn.Module) -> FalconLinear | None:
+        if not isinstance(child, QuantizedLinear) or child.compute_dtype is not torch.bfloat16:
+            return None
+        device = next(child.buffers()).device
+        if device.type != "cpu" or NATIVE_KERNEL.supports(child.spec, device):  # native, or could be
+            return None
+        return _falcon_linear(torch.nn.Parameter(child.weight.contiguous(), requires_grad=False), child.bias)
+
+    if swapped := _swap_children(model, dequantized):
         log.info("deterministic: %d quantized matrices the native kernel cannot take run dequantized", swapped)
 
 
 def _plain_linears_as_falcon(model: torch.nn.Module) -> None:
     """Swap each bias-free bfloat16 CPU module of type exactly ``nn.Linear`` for a FalconLinear holding the same
     weight object (so a tied head stays tied); without a bias the two compute the same thing."""
+
+    def falcon(child: torch.nn.Module) -> FalconLinear | None:
+        plain = type(child) is torch.nn.Linear and child.bias is None
+        if plain and child.weight.dtype is torch.bfloat16 and child.weight.is_cpu:
+            return _falcon_linear(child.weight, None)
+        return None
+
+    _swap_children(model, falcon)
+
+
+def _swap_children(model: torch.nn.Module, replace: Callable[[torch.nn.Module], torch.nn.Module | None]) -> int:
+    """Put ``replace(child)`` in place of every submodule of ``model`` for which it is not None; returns how many."""
+    swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            plain = type(child) is torch.nn.Linear and child.bias is None
-            if plain and child.weight.dtype is torch.bfloat16 and child.weight.is_cpu:
-                swapped = FalconLinear(child.in_features, child.out_features, bias=False, device="meta")
-                swapped.weight = child.weight
-                setattr(parent, name, swapped)
+            if (new := replace(child)) is not None:
+                setattr(parent, name, new)
+                swapped += 1
+    return swapped
+
+
+def _falcon_linear(weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> FalconLinear:
+    """A FalconLinear holding these very parameters (nothing allocated for others first)."""
+    out_features, in_features = weight.shape
+    linear = FalconLinear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight, linear.bias = weight, bias
+    return linear
 
 
 def row_attention(device: torch.device) -> RowAttention | None:
