@@ -75,25 +75,27 @@ def _teacher_forced(
 ):
     """Logits [steps, rows, vocab] of rows fed fixed tokens one at a time after a prompt (through the torch
     forward), each step fused or through torch, and the cache."""
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (rows, prompt_len), generator=gen)
-    tokens = torch.randint(0, model.config.vocab_size, (rows, steps), generator=gen)
-    cache = KVCache(model.config, rows, prompt_len + steps, dtype)
-    step = _fused_step if fused else lambda m, ids, c: m(ids, kv_cache=c)[:, -1]
+    prompt, tokens, cache = _inputs(model, dtype, steps, rows, prompt_len)
+    step = _fused_step if fused else _torch_step
     with torch.no_grad():
         model(prompt, kv_cache=cache)
         logits = [step(model, tokens[:, i : i + 1], cache).float() for i in range(steps)]
     return torch.stack(logits), cache
 
 
+def _inputs(model: FalconForCausalLM, dtype: torch.dtype, steps: int, rows: int, prompt_len: int):
+    """A fixed prompt [rows, prompt_len], the tokens fed after it [rows, steps], and an empty cache for both."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (rows, prompt_len), generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (rows, steps), generator=gen)
+    return prompt, tokens, KVCache(model.config, rows, prompt_len + steps, dtype)
+
+
 def _side_by_side(model: FalconForCausalLM, steps: int = 12, rows: int = 2, prompt_len: int = 5):
     """Float32 logits [steps, rows, vocab] of the fused step and of the torch path, and the K/V [steps, layers,
     rows, groups, 2, d] each writes, every step run both ways from the same cache (the torch path's), after a
     prompt through the torch forward."""
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (rows, prompt_len), generator=gen)
-    tokens = torch.randint(0, model.config.vocab_size, (rows, steps), generator=gen)
-    cache = KVCache(model.config, rows, prompt_len + steps, torch.float32)
+    prompt, tokens, cache = _inputs(model, torch.float32, steps, rows, prompt_len)
     out: dict[str, list[torch.Tensor]] = {"fused": [], "torch": [], "fused_kv": [], "torch_kv": []}
     with torch.no_grad():
         model(prompt, kv_cache=cache)
@@ -101,10 +103,14 @@ def _side_by_side(model: FalconForCausalLM, steps: int = 12, rows: int = 2, prom
             ids, at = tokens[:, i : i + 1], cache.length
             fused_cache = copy.deepcopy(cache)
             out["fused"].append(_fused_step(model, ids, fused_cache))
-            out["torch"].append(model(ids, kv_cache=cache)[:, -1])
+            out["torch"].append(_torch_step(model, ids, cache))
             for name, c in (("fused_kv", fused_cache), ("torch_kv", cache)):
                 out[name].append(torch.stack([c.k[:, :, :, at], c.v[:, :, :, at]], dim=-2))
     return tuple(torch.stack(v) for v in out.values())
+
+
+def _torch_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    return model(ids, kv_cache=cache)[:, -1]
 
 
 def _fused_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
