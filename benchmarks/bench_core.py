@@ -314,6 +314,51 @@ def main() -> None:
     print(render(rows, args.threads, args.model_size, bandwidth, args.prefill))
 
 
+FMA_PROBE_STEPS = 20_000_000  # rounds of the probe's chains per thread: tens of ms per call
+
+
+def fma_peak(threads: int, repeats: int = 5) -> float | None:
+    """The float32 multiply-add rate of ``threads`` threads in GMAC/s, with the chosen native variant's vectors
+    (``falcon_fma_probe``: independent FMA chains, nothing read from memory), best of ``repeats``: the bound of
+    float32 work such as bfloat16 weights widened on a CPU without bfloat16 arithmetic. None without the kernels."""
+    from falconlm import native
+
+    lib = native.kernels()
+    if lib is None:
+        return None
+    macs = threads * FMA_PROBE_STEPS * lib.falcon_fma_probe_chains() * 16
+    seconds = best_time(lambda: lib.falcon_fma_probe(FMA_PROBE_STEPS, 1.0, 0.0, threads), repeats=repeats)
+    return macs / seconds / 1e9
+
+
+def weight_macs_per_token(size: str = "194m") -> tuple[int, int]:
+    """(multiply-adds of the decoder layers' weight matrices, of the LM head) for one token of shape ``size``:
+    what a token costs in matmuls, attention's scores and values left out."""
+    import torch
+
+    from falconlm.model.falcon import FalconForCausalLM
+
+    with torch.device("meta"):
+        model = FalconForCausalLM(model_config(size))
+    layers = sum(m.weight.numel() for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    return layers, model.config.vocab_size * model.config.hidden_size
+
+
+def served_weight_macs(prompt_tokens: int, output_tokens: int, requests: int, layer_macs: int, head_macs: int) -> int:
+    """The weight multiply-adds a served load needed: every prompt token, and every output token but each
+    request's last (it is never fed back), runs the layers; every output token takes one row of the head."""
+    return (prompt_tokens + output_tokens - requests) * layer_macs + output_tokens * head_macs
+
+
+def fma_line(peak: float | None, threads: int) -> str:
+    if peak is None:
+        return "float32 FMA peak: not measured (no native kernels)"
+    return (
+        f"float32 FMA peak, measured in this run: {peak:.1f} GMAC/s ({threads} threads, independent multiply-add "
+        "chains of the native variant's vectors, best of 5)"
+    )
+
+
 def bandwidth_line(bandwidth: float, threads: int) -> str:
     return (
         f"memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s (torch float32 and native integer sums "

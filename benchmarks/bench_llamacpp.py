@@ -16,7 +16,10 @@
    bandwidth and the ratios, with the CPU's model name and SIMD flags.
 
 ``--serve`` also starts ``llama-server`` and ``falconlm serve`` in turn on 127.0.0.1 with the same weights and
-drives both with falconlm's load generator (``falconlm.bench``), the load of ``bench_serve.py``.
+drives both with falconlm's load generator (``falconlm.bench``), the load of ``bench_serve.py``. Each server's
+row also gives the rate of weight multiply-adds its output took (GMAC/s) and that rate's share of the machine's
+float32 FMA peak, measured in the same run (``bench_core.fma_peak``): on a CPU without bfloat16 arithmetic, bf16
+weights are widened to float32, so that peak bounds every bf16 server there.
 
     python benchmarks/bench_llamacpp.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2-base|...]
                                         [--formats bf16 f16 q8_0 q4_0] [--llamacpp-version 0.3.36] [--serve]
@@ -44,9 +47,13 @@ from bench_core import (
     bandwidth_line,
     checkpoint_folder,
     describe,
+    fma_line,
+    fma_peak,
     measure,
     prepare,
     read_bandwidth,
+    served_weight_macs,
+    weight_macs_per_token,
 )
 
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-server")
@@ -353,8 +360,9 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
 
 
 # ---- serving (optional) ------------------------------------------------------------------------------------------
-def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace) -> str:
-    """llama-server and falconlm serve under bench_serve.py's load, one after the other, same weights."""
+def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, peak: float | None) -> str:
+    """llama-server and falconlm serve under bench_serve.py's load, one after the other, same weights; with
+    each server's rate of weight multiply-adds and its share of the float32 FMA peak ``peak`` (GMAC/s)."""
     import bench_serve
     from bench_serve import free_port, make_requests, stop_server, wait_healthy
 
@@ -363,13 +371,14 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace) 
     folder = checkpoint_folder(args.out, args.model_size)
     bench_serve.ensure_tokenizer(folder, args.tokenizer)
     prompts = make_requests(folder, args.num_requests, args.prompt_len, seed=0)
+    layer_macs, head_macs = weight_macs_per_token(args.model_size)
     lines = [
         "",
         f"serving: {args.num_requests} requests, {args.concurrency} concurrent streaming clients, {args.prompt_len} "
         f"prompt tokens, max_tokens {args.max_tokens}, {args.threads} threads",
         "",
-        "| server, weights | output tok/s | TTFT p50 ms | TPOT p50 ms | failed |",
-        "|---|---:|---:|---:|---:|",
+        "| server, weights | output tok/s | weight GMAC/s | % of FMA peak | TTFT p50 ms | TPOT p50 ms | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     servers = [("falconlm", fmt, PAIRS[fmt]) for fmt in ("bf16", "q8_0", "q4_0") if fmt in ggufs]
     servers += [("llama-server", fmt, None) for fmt in ("bf16", "q8_0", "q4_0") if fmt in ggufs]
@@ -399,11 +408,23 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace) 
             stop_server(proc)
         d = result.to_dict()
         ttft, tpot = d["ttft_ms"]["median"], d["tpot_ms"]["median"]
+        macs = served_weight_macs(
+            d["total_prompt_tokens"], d["total_output_tokens"], d["completed"], layer_macs, head_macs
+        )  # fmt: skip
+        gmac_s = macs / max(d["duration_s"], 1e-9) / 1e9
+        share = f"{100 * gmac_s / peak:.0f}%" if peak else "-"
         lines.append(
-            f"| {name} {variant or fmt} | {d['output_throughput']:.1f} | {ttft or float('nan'):.0f} | "
-            f"{tpot or float('nan'):.0f} | {d['failed']} |"
+            f"| {name} {variant or fmt} | {d['output_throughput']:.1f} | {gmac_s:.1f} | {share} | "
+            f"{ttft or float('nan'):.0f} | {tpot or float('nan'):.0f} | {d['failed']} |"
         )
         print(f"  served {name} {fmt}: {d['output_throughput']:.1f} tok/s", file=sys.stderr)
+    lines += [
+        "",
+        "- weight GMAC/s: the multiply-adds of the weight matrices the load needs (layers for every prompt token and "
+        "every output token but each request's last, the LM head for every output token; attention's own products "
+        "left out) over the run's time; % of FMA peak: against the float32 FMA peak above, the bound of bfloat16 "
+        "weights on a CPU without bfloat16 arithmetic (int8 / int4 dot products have other bounds).",
+    ]
     return "\n".join(lines)
 
 
@@ -437,6 +458,7 @@ def main() -> None:
         return
     bandwidth = read_bandwidth(args.threads)
     print(f"  memory read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
+    peak = fma_peak(args.threads)
     falcon: dict[str, dict] = {}
     if not args.no_falconlm:
         falcon["transformers"] = measure("transformers", "bfloat16", args)
@@ -448,9 +470,11 @@ def main() -> None:
         b1 = llama[fmt].get("decode_b1_tok_s", float("nan"))
         print(f"  measured llama.cpp {fmt}: {b1:.1f} tok/s at batch 1", file=sys.stderr)
     bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
+    after = fma_peak(args.threads)
+    peak = max(peak, after) if peak is not None and after is not None else None
     report = render(falcon, llama, args, bandwidth)
     if args.serve:
-        report += "\n" + serve_rows(bin_dir, ggufs, args)
+        report += "\n" + fma_line(peak, args.threads) + "\n" + serve_rows(bin_dir, ggufs, args, peak)
     print(report)
 
 

@@ -24,6 +24,18 @@ def test_bench_1b_shape():
     assert 1.8e8 < bench_core.model_config("194m").num_parameters() < 2.0e8
 
 
+def test_weight_multiply_adds_of_a_served_load():
+    c = bench_core.model_config("194m")
+    head_dim = c.hidden_size // c.num_attention_heads
+    per_layer = c.hidden_size * (c.hidden_size + 2 * head_dim)  # fused QKV, one K/V head (multi-query)
+    per_layer += c.hidden_size * c.hidden_size + 2 * c.hidden_size * 4 * c.hidden_size  # dense, MLP in and out
+    layers, head = bench_core.weight_macs_per_token("194m")
+    assert layers == c.num_hidden_layers * per_layer
+    assert head == c.vocab_size * c.hidden_size
+    # 2 requests of 5 prompt tokens and 3 output tokens: 5 + 2 tokens through the layers each, 3 head rows each
+    assert bench_core.served_weight_macs(10, 6, 2, layers, head) == 14 * layers + 6 * head
+
+
 def test_isa_is_passed_through(monkeypatch):
     environ: dict[str, str] = {}
     monkeypatch.setattr(bench_core.os, "environ", environ)  # the real one must not force a variant on later tests

@@ -52,8 +52,16 @@ FUNCTIONS: dict[str, tuple] = {
     "falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C),
     "falcon_struct_layout": (_P,),
     "falcon_read_words": (_P, _I, _C),
+    "falcon_fma_probe": (_I, ctypes.c_float, ctypes.c_float, _C),
+    "falcon_fma_probe_chains": (),
 }
-RESULTS = {"falcon_isa": ctypes.c_char_p, "falcon_struct_layout": _I, "falcon_read_words": ctypes.c_uint64}
+RESULTS = {
+    "falcon_isa": ctypes.c_char_p,
+    "falcon_struct_layout": _I,
+    "falcon_read_words": ctypes.c_uint64,
+    "falcon_fma_probe": ctypes.c_double,
+    "falcon_fma_probe_chains": _I,
+}
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,17 @@ def test_the_read_probe_sums_every_word(isa: str) -> None:
         assert native.kernels().falcon_read_words(words.data_ptr(), words.numel(), threads) == expected
 
 
+def test_the_fma_probe_runs_every_chain_on_every_thread(isa: str) -> None:
+    lib = native.kernels()
+    chains = lib.falcon_fma_probe_chains()
+    assert chains >= 6
+    for threads in (1, 2, 3):
+        starts = threads * 16 * chains * (chains + 1) / 2  # chains start at 1, 2, ... on 16 lanes per thread
+        assert lib.falcon_fma_probe(1000, 1.0, 0.0, threads) == starts
+        assert lib.falcon_fma_probe(1000, 1.0, 1.0, threads) == starts + threads * 16 * chains * 1000
+        assert lib.falcon_fma_probe(3, 2.0, 0.0, threads) == starts * 8
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_equals_torch_with_ties_infinities_and_nan(isa: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)

@@ -23,6 +23,13 @@
 using namespace falcon;
 using namespace falcon::bf16;
 
+// Independent multiply-add chains per thread in falcon_fma_probe: enough to cover the FMA latency at full rate.
+#if defined(FALCON_AVX2)
+constexpr int FMA_CHAINS = 6;  // 12 ymm registers of sums beside x and y (of 16)
+#else
+constexpr int FMA_CHAINS = 12;  // 12 zmm (AVX-512), 48 q registers (NEON)
+#endif
+
 extern "C" {
 
 // The instruction set this library was built for.
@@ -108,6 +115,28 @@ uint64_t falcon_read_words(const uint64_t* p, int64_t n, int nthreads) {
   for (int64_t i = 0; i < n; ++i) total += p[i];
   return total;
 }
+
+// Each thread runs `steps` rounds of FMA_CHAINS independent float32 multiply-add chains, a = a * x + y on 16
+// lanes, the instruction the kernels' float32 sums use: an arithmetic-bound probe (benchmarks compare float32
+// work such as widened bfloat16 matmuls with it), as falcon_read_words is for memory. Chains start at 1, 2, ...
+// and the result is the sum of every lane of every thread's chains (with x = 1, y = 0: threads x 16 x the
+// chains' starting sum), so the work cannot be left out.
+double falcon_fma_probe(int64_t steps, float x, float y, int nthreads) {
+  double total = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+  {
+    const F32x16 xv = set1(x), yv = set1(y);
+    F32x16 a[FMA_CHAINS];
+    for (int i = 0; i < FMA_CHAINS; ++i) a[i] = set1(static_cast<float>(i + 1));
+    for (int64_t s = 0; s < steps; ++s)
+      for (int i = 0; i < FMA_CHAINS; ++i) a[i] = fmadd(a[i], xv, yv);
+    for (int i = 0; i < FMA_CHAINS; ++i) total += reduce_add(a[i]);
+  }
+  return total;
+}
+
+// The number of chains falcon_fma_probe runs per thread: multiply-adds per call = threads x steps x this x 16.
+int64_t falcon_fma_probe_chains() { return FMA_CHAINS; }
 
 // out[m] = the first index of the largest value of row m of x [M, N] (float32 or bfloat16, rows ldx apart).
 // NaN counts as largest, as in torch.argmax.
