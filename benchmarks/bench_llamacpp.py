@@ -12,8 +12,8 @@
 3. ``llama-bench`` (prefill 512, 128 decoded tokens, batch 1) and ``llama-batched-bench`` (8 sequences of a
    16-token prompt, 128 new tokens each) measure each GGUF; falconlm bf16 / int8 / int4-g64 and transformers
    bf16 are measured by ``bench_core.py``'s worker (through the serving engine; same prompt lengths);
-4. the machine's read bandwidth is measured too, and one table gives tok/s, GB/s at batch 1, % of the
-   bandwidth and the ratios, with the CPU's model name and SIMD flags.
+4. the machine's read bandwidth and float32 FMA peak are measured too, and one table gives tok/s, GB/s at
+   batch 1, % of the bandwidth and the ratios, with the CPU's model name and SIMD flags.
 
 ``--serve`` also starts ``llama-server`` and ``falconlm serve`` in turn on 127.0.0.1 with the same weights and
 drives both with falconlm's load generator (``falconlm.bench``), the load of ``bench_serve.py``. Each server's
@@ -470,11 +470,11 @@ def main() -> None:
         b1 = llama[fmt].get("decode_b1_tok_s", float("nan"))
         print(f"  measured llama.cpp {fmt}: {b1:.1f} tok/s at batch 1", file=sys.stderr)
     bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
-    after = fma_peak(args.threads)
-    peak = max(peak, after) if peak is not None and after is not None else None
-    report = render(falcon, llama, args, bandwidth)
+    if peak is not None:  # the same kernels, so measured again only where measured at all
+        peak = max(peak, fma_peak(args.threads))
+    report = render(falcon, llama, args, bandwidth) + "\n" + fma_line(peak, args.threads)
     if args.serve:
-        report += "\n" + fma_line(peak, args.threads) + "\n" + serve_rows(bin_dir, ggufs, args, peak)
+        report += "\n" + serve_rows(bin_dir, ggufs, args, peak)
     print(report)
 
 
