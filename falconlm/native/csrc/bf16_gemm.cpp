@@ -48,8 +48,7 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
   {
     if (widen) {
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) wide[m * K + k] = bf16_to_f32(x[m * ldx + k]);
+      for (int64_t m = 0; m < M; ++m) widen_row(x + m * ldx, wide + m * K, K);
     }  // (the loop's end is a barrier)
     for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
       const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;

@@ -14,25 +14,43 @@ inline void put(uint16_t* y, float v) { *y = f32_to_bf16(v); }
 inline void put(float* y, float v) { *y = v; }
 
 #if defined(FALCON_AVX2)
-// AVX2: 8 columns per step, widened to float32 (a shift), into one ymm register of sums per (row, weight row).
-// 4 rows x 3 weight rows of sums then fit in the 16 registers beside 3 widened weight rows, and each activation
-// load serves 3 weight rows. With 16 lanes of sums per pair (two registers), only 4 x 1 fit, and reloading the
-// activations from L2 for every weight row held 8-16 rows to about half the FMA ports' rate: 43-60 GMAC/s
-// against 62-83 for 4 x 3 on 2 threads of the stand-in.
-constexpr int STEP = 8;
+// AVX2: 16 columns per step, read as one 32-byte load and taken as two halves of 8 float32 lanes each: the even
+// columns (the bits shifted up 16) and the odd ones (the low 16 bits cleared), one instruction per half where a
+// zero-extension and a shift per 8 columns took two, so the FMA ports meet half the widening work. Activations
+// in float32 are stored in the same even / odd order (widen_row), and lane i sums columns 16 j + 2 i and then
+// 16 j + 2 i + 1 for j = 0, 1, ...: a fixed order whatever the rows. One ymm register of sums per (row, weight
+// row): 4 rows x 3 weight rows of sums fit in the 16 registers beside the 3 weight halves and the activation
+// half, and each activation load serves 3 weight rows. (With 16 lanes of sums per pair, two registers, only 4 x 1
+// fit, and reloading the activations from L2 for every weight row held 8-16 rows to about half the FMA ports'
+// rate: 43-60 GMAC/s against 62-83 for 4 x 3 on 2 threads of the stand-in.)
+constexpr int STEP = 16;
+constexpr int HALVES = 2;
 constexpr int NR = 3;  // weight rows per register block
 constexpr int MR = 4;  // activation rows per register block
 struct Sums { __m256 v; };
-struct Step { __m256 v; };  // STEP columns as float32
+struct Step { __m256 v; };  // one half of STEP columns as float32
 inline Sums no_sums() { return {_mm256_setzero_ps()}; }
-inline Step load_w(const uint16_t* p) { return {widen8(p)}; }
-inline Step load_x(const uint16_t* p) { return {widen8(p)}; }
-inline Step load_x(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline __m256 half_of(__m256i bits, int half) {  // bfloat16 pairs in 32-bit lanes: the even or the odd ones
+  return _mm256_castsi256_ps(half == 0 ? _mm256_slli_epi32(bits, 16)
+                                       : _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline __m256i load_bits(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Step load_w(const uint16_t* p, int half) { return {half_of(load_bits(p), half)}; }
+inline Step load_x(const uint16_t* p, int half) { return {half_of(load_bits(p), half)}; }
+inline Step load_x(const float* p, int half) { return {_mm256_loadu_ps(p + 8 * half)}; }  // widen_row's order
 inline Sums dot(Sums acc, Step x, Step w) { return {_mm256_fmadd_ps(x.v, w.v, acc.v)}; }
 inline float total(Sums a) {  // the fixed tree: + lane i+4, + i+2, + i+1
   const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+// K bfloat16 values as float32 in load_x's order: each 16 columns as their 8 even ones, then their 8 odd ones.
+inline void widen_row(const uint16_t* x, float* out, int64_t K) {
+  for (int64_t k = 0; k < K; k += STEP) {
+    const __m256i bits = load_bits(x + k);
+    _mm256_storeu_ps(out + k, half_of(bits, 0));
+    _mm256_storeu_ps(out + k + 8, half_of(bits, 1));
+  }
 }
 #else
 // Elsewhere: 32 columns per step into 16 lanes of sums, one vdpbf16ps where the CPU has it, else two float32
@@ -45,12 +63,13 @@ constexpr int MR = 8;  // 2 x 8 measured 20-45% faster than 4 x 4 for 8-16 rows
 constexpr int NR = 2;
 constexpr int MR = 2;  // 32 q registers: 2 x 2 blocks of widened values keep the sums in registers
 #endif
+constexpr int HALVES = 1;
 using Sums = F32x16;
 using Step = BF16x32;
 inline Sums no_sums() { return zero(); }
-inline Step load_w(const uint16_t* p) { return load_bf16x32(p); }
-inline Step load_x(const uint16_t* p) { return load_bf16x32(p); }
-inline Step load_x(const float* p) {
+inline Step load_w(const uint16_t* p, int) { return load_bf16x32(p); }
+inline Step load_x(const uint16_t* p, int) { return load_bf16x32(p); }
+inline Step load_x(const float* p, int) {
 #if defined(FALCON_BF16_DOT)
   return load_bf16x32(reinterpret_cast<const uint16_t*>(p));  // never called: widen_first() is false here
 #else
@@ -59,6 +78,9 @@ inline Step load_x(const float* p) {
 }
 inline Sums dot(Sums acc, const Step& x, const Step& w) { return dot_bf16(acc, x, w); }
 inline float total(Sums a) { return reduce_add(a); }
+inline void widen_row(const uint16_t* x, float* out, int64_t K) {  // K bfloat16 values as float32, in order
+  for (int64_t k = 0; k < K; k += 16) store(out + k, load_bf16(x + k));
+}
 #endif
 
 // Activations as the inner loop reads them: bfloat16 bits, or (AVX2) float32 widened once per call instead of
@@ -102,14 +124,15 @@ inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_
   for (int i = 0; i < R * C; ++i) acc[i] = no_sums();
   for (int64_t k = 0; k < K; k += 32) {
     for (int c = 0; c < C; ++c) prefetch_l2(w + (n0 + c) * K + k + ahead);
-    for (int s = 0; s < 32; s += STEP) {
-      Step wv[C];
-      for (int c = 0; c < C; ++c) wv[c] = load_w(w + (n0 + c) * K + k + s);
-      for (int r = 0; r < R; ++r) {
-        const Step xv = load_x(x + (m0 + r) * ldx + k + s);
-        for (int c = 0; c < C; ++c) acc[r * C + c] = dot(acc[r * C + c], xv, wv[c]);
+    for (int s = 0; s < 32; s += STEP)
+      for (int h = 0; h < HALVES; ++h) {
+        Step wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = load_w(w + (n0 + c) * K + k + s, h);
+        for (int r = 0; r < R; ++r) {
+          const Step xv = load_x(x + (m0 + r) * ldx + k + s, h);
+          for (int c = 0; c < C; ++c) acc[r * C + c] = dot(acc[r * C + c], xv, wv[c]);
+        }
       }
-    }
   }
   if constexpr (R * C == 16 && std::is_same_v<Sums, F32x16>) {  // the 16 sums across lanes together
     alignas(64) float sums[16];

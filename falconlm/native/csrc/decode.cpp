@@ -114,8 +114,7 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
                    : x_bf16 ? static_cast<const uint16_t*>(x)[k]
                             : f32_to_bf16(static_cast<const float*>(x)[k]);
       }
-      if (widen)
-        for (int64_t k = 0; k < BLOCK; k += 16) store(xf.data() + r * K + b * BLOCK + k, load_bf16(dst + k));
+      if (widen) bf16::widen_row(dst, xf.data() + r * K + b * BLOCK, BLOCK);
       return;
     }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b,
