@@ -39,7 +39,8 @@ const char* falcon_isa() { return isa_name(); }
 // K must be a multiple of 32.
 void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
                         uint16_t* y, int nthreads) {
-  const int64_t blocks = (N + NR - 1) / NR;
+  const int64_t span = M == 1 ? LONE_NR : NR;  // weight rows per share of the threads' work: one register block
+  const int64_t blocks = (N + span - 1) / span;
   static thread_local std::vector<float> widened;  // x in float32, when widen_first says so
   const bool widen = widen_first(M, K);
   if (widen && static_cast<int64_t>(widened.size()) < M * K) widened.resize(M * K);
@@ -54,7 +55,7 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
       const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * NR, n1 = n0 + NR < N ? n0 + NR : N;
+        const int64_t n0 = b * span, n1 = n0 + span < N ? n0 + span : N;
         weight_rows_of(x + mb * ldx, ldx, widen ? wide + mb * K : nullptr, rows, w, K, n0, n1, y + mb * N, N);
       }
     }

@@ -109,7 +109,11 @@ constexpr int PREFETCH = 2048;
 #if defined(FALCON_AVX2)
 // One register of sums per pair is one chain of dependent FMAs: a lone weight row would wait on the FMA latency.
 constexpr int64_t ONE_ROW_MAX = 0;
+// A lone activation row (batch-1 decode) meets LONE_NR weight rows at a time instead of NR: as many chains of
+// sums in flight, with no widened weight to keep (each is used once).
+constexpr int LONE_NR = 8;
 #else
+constexpr int LONE_NR = NR;
 // Up to this many activation rows, weight rows go one at a time: two rows read in step are two interleaved streams
 // inside one page, which the hardware prefetchers follow badly (a K = 1024 bf16 head streamed at about half the
 // bandwidth of one row at a time). Above it the pair's reuse of activations wins.
@@ -164,8 +168,8 @@ inline void rows_block(const X* x, int64_t ldx, int64_t M, const uint16_t* w, in
 }
 
 // y[:, n0 : n1] for the rows of x: NR weight rows at a time (a last 4 of NR = 3 as 2 + 2, so that no weight row
-// is left alone on one chain of sums), or one after the other for few activation rows (ONE_ROW_MAX). A row's
-// result is the same whichever way. (Spans of weight rows met by each block of activation rows in turn, to keep
+// is left alone on one chain of sums), LONE_NR for a lone row, or one after the other for few activation rows
+// (ONE_ROW_MAX). A row's result is the same whichever way. (Spans of weight rows met by each block of activation rows in turn, to keep
 // those in L1, measured no faster on AVX2 and 5% slower on AVX-512.)
 template <typename X, typename Out>
 inline void weight_rows(const X* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
@@ -174,7 +178,12 @@ inline void weight_rows(const X* x, int64_t ldx, int64_t M, const uint16_t* w, i
     for (int64_t n = n0; n < n1; ++n) rows_block<1, X, Out>(x, ldx, M, w, K, n, y, N);
     return;
   }
-  for (int64_t n = n0; n < n1;) {
+  int64_t n = n0;
+  if constexpr (LONE_NR != NR) {
+    if (M == 1)
+      for (; n + LONE_NR <= n1; n += LONE_NR) block<1, LONE_NR, X, Out>(x, ldx, 0, w, K, n, y, N);
+  }
+  while (n < n1) {
     const int64_t left = n1 - n;
     if constexpr (NR == 3) {
       if (left >= 3 && left != 4) {
