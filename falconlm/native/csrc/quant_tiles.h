@@ -153,10 +153,15 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
           pacc[r / 2] = mmla8(pacc[r / 2], w0, w1, two_rows(xp, xp + K));
         }
 #endif
+#if defined(FALCON_U4_HALVES)
+        for (int q = r; q < R; ++q) sums[q] = u4_half(sums[q], w0, four_bytes(xq + (m0 + q) * K + b * B + k));
+        for (int q = r; q < R; ++q) sums[q] = u4_half(sums[q], w1, four_bytes(xq + (m0 + q) * K + b * B + k + 4));
+#else
         for (; r < R; ++r) {
           const int8_t* xp = xq + (m0 + r) * K + b * B + k;
           sums[r] = u4_line(sums[r], w0, w1, four_bytes(xp), four_bytes(xp + 4));
         }
+#endif
       }
       for (int r = 0; r < R; ++r) iacc[r] = widen_u4(iacc[r], sums[r]);  // integer sums: exact in any order
     }

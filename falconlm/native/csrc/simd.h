@@ -377,6 +377,16 @@ inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_hi
   const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(low.hi, a), _mm256_maddubs_epi16(high.hi, b));
   return {_mm256_add_epi16(acc.lo, lo), _mm256_add_epi16(acc.hi, hi)};
 }
+// One nibble half of a line (u4_line's low or high part alone): tiles of several rows take all rows' low
+// halves, then all rows' high halves, so that only one half is live beside the sums (16 ymm registers).
+#define FALCON_U4_HALVES 1
+inline U4Sum u4_half(U4Sum acc, Line w, int32_t x4) {
+  const __m256i x = _mm256_set1_epi32(x4);
+  __m256i lo = _mm256_add_epi16(acc.lo, _mm256_maddubs_epi16(w.lo, x));
+  __m256i hi = _mm256_add_epi16(acc.hi, _mm256_maddubs_epi16(w.hi, x));
+  asm("" : "+x"(lo), "+x"(hi));  // the sums as they stand: keeps the compiler from regrouping the additions
+  return {lo, hi};
+}
 inline I32x16 widen_u4(I32x16 acc, U4Sum s) {
   const __m256i one = _mm256_set1_epi16(1);
   return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(s.lo, one)),
