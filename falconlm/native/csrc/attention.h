@@ -13,7 +13,6 @@
 
 namespace falcon {
 
-constexpr int MAX_CHUNKS = 16;  // head_dim up to 256, in 16-lane chunks
 // Register blocks, sized so that the sums stay in registers (a compile-time count of each, so the loops unroll):
 // KEY_BLOCK keys' scores for 16 heads; HEAD_BLOCK heads' weighted sums over CHUNK_GROUP 16-lane chunks of d.
 // (A 16-lane vector is 2 ymm registers of AVX2's 16, 4 q registers of NEON's 32, 1 zmm register of AVX-512's 32.)

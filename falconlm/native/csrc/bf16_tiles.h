@@ -169,8 +169,8 @@ inline void rows_block(const X* x, int64_t ldx, int64_t M, const uint16_t* w, in
 
 // y[:, n0 : n1] for the rows of x: NR weight rows at a time (a last 4 of NR = 3 as 2 + 2, so that no weight row
 // is left alone on one chain of sums), LONE_NR for a lone row, or one after the other for few activation rows
-// (ONE_ROW_MAX). A row's result is the same whichever way. (Spans of weight rows met by each block of activation rows in turn, to keep
-// those in L1, measured no faster on AVX2 and 5% slower on AVX-512.)
+// (ONE_ROW_MAX). A row's result is the same whichever way. (Spans of weight rows met by each block of activation
+// rows in turn, to keep those in L1, measured no faster on AVX2 and 5% slower on AVX-512.)
 template <typename X, typename Out>
 inline void weight_rows(const X* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
                         Out* y, int64_t N) {
