@@ -23,6 +23,7 @@ weights are widened to float32, so that peak bounds every bf16 server there.
 
     python benchmarks/bench_llamacpp.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2-base|...]
                                         [--formats bf16 f16 q8_0 q4_0] [--llamacpp-version 0.3.36] [--serve]
+                                        [--serve-rounds 2]
 """
 
 from __future__ import annotations
@@ -361,71 +362,101 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
 
 # ---- serving (optional) ------------------------------------------------------------------------------------------
 def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, peak: float | None) -> str:
-    """llama-server and falconlm serve under bench_serve.py's load, one after the other, same weights; with
-    each server's rate of weight multiply-adds and its share of the float32 FMA peak ``peak`` (GMAC/s)."""
+    """llama-server and falconlm serve under bench_serve.py's load, same weights; with each server's rate of weight
+    multiply-adds and its share of the float32 FMA peak ``peak`` (GMAC/s). ``args.serve_rounds`` rounds, each
+    running every format's pair back to back (falconlm, then llama-server): a shared machine's speed drifts over
+    minutes, so each side's best round, both measured near each other in time, is the row."""
     import bench_serve
-    from bench_serve import free_port, make_requests, stop_server, wait_healthy
-
-    from falconlm.bench import run_benchmark
 
     folder = checkpoint_folder(args.out, args.model_size)
     bench_serve.ensure_tokenizer(folder, args.tokenizer)
-    prompts = make_requests(folder, args.num_requests, args.prompt_len, seed=0)
+    prompts = bench_serve.make_requests(folder, args.num_requests, args.prompt_len, seed=0)
+    formats = [fmt for fmt in ("bf16", "q8_0", "q4_0") if fmt in ggufs]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.serve_rounds):
+        for fmt in formats:
+            for name in ("falconlm", "llama-server"):
+                d = serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args)
+                runs.setdefault((name, fmt), []).append(d)
+                print(f"  served {name} {fmt}: {d['output_throughput']:.1f} tok/s", file=sys.stderr)
     layer_macs, head_macs = weight_macs_per_token(args.model_size)
     lines = [
         "",
         f"serving: {args.num_requests} requests, {args.concurrency} concurrent streaming clients, {args.prompt_len} "
-        f"prompt tokens, max_tokens {args.max_tokens}, {args.threads} threads",
+        f"prompt tokens, max_tokens {args.max_tokens}, {args.threads} threads; best of {args.serve_rounds} rounds",
         "",
         "| server, weights | output tok/s | weight GMAC/s | % of FMA peak | TTFT p50 ms | TPOT p50 ms | failed |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    servers = [("falconlm", fmt, PAIRS[fmt]) for fmt in ("bf16", "q8_0", "q4_0") if fmt in ggufs]
-    servers += [("llama-server", fmt, None) for fmt in ("bf16", "q8_0", "q4_0") if fmt in ggufs]
-    for name, fmt, variant in servers:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = args.out / f"bench_llamacpp_{name}_{fmt}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        if name == "llama-server":
-            cmd = [str(bin_dir / "llama-server"), "-m", str(ggufs[fmt]), "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.concurrency)]
-            cmd += ["-c", str(args.concurrency * (args.prompt_len + args.max_tokens + 16))]
-        else:
-            cmd = [sys.executable, "-m", "falconlm", "serve", "--model", str(folder), "--dtype", "bfloat16"]
-            cmd += ["--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--quantize", variant] if variant != "bfloat16" else []
-        with log.open("w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-        try:
-            wait_healthy(url, proc, log, timeout=600)
-            run_benchmark(url, concurrency=1, num_requests=1, prompts=[prompts[0][:16]], max_tokens=4)
-            result = run_benchmark(
-                url, concurrency=args.concurrency, num_requests=len(prompts), prompts=prompts,
-                max_tokens=args.max_tokens, extra_body={"ignore_eos": True},  # both servers: max_tokens each
+    for name in ("falconlm", "llama-server"):
+        for fmt in formats:
+            d = max(runs[name, fmt], key=lambda r: r["output_throughput"])
+            ttft, tpot = d["ttft_ms"]["median"], d["tpot_ms"]["median"]
+            macs = served_weight_macs(
+                d["total_prompt_tokens"], d["total_output_tokens"], d["completed"], layer_macs, head_macs
             )  # fmt: skip
-        finally:
-            stop_server(proc)
-        d = result.to_dict()
-        ttft, tpot = d["ttft_ms"]["median"], d["tpot_ms"]["median"]
-        macs = served_weight_macs(
-            d["total_prompt_tokens"], d["total_output_tokens"], d["completed"], layer_macs, head_macs
-        )  # fmt: skip
-        gmac_s = macs / max(d["duration_s"], 1e-9) / 1e9
-        share = f"{100 * gmac_s / peak:.0f}%" if peak else "-"
-        lines.append(
-            f"| {name} {variant or fmt} | {d['output_throughput']:.1f} | {gmac_s:.1f} | {share} | "
-            f"{ttft or float('nan'):.0f} | {tpot or float('nan'):.0f} | {d['failed']} |"
-        )
-        print(f"  served {name} {fmt}: {d['output_throughput']:.1f} tok/s", file=sys.stderr)
+            gmac_s = macs / max(d["duration_s"], 1e-9) / 1e9
+            share = f"{100 * gmac_s / peak:.0f}%" if peak else "-"
+            label = PAIRS[fmt] if name == "falconlm" else fmt
+            failed = sum(r["failed"] for r in runs[name, fmt])
+            lines.append(
+                f"| {name} {label} | {d['output_throughput']:.1f} | {gmac_s:.1f} | {share} | "
+                f"{ttft or float('nan'):.0f} | {tpot or float('nan'):.0f} | {failed} |"
+            )
+    lines += ["", "Each round, output tok/s (falconlm / llama-server):", ""]
+    for fmt in formats:
+        pairs = zip(runs["falconlm", fmt], runs["llama-server", fmt], strict=True)
+        rounds = ", ".join(f"{a['output_throughput']:.1f} / {b['output_throughput']:.1f}" for a, b in pairs)
+        lines.append(f"- {fmt}: {rounds}")
     lines += [
         "",
         "- weight GMAC/s: the multiply-adds of the weight matrices the load needs (layers for every prompt token and "
         "every output token but each request's last, the LM head for every output token; attention's own products "
         "left out) over the run's time; % of FMA peak: against the float32 FMA peak above, the bound of bfloat16 "
-        "weights on a CPU without bfloat16 arithmetic (int8 / int4 dot products have other bounds).",
+        "weights on a CPU without bfloat16 arithmetic (int8 / int4 dot products have other bounds); failed: over "
+        "every round.",
     ]
     return "\n".join(lines)
+
+
+def serve_once(
+    name: str,
+    fmt: str,
+    bin_dir: Path,
+    ggufs: dict[str, Path],
+    folder: Path,
+    prompts: list[list[int]],
+    args: argparse.Namespace,
+) -> dict:
+    """One server (``falconlm`` or ``llama-server``) with ``fmt``'s weights under the load: its result as a dict."""
+    from bench_serve import free_port, stop_server, wait_healthy
+
+    from falconlm.bench import run_benchmark
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = args.out / f"bench_llamacpp_{name}_{fmt}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if name == "llama-server":
+        cmd = [str(bin_dir / "llama-server"), "-m", str(ggufs[fmt]), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.concurrency)]
+        cmd += ["-c", str(args.concurrency * (args.prompt_len + args.max_tokens + 16))]
+    else:
+        cmd = [sys.executable, "-m", "falconlm", "serve", "--model", str(folder), "--dtype", "bfloat16"]
+        cmd += ["--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--quantize", PAIRS[fmt]] if PAIRS[fmt] != "bfloat16" else []
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    try:
+        wait_healthy(url, proc, log, timeout=600)
+        run_benchmark(url, concurrency=1, num_requests=1, prompts=[prompts[0][:16]], max_tokens=4)
+        result = run_benchmark(
+            url, concurrency=args.concurrency, num_requests=len(prompts), prompts=prompts,
+            max_tokens=args.max_tokens, extra_body={"ignore_eos": True},  # both servers: max_tokens each
+        )  # fmt: skip
+    finally:
+        stop_server(proc)
+    return result.to_dict()
 
 
 def main() -> None:
@@ -445,7 +476,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--serve-rounds", type=int, default=2, help="rounds of the serving pairs (best of each side)")
     args = parser.parse_args()
+    if args.serve_rounds < 1:
+        parser.error("--serve-rounds must be at least 1")
     apply_isa(args.isa)
     src = find_source(args.llamacpp_version, args.refresh)
     args.llamacpp_version = src.parent.name

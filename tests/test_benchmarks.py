@@ -147,6 +147,37 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     assert "- llama.cpp q8_0: llama-bench -p 512 -n 0 exited with -11; its cell is empty." in text
 
 
+def test_serving_rounds_pair_the_servers_in_time_and_keep_each_sides_best(tmp_path, monkeypatch):
+    """Each round runs every format's falconlm server and then llama-server; a row is that side's best round."""
+    import bench_serve
+
+    folder = tmp_path / "bench-194m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    monkeypatch.setattr(bench_serve, "ensure_tokenizer", lambda folder, source: None)
+    order, rates = [], {("falconlm", "bf16"): [90.0, 120.0], ("llama-server", "bf16"): [80.0, 70.0]}
+
+    def serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args):
+        order.append((name, fmt))
+        rate = rates[name, fmt][sum(1 for o in order if o == (name, fmt)) - 1]
+        return {
+            "output_throughput": rate, "ttft_ms": {"median": 1000.0 / rate}, "tpot_ms": {"median": 50.0},
+            "total_prompt_tokens": 9600, "total_output_tokens": 6144, "completed": 48, "duration_s": 6144 / rate,
+            "failed": 0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(bench_llamacpp, "serve_once", serve_once)
+    args = argparse.Namespace(
+        out=tmp_path, model_size="194m", tokenizer=tmp_path, num_requests=48, prompt_len=200, max_tokens=128,
+        concurrency=16, threads=2, serve_rounds=2,
+    )  # fmt: skip
+    text = bench_llamacpp.serve_rows(tmp_path, {"bf16": tmp_path / "m.gguf"}, args, peak=100.0)
+    assert order == [("falconlm", "bf16"), ("llama-server", "bf16")] * 2
+    assert "| falconlm bfloat16 | 120.0 |" in text and "| 8 | 50 | 0 |" in text  # round 2: its TTFT beside it
+    assert "| llama-server bf16 | 80.0 |" in text
+    assert "- bf16: 90.0 / 80.0, 120.0 / 70.0" in text and "best of 2 rounds" in text
+
+
 def test_mamba_table_has_ratios_per_dtype_contexts_and_state_bytes():
     import bench_mamba
 
