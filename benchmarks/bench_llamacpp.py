@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -373,10 +374,10 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, 
     prompts = bench_serve.make_requests(folder, args.num_requests, args.prompt_len, seed=0)
     formats = [fmt for fmt in ("bf16", "q8_0", "q4_0") if fmt in ggufs]
     runs: dict[tuple[str, str], list[dict]] = {}
-    for _ in range(args.serve_rounds):
+    for round_no in range(1, args.serve_rounds + 1):
         for fmt in formats:
             for name in ("falconlm", "llama-server"):
-                d = serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args)
+                d = serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args, round_no)
                 runs.setdefault((name, fmt), []).append(d)
                 print(f"  served {name} {fmt}: {d['output_throughput']:.1f} tok/s", file=sys.stderr)
     layer_macs, head_macs = weight_macs_per_token(args.model_size)
@@ -385,8 +386,9 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, 
         f"serving: {args.num_requests} requests, {args.concurrency} concurrent streaming clients, {args.prompt_len} "
         f"prompt tokens, max_tokens {args.max_tokens}, {args.threads} threads; best of {args.serve_rounds} rounds",
         "",
-        "| server, weights | output tok/s | weight GMAC/s | % of FMA peak | TTFT p50 ms | TPOT p50 ms | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server, weights | output tok/s | weight GMAC/s | % of FMA peak | TTFT p50 ms | TPOT p50 ms "
+        "| CPU s server / client | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("falconlm", "llama-server"):
         for fmt in formats:
@@ -399,9 +401,10 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, 
             share = f"{100 * gmac_s / peak:.0f}%" if peak else "-"
             label = PAIRS[fmt] if name == "falconlm" else fmt
             failed = sum(r["failed"] for r in runs[name, fmt])
+            cpu = " / ".join("-" if d.get(k) is None else f"{d[k]:.1f}" for k in ("server_cpu_s", "client_cpu_s"))
             lines.append(
                 f"| {name} {label} | {d['output_throughput']:.1f} | {gmac_s:.1f} | {share} | "
-                f"{ttft or float('nan'):.0f} | {tpot or float('nan'):.0f} | {failed} |"
+                f"{ttft or float('nan'):.0f} | {tpot or float('nan'):.0f} | {cpu} | {failed} |"
             )
     lines += ["", "Each round, output tok/s (falconlm / llama-server):", ""]
     for fmt in formats:
@@ -413,8 +416,9 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, 
         "- weight GMAC/s: the multiply-adds of the weight matrices the load needs (layers for every prompt token and "
         "every output token but each request's last, the LM head for every output token; attention's own products "
         "left out) over the run's time; % of FMA peak: against the float32 FMA peak above, the bound of bfloat16 "
-        "weights on a CPU without bfloat16 arithmetic (int8 / int4 dot products have other bounds); failed: over "
-        "every round.",
+        "weights on a CPU without bfloat16 arithmetic (int8 / int4 dot products have other bounds); CPU s: what the "
+        "server process (all its threads) and the load generator each used during the load, on the same cores; "
+        "failed: over every round.",
     ]
     return "\n".join(lines)
 
@@ -427,15 +431,17 @@ def serve_once(
     folder: Path,
     prompts: list[list[int]],
     args: argparse.Namespace,
+    round_no: int = 1,
 ) -> dict:
-    """One server (``falconlm`` or ``llama-server``) with ``fmt``'s weights under the load: its result as a dict."""
-    from bench_serve import free_port, stop_server, wait_healthy
+    """One server (``falconlm`` or ``llama-server``) with ``fmt``'s weights under the load: its result as a dict,
+    with the CPU seconds the server process and this process (the load generator) used during the load."""
+    from bench_serve import free_port, process_cpu_seconds, stop_server, wait_healthy
 
     from falconlm.bench import run_benchmark
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = args.out / f"bench_llamacpp_{name}_{fmt}.log"
+    log = args.out / f"bench_llamacpp_{name}_{fmt}_round{round_no}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if name == "llama-server":
         cmd = [str(bin_dir / "llama-server"), "-m", str(ggufs[fmt]), "--host", "127.0.0.1", "--port", str(port)]
@@ -450,13 +456,16 @@ def serve_once(
     try:
         wait_healthy(url, proc, log, timeout=600)
         run_benchmark(url, concurrency=1, num_requests=1, prompts=[prompts[0][:16]], max_tokens=4)
+        server_start, client_start = process_cpu_seconds(proc.pid), time.process_time()
         result = run_benchmark(
             url, concurrency=args.concurrency, num_requests=len(prompts), prompts=prompts,
             max_tokens=args.max_tokens, extra_body={"ignore_eos": True},  # both servers: max_tokens each
         )  # fmt: skip
+        client_cpu, server_end = time.process_time() - client_start, process_cpu_seconds(proc.pid)
     finally:
         stop_server(proc)
-    return result.to_dict()
+    server_cpu = None if server_start is None or server_end is None else server_end - server_start
+    return result.to_dict() | {"server_cpu_s": server_cpu, "client_cpu_s": client_cpu}
 
 
 def main() -> None:

@@ -87,6 +87,16 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
     raise RuntimeError(f"the server was not healthy after {timeout:g} s:\n{_tail(log)}")
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far, all its threads together (Linux ``/proc``);
+    None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,13 +160,14 @@ def test_serving_rounds_pair_the_servers_in_time_and_keep_each_sides_best(tmp_pa
     monkeypatch.setattr(bench_serve, "ensure_tokenizer", lambda folder, source: None)
     order, rates = [], {("falconlm", "bf16"): [90.0, 120.0], ("llama-server", "bf16"): [80.0, 70.0]}
 
-    def serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args):
+    def serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args, round_no):
         order.append((name, fmt))
+        assert round_no == sum(1 for o in order if o == (name, fmt))  # each round's log has its own name
         rate = rates[name, fmt][sum(1 for o in order if o == (name, fmt)) - 1]
         return {
             "output_throughput": rate, "ttft_ms": {"median": 1000.0 / rate}, "tpot_ms": {"median": 50.0},
             "total_prompt_tokens": 9600, "total_output_tokens": 6144, "completed": 48, "duration_s": 6144 / rate,
-            "failed": 0,
+            "failed": 0, "server_cpu_s": 2 * 6144 / rate, "client_cpu_s": 1.5 if name == "falconlm" else None,
         }  # fmt: skip
 
     monkeypatch.setattr(bench_llamacpp, "serve_once", serve_once)
@@ -173,9 +177,24 @@ def test_serving_rounds_pair_the_servers_in_time_and_keep_each_sides_best(tmp_pa
     )  # fmt: skip
     text = bench_llamacpp.serve_rows(tmp_path, {"bf16": tmp_path / "m.gguf"}, args, peak=100.0)
     assert order == [("falconlm", "bf16"), ("llama-server", "bf16")] * 2
-    assert "| falconlm bfloat16 | 120.0 |" in text and "| 8 | 50 | 0 |" in text  # round 2: its TTFT beside it
-    assert "| llama-server bf16 | 80.0 |" in text
+    assert "| falconlm bfloat16 | 120.0 |" in text and "| 8 | 50 | 102.4 / 1.5 | 0 |" in text  # round 2's own
+    assert "| llama-server bf16 | 80.0 |" in text and "| 153.6 / - | 0 |" in text
     assert "- bf16: 90.0 / 80.0, 120.0 / 70.0" in text and "best of 2 rounds" in text
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads Linux /proc")
+def test_process_cpu_seconds_counts_work_and_reads_none_for_a_gone_process():
+    import bench_serve
+
+    before = bench_serve.process_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    after = bench_serve.process_cpu_seconds(os.getpid())
+    assert before is not None and after is not None and after >= before + 0.03
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert bench_serve.process_cpu_seconds(child.pid) is None
 
 
 def test_mamba_table_has_ratios_per_dtype_contexts_and_state_bytes():
