@@ -197,6 +197,27 @@ def test_process_cpu_seconds_counts_work_and_reads_none_for_a_gone_process():
     assert bench_serve.process_cpu_seconds(child.pid) is None
 
 
+def test_engine_replay_keeps_the_closed_loop_and_splits_the_steps(tiny_checkpoint):
+    """The engine-only replay keeps at most `concurrency` requests in flight, decodes max_tokens for every one,
+    and times every step as either a prompt step or a decode-only step."""
+    import bench_replay
+
+    from falconlm.engine.factory import EngineArgs, build_engine
+
+    engine = build_engine(EngineArgs(model=tiny_checkpoint, dtype="float32", max_num_seqs=4, skip_tokenizer_init=True))
+    prompts = [[5 + i, 6, 7, 8, 9, 10, 11][: 3 + i % 4] for i in range(5)]
+    result = bench_replay.replay(engine, prompts, concurrency=2, max_tokens=3)
+    assert result.output_tokens == 5 * 3 and result.requests == 5 and result.most_in_flight == 2
+    assert result.prompt_tokens == sum(map(len, prompts)) and result.seconds > 0
+    prompt_steps, decode_steps = result.steps["prompt"][0], result.steps["decode"][0]
+    assert prompt_steps >= 1 and decode_steps >= 1 and prompt_steps + decode_steps == engine.num_steps
+    assert "execute" not in vars(engine.runner)  # the timing wrapper is gone afterwards
+    args = argparse.Namespace(model_size="194m", quantize=None, threads=2, prompt_len=5, concurrency=2, max_tokens=3,
+                              max_num_batched_tokens=128)  # fmt: skip
+    text = bench_replay.render(result, args, peak=100.0)
+    assert f"| {prompt_steps} / " in text and f"| {decode_steps} / " in text and "engine only" in text
+
+
 def test_mamba_table_has_ratios_per_dtype_contexts_and_state_bytes():
     import bench_mamba
 
