@@ -350,6 +350,21 @@ def served_weight_macs(prompt_tokens: int, output_tokens: int, requests: int, la
     return (prompt_tokens + output_tokens - requests) * layer_macs + output_tokens * head_macs
 
 
+def served_weight_rate(
+    prompt_tokens: int,
+    output_tokens: int,
+    requests: int,
+    seconds: float,
+    per_token: tuple[int, int],
+    peak: float | None,
+) -> tuple[float, str]:
+    """A served load's weight multiply-adds per second in GMAC/s (``per_token``: weight_macs_per_token's pair),
+    and that rate's share of the FMA peak ``peak`` as a table cell ("-" without a peak)."""
+    macs = served_weight_macs(prompt_tokens, output_tokens, requests, *per_token)
+    gmac_s = macs / max(seconds, 1e-9) / 1e9
+    return gmac_s, f"{100 * gmac_s / peak:.0f}%" if peak else "-"
+
+
 def fma_line(peak: float | None, threads: int) -> str:
     if peak is None:
         return "float32 FMA peak: not measured (no native kernels)"

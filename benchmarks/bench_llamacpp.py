@@ -54,7 +54,7 @@ from bench_core import (
     measure,
     prepare,
     read_bandwidth,
-    served_weight_macs,
+    served_weight_rate,
     weight_macs_per_token,
 )
 
@@ -380,7 +380,7 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, 
                 d = serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args, round_no)
                 runs.setdefault((name, fmt), []).append(d)
                 print(f"  served {name} {fmt}: {d['output_throughput']:.1f} tok/s", file=sys.stderr)
-    layer_macs, head_macs = weight_macs_per_token(args.model_size)
+    per_token = weight_macs_per_token(args.model_size)
     lines = [
         "",
         f"serving: {args.num_requests} requests, {args.concurrency} concurrent streaming clients, {args.prompt_len} "
@@ -394,11 +394,9 @@ def serve_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace, 
         for fmt in formats:
             d = max(runs[name, fmt], key=lambda r: r["output_throughput"])
             ttft, tpot = d["ttft_ms"]["median"], d["tpot_ms"]["median"]
-            macs = served_weight_macs(
-                d["total_prompt_tokens"], d["total_output_tokens"], d["completed"], layer_macs, head_macs
+            gmac_s, share = served_weight_rate(
+                d["total_prompt_tokens"], d["total_output_tokens"], d["completed"], d["duration_s"], per_token, peak
             )  # fmt: skip
-            gmac_s = macs / max(d["duration_s"], 1e-9) / 1e9
-            share = f"{100 * gmac_s / peak:.0f}%" if peak else "-"
             label = PAIRS[fmt] if name == "falconlm" else fmt
             failed = sum(r["failed"] for r in runs[name, fmt])
             cpu = " / ".join("-" if d.get(k) is None else f"{d[k]:.1f}" for k in ("server_cpu_s", "client_cpu_s"))

@@ -33,20 +33,21 @@ from bench_core import (
     fma_line,
     fma_peak,
     make_checkpoint,
-    served_weight_macs,
+    served_weight_rate,
     weight_macs_per_token,
 )
 
 
 @dataclass
 class ReplayResult:
-    """What one replay did: output tokens, wall seconds, and per kind of step its count and seconds."""
+    """What one replay did: output tokens, wall seconds, and per kind of step ("prompt" / "decode") its count and
+    seconds."""
 
     requests: int
     prompt_tokens: int
     output_tokens: int
     seconds: float
-    steps: dict[str, list[float]] = field(default_factory=dict)  # "prompt" / "decode" -> [count, seconds]
+    steps: dict[str, list[float]] = field(default_factory=lambda: {"prompt": [0, 0.0], "decode": [0, 0.0]})
     most_in_flight: int = 0
 
 
@@ -57,7 +58,7 @@ def replay(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) 
     from falconlm.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    result = ReplayResult(len(prompts), sum(map(len, prompts)), 0, 0.0, {"prompt": [0, 0.0], "decode": [0, 0.0]})
+    result = ReplayResult(len(prompts), sum(map(len, prompts)), 0, 0.0)
     execute = engine.runner.execute
 
     def timed(step):
@@ -96,10 +97,10 @@ def replay(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) 
 
 
 def render(result: ReplayResult, args: argparse.Namespace, peak: float | None) -> str:
-    layer_macs, head_macs = weight_macs_per_token(args.model_size)
-    macs = served_weight_macs(result.prompt_tokens, result.output_tokens, result.requests, layer_macs, head_macs)
-    gmac_s = macs / max(result.seconds, 1e-9) / 1e9
-    share = f"{100 * gmac_s / peak:.0f}%" if peak else "-"
+    per_token = weight_macs_per_token(args.model_size)
+    gmac_s, share = served_weight_rate(
+        result.prompt_tokens, result.output_tokens, result.requests, result.seconds, per_token, peak
+    )
     weights = args.quantize or "bfloat16"
     lines = [
         f"{describe(args.model_size)}, random weights, {weights}, {args.threads} threads; engine only (no HTTP)",

@@ -162,8 +162,9 @@ def test_serving_rounds_pair_the_servers_in_time_and_keep_each_sides_best(tmp_pa
 
     def serve_once(name, fmt, bin_dir, ggufs, folder, prompts, args, round_no):
         order.append((name, fmt))
-        assert round_no == sum(1 for o in order if o == (name, fmt))  # each round's log has its own name
-        rate = rates[name, fmt][sum(1 for o in order if o == (name, fmt)) - 1]
+        runs_so_far = order.count((name, fmt))
+        assert round_no == runs_so_far  # each round's log has its own name
+        rate = rates[name, fmt][runs_so_far - 1]
         return {
             "output_throughput": rate, "ttft_ms": {"median": 1000.0 / rate}, "tpot_ms": {"median": 50.0},
             "total_prompt_tokens": 9600, "total_output_tokens": 6144, "completed": 48, "duration_s": 6144 / rate,
