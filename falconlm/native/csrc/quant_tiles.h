@@ -39,8 +39,16 @@ constexpr int MR = 2;  // four q registers per 16 lanes: fewer rows keep the sum
 // they occupy run out; with both, bench-1b int4 g64 steps went 27.8-28.4 -> 25.1-25.6 ms and int8 39.5-40.0 ->
 // 37.3-38.7 on AVX-512 (Intel, 2 threads, A/B in turn), and bench-194m batch 1 rose 10% (int4, AVX-512) to 40%
 // (int8, the AVX2 stand-in). Into L2 alone was as good from memory and 5% slower from L3.
+#if defined(FALCON_AVX2)
+// AVX2 reaches twice as far: on a Zen 4 EPYC (the AVX2 stand-in, 2 threads, bench-1b's int8 shapes at one row,
+// interleaved with the old distances) 26.0-26.8 -> 28.1-29.0 GB/s while the read probe gave 31-33, and the whole
+// bench-1b int8 step 27-29 -> 35-37 GB/s while it gave 46-56. The AVX-512 build on the same CPU did not move.
+constexpr int PREFETCH = 8192;
+constexpr int PREFETCH_L1 = 2048;
+#else
 constexpr int PREFETCH = 4096;
 constexpr int PREFETCH_L1 = 1024;
+#endif
 inline void prefetch_stream(const uint8_t* p) {
   prefetch_l2(p + PREFETCH);
   prefetch(p + PREFETCH_L1);
