@@ -7,7 +7,9 @@ Two shapes (``--model-size``), both Falcon-7B style (multi-query, parallel atten
 
 For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
 the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
-in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest).
+in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest), and
+against the bandwidth read right before and right after the batch-1 decode itself (a machine shared with other
+tenants may give twice as much in one minute as in the next).
 Decode tok/s include the 16-token prompt; GB/s is per decode step (the stored weights over one step's time: the
 128-token run less a 1-token run of the same prompt, over the other 127 tokens), as llama-bench's decode
 excludes its prompt.
@@ -41,6 +43,11 @@ MODEL_SIZES = {
     ),
 }
 BANDWIDTH_BYTES = 1 << 30
+BESIDE_BYTES = 1 << 29  # the probe beside each batch-1 decode: smaller, read 3 times
+BESIDE_NOTE = (
+    "- beside b1: the read bandwidth right before and right after that row's batch-1 decode (a process of its own, "
+    f"{BESIDE_BYTES >> 20} MiB read 3 times, the best), and GB/s b1 as a share of their mean."
+)
 
 
 # ---- shared helpers (bench_quant, bench_serve and bench_llamacpp use these) -------------------------------------
@@ -150,6 +157,27 @@ def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5
     return nbytes / seconds / 1e9
 
 
+def bandwidth_beside(threads: int) -> float | None:
+    """The read bandwidth now, in GB/s, from a process of its own (a worker's peak RSS stays its own): the best of
+    3 reads of a BESIDE_BYTES buffer. Taken right before and right after a batch-1 decode, it says what memory gave
+    while that decode ran. None where the probe fails."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(threads))
+    try:
+        return float(done.stdout.split()[-1])
+    except (IndexError, ValueError):
+        return None
+
+
+def beside_share(row: dict) -> str:
+    """A row's GB/s at batch 1 as a share of the mean of the probes beside its decode, and those probes
+    (``72% of 31/33``); "-" without them."""
+    probes = row.get("bw_beside_b1") or []
+    if "gb_s_b1" not in row or len(probes) != 2 or None in probes:
+        return "-"
+    return f"{100 * row['gb_s_b1'] / (sum(probes) / 2):.0f}% of {probes[0]:.0f}/{probes[1]:.0f}"
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The options every bench script shares."""
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="194m")
@@ -256,11 +284,13 @@ def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill:
         ids = torch.randint(0, vocab, (batch, PROMPT_DECODE), generator=gen)
         if batch == 1:
             run_decode(ids[:, :4])  # warm-up
+            before = bandwidth_beside(threads)
         seconds = best_time(lambda ids=ids: run_decode(ids), repeats=2)
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
         if batch == 1:  # one decode step: the whole run less its prompt and first token, over the other tokens
             first = best_time(lambda ids=ids: run_decode(ids, 1), repeats=2)
             result["decode_step_s_b1"] = (seconds - first) / (new_tokens - 1)
+            result["bw_beside_b1"] = [before, bandwidth_beside(threads)]
     result["gb_s_b1"] = weight_bytes / result["decode_step_s_b1"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20
     result["peak_rss_mib"] = peak_rss_mib()
@@ -297,8 +327,12 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     apply_isa(args.isa)
+    if args.probe:
+        print(f"{read_bandwidth(args.threads, BESIDE_BYTES, repeats=3):.2f}")
+        return
     if args.worker:
         impl, variant = args.worker
         print(json.dumps(worker(impl, variant, args.out, args.model_size, args.threads, args.prefill, args.new_tokens)))
@@ -388,15 +422,15 @@ def render(rows: list[dict], threads: int, size: str, bandwidth: float, prefill:
         bandwidth_line(bandwidth, threads),
         "",
         f"| dtype | impl | prefill {prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 | % of read bw "
-        "| peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| % of read bw beside b1 (before/after, GB/s) | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["impl"], r["dtype"]): r for r in rows}
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['impl']} | {r['prefill_tok_s']:.0f} | {r['decode_b1_tok_s']:.1f} | "
             f"{r['decode_b8_tok_s']:.1f} | {r['gb_s_b1']:.1f} | {100 * r['gb_s_b1'] / bandwidth:.0f}% | "
-            f"{r['peak_rss_mib']:.0f} |"
+            f"{beside_share(r)} | {r['peak_rss_mib']:.0f} |"
         )
         ref_dtype = r["dtype"] if r["dtype"] in FLOAT_DTYPES else "bfloat16"
         ref = by_key.get(("transformers", ref_dtype))
@@ -404,8 +438,10 @@ def render(rows: list[dict], threads: int, size: str, bandwidth: float, prefill:
             ratio = [r[k] / ref[k] for k in ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")]
             lines.append(
                 f"| {r['dtype']} | ratio falconlm/transformers {ref_dtype} | {ratio[0]:.2f}x | {ratio[1]:.2f}x | "
-                f"{ratio[2]:.2f}x | | | |"
+                f"{ratio[2]:.2f}x | | | | |"
             )
+    lines.append("")
+    lines.append(BESIDE_NOTE)
     return "\n".join(lines)
 
 

@@ -41,12 +41,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import (
+    BESIDE_NOTE,
     PROMPT_DECODE,
     REPO_ROOT,
     SHARED_TOKENIZER,
     add_common_args,
     apply_isa,
+    bandwidth_beside,
     bandwidth_line,
+    beside_share,
     checkpoint_folder,
     describe,
     fma_line,
@@ -245,7 +248,10 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
     for key, prompt, new in (("prefill_tok_s", args.prefill, 0), ("decode_b1_tok_s", 0, args.new_tokens)):
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(prompt)]
         cmd += ["-n", str(new), "-r", str(args.repetitions), "-o", "jsonl"]
+        before = bandwidth_beside(args.threads) if new else None
         out = peer_tool(cmd, f"llama-bench -p {prompt} -n {new}", row["failed"])
+        if new:
+            row["bw_beside_b1"] = [before, bandwidth_beside(args.threads)]
         tests = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
         for t in tests:  # the best repetition, as bench_core keeps falconlm's best run
             row.update(model_bytes=t["model_size"], build=f"{t['build_commit']} ({t['backends']})")
@@ -307,8 +313,8 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"falconlm native kernels: {native}; llama.cpp {args.llamacpp_version} (commit {build})",
         "",
         f"| weights | engine | MiB | prefill {args.prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 "
-        "| % of read bw |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| % of read bw | % of read bw beside b1 (before/after, GB/s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def cell(row: dict, key: str, digits: int) -> str:
@@ -318,7 +324,7 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         share = f"{100 * row['gb_s_b1'] / bandwidth:.0f}%" if "gb_s_b1" in row else "-"
         return (
             f"| {weights} | {engine} | {mib:.0f} | {cell(row, cols[0], 0)} | {cell(row, cols[1], 1)} | "
-            f"{cell(row, cols[2], 1)} | {cell(row, 'gb_s_b1', 1)} | {share} |"
+            f"{cell(row, cols[2], 1)} | {cell(row, 'gb_s_b1', 1)} | {share} | {beside_share(row)} |"
         )
 
     entries = [("bf16", "transformers", falcon.get("transformers"))]
@@ -355,6 +361,7 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         "(best repetition; decode from an empty context), "
         f"`llama-batched-bench -npp {PROMPT_DECODE} -ntg {args.new_tokens} -npl 8` "
         "(tok/s over the whole run, prompts included); MiB is llama-bench's model size.",
+        BESIDE_NOTE,
     ]
     failures = [(fmt, failure) for fmt, row in llama.items() for failure in row.get("failed", [])]
     lines += [f"- llama.cpp {fmt}: {failure}; its cell is empty." for fmt, failure in failures]

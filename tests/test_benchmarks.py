@@ -72,8 +72,27 @@ def test_core_table_reports_bandwidth_share_and_ratios():
     rows = [_row("transformers", "bfloat16", 20.0), _row("falconlm", "bfloat16", 40.0), _row("falconlm", "int8", 60.0)]
     text = bench_core.render(rows, threads=2, size="1b", bandwidth=32.0)
     assert "bench-1b" in text and "32.0 GB/s" in text
-    assert "| bfloat16 | falconlm | 500 | 40.0 | 320.0 | 16.0 | 50% | 700 |" in text
-    assert "| int8 | ratio falconlm/transformers bfloat16 | 1.00x | 3.00x | 3.00x | | | |" in text
+    assert "| bfloat16 | falconlm | 500 | 40.0 | 320.0 | 16.0 | 50% | - | 700 |" in text
+    assert "| int8 | ratio falconlm/transformers bfloat16 | 1.00x | 3.00x | 3.00x | | | | |" in text
+
+
+def test_core_table_sets_batch_1_against_the_bandwidth_read_beside_it():
+    """A shared machine's bandwidth swings from minute to minute: each row also gives its share of the probes
+    read right before and right after its own batch-1 decode."""
+    row = _row("falconlm", "int8", 60.0)  # 24 GB/s at batch 1
+    row["bw_beside_b1"] = [28.0, 36.0]
+    text = bench_core.render([row], threads=2, size="1b", bandwidth=60.0)
+    assert "| int8 | falconlm | 500 | 60.0 | 480.0 | 24.0 | 40% | 75% of 28/36 | 700 |" in text
+    assert "right before and right after that row's batch-1 decode" in text
+    row["bw_beside_b1"] = [28.0, None]  # a probe that failed: no share
+    assert "| 40% | - | 700 |" in bench_core.render([row], threads=2, size="1b", bandwidth=60.0)
+
+
+def test_bandwidth_beside_reads_memory_in_a_process_of_its_own(monkeypatch):
+    gb_s = bench_core.bandwidth_beside(1)
+    assert gb_s is not None and gb_s > 0.1
+    monkeypatch.setattr(bench_core.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
+    assert bench_core.bandwidth_beside(1) is None
 
 
 def test_staging_folder_for_the_converter(tmp_path):
@@ -109,13 +128,15 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
             "decode_b1_tok_s": 30.0,
             "decode_b8_tok_s": 120.0,
             "gb_s_b1": 6.3,
+            "bw_beside_b1": [28.0, 32.0],
         }
     }
     args = argparse.Namespace(
         model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36"
     )
     text = bench_llamacpp.render(falcon, llama, args, bandwidth=30.0)
-    assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% |" in text
+    assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% | 21% of 28/32 |" in text
+    assert "| int8 | falconlm | 400 | 500 | 60.0 | 480.0 | 24.0 | 80% | - |" in text
     assert "| falconlm int8 / llama.cpp q8_0 | 0.50x | 2.00x | 4.00x |" in text
     assert "| falconlm int8 / transformers bf16 | 1.00x | 3.00x | 3.00x |" in text
     assert "native kernels: avx2" in text
@@ -139,13 +160,16 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     args = argparse.Namespace(
         model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36"
     )
+    probes = iter([31.0, 33.0])  # around the decode run only: the crashed prompt run reads none
+    monkeypatch.setattr(bench_llamacpp, "bandwidth_beside", lambda threads: next(probes))
     row = bench_llamacpp.llama_bench(bin_dir, gguf, args)
+    assert row["bw_beside_b1"] == [31.0, 33.0]
     assert "prefill_tok_s" not in row and row["decode_b1_tok_s"] == 26.0 and row["decode_b8_tok_s"] == 64.0
     assert row["failed"] == ["llama-bench -p 512 -n 0 exited with -11"]
     monkeypatch.setattr(bench_llamacpp, "cpu_summary", lambda: "CPU: test")
     falcon = {"int8": _row("falconlm", "int8", 60.0)}
     text = bench_llamacpp.render(falcon, {"q8_0": row}, args, bandwidth=30.0)
-    assert "| q8_0 | llama.cpp | 1 | - | 26.0 | 64.0 | 0.0 | 0% |" in text
+    assert "| q8_0 | llama.cpp | 1 | - | 26.0 | 64.0 | 0.0 | 0% | 0% of 31/33 |" in text
     assert "| falconlm int8 / llama.cpp q8_0 | - | " in text
     assert "- llama.cpp q8_0: llama-bench -p 512 -n 0 exited with -11; its cell is empty." in text
 
