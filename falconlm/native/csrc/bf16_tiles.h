@@ -44,6 +44,30 @@ inline float total(Sums a) {  // the fixed tree: + lane i+4, + i+2, + i+1
   const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
 }
+// out[i] = total(a[i]) for eight sums at once: the same tree, so the same bits (160 shapes against the one-by-one
+// code), in 21 instructions where eight total() calls take 48. One thread on the Zen 4 stand-in, interleaved: 8
+// rows against the 65024 x 1024 head 35.0-35.8 -> 38.0-39.6 GMAC/s, 16 rows 42.1-43.5 -> 43.1-43.5, the layers'
+// shapes within 2% either way.
+#define FALCON_TOTAL8 1
+inline void total8(const Sums* a, float* out) {
+  __m256 q[4];  // + lane i+4: [a0 | a1] low halves plus high halves, and so on
+  for (int i = 0; i < 4; ++i)
+    q[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i].v, a[2 * i + 1].v, 0x20),
+                         _mm256_permute2f128_ps(a[2 * i].v, a[2 * i + 1].v, 0x31));
+  __m256 p[2];  // + lane i+2: lanes 0-1 of sums 4i and 4i + 2, then (upper half) of 4i + 1 and 4i + 3
+  for (int i = 0; i < 2; ++i)
+    p[i] = _mm256_add_ps(_mm256_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(q[2 * i], q[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // + lane i+1: the totals of sums 0, 2, 4, 6, then 1, 3, 5, 7
+  const __m256 t = _mm256_add_ps(_mm256_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm256_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(32) float s[8];
+  _mm256_store_ps(s, t);
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = s[i];
+    out[2 * i + 1] = s[4 + i];
+  }
+}
 // K bfloat16 values as float32 in load_x's order: each 16 columns as their 8 even ones, then their 8 odd ones.
 inline void widen_row(const uint16_t* x, float* out, int64_t K) {
   for (int64_t k = 0; k < K; k += STEP) {
@@ -144,8 +168,21 @@ inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, sums[r * C + c]);
   } else {
+    float sums[R * C];
+    int i = 0;
+#if defined(FALCON_TOTAL8)
+    for (; i + 8 <= R * C; i += 8) total8(acc + i, sums + i);
+    if (R * C - i >= 4) {  // four or more left: padded to eight with empty sums
+      Sums rest[8];
+      float out[8];
+      for (int j = 0; j < 8; ++j) rest[j] = i + j < R * C ? acc[i + j] : no_sums();
+      total8(rest, out);
+      for (int j = 0; i < R * C; ++i, ++j) sums[i] = out[j];
+    }
+#endif
+    for (; i < R * C; ++i) sums[i] = total(acc[i]);
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, total(acc[r * C + c]));
+      for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, sums[r * C + c]);
   }
 }
 
