@@ -162,13 +162,10 @@ inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_
         }
       }
   }
+  alignas(64) float sums[R * C];
   if constexpr (R * C == 16 && std::is_same_v<Sums, F32x16>) {  // the 16 sums across lanes together
-    alignas(64) float sums[16];
     store(sums, reduce_add16(acc));
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, sums[r * C + c]);
   } else {
-    float sums[R * C];
     int i = 0;
 #if defined(FALCON_TOTAL8)
     for (; i + 8 <= R * C; i += 8) total8(acc + i, sums + i);
@@ -181,9 +178,9 @@ inline void block(const X* x, int64_t ldx, int64_t m0, const uint16_t* w, int64_
     }
 #endif
     for (; i < R * C; ++i) sums[i] = total(acc[i]);
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, sums[r * C + c]);
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) put(y + (m0 + r) * N + n0 + c, sums[r * C + c]);
 }
 
 // Every row of x against y[:, n0 : n0 + C]: blocks of MR rows, then the rest.
