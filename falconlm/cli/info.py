@@ -179,9 +179,9 @@ def _fused_decode_status(family: Family, config: object) -> str:
 
 def _native_status() -> dict[str, str]:
     from .. import native  # imports torch: only when the command runs
-    from ..engine.kernels import quantized_prompt_path
+    from ..engine.kernels import bf16_prompt_path, quantized_prompt_path
 
     status = native.status()
     if native.unavailable_reason() is None:
-        status["prompts"] = quantized_prompt_path()
+        status["prompts"] = f"{quantized_prompt_path()}; {bf16_prompt_path()}"
     return status

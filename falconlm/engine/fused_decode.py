@@ -11,6 +11,12 @@ are all bfloat16, or all int8 / int4 on the native quantized kernel. Everything 
 ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32 inside the call, so
 results equal the torch path's up to rounding (in bfloat16, the torch path rounds the residual after every op and
 the fused one does not).
+
+Prompt chunks of bfloat16 models run here too, a row per token (``PagedAttention.token_rows``), where the torch
+path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2 without bfloat16 arithmetic): the
+call (``falcon_prompt_layers``) multiplies through the same widened weight panels and spares the chunk the torch
+forward's dispatch, its bfloat16 element-wise ops and SDPA. Each token row is summed alone, so a prompt's scores
+no longer depend on how the scheduler cut it into chunks (a last chunk of one token excepted: it is a decode row).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from .. import native
 from ..model.dense import KVCache, build_dense_attention
 from ..model.positions import rope_cos_sin
+from ..native import ops
 from ..native.decode import Layer, Rows, Shape, Weight, check_layout
 from ..quant.kernels.native import NativeKernel
 from ..quant.linear import QuantizedLinear
@@ -180,6 +187,7 @@ class FusedDecoder:
         lib = native.kernels()
         check_layout(lib)
         self._fn = lib.falcon_decode_layers
+        self._prompt_fn = lib.falcon_prompt_layers
         self._bind(model)
 
     def _bind(self, model: FalconModel) -> None:
@@ -200,10 +208,21 @@ class FusedDecoder:
             layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
         self._layers = layers
         self._binding = _Binding(model)
+        self.bf16_weights = all(_kind(m)[0] == 16 for block in model.h for m in _matrices(block).values())
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows) -> torch.Tensor | None:
+    def takes_prompts(self) -> bool:
+        """Whether prompt chunks run fused too, a row per token with the bfloat16 matmuls through weight panels
+        (``falcon_prompt_layers``): where the weights are bfloat16 and the panel GEMM is what the torch path would
+        use for a prompt's many rows (``ops.prompt_panels``). There the fused call spares the chunk the torch
+        forward's dispatch, its bfloat16 element-wise ops and attention; the matmuls are the same panels."""
+        return self.bf16_weights and ops.prompt_panels()
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: DecodeRows, prompt: bool = False
+    ) -> torch.Tensor | None:
         """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
-        rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused."""
+        rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused. ``prompt``:
+        the rows are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says."""
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
@@ -227,7 +246,7 @@ class FusedDecoder:
             table_rows, part_lengths = tables[part], lengths[part]
             where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
                          rows.block_size, table_rows.data_ptr(), tables.stride(0), part_lengths.data_ptr())  # fmt: skip
-            self._fn(
+            (self._prompt_fn if prompt else self._fn)(
                 ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where),
                 residual[part].data_ptr(), residual[part].shape[0], cos32[part].data_ptr(), sin32[part].data_ptr(),
                 torch.get_num_threads(),
@@ -257,13 +276,14 @@ def fused_hidden(
     positions: torch.Tensor,
     rows: DecodeRows,
     rope_lengths: torch.Tensor | None = None,
+    prompt: bool = False,
 ) -> torch.Tensor | None:
     """Hidden states after ``ln_f`` of a decode step of token ``ids`` at ``positions`` (both [B, T], one new token
     per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused.
-    ``rope_lengths`` as for the model's forward (dynamic RoPE scaling)."""
+    ``rope_lengths`` as for the model's forward (dynamic RoPE scaling); ``prompt`` as for :class:`FusedDecoder`."""
     t = model.transformer
     x = t.word_embeddings(ids)
-    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype, rope_lengths), rows)
+    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype, rope_lengths), rows, prompt)
     return None if x is None else t.ln_f(x)
 
 

@@ -108,7 +108,7 @@ def row_attention(device: torch.device) -> RowAttention | None:
 
 def log_choice() -> None:
     """One log line: which native variant runs, and why the others do not."""
-    log.info("%s; %s", native.describe(), quantized_prompt_path())
+    log.info("%s; %s; %s", native.describe(), quantized_prompt_path(), bf16_prompt_path())
 
 
 def quantized_prompt_path() -> str:
@@ -116,3 +116,15 @@ def quantized_prompt_path() -> str:
     if ops.bf16_matrix_hardware():
         return f"quantized prompt batches of {GEMM_MIN_ROWS}+ rows: bfloat16 GEMM on AMX (not with --deterministic)"
     return "quantized prompt batches: int8 dot products (no AMX bfloat16 GEMM here)"
+
+
+def bf16_prompt_path() -> str:
+    """What bfloat16 weights do with prompt chunks here (the runner and ``FusedDecoder.takes_prompts``)."""
+    if ops.bf16_hardware():
+        return "bfloat16 prompt chunks: torch's bfloat16 GEMM (the CPU's bfloat16 arithmetic)"
+    if ops.prompt_panels():
+        return (
+            "bfloat16 prompt chunks: the fused step where it applies, a row per token, over widened weight panels "
+            "(not with --deterministic)"
+        )
+    return "bfloat16 prompt chunks: float32 GEMM on widened weights"

@@ -4,8 +4,9 @@ It makes no scheduling decisions (the scheduler did): it flattens the step's tok
 and position, runs the model's ``forward_hidden`` with a :class:`PagedAttention` context, and takes
 ``compute_logits`` of the rows that reached the end of their known tokens to sample them. It makes the one
 per-step kernel choice (``kernels.py``): decode rows run every layer in one native call when the model allows it
-(``fused_decode.py``), apart from prompt chunks, which take the model's torch forward. So a decoding request is
-computed the same way whatever else is in the step.
+(``fused_decode.py``), apart from prompt chunks, which take the model's torch forward (or, for bfloat16 weights
+where the panel GEMM is the prompt GEMM, a fused call of their own: ``FusedDecoder.takes_prompts``). So a decoding
+request is computed the same way whatever else is in the step.
 
 Each forward is first described as a :class:`ForwardBatch` (plain integers, no Request), then run from that alone
 (:meth:`ModelRunner.run_batch`): under tensor parallelism rank 0 sends the description to the other ranks, which
@@ -169,11 +170,14 @@ class ModelRunner:
         lengths = torch.tensor([batch.rope_lengths], device=dev) if self.dynamic_rope else None
         rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=dev)
         rows_kv = None  # every row adds one token (else None); deterministic: each token a row, prompts too
+        prompt = False  # prompt chunks' tokens as rows, through the fused step's weight panels (takes_prompts)
         if decoder is not None:
             rows_kv = ctx.token_rows() if self.deterministic else ctx.decode_rows()
+            if rows_kv is None and decoder.takes_prompts():
+                rows_kv, prompt = ctx.token_rows(), True
         hidden = None
         if rows_kv is not None:
-            hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths)
+            hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths, prompt)
         if hidden is None:
             hidden = self._hidden(batch, input_ids, position_ids, ctx, lengths)
         return self.model.compute_logits(hidden, rows) if batch.logits_rows else None

@@ -72,9 +72,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _native_linear(x, weight)
     if bf16_hardware():
         return F.linear(x, weight)
-    if chosen_family() in PANEL_VARIANTS:
+    if prompt_panels():
         return panel_linear(x, weight)
     return _widened_linear(x, weight)
+
+
+def prompt_panels() -> bool:
+    """Whether :func:`linear` multiplies a prompt's many bfloat16 rows through the native panel GEMM here."""
+    return chosen_family() in PANEL_VARIANTS and not bf16_hardware() and kernels() is not None
 
 
 def native_max_rows() -> int:

@@ -18,11 +18,13 @@
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
 // stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h (falconlm/quant/kernels/
 // native.py), with activations quantized to int8 blocks; bfloat16 weights are read in place (bf16_tiles.h), with
-// activations rounded to bfloat16.
+// activations rounded to bfloat16. falcon_prompt_layers runs the same layers for prompt-chunk tokens, a row each,
+// with bfloat16 matmuls through the weight panels of bf16_panels.h (widened once for all the rows).
 
 #include <omp.h>
 
 #include "attention.h"
+#include "bf16_panels.h"
 #include "bf16_tiles.h"
 #include "quant_tiles.h"
 #include "simd.h"
@@ -72,24 +74,26 @@ struct Rows {  // where each row's K/V live (see CacheView), and the row lengths
 
 struct Activations {  // R rows of K columns for a matmul's input, in the form its weight wants
   // int8 weights (bits 8 or 4): int8 blocks of BLOCK columns, a scale and a sum per block;
-  // bfloat16 weights (bits 16): the values rounded to bfloat16.
+  // bfloat16 weights (bits 16): the values rounded to bfloat16, and for the weight panels (prompt rows) those
+  // values widened to float32 in column order.
   std::vector<int8_t> q, magnitude;  // magnitude: |q| where dot_q8 reads it (Q8_MAGNITUDES), int8 weights only
   std::vector<float> s;
   std::vector<int32_t> sum;
   std::vector<uint16_t> xb;
-  std::vector<float> xf;  // the same values widened, when bf16::widen_first says so
+  std::vector<float> xf;  // the same values widened, in the row blocks' order (bf16::widen_first) or in column order
   int64_t K = 0, nb = 0, bits = 8;
-  bool widen = false, with_magnitudes = false;
+  bool widen = false, panels = false, with_magnitudes = false;
 
-  void resize(int64_t R, int64_t k, int64_t weight_bits) {
+  void resize(int64_t R, int64_t k, int64_t weight_bits, bool weight_panels) {
     K = k;
     nb = k / BLOCK;
     bits = weight_bits == 16 ? 16 : 8;
     with_magnitudes = Q8_MAGNITUDES && weight_bits == 8;
     if (bits == 16) {
-      widen = bf16::widen_first(R, K);
+      panels = weight_panels;
+      widen = !panels && bf16::widen_first(R, K);
       if (static_cast<int64_t>(xb.size()) < R * K) xb.resize(R * K);
-      if (widen && static_cast<int64_t>(xf.size()) < R * K) xf.resize(R * K);
+      if ((widen || panels) && static_cast<int64_t>(xf.size()) < R * K) xf.resize(R * K);
       return;
     }
     if (static_cast<int64_t>(q.size()) < R * K) q.resize(R * K);
@@ -114,7 +118,11 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
                    : x_bf16 ? static_cast<const uint16_t*>(x)[k]
                             : f32_to_bf16(static_cast<const float*>(x)[k]);
       }
-      if (widen) bf16::widen_row(dst, xf.data() + r * K + b * BLOCK, BLOCK);
+      if (panels) {
+        for (int64_t k = 0; k < BLOCK; k += 16) store(xf.data() + r * K + b * BLOCK + k, load_bf16(dst + k));
+      } else if (widen) {
+        bf16::widen_row(dst, xf.data() + r * K + b * BLOCK, BLOCK);
+      }
       return;
     }
     s[r * nb + b] = quantize_block(x, x_bf16, n, BLOCK, q.data() + r * K + b * BLOCK, sum.data() + r * nb + b,
@@ -205,10 +213,23 @@ void store_vector(const float* src, void* dst, int bf16, int64_t n) {
   }
 }
 
+static_assert(TILE == panels::PANEL, "a thread's share of tiles is also its share of weight panels");
+
 // Rows 0..R-1 of y[:, 16 t0 : 16 t1] for tiles t0 .. t1-1 of W against activations a. bfloat16 weights go as one
-// range of rows, so that the register blocks (bf16::NR rows) meet a range's end once rather than every tile's.
+// range of rows, so that the register blocks (bf16::NR rows) meet a range's end once rather than every tile's;
+// or, for prompt rows (a.panels), as the weight panels of bf16_panels.h, each widened once for all the rows.
 void matmul_tiles(const Weight& W, const Activations& a, int64_t t0, int64_t t1, int64_t R, float* y) {
   if (t0 >= t1) return;
+  if (W.bits == 16 && a.panels) {
+    static thread_local std::vector<float> panel;  // each thread's own panel block
+    if (panel.size() < static_cast<size_t>(panels::KC * panels::PANEL)) panel.resize(panels::KC * panels::PANEL);
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
+    for (int64_t m = 0; m < R; m += panels::MC) {  // chunks of rows whose column blocks stay in L2
+      const int64_t rows = R - m < panels::MC ? R - m : panels::MC;
+      panels::panel_sums(a.xf.data() + m * a.K, rows, a.K, w, W.n, t0, t1, panel.data(), y + m * W.n, W.n);
+    }
+    return;
+  }
   if (W.bits == 16) {  // many rows (a prompt chunk's tokens) in blocks that stay in cache, as bf16_gemm.cpp does
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
     for (int64_t m = 0; m < R; m += bf16::M_BLOCK) {
@@ -241,15 +262,10 @@ struct ThreadScratch {  // one per thread: a group's queries and attention outpu
   std::vector<float> gelu;
 };
 
-}  // namespace
-
-extern "C" {
-
-// Runs every layer of `shape` on x [R, hidden] (float32, the residual stream, updated in place) for one new
-// token per row: row r is at position context_lens[r] - 1 with rotary cos / sin [R, head_dim] (float32), and
-// its new K/V are written at that position of `rows`' cache before it attends.
-void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R,
-                          const float* cos, const float* sin, int nthreads) {
+// Every layer of `shape` on x [R, hidden] (see falcon_decode_layers); `prompt_panels`: bfloat16 matmuls through
+// weight panels (falcon_prompt_layers).
+void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R, const float* cos,
+                const float* sin, int nthreads, bool prompt_panels) {
   const int64_t H = shape->hidden, Hq = shape->heads, G = shape->groups, d = shape->head_dim;
   const int64_t per_group = Hq / G, group_width = (per_group + 2) * d;
   const int bf16 = static_cast<int>(shape->kv_bf16);
@@ -266,10 +282,10 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
   resize(buf.up, R * n_up);
   resize(buf.out_attn, R * H);
   resize(buf.out_mlp, R * H);
-  buf.a_qkv.resize(R, first.qkv.k, first.qkv.bits);
-  buf.a_up.resize(R, first.up.k, first.up.bits);
-  buf.a_dense.resize(R, first.dense.k, first.dense.bits);
-  buf.a_down.resize(R, first.down.k, first.down.bits);
+  buf.a_qkv.resize(R, first.qkv.k, first.qkv.bits, prompt_panels);
+  buf.a_up.resize(R, first.up.k, first.up.bits, prompt_panels);
+  buf.a_dense.resize(R, first.dense.k, first.dense.bits, prompt_panels);
+  buf.a_down.resize(R, first.down.k, first.down.bits, prompt_panels);
   for (int64_t r = 0; r < R; ++r)  // the attention output's padding columns, if any, stay zero
     for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.store_block(r, b, nullptr, 0, 0);
 
@@ -413,9 +429,26 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
   }
 }
 
-}  // extern "C"
+}  // namespace
 
 extern "C" {
+
+// Runs every layer of `shape` on x [R, hidden] (float32, the residual stream, updated in place) for one new
+// token per row: row r is at position context_lens[r] - 1 with rotary cos / sin [R, head_dim] (float32), and
+// its new K/V are written at that position of `rows`' cache before it attends.
+void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R,
+                          const float* cos, const float* sin, int nthreads) {
+  run_layers(shape, layers, rows, x, R, cos, sin, nthreads, false);
+}
+
+// The same for the tokens of prompt chunks, a row each (each up to itself): bfloat16 matmuls run through weight
+// panels widened once for all the rows, as falcon_gemm_bf16 does, rather than the decode rows' row blocks. Each
+// row's sums still run in one fixed order (the panels'), whatever the other rows; that order differs from
+// falcon_decode_layers'. Quantized weights run as there.
+void falcon_prompt_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R,
+                          const float* cos, const float* sin, int nthreads) {
+  run_layers(shape, layers, rows, x, R, cos, sin, nthreads, true);
+}
 
 // Sizes and field offsets of the structs that falconlm/native/decode.py mirrors with ctypes, in declaration
 // order ([sizeof, offsetof each field] per struct): the Python side compares them when the library loads.

@@ -1,0 +1,111 @@
+"""Prompt chunks through the fused step's weight panels (``falcon_prompt_layers``): where the CPU has no bfloat16
+arithmetic and the panel GEMM is the prompt GEMM (AVX2), a bfloat16 model's prompt chunks run as rows of the fused
+step, one per token, rather than through the torch forward. Here the path is forced on in every variant this CPU
+runs, and checked three ways: it is taken, it stays as close to float32 as the torch path, and a prompt's scores
+are the same bits however the scheduler cuts it into chunks (each row is summed alone, in the panels' order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from falconlm.engine.engine import Engine, EngineConfig
+from falconlm.engine.fused_decode import FusedDecoder, fused_decoder
+from falconlm.engine.kernels import bf16_prompt_path
+from falconlm.engine.sampling_params import SamplingParams
+from falconlm.model.falcon import FalconForCausalLM
+from falconlm.native import ops
+from falconlm.quant import load_quantized
+from falconlm.tokenizer import Tokenizer
+
+from ..conftest import make_hf_checkpoint, needs_native
+
+pytestmark = needs_native
+
+PROMPT = [(11 * j) % 250 + 3 for j in range(23)]
+SCORED = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+
+
+@pytest.fixture(scope="module", params=["7b", "40b"])
+def checkpoint(request, tmp_path_factory) -> Path:
+    # head_dim 32 (the fused step's blocks); 40b has a LayerNorm per branch, 7b one for both.
+    hidden = {"7b": 128, "40b": 256}[request.param]
+    return make_hf_checkpoint(tmp_path_factory.mktemp(f"panels-{request.param}"), request.param, hidden_size=hidden)
+
+
+def _scores(model: FalconForCausalLM, folder: Path, budget: int) -> tuple[list[int], list, list]:
+    """Greedy tokens, their logprobs and the prompt's logprobs of PROMPT through an engine with ``budget`` tokens
+    per step."""
+    config = EngineConfig(max_num_seqs=1, max_num_batched_tokens=budget, block_size=4, enable_prefix_caching=False)
+    out = Engine(model, Tokenizer.from_pretrained(folder), config).generate([PROMPT], [SCORED])[0]
+    return out.token_ids, out.logprobs, out.prompt_logprobs
+
+
+def _prompt_values(scores: tuple[list[int], list, list]) -> torch.Tensor:
+    """The prompt positions' logprobs (of the prompt's own tokens) as a tensor."""
+    assert [entry.token_id for entry in scores[2][1:]] == PROMPT[1:]
+    return torch.tensor([entry.logprob for entry in scores[2][1:]])
+
+
+def _forced(monkeypatch: pytest.MonkeyPatch, model: FalconForCausalLM) -> list[int]:
+    """Prompt chunks through the panels from now on, whatever this CPU's prompt GEMM; the rows of each such call."""
+    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: self.bf16_weights)
+    decoder = fused_decoder(model.transformer)
+    calls: list[int] = []
+    native = decoder._prompt_fn
+
+    def counted(*args):
+        calls.append(args[4])
+        return native(*args)
+
+    decoder._prompt_fn = counted
+    return calls
+
+
+def test_prompt_chunks_run_through_the_panels_as_close_to_float32_as_the_torch_path(
+    isa: str, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exact = _prompt_values(_scores(FalconForCausalLM.from_pretrained(checkpoint), checkpoint, 64))
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: False)
+    through_torch = _prompt_values(_scores(model, checkpoint, 10))
+    calls = _forced(monkeypatch, model)
+    fused = _scores(model, checkpoint, 10)
+    assert calls == [10, 10, 3]  # the prompt's chunks, a row per token; decode steps keep the row blocks
+    error, torch_error = float((_prompt_values(fused) - exact).abs().max()), float((through_torch - exact).abs().max())
+    assert error < 0.1, error
+    assert error <= 1.5 * torch_error + 1e-3, (error, torch_error)
+
+
+def test_a_prompt_cut_into_any_chunks_scores_the_same_bits(
+    isa: str, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every budget cuts the prompt differently. A last chunk of one token is a decode-shaped row and takes the row
+    # blocks (their order of sums, not the panels'), so those budgets are left out here; --deterministic covers
+    # them by sending every token through the row blocks.
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    calls = _forced(monkeypatch, model)
+    whole = _scores(model, checkpoint, len(PROMPT))
+    assert calls == [len(PROMPT)]
+    for budget in range(2, len(PROMPT)):
+        if len(PROMPT) % budget != 1:
+            assert _scores(model, checkpoint, budget) == whole, f"prompt cut into chunks of {budget}"
+
+
+def test_only_bfloat16_weights_take_prompts_and_only_where_the_panels_are_the_prompt_gemm(checkpoint: Path) -> None:
+    bf16 = fused_decoder(FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).transformer)
+    assert bf16.bf16_weights and bf16.takes_prompts() == ops.prompt_panels()
+    quantized = fused_decoder(load_quantized(checkpoint, quantize="int8", dtype=torch.bfloat16).transformer)
+    assert not quantized.bf16_weights and not quantized.takes_prompts()
+
+
+def test_the_log_line_names_the_bfloat16_prompt_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: False)
+    monkeypatch.setattr(ops, "prompt_panels", lambda: True)
+    assert "weight panels" in bf16_prompt_path()
+    monkeypatch.setattr(ops, "prompt_panels", lambda: False)
+    assert "float32 GEMM on widened weights" in bf16_prompt_path()
+    monkeypatch.setattr(ops, "bf16_hardware", lambda: True)
+    assert "the CPU's bfloat16 arithmetic" in bf16_prompt_path()
