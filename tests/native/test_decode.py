@@ -30,6 +30,7 @@ from falconlm.quant import load_quantized, quantize_model
 from falconlm.quant.convert import QuantRecipe
 
 from ..conftest import make_hf_checkpoint, needs_native
+from .fused_calls import counting
 
 pytestmark = needs_native
 
@@ -54,20 +55,6 @@ WORST = 2e-2
 def checkpoint(request, tmp_path_factory) -> Path:
     name = request.param
     return make_hf_checkpoint(tmp_path_factory.mktemp(f"fused-{name}"), name.split("-")[0], **SHAPES[name])
-
-
-def _counting(model: FalconForCausalLM) -> list[int]:
-    """Rows of each fused call from now on."""
-    decoder = fused_decoder(model.transformer)
-    calls: list[int] = []
-    native = decoder._fn
-
-    def counted(*args):
-        calls.append(args[4])
-        return native(*args)
-
-    decoder._fn = counted
-    return calls
 
 
 def _teacher_forced(
@@ -135,7 +122,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32-sym"])
 def test_fused_steps_equal_the_torch_path_in_float32(isa: str, checkpoint: Path, spec: str) -> None:
     model = load_quantized(checkpoint, quantize=spec, dtype=torch.float32)
-    calls = _counting(model)
+    calls = counting(model)
     fused, torch_logits, fused_kv, torch_kv = _side_by_side(model)
     assert calls == [2] * 12  # every decode step, both rows in one call; the prompt went through torch
     _agree_in_float32(fused, torch_logits)
@@ -178,7 +165,7 @@ def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint:
 def test_bf16_weights_run_fused_and_closer_to_float32_than_the_torch_path(isa: str, checkpoint: Path) -> None:
     exact, _ = _teacher_forced(FalconForCausalLM.from_pretrained(checkpoint), False, torch.float32)
     model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    calls = _counting(model)
+    calls = counting(model)
     fused, fused_cache = _teacher_forced(model, True, torch.bfloat16)
     assert calls == [2] * 12
     torch_logits, torch_cache = _teacher_forced(model, False, torch.bfloat16)
@@ -208,7 +195,7 @@ def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_pat
     prompts = [[5, 9, 77], list(range(10, 19)), list(range(40, 54))]  # lengths 3, 9, 14 over blocks of 4
     params = [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)] * 3
     config = EngineConfig(block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False)
-    calls = _counting(model)
+    calls = counting(model)
     fused = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert 3 in calls  # decode steps of all three rows together, through their block tables
     monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
@@ -260,7 +247,7 @@ def test_a_copied_model_decodes_with_its_own_weights_and_a_dropped_one_is_freed(
     model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
     original, _ = _teacher_forced(model, True, torch.float32)
     twin = copy.deepcopy(model)
-    calls = _counting(twin)
+    calls = counting(twin)
     copied, _ = _teacher_forced(twin, True, torch.float32)
     assert calls and torch.equal(copied, original)
     for p in twin.parameters():  # the twin's own tensors change; the original's decoder must not see it

@@ -21,6 +21,7 @@ from falconlm.quant import load_quantized
 from falconlm.tokenizer import Tokenizer
 
 from ..conftest import make_hf_checkpoint, needs_native
+from .fused_calls import counting
 
 pytestmark = needs_native
 
@@ -52,16 +53,7 @@ def _prompt_values(scores: tuple[list[int], list, list]) -> torch.Tensor:
 def _forced(monkeypatch: pytest.MonkeyPatch, model: FalconForCausalLM) -> list[int]:
     """Prompt chunks through the panels from now on, whatever this CPU's prompt GEMM; the rows of each such call."""
     monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: self.bf16_weights)
-    decoder = fused_decoder(model.transformer)
-    calls: list[int] = []
-    native = decoder._prompt_fn
-
-    def counted(*args):
-        calls.append(args[4])
-        return native(*args)
-
-    decoder._prompt_fn = counted
-    return calls
+    return counting(model, "_prompt_fn")
 
 
 def test_prompt_chunks_run_through_the_panels_as_close_to_float32_as_the_torch_path(
