@@ -84,12 +84,7 @@ void falcon_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, cons
     for (int64_t m0 = 0; m0 < M; m0 += MC) {  // chunks of MC rows, whose KC-column blocks stay in L2
       const int64_t mc = M - m0 < MC ? M - m0 : MC;
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < mc; ++m) {
-        const uint16_t* row = x + (m0 + m) * ldx;
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) store(wide + m * K + k, load_bf16(row + k));
-        for (; k < K; ++k) wide[m * K + k] = bf16_to_f32(row[k]);
-      }
+      for (int64_t m = 0; m < mc; ++m) widen_in_order(x + (m0 + m) * ldx, wide + m * K, K);
       panel_sums(wide, mc, K, w, N, p0, p1, panel.data(), sums, lds);
       for (int64_t m = 0; m < mc; ++m) {
         uint16_t* out = y + (m0 + m) * N;

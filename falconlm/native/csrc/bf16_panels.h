@@ -30,6 +30,13 @@ constexpr int MR = 6;  // 6 x 4 q registers of sums, 4 for the panel vector (of 
 constexpr int MR = 6;  // AVX2: 6 x 2 ymm sums, 2 for the panel vector (of 16); MKL's sgemm blocks the same way
 #endif
 
+// out[k] = x[k] as float32 for k < K, in column order: the activations as the panels' register blocks read them.
+inline void widen_in_order(const uint16_t* x, float* out, int64_t K) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) store(out + k, load_bf16(x + k));
+  for (; k < K; ++k) out[k] = bf16_to_f32(x[k]);
+}
+
 // panel[c * PANEL + j] = w[n0 + j, k0 + c] as float32 for c < kc (rows past n1 are zeros).
 inline void pack(const uint16_t* w, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t kc, float* panel) {
 #if defined(__AVX2__)

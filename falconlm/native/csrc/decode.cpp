@@ -119,7 +119,7 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
                             : f32_to_bf16(static_cast<const float*>(x)[k]);
       }
       if (panels) {
-        for (int64_t k = 0; k < BLOCK; k += 16) store(xf.data() + r * K + b * BLOCK + k, load_bf16(dst + k));
+        panels::widen_in_order(dst, xf.data() + r * K + b * BLOCK, BLOCK);
       } else if (widen) {
         bf16::widen_row(dst, xf.data() + r * K + b * BLOCK, BLOCK);
       }
