@@ -16,7 +16,8 @@ Prompt chunks of bfloat16 models run here too, a row per token (``PagedAttention
 path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2 without bfloat16 arithmetic): the
 call (``falcon_prompt_layers``) multiplies through the same widened weight panels and spares the chunk the torch
 forward's dispatch, its bfloat16 element-wise ops and SDPA. Each token row is summed alone, so a prompt's scores
-no longer depend on how the scheduler cut it into chunks (a last chunk of one token excepted: it is a decode row).
+no longer depend on how the scheduler cut it into chunks (the runner sends a chunk of one token here too, not
+as a decode row).
 """
 
 from __future__ import annotations

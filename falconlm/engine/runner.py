@@ -39,7 +39,9 @@ class ModelRunner:
     row count, and prompt chunks attended a token at a time by the row kernel (slower prefill; see README). Where
     the fused decode step applies, prompt tokens go through it too, each as a row of its own: its float32
     residual stream differs from the torch forward's, so a prompt whose last chunk happens to be one token (a
-    decode-shaped row) would otherwise take the other path than the same prompt in one chunk."""
+    decode-shaped row) would otherwise take the other path than the same prompt in one chunk. For the same reason,
+    where prompt chunks run fused as prompt rows (``FusedDecoder.takes_prompts``), a prompt's chunk of one token
+    goes with them rather than with the decode rows."""
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
@@ -70,17 +72,24 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         decoder = self._fused_decoder()
-        groups = [step.scheduled]
+        groups = [(step.scheduled, False)]
         one_path = decoder is not None and self.deterministic  # every token a row of the fused step (token_rows)
         if not one_path and (decoder is not None or self.deterministic):  # decode rows apart from prompt chunks
-            decodes = [item for item in step.scheduled if item.num_tokens == 1]
-            chunks = [item for item in step.scheduled if item.num_tokens > 1]
-            groups = [group for group in (decodes, chunks) if group]
+            # Where prompt chunks run as prompt rows of the fused step, a prompt's lone token (its last, when the
+            # budget leaves one) is a prompt row too: its sums then never depend on how the prompt was cut.
+            fused_prompts = decoder is not None and decoder.takes_prompts()
+
+            def is_chunk(item: ScheduledRequest) -> bool:
+                return item.num_tokens > 1 or (fused_prompts and _in_prompt(item))
+
+            decodes = [item for item in step.scheduled if not is_chunk(item)]
+            chunks = [item for item in step.scheduled if is_chunk(item)]
+            groups = [(group, group is chunks) for group in (decodes, chunks) if group]
         sampled: list[Request] = []
         logits: list[torch.Tensor] = []
         prompt_logprobs: dict[str, tuple[int, list]] = {}
-        for group in groups:
-            requests, group_logits, group_prompt_rows = self._forward(group, decoder)
+        for group, prompt_chunks in groups:
+            requests, group_logits, group_prompt_rows = self._forward(group, decoder, prompt_chunks)
             sampled += requests
             if group_logits is not None:
                 logits.append(group_logits[: len(requests)])
@@ -107,16 +116,16 @@ class ModelRunner:
         return fused_decoder(self.model.transformer) if fused else None
 
     def _forward(
-        self, items: list[ScheduledRequest], decoder: FusedDecoder | None
+        self, items: list[ScheduledRequest], decoder: FusedDecoder | None, prompt_chunks: bool = False
     ) -> tuple[list[Request], torch.Tensor | None, list[PromptRows]]:
         """One forward pass over ``items``: the requests to sample, their logits [R, vocab] followed by those of
-        the prompt-logprob rows (None if no row), and those rows."""
+        the prompt-logprob rows (None if no row), and those rows. ``prompt_chunks``: as for :meth:`run_batch`."""
         batch, sampled, scored = self._describe(items)
         if not batch.num_tokens:
             return [], None, []
         if self.on_forward is not None:  # tensor parallel: the other ranks make the same forward
             self.on_forward(batch)
-        return sampled, self.run_batch(batch, decoder), scored
+        return sampled, self.run_batch(batch, decoder, prompt_chunks), scored
 
     def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
         """The forward pass of ``items`` as plain data, the requests it samples and its prompt-logprob rows."""
@@ -149,8 +158,12 @@ class ModelRunner:
         batch.kv_slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
         batch.block_tables.append(list(req.block_ids))
 
-    def run_batch(self, batch: ForwardBatch, decoder: FusedDecoder | None = None) -> torch.Tensor | None:
-        """The model's forward over ``batch``: logits of its ``logits_rows`` (None when it has none)."""
+    def run_batch(
+        self, batch: ForwardBatch, decoder: FusedDecoder | None = None, prompt_chunks: bool = False
+    ) -> torch.Tensor | None:
+        """The model's forward over ``batch``: logits of its ``logits_rows`` (None when it has none).
+        ``prompt_chunks``: every row is a prompt chunk, so that one of a single token is never taken for a decode
+        row (it goes where the other chunks go)."""
         width = max(map(len, batch.block_tables))
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long)
         dev = self.device
@@ -172,7 +185,7 @@ class ModelRunner:
         rows_kv = None  # every row adds one token (else None); deterministic: each token a row, prompts too
         prompt = False  # prompt chunks' tokens as rows, through the fused step's weight panels (takes_prompts)
         if decoder is not None:
-            rows_kv = ctx.token_rows() if self.deterministic else ctx.decode_rows()
+            rows_kv = ctx.token_rows() if self.deterministic else None if prompt_chunks else ctx.decode_rows()
             if rows_kv is None and decoder.takes_prompts():
                 rows_kv, prompt = ctx.token_rows(), True
         hidden = None
@@ -198,3 +211,8 @@ class ModelRunner:
         if request.request_id not in self.req_id_to_generator:
             self.req_id_to_generator[request.request_id] = make_generator(request.sampling_params.seed)
         return self.req_id_to_generator[request.request_id]
+
+
+def _in_prompt(item: ScheduledRequest) -> bool:
+    """Whether ``item``'s tokens are its request's prompt (a chunk of it), not a token the request generated."""
+    return item.start < item.request.num_prompt_tokens

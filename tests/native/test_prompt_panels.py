@@ -74,16 +74,17 @@ def test_prompt_chunks_run_through_the_panels_as_close_to_float32_as_the_torch_p
 def test_a_prompt_cut_into_any_chunks_scores_the_same_bits(
     isa: str, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every budget cuts the prompt differently. A last chunk of one token is a decode-shaped row and takes the row
-    # blocks (their order of sums, not the panels'), so those budgets are left out here; --deterministic covers
-    # them by sending every token through the row blocks.
+    # Every budget cuts the prompt differently, and those that leave a last chunk of one token (2, 11) make it a
+    # decode-shaped row, which still goes with the prompt chunks, through the panels.
     model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     calls = _forced(monkeypatch, model)
     whole = _scores(model, checkpoint, len(PROMPT))
     assert calls == [len(PROMPT)]
     for budget in range(2, len(PROMPT)):
-        if len(PROMPT) % budget != 1:
-            assert _scores(model, checkpoint, budget) == whole, f"prompt cut into chunks of {budget}"
+        assert _scores(model, checkpoint, budget) == whole, f"prompt cut into chunks of {budget}"
+    calls.clear()
+    _scores(model, checkpoint, 11)
+    assert calls == [11, 11, 1]
 
 
 def test_only_bfloat16_weights_take_prompts_and_only_where_the_panels_are_the_prompt_gemm(checkpoint: Path) -> None:
