@@ -28,6 +28,9 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
     request), the batch-invariant one for every row count when ``invariant``; returns how many weights took it.
     Unless ``invariant``, on CPUs whose bfloat16 GEMMs run on AMX, each quantized weight on the native kernel
     with bfloat16 activations takes NATIVE_GEMM_KERNEL: its prompt batches then go through that GEMM.
+    The output head (``lm_head``) always takes the invariant matmul (or stays on NATIVE_KERNEL): its rows are the
+    step's sampled tokens, whose logits must not follow how many other rows share the step (above 32 rows, or 64
+    on AVX2, ``ops.linear`` leaves the native kernel for a GEMM that sums in another order).
     A plain bfloat16 ``nn.Linear`` (a Mamba model's head) first becomes a FalconLinear over the same parameters;
     when ``invariant``, so does each bfloat16 quantized matrix the native kernel cannot take (over its dequantized
     weight, see :func:`_dequantize_odd_shapes`). Large CPU weights first move to transparent huge pages
@@ -40,12 +43,13 @@ def bind_weight_kernels(model: FalconForCausalLM, invariant: bool = False) -> in
         _dequantize_odd_shapes(model)
     bound = 0
     prompt_gemm = not invariant and ops.bf16_matrix_hardware()
+    head = getattr(model, "lm_head", None)
     for module in model.modules():
         if isinstance(module, FalconLinear) and module.weight.dtype is torch.bfloat16 and module.weight.is_cpu:
-            module.matmul = ops.linear_invariant if invariant else ops.linear
+            module.matmul = ops.linear_invariant if invariant or module is head else ops.linear
             bound += 1
         if isinstance(module, QuantizedLinear) and module.kernel in (NATIVE_KERNEL, NATIVE_GEMM_KERNEL):
-            gemm = prompt_gemm and module.compute_dtype is torch.bfloat16
+            gemm = prompt_gemm and module.compute_dtype is torch.bfloat16 and module is not head
             module.kernel = NATIVE_GEMM_KERNEL if gemm else NATIVE_KERNEL
     return bound
 

@@ -3,14 +3,18 @@ sends prompt-sized batches through a bfloat16 GEMM where the CPU runs that on AM
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from falconlm import LLM, SamplingParams
 from falconlm.engine.fused_decode import fused_decoder
 from falconlm.engine.kernels import bind_weight_kernels, quantized_prompt_path
+from falconlm.model.config import FalconConfig
+from falconlm.model.falcon import FalconForCausalLM
 from falconlm.native import ops
-from falconlm.quant import load_quantized
+from falconlm.quant import QuantRecipe, load_quantized, quantize_model
 from falconlm.quant.kernels.native import GEMM_MIN_ROWS, NATIVE_GEMM_KERNEL, NATIVE_KERNEL, NativeGemmKernel
 from falconlm.quant.linear import QuantizedLinear
 
@@ -20,7 +24,9 @@ pytestmark = needs_native
 
 
 def _kernels(model: torch.nn.Module) -> set[str]:
-    return {m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)}
+    """The kernels of the quantized layer matrices (the output head is apart: see the head's test below)."""
+    head = getattr(model, "lm_head", None)
+    return {m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear) and m is not head}
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +114,28 @@ def test_the_engine_sends_prompt_chunks_through_the_gemm_with_the_same_distribut
     shared = with_gemm.keys() & without.keys()
     assert len(shared) >= 4
     assert max(abs(with_gemm[t] - without[t]) for t in shared) < 0.05
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_the_output_head_sums_each_row_alone_whatever_the_rows(seven, weights, monkeypatch) -> None:
+    """A step's sampled rows go through the head together. Above 32 rows (64 on AVX2) ``ops.linear`` leaves the
+    native kernel for a GEMM whose sums follow the row count, and with AMX a quantized weight's GEMM twin does so
+    from GEMM_MIN_ROWS: the head keeps the invariant matmul, so a row's logits are the same bits alone or among
+    many (the layer matrices keep their faster kernels). The head is Falcon's real size (65024 x 1024, random):
+    over a small one a GEMM can happen to round every logit alike."""
+    monkeypatch.setattr(ops, "bf16_matrix_hardware", lambda: True)  # the GEMM twin too, where it would apply
+    raw = {**json.loads((seven / "config.json").read_text()), "vocab_size": 65024, "hidden_size": 1024}
+    raw |= {"num_attention_heads": 16, "num_hidden_layers": 1}
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig.from_dict(raw)).to(torch.bfloat16).eval()
+    if weights != "bfloat16":
+        model = quantize_model(model, QuantRecipe.parse(weights))
+    bind_weight_kernels(model)
+    layer = model.transformer.h[0].mlp.dense_h_to_4h
+    assert getattr(layer, "matmul", None) is ops.linear or layer.kernel is NATIVE_GEMM_KERNEL
+    rows = GEMM_MIN_ROWS + 8
+    hidden = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.inference_mode():
+        together = model.compute_logits(hidden)
+        alone = torch.cat([model.compute_logits(hidden[i : i + 1]) for i in range(rows)])
+    assert torch.equal(together, alone)
