@@ -77,15 +77,13 @@ void falcon_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, cons
   float* sums = summed.data();
 #pragma omp parallel num_threads(nthreads)
   {
-    static thread_local std::vector<float> panel;  // each thread's own
-    if (panel.size() < static_cast<size_t>(KC * PANEL)) panel.resize(KC * PANEL);
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
     const int64_t p0 = panels * t / n, p1 = panels * (t + 1) / n;  // this thread's panels, the same in every chunk
     for (int64_t m0 = 0; m0 < M; m0 += MC) {  // chunks of MC rows, whose KC-column blocks stay in L2
       const int64_t mc = M - m0 < MC ? M - m0 : MC;
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < mc; ++m) widen_in_order(x + (m0 + m) * ldx, wide + m * K, K);
-      panel_sums(wide, mc, K, w, N, p0, p1, panel.data(), sums, lds);
+      panel_sums(wide, mc, K, w, N, p0, p1, sums, lds);
       for (int64_t m = 0; m < mc; ++m) {
         uint16_t* out = y + (m0 + m) * N;
         for (int64_t p = p0; p < p1; ++p) {

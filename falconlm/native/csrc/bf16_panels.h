@@ -15,6 +15,7 @@
 
 #include "simd.h"
 #include <cstdint>
+#include <vector>
 
 namespace falcon::panels {
 
@@ -101,11 +102,13 @@ inline void rest_times_panel(int64_t left, const float* x, int64_t K, int64_t m0
 }
 
 // Float32 sums of M rows of x (float32, rows K apart) against the weight panels p0 .. p1 - 1 (rows p * PANEL ...,
-// at most N): sums[m * lds + n] for those columns n. panel: KC * PANEL floats of scratch.
+// at most N): sums[m * lds + n] for those columns n. Each calling thread packs into a panel block of its own.
 // Panels go in groups of GROUP, and within a group KC-column blocks go outermost, so that only M x KC
 // activations and the group's M x GROUP * PANEL sums need to stay near the core.
 inline void panel_sums(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t p0, int64_t p1,
-                       float* panel, float* sums, int64_t lds) {
+                       float* sums, int64_t lds) {
+  static thread_local std::vector<float> block(KC * PANEL);
+  float* panel = block.data();
   for (int64_t g0 = p0; g0 < p1; g0 += GROUP) {
     const int64_t g1 = g0 + GROUP < p1 ? g0 + GROUP : p1;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {

@@ -221,12 +221,10 @@ static_assert(TILE == panels::PANEL, "a thread's share of tiles is also its shar
 void matmul_tiles(const Weight& W, const Activations& a, int64_t t0, int64_t t1, int64_t R, float* y) {
   if (t0 >= t1) return;
   if (W.bits == 16 && a.panels) {
-    static thread_local std::vector<float> panel;  // each thread's own panel block
-    if (panel.size() < static_cast<size_t>(panels::KC * panels::PANEL)) panel.resize(panels::KC * panels::PANEL);
     const uint16_t* w = reinterpret_cast<const uint16_t*>(W.w);
     for (int64_t m = 0; m < R; m += panels::MC) {  // chunks of rows whose column blocks stay in L2
       const int64_t rows = R - m < panels::MC ? R - m : panels::MC;
-      panels::panel_sums(a.xf.data() + m * a.K, rows, a.K, w, W.n, t0, t1, panel.data(), y + m * W.n, W.n);
+      panels::panel_sums(a.xf.data() + m * a.K, rows, a.K, w, W.n, t0, t1, y + m * W.n, W.n);
     }
     return;
   }
