@@ -185,7 +185,10 @@ class ModelRunner:
         rows_kv = None  # every row adds one token (else None); deterministic: each token a row, prompts too
         prompt = False  # prompt chunks' tokens as rows, through the fused step's weight panels (takes_prompts)
         if decoder is not None:
-            rows_kv = ctx.token_rows() if self.deterministic else None if prompt_chunks else ctx.decode_rows()
+            if self.deterministic:
+                rows_kv = ctx.token_rows()
+            elif not prompt_chunks:
+                rows_kv = ctx.decode_rows()
             if rows_kv is None and decoder.takes_prompts():
                 rows_kv, prompt = ctx.token_rows(), True
         hidden = None
