@@ -150,6 +150,29 @@ def test_a_long_row_split_between_threads_equals_the_torch_path(isa: str, tmp_pa
         assert _rel(fused, torch_logits) < 0.03 and _rel(fused_cache.k, torch_cache.k) < 0.03
 
 
+@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int4"])
+def test_a_fused_step_gives_the_same_bits_on_any_number_of_threads(isa: str, checkpoint: Path, spec: str) -> None:
+    # The matmuls' weight rows go to the threads in shares (csrc/shares.h), attention in units taken as threads
+    # come free: which thread computes what changes with the count, the order of every sum does not.
+    if spec == "bfloat16":
+        model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    else:
+        model = load_quantized(checkpoint, quantize=spec, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(_teacher_forced(model, True, torch.bfloat16, steps=4, rows=3))
+    finally:
+        torch.set_num_threads(threads)
+    (logits, cache), others = results[0], results[1:]
+    assert _rel(logits, _teacher_forced(model, False, torch.bfloat16, steps=4, rows=3)[0]) < 0.03
+    for other_logits, other_cache in others:
+        assert torch.equal(other_logits, logits)
+        assert torch.equal(other_cache.k, cache.k) and torch.equal(other_cache.v, cache.v)
+
+
 def test_bf16_fused_steps_stay_as_close_to_float32_as_the_torch_path(checkpoint: Path) -> None:
     # The fused step keeps its residual stream in float32; the torch path rounds it to bfloat16 after every op.
     exact, _ = _teacher_forced(load_quantized(checkpoint, quantize="int8", dtype=torch.float32), True, torch.float32)

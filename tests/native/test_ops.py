@@ -256,3 +256,25 @@ def test_many_rows_take_the_panel_gemm_where_it_pays(isa: str, monkeypatch: pyte
     assert torch.equal(ops.linear(x, w), ops.panel_linear(x, w))
     monkeypatch.setattr(ops, "PANEL_VARIANTS", ())
     assert torch.equal(ops.linear(x, w), F.linear(x.float(), w.float()).bfloat16())  # float32 GEMM, widened
+
+
+@pytest.mark.parametrize("kernel", ["rows", "panels"])
+@pytest.mark.parametrize("rows", [1, 16, 70])
+def test_a_matmul_gives_the_same_bits_on_any_number_of_threads(isa: str, kernel: str, rows: int) -> None:
+    # Threads deal the weight rows out in shares (csrc/shares.h) whose ends move with the thread count; every
+    # output is still one sum in a fixed order. 70 rows: two blocks of activation rows for the row kernel.
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1024, generator=gen).bfloat16()
+    w = (torch.randn(1000, 1024, generator=gen) * 0.05).bfloat16()
+    matmul = ops.linear_invariant if kernel == "rows" else ops.panel_linear
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(matmul(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0].float(), x.float() @ w.float().T, rtol=8e-3, atol=1e-3)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+

@@ -1,8 +1,8 @@
 // bfloat16 matmuls y[M, N] = x[M, K] @ w[N, K].T, a row-wise argmax, and decode-step attention (attention.h).
 //
 // The matmul reads w in its own row-major layout, a few weight rows against a block of activation rows at a time
-// (bf16_tiles.h), so decode steps pay nothing for packing the weight as a general GEMM does. Threads split
-// the weight rows into contiguous ranges, so each streams its part of w once per block of activation rows;
+// (bf16_tiles.h), so decode steps pay nothing for packing the weight as a general GEMM does. Threads take the
+// weight rows in contiguous shares (shares.h), so each streams its part of w once per block of activation rows;
 // activation rows go in blocks small enough to stay in the core's cache. Every output element is one row's dot
 // product summed in a fixed order, so a row's result is the same whatever else shares the call (batch-invariant).
 // For prompts on CPUs without bfloat16 arithmetic, falcon_gemm_bf16 packs widened weight panels as a general GEMM
@@ -15,6 +15,7 @@
 #include "attention.h"
 #include "bf16_panels.h"
 #include "bf16_tiles.h"
+#include "shares.h"
 #include "simd.h"
 #include <cmath>
 #include <cstdint>
@@ -45,19 +46,20 @@ void falcon_linear_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, co
   const bool widen = widen_first(M, K);
   if (widen && static_cast<int64_t>(widened.size()) < M * K) widened.resize(M * K);
   float* wide = widened.data();  // the calling thread's buffer: the region's other threads have their own
+  Deals deals((M + M_BLOCK - 1) / M_BLOCK, nthreads);
 #pragma omp parallel num_threads(nthreads)
   {
+    const int tid = omp_get_thread_num();
     if (widen) {
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m) widen_row(x + m * ldx, wide + m * K, K);
     }  // (the loop's end is a barrier)
     for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
       const int64_t rows = M - mb < M_BLOCK ? M - mb : M_BLOCK;
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * span, n1 = n0 + span < N ? n0 + span : N;
+      deals.take(mb / M_BLOCK, tid, shares_of(blocks, rows * span * K, nthreads), [&](int64_t b0, int64_t b1) {
+        const int64_t n0 = b0 * span, n1 = b1 * span < N ? b1 * span : N;
         weight_rows_of(x + mb * ldx, ldx, widen ? wide + mb * K : nullptr, rows, w, K, n0, n1, y + mb * N, N);
-      }
+      });
     }
   }
 }
@@ -75,14 +77,13 @@ void falcon_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, cons
   if (static_cast<int64_t>(summed.size()) < rows * lds) summed.resize(rows * lds);
   float* wide = widened.data();
   float* sums = summed.data();
+  Deals deals((M + MC - 1) / MC, nthreads);
 #pragma omp parallel num_threads(nthreads)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t p0 = panels * t / n, p1 = panels * (t + 1) / n;  // this thread's panels, the same in every chunk
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {  // chunks of MC rows, whose KC-column blocks stay in L2
-      const int64_t mc = M - m0 < MC ? M - m0 : MC;
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {  // chunks of MC rows, whose KC-column blocks stay in L2
+    const int64_t mc = M - m0 < MC ? M - m0 : MC;
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < mc; ++m) widen_in_order(x + (m0 + m) * ldx, wide + m * K, K);
+    for (int64_t m = 0; m < mc; ++m) widen_in_order(x + (m0 + m) * ldx, wide + m * K, K);
+    deals.take(m0 / MC, omp_get_thread_num(), shares_of(panels, mc * PANEL * K, nthreads), [&](int64_t p0, int64_t p1) {
       panel_sums(wide, mc, K, w, N, p0, p1, sums, lds);
       for (int64_t m = 0; m < mc; ++m) {
         uint16_t* out = y + (m0 + m) * N;
@@ -95,8 +96,8 @@ void falcon_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, cons
           }
         }
       }
+    });
 #pragma omp barrier
-    }
   }
 }
 

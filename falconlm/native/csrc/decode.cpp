@@ -7,13 +7,13 @@
 // meet at four barriers per layer:
 //
 //   1. LayerNorm(s) of the residual, as int8 blocks (or bfloat16) for the next matmuls;
-//   2. the QKV and MLP-in matmuls (their 16-row weight tiles split evenly between the threads);
+//   2. the QKV and MLP-in matmuls (their 16-row weight tiles dealt out to the threads in shares, shares.h);
 //   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
 //      (attention.h); the MLP's GELU; both results quantized for the output matmuls. A row longer than
 //      PART_KEYS positions is attended in parts of that size, shared between the threads, then combined (two
 //      more barriers). Rows may also be the tokens of one prompt chunk, each attending up to itself (the engine's
 //      deterministic mode runs every token through this one path): then all K/V are stored before any attends;
-//   4. the attention-out and MLP-out matmuls, added to the residual.
+//   4. the attention-out and MLP-out matmuls, in shares too, added to the residual as the next layer starts.
 //
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
 // stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h (falconlm/quant/kernels/
@@ -27,12 +27,14 @@
 #include "bf16_panels.h"
 #include "bf16_tiles.h"
 #include "quant_tiles.h"
+#include "shares.h"
 #include "simd.h"
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -288,6 +290,15 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.store_block(r, b, nullptr, 0, 0);
 
   const int64_t qkv_tiles = n_qkv / TILE, in_tiles = qkv_tiles + n_up / TILE, out_tiles = H / TILE;
+  // bfloat16 register blocks of bf16::NR weight rows end on a share's end only if it holds whole blocks.
+  const int64_t bf16_align =
+      first.qkv.bits == 16 && !prompt_panels ? bf16::NR / std::gcd<int64_t>(TILE, bf16::NR) : 1;
+  const Shares in_shares = shares_of(in_tiles, R * TILE * first.qkv.k, nthreads, bf16_align);
+  const Shares dense_shares = shares_of(out_tiles, R * TILE * first.dense.k, nthreads, bf16_align);
+  const Shares down_shares = shares_of(out_tiles, R * TILE * first.down.k, nthreads, bf16_align);
+  auto add_branches = [&](float* residual, int64_t r) {  // x[r] += attention-out + MLP-out (parallel branches)
+    for (int64_t j = r * H; j < (r + 1) * H; ++j) residual[j] += buf.out_attn[j] + buf.out_mlp[j];
+  };
   const int64_t attention_units = R * G;
   std::vector<int64_t>& part_start = buf.part_start;  // (row, group) rg's parts are part_start[rg] .. [rg + 1]
   part_start.assign(attention_units + 1, 0);
@@ -310,6 +321,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   }
   const int64_t gelu_units = R * ((buf.a_down.nb + GELU_CHUNK - 1) / GELU_CHUNK);
 
+  Deals deals(3 * shape->layers, nthreads);  // the matmuls' shares: QKV and MLP-in, attention-out, MLP-out
 #pragma omp parallel num_threads(nthreads)
   {
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -319,8 +331,9 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     resize(ts.gelu, GELU_CHUNK * BLOCK);
     for (int64_t li = 0; li < shape->layers; ++li) {
       const Layer& L = layers[li];
-      // 1. LayerNorm(s), in the QKV and MLP-in matmuls' input form.
+      // 1. The previous layer's residual add, then LayerNorm(s), in the QKV and MLP-in matmuls' input form.
       for (int64_t r = tid; r < R; r += nt) {
+        if (li > 0) add_branches(x, r);
         float* a = buf.ln_attn.data() + r * H;
         layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
         buf.a_qkv.store_row(r, a, H);
@@ -333,12 +346,11 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         }
       }
 #pragma omp barrier
-      // 2. QKV and MLP-in matmuls.
-      {
-        const int64_t lo = in_tiles * tid / nt, hi = in_tiles * (tid + 1) / nt;  // QKV's tiles, then MLP-in's
+      // 2. QKV and MLP-in matmuls, QKV's tiles then MLP-in's, dealt out in shares (shares.h).
+      deals.take(3 * li, tid, in_shares, [&](int64_t lo, int64_t hi) {
         matmul_tiles(L.qkv, buf.a_qkv, lo, std::min(hi, qkv_tiles), R, buf.qkv.data());
         matmul_tiles(L.up, buf.a_up, std::max(lo, qkv_tiles) - qkv_tiles, hi - qkv_tiles, R, buf.up.data());
-      }
+      });
 #pragma omp barrier
       // 3. Attention per (row, KV group) and the GELU in chunks, shared out as threads come free.
       const CacheView cache{static_cast<const char*>(rows->k) + li * rows->layer_stride * elem,
@@ -411,19 +423,18 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
           quantize_heads(rg / G, rg % G, ts.out.data(), 0);
         }
       }
-      // 4. Attention-out and MLP-out matmuls, added to the residual.
-      // One weight after the other, not a tile of each in turn: with int4, that made four streams at once
-      // (two weights and their scales), which read about 10% slower than two.
-      const int64_t t_lo = out_tiles * tid / nt, t_hi = out_tiles * (tid + 1) / nt;
-      matmul_tiles(L.dense, buf.a_dense, t_lo, t_hi, R, buf.out_attn.data());
-      matmul_tiles(L.down, buf.a_down, t_lo, t_hi, R, buf.out_mlp.data());
-      for (int64_t t = t_lo; t < t_hi; ++t) {
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t j = t * TILE; j < (t + 1) * TILE; ++j)
-            x[r * H + j] += buf.out_attn[r * H + j] + buf.out_mlp[r * H + j];
-      }
+      // 4. Attention-out and MLP-out matmuls, added to the residual at the next layer's start (or below, after
+      // the last). One weight after the other, not a tile of each in turn: with int4, that made four streams at
+      // once (two weights and their scales), which read about 10% slower than two.
+      deals.take(3 * li + 1, tid, dense_shares, [&](int64_t lo, int64_t hi) {
+        matmul_tiles(L.dense, buf.a_dense, lo, hi, R, buf.out_attn.data());
+      });
+      deals.take(3 * li + 2, tid, down_shares, [&](int64_t lo, int64_t hi) {
+        matmul_tiles(L.down, buf.a_down, lo, hi, R, buf.out_mlp.data());
+      });
 #pragma omp barrier
     }
+    for (int64_t r = tid; r < R; r += nt) add_branches(x, r);
   }
 }
 

@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include "quant_tiles.h"
+#include "shares.h"
 #include <cstdint>
 #include <vector>
 
@@ -15,19 +16,24 @@ namespace {
 
 using namespace falcon;
 
+// tile(t, m, rows) for every weight tile t and activation rows m .. m + rows - 1, the tiles in shares (shares.h);
+// k: the weight's columns (for the shares' size).
 template <typename Tile>
-void run_tiles(int64_t M, int64_t N, int nthreads, Tile tile) {
+void run_tiles(int64_t M, int64_t N, int64_t k, int nthreads, Tile tile) {
   const int64_t tiles = N / TILE;
   constexpr int64_t M_BLOCK = 64;  // activation rows kept hot in L1/L2 while a thread walks its tiles
+  Deals deals((M + M_BLOCK - 1) / M_BLOCK, nthreads);
 #pragma omp parallel num_threads(nthreads)
   for (int64_t mb = 0; mb < M; mb += M_BLOCK) {
     const int64_t m_end = mb + M_BLOCK < M ? mb + M_BLOCK : M;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      int64_t m = mb;
-      for (; m + MR <= m_end; m += MR) tile(t, m, MR);
-      if (m < m_end) tile(t, m, static_cast<int>(m_end - m));
-    }
+    const Shares shares = shares_of(tiles, (m_end - mb) * TILE * k, nthreads);
+    deals.take(mb / M_BLOCK, omp_get_thread_num(), shares, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t m = mb;
+        for (; m + MR <= m_end; m += MR) tile(t, m, MR);
+        if (m < m_end) tile(t, m, static_cast<int>(m_end - m));
+      }
+    });
   }
 }
 
@@ -129,7 +135,7 @@ void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_
                                       with_magnitudes ? xm + m * K + k0 : nullptr);
     }
   }
-  run_tiles(M, N, nthreads, [&](int64_t t, int64_t m, int rows) {
+  run_tiles(M, N, K, nthreads, [&](int64_t t, int64_t m, int rows) {
     weight_tile(xq, xm, xs, xsum, m, rows, K, B, G, bits, w, scales, t, y, N, y_bf16);
   });
 }
