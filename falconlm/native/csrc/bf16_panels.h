@@ -116,9 +116,17 @@ inline void panel_sums(const float* x, int64_t M, int64_t K, const uint16_t* w, 
       for (int64_t p = g0; p < g1; ++p) {
         const int64_t n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
         pack(w, K, n0, n1, k0, kc, panel);
-        if (p + 1 < g1 && n1 + PANEL <= N)  // the next panel's block, into L2 while this one computes
+        // The block packed next, into L2 while this one computes: the next panel's; after the group's last panel,
+        // the group's first at the next columns; after the last columns, the next panel's first (the next group,
+        // or most likely this thread's next share).
+        int64_t next = p + 1, next_k0 = k0;
+        if (next == g1) {
+          next = k0 + KC < K ? g0 : g1;
+          next_k0 = k0 + KC < K ? k0 + KC : 0;
+        }
+        if ((next + 1) * PANEL <= N)
           for (int64_t j = 0; j < PANEL; ++j)
-            for (int64_t c = 0; c < kc; c += 32) prefetch_l2(w + (n1 + j) * K + k0 + c);
+            for (int64_t c = next_k0; c < next_k0 + KC && c < K; c += 32) prefetch_l2(w + (next * PANEL + j) * K + c);
         int64_t m = 0;
         for (; m + MR <= M; m += MR)
           rows_times_panel<MR>(x, K, m, k0, kc, panel, sums + m * lds + n0, lds, k0 == 0);
