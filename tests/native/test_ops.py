@@ -277,4 +277,3 @@ def test_a_matmul_gives_the_same_bits_on_any_number_of_threads(isa: str, kernel:
         torch.set_num_threads(threads)
     torch.testing.assert_close(results[0].float(), x.float() @ w.float().T, rtol=8e-3, atol=1e-3)
     assert all(torch.equal(r, results[0]) for r in results[1:])
-
