@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -153,6 +154,19 @@ SIMD = [v for v in RUNNABLE if v != "scalar"]
 NO_NATIVE = f"native kernels unavailable: {native.unavailable_reason('scalar')}"
 NO_SIMD = "this CPU runs no SIMD variant of the native kernels"
 needs_native = pytest.mark.skipif(not RUNNABLE, reason=NO_NATIVE)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count (which the native kernels use too) set to ``count`` inside, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _select_variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, why_none: str) -> str:

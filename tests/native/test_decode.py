@@ -29,7 +29,7 @@ from falconlm.native.decode import check_layout, python_layout
 from falconlm.quant import load_quantized, quantize_model
 from falconlm.quant.convert import QuantRecipe
 
-from ..conftest import make_hf_checkpoint, needs_native
+from ..conftest import make_hf_checkpoint, needs_native, torch_threads
 from .fused_calls import counting
 
 pytestmark = needs_native
@@ -136,13 +136,9 @@ def test_a_long_row_split_between_threads_equals_the_torch_path(isa: str, tmp_pa
     # One row of one KV group and two threads: each layer's attention over 700 positions is split in two parts.
     checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", max_position_embeddings=1024, **SHAPES["7b"])
     model = load_quantized(checkpoint, quantize="int4", dtype=dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         fused, fused_cache = _teacher_forced(model, True, dtype, steps=4, rows=1, prompt_len=700)
         torch_logits, torch_cache = _teacher_forced(model, False, dtype, steps=4, rows=1, prompt_len=700)
-    finally:
-        torch.set_num_threads(threads)
     if dtype is torch.float32:
         _agree_in_float32(fused, torch_logits)
         _agree_in_float32(fused_cache.k, torch_cache.k)
@@ -158,14 +154,10 @@ def test_a_fused_step_gives_the_same_bits_on_any_number_of_threads(isa: str, che
         model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     else:
         model = load_quantized(checkpoint, quantize=spec, dtype=torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
+    results = []
+    for count in (1, 2, 3):
+        with torch_threads(count):
             results.append(_teacher_forced(model, True, torch.bfloat16, steps=4, rows=3))
-    finally:
-        torch.set_num_threads(threads)
     (logits, cache), others = results[0], results[1:]
     assert _rel(logits, _teacher_forced(model, False, torch.bfloat16, steps=4, rows=3)[0]) < 0.03
     for other_logits, other_cache in others:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from falconlm import native
 from falconlm.native import ops
 
-from ..conftest import needs_native
+from ..conftest import needs_native, torch_threads
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 22, 32])  # every remainder of the 8-row blocks
@@ -267,13 +267,9 @@ def test_a_matmul_gives_the_same_bits_on_any_number_of_threads(isa: str, kernel:
     x = torch.randn(rows, 1024, generator=gen).bfloat16()
     w = (torch.randn(1000, 1024, generator=gen) * 0.05).bfloat16()
     matmul = ops.linear_invariant if kernel == "rows" else ops.panel_linear
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
+    results = []
+    for count in (1, 2, 3):
+        with torch_threads(count):
             results.append(matmul(x, w))
-    finally:
-        torch.set_num_threads(threads)
     torch.testing.assert_close(results[0].float(), x.float() @ w.float().T, rtol=8e-3, atol=1e-3)
     assert all(torch.equal(r, results[0]) for r in results[1:])
