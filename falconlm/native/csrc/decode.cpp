@@ -6,7 +6,7 @@
 // as the matmuls' own memory traffic. Here the threads enter one OpenMP parallel region for the whole step and
 // meet at four barriers per layer:
 //
-//   1. LayerNorm(s) of the residual, as int8 blocks (or bfloat16) for the next matmuls;
+//   1. the previous layer's residual add, then LayerNorm(s), as int8 blocks (or bfloat16) for the next matmuls;
 //   2. the QKV and MLP-in matmuls (their 16-row weight tiles dealt out to the threads in shares, shares.h);
 //   3. per row and KV group: rotary on the group's queries and key, the new K/V stored in the cache, attention
 //      (attention.h); the MLP's GELU; both results quantized for the output matmuls. A row longer than
@@ -296,8 +296,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const Shares in_shares = shares_of(in_tiles, R * TILE * first.qkv.k, nthreads, bf16_align);
   const Shares dense_shares = shares_of(out_tiles, R * TILE * first.dense.k, nthreads, bf16_align);
   const Shares down_shares = shares_of(out_tiles, R * TILE * first.down.k, nthreads, bf16_align);
-  auto add_branches = [&](float* residual, int64_t r) {  // x[r] += attention-out + MLP-out (parallel branches)
-    for (int64_t j = r * H; j < (r + 1) * H; ++j) residual[j] += buf.out_attn[j] + buf.out_mlp[j];
+  auto add_branches = [&](int64_t r) {  // x[r] += attention-out + MLP-out (the parallel branches)
+    for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += buf.out_attn[j] + buf.out_mlp[j];
   };
   const int64_t attention_units = R * G;
   std::vector<int64_t>& part_start = buf.part_start;  // (row, group) rg's parts are part_start[rg] .. [rg + 1]
@@ -333,7 +333,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       const Layer& L = layers[li];
       // 1. The previous layer's residual add, then LayerNorm(s), in the QKV and MLP-in matmuls' input form.
       for (int64_t r = tid; r < R; r += nt) {
-        if (li > 0) add_branches(x, r);
+        if (li > 0) add_branches(r);
         float* a = buf.ln_attn.data() + r * H;
         layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
         buf.a_qkv.store_row(r, a, H);
@@ -434,7 +434,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       });
 #pragma omp barrier
     }
-    for (int64_t r = tid; r < R; r += nt) add_branches(x, r);
+    for (int64_t r = tid; r < R; r += nt) add_branches(r);
   }
 }
 
