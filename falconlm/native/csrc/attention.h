@@ -110,13 +110,20 @@ inline void weighted_values(const T* v, const int64_t* offsets, int64_t L, const
 // ([per_group][d], the cache's dtype), or as a Partial when `part` is given. `bias`, when given, is an additive
 // score bias by position and query head (ALiBi): position p's heads side by side at bias + p * bias_ld, with 16
 // floats readable past the last head. d must be a multiple of 16, at most 256. Scores, softmax and sums in float32.
+// Only the query heads of `vectors` (16-head vectors v.first .. v.last - 1, by default all) are computed, so that
+// threads can share a group of many heads (Falcon-7B's 71 share one key); each head's sums are the same either way.
+struct HeadVectors {
+  int64_t first = 0, last = INT64_MAX;
+};
 inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, int64_t d, const CacheView& c,
                          const int64_t* table, int64_t begin, int64_t end, int64_t g, float scale,
-                         const Partial* part = nullptr, const float* bias = nullptr, int64_t bias_ld = 0) {
+                         const Partial* part = nullptr, const float* bias = nullptr, int64_t bias_ld = 0,
+                         HeadVectors vectors = {}) {
   const int64_t L = end - begin;
   static thread_local AttentionScratch s;
   const int64_t chunks = d / 16;
   const int64_t hp = (per_group + 15) / 16 * 16;  // heads padded to whole 16-lane vectors
+  const int64_t j_first = std::min(vectors.first * 16, hp), j_last = std::min(vectors.last, hp / 16) * 16;
   // Scores, and HEAD_BLOCK zeros after them: the weighted sums read a whole head block's scores at every position.
   if (static_cast<int64_t>(s.scores.size()) < L * hp + HEAD_BLOCK) s.scores.resize(L * hp + HEAD_BLOCK);
   std::fill(s.scores.begin() + L * hp, s.scores.begin() + L * hp + HEAD_BLOCK, 0.f);
@@ -134,14 +141,14 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
     if (static_cast<int64_t>(s.qpairs.size()) < d / 2 * hp) s.qpairs.resize(d / 2 * hp);
     const uint16_t* qb = static_cast<const uint16_t*>(q);
     for (int64_t i = 0; i < d; i += 2)
-      for (int64_t j = 0; j < hp; ++j)
+      for (int64_t j = j_first; j < j_last; ++j)
         s.qpairs[(i / 2) * hp + j] = j < per_group ? static_cast<uint32_t>(qb[j * d + i]) |
                                                          static_cast<uint32_t>(qb[j * d + i + 1]) << 16
                                                    : 0u;
   } else {
     if (static_cast<int64_t>(s.qt.size()) < d * hp) s.qt.resize(d * hp);
     for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = 0; j < hp; ++j) s.qt[i * hp + j] = j < per_group ? at(q, j * d + i) * scale : 0.f;
+      for (int64_t j = j_first; j < j_last; ++j) s.qt[i * hp + j] = j < per_group ? at(q, j * d + i) * scale : 0.f;
   }
   for (int64_t i = 0; i < L; ++i) {
     const int64_t p = begin + i;
@@ -149,7 +156,7 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
   }
   // Scores with the heads in the lanes: each key element is broadcast against 16 heads' query elements, so no
   // sum across lanes is needed; the running maximum is kept per lane (per head) as well.
-  for (int64_t j0 = 0; j0 < hp; j0 += 16) {
+  for (int64_t j0 = j_first; j0 < j_last; j0 += 16) {
     F32x16 top = set1(-INFINITY);
     for (int64_t p0 = 0; p0 < L; p0 += KEY_BLOCK) {  // KEY_BLOCK keys at a time: independent sums
       const int64_t nk = L - p0 < KEY_BLOCK ? L - p0 : KEY_BLOCK;

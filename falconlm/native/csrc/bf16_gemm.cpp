@@ -187,12 +187,13 @@ void falcon_decode_attention(const void* q, int bf16, int64_t R, int64_t Hq, int
   const int64_t per_group = Hq / G;
   const CacheView cache{k, v, sb, sp, sg, block_size};
   const int64_t elem = bf16 ? 2 : 4;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (R * G > 1)
-  for (int64_t rg = 0; rg < R * G; ++rg) {
-    const int64_t r = rg / G, g = rg % G;
+  const int64_t vectors = (per_group + 15) / 16;  // a unit of work is one 16-head vector of a row's group
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (R * G * vectors > 1)
+  for (int64_t u = 0; u < R * G * vectors; ++u) {
+    const int64_t rg = u / vectors, r = rg / G, g = rg % G, vector = u % vectors;
     const int64_t at = ((r * Hq) + g * per_group) * d * elem;  // this group's first query head in q and out
     attend_group(static_cast<const char*>(q) + at, static_cast<char*>(out) + at, bf16, per_group, d, cache,
-                 block_tables + r * tb, 0, context_lens[r], g, scale, nullptr, bias, bias_ld);
+                 block_tables + r * tb, 0, context_lens[r], g, scale, nullptr, bias, bias_ld, {vector, vector + 1});
   }
 }
 

@@ -12,7 +12,8 @@
 //      (attention.h); the MLP's GELU; both results quantized for the output matmuls. A row longer than
 //      PART_KEYS positions is attended in parts of that size, shared between the threads, then combined (two
 //      more barriers). Rows may also be the tokens of one prompt chunk, each attending up to itself (the engine's
-//      deterministic mode runs every token through this one path): then all K/V are stored before any attends;
+//      deterministic mode runs every token through this one path): then all K/V are stored before any attends.
+//      A group of more than 16 query heads is attended by 16-head vectors, which threads share (one more barrier);
 //   4. the attention-out and MLP-out matmuls, in shares too, added to the residual as the next layer starts.
 //
 // Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
@@ -310,7 +311,11 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   // Rows of one request (a prompt chunk's tokens, each a row up to itself) read the K/V that the others write in
   // this same step: then every row's K/V is stored before any row attends, in a loop of its own.
   const bool store_first = rows_share_blocks(rows, R);
-  if (total_parts > 0 || store_first) resize(buf.q, attention_units * per_group * d);
+  // A group of more than 16 query heads is attended as 16-head vectors, shared between the threads (at batch 1,
+  // one thread would otherwise attend alone while the others wait): then it is prepared first, attended after.
+  const int64_t vectors = (per_group + 15) / 16;
+  const bool attend_after = store_first || vectors > 1;
+  if (total_parts > 0 || attend_after) resize(buf.q, attention_units * per_group * d);
   if (total_parts > 0) {
     resize(buf.part_stats, 2 * total_parts * per_group);
     resize(buf.part_acc, total_parts * per_group * d);
@@ -377,35 +382,39 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
           buf.a_down.store_block(r, b, ts.gelu.data(), 0, n);
         }
       };
-      auto quantize_heads = [&](int64_t r, int64_t g, const void* out, int out_bf16) {  // [per_group][d]
-        const int64_t b0 = g * per_group * d / BLOCK, size = out_bf16 ? 2 : 4;
-        for (int64_t b = 0; b < per_group * d / BLOCK; ++b)
-          buf.a_dense.store_block(r, b0 + b, static_cast<const char*>(out) + b * BLOCK * size, out_bf16, BLOCK);
+      // Heads j0 .. j1 - 1 of out ([per_group][d]) into the attention-out matmul's input.
+      auto quantize_heads = [&](int64_t r, int64_t g, const void* out, int out_bf16, int64_t j0, int64_t j1) {
+        const int64_t b0 = (g * per_group + j0) * d / BLOCK, size = out_bf16 ? 2 : 4;
+        const char* from = static_cast<const char*>(out) + j0 * d * size;
+        for (int64_t b = 0; b < (j1 - j0) * d / BLOCK; ++b)
+          buf.a_dense.store_block(r, b0 + b, from + b * BLOCK * size, out_bf16, BLOCK);
       };
       auto split = [&](int64_t rg) { return part_start[rg + 1] > part_start[rg]; };
       auto queries = [&](int64_t rg) { return reinterpret_cast<char*>(buf.q.data()) + rg * per_group * d * elem; };
-      auto attend_whole = [&](int64_t r, int64_t g, const void* q) {
+      auto attend_whole = [&](int64_t r, int64_t g, const void* q, int64_t vector, int64_t count) {
         attend_group(q, ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
-                     rows->context_lens[r], g, scale);
-        quantize_heads(r, g, ts.out.data(), bf16);
+                     rows->context_lens[r], g, scale, nullptr, nullptr, 0, {vector, vector + count});
+        quantize_heads(r, g, ts.out.data(), bf16, vector * 16, std::min(per_group, (vector + count) * 16));
       };
-      // A short row: prepare, attend, quantize in one unit. A long one (or any, with store_first): prepared
-      // here, attended below (in parts, if long).
+      // A short row: prepare, attend, quantize in one unit. A long one (or any, with attend_after): prepared
+      // here, attended below (in parts, if long; else by 16-head vectors).
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < attention_units + gelu_units; ++u) {
         if (u >= attention_units) {
           gelu_chunk(u - attention_units);
-        } else if (split(u) || store_first) {
+        } else if (split(u) || attend_after) {
           prepare_group(u / G, u % G, queries(u));
         } else {
           prepare_group(u / G, u % G, ts.q.data());
-          attend_whole(u / G, u % G, ts.q.data());
+          attend_whole(u / G, u % G, ts.q.data(), 0, vectors);
         }
       }  // (each loop's end is a barrier)
-      if (store_first) {
+      if (attend_after) {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < attention_units; ++u)
-          if (!split(u)) attend_whole(u / G, u % G, queries(u));
+        for (int64_t u = 0; u < attention_units * vectors; ++u) {
+          const int64_t rg = u / vectors;
+          if (!split(rg)) attend_whole(rg / G, rg % G, queries(rg), u % vectors, 1);
+        }
       }
       if (total_parts > 0) {
 #pragma omp for schedule(dynamic, 1)
@@ -420,7 +429,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         for (int64_t rg = 0; rg < attention_units; ++rg) {
           if (!split(rg)) continue;
           combine_parts(&buf.parts[part_start[rg]], part_start[rg + 1] - part_start[rg], per_group, d, ts.out.data());
-          quantize_heads(rg / G, rg % G, ts.out.data(), 0);
+          quantize_heads(rg / G, rg % G, ts.out.data(), 0, 0, per_group);
         }
       }
       // 4. Attention-out and MLP-out matmuls, added to the residual at the next layer's start (or below, after
