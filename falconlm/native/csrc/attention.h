@@ -118,6 +118,8 @@ inline void weighted_values(const T* v, const int64_t* offsets, int64_t L, const
 struct HeadVectors {
   int64_t first = 0, last = INT64_MAX;
 };
+// The 16-head vectors that per_group query heads fill (the last one padded).
+inline int64_t head_vectors(int64_t per_group) { return (per_group + 15) / 16; }
 inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, int64_t d, const CacheView& c,
                          const int64_t* table, int64_t begin, int64_t end, int64_t g, float scale,
                          const Partial* part = nullptr, const float* bias = nullptr, int64_t bias_ld = 0,
@@ -125,7 +127,7 @@ inline void attend_group(const void* q, void* out, int bf16, int64_t per_group, 
   const int64_t L = end - begin;
   static thread_local AttentionScratch s;
   const int64_t chunks = d / 16;
-  const int64_t hp = (per_group + 15) / 16 * 16;  // heads padded to whole 16-lane vectors
+  const int64_t hp = head_vectors(per_group) * 16;  // heads padded to whole 16-lane vectors
   const int64_t j_first = std::min(vectors.first * 16, hp), j_last = std::min(vectors.last, hp / 16) * 16;
   // Scores, and HEAD_BLOCK zeros after them: the weighted sums read a whole head block's scores at every position.
   if (static_cast<int64_t>(s.scores.size()) < L * hp + HEAD_BLOCK) s.scores.resize(L * hp + HEAD_BLOCK);

@@ -187,7 +187,7 @@ void falcon_decode_attention(const void* q, int bf16, int64_t R, int64_t Hq, int
   const int64_t per_group = Hq / G;
   const CacheView cache{k, v, sb, sp, sg, block_size};
   const int64_t elem = bf16 ? 2 : 4;
-  const int64_t vectors = (per_group + 15) / 16;  // a unit of work is one 16-head vector of a row's group
+  const int64_t vectors = head_vectors(per_group);  // a unit of work is one 16-head vector of a row's group
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (R * G * vectors > 1)
   for (int64_t u = 0; u < R * G * vectors; ++u) {
     const int64_t rg = u / vectors, r = rg / G, g = rg % G, vector = u % vectors;

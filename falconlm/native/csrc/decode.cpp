@@ -313,7 +313,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const bool store_first = rows_share_blocks(rows, R);
   // A group of more than 16 query heads is attended as 16-head vectors, shared between the threads (at batch 1,
   // one thread would otherwise attend alone while the others wait): then it is prepared first, attended after.
-  const int64_t vectors = (per_group + 15) / 16;
+  const int64_t vectors = head_vectors(per_group);
   const bool attend_after = store_first || vectors > 1;
   if (total_parts > 0 || attend_after) resize(buf.q, attention_units * per_group * d);
   if (total_parts > 0) {
@@ -391,10 +391,10 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       };
       auto split = [&](int64_t rg) { return part_start[rg + 1] > part_start[rg]; };
       auto queries = [&](int64_t rg) { return reinterpret_cast<char*>(buf.q.data()) + rg * per_group * d * elem; };
-      auto attend_whole = [&](int64_t r, int64_t g, const void* q, int64_t vector, int64_t count) {
+      auto attend_whole = [&](int64_t r, int64_t g, const void* q, int64_t vector) {  // one 16-head vector
         attend_group(q, ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
-                     rows->context_lens[r], g, scale, nullptr, nullptr, 0, {vector, vector + count});
-        quantize_heads(r, g, ts.out.data(), bf16, vector * 16, std::min(per_group, (vector + count) * 16));
+                     rows->context_lens[r], g, scale, nullptr, nullptr, 0, {vector, vector + 1});
+        quantize_heads(r, g, ts.out.data(), bf16, vector * 16, std::min(per_group, (vector + 1) * 16));
       };
       // A short row: prepare, attend, quantize in one unit. A long one (or any, with attend_after): prepared
       // here, attended below (in parts, if long; else by 16-head vectors).
@@ -406,14 +406,14 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
           prepare_group(u / G, u % G, queries(u));
         } else {
           prepare_group(u / G, u % G, ts.q.data());
-          attend_whole(u / G, u % G, ts.q.data(), 0, vectors);
+          attend_whole(u / G, u % G, ts.q.data(), 0);  // (the group's only vector: attend_after is false)
         }
       }  // (each loop's end is a barrier)
       if (attend_after) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < attention_units * vectors; ++u) {
           const int64_t rg = u / vectors;
-          if (!split(rg)) attend_whole(rg / G, rg % G, queries(rg), u % vectors, 1);
+          if (!split(rg)) attend_whole(rg / G, rg % G, queries(rg), u % vectors);
         }
       }
       if (total_parts > 0) {
