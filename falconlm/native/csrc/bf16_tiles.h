@@ -130,6 +130,18 @@ inline bool widen_first(int64_t M, int64_t K) { return M * K <= WIDEN_MAX; }
 // go to L2, whose queue holds more of them than L1's fill buffers: 16 rows against 48 weights of 8 MiB in turn
 // (none left in cache) 64 -> 68-69 GMAC/s on AVX2, 8 rows 52-53 -> 57-61; two blocks ahead was slower.
 constexpr int PREFETCH = 2048;
+// Blocks of activation rows after the first meet the same weight rows, and so would request the same lines again.
+// On AVX2 (4-row blocks), where the rows are long the weights have left L1 by the next block, which reads them
+// back from L2, and the repeated requests only crowd L2's queue: from this K on, only the first block requests.
+// 16 rows, 2 threads, weights streamed from memory, interleaved rounds on the stand-in: K = 4096 105-109 -> 113-119
+// GMAC/s (six rounds) and 97-112 -> 110-113 (four); in the fused step of bench-194m's served load, the matmuls
+// after attention (MLP-out has K = 4096) 3.54-3.61 -> 3.32-3.36 s. At K = 1024 the weights stay in L1 and skipping
+// measured 1% slower; on AVX-512 (8-row blocks) it measured no faster at K = 4096. Those keep requesting.
+#if defined(FALCON_AVX2)
+constexpr int64_t FIRST_BLOCK_REQUESTS_K = 2048;
+#else
+constexpr int64_t FIRST_BLOCK_REQUESTS_K = INT64_MAX;
+#endif
 #if defined(FALCON_AVX2)
 // One register of sums per pair is one chain of dependent FMAs: a lone weight row would wait on the FMA latency.
 constexpr int64_t ONE_ROW_MAX = 0;
@@ -152,8 +164,10 @@ template <int R, int C, typename X, typename Out>
   const int64_t ahead = C * K > PREFETCH ? C * K : PREFETCH;
   Sums acc[R * C];
   for (int i = 0; i < R * C; ++i) acc[i] = no_sums();
+  const bool request = m0 == 0 || K < FIRST_BLOCK_REQUESTS_K;
   for (int64_t k = 0; k < K; k += 32) {
-    for (int c = 0; c < C; ++c) prefetch_l2(w + (n0 + c) * K + k + ahead);
+    if (request)
+      for (int c = 0; c < C; ++c) prefetch_l2(w + (n0 + c) * K + k + ahead);
     for (int s = 0; s < 32; s += STEP)
       for (int h = 0; h < HALVES; ++h) {
         Step wv[C];
