@@ -58,10 +58,10 @@ class RecurrentRunner(ModelRunner):
     def _describe_row(self, batch: ForwardBatch, item: ScheduledRequest) -> None:
         describe_state_row(batch, item)  # no positions or KV: a Mamba row is its tokens and its state
 
-    def run_batch(
+    def logits_states(
         self, batch: ForwardBatch, decoder: FusedDecoder | None = None, prompt_chunks: bool = False
     ) -> torch.Tensor | None:
         rows = RecurrentBatch(self.states, batch.state_slots, batch.query_starts, batch.query_lens, batch.fresh)
         hidden = self.model.forward_hidden(torch.tensor([batch.token_ids], device=self.device), None, rows)
         logits_rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden, logits_rows) if batch.logits_rows else None
+        return hidden.reshape(-1, hidden.shape[-1])[logits_rows] if batch.logits_rows else None
