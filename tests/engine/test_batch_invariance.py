@@ -216,3 +216,50 @@ def test_a_step_run_in_parts_scores_the_same(
     whole = run()
     monkeypatch.setattr(fused_decode, "MAX_CALL_ROWS", 5)
     assert run() == whole
+
+
+@needs_native
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_decode_rows_and_a_prompt_chunk_share_one_head_call(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, quantize: str | None
+) -> None:
+    # Outside deterministic mode a step's decode rows and its prompt chunks are separate forwards (the fused step
+    # and the prompt path), but their rows meet the output head in one call. That is only sound if each row's
+    # logits are the same bits as that row's head call alone: checked here for every merged call.
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=quantize)
+    config = EngineConfig(max_num_batched_tokens=32, enable_prefix_caching=False)
+    engine = Engine(model, load_tokenizer(checkpoint, None, skip_tokenizer_init=True), config)  # type: ignore[arg-type]
+    runner, compute_logits = engine.runner, model.compute_logits
+    forwards: list[int] = []  # per step
+    heads: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per step: each head call's states and logits
+
+    def count_forwards(*args, **kwargs):
+        forwards[-1] += 1
+        return forward(*args, **kwargs)
+
+    def record_head(states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits = compute_logits(states, rows)
+        heads[-1].append((states.clone(), logits.clone()))
+        return logits
+
+    def step(scheduled):
+        forwards.append(0)
+        heads.append([])
+        return execute(scheduled)
+
+    forward, execute = runner._forward, runner.execute
+    monkeypatch.setattr(runner, "_forward", count_forwards)
+    monkeypatch.setattr(runner, "execute", step)
+    monkeypatch.setattr(model, "compute_logits", record_head)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.generate([PROMPTS[2], PROMPTS[5]], [params, params])  # 23 and 50 tokens: decode rows beside a chunk
+    assert all(len(calls) <= 1 for calls in heads)
+    # steps with decode rows and a prompt chunk that both reached the head (the prompt's last chunk)
+    merged = [i for i, n in enumerate(forwards) if n == 2 and heads[i] and heads[i][0][0].shape[0] >= 2]
+    assert merged, "no step sampled decode rows and a prompt's last chunk together"
+    with torch.inference_mode():
+        for i in merged:
+            ((states, logits),) = heads[i]
+            for row in range(states.shape[0]):
+                alone = compute_logits(states[row : row + 1])
+                assert torch.equal(alone, logits[row : row + 1]), f"step {i} row {row}"
