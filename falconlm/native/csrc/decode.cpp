@@ -46,7 +46,7 @@ constexpr int64_t BLOCK = 32;       // activation columns per int8 scale (vnni.p
 // The GELU is shared out in units of a row's activation blocks: GELU_UNITS_PER_THREAD units per thread in all,
 // at least GELU_MIN_BLOCKS blocks each and no more than a row. Every unit costs a grab of the loop's shared counter,
 // which crosses cores (about 0.1 us, as much as GELU on 8 blocks). Replaying bench-194m's served load (AVX2
-// stand-in, 2 threads, six runs), a unit per row instead of one per 8 blocks took the phase that holds the GELU
+// stand-in, 2 threads, four runs each), a unit per row instead of one per 8 blocks took the phase that holds the GELU
 // (with rotary, cache stores and attention) from 0.41-0.71 to 0.25-0.29 s for prompts and from 0.89-1.19 to
 // 0.85-0.92 s for decode steps.
 constexpr int64_t GELU_UNITS_PER_THREAD = 4;
