@@ -167,7 +167,11 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
 #else
         for (; r < R; ++r) {
           const int8_t* xp = xq + (m0 + r) * K + b * B + k;
-          sums[r] = u4_line(sums[r], w0, w1, four_bytes(xp), four_bytes(xp + 4));
+          if constexpr (R > 2) {  // the rows are chains enough (simd.h)
+            sums[r] = u4_line_one_chain(sums[r], w0, w1, four_bytes(xp), four_bytes(xp + 4));
+          } else {
+            sums[r] = u4_line(sums[r], w0, w1, four_bytes(xp), four_bytes(xp + 4));
+          }
         }
 #endif
       }

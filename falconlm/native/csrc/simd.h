@@ -691,6 +691,18 @@ inline U4Sum u4_line(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_hi
 }
 inline I32x16 widen_u4(I32x16 acc, U4Sum s) { return iadd(acc, iadd(s.low, s.high)); }
 #endif
+// u4_line on one chain (the high nibbles' products added after the low ones'), for register blocks of more than 2
+// rows, whose rows are chains enough: there the second chains only cost registers. AVX-512 VNNI at 8 rows held 16
+// zmm of them beside 16 of 32-bit and float sums and spilled. bench-194m int4 g64 (2 threads, in turn, prefill 512
+// / batch 8 tok/s): AVX-512 VNNI 1774-1906 / 1744-1767 -> 2375-2385 / 1812-1840, AVX2 with AVX-VNNI 1097-1107 /
+// 944-952 -> 1352-1401 / 1171-1192; batch 1 (one row, two chains) unchanged. Where sums are 16-bit, it is u4_line.
+inline U4Sum u4_line_one_chain(U4Sum acc, Line low, Line high, int32_t x_low, int32_t x_high) {
+#if defined(FALCON_U4_SUM16)
+  return u4_line(acc, low, high, x_low, x_high);
+#else
+  return {dot_u4(dot_u4(acc.low, low, x_low), high, x_high), acc.high};
+#endif
+}
 
 #if !defined(FALCON_BF16_PAIR)
 inline void store_bf16_pair(uint16_t* p, F32x16 a, F32x16 b) {  // a then b into p[0, 32), as store_bf16 does
