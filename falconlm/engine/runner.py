@@ -88,9 +88,7 @@ class ModelRunner:
         sampled: list[Request] = []
         logits: list[torch.Tensor] = []
         prompt_logprobs: dict[str, tuple[int, list]] = {}
-        forwards = [self._forward(group, decoder, prompt_chunks) for group, prompt_chunks in groups]
-        all_logits = self._logits([states for _, _, states in forwards])
-        for (requests, group_prompt_rows, _), group_logits in zip(forwards, all_logits, strict=True):
+        for requests, group_prompt_rows, group_logits in self._forward_groups(groups, decoder):
             sampled += requests
             if group_logits is not None:
                 logits.append(group_logits[: len(requests)])
@@ -129,18 +127,28 @@ class ModelRunner:
             self.on_forward(batch)
         return sampled, scored, self.logits_states(batch, decoder, prompt_chunks)
 
-    def _logits(self, states: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """The logits of each forward's ``states`` (None stays None). A step's decode rows and prompt chunks are
-        separate forwards, but their rows meet the output head in one call: a prompt's last token alone streams
-        the whole head for one row (bench-194m's served load made 52 such calls, 0.19 s of 22 s). The head's rows
-        are summed apart from each other, so no row's logits change. Under tensor parallelism each forward keeps
-        its own head call, which the other ranks repeat with it."""
-        present = [s for s in states if s is not None]
-        if len(present) < 2 or self.on_forward is not None:
-            return [None if s is None else self.model.compute_logits(s) for s in states]
-        merged = self.model.compute_logits(torch.cat(present)).split([s.shape[0] for s in present])
-        it = iter(merged)
-        return [None if s is None else next(it) for s in states]
+    def _forward_groups(
+        self, groups: list[tuple[list[ScheduledRequest], bool]], decoder: FusedDecoder | None
+    ) -> list[tuple[list[Request], list[PromptRows], torch.Tensor | None]]:
+        """:meth:`_forward` of each (items, prompt_chunks) group, with the logits of its rows in place of their
+        hidden states. A step's decode rows and prompt chunks are separate forwards, but their rows meet the output
+        head in one call: a prompt's last token alone streams the whole head for one row (bench-194m's served load
+        made 52 such calls, 0.19 s of 22 s). The head's rows are summed apart from each other, so no row's logits
+        change. Under tensor parallelism the other ranks repeat each forward with its own head call
+        (:meth:`run_batch`), whose collectives must meet rank 0's in the same order: there each forward's head
+        call comes right after it."""
+        if self.on_forward is not None:
+            out = []
+            for group, prompt_chunks in groups:
+                requests, scored, states = self._forward(group, decoder, prompt_chunks)
+                out.append((requests, scored, None if states is None else self.model.compute_logits(states)))
+            return out
+        forwards = [self._forward(group, decoder, prompt_chunks) for group, prompt_chunks in groups]
+        present = [states for _, _, states in forwards if states is not None]
+        if not present:
+            return forwards
+        merged = iter(self.model.compute_logits(torch.cat(present)).split([s.shape[0] for s in present]))
+        return [(requests, scored, None if states is None else next(merged)) for requests, scored, states in forwards]
 
     def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
         """The forward pass of ``items`` as plain data, the requests it samples and its prompt-logprob rows."""

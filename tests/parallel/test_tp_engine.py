@@ -102,6 +102,21 @@ def test_two_ranks_generate_the_tokens_of_one(falcon, mamba, h1, tmp_path) -> No
     assert len({t for row in two[str(falcon)]["tokens"] for t in row}) > 5  # the tokens say something
 
 
+def test_two_ranks_in_deterministic_mode_generate_the_tokens_of_one(falcon, tmp_path) -> None:
+    # Deterministic mode makes a step's decode rows and its prompt chunks two forwards; rank 1 repeats each with its
+    # head call right after it, so rank 0 must make its head calls in that same order (merging them into one call
+    # after both forwards had left the ranks' collectives out of step until the group timed out).
+    out = tmp_path / "two.json"
+    result = _run(_torchrun(str(WORKER), "--deterministic", str(out), str(falcon)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, one = json.loads(out.read_text())[str(falcon)], greedy(falcon, 1, deterministic=True)
+    assert two["tokens"] == one["tokens"]
+    for key in ("logprobs", "prompt_logprobs"):
+        assert len(two[key]) == len(one[key]) > 0
+        for got, want in zip(two[key], one[key], strict=True):
+            assert got[1:] == want[1:] and got[0] == pytest.approx(want[0], abs=1e-4), key
+
+
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 def _generate_args(model: Path) -> list[str]:
     return [

@@ -1,9 +1,10 @@
 """One rank of the tensor-parallel engine tests, run by ``torchrun`` (or alone for the 1-process answer).
 
-``python tp_engine_worker.py OUT.json CKPT [CKPT...]``: for each checkpoint rank 0 builds the engine with the
-test's settings (a small KV pool, chunked prefill) and writes the greedy tokens of ``PROMPTS``, the number of
-preemptions and one request's logprobs and prompt logprobs to ``OUT.json``; the other ranks follow rank 0 for
-each checkpoint in turn.
+``python tp_engine_worker.py [--deterministic] OUT.json CKPT [CKPT...]``: for each checkpoint rank 0 builds the
+engine with the test's settings (a small KV pool, chunked prefill) and writes the greedy tokens of ``PROMPTS``,
+the number of preemptions and one request's logprobs and prompt logprobs to ``OUT.json``; the other ranks follow
+rank 0 for each checkpoint in turn. ``--deterministic``: the engine's deterministic mode, where a step's decode
+rows and prompt chunks are separate forwards.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ BLOCK_SIZE = 4
 MAX_MODEL_LEN = 32
 
 
-def engine_args(path: str | Path, tensor_parallel_size: int) -> EngineArgs:
+def engine_args(path: str | Path, tensor_parallel_size: int, deterministic: bool = False) -> EngineArgs:
     """Four sequences at once, 16-token steps (prompts of 21 tokens are chunked) and, for attention-only
     models, a KV pool of 10 blocks of 4 tokens on every rank: too few for every request at once, so some are
     preempted."""
@@ -53,12 +54,13 @@ def engine_args(path: str | Path, tensor_parallel_size: int) -> EngineArgs:
         skip_tokenizer_init=True,
         tensor_parallel_size=tensor_parallel_size,
         distributed_timeout_s=60.0,
+        deterministic=deterministic,
     )
 
 
-def greedy(path: str | Path, tensor_parallel_size: int) -> dict:
+def greedy(path: str | Path, tensor_parallel_size: int, deterministic: bool = False) -> dict:
     """Rank 0's answer for one checkpoint: the greedy tokens of every prompt and how many preemptions it took."""
-    engine = build_engine(engine_args(path, tensor_parallel_size))
+    engine = build_engine(engine_args(path, tensor_parallel_size, deterministic))
     try:
         params = [SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True) for _ in PROMPTS]
         # The chunked 21-token prompt also scores its prompt (extra logits rows that every rank must agree on).
@@ -75,14 +77,14 @@ def greedy(path: str | Path, tensor_parallel_size: int) -> dict:
         engine.close()
 
 
-def main(out: str, checkpoints: list[str]) -> int:
+def main(out: str, checkpoints: list[str], deterministic: bool = False) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if int(os.environ.get("RANK", "0")) > 0:
             for path in checkpoints:
-                run_follower(engine_args(path, world))
+                run_follower(engine_args(path, world, deterministic))
             return 0
-        results = {path: greedy(path, world) for path in checkpoints}
+        results = {path: greedy(path, world, deterministic) for path in checkpoints}
         Path(out).write_text(json.dumps(results))
         return 0
     finally:
@@ -90,4 +92,7 @@ def main(out: str, checkpoints: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    exit_rank(main(sys.argv[1], sys.argv[2:]))  # no interpreter finalization (see exit_rank)
+    args = sys.argv[1:]
+    deterministic = args[:1] == ["--deterministic"]
+    args = args[1:] if deterministic else args
+    exit_rank(main(args[0], args[1:], deterministic))  # no interpreter finalization (see exit_rank)
