@@ -335,7 +335,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const int64_t wanted = (GELU_UNITS_PER_THREAD * nthreads + R - 1) / std::max<int64_t>(R, 1);  // units per row
   const int64_t units_per_row = std::clamp<int64_t>(wanted, 1, (down_blocks + GELU_MIN_BLOCKS - 1) / GELU_MIN_BLOCKS);
   const int64_t gelu_blocks = (down_blocks + units_per_row - 1) / units_per_row;  // per unit
-  const int64_t gelu_units = R * ((down_blocks + gelu_blocks - 1) / gelu_blocks);
+  const int64_t gelu_chunks = (down_blocks + gelu_blocks - 1) / gelu_blocks;    // units per row, as rounded
+  const int64_t gelu_units = R * gelu_chunks;
 
   Deals deals(3 * shape->layers, nthreads);  // the matmuls' shares: QKV and MLP-in, attention-out, MLP-out
 #pragma omp parallel num_threads(nthreads)
@@ -385,8 +386,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         store_vector(group, q, bf16, per_group * d);
       };
       auto gelu_chunk = [&](int64_t unit) {
-        const int64_t chunks = gelu_units / R;
-        const int64_t r = unit / chunks, c = unit % chunks, k_real = L.down.k_real;
+        const int64_t r = unit / gelu_chunks, c = unit % gelu_chunks, k_real = L.down.k_real;
         for (int64_t b = c * gelu_blocks; b < (c + 1) * gelu_blocks && b < down_blocks; ++b) {
           const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
           gelu(buf.up.data() + r * n_up + b * BLOCK, n, ts.gelu.data());
