@@ -18,7 +18,7 @@ from ..model.falcon_mamba import FalconMambaForCausalLM, RecurrentBatch
 from .forward_batch import ForwardBatch
 from .fused_decode import FusedDecoder
 from .kernels import bind_weight_kernels
-from .runner import ModelRunner
+from .runner import ModelRunner, rows_of
 from .sampler import Sampler
 from .scheduler_output import ScheduledRequest
 
@@ -63,5 +63,4 @@ class RecurrentRunner(ModelRunner):
     ) -> torch.Tensor | None:
         rows = RecurrentBatch(self.states, batch.state_slots, batch.query_starts, batch.query_lens, batch.fresh)
         hidden = self.model.forward_hidden(torch.tensor([batch.token_ids], device=self.device), None, rows)
-        logits_rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=self.device)
-        return hidden.reshape(-1, hidden.shape[-1])[logits_rows] if batch.logits_rows else None
+        return rows_of(hidden, batch.logits_rows)

@@ -72,6 +72,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         decoder = self._fused_decoder()
+        if decoder is not None and not step.continued and not decoder.refresh():  # see FusedDecoder.refresh
+            decoder = None
         groups = [(step.scheduled, False)]
         one_path = decoder is not None and self.deterministic  # every token a row of the fused step (token_rows)
         if not one_path and (decoder is not None or self.deterministic):  # decode rows apart from prompt chunks
@@ -96,7 +98,7 @@ class ModelRunner:
         if not sampled:
             return ModelRunnerOutput([], [], [], prompt_logprobs)
         generators = [self._generator(r) for r in sampled]
-        logits_all = torch.cat(logits).float()
+        logits_all = (logits[0] if len(logits) == 1 else torch.cat(logits)).float()
         out = self.sampler(
             logits_all,
             [r.sampling_params for r in sampled],
@@ -147,7 +149,8 @@ class ModelRunner:
         present = [states for _, _, states in forwards if states is not None]
         if not present:
             return forwards
-        merged = iter(self.model.compute_logits(torch.cat(present)).split([s.shape[0] for s in present]))
+        head_rows = present[0] if len(present) == 1 else torch.cat(present)
+        merged = iter(self.model.compute_logits(head_rows).split([s.shape[0] for s in present]))
         return [(requests, scored, None if states is None else next(merged)) for requests, scored, states in forwards]
 
     def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
@@ -212,7 +215,6 @@ class ModelRunner:
         input_ids = torch.tensor([batch.token_ids], device=dev)
         position_ids = torch.tensor([batch.positions], device=dev)
         lengths = torch.tensor([batch.rope_lengths], device=dev) if self.dynamic_rope else None
-        rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=dev)
         rows_kv = None  # every row adds one token (else None); deterministic: each token a row, prompts too
         prompt = False  # prompt chunks' tokens as rows, through the fused step's weight panels (takes_prompts)
         if decoder is not None:
@@ -224,10 +226,11 @@ class ModelRunner:
                 rows_kv, prompt = ctx.token_rows(), True
         hidden = None
         if rows_kv is not None:
-            hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths, prompt)
+            # A decoder comes from execute(), which refreshed it where the step starts a run (FusedDecoder.refresh)
+            hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths, prompt, False)
         if hidden is None:
             hidden = self._hidden(batch, input_ids, position_ids, ctx, lengths)
-        return hidden.reshape(-1, hidden.shape[-1])[rows] if batch.logits_rows else None
+        return rows_of(hidden, batch.logits_rows)
 
     def _hidden(
         self,
@@ -245,6 +248,17 @@ class ModelRunner:
         if request.request_id not in self.req_id_to_generator:
             self.req_id_to_generator[request.request_id] = make_generator(request.sampling_params.seed)
         return self.req_id_to_generator[request.request_id]
+
+
+def rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+    """Flat rows ``rows`` of ``hidden`` [..., H] as [R, H] (None for none): a decode step's rows are all of them in
+    order, taken as they are rather than gathered into a copy."""
+    if not rows:
+        return None
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if len(rows) == flat.shape[0] and rows == list(range(len(rows))):
+        return flat
+    return flat[torch.tensor(rows, dtype=torch.long, device=flat.device)]
 
 
 def _in_prompt(item: ScheduledRequest) -> bool:
