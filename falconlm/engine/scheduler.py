@@ -109,7 +109,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's rows: running requests first, then waiting ones if nobody was preempted."""
-        output = SchedulerOutput(scheduled=[], num_batched_tokens=0)
+        output = SchedulerOutput(scheduled=[], num_batched_tokens=0, continued=bool(self.running))
         budget = self._schedule_running(output, self.max_num_batched_tokens)
         if not output.preempted_ids:
             self._schedule_waiting(output, budget)

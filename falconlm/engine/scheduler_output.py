@@ -33,6 +33,8 @@ class SchedulerOutput:
     num_batched_tokens: int
     preempted_ids: list[str] = field(default_factory=list)
     aborted: list[Request] = field(default_factory=list)  # finished by the scheduler: they can never fit
+    # Requests were running when this step was scheduled: the engine has not been idle since the previous step.
+    continued: bool = False
 
 
 @dataclass

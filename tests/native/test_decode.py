@@ -230,6 +230,35 @@ def test_rebinds_when_the_weights_move(checkpoint: Path) -> None:
     _agree_in_float32(fused, torch_logits)  # ...and computed as the torch path does
 
 
+def test_the_engine_checks_the_weights_when_a_run_starts_and_sees_a_change_between_runs(
+    checkpoint: Path, monkeypatch
+) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    from falconlm.engine import fused_decode
+    from falconlm.tokenizer import Tokenizer
+
+    checks = []
+    current = fused_decode._Binding.current
+    monkeypatch.setattr(fused_decode._Binding, "current", lambda self: checks.append(1) or current(self))
+    engine = Engine(model, Tokenizer.from_pretrained(checkpoint), EngineConfig(enable_prefix_caching=False))
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)]
+    calls = counting(model)
+    before = engine.generate([[5, 9, 77]], params)[0]
+    assert len(calls) == 7 and len(checks) == 1  # seven decode steps, one check: the run's first step
+    block = model.transformer.h[0]
+    ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+    ln.weight = torch.nn.Parameter(ln.weight.detach() * 1.5, requires_grad=False)  # a new tensor elsewhere
+    after = engine.generate([[5, 9, 77]], params)[0]
+    assert len(calls) == 14 and len(checks) == 2
+    monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
+    plain = Engine(model, Tokenizer.from_pretrained(checkpoint), EngineConfig(enable_prefix_caching=False))
+    reference = plain.generate([[5, 9, 77]], params)[0]
+    assert after.token_ids == reference.token_ids
+    first = [step.logprob for step in after.logprobs], [step.logprob for step in reference.logprobs]
+    assert first[0] == pytest.approx(first[1], rel=1e-3, abs=1e-3)  # the torch path with the new weight...
+    assert before.logprobs[0].logprob != pytest.approx(after.logprobs[0].logprob, rel=1e-4)  # ...not the old one
+
+
 def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
     model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
     cache = KVCache(model.config, 1, 3, torch.float32)
