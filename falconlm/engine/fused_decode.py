@@ -190,6 +190,7 @@ class FusedDecoder:
         self._fn = lib.falcon_decode_layers
         self._prompt_fn = lib.falcon_prompt_layers
         self._bind(model)
+        self.usable = True  # the binding is current and the model supported (fused_decoder checked it)
 
     def _bind(self, model: FalconModel) -> None:
         c = model.config
@@ -220,17 +221,20 @@ class FusedDecoder:
 
     def refresh(self) -> bool:
         """Rebind if the model's tensors have moved since the last binding; False when the model is gone or can no
-        longer run fused. Checking every link and pointer costs about 0.2 ms on bench-1b after a step has streamed
-        the weights through the caches (2% of a batch-1 step), so the engine asks only when a run of steps starts
-        (``SchedulerOutput.continued``): while it has requests running it owns the model."""
+        longer run fused. The answer stays in :attr:`usable` until the next refresh. Checking every link and pointer
+        costs about 0.2 ms on bench-1b after a step has streamed the weights through the caches (2% of a batch-1
+        step), so the engine refreshes only when a run of steps starts (``SchedulerOutput.continued``) and reads
+        ``usable`` on the run's later steps: while it has requests running it owns the model."""
         model = self._model()
         if model is None:
-            return False
-        if not self._binding.current():
-            if unsupported(model) is not None:
-                return False
-            self._bind(model)
-        return True
+            self.usable = False
+        elif self._binding.current():
+            self.usable = True
+        else:
+            self.usable = unsupported(model) is None
+            if self.usable:
+                self._bind(model)
+        return self.usable
 
     def __call__(
         self,

@@ -72,8 +72,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         decoder = self._fused_decoder()
-        if decoder is not None and not step.continued and not decoder.refresh():  # see FusedDecoder.refresh
-            decoder = None
+        if decoder is not None and not (decoder.usable if step.continued else decoder.refresh()):
+            decoder = None  # the model no longer runs fused (FusedDecoder.refresh)
         groups = [(step.scheduled, False)]
         one_path = decoder is not None and self.deterministic  # every token a row of the fused step (token_rows)
         if not one_path and (decoder is not None or self.deterministic):  # decode rows apart from prompt chunks

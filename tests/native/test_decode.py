@@ -259,6 +259,29 @@ def test_the_engine_checks_the_weights_when_a_run_starts_and_sees_a_change_betwe
     assert before.logprobs[0].logprob != pytest.approx(after.logprobs[0].logprob, rel=1e-4)  # ...not the old one
 
 
+def test_a_model_that_stops_running_fused_between_runs_takes_the_torch_path_for_the_whole_next_run(
+    checkpoint: Path, monkeypatch
+) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    from falconlm.tokenizer import Tokenizer
+
+    engine = Engine(model, Tokenizer.from_pretrained(checkpoint), EngineConfig(enable_prefix_caching=False))
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+    calls = counting(model)
+    engine.generate([[5, 9, 77]], params)
+    assert len(calls) == 7
+    attention = model.transformer.h[1].self_attention
+    plain = torch.nn.Linear(attention.dense.in_features, attention.dense.out_features, bias=False)
+    torch.nn.init.normal_(plain.weight, std=0.02, generator=torch.Generator().manual_seed(0))
+    attention.dense = plain  # a float32 matrix: the fused step no longer applies
+    assert unsupported(model.transformer) is not None
+    fused_run = engine.generate([[5, 9, 77]], params)[0].token_ids
+    assert len(calls) == 7  # no step of the run went native, the first (which checks) nor the later ones
+    monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
+    reference = Engine(model, Tokenizer.from_pretrained(checkpoint), EngineConfig(enable_prefix_caching=False))
+    assert fused_run == reference.generate([[5, 9, 77]], params)[0].token_ids
+
+
 def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
     model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
     cache = KVCache(model.config, 1, 3, torch.float32)
