@@ -194,7 +194,8 @@ class FusedDecoder:
 
     def _bind(self, model: FalconModel) -> None:
         c = model.config
-        self._keep: list[torch.Tensor] = []  # float32 copies of LayerNorm parameters, alive as long as we are
+        self._keep: list[torch.Tensor] = []  # float32 LayerNorm parameters, alive as long as we are
+        self._norm_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its float32 copy)
         layers = (Layer * c.num_hidden_layers)()
         for i, block in enumerate(model.h):
             layer = layers[i]
@@ -205,6 +206,8 @@ class FusedDecoder:
                 for p in (ln.weight, ln.bias):
                     p32 = p.detach().to(torch.float32).contiguous()
                     self._keep.append(p32)
+                    if p32.data_ptr() != p.data_ptr():
+                        self._norm_copies.append((p, p32))
                     pointers.append(p32.data_ptr())
             layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
             layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
@@ -228,13 +231,18 @@ class FusedDecoder:
         model = self._model()
         if model is None:
             self.usable = False
-        elif self._binding.current():
+        elif self._binding.current() and self._norm_copies_current():
             self.usable = True
         else:
             self.usable = unsupported(model) is None
             if self.usable:
                 self._bind(model)
         return self.usable
+
+    def _norm_copies_current(self) -> bool:
+        """Whether the float32 copies of a non-float32 model's LayerNorm parameters still hold their values: an
+        in-place change (``load_state_dict``, ``.data.mul_()``) moves no pointer."""
+        return all(torch.equal(p.detach().to(torch.float32), p32) for p, p32 in self._norm_copies)
 
     def __call__(
         self,

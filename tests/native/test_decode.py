@@ -282,6 +282,28 @@ def test_a_model_that_stops_running_fused_between_runs_takes_the_torch_path_for_
     assert fused_run == reference.generate([[5, 9, 77]], params)[0].token_ids
 
 
+def test_a_run_sees_layernorm_weights_changed_in_place_in_a_bfloat16_model(checkpoint: Path) -> None:
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.bfloat16)
+    from falconlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(checkpoint)
+    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)]
+    engine = Engine(model, tok, EngineConfig(enable_prefix_caching=False))
+    calls = counting(model)
+    before = engine.generate([[5, 9, 77]], params)[0]
+    block = model.transformer.h[0]
+    ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+    with torch.no_grad():
+        ln.weight.data.mul_(1.5)  # the same tensor: no pointer moves, only the values
+    after = engine.generate([[5, 9, 77]], params)[0]
+    assert len(calls) == 10  # both runs' decode steps went native
+    twin = copy.deepcopy(model)  # a decoder of its own, bound to the changed values from the start
+    fresh = Engine(twin, tok, EngineConfig(enable_prefix_caching=False)).generate([[5, 9, 77]], params)[0]
+    assert after.token_ids == fresh.token_ids
+    assert [s.logprob for s in after.logprobs] == [s.logprob for s in fresh.logprobs]
+    assert before.logprobs[1].logprob != after.logprobs[1].logprob  # a decode step, through the fused call
+
+
 def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
     model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
     cache = KVCache(model.config, 1, 3, torch.float32)
