@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import re
 import signal
 import threading
@@ -33,6 +34,8 @@ from .serve_ray import add_ray_options
 if TYPE_CHECKING:
     from ..engine.factory import EngineArgs
     from ..serving.settings import ServerSettings
+
+API_KEY_ENV = "FALCONLM_API_KEY"  # the key when neither --api-key nor --api-key-file is given (as VLLM_API_KEY)
 
 logger = logging.getLogger("falconlm.serve")
 
@@ -67,7 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="port to bind (default 8000)")
     keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY'")
+    keys.add_argument(
+        "--api-key", default=None, metavar="KEY", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})"
+    )
     keys.add_argument("--api-key-file", type=Path, default=None, metavar="FILE", help="accepted keys, one a line")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="model name in the API (default: folder)")
     add_dtype_option(p)
@@ -120,12 +125,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """The accepted keys: --api-key, else the lines of --api-key-file, else $FALCONLM_API_KEY; () for none. A key
+    given but empty is an error rather than an open server."""
     if args.api_key is not None:
         if not args.api_key.strip():
             raise ValueError("--api-key is empty")
         return (args.api_key.strip(),)
     if args.api_key_file is None:
-        return ()
+        key = os.environ.get(API_KEY_ENV)
+        if key is not None and not key.strip():
+            raise ValueError(f"{API_KEY_ENV} is set but empty")
+        return (key.strip(),) if key is not None else ()
     lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
     keys = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not keys:
@@ -243,7 +253,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     if not keys and not is_loopback(args.host):
         logger.warning(
-            "serving on %s without an API key: anyone who can reach it can use it (set --api-key)", args.host
+            "serving on %s without an API key: anyone who can reach it can use it (set --api-key or %s)",
+            args.host,
+            API_KEY_ENV,
         )
     if args.ray_replicas is not None:
         from .serve_ray import run_replicas

@@ -44,6 +44,21 @@ def test_api_key_file_and_loopback(tmp_path):
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
 
 
+def test_the_api_key_may_come_from_the_environment(tmp_path, monkeypatch):
+    none = argparse.Namespace(api_key=None, api_key_file=None)
+    monkeypatch.delenv("FALCONLM_API_KEY", raising=False)
+    assert read_api_keys(none) == ()
+    monkeypatch.setenv("FALCONLM_API_KEY", " secret ")
+    assert read_api_keys(none) == ("secret",)
+    assert read_api_keys(argparse.Namespace(api_key="given", api_key_file=None)) == ("given",)  # the option wins
+    keys = tmp_path / "keys"
+    keys.write_text("alpha\n")
+    assert read_api_keys(argparse.Namespace(api_key=None, api_key_file=keys)) == ("alpha",)
+    monkeypatch.setenv("FALCONLM_API_KEY", "  ")
+    with pytest.raises(ValueError, match="FALCONLM_API_KEY is set but empty"):
+        read_api_keys(none)
+
+
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
