@@ -31,7 +31,7 @@ import torch
 
 from .. import native
 from ..model.dense import KVCache, build_dense_attention
-from ..model.positions import rope_cos_sin
+from ..model.positions import is_dynamic, rope_cos_sin
 from ..native import ops
 from ..native.decode import Layer, Rows, Shape, Weight, check_layout
 from ..quant.kernels.native import NativeKernel
@@ -50,6 +50,8 @@ CACHE_DTYPES = (torch.bfloat16, torch.float32)
 # scratch, which grows to its largest call (about 230 KB a row for a Falcon-7B shape), stays near 115 MB. A row's
 # bits do not change: the kernels sum each row alone, and a later part reads the K/V that an earlier one stored.
 MAX_CALL_ROWS = 512
+# Positions in a first rotary table (FusedDecoder.rotary); it doubles as longer contexts need.
+ROTARY_TABLE_POSITIONS = 512
 
 
 def enabled() -> bool:
@@ -191,6 +193,7 @@ class FusedDecoder:
         self._prompt_fn = lib.falcon_prompt_layers
         self._bind(model)
         self.usable = True  # the binding is current and the model supported (fused_decoder checked it)
+        self._rotary: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> float32 cos, sin tables
 
     def _bind(self, model: FalconModel) -> None:
         c = model.config
@@ -244,6 +247,32 @@ class FusedDecoder:
         in-place change (``load_state_dict``, ``.data.mul_()``) moves no pointer."""
         return all(torch.equal(p.detach().to(torch.float32), p32) for p, p32 in self._norm_copies)
 
+    def rotary(
+        self, config: FalconConfig, positions: torch.Tensor, dtype: torch.dtype, rope_lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos / sin of ``positions`` [B, T] as this call takes them: float32 [B * T, head_dim], the
+        values of ``rope_cos_sin`` in ``dtype`` (the torch path's), widened. Rows of a table per dtype that
+        ``rope_cos_sin`` itself made over every position up to its end, so bit-equal to it (a test compares each
+        row): one gather a step instead of its five ops and two copies, each tens of microseconds right after a
+        step has streamed the weights through the caches. Dynamic scaling's frequencies depend on the sequence
+        length: those are computed each step."""
+        flat = positions.reshape(-1)
+        if is_dynamic(config):
+            cos, sin = rope_cos_sin(config, positions, dtype, rope_lengths)
+            return cos.reshape(-1, config.head_dim).float(), sin.reshape(-1, config.head_dim).float()
+        tables = self._rotary.get(dtype)
+        if tables is not None:
+            try:
+                return tables[0].index_select(0, flat), tables[1].index_select(0, flat)
+            except IndexError:  # a position past the table's end
+                pass
+        n = tables[0].shape[0] if tables is not None else ROTARY_TABLE_POSITIONS
+        while flat.numel() and n <= int(flat.max()):
+            n *= 2
+        cos, sin = rope_cos_sin(config, torch.arange(n, device=flat.device)[None], dtype)
+        tables = self._rotary[dtype] = (cos.reshape(n, -1).float(), sin.reshape(n, -1).float())
+        return tables[0].index_select(0, flat), tables[1].index_select(0, flat)
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -254,9 +283,10 @@ class FusedDecoder:
         check: bool = True,
     ) -> torch.Tensor | None:
         """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
-        rows' rotary ``cos`` / ``sin`` [B, T, 1, 1, head_dim]; None when this step cannot run fused. ``prompt``:
-        the rows are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says. ``check``
-        False: the caller has :meth:`refresh`-ed since the model last changed."""
+        rows' rotary ``cos`` / ``sin`` ([B, T, 1, 1, head_dim], or as :meth:`rotary` gives them); None when this
+        step cannot run fused. ``prompt``: the rows are prompt tokens (``PagedAttention.token_rows``), run as
+        :meth:`takes_prompts` says. ``check`` False: the caller has :meth:`refresh`-ed since the model last
+        changed."""
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
@@ -317,7 +347,7 @@ def fused_hidden(
     :class:`FusedDecoder`."""
     t = model.transformer
     x = t.word_embeddings(ids)
-    x = decoder(x, *rope_cos_sin(model.config, positions, x.dtype, rope_lengths), rows, prompt, check)
+    x = decoder(x, *decoder.rotary(model.config, positions, x.dtype, rope_lengths), rows, prompt, check)
     return None if x is None else t.ln_f(x)
 
 

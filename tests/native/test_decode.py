@@ -201,6 +201,27 @@ def test_steps_that_need_gradients_are_declined(checkpoint: Path) -> None:
     assert fused_decoder(model.transformer) is None  # training steps never run fused
 
 
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}])
+def test_the_rotary_table_gives_the_torch_paths_bits_at_every_position(tmp_path: Path, scaling: dict | None) -> None:
+    path = make_hf_checkpoint(tmp_path, "7b", hidden_size=128, max_position_embeddings=64, rope_scaling=scaling)
+    model = FalconForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    decoder = fused_decoder(model.transformer)
+    assert decoder is not None, unsupported(model.transformer)
+    config = model.config
+    d = config.head_dim
+    # Rows one at a time past the first table's end (it grows twice), then batches of rows in any order.
+    singles = [torch.tensor([[p]]) for p in [*range(0, 1300, 7), 511, 512, 1023, 1024, 1299]]
+    batches = [torch.tensor([[5], [900], [17]]), torch.tensor([[3, 4, 5, 6]]), torch.arange(1300).view(13, 100)]
+    for dtype in (torch.bfloat16, torch.float32):
+        for positions in [*singles, *batches]:
+            lengths = torch.full_like(positions, 1300) if scaling and scaling["type"] == "dynamic" else None
+            cos, sin = decoder.rotary(config, positions, dtype, lengths)
+            want_cos, want_sin = rope_cos_sin(config, positions, dtype, lengths)
+            assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (positions.numel(), d)
+            assert torch.equal(cos, want_cos.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
+            assert torch.equal(sin, want_sin.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
+
+
 def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_path: Path, monkeypatch) -> None:
     checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     model = load_quantized(checkpoint, quantize="int4", dtype=torch.float32)
