@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
+import itertools
 import weakref
 from pathlib import Path
 
@@ -209,17 +210,18 @@ def test_the_rotary_table_gives_the_torch_paths_bits_at_every_position(tmp_path:
     assert decoder is not None, unsupported(model.transformer)
     config = model.config
     d = config.head_dim
-    # Rows one at a time past the first table's end (it grows twice), then batches of rows in any order.
-    singles = [torch.tensor([[p]]) for p in [*range(0, 1300, 7), 511, 512, 1023, 1024, 1299]]
+    # Rows one at a time past the first table's end (it grows three times, to 4096 x 32 values, which 3 threads
+    # split at no multiple of the vector width), then batches of rows in any order.
+    singles = [torch.tensor([[p]]) for p in [*range(0, 1300, 7), 511, 512, 1023, 1024, 1299, 2048, 3001]]
     batches = [torch.tensor([[5], [900], [17]]), torch.tensor([[3, 4, 5, 6]]), torch.arange(1300).view(13, 100)]
-    for dtype in (torch.bfloat16, torch.float32):
-        for positions in [*singles, *batches]:
+    for dtype, positions in itertools.product((torch.bfloat16, torch.float32), [*singles, *batches]):
+        with torch_threads(3):
             lengths = torch.full_like(positions, 1300) if scaling and scaling["type"] == "dynamic" else None
             cos, sin = decoder.rotary(config, positions, dtype, lengths)
-            want_cos, want_sin = rope_cos_sin(config, positions, dtype, lengths)
-            assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (positions.numel(), d)
-            assert torch.equal(cos, want_cos.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
-            assert torch.equal(sin, want_sin.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
+        want_cos, want_sin = rope_cos_sin(config, positions, dtype, lengths)
+        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (positions.numel(), d)
+        assert torch.equal(cos, want_cos.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
+        assert torch.equal(sin, want_sin.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
 
 
 def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_path: Path, monkeypatch) -> None:
