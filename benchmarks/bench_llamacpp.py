@@ -11,7 +11,8 @@
    q4_0; all are cached in ``<out>/bench-<size>-gguf``;
 3. ``llama-bench`` (prefill 512, 128 decoded tokens, batch 1) and ``llama-batched-bench`` (8 sequences of a
    16-token prompt, 128 new tokens each) measure each GGUF; falconlm bf16 / int8 / int4-g64 and transformers
-   bf16 are measured by ``bench_core.py``'s worker (through the serving engine; same prompt lengths);
+   bf16 are measured by ``bench_core.py``'s worker (through the serving engine; same prompt lengths). Each
+   format's falconlm and llama.cpp rows run back to back, in ``--rounds`` rounds (each side's best);
 4. the machine's read bandwidth and float32 FMA peak are measured too, and one table gives tok/s, GB/s at
    batch 1, % of the bandwidth and the ratios, with the CPU's model name and SIMD flags.
 
@@ -23,7 +24,7 @@ weights are widened to float32, so that peak bounds every bf16 server there.
 
     python benchmarks/bench_llamacpp.py [--model-size 194m|1b] [--threads 2] [--isa avx512|avx2-base|...]
                                         [--formats bf16 f16 q8_0 q4_0] [--llamacpp-version 0.3.36] [--serve]
-                                        [--serve-rounds 2]
+                                        [--serve-rounds 2] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -244,12 +245,12 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
     """Prefill 512 and decode 128 at batch 1 (llama-bench, one call each), and 8 sequences decoding
     (llama-batched-bench). A measurement whose tool crashes leaves its cell empty and is named in ``failed``
     (llama.cpp 0.3.36's q8_0 prompt processing crashes on a Xeon with AMX), so the rest of the run stands."""
-    row: dict = {"model_bytes": gguf.stat().st_size, "build": "?", "failed": []}
+    row: dict = {"model_bytes": gguf.stat().st_size, "build": "?", "failed": [], "failed_cells": []}
     for key, prompt, new in (("prefill_tok_s", args.prefill, 0), ("decode_b1_tok_s", 0, args.new_tokens)):
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(prompt)]
         cmd += ["-n", str(new), "-r", str(args.repetitions), "-o", "jsonl"]
         before = bandwidth_beside(args.threads) if new else None
-        out = peer_tool(cmd, f"llama-bench -p {prompt} -n {new}", row["failed"])
+        out = peer_tool(cmd, f"llama-bench -p {prompt} -n {new}", row, key)
         if new:
             row["bw_beside_b1"] = [before, bandwidth_beside(args.threads)]
         tests = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
@@ -260,7 +261,7 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
     context = max(4096, 8 * (PROMPT_DECODE + args.new_tokens))  # a run that does not fit is skipped silently
     cmd += ["-c", str(context), "-npp", str(PROMPT_DECODE), "-ntg", str(args.new_tokens), "-npl", "8"]
     cmd += ["--output-format", "jsonl"]
-    lines = (peer_tool(cmd, "llama-batched-bench", row["failed"]) or "").splitlines()
+    lines = (peer_tool(cmd, "llama-batched-bench", row, "decode_b8_tok_s") or "").splitlines()
     batched = [json.loads(line) for line in lines if line.startswith("{") and '"speed_tg"' in line]
     if batched:  # the whole run, 8 prompts of 16 tokens included: what bench_core times for falconlm
         b = batched[-1]
@@ -270,15 +271,59 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
     return row
 
 
-def peer_tool(cmd: list[str], what: str, failed: list[str]) -> str | None:
-    """One llama.cpp measurement: its output, or None (and ``what`` with its exit status added to ``failed``)
-    when the tool crashes or fails."""
+def peer_tool(cmd: list[str], what: str, row: dict, cell: str) -> str | None:
+    """One llama.cpp measurement for ``row``'s ``cell``: its output, or None (``what`` with its exit status added to
+    the row's ``failed``, the cell to its ``failed_cells``) when the tool crashes or fails."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode == 0:
         return done.stdout + done.stderr
-    failed.append(f"{what} exited with {done.returncode}")
-    print(f"  {failed[-1]}: its cells stay empty", file=sys.stderr)
+    row["failed"].append(f"{what} exited with {done.returncode}")
+    row["failed_cells"].append(cell)
+    print(f"  {row['failed'][-1]}: its cells stay empty", file=sys.stderr)
     return None
+
+
+# ---- rounds ------------------------------------------------------------------------------------------------------
+BEST_OF = ("prefill_tok_s", "decode_b8_tok_s")  # cells a row takes from its best round each (batch 1: see best_row)
+
+
+def core_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace) -> tuple[dict, dict]:
+    """The table's measurements: transformers once, then ``args.rounds`` rounds, each measuring every format's pair
+    back to back (falconlm's variant, then llama.cpp's format; a variant two formats share, once a round). A shared
+    machine's speed drifts over minutes (its read bandwidth has moved from 41 to 85 GB/s between rows of one run), so
+    rows measured far apart compare minutes more than engines. Each row is its best over the rounds (best_row)."""
+    falcon_runs: dict[str, list[dict]] = {}
+    llama_runs: dict[str, list[dict]] = {}
+    if not args.no_falconlm:
+        falcon_runs["transformers"] = [measure("transformers", "bfloat16", args)]
+    for _ in range(args.rounds):
+        measured: set[str] = set()
+        for fmt in args.formats:
+            variant = PAIRS[fmt]
+            if not args.no_falconlm and variant not in measured:
+                falcon_runs.setdefault(variant, []).append(measure("falconlm", variant, args))
+                measured.add(variant)
+            row = llama_bench(bin_dir, ggufs[fmt], args)
+            llama_runs.setdefault(fmt, []).append(row)
+            print(f"  measured llama.cpp {fmt}: {row.get('decode_b1_tok_s', float('nan')):.1f} tok/s at batch 1",
+                  file=sys.stderr)  # fmt: skip
+    return {k: best_row(v) for k, v in falcon_runs.items()}, {k: best_row(v) for k, v in llama_runs.items()}
+
+
+def best_row(rounds: list[dict]) -> dict:
+    """One row from a measurement's rounds: the round with the fastest batch 1 (with its GB/s and the bandwidth
+    read beside it), the fastest prefill and batch 8 of any round, and the failures of cells no round filled."""
+    have_b1 = [r for r in rounds if "decode_b1_tok_s" in r] or rounds
+    row = dict(max(have_b1, key=lambda r: r.get("decode_b1_tok_s", 0.0)))
+    for key in BEST_OF:
+        values = [r[key] for r in rounds if key in r]
+        if values:
+            row[key] = max(values)
+    failures = [(m, c) for r in rounds for m, c in zip(r.get("failed", []), r.get("failed_cells", []), strict=True)]
+    if "failed" in row:
+        row["failed"] = list(dict.fromkeys(m for m, c in failures if c not in row))
+        row["failed_cells"] = list(dict.fromkeys(c for m, c in failures if c not in row))
+    return row
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
@@ -357,6 +402,9 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"decode step (the {args.new_tokens}-token run less a 1-token run of the same prompt, over the other "
         f"{args.new_tokens - 1} tokens); MiB and GB/s count each stored weight once (falconlm int8/int4 keep the "
         "tied head in int8).",
+        f"- rounds: {getattr(args, 'rounds', 1)}, each measuring every format's falconlm and llama.cpp rows back to "
+        "back; a row is its round with the fastest batch 1 (with that round's GB/s and bandwidth beside it) and the "
+        "fastest prefill and batch 8 of any round; transformers once.",
         f"- llama.cpp: `llama-bench -t {args.threads} -p {args.prefill} -n {args.new_tokens} -r {args.repetitions}` "
         "(best repetition; decode from an empty context), "
         f"`llama-batched-bench -npp {PROMPT_DECODE} -ntg {args.new_tokens} -npl 8` "
@@ -491,9 +539,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--serve-rounds", type=int, default=2, help="rounds of the serving pairs (best of each side)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of the table's pairs (best of each side)")
     args = parser.parse_args()
-    if args.serve_rounds < 1:
-        parser.error("--serve-rounds must be at least 1")
+    if args.serve_rounds < 1 or args.rounds < 1:
+        parser.error("--rounds and --serve-rounds must be at least 1")
     apply_isa(args.isa)
     src = find_source(args.llamacpp_version, args.refresh)
     args.llamacpp_version = src.parent.name
@@ -507,16 +556,7 @@ def main() -> None:
     bandwidth = read_bandwidth(args.threads)
     print(f"  memory read bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
     peak = fma_peak(args.threads)
-    falcon: dict[str, dict] = {}
-    if not args.no_falconlm:
-        falcon["transformers"] = measure("transformers", "bfloat16", args)
-        for variant in variants:
-            falcon[variant] = measure("falconlm", variant, args)
-    llama = {}
-    for fmt in args.formats:
-        llama[fmt] = llama_bench(bin_dir, ggufs[fmt], args)
-        b1 = llama[fmt].get("decode_b1_tok_s", float("nan"))
-        print(f"  measured llama.cpp {fmt}: {b1:.1f} tok/s at batch 1", file=sys.stderr)
+    falcon, llama = core_rows(bin_dir, ggufs, args)
     bandwidth = max(bandwidth, read_bandwidth(args.threads))  # a shared machine may have been busy at the start
     if peak is not None:  # the same kernels, so measured again only where measured at all
         peak = max(peak, fma_peak(args.threads))

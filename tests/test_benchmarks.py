@@ -174,6 +174,58 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     assert "- llama.cpp q8_0: llama-bench -p 512 -n 0 exited with -11; its cell is empty." in text
 
 
+def test_table_rounds_pair_each_format_in_time_and_keep_each_sides_best(tmp_path, monkeypatch):
+    """Transformers once; then each round measures every format's falconlm row and then its llama.cpp row (a variant
+    two formats share, once a round). A row keeps its fastest batch-1 round, with that round's GB/s and the bandwidth
+    read beside it, and the fastest prefill and batch 8 of any round; a crash another round made up for is not
+    reported."""
+    order = []
+    b1 = {
+        "bfloat16": [40.0, 50.0],
+        "int8": [70.0, 60.0],
+        "bf16": [30.0, 20.0],
+        "f16": [25.0, 35.0],
+        "q8_0": [45.0, 55.0],
+    }
+
+    def measure(impl, variant, args):
+        order.append((impl, variant))
+        n = order.count((impl, variant))
+        rate = 10.0 if impl == "transformers" else b1[variant][n - 1]
+        return {**_row(impl, variant, rate), "prefill_tok_s": 100.0 * n, "bw_beside_b1": [rate, rate]}
+
+    def llama_bench(bin_dir, gguf, args):
+        fmt = gguf.stem
+        order.append(("llama.cpp", fmt))
+        n = order.count(("llama.cpp", fmt))
+        row = {"model_bytes": 2**20, "build": "x", "failed": [], "failed_cells": [], "bw_beside_b1": [n, n]}
+        row |= {"decode_b1_tok_s": b1[fmt][n - 1], "gb_s_b1": b1[fmt][n - 1] / 1000, "decode_b8_tok_s": 8.0 * n}
+        if fmt == "q8_0" and n == 1:  # round 1's prompt run crashed; round 2's did not
+            row["failed"], row["failed_cells"] = ["llama-bench -p 512 -n 0 exited with -11"], ["prefill_tok_s"]
+        elif fmt != "f16":  # f16's prompt run crashed in every round
+            row["prefill_tok_s"] = 300.0 + n
+        else:
+            row["failed"], row["failed_cells"] = ["llama-bench -p 512 -n 0 exited with -11"], ["prefill_tok_s"]
+        return row
+
+    monkeypatch.setattr(bench_llamacpp, "measure", measure)
+    monkeypatch.setattr(bench_llamacpp, "llama_bench", llama_bench)
+    args = argparse.Namespace(formats=["bf16", "f16", "q8_0"], rounds=2, no_falconlm=False)
+    ggufs = {fmt: tmp_path / f"{fmt}.gguf" for fmt in args.formats}
+    falcon, llama = bench_llamacpp.core_rows(tmp_path, ggufs, args)
+    one_round = [("falconlm", "bfloat16"), ("llama.cpp", "bf16"), ("llama.cpp", "f16")]
+    one_round += [("falconlm", "int8"), ("llama.cpp", "q8_0")]
+    assert order == [("transformers", "bfloat16"), *one_round, *one_round]
+    assert falcon["bfloat16"]["decode_b1_tok_s"] == 50.0 and falcon["bfloat16"]["bw_beside_b1"] == [50.0, 50.0]
+    assert falcon["int8"]["decode_b1_tok_s"] == 70.0 and falcon["int8"]["gb_s_b1"] == 70.0 * 0.4
+    assert falcon["int8"]["prefill_tok_s"] == 200.0  # round 2's, though round 1 had the faster batch 1
+    assert llama["bf16"]["decode_b1_tok_s"] == 30.0 and llama["bf16"]["bw_beside_b1"] == [1, 1]
+    assert llama["bf16"]["prefill_tok_s"] == 302.0 and llama["bf16"]["decode_b8_tok_s"] == 16.0
+    assert llama["q8_0"]["prefill_tok_s"] == 302.0 and llama["q8_0"]["failed"] == []
+    assert llama["f16"]["failed"] == ["llama-bench -p 512 -n 0 exited with -11"] and "prefill_tok_s" not in llama["f16"]
+    assert falcon["transformers"]["decode_b1_tok_s"] == 10.0
+
+
 def test_serving_rounds_pair_the_servers_in_time_and_keep_each_sides_best(tmp_path, monkeypatch):
     """Each round runs every format's falconlm server and then llama-server; a row is that side's best round."""
     import bench_serve
