@@ -402,7 +402,7 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"decode step (the {args.new_tokens}-token run less a 1-token run of the same prompt, over the other "
         f"{args.new_tokens - 1} tokens); MiB and GB/s count each stored weight once (falconlm int8/int4 keep the "
         "tied head in int8).",
-        f"- rounds: {getattr(args, 'rounds', 1)}, each measuring every format's falconlm and llama.cpp rows back to "
+        f"- rounds: {args.rounds}, each measuring every format's falconlm and llama.cpp rows back to "
         "back; a row is its round with the fastest batch 1 (with that round's GB/s and bandwidth beside it) and the "
         "fastest prefill and batch 8 of any round; transformers once.",
         f"- llama.cpp: `llama-bench -t {args.threads} -p {args.prefill} -n {args.new_tokens} -r {args.repetitions}` "

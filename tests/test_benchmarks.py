@@ -132,7 +132,7 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
         }
     }
     args = argparse.Namespace(
-        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36"
+        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36", rounds=1
     )
     text = bench_llamacpp.render(falcon, llama, args, bandwidth=30.0)
     assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% | 21% of 28/32 |" in text
@@ -158,7 +158,7 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"0" * 10)
     args = argparse.Namespace(
-        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36"
+        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36", rounds=1
     )
     probes = iter([31.0, 33.0])  # around the decode run only: the crashed prompt run reads none
     monkeypatch.setattr(bench_llamacpp, "bandwidth_beside", lambda threads: next(probes))

@@ -128,19 +128,22 @@ def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """The accepted keys: --api-key, else the lines of --api-key-file, else $FALCONLM_API_KEY; () for none. A key
     given but empty is an error rather than an open server."""
     if args.api_key is not None:
-        if not args.api_key.strip():
-            raise ValueError("--api-key is empty")
-        return (args.api_key.strip(),)
+        return _one_key(args.api_key, "--api-key is empty")
     if args.api_key_file is None:
         key = os.environ.get(API_KEY_ENV)
-        if key is not None and not key.strip():
-            raise ValueError(f"{API_KEY_ENV} is set but empty")
-        return (key.strip(),) if key is not None else ()
+        return () if key is None else _one_key(key, f"{API_KEY_ENV} is set but empty")
     lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
     keys = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not keys:
         raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
     return keys
+
+
+def _one_key(key: str, empty: str) -> tuple[str]:
+    """``key`` stripped, as the only accepted key; ValueError(``empty``) when nothing is left."""
+    if not key.strip():
+        raise ValueError(empty)
+    return (key.strip(),)
 
 
 def is_loopback(host: str) -> bool:

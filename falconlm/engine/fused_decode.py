@@ -267,7 +267,8 @@ class FusedDecoder:
             except IndexError:  # a position past the table's end
                 pass
         n = tables[0].shape[0] if tables is not None else ROTARY_TABLE_POSITIONS
-        while flat.numel() and n <= int(flat.max()):
+        last = int(flat.max()) if flat.numel() else 0
+        while n <= last:
             n *= 2
         cos, sin = rope_cos_sin(config, torch.arange(n, device=flat.device)[None], dtype)
         tables = self._rotary[dtype] = (cos.reshape(n, -1).float(), sin.reshape(n, -1).float())

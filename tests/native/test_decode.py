@@ -116,6 +116,12 @@ def _agree_in_float32(a: torch.Tensor, b: torch.Tensor) -> None:
     assert per.median() < TYPICAL and per.max() < WORST, f"median {per.median():.2e}, max {per.max():.2e}"
 
 
+def _first_layernorm(model: FalconForCausalLM) -> torch.nn.LayerNorm:
+    """The first block's attention LayerNorm (Falcon-40B / 180B / 11B) or its only one (Falcon-7B)."""
+    block = model.transformer.h[0]
+    return block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -244,8 +250,7 @@ def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_pat
 def test_rebinds_when_the_weights_move(checkpoint: Path) -> None:
     model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
     before, _ = _teacher_forced(model, True, torch.float32)
-    block = model.transformer.h[0]
-    ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+    ln = _first_layernorm(model)
     ln.weight = torch.nn.Parameter(ln.weight.detach() * 1.5, requires_grad=False)  # a new tensor elsewhere
     fused, _ = _teacher_forced(model, True, torch.float32)
     torch_logits, _ = _teacher_forced(model, False, torch.float32)
@@ -268,8 +273,7 @@ def test_the_engine_checks_the_weights_when_a_run_starts_and_sees_a_change_betwe
     calls = counting(model)
     before = engine.generate([[5, 9, 77]], params)[0]
     assert len(calls) == 7 and len(checks) == 1  # seven decode steps, one check: the run's first step
-    block = model.transformer.h[0]
-    ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+    ln = _first_layernorm(model)
     ln.weight = torch.nn.Parameter(ln.weight.detach() * 1.5, requires_grad=False)  # a new tensor elsewhere
     after = engine.generate([[5, 9, 77]], params)[0]
     assert len(calls) == 14 and len(checks) == 2
@@ -314,8 +318,7 @@ def test_a_run_sees_layernorm_weights_changed_in_place_in_a_bfloat16_model(check
     engine = Engine(model, tok, EngineConfig(enable_prefix_caching=False))
     calls = counting(model)
     before = engine.generate([[5, 9, 77]], params)[0]
-    block = model.transformer.h[0]
-    ln = block.ln_attn if hasattr(block, "ln_attn") else block.input_layernorm
+    ln = _first_layernorm(model)
     with torch.no_grad():
         ln.weight.data.mul_(1.5)  # the same tensor: no pointer moves, only the values
     after = engine.generate([[5, 9, 77]], params)[0]
