@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,14 +34,16 @@ from .. import native
 from ..model.dense import KVCache, build_dense_attention
 from ..model.positions import is_dynamic, rope_cos_sin
 from ..native import ops
-from ..native.decode import Layer, Rows, Shape, Weight, check_layout
+from ..native.decode import Layer, Rows, Run, Shape, Weight, check_layout
 from ..quant.kernels.native import NativeKernel
 from ..quant.linear import QuantizedLinear
+from .decode_run import run_parts, stop_tokens
 
 if TYPE_CHECKING:
     from ..model.attention import DecodeRows
     from ..model.config import FalconConfig
     from ..model.falcon import FalconForCausalLM, FalconModel
+    from .request import Request
 
 ACTIVATION_BLOCK = 32  # the native quantized kernel's activation block; a head must span whole blocks
 MAX_HEAD_DIM = 256
@@ -168,6 +171,11 @@ class _Binding:
                     tensor = getattr(module, name)
                     self.links.append((_holder(module, name), name, tensor))
                     self.tensors.append(tensor)
+        self.links.append((model._modules, "ln_f", model.ln_f))
+        for name in ("weight", "bias"):
+            tensor = getattr(model.ln_f, name)
+            self.links.append((_holder(model.ln_f, name), name, tensor))
+            self.tensors.append(tensor)
         self.pointers = [t.data_ptr() for t in self.tensors]
 
     def current(self) -> bool:
@@ -191,6 +199,8 @@ class FusedDecoder:
         check_layout(lib)
         self._fn = lib.falcon_decode_layers
         self._prompt_fn = lib.falcon_prompt_layers
+        self._final_norm_fn = lib.falcon_final_norm
+        self._run_fn = lib.falcon_decode_run
         self._bind(model)
         self.usable = True  # the binding is current and the model supported (fused_decoder checked it)
         self._rotary: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> float32 cos, sin tables
@@ -206,17 +216,21 @@ class FusedDecoder:
                 setattr(layer, name, _weight(m))
             pointers = []
             for ln in (getattr(block, name) for name in _norm_names(block)):
-                for p in (ln.weight, ln.bias):
-                    p32 = p.detach().to(torch.float32).contiguous()
-                    self._keep.append(p32)
-                    if p32.data_ptr() != p.data_ptr():
-                        self._norm_copies.append((p, p32))
-                    pointers.append(p32.data_ptr())
+                pointers += [self._float32_copy(p).data_ptr() for p in (ln.weight, ln.bias)]
             layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
             layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
         self._layers = layers
+        self._final_norm = tuple(self._float32_copy(p) for p in (model.ln_f.weight, model.ln_f.bias))
         self._binding = _Binding(model)
         self.bf16_weights = all(_kind(m)[0] == 16 for block in model.h for m in _matrices(block).values())
+
+    def _float32_copy(self, p: torch.Tensor) -> torch.Tensor:
+        """A LayerNorm parameter in float32, kept alive with the binding (``p`` itself where it is float32)."""
+        p32 = p.detach().to(torch.float32).contiguous()
+        self._keep.append(p32)
+        if p32.data_ptr() != p.data_ptr():
+            self._norm_copies.append((p, p32))
+        return p32
 
     def takes_prompts(self) -> bool:
         """Whether prompt chunks run fused too, a row per token with the bfloat16 matmuls through weight panels
@@ -283,11 +297,11 @@ class FusedDecoder:
         prompt: bool = False,
         check: bool = True,
     ) -> torch.Tensor | None:
-        """The residual stream after every layer, for ``x`` [B, T, H] (one new token per row: B * T rows) and the
-        rows' rotary ``cos`` / ``sin`` ([B, T, 1, 1, head_dim], or as :meth:`rotary` gives them); None when this
-        step cannot run fused. ``prompt``: the rows are prompt tokens (``PagedAttention.token_rows``), run as
-        :meth:`takes_prompts` says. ``check`` False: the caller has :meth:`refresh`-ed since the model last
-        changed."""
+        """The hidden states after every layer and the final LayerNorm (:meth:`final_norm`), in ``x``'s dtype, for
+        ``x`` [B, T, H] (one new token per row: B * T rows) and the rows' rotary ``cos`` / ``sin`` ([B, T, 1, 1,
+        head_dim], or as :meth:`rotary` gives them); None when this step cannot run fused. ``prompt``: the rows
+        are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says. ``check`` False: the
+        caller has :meth:`refresh`-ed since the model last changed."""
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
@@ -299,8 +313,7 @@ class FusedDecoder:
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._binding.tensors)):
             return None  # gradients go through the torch path
         c = model.config
-        shape = Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
-                       c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
+        shape = _shape(c, rows)
         residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
         cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
         sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
@@ -314,7 +327,64 @@ class FusedDecoder:
                 residual[part].data_ptr(), residual[part].shape[0], cos32[part].data_ptr(), sin32[part].data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
-        return residual.view(x.shape).to(x.dtype)
+        if x.dtype not in CACHE_DTYPES:
+            return model.ln_f(residual.view(x.shape).to(x.dtype))
+        return self.final_norm(residual, x.dtype).view(x.shape)
+
+    def run(
+        self, model: FalconForCausalLM, rows: DecodeRows, tokens: Sequence[int], steps: int, requests: Sequence[Request]
+    ) -> list[list[int]] | None:
+        """Up to ``steps`` greedy decode steps of a decode step's ``rows``, each row's input ``tokens[r]``, in one
+        native call (``falcon_decode_run``, see ``decode_run.py``): each step's tokens, [steps run][R], the run
+        ending after a step where a row chose a stop token of its request. None where the model's embedding or
+        head is not one the library reads; the caller then runs the steps in Python. Every row must have cache
+        slots for every position the run reaches; the caller has :meth:`refresh`-ed."""
+        t, c = model.transformer, model.config
+        parts = run_parts(model)
+        if t is not self._model() or parts is None or not self.usable or is_dynamic(c):
+            return None
+        embed, head, dtype = parts
+        lengths = rows.context_lens
+        if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or lengths.numel() > MAX_CALL_ROWS:
+            return None
+        if t.ln_f.eps != c.layer_norm_epsilon:  # the run's final LayerNorm takes the layers' epsilon
+            return None
+        last = int(lengths.max()) + steps - 2  # the last position a step reaches
+        self.rotary(c, torch.tensor([[last]]), dtype, None)  # the table grows to hold it
+        cos, sin = self._rotary[dtype]
+        shape, tables = _shape(c, rows), rows.block_tables
+        where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
+                     rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
+        stops = stop_tokens(requests)
+        w, b = self._final_norm
+        run = Run(embed, head, w.data_ptr(), b.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+                  stops.data_ptr(), stops.shape[1], int(dtype is torch.bfloat16))  # fmt: skip
+        out = torch.empty(steps + 1, lengths.numel(), dtype=torch.int64)
+        out[0] = torch.tensor(tokens, dtype=torch.int64)
+        ran = self._run_fn(
+            ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where), ctypes.addressof(run),
+            lengths.numel(), steps, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out[1 : ran + 1].tolist()
+
+    def final_norm(self, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The final LayerNorm (``ln_f``) of float32 residual rows [N, H], natively, in ``dtype`` (bfloat16 or
+        float32): what every fused step hands the output head, alone or in a decode run (``falcon_decode_run``).
+        The torch path's ``ln_f`` would take the residual rounded to ``dtype`` first."""
+        ln_f = self._model().ln_f
+        n, h = residual.shape
+        y = torch.empty(n, h, dtype=dtype)
+        w, b = self._final_norm
+        self._final_norm_fn(
+            residual.data_ptr(), n, h, w.data_ptr(), b.data_ptr(), ln_f.eps, y.data_ptr(), int(dtype is torch.bfloat16)
+        )
+        return y
+
+
+def _shape(c: FalconConfig, rows: DecodeRows) -> Shape:
+    """The native Shape of ``c``'s layers over ``rows``' cache."""
+    return Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
+                 c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FalconModel -> (switches, decoder or None)
@@ -346,10 +416,8 @@ def fused_hidden(
     per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused.
     ``rope_lengths`` as for the model's forward (dynamic RoPE scaling); ``prompt`` and ``check`` as for
     :class:`FusedDecoder`."""
-    t = model.transformer
-    x = t.word_embeddings(ids)
-    x = decoder(x, *decoder.rotary(model.config, positions, x.dtype, rope_lengths), rows, prompt, check)
-    return None if x is None else t.ln_f(x)
+    x = model.transformer.word_embeddings(ids)
+    return decoder(x, *decoder.rotary(model.config, positions, x.dtype, rope_lengths), rows, prompt, check)
 
 
 def dense_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:

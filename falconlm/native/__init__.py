@@ -51,12 +51,15 @@ FUNCTIONS: dict[str, tuple] = {
     "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C, _P, _I),
     "falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C),
     "falcon_prompt_layers": (_P, _P, _P, _P, _I, _P, _P, _C),
+    "falcon_final_norm": (_P, _I, _I, _P, _P, ctypes.c_double, _P, _C),
+    "falcon_decode_run": (_P, _P, _P, _P, _I, _I, _P, _C),
     "falcon_struct_layout": (_P,),
     "falcon_read_words": (_P, _I, _C),
     "falcon_fma_probe": (_I, ctypes.c_float, ctypes.c_float, _C),
     "falcon_fma_probe_chains": (),
 }
 RESULTS = {
+    "falcon_decode_run": ctypes.c_int64,
     "falcon_isa": ctypes.c_char_p,
     "falcon_struct_layout": _I,
     "falcon_read_words": ctypes.c_uint64,

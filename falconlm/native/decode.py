@@ -50,7 +50,22 @@ class Rows(ctypes.Structure):
     ]
 
 
-STRUCTS = (Weight, Layer, Shape, Rows)
+class Run(ctypes.Structure):
+    """A decode run's embedding, final LayerNorm, head, rotary tables and stop tokens (``falcon_decode_run``):
+    ``embed`` bits 16 / 32 a bfloat16 / float32 table, 8 / 4 a tied head's tiles; ``head`` as a layer matrix."""
+
+    _fields_ = [
+        ("embed", Weight),
+        ("head", Weight),
+        *((name, _P) for name in ("norm_w", "norm_b", "cos", "sin")),
+        ("table_rows", _I),
+        ("stops", _P),
+        ("stops_per_row", _I),
+        ("act_bf16", _I),
+    ]
+
+
+STRUCTS = (Weight, Layer, Shape, Rows, Run)
 
 
 def python_layout() -> list[int]:

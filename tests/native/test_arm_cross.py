@@ -39,7 +39,8 @@ def driver(request, tmp_path_factory) -> tuple[str, Path]:
     """(instruction set, path) of the kernel driver built for 64-bit ARM, statically linked."""
     out = tmp_path_factory.mktemp("arm") / "kernel_driver"
     sources = [str(DRIVER), *map(str, sorted(native.SOURCES.glob("*.cpp")))]
-    command = [CROSS, "-O2", "-std=c++17", "-fopenmp", "-static", FLAGS[request.param], *sources, "-o", str(out)]
+    command = [CROSS, "-O2", "-std=c++17", "-fopenmp", "-static", FLAGS[request.param], "-I", str(native.SOURCES)]
+    command += [*sources, "-o", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return request.param, out

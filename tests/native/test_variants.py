@@ -107,7 +107,7 @@ def test_a_fused_decode_row_does_not_depend_on_the_batch(isa: str, tmp_path: Pat
             ctx = build_dense_attention(model.config, 1, None, cache, x.dtype, x.device, rows, 0.0)
             cos_sin = rope_cos_sin(model.config, torch.full((rows, 1), prompt_len), x.dtype)
             x = decoder(x, *cos_sin, ctx.decode_rows())
-            return model.lm_head(model.transformer.ln_f(x))[:, -1]
+            return model.lm_head(x)[:, -1]  # the decoder's hidden states are after ln_f
 
     for prompt_len in (40, 600):  # one attention part, then two
         alone, batched = step(1, prompt_len), step(3, prompt_len)

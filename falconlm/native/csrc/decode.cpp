@@ -27,6 +27,7 @@
 #include "attention.h"
 #include "bf16_panels.h"
 #include "bf16_tiles.h"
+#include "decode_structs.h"
 #include "quant_tiles.h"
 #include "shares.h"
 #include "simd.h"
@@ -42,7 +43,7 @@ namespace {
 
 using namespace falcon;
 
-constexpr int64_t BLOCK = 32;       // activation columns per int8 scale (vnni.py's ACTIVATION_BLOCK)
+constexpr int64_t BLOCK = ACTIVATION_BLOCK;
 // The GELU is shared out in units of a row's activation blocks: GELU_UNITS_PER_THREAD units per thread in all,
 // at least GELU_MIN_BLOCKS blocks each and no more than a row. Every unit costs a grab of the loop's shared counter,
 // which crosses cores (about 0.1 us, as much as GELU on 8 blocks). Replaying bench-194m's served load (AVX2
@@ -54,33 +55,6 @@ constexpr int64_t GELU_MIN_BLOCKS = 8;
 // A row longer than this is attended in parts of this many positions, which threads share, then combined. Fixed,
 // so that a row's sums run in the same order whatever the batch and the number of threads.
 constexpr int64_t PART_KEYS = 512;
-
-struct Weight {  // bits 8 / 4: VNNI-tiled (quant_tiles.h), k padded; bits 16: bfloat16 [n][k] row-major, no scales
-  const uint8_t* w;
-  const void* scales;
-  int64_t n, k, k_real, group, bits;
-};
-
-struct Layer {
-  Weight qkv, dense, up, down;
-  const float *ln_attn_w, *ln_attn_b;  // float32 [hidden]
-  const float *ln_mlp_w, *ln_mlp_b;    // null when the layer has one LayerNorm for both branches
-};
-
-struct Shape {
-  int64_t layers, hidden, heads, groups, head_dim;
-  double eps;
-  int64_t kv_bf16;  // the cache's dtype: bfloat16 (1) or float32 (0)
-};
-
-struct Rows {  // where each row's K/V live (see CacheView), and the row lengths after this step
-  void* k;
-  void* v;
-  int64_t layer_stride, sb, sp, sg, block_size;
-  const int64_t* block_tables;
-  int64_t tb;
-  const int64_t* context_lens;
-};
 
 struct Activations {  // R rows of K columns for a matmul's input, in the form its weight wants
   // int8 weights (bits 8 or 4): int8 blocks of BLOCK columns, a scale and a sum per block;
@@ -157,21 +131,6 @@ struct Buffers {
 
 void resize(std::vector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-}
-
-// y = (x - mean) / sqrt(var + eps) * w + b over H (a multiple of 16) float32 values.
-void layer_norm(const float* x, int64_t H, const float* w, const float* b, float eps, float* y) {
-  F32x16 acc = zero();
-  for (int64_t i = 0; i < H; i += 16) acc = add(acc, load(x + i));
-  const F32x16 m = set1(reduce_add(acc) / static_cast<float>(H));
-  acc = zero();
-  for (int64_t i = 0; i < H; i += 16) {
-    const F32x16 c = sub(load(x + i), m);
-    acc = fmadd(c, c, acc);
-  }
-  const F32x16 inv = set1(1.f / std::sqrt(reduce_add(acc) / static_cast<float>(H) + eps));
-  for (int64_t i = 0; i < H; i += 16)
-    store(y + i, fmadd(mul(sub(load(x + i), m), inv), load(w + i), load(b + i)));
 }
 
 // erf for 16 float32 lanes: x clamped to [-4, 4], then an odd rational function of x (degree 13 over degree 8),
@@ -496,6 +455,9 @@ int64_t falcon_struct_layout(int64_t* out) {
   FALCON_FIELDS(Rows, offsetof(Rows, k), offsetof(Rows, v), offsetof(Rows, layer_stride), offsetof(Rows, sb),
                 offsetof(Rows, sp), offsetof(Rows, sg), offsetof(Rows, block_size), offsetof(Rows, block_tables),
                 offsetof(Rows, tb), offsetof(Rows, context_lens))
+  FALCON_FIELDS(Run, offsetof(Run, embed), offsetof(Run, head), offsetof(Run, norm_w), offsetof(Run, norm_b),
+                offsetof(Run, cos), offsetof(Run, sin), offsetof(Run, table_rows), offsetof(Run, stops),
+                offsetof(Run, stops_per_row), offsetof(Run, act_bf16))
 #undef FALCON_FIELDS
   return n;
 }

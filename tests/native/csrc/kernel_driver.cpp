@@ -25,6 +25,13 @@
 #include <string>
 #include <vector>
 
+#include "decode_structs.h"  // the fused step's structs (falconlm/native/csrc)
+
+using falcon::Layer;
+using falcon::Rows;
+using falcon::Shape;
+using falcon::Weight;
+
 extern "C" {
 const char* falcon_isa();
 void falcon_linear_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, uint16_t*, int);
@@ -32,28 +39,6 @@ void falcon_gemm_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t
 void falcon_qlinear(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, const uint8_t*,
                     const void*, int64_t, void*, int, int);
 void falcon_argmax_rows(const void*, int, int64_t, int64_t, int64_t, int64_t*, int);
-struct Weight {
-  const uint8_t* w;
-  const void* scales;
-  int64_t n, k, k_real, group, bits;
-};
-struct Layer {
-  Weight qkv, dense, up, down;
-  const float *ln_attn_w, *ln_attn_b, *ln_mlp_w, *ln_mlp_b;
-};
-struct Shape {
-  int64_t layers, hidden, heads, groups, head_dim;
-  double eps;
-  int64_t kv_bf16;
-};
-struct Rows {
-  void* k;
-  void* v;
-  int64_t layer_stride, sb, sp, sg, block_size;
-  const int64_t* block_tables;
-  int64_t tb;
-  const int64_t* context_lens;
-};
 void falcon_decode_layers(const Shape*, const Layer*, const Rows*, float*, int64_t, const float*, const float*, int);
 void falcon_decode_attention(const void*, int, int64_t, int64_t, int64_t, int64_t, const void*, const void*, int64_t,
                              int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, float, void*, int,
