@@ -216,7 +216,9 @@ def stored_bytes(model) -> int:
 
 
 # ---- one measurement ---------------------------------------------------------------------------------------------
-def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill: int, new_tokens: int) -> dict:
+def worker(
+    impl: str, variant: str, out: Path, size: str, threads: int, prefill: int, new_tokens: int, steps: int = 16
+) -> dict:
     """Run one implementation with one dtype or quantization recipe; return its measurements."""
     import torch
 
@@ -243,9 +245,10 @@ def worker(impl: str, variant: str, out: Path, size: str, threads: int, prefill:
             def decode(self, ids, skip_special_tokens=False):
                 return ""
 
-        engine = Engine(
-            model, _NoText(), EngineConfig(max_num_seqs=8, max_num_batched_tokens=prefill, enable_prefix_caching=False)
+        config = EngineConfig(
+            max_num_seqs=8, max_num_batched_tokens=prefill, enable_prefix_caching=False, num_scheduler_steps=steps
         )
+        engine = Engine(model, _NoText(), config)
 
         def run_prefill(ids):
             params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -303,7 +306,7 @@ def measure(impl: str, variant: str, args: argparse.Namespace) -> dict:
     """Run :func:`worker` in a subprocess of its own (its own peak RSS, ``args.threads`` OpenMP threads)."""
     cmd = [sys.executable, __file__, "--worker", impl, variant, "--model-size", args.model_size]
     cmd += ["--threads", str(args.threads), "--prefill", str(args.prefill), "--new-tokens", str(args.new_tokens)]
-    cmd += ["--out", str(args.out)]
+    cmd += ["--out", str(args.out), "--num-scheduler-steps", str(args.num_scheduler_steps)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args.threads))
     if done.returncode != 0:
         sys.exit(f"bench_core: the {impl} {variant} worker failed:\n{done.stderr[-3000:]}")
@@ -326,6 +329,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(FLOAT_DTYPES), help="float32, bfloat16, int8, int4-g64")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--num-scheduler-steps", type=int, default=16, help="falconlm's most decode steps per schedule (default 16)"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -335,7 +341,9 @@ def main() -> None:
         return
     if args.worker:
         impl, variant = args.worker
-        print(json.dumps(worker(impl, variant, args.out, args.model_size, args.threads, args.prefill, args.new_tokens)))
+        steps = args.num_scheduler_steps
+        row = worker(impl, variant, args.out, args.model_size, args.threads, args.prefill, args.new_tokens, steps)
+        print(json.dumps(row))
         return
     prepare(args.dtypes, args.out, args.model_size)
     bandwidth = read_bandwidth(args.threads)

@@ -36,6 +36,9 @@ class LLM:
     ``tensor_parallel_size`` > 1 makes this process rank 0 of a ``torchrun`` group of that many processes; the
     other ranks run ``falconlm.engine.tp_follower.run_follower`` with the same settings, and ``self.engine.close()``
     at the end lets them exit. Embeddings are refused then.
+
+    ``num_scheduler_steps``: the most decode steps one schedule runs while every request decodes (a decode run,
+    ``EngineConfig``); 1 schedules every token.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class LLM:
         normalize: bool | None = None,
         tensor_parallel_size: int = 1,
         distributed_timeout_s: float = 120.0,
+        num_scheduler_steps: int = 16,
     ) -> None:
         args = EngineArgs(
             model=model,
@@ -77,6 +81,7 @@ class LLM:
             normalize=normalize,
             tensor_parallel_size=tensor_parallel_size,
             distributed_timeout_s=distributed_timeout_s,
+            num_scheduler_steps=num_scheduler_steps,
         )
         self.path = args.model_path
         self.device = resolve_device(device)

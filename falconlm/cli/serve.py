@@ -96,6 +96,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="KV-cache pool: bytes (4GiB) or a fraction of free memory (0.5); default: max-num-seqs full contexts",
     )
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument(
+        "--num-scheduler-steps",
+        type=positive_int,
+        default=16,
+        help="most decode steps per schedule while every request decodes and none waits, cut to about 50 ms; "
+        "tokens then stream in runs (default 16; 1: a schedule per token)",
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     p.add_argument("--max-waiting", type=positive_int, default=1024, help="queue limit before 429 (default 1024)")
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
@@ -185,6 +192,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         normalize=args.normalize,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_timeout_s=distributed_timeout(args),
+        num_scheduler_steps=args.num_scheduler_steps,
     )
 
 

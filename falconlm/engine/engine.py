@@ -54,6 +54,15 @@ class EngineConfig:
     deterministic: bool = False  # batch-invariant kernels on every path (runner.py)
     task: str = "generate"  # "embed": embedding requests only, and a KV pool of one full-length sequence
     pooling: PoolingConfig = field(default_factory=PoolingConfig)  # embedding requests' defaults (pooling.py)
+    # Most model steps one schedule runs while every running request decodes and none waits (a decode run,
+    # Scheduler._run_length), as vLLM's --num-scheduler-steps; fewer where a step is slow (DECODE_RUN_SECONDS).
+    # 1: one step per schedule.
+    num_scheduler_steps: int = 16
+
+
+# A decode run is cut to about this long: its requests' tokens reach their streams once a run, and a request that
+# arrives meanwhile waits for the run's end. A step that takes longer runs alone.
+DECODE_RUN_SECONDS = 0.05
 
 
 @dataclass
@@ -112,6 +121,7 @@ class Engine:
         )
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)  # structured output, compiled once
         self.num_steps = 0
+        self._decode_step_seconds: float | None = None  # the last decode-only step's time per model step
         self.parallel_driver: TensorParallelDriver | None = None  # rank 0 of a tensor-parallel group (tp_runner.py)
         self._states: dict[str, _OutputState] = {}  # sequence id -> its output state
         self._children: dict[str, list[str]] = {}  # parent id -> its sequence ids, for n > 1
@@ -212,8 +222,12 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(self._run_steps())
+        started = time.perf_counter()
         runner_output = self.runner.execute(scheduled)
+        if scheduled.scheduled and scheduled.num_batched_tokens == len(scheduled.scheduled):  # decode rows only
+            model_steps = 1 + max(map(len, runner_output.later_token_ids), default=0)
+            self._decode_step_seconds = (time.perf_counter() - started) / model_steps
         self.num_steps += 1
         self._add_prompt_logprobs(runner_output.prompt_logprobs)
         updates = self.scheduler.update_from_output(scheduled, runner_output)
@@ -224,6 +238,17 @@ class Engine:
             pooled = self.embedder.step(self.config.max_num_batched_tokens - scheduled.num_batched_tokens)
             outputs += [_embedding_output(p) for p in pooled]
         return outputs
+
+    def _run_steps(self) -> int:
+        """The decode run to ask the scheduler for: ``num_scheduler_steps``, fewer so that it lasts about
+        DECODE_RUN_SECONDS at the last decode step's pace (one step until one has been timed, and while embedding
+        requests wait for a step's leftover budget)."""
+        most = self.config.num_scheduler_steps
+        if most <= 1 or self._decode_step_seconds is None or self.embedder.has_unfinished():
+            return 1
+        if not self.runner.takes_decode_runs():
+            return 1
+        return max(1, min(most, int(DECODE_RUN_SECONDS / max(self._decode_step_seconds, 1e-6))))
 
     def _add_prompt_logprobs(self, scored: dict[str, tuple[int, list]]) -> None:
         """Extend each request's prompt logprobs with the positions it lacks (a recompute after preemption
@@ -241,13 +266,13 @@ class Engine:
         if not out.token_ids and new_ids:
             request.record(RequestEventType.FIRST_TOKEN)
         text = ""
-        for token_id, lp in zip(new_ids, logprobs, strict=True):
+        for i, (token_id, lp) in enumerate(zip(new_ids, logprobs, strict=True)):
             out.token_ids.append(token_id)
             if lp is not None:
                 if out.logprobs is None:
                     out.logprobs = []
                 out.logprobs.append(lp)
-            if finished and token_id == new_ids[-1] and request.status == RequestStatus.FINISHED_STOPPED:
+            if finished and i == len(new_ids) - 1 and request.status == RequestStatus.FINISHED_STOPPED:
                 break  # EOS or a stop token: not part of the text
             piece, stopped = state.stop.feed(state.detok.add(token_id))
             text += piece

@@ -39,7 +39,8 @@ class EngineArgs:
     sentence-transformers files, else last-token and normalised) set embedding requests' defaults (``pooling.py``).
     ``tensor_parallel_size`` > 1 runs under ``torchrun`` with that many processes: this one (rank 0) schedules and
     the others follow (``tp_follower.run_follower``); ``distributed_timeout_s`` bounds every collective, so a dead
-    rank is an error, not a hang.
+    rank is an error, not a hang. ``num_scheduler_steps``: the most model steps one schedule runs while every
+    running request decodes (``EngineConfig``); 1 runs one step per schedule.
     """
 
     model: str | Path | None = None
@@ -62,6 +63,7 @@ class EngineArgs:
     normalize: bool | None = None
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = DEFAULT_TIMEOUT_S
+    num_scheduler_steps: int = 16
 
     @property
     def model_path(self) -> Path:
@@ -76,6 +78,8 @@ def build_engine(args: EngineArgs) -> Engine:
     """Load the model and tokenizer and build the Engine; ValueError (one line) for a bad setting."""
     if args.max_num_seqs < 1:  # before the weights load: a bad setting fails at once
         raise ValueError(f"max_num_seqs must be >= 1, got {args.max_num_seqs}")
+    if args.num_scheduler_steps < 1:
+        raise ValueError(f"num_scheduler_steps must be >= 1, got {args.num_scheduler_steps}")
     if args.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {args.task!r}")
     if args.tensor_parallel_size > 1 and args.task == "embed":
@@ -112,6 +116,7 @@ def build_engine(args: EngineArgs) -> Engine:
         deterministic=args.deterministic,
         task=args.task,
         pooling=pooling,
+        num_scheduler_steps=args.num_scheduler_steps,
     )
     engine = Engine(model, tokenizer, config)
     if state is not None:

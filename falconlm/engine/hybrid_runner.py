@@ -25,6 +25,8 @@ from .scheduler_output import ScheduledRequest
 class HybridRunner(ModelRunner):
     """A ModelRunner that also owns ``num_slots`` recurrent states of every Mamba layer."""
 
+    DECODE_RUNS = False  # one model step per schedule: decode runs are tested on attention-only models
+
     def __init__(self, model, num_blocks: int, block_size: int, num_slots: int, deterministic: bool = False) -> None:
         super().__init__(model, num_blocks, block_size, deterministic)
         self.num_slots = num_slots

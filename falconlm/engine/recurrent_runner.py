@@ -34,6 +34,8 @@ def describe_state_row(batch: ForwardBatch, item: ScheduledRequest) -> None:
 class RecurrentRunner(ModelRunner):
     """One Mamba model, its ``num_slots`` recurrent states, the sampler and the per-request generators."""
 
+    DECODE_RUNS = False  # one model step per schedule: decode runs are tested on attention-only models
+
     def __init__(
         self, model: FalconMambaForCausalLM, num_slots: int, deterministic: bool = False
     ) -> None:  # no super(): no KV cache

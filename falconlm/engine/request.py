@@ -136,6 +136,25 @@ class Request:
         """Append a lifecycle event, stamped now unless ``timestamp`` is given."""
         self.events.append(RequestEvent(event_type, time.monotonic() if timestamp is None else timestamp))
 
+    def stops_at(self, token_id: int) -> bool:
+        """Whether sampling ``token_id`` ends the request by a stop token (EOS, unless ignored, or one of
+        ``stop_token_ids``): a decode run (``runner.py``) samples no further once a row has."""
+        params = self.sampling_params
+        return (not params.ignore_eos and token_id == self.eos_token_id) or token_id in (params.stop_token_ids or ())
+
+    @property
+    def runs_ahead(self) -> bool:
+        """Whether the request's next tokens may be sampled in one decode run, several model steps per schedule
+        (``scheduler.py``): true unless what it samples depends on its own output other than through the model,
+        as the repetition, presence and frequency penalties and a grammar do."""
+        params = self.sampling_params
+        penalties = (
+            getattr(params, "repetition_penalty", 1.0) != 1.0
+            or getattr(params, "presence_penalty", 0.0) != 0
+            or getattr(params, "frequency_penalty", 0.0) != 0
+        )
+        return self.grammar is None and not penalties
+
     def append_output_token(self, token_id: int) -> RequestStatus | None:
         """Append a sampled token; return the finishing status it causes, else None.
 

@@ -22,6 +22,7 @@ import torch
 from ..model.falcon import FalconForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
 from ..model.positions import engine_rope_length, head_alibi_slopes, is_dynamic
+from .decode_run import greedy_rows
 from .forward_batch import ForwardBatch
 from .fused_decode import FusedDecoder, fused_decoder, fused_hidden
 from .kernels import bind_weight_kernels, log_choice, row_attention
@@ -41,7 +42,12 @@ class ModelRunner:
     residual stream differs from the torch forward's, so a prompt whose last chunk happens to be one token (a
     decode-shaped row) would otherwise take the other path than the same prompt in one chunk. For the same reason,
     where prompt chunks run fused as prompt rows (``FusedDecoder.takes_prompts``), a prompt's chunk of one token
-    goes with them rather than with the decode rows."""
+    goes with them rather than with the decode rows.
+
+    A schedule may ask for a decode run (``SchedulerOutput.num_steps`` > 1): the step's decode rows then go on for
+    up to that many model steps in this one call (:meth:`_run_on`)."""
+
+    DECODE_RUNS = True  # the recurrent runners keep to one step per schedule
 
     def __init__(self, model: FalconForCausalLM, num_blocks: int, block_size: int, deterministic: bool = False) -> None:
         cfg = model.config
@@ -71,6 +77,97 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        if step.num_steps > 1 and (out := self._native_run(step)) is not None:
+            return out
+        out = self._execute_step(step)
+        if step.num_steps > 1 and out.request_ids:
+            self._run_on(step, out)
+        return out
+
+    def _native_run(self, step: SchedulerOutput) -> ModelRunnerOutput | None:
+        """A whole decode run in one native call (:meth:`_greedy_run`), first step included, where every row is
+        a greedy decode row past its prompt; None otherwise (the run's steps then go as :meth:`_run_on` says)."""
+        items = step.scheduled
+        if not all(item.num_tokens == 1 and item.sample and not _in_prompt(item) for item in items):
+            return None
+        decoder = self._fused_decoder()
+        if decoder is None or not (decoder.usable if step.continued else decoder.refresh()):
+            return None
+        tokens = [item.request.all_token_ids[item.start] for item in items]
+        ran = self._greedy_run(decoder, items, 0, tokens, step.num_steps)
+        if ran is None:
+            return None
+        rows = list(zip(*ran, strict=True))  # per row, its token of each step
+        return ModelRunnerOutput(
+            [item.request.request_id for item in items],
+            [row[0] for row in rows],
+            [None] * len(items),
+            later_token_ids=[list(row[1:]) for row in rows],
+            later_logprobs=[[None] * (len(row) - 1) for row in rows],
+        )
+
+    def _greedy_run(
+        self, decoder: FusedDecoder, items: list[ScheduledRequest], offset: int, tokens: list[int], steps: int
+    ) -> list[list[int]] | None:
+        """Up to ``steps`` decode steps of ``items``' requests, ``offset`` positions past each item's start, fed
+        ``tokens``, in one native call (``FusedDecoder.run``): each step's tokens, or None where the rows are not
+        all greedy (``decode_run.greedy_rows``) or the model's embedding or head is not one the library reads."""
+        requests = [item.request for item in items]
+        if not greedy_rows([r.sampling_params for r in requests]):
+            return None
+        rows = [ScheduledRequest(r, 1, item.start + offset, True) for r, item in zip(requests, items, strict=True)]
+        decode_rows = self._attention(self._describe(rows, tokens)[0]).decode_rows()
+        return None if decode_rows is None else decoder.run(self.model, decode_rows, tokens, steps, requests)
+
+    def takes_decode_runs(self) -> bool:
+        """Whether this runner runs a schedule's decode rows for several steps (``SchedulerOutput.num_steps``):
+        not under tensor parallelism, whose other ranks repeat each forward of a step, one per step."""
+        return self.DECODE_RUNS and self.on_forward is None
+
+    def _run_on(self, step: SchedulerOutput, out: ModelRunnerOutput) -> None:
+        """A decode run's later steps, after a first that went as a single step, into ``out.later_token_ids`` /
+        ``later_logprobs``: in one native call where the rows allow (:meth:`_greedy_run`), else step by step here.
+        Each is a decode step of the same requests one position on, fed the tokens the step before sampled,
+        through the same forward, head and sampler as a single step, so every row's tokens are those that step
+        after step would give. The run ends early once a row samples a stop token: the scheduler drops what a
+        finished request sampled after it."""
+        by_id = {item.request.request_id: item for item in step.scheduled}
+        items = [by_id[request_id] for request_id in out.request_ids]
+        requests = [item.request for item in items]
+        params = [r.sampling_params for r in requests]
+        prompts = [r.prompt_token_ids for r in requests]
+        outputs = [r.output_token_ids for r in requests]  # one step behind: read only by penalties, which no run has
+        generators = [self._generator(r) for r in requests]
+        decoder = self._fused_decoder()
+        if decoder is not None and not decoder.usable:  # the run's first step refreshed it
+            decoder = None
+        out.later_token_ids = [[] for _ in items]
+        out.later_logprobs = [[] for _ in items]
+        tokens = out.sampled_token_ids
+        if any(r.stops_at(t) for r, t in zip(requests, tokens, strict=True)):
+            return
+        ran = None if decoder is None else self._greedy_run(decoder, items, 1, tokens, step.num_steps - 1)
+        if ran is not None:
+            for i, (later, later_logprobs) in enumerate(zip(out.later_token_ids, out.later_logprobs, strict=True)):
+                later += [chosen[i] for chosen in ran]
+                later_logprobs += [None] * len(ran)
+            return
+        for j in range(1, step.num_steps):
+            if j > 1 and any(r.stops_at(t) for r, t in zip(requests, tokens, strict=True)):
+                break
+            rows = [ScheduledRequest(r, 1, item.start + j, True) for r, item in zip(requests, items, strict=True)]
+            batch, _, _ = self._describe(rows, tokens)
+            logits = self.model.compute_logits(self.logits_states(batch, decoder)).float()
+            sampled = self.sampler(logits, params, prompts, outputs, generators)
+            tokens = sampled.token_ids
+            for later, later_logprobs, token, logprobs in zip(
+                out.later_token_ids, out.later_logprobs, tokens, sampled.logprobs, strict=True
+            ):
+                later.append(token)
+                later_logprobs.append(logprobs)
+
+    def _execute_step(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """One model step over ``step``'s rows: its forward passes, head and sampler."""
         decoder = self._fused_decoder()
         if decoder is not None and not (decoder.usable if step.continued else decoder.refresh()):
             decoder = None  # the model no longer runs fused (FusedDecoder.refresh)
@@ -153,15 +250,21 @@ class ModelRunner:
         merged = iter(self.model.compute_logits(head_rows).split([s.shape[0] for s in present]))
         return [(requests, scored, None if states is None else next(merged)) for requests, scored, states in forwards]
 
-    def _describe(self, items: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
-        """The forward pass of ``items`` as plain data, the requests it samples and its prompt-logprob rows."""
+    def _describe(
+        self, items: list[ScheduledRequest], tokens: list[int] | None = None
+    ) -> tuple[ForwardBatch, list[Request], list[PromptRows]]:
+        """The forward pass of ``items`` as plain data, the requests it samples and its prompt-logprob rows.
+        ``tokens``: each item's one token, not yet in its request (a decode run's later steps)."""
         batch = ForwardBatch()
         sampled = []
-        for item in items:
+        for i, item in enumerate(items):
             req, start, n = item.request, item.start, item.num_tokens
             batch.query_starts.append(batch.num_tokens)
             batch.query_lens.append(n)
-            batch.token_ids.extend(req.all_token_ids[start : start + n])
+            if tokens is None:
+                batch.token_ids.extend(req.all_token_ids[start : start + n])
+            else:
+                batch.token_ids.append(tokens[i])
             self._describe_row(batch, item)
             if item.sample:
                 sampled.append(req)
@@ -198,20 +301,7 @@ class ModelRunner:
     ) -> torch.Tensor | None:
         """The model's forward over ``batch``: the hidden states [R, H] of its ``logits_rows``, which the output
         head takes (None when it has none). ``prompt_chunks``: as for :meth:`run_batch`."""
-        width = max(map(len, batch.block_tables))
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long)
-        dev = self.device
-        ctx = PagedAttention(
-            self.cache,
-            torch.tensor(batch.kv_slots, device=dev),
-            batch.query_starts,
-            batch.query_lens,
-            batch.context_lens,
-            block_tables.to(dev),
-            self.alibi_slopes,
-            row_attention=self.row_attention,
-            per_token_chunks=self.deterministic,
-        )
+        ctx, dev = self._attention(batch), self.device
         input_ids = torch.tensor([batch.token_ids], device=dev)
         position_ids = torch.tensor([batch.positions], device=dev)
         lengths = torch.tensor([batch.rope_lengths], device=dev) if self.dynamic_rope else None
@@ -231,6 +321,23 @@ class ModelRunner:
         if hidden is None:
             hidden = self._hidden(batch, input_ids, position_ids, ctx, lengths)
         return rows_of(hidden, batch.logits_rows)
+
+    def _attention(self, batch: ForwardBatch) -> PagedAttention:
+        """The paged-attention context of ``batch``: its KV slots, rows and block tables over this runner's cache."""
+        width = max(map(len, batch.block_tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long)
+        dev = self.device
+        return PagedAttention(
+            self.cache,
+            torch.tensor(batch.kv_slots, device=dev),
+            batch.query_starts,
+            batch.query_lens,
+            batch.context_lens,
+            block_tables.to(dev),
+            self.alibi_slopes,
+            row_attention=self.row_attention,
+            per_token_chunks=self.deterministic,
+        )
 
     def _hidden(
         self,

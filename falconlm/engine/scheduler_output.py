@@ -35,6 +35,9 @@ class SchedulerOutput:
     aborted: list[Request] = field(default_factory=list)  # finished by the scheduler: they can never fit
     # Requests were running when this step was scheduled: the engine has not been idle since the previous step.
     continued: bool = False
+    # A decode run: every row a decode row, run for up to this many model steps, each feeding the tokens sampled
+    # by the one before; every row has KV slots for them all (Scheduler.schedule).
+    num_steps: int = 1
 
 
 @dataclass
@@ -46,6 +49,10 @@ class ModelRunnerOutput:
     logprobs: list[object | None] = field(default_factory=list)  # opaque to the scheduler; may be empty
     # request id -> (first prompt position scored, its logprobs), for rows that asked for prompt logprobs
     prompt_logprobs: dict[str, tuple[int, list[object]]] = field(default_factory=dict)
+    # A decode run's later steps (SchedulerOutput.num_steps > 1): per row, the tokens sampled after the first, and
+    # their logprobs (entries None where the row asked for none). Empty for a single step.
+    later_token_ids: list[list[int]] = field(default_factory=list)
+    later_logprobs: list[list[object | None]] = field(default_factory=list)
 
 
 @dataclass

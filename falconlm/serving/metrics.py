@@ -119,14 +119,17 @@ class RequestTimer:
         self.last_token_time: float | None = None
 
     def on_tokens(self, num_tokens: int, now: float, first_token_time: float | None = None) -> None:
-        """``first_token_time``: when the engine sampled the first token (its FIRST_TOKEN event), else ``now``."""
+        """``num_tokens`` arrived ``now``; ``first_token_time``: when the engine sampled the first token (its
+        FIRST_TOKEN event), else ``now``."""
         if num_tokens <= 0:
             return
         m = self.metrics
         if self.last_token_time is None:
             m.time_to_first_token.observe((now if first_token_time is None else first_token_time) - self.arrival)
-        else:
-            m.inter_token_latency.observe(now - self.last_token_time)
+        else:  # a decode run's tokens arrive together: the gap is spread over them, one observation a token
+            gap = (now - self.last_token_time) / num_tokens
+            for _ in range(num_tokens):
+                m.inter_token_latency.observe(gap)
         self.last_token_time = now
         m.generation_tokens.inc(num_tokens)
 

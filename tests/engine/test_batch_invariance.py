@@ -227,7 +227,8 @@ def test_decode_rows_and_a_prompt_chunk_share_one_head_call(
     # and the prompt path), but their rows meet the output head in one call. That is only sound if each row's
     # logits are the same bits as that row's head call alone: checked here for every merged call.
     model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, quantize=quantize)
-    config = EngineConfig(max_num_batched_tokens=32, enable_prefix_caching=False)
+    # one model step per schedule: a decode run's later steps are head calls of their own
+    config = EngineConfig(max_num_batched_tokens=32, enable_prefix_caching=False, num_scheduler_steps=1)
     engine = Engine(model, load_tokenizer(checkpoint, None, skip_tokenizer_init=True), config)  # type: ignore[arg-type]
     runner, compute_logits = engine.runner, model.compute_logits
     forwards: list[int] = []  # per step

@@ -21,6 +21,7 @@ def test_build_engine_applies_the_settings(tiny_checkpoint):
         block_size=8,
         enable_prefix_caching=False,
         max_waiting=5,
+        num_scheduler_steps=4,
     )
     engine = build_engine(args)
     assert engine.model.transformer.ln_f.weight.dtype == torch.float32
@@ -28,11 +29,14 @@ def test_build_engine_applies_the_settings(tiny_checkpoint):
     assert engine.stats().num_blocks == 3 * 64 // 8  # max_num_seqs full contexts
     assert engine.scheduler.max_waiting == 5 and not engine.kv_cache_manager.enable_prefix_caching
     assert engine.validator.context_limit == 64 and engine.tokenizer.eos_token_id is not None
+    assert engine.config.num_scheduler_steps == 4
 
 
 def test_bad_settings_are_one_line_value_errors(tiny_checkpoint):
     with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
         build_engine(EngineArgs(tiny_checkpoint, dtype="float32", max_num_seqs=0))
+    with pytest.raises(ValueError, match="num_scheduler_steps must be >= 1"):
+        build_engine(EngineArgs(tiny_checkpoint, dtype="float32", num_scheduler_steps=0))
     with pytest.raises(ValueError, match="dtype 'int3' is not supported"):
         build_engine(EngineArgs(tiny_checkpoint, dtype="int3"))
 

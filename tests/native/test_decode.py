@@ -292,7 +292,9 @@ def test_a_model_that_stops_running_fused_between_runs_takes_the_torch_path_for_
     model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
     from falconlm.tokenizer import Tokenizer
 
-    engine = Engine(model, Tokenizer.from_pretrained(checkpoint), EngineConfig(enable_prefix_caching=False))
+    # a model step per schedule: each goes through the decoder's entry that ``counting`` sees
+    config = EngineConfig(enable_prefix_caching=False, num_scheduler_steps=1)
+    engine = Engine(model, Tokenizer.from_pretrained(checkpoint), config)
     params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
     calls = counting(model)
     engine.generate([[5, 9, 77]], params)

@@ -142,13 +142,14 @@ def server(start_server: ServerFactory) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def slow_server(start_server: ServerFactory) -> LiveServer:
-    """A server whose every engine step takes at least 10 ms, so a long request is surely still running."""
+    """A server whose every model step takes at least 10 ms (a decode run's steps each), so a long request is surely
+    still running."""
     server = start_server(max_num_seqs=16)
     runner = server.engine.engine.runner
     execute = runner.execute
 
     def slow_execute(step):
-        time.sleep(0.01)
+        time.sleep(0.01 * step.num_steps)
         return execute(step)
 
     runner.execute = slow_execute

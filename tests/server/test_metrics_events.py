@@ -18,6 +18,7 @@ def test_timer_uses_the_engine_event_times():
     timer.on_finish("length", scheduled_time=11.0, now=16.0)
     assert _sample(metrics, "falconlm_time_to_first_token_seconds_sum") == 2.0
     assert _sample(metrics, "falconlm_inter_token_latency_seconds_sum") == 0.5
+    assert _sample(metrics, "falconlm_inter_token_latency_seconds_count") == 2  # two tokens of a run, 0.25 s each
     assert _sample(metrics, "falconlm_request_queue_time_seconds_sum") == 1.0
     assert _sample(metrics, "falconlm_generation_tokens_total") == 3
     assert _sample(metrics, "falconlm_kv_cache_blocks_in_use") == 3

@@ -1,0 +1,115 @@
+"""Decode runs on a real model (engine.py, runner.py, decode_run.py, csrc/decode_run.cpp): an engine that runs up
+to 16 model steps per schedule gives every request the same tokens, logprobs, text and finish as one that runs one
+step per schedule, for bfloat16, int8 and int4 weights, in every native variant this CPU runs; greedy batches take
+the one-call native run and others the step-by-step one, and both stop where a request ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import falconlm.engine.engine as engine_module
+from falconlm.engine.engine import Engine, EngineConfig
+from falconlm.engine.fused_decode import FusedDecoder
+from falconlm.engine.sampling_params import SamplingParams
+from falconlm.model.falcon import FalconForCausalLM
+from falconlm.quant import load_quantized
+from falconlm.tokenizer import Tokenizer
+
+from ..conftest import make_hf_checkpoint, needs_native
+
+pytestmark = needs_native
+
+PROMPTS = [[5, 9, 77], list(range(10, 19)), list(range(40, 54))]  # 3, 9 and 14 tokens over blocks of 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    # Weights larger than the default initialisation: greedy tokens then vary from step to step rather than
+    # repeating one token, so a step that went wrong inside a run shows in them.
+    return make_hf_checkpoint(tmp_path_factory.mktemp("runs-7b"), "7b", hidden_size=128, initializer_range=0.3)
+
+
+@pytest.fixture(autouse=True)
+def long_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs as long as num_scheduler_steps allows, however slow the machine's steps."""
+    monkeypatch.setattr(engine_module, "DECODE_RUN_SECONDS", 1e3)
+
+
+def _model(checkpoint: Path, weights: str) -> FalconForCausalLM:
+    if weights == "bf16":
+        return FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    return load_quantized(checkpoint, quantize=weights, dtype=torch.bfloat16)
+
+
+def _generate(
+    model, checkpoint: Path, params: list[SamplingParams], steps: int, monkeypatch
+) -> tuple[list, Engine, list]:
+    """Each request's (tokens, text, finish reason, logprobs) from an engine of ``steps`` scheduler steps, the
+    engine, and how many tokens each native run call gave (None: it declined)."""
+    runs: list[int | None] = []
+    run = FusedDecoder.run
+
+    def counted(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
+        runs.append(None if out is None else len(out))
+        return out
+
+    monkeypatch.setattr(FusedDecoder, "run", counted)
+    config = EngineConfig(
+        block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False, num_scheduler_steps=steps
+    )
+    engine = Engine(model, Tokenizer.from_pretrained(checkpoint), config)
+    outs = engine.generate(PROMPTS, params)
+    got = [
+        (
+            o.token_ids,
+            o.text,
+            o.finish_reason,
+            None if o.logprobs is None else [(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs],
+        )
+        for o in outs
+    ]
+    assert engine.kv_cache_manager.num_free_blocks == engine.runner.cache.num_blocks
+    return got, engine, runs
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_greedy_runs_go_native_and_give_every_token_of_single_steps(
+    isa: str, checkpoint: Path, weights: str, monkeypatch
+) -> None:
+    model = _model(checkpoint, weights)
+    plain = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
+    single, single_engine, _ = _generate(model, checkpoint, [plain] * 3, 1, monkeypatch)
+    tokens = single[1][0]
+    assert len(set(tokens)) > 5, tokens
+    # a token the second request first chooses inside its first run (runs start at its third token): it must end
+    # there, the others go on
+    first = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    stop = tokens[first]
+    params = [plain, SamplingParams(max_tokens=21, temperature=0.0, stop_token_ids=[stop]), plain]
+    single, single_engine, _ = _generate(model, checkpoint, params, 1, monkeypatch)
+    runs, run_engine, calls = _generate(model, checkpoint, params, 16, monkeypatch)
+    assert runs == single
+    assert single[1][2] == "stop" and len(single[1][0]) == first + 1
+    assert calls and None not in calls and max(calls) == 16  # whole runs in one native call each
+    assert run_engine.num_steps < single_engine.num_steps
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_sampled_and_logprob_rows_run_step_by_step_with_the_same_results(
+    isa: str, checkpoint: Path, weights: str, monkeypatch
+) -> None:
+    model = _model(checkpoint, weights)
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.0, logprobs=3, ignore_eos=True),
+        SamplingParams(max_tokens=17, temperature=0.9, top_k=20, seed=11, ignore_eos=True, stop=["a"]),
+    ]
+    single, single_engine, _ = _generate(model, checkpoint, params, 1, monkeypatch)
+    runs, run_engine, calls = _generate(model, checkpoint, params, 16, monkeypatch)
+    assert runs == single
+    assert calls == []  # the rows are not all greedy: no native run; Python ran the steps
+    assert run_engine.num_steps < single_engine.num_steps
