@@ -186,6 +186,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="where checkpoints are cached")
 
 
+def add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the scripts whose rows run :func:`worker` (``bench_core.py``, ``bench_llamacpp.py``)."""
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--num-scheduler-steps", type=int, default=16, help="falconlm's most decode steps per schedule (default 16)"
+    )
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -327,11 +336,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--dtypes", nargs="+", default=list(FLOAT_DTYPES), help="float32, bfloat16, int8, int4-g64")
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument(
-        "--num-scheduler-steps", type=int, default=16, help="falconlm's most decode steps per schedule (default 16)"
-    )
+    add_decode_args(parser)
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -47,6 +47,7 @@ from bench_core import (
     REPO_ROOT,
     SHARED_TOKENIZER,
     add_common_args,
+    add_decode_args,
     apply_isa,
     bandwidth_beside,
     bandwidth_line,
@@ -503,6 +504,7 @@ def serve_once(
     else:
         cmd = [sys.executable, "-m", "falconlm", "serve", "--model", str(folder), "--dtype", "bfloat16"]
         cmd += ["--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--num-scheduler-steps", str(args.num_scheduler_steps)]
         cmd += ["--quantize", PAIRS[fmt]] if PAIRS[fmt] != "bfloat16" else []
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
@@ -525,8 +527,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    add_decode_args(parser)
     parser.add_argument("--repetitions", type=int, default=3, help="llama-bench repetitions per test")
     parser.add_argument("--llamacpp-version", default=None, help="llama-cpp-python version (default: newest cached)")
     parser.add_argument("--refresh", action="store_true", help="download the registry's latest llama-cpp-python")

@@ -55,6 +55,24 @@ def test_isa_is_passed_through(monkeypatch):
     assert environ == {"FALCONLM_NATIVE_ISA": "avx2-base", **bench_core.AVX2_TORCH_CAPS}
 
 
+def test_the_decode_options_reach_the_worker(monkeypatch):
+    """bench_core's and bench_llamacpp's parsers both take the worker's options, and measure() passes them on."""
+    parser = argparse.ArgumentParser()
+    bench_core.add_common_args(parser)
+    bench_core.add_decode_args(parser)
+    args = parser.parse_args(["--num-scheduler-steps", "1", "--new-tokens", "64"])
+    commands = []
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"decode_b1_tok_s": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(bench_core.subprocess, "run", run)
+    assert bench_core.measure("falconlm", "int8", args) == {"decode_b1_tok_s": 1.0}
+    (cmd,) = commands
+    assert cmd[cmd.index("--num-scheduler-steps") + 1] == "1" and cmd[cmd.index("--new-tokens") + 1] == "64"
+
+
 def _row(impl: str, dtype: str, b1: float) -> dict:
     return {
         "impl": impl,
@@ -132,7 +150,14 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
         }
     }
     args = argparse.Namespace(
-        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36", rounds=1
+        model_size="194m",
+        threads=2,
+        prefill=512,
+        new_tokens=128,
+        repetitions=3,
+        llamacpp_version="0.3.36",
+        rounds=1,
+        num_scheduler_steps=16,
     )
     text = bench_llamacpp.render(falcon, llama, args, bandwidth=30.0)
     assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% | 21% of 28/32 |" in text
@@ -158,7 +183,14 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"0" * 10)
     args = argparse.Namespace(
-        model_size="194m", threads=2, prefill=512, new_tokens=128, repetitions=3, llamacpp_version="0.3.36", rounds=1
+        model_size="194m",
+        threads=2,
+        prefill=512,
+        new_tokens=128,
+        repetitions=3,
+        llamacpp_version="0.3.36",
+        rounds=1,
+        num_scheduler_steps=16,
     )
     probes = iter([31.0, 33.0])  # around the decode run only: the crashed prompt run reads none
     monkeypatch.setattr(bench_llamacpp, "bandwidth_beside", lambda threads: next(probes))
