@@ -365,7 +365,7 @@ class FusedDecoder:
             ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where), ctypes.addressof(run),
             lengths.numel(), steps, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
-        return out[1 : ran + 1].tolist()
+        return out[1 : ran + 1].tolist() if ran else None  # (none: a table too short, which rotary() prevents)
 
     def final_norm(self, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The final LayerNorm (``ln_f``) of float32 residual rows [N, H], natively, in ``dtype`` (bfloat16 or
