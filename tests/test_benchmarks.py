@@ -73,6 +73,20 @@ def test_the_decode_options_reach_the_worker(monkeypatch):
     assert cmd[cmd.index("--num-scheduler-steps") + 1] == "1" and cmd[cmd.index("--new-tokens") + 1] == "64"
 
 
+def _llamacpp_args() -> argparse.Namespace:
+    """bench_llamacpp's settings for one round of its table, as its command line gives them by default."""
+    return argparse.Namespace(
+        model_size="194m",
+        threads=2,
+        prefill=512,
+        new_tokens=128,
+        repetitions=3,
+        llamacpp_version="0.3.36",
+        rounds=1,
+        num_scheduler_steps=16,
+    )
+
+
 def _row(impl: str, dtype: str, b1: float) -> dict:
     return {
         "impl": impl,
@@ -149,16 +163,7 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
             "bw_beside_b1": [28.0, 32.0],
         }
     }
-    args = argparse.Namespace(
-        model_size="194m",
-        threads=2,
-        prefill=512,
-        new_tokens=128,
-        repetitions=3,
-        llamacpp_version="0.3.36",
-        rounds=1,
-        num_scheduler_steps=16,
-    )
+    args = _llamacpp_args()
     text = bench_llamacpp.render(falcon, llama, args, bandwidth=30.0)
     assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% | 21% of 28/32 |" in text
     assert "| int8 | falconlm | 400 | 500 | 60.0 | 480.0 | 24.0 | 80% | - |" in text
@@ -182,16 +187,7 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
         (bin_dir / name).chmod(0o755)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"0" * 10)
-    args = argparse.Namespace(
-        model_size="194m",
-        threads=2,
-        prefill=512,
-        new_tokens=128,
-        repetitions=3,
-        llamacpp_version="0.3.36",
-        rounds=1,
-        num_scheduler_steps=16,
-    )
+    args = _llamacpp_args()
     probes = iter([31.0, 33.0])  # around the decode run only: the crashed prompt run reads none
     monkeypatch.setattr(bench_llamacpp, "bandwidth_beside", lambda threads: next(probes))
     row = bench_llamacpp.llama_bench(bin_dir, gguf, args)
