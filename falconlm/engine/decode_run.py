@@ -83,13 +83,9 @@ def greedy_rows(params: Sequence[object]) -> bool:
 
 def stop_tokens(requests: Sequence[Request]) -> torch.Tensor:
     """[R, S] int64: the tokens that end each row's request (``Request.stops_at``), -1 where a row has fewer."""
-    stops = []
-    for r in requests:
-        params = r.sampling_params
-        ids = [] if params.ignore_eos or r.eos_token_id is None else [r.eos_token_id]
-        stops.append(ids + list(params.stop_token_ids or ()))
+    stops = [r.stop_tokens for r in requests]
     width = max(1, max(map(len, stops)))
-    return torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops], dtype=torch.int64)
+    return torch.tensor([[*ids, *[-1] * (width - len(ids))] for ids in stops], dtype=torch.int64)
 
 
 def run_parts(model: FalconForCausalLM) -> tuple[Weight, Weight, torch.dtype] | None:

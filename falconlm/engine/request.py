@@ -136,11 +136,18 @@ class Request:
         """Append a lifecycle event, stamped now unless ``timestamp`` is given."""
         self.events.append(RequestEvent(event_type, time.monotonic() if timestamp is None else timestamp))
 
-    def stops_at(self, token_id: int) -> bool:
-        """Whether sampling ``token_id`` ends the request by a stop token (EOS, unless ignored, or one of
-        ``stop_token_ids``): a decode run (``runner.py``) samples no further once a row has."""
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        """The tokens whose sampling ends the request (``append_output_token``): EOS unless ignored, then
+        ``stop_token_ids``."""
         params = self.sampling_params
-        return (not params.ignore_eos and token_id == self.eos_token_id) or token_id in (params.stop_token_ids or ())
+        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        return (*eos, *(params.stop_token_ids or ()))
+
+    def stops_at(self, token_id: int) -> bool:
+        """Whether sampling ``token_id`` ends the request by a stop token: a decode run (``runner.py``) samples no
+        further once a row has."""
+        return token_id in self.stop_tokens
 
     @property
     def runs_ahead(self) -> bool:
