@@ -347,8 +347,6 @@ class FusedDecoder:
         lengths = rows.context_lens
         if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or lengths.numel() > MAX_CALL_ROWS:
             return None
-        if t.ln_f.eps != c.layer_norm_epsilon:  # the run's final LayerNorm takes the layers' epsilon
-            return None
         last = int(lengths.max()) + steps - 2  # the last position a step reaches
         self.rotary(c, torch.tensor([[last]]), dtype, None)  # the table grows to hold it
         cos, sin = self._rotary[dtype]
@@ -357,8 +355,8 @@ class FusedDecoder:
                      rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
         stops = stop_tokens(requests)
         w, b = self._final_norm
-        run = Run(embed, head, w.data_ptr(), b.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0],
-                  stops.data_ptr(), stops.shape[1], int(dtype is torch.bfloat16))  # fmt: skip
+        run = Run(embed, head, w.data_ptr(), b.data_ptr(), t.ln_f.eps, cos.data_ptr(), sin.data_ptr(),
+                  cos.shape[0], stops.data_ptr(), stops.shape[1], int(dtype is torch.bfloat16))  # fmt: skip
         out = torch.empty(steps + 1, lengths.numel(), dtype=torch.int64)
         out[0] = torch.tensor(tokens, dtype=torch.int64)
         ran = self._run_fn(

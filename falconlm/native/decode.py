@@ -57,7 +57,9 @@ class Run(ctypes.Structure):
     _fields_ = [
         ("embed", Weight),
         ("head", Weight),
-        *((name, _P) for name in ("norm_w", "norm_b", "cos", "sin")),
+        *((name, _P) for name in ("norm_w", "norm_b")),
+        ("norm_eps", ctypes.c_double),
+        *((name, _P) for name in ("cos", "sin")),
         ("table_rows", _I),
         ("stops", _P),
         ("stops_per_row", _I),

@@ -456,8 +456,8 @@ int64_t falcon_struct_layout(int64_t* out) {
                 offsetof(Rows, sp), offsetof(Rows, sg), offsetof(Rows, block_size), offsetof(Rows, block_tables),
                 offsetof(Rows, tb), offsetof(Rows, context_lens))
   FALCON_FIELDS(Run, offsetof(Run, embed), offsetof(Run, head), offsetof(Run, norm_w), offsetof(Run, norm_b),
-                offsetof(Run, cos), offsetof(Run, sin), offsetof(Run, table_rows), offsetof(Run, stops),
-                offsetof(Run, stops_per_row), offsetof(Run, act_bf16))
+                offsetof(Run, norm_eps), offsetof(Run, cos), offsetof(Run, sin), offsetof(Run, table_rows),
+                offsetof(Run, stops), offsetof(Run, stops_per_row), offsetof(Run, act_bf16))
 #undef FALCON_FIELDS
   return n;
 }

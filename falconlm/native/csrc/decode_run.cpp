@@ -103,7 +103,7 @@ int64_t falcon_decode_run(const Shape* shape, const Layer* layers, const Rows* r
       std::memcpy(sin.data() + r * d, run->sin + pos * d, d * sizeof(float));
     }
     falcon_decode_layers(shape, layers, &at, x.data(), R, cos.data(), sin.data(), nthreads);
-    final_norm(x.data(), R, H, run->norm_w, run->norm_b, static_cast<float>(shape->eps), act.data(), act_bf16);
+    final_norm(x.data(), R, H, run->norm_w, run->norm_b, static_cast<float>(run->norm_eps), act.data(), act_bf16);
     const Weight& W = run->head;
     if (W.bits == 16) {
       falcon_linear_bf16(reinterpret_cast<const uint16_t*>(act.data()), R, H, H,
