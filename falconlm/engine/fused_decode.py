@@ -331,6 +331,16 @@ class FusedDecoder:
             return model.ln_f(residual.view(x.shape).to(x.dtype))
         return self.final_norm(residual, x.dtype).view(x.shape)
 
+    def runs(self, model: FalconForCausalLM) -> bool:
+        """Whether :meth:`run` can take ``model``'s decode steps: this decoder is bound to it and up to date, and
+        the library reads its embedding and head (``decode_run.run_parts``)."""
+        return (
+            model.transformer is self._model()
+            and self.usable
+            and not is_dynamic(model.config)
+            and run_parts(model) is not None
+        )
+
     def run(
         self, model: FalconForCausalLM, rows: DecodeRows, tokens: Sequence[int], steps: int, requests: Sequence[Request]
     ) -> list[list[int]] | None:
@@ -339,11 +349,10 @@ class FusedDecoder:
         ending after a step where a row chose a stop token of its request. None where the model's embedding or
         head is not one the library reads; the caller then runs the steps in Python. Every row must have cache
         slots for every position the run reaches; the caller has :meth:`refresh`-ed."""
-        t, c = model.transformer, model.config
-        parts = run_parts(model)
-        if t is not self._model() or parts is None or not self.usable or is_dynamic(c):
+        if not self.runs(model):
             return None
-        embed, head, dtype = parts
+        t, c = model.transformer, model.config
+        embed, head, dtype = run_parts(model)
         lengths = rows.context_lens
         if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or lengths.numel() > MAX_CALL_ROWS:
             return None

@@ -113,3 +113,30 @@ def test_sampled_and_logprob_rows_run_step_by_step_with_the_same_results(
     assert runs == single
     assert calls == []  # the rows are not all greedy: no native run; Python ran the steps
     assert run_engine.num_steps < single_engine.num_steps
+
+
+def test_a_run_the_library_cannot_take_is_declined_before_its_rows_are_described(
+    isa: str, checkpoint: Path, monkeypatch
+) -> None:
+    """A model whose embedding or head the library does not read (``run_parts`` None): greedy runs go step by step
+    in Python with the same tokens, and each step describes its rows once, none for the declined native runs."""
+    import falconlm.engine.fused_decode as fused_module
+    from falconlm.engine.runner import ModelRunner
+
+    model = _model(checkpoint, "int4")
+    params = [SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)] * 3
+    single, single_engine, _ = _generate(model, checkpoint, params, 1, monkeypatch)
+    monkeypatch.setattr(fused_module, "run_parts", lambda model: None)
+    described = []
+    describe = ModelRunner._describe
+
+    def counted(self, rows, *args, **kwargs):
+        described.append(len(rows))
+        return describe(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "_describe", counted)
+    runs, run_engine, calls = _generate(model, checkpoint, params, 16, monkeypatch)
+    assert runs == single
+    assert calls == []  # declined before FusedDecoder.run was called
+    assert run_engine.num_steps < single_engine.num_steps
+    assert len(described) == single_engine.num_steps  # one description per model step, as one step per schedule
