@@ -8,8 +8,8 @@ Two shapes (``--model-size``), both Falcon-7B style (multi-query, parallel atten
 For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
 the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
 in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest), and
-against the bandwidth read right before and right after the batch-1 decode itself (a machine shared with other
-tenants may give twice as much in one minute as in the next).
+in turn with it: rounds of a short batch-1 decode, each between two reads of the bandwidth (a machine shared with
+other tenants may give twice as much in one second as in the next, so only probes right beside a decode bound it).
 Decode tok/s include the 16-token prompt; GB/s is per decode step (the stored weights over one step's time: the
 128-token run less a 1-token run of the same prompt, over the other 127 tokens), as llama-bench's decode
 excludes its prompt.
@@ -24,11 +24,14 @@ so the peak RSS belongs to it alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROMPT_DECODE = 16  # prompt length for the decode rows
@@ -43,10 +46,14 @@ MODEL_SIZES = {
     ),
 }
 BANDWIDTH_BYTES = 1 << 30
-BESIDE_BYTES = 1 << 29  # the probe beside each batch-1 decode: smaller, read 3 times
-BESIDE_NOTE = (
-    "- beside b1: the read bandwidth right before and right after that row's batch-1 decode (a process of its own, "
-    f"{BESIDE_BYTES >> 20} MiB read 3 times, the best), and GB/s b1 as a share of their mean."
+PROBE_BYTES = 1 << 29  # the probe read in turn with the batch-1 decodes: smaller, read 3 times
+IN_TURN_ROUNDS = 5  # batch-1 decodes timed in turn with the probe, per row
+IN_TURN_TOKENS = 33  # tokens of each: 32 decode steps after the first (two runs of 16 steps)
+IN_TURN_NOTE = (
+    f"- in turn b1: {IN_TURN_ROUNDS} rounds (per round of the table), each a {IN_TURN_TOKENS}-token batch-1 decode "
+    f"between two reads of the bandwidth (a probe process kept open beside the measured one, {PROBE_BYTES >> 20} "
+    "MiB read 3 times, the best); the cell is the median of the rounds' GB/s as a share of the mean of their two "
+    "probes, the shares' range, and the probes' range."
 )
 
 
@@ -133,12 +140,12 @@ def native_variant() -> str:
     return lib.falcon_isa().decode() if lib is not None else f"none ({native.unavailable_reason()})"
 
 
-def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
-    """The machine's memory read bandwidth in GB/s: the best of ``repeats`` reads of an ``nbytes`` buffer (far
-    beyond any cache) with ``threads`` threads, each read both a torch float32 sum and the native kernels' plain
-    integer sum (``falcon_read_words``; a torch sum alone sometimes read slower than falconlm's weights stream, so
-    it was no bound). The buffer sits in transparent huge pages where the engine puts its weights there too
-    (``falconlm.engine.huge_pages``), so both read memory the same way."""
+def bandwidth_reader(threads: int, nbytes: int) -> Callable[[int], float]:
+    """A memory read-bandwidth probe over an ``nbytes`` buffer (far beyond any cache) with ``threads`` threads: the
+    returned function answers the best GB/s of that many reads, each both a torch float32 sum and the native
+    kernels' plain integer sum (``falcon_read_words``; a torch sum alone sometimes read slower than falconlm's
+    weights stream, so it was no bound). The buffer sits in transparent huge pages where the engine puts its
+    weights there too (``falconlm.engine.huge_pages``), so both read memory the same way."""
     import torch
 
     from falconlm import native
@@ -153,29 +160,93 @@ def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5
     lib = native.kernels()
     if lib is not None:
         reads.append(lambda: lib.falcon_read_words(buf.data_ptr(), nbytes // 8, threads))
-    seconds = min(best_time(read, repeats=repeats) for read in reads)
-    return nbytes / seconds / 1e9
+
+    def read(repeats: int) -> float:
+        return nbytes / min(best_time(r, repeats=repeats) for r in reads) / 1e9
+
+    return read
 
 
-def bandwidth_beside(threads: int) -> float | None:
-    """The read bandwidth now, in GB/s, from a process of its own (a worker's peak RSS stays its own): the best of
-    3 reads of a BESIDE_BYTES buffer. Taken right before and right after a batch-1 decode, it says what memory gave
-    while that decode ran. None where the probe fails."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(threads))
-    try:
-        return float(done.stdout.split()[-1])
-    except (IndexError, ValueError):
-        return None
+def read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth in GB/s: :func:`bandwidth_reader`'s best of ``repeats`` reads."""
+    return bandwidth_reader(threads, nbytes)(repeats)
 
 
-def beside_share(row: dict) -> str:
-    """A row's GB/s at batch 1 as a share of the mean of the probes beside its decode, and those probes
-    (``72% of 31/33``); "-" without them."""
-    probes = row.get("bw_beside_b1") or []
-    if "gb_s_b1" not in row or len(probes) != 2 or None in probes:
+def serve_probes(threads: int) -> None:
+    """The probe process of :class:`ReadProbe`: one line with the read bandwidth (best of 3) per line read."""
+    read = bandwidth_reader(threads, PROBE_BYTES)
+    for _ in sys.stdin:
+        print(f"{read(3):.2f}", flush=True)
+
+
+class ReadProbe:
+    """The read bandwidth now, in GB/s, from a process of its own that stays open across a measurement: the
+    measured process's peak RSS stays its own, and no process start sits between a probe and the decode it
+    brackets. :meth:`read` answers None once the probe process has failed."""
+
+    def __init__(self, threads: int):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", "--threads", str(threads)]
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=worker_env(threads),
+        )
+
+    def read(self) -> float | None:
+        try:
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+            return float(self.process.stdout.readline())
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> ReadProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def decode_in_turn(step_seconds: Callable[[], float | None], weight_bytes: int, threads: int) -> list[list]:
+    """IN_TURN_ROUNDS rounds of [bandwidth before, GB/s of one batch-1 decode step, bandwidth after]: each round
+    calls ``step_seconds`` (a short decode, timed per step; None if it failed, and the round is left out) between
+    two probe reads, and counts ``weight_bytes`` read per step."""
+    rounds = []
+    with ReadProbe(threads) as probe:
+        probe.read()  # the probe process has started and read once before the first round
+        for _ in range(IN_TURN_ROUNDS):
+            before = probe.read()
+            seconds = step_seconds()
+            after = probe.read()
+            if seconds:
+                rounds.append([before, weight_bytes / seconds / 1e9, after])
+    return rounds
+
+
+def in_turn_share(row: dict) -> str:
+    """A row's batch-1 GB/s in turn with the probe (``in_turn_b1``) as a table cell: the median of the rounds'
+    shares of the mean of their two probes, the shares' range, and the probes' range (``97% (89-104%) of 52-70``);
+    "-" without a round whose probes both read."""
+    rounds = [(before, gb_s, after) for before, gb_s, after in row.get("in_turn_b1") or [] if before and after]
+    if not rounds:
         return "-"
-    return f"{100 * row['gb_s_b1'] / (sum(probes) / 2):.0f}% of {probes[0]:.0f}/{probes[1]:.0f}"
+    shares = sorted(100 * gb_s / ((before + after) / 2) for before, gb_s, after in rounds)
+    probes = [p for before, _, after in rounds for p in (before, after)]
+    return (
+        f"{statistics.median(shares):.0f}% ({shares[0]:.0f}-{shares[-1]:.0f}%) of {min(probes):.0f}-{max(probes):.0f}"
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -296,16 +367,21 @@ def worker(
         ids = torch.randint(0, vocab, (batch, PROMPT_DECODE), generator=gen)
         if batch == 1:
             run_decode(ids[:, :4])  # warm-up
-            before = bandwidth_beside(threads)
         seconds = best_time(lambda ids=ids: run_decode(ids), repeats=2)
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / seconds
         if batch == 1:  # one decode step: the whole run less its prompt and first token, over the other tokens
             first = best_time(lambda ids=ids: run_decode(ids, 1), repeats=2)
             result["decode_step_s_b1"] = (seconds - first) / (new_tokens - 1)
-            result["bw_beside_b1"] = [before, bandwidth_beside(threads)]
+            one_row = ids
     result["gb_s_b1"] = weight_bytes / result["decode_step_s_b1"] / 1e9
     result["weights_mib"] = weight_bytes / 2**20
     result["peak_rss_mib"] = peak_rss_mib()
+
+    def step_seconds() -> float:  # as decode_step_s_b1, over a shorter run
+        first = best_time(lambda: run_decode(one_row, 1))
+        return (best_time(lambda: run_decode(one_row, IN_TURN_TOKENS)) - first) / (IN_TURN_TOKENS - 1)
+
+    result["in_turn_b1"] = decode_in_turn(step_seconds, weight_bytes, threads)
     if impl == "falconlm":
         result["native"] = native_variant()
     return result
@@ -342,7 +418,7 @@ def main() -> None:
     args = parser.parse_args()
     apply_isa(args.isa)
     if args.probe:
-        print(f"{read_bandwidth(args.threads, BESIDE_BYTES, repeats=3):.2f}")
+        serve_probes(args.threads)
         return
     if args.worker:
         impl, variant = args.worker
@@ -435,7 +511,7 @@ def render(rows: list[dict], threads: int, size: str, bandwidth: float, prefill:
         bandwidth_line(bandwidth, threads),
         "",
         f"| dtype | impl | prefill {prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 | % of read bw "
-        "| % of read bw beside b1 (before/after, GB/s) | peak RSS MiB |",
+        "| % of read bw in turn b1 (median, range; probes GB/s) | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["impl"], r["dtype"]): r for r in rows}
@@ -443,7 +519,7 @@ def render(rows: list[dict], threads: int, size: str, bandwidth: float, prefill:
         lines.append(
             f"| {r['dtype']} | {r['impl']} | {r['prefill_tok_s']:.0f} | {r['decode_b1_tok_s']:.1f} | "
             f"{r['decode_b8_tok_s']:.1f} | {r['gb_s_b1']:.1f} | {100 * r['gb_s_b1'] / bandwidth:.0f}% | "
-            f"{beside_share(r)} | {r['peak_rss_mib']:.0f} |"
+            f"{in_turn_share(r)} | {r['peak_rss_mib']:.0f} |"
         )
         ref_dtype = r["dtype"] if r["dtype"] in FLOAT_DTYPES else "bfloat16"
         ref = by_key.get(("transformers", ref_dtype))
@@ -454,7 +530,7 @@ def render(rows: list[dict], threads: int, size: str, bandwidth: float, prefill:
                 f"{ratio[2]:.2f}x | | | | |"
             )
     lines.append("")
-    lines.append(BESIDE_NOTE)
+    lines.append(IN_TURN_NOTE)
     return "\n".join(lines)
 
 

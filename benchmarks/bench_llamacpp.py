@@ -42,20 +42,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import (
-    BESIDE_NOTE,
+    IN_TURN_NOTE,
+    IN_TURN_TOKENS,
     PROMPT_DECODE,
     REPO_ROOT,
     SHARED_TOKENIZER,
     add_common_args,
     add_decode_args,
     apply_isa,
-    bandwidth_beside,
     bandwidth_line,
-    beside_share,
     checkpoint_folder,
+    decode_in_turn,
     describe,
     fma_line,
     fma_peak,
+    in_turn_share,
     measure,
     prepare,
     read_bandwidth,
@@ -250,10 +251,7 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
     for key, prompt, new in (("prefill_tok_s", args.prefill, 0), ("decode_b1_tok_s", 0, args.new_tokens)):
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(prompt)]
         cmd += ["-n", str(new), "-r", str(args.repetitions), "-o", "jsonl"]
-        before = bandwidth_beside(args.threads) if new else None
         out = peer_tool(cmd, f"llama-bench -p {prompt} -n {new}", row, key)
-        if new:
-            row["bw_beside_b1"] = [before, bandwidth_beside(args.threads)]
         tests = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
         for t in tests:  # the best repetition, as bench_core keeps falconlm's best run
             row.update(model_bytes=t["model_size"], build=f"{t['build_commit']} ({t['backends']})")
@@ -269,7 +267,17 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
         row["decode_b8_tok_s"] = b["pl"] * b["tg"] / b["t"]
     if "decode_b1_tok_s" in row:
         row["gb_s_b1"] = row["model_bytes"] * row["decode_b1_tok_s"] / 1e9
+        steps = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", "0"]
+        steps += ["-n", str(IN_TURN_TOKENS), "-r", "1", "-o", "jsonl"]
+        row["in_turn_b1"] = decode_in_turn(lambda: llama_step_seconds(steps), row["model_bytes"], args.threads)
     return row
+
+
+def llama_step_seconds(cmd: list[str]) -> float | None:
+    """The seconds of one decode step in one short ``llama-bench`` run; None if it failed."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    tests = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return 1 / tests[-1]["avg_ts"] if done.returncode == 0 and tests and tests[-1].get("avg_ts") else None
 
 
 def peer_tool(cmd: list[str], what: str, row: dict, cell: str) -> str | None:
@@ -312,10 +320,12 @@ def core_rows(bin_dir: Path, ggufs: dict[str, Path], args: argparse.Namespace) -
 
 
 def best_row(rounds: list[dict]) -> dict:
-    """One row from a measurement's rounds: the round with the fastest batch 1 (with its GB/s and the bandwidth
-    read beside it), the fastest prefill and batch 8 of any round, and the failures of cells no round filled."""
+    """One row from a measurement's rounds: the round with the fastest batch 1 (with its GB/s), the fastest
+    prefill and batch 8 of any round, every round's decodes in turn with the probe, and the failures of cells no
+    round filled."""
     have_b1 = [r for r in rounds if "decode_b1_tok_s" in r] or rounds
     row = dict(max(have_b1, key=lambda r: r.get("decode_b1_tok_s", 0.0)))
+    row["in_turn_b1"] = [one for r in rounds for one in r.get("in_turn_b1") or []]
     for key in BEST_OF:
         values = [r[key] for r in rounds if key in r]
         if values:
@@ -359,7 +369,7 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"falconlm native kernels: {native}; llama.cpp {args.llamacpp_version} (commit {build})",
         "",
         f"| weights | engine | MiB | prefill {args.prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 "
-        "| % of read bw | % of read bw beside b1 (before/after, GB/s) |",
+        "| % of read bw | % of read bw in turn b1 (median, range; probes GB/s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -370,7 +380,7 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         share = f"{100 * row['gb_s_b1'] / bandwidth:.0f}%" if "gb_s_b1" in row else "-"
         return (
             f"| {weights} | {engine} | {mib:.0f} | {cell(row, cols[0], 0)} | {cell(row, cols[1], 1)} | "
-            f"{cell(row, cols[2], 1)} | {cell(row, 'gb_s_b1', 1)} | {share} | {beside_share(row)} |"
+            f"{cell(row, cols[2], 1)} | {cell(row, 'gb_s_b1', 1)} | {share} | {in_turn_share(row)} |"
         )
 
     entries = [("bf16", "transformers", falcon.get("transformers"))]
@@ -404,13 +414,14 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"{args.new_tokens - 1} tokens); MiB and GB/s count each stored weight once (falconlm int8/int4 keep the "
         "tied head in int8).",
         f"- rounds: {args.rounds}, each measuring every format's falconlm and llama.cpp rows back to "
-        "back; a row is its round with the fastest batch 1 (with that round's GB/s and bandwidth beside it) and the "
-        "fastest prefill and batch 8 of any round; transformers once.",
+        "back; a row is its round with the fastest batch 1 (with that round's GB/s), the fastest prefill and batch 8 "
+        "of any round, and every round's decodes in turn with the probe; transformers once.",
         f"- llama.cpp: `llama-bench -t {args.threads} -p {args.prefill} -n {args.new_tokens} -r {args.repetitions}` "
         "(best repetition; decode from an empty context), "
         f"`llama-batched-bench -npp {PROMPT_DECODE} -ntg {args.new_tokens} -npl 8` "
-        "(tok/s over the whole run, prompts included); MiB is llama-bench's model size.",
-        BESIDE_NOTE,
+        "(tok/s over the whole run, prompts included); MiB is llama-bench's model size; each decode in turn with "
+        f"the probe is one `llama-bench -p 0 -n {IN_TURN_TOKENS} -r 1`.",
+        IN_TURN_NOTE,
     ]
     failures = [(fmt, failure) for fmt, row in llama.items() for failure in row.get("failed", [])]
     lines += [f"- llama.cpp {fmt}: {failure}; its cell is empty." for fmt, failure in failures]

@@ -108,23 +108,54 @@ def test_core_table_reports_bandwidth_share_and_ratios():
     assert "| int8 | ratio falconlm/transformers bfloat16 | 1.00x | 3.00x | 3.00x | | | | |" in text
 
 
-def test_core_table_sets_batch_1_against_the_bandwidth_read_beside_it():
-    """A shared machine's bandwidth swings from minute to minute: each row also gives its share of the probes
-    read right before and right after its own batch-1 decode."""
+def test_core_table_sets_batch_1_against_the_bandwidth_read_in_turn_with_it():
+    """A shared machine's bandwidth swings from second to second: each row also gives the median share of its
+    batch-1 decodes timed in turn with the probe, each against the mean of the probes right before and after it."""
     row = _row("falconlm", "int8", 60.0)  # 24 GB/s at batch 1
-    row["bw_beside_b1"] = [28.0, 36.0]
+    row["in_turn_b1"] = [[28.0, 24.0, 36.0], [30.0, 27.0, 30.0], [20.0, 33.0, 40.0], [None, 50.0, 30.0]]
     text = bench_core.render([row], threads=2, size="1b", bandwidth=60.0)
-    assert "| int8 | falconlm | 500 | 60.0 | 480.0 | 24.0 | 40% | 75% of 28/36 | 700 |" in text
-    assert "right before and right after that row's batch-1 decode" in text
-    row["bw_beside_b1"] = [28.0, None]  # a probe that failed: no share
+    assert "| int8 | falconlm | 500 | 60.0 | 480.0 | 24.0 | 40% | 90% (75-110%) of 20-40 | 700 |" in text
+    assert "between two reads of the bandwidth" in text
+    row["in_turn_b1"] = [[28.0, 24.0, None]]  # no round whose probes both read: no share
     assert "| 40% | - | 700 |" in bench_core.render([row], threads=2, size="1b", bandwidth=60.0)
 
 
-def test_bandwidth_beside_reads_memory_in_a_process_of_its_own(monkeypatch):
-    gb_s = bench_core.bandwidth_beside(1)
-    assert gb_s is not None and gb_s > 0.1
-    monkeypatch.setattr(bench_core.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "boom"))
-    assert bench_core.bandwidth_beside(1) is None
+class _Probe:
+    """ReadProbe's stand-in: its reads answer ``values`` in order."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def __call__(self, threads):
+        return self
+
+    def read(self):
+        return next(self.values)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_decode_in_turn_brackets_each_decode_with_two_probe_reads(monkeypatch):
+    reads = [99.0] + [float(v) for v in range(2 * bench_core.IN_TURN_ROUNDS)]  # the first read is a warm-up
+    monkeypatch.setattr(bench_core, "ReadProbe", _Probe(reads))
+    steps = iter([0.5, None] + [0.25] * bench_core.IN_TURN_ROUNDS)  # a decode that failed leaves its round out
+    rounds = bench_core.decode_in_turn(lambda: next(steps), 10**9, threads=2)
+    assert rounds[0] == [0.0, 2.0, 1.0]
+    assert rounds[1:] == [[2.0 * i, 4.0, 2.0 * i + 1] for i in range(2, bench_core.IN_TURN_ROUNDS)]
+
+
+def test_the_read_probe_runs_in_a_process_of_its_own():
+    with bench_core.ReadProbe(1) as probe:
+        assert probe.process.pid != os.getpid()
+        assert all(gb_s is not None and gb_s > 0.1 for gb_s in (probe.read(), probe.read()))
+        probe.process.kill()
+        probe.process.wait()
+        assert probe.read() is None  # a probe process that died answers None
+    assert probe.process.returncode is not None
 
 
 def test_staging_folder_for_the_converter(tmp_path):
@@ -160,12 +191,12 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
             "decode_b1_tok_s": 30.0,
             "decode_b8_tok_s": 120.0,
             "gb_s_b1": 6.3,
-            "bw_beside_b1": [28.0, 32.0],
+            "in_turn_b1": [[28.0, 6.3, 32.0]],
         }
     }
     args = _llamacpp_args()
     text = bench_llamacpp.render(falcon, llama, args, bandwidth=30.0)
-    assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% | 21% of 28/32 |" in text
+    assert "| q8_0 | llama.cpp | 200 | 1000 | 30.0 | 120.0 | 6.3 | 21% | 21% (21-21%) of 28-32 |" in text
     assert "| int8 | falconlm | 400 | 500 | 60.0 | 480.0 | 24.0 | 80% | - |" in text
     assert "| falconlm int8 / llama.cpp q8_0 | 0.50x | 2.00x | 4.00x |" in text
     assert "| falconlm int8 / transformers bf16 | 1.00x | 3.00x | 3.00x |" in text
@@ -188,25 +219,24 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"0" * 10)
     args = _llamacpp_args()
-    probes = iter([31.0, 33.0])  # around the decode run only: the crashed prompt run reads none
-    monkeypatch.setattr(bench_llamacpp, "bandwidth_beside", lambda threads: next(probes))
+    monkeypatch.setattr(bench_core, "ReadProbe", _Probe([30.0] + [31.0, 33.0] * bench_core.IN_TURN_ROUNDS))
     row = bench_llamacpp.llama_bench(bin_dir, gguf, args)
-    assert row["bw_beside_b1"] == [31.0, 33.0]
+    assert row["in_turn_b1"] == [[31.0, 2**20 * 25.0 / 1e9, 33.0]] * bench_core.IN_TURN_ROUNDS  # -n 33 -r 1 each
     assert "prefill_tok_s" not in row and row["decode_b1_tok_s"] == 26.0 and row["decode_b8_tok_s"] == 64.0
     assert row["failed"] == ["llama-bench -p 512 -n 0 exited with -11"]
     monkeypatch.setattr(bench_llamacpp, "cpu_summary", lambda: "CPU: test")
     falcon = {"int8": _row("falconlm", "int8", 60.0)}
     text = bench_llamacpp.render(falcon, {"q8_0": row}, args, bandwidth=30.0)
-    assert "| q8_0 | llama.cpp | 1 | - | 26.0 | 64.0 | 0.0 | 0% | 0% of 31/33 |" in text
+    assert "| q8_0 | llama.cpp | 1 | - | 26.0 | 64.0 | 0.0 | 0% | 0% (0-0%) of 31-33 |" in text
     assert "| falconlm int8 / llama.cpp q8_0 | - | " in text
     assert "- llama.cpp q8_0: llama-bench -p 512 -n 0 exited with -11; its cell is empty." in text
 
 
 def test_table_rounds_pair_each_format_in_time_and_keep_each_sides_best(tmp_path, monkeypatch):
     """Transformers once; then each round measures every format's falconlm row and then its llama.cpp row (a variant
-    two formats share, once a round). A row keeps its fastest batch-1 round, with that round's GB/s and the bandwidth
-    read beside it, and the fastest prefill and batch 8 of any round; a crash another round made up for is not
-    reported."""
+    two formats share, once a round). A row keeps its fastest batch-1 round, with that round's GB/s, the fastest
+    prefill and batch 8 of any round, and every round's decodes in turn with the probe; a crash another round made
+    up for is not reported."""
     order = []
     b1 = {
         "bfloat16": [40.0, 50.0],
@@ -220,13 +250,13 @@ def test_table_rounds_pair_each_format_in_time_and_keep_each_sides_best(tmp_path
         order.append((impl, variant))
         n = order.count((impl, variant))
         rate = 10.0 if impl == "transformers" else b1[variant][n - 1]
-        return {**_row(impl, variant, rate), "prefill_tok_s": 100.0 * n, "bw_beside_b1": [rate, rate]}
+        return {**_row(impl, variant, rate), "prefill_tok_s": 100.0 * n, "in_turn_b1": [[rate, rate, rate]]}
 
     def llama_bench(bin_dir, gguf, args):
         fmt = gguf.stem
         order.append(("llama.cpp", fmt))
         n = order.count(("llama.cpp", fmt))
-        row = {"model_bytes": 2**20, "build": "x", "failed": [], "failed_cells": [], "bw_beside_b1": [n, n]}
+        row = {"model_bytes": 2**20, "build": "x", "failed": [], "failed_cells": [], "in_turn_b1": [[n, n, n]]}
         row |= {"decode_b1_tok_s": b1[fmt][n - 1], "gb_s_b1": b1[fmt][n - 1] / 1000, "decode_b8_tok_s": 8.0 * n}
         if fmt == "q8_0" and n == 1:  # round 1's prompt run crashed; round 2's did not
             row["failed"], row["failed_cells"] = ["llama-bench -p 512 -n 0 exited with -11"], ["prefill_tok_s"]
@@ -244,10 +274,11 @@ def test_table_rounds_pair_each_format_in_time_and_keep_each_sides_best(tmp_path
     one_round = [("falconlm", "bfloat16"), ("llama.cpp", "bf16"), ("llama.cpp", "f16")]
     one_round += [("falconlm", "int8"), ("llama.cpp", "q8_0")]
     assert order == [("transformers", "bfloat16"), *one_round, *one_round]
-    assert falcon["bfloat16"]["decode_b1_tok_s"] == 50.0 and falcon["bfloat16"]["bw_beside_b1"] == [50.0, 50.0]
+    assert falcon["bfloat16"]["decode_b1_tok_s"] == 50.0
+    assert falcon["bfloat16"]["in_turn_b1"] == [[40.0, 40.0, 40.0], [50.0, 50.0, 50.0]]  # both rounds' decodes
     assert falcon["int8"]["decode_b1_tok_s"] == 70.0 and falcon["int8"]["gb_s_b1"] == 70.0 * 0.4
     assert falcon["int8"]["prefill_tok_s"] == 200.0  # round 2's, though round 1 had the faster batch 1
-    assert llama["bf16"]["decode_b1_tok_s"] == 30.0 and llama["bf16"]["bw_beside_b1"] == [1, 1]
+    assert llama["bf16"]["decode_b1_tok_s"] == 30.0 and llama["bf16"]["in_turn_b1"] == [[1, 1, 1], [2, 2, 2]]
     assert llama["bf16"]["prefill_tok_s"] == 302.0 and llama["bf16"]["decode_b8_tok_s"] == 16.0
     assert llama["q8_0"]["prefill_tok_s"] == 302.0 and llama["q8_0"]["failed"] == []
     assert llama["f16"]["failed"] == ["llama-bench -p 512 -n 0 exited with -11"] and "prefill_tok_s" not in llama["f16"]
