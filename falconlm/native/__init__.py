@@ -57,6 +57,7 @@ FUNCTIONS: dict[str, tuple] = {
     "falcon_read_words": (_P, _I, _C),
     "falcon_fma_probe": (_I, ctypes.c_float, ctypes.c_float, _C),
     "falcon_fma_probe_chains": (),
+    "falcon_stream_ahead": (_P,),
 }
 RESULTS = {
     "falcon_decode_run": ctypes.c_int64,

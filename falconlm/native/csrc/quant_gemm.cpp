@@ -102,6 +102,13 @@ struct Scratch {  // one per calling thread, grown as needed
 
 extern "C" {
 
+// How far ahead the quantized matmuls request their weight stream, in bytes: {into L2, into L1} (quant_tiles.h).
+void falcon_stream_ahead(int32_t* out) {
+  const StreamAhead ahead = stream_ahead();
+  out[0] = ahead.l2;
+  out[1] = ahead.l1;
+}
+
 // y[M, N] = x[M, :k_real] @ W.T. x: float32 or bfloat16, rows ldx elements apart; K: the weight's (padded)
 // width, B: the activation block (a scale per B columns), G: int4's group size (a multiple of B).
 // y: [M, N] contiguous, bfloat16 or float32.

@@ -34,27 +34,37 @@ constexpr int MR = 4;
 #else
 constexpr int MR = 2;  // four q registers per 16 lanes: fewer rows keep the sums in registers
 #endif
-// Each line of the weight stream is requested twice: into L2 PREFETCH bytes ahead, then into L1 PREFETCH_L1
-// ahead. Requests into L1 alone, 4096 ahead, held batch-1 decode below what memory gives, as the L1 fill buffers
-// they occupy run out; with both, bench-1b int4 g64 steps went 27.8-28.4 -> 25.1-25.6 ms and int8 39.5-40.0 ->
-// 37.3-38.7 on AVX-512 (Intel, 2 threads, A/B in turn), and bench-194m batch 1 rose 10% (int4, AVX-512) to 40%
-// (int8, the AVX2 stand-in). Into L2 alone was as good from memory and 5% slower from L3.
+// Each line of the weight stream is requested twice: into L2 `l2` bytes ahead, then into L1 `l1` bytes ahead
+// (stream_ahead()). Requests into L1 alone, 4096 ahead, held batch-1 decode below what memory gives, as the L1
+// fill buffers they occupy run out; with both (4096 and 1024), bench-1b int4 g64 steps went 27.8-28.4 -> 25.1-25.6
+// ms and int8 39.5-40.0 -> 37.3-38.7 on AVX-512 (Intel, 2 threads, A/B in turn), and bench-194m batch 1 rose 10%
+// (int4, AVX-512) to 40% (int8, the AVX2 stand-in). Into L2 alone was as good from memory and 5% slower from L3.
+//
+// AMD's cores reach twice as far into L2 and six times as far into L1. On a Zen 4 EPYC (the AVX2 stand-in, 2
+// threads, bench-1b's int8 shapes at one row, interleaved with the old distances) 8192 into L2 took 26.0-26.8 ->
+// 28.1-29.0 GB/s while the read probe gave 31-33, and the whole bench-1b int8 step 27-29 -> 35-37 GB/s while it
+// gave 46-56. Into L1 6144 ahead on a Zen 5 EPYC (AVX2 stand-in, bench-1b batch-1 steps, libraries in turn):
+// int8 61.2-61.9 -> 66.1-67.1 GB/s where the probe read 68-69, 46.4-47.1 -> 47.5-48.1 where it read 51-52; int4
+// g64 within 1-3%; 4096 gave most of it, 7168 and 12288 into L2 no more. The AVX-512 build on the Zen 5 (libraries
+// in turn, probes beside each): bench-1b int8 layers 15.5 -> 14.2 ms and 16.0 -> 15.2, bench-194m int8 1.96 ->
+// 1.73 ms, int4 g64 unchanged. The AVX2 build takes the far distances on every CPU, as it always has (none was
+// measured on an Intel CPU without AVX-512); the AVX-512 build takes them on AMD (and Hygon, Zen inside) only.
+struct StreamAhead {
+  int l2, l1;  // bytes ahead of the line being read
+};
+constexpr StreamAhead NEAR_AHEAD{4096, 1024};
+constexpr StreamAhead FAR_AHEAD{8192, 6144};
 #if defined(FALCON_AVX2)
-// AVX2 reaches twice as far: on a Zen 4 EPYC (the AVX2 stand-in, 2 threads, bench-1b's int8 shapes at one row,
-// interleaved with the old distances) 26.0-26.8 -> 28.1-29.0 GB/s while the read probe gave 31-33, and the whole
-// bench-1b int8 step 27-29 -> 35-37 GB/s while it gave 46-56. The AVX-512 build on the same CPU did not move.
-// Into L1 three times further again on a Zen 5 EPYC (the AVX2 stand-in, bench-1b batch-1 steps, libraries in
-// turn): int8 61.2-61.9 -> 66.1-67.1 GB/s where the probe read 68-69, 46.4-47.1 -> 47.5-48.1 where it read 51-52;
-// int4 g64 within 1-3%. 4096 gave most of it, 7168 and 12288 into L2 no more.
-constexpr int PREFETCH = 8192;
-constexpr int PREFETCH_L1 = 6144;
+inline StreamAhead stream_ahead() { return FAR_AHEAD; }
+#elif defined(FALCON_AVX512)
+inline const StreamAhead STREAM_AHEAD = zen_cpu() ? FAR_AHEAD : NEAR_AHEAD;  // set once, as the library loads
+inline StreamAhead stream_ahead() { return STREAM_AHEAD; }
 #else
-constexpr int PREFETCH = 4096;
-constexpr int PREFETCH_L1 = 1024;
+inline StreamAhead stream_ahead() { return NEAR_AHEAD; }
 #endif
-inline void prefetch_stream(const uint8_t* p) {
-  prefetch_l2(p + PREFETCH);
-  prefetch(p + PREFETCH_L1);
+inline void prefetch_stream(const uint8_t* p, StreamAhead ahead) {
+  prefetch_l2(p + ahead.l2);
+  prefetch(p + ahead.l1);
 }
 
 inline int32_t four_bytes(const int8_t* p) {
@@ -79,6 +89,7 @@ template <int R>
 inline void tile_w8(const int8_t* xq, const int8_t* xm, const float* xs, const int32_t* xsum, int64_t m0, int64_t K,
                     int64_t B, const uint8_t* w, const float* wscale, void* y, int64_t N, int64_t n0, int y_bf16) {
   const int64_t nb = K / B;
+  const StreamAhead ahead = stream_ahead();
   F32x16 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = zero();
   for (int64_t b = 0; b < nb; ++b) {
@@ -90,8 +101,8 @@ inline void tile_w8(const int8_t* xq, const int8_t* xm, const float* xs, const i
       I32Pairs pacc[R / 2];
       for (int p = 0; p < R / 2; ++p) pacc[p] = pzero();
       for (int64_t k = 0; k < B; k += 8) {
-        prefetch_stream(wb + k * TILE);
-        prefetch_stream(wb + (k + 4) * TILE);
+        prefetch_stream(wb + k * TILE, ahead);
+        prefetch_stream(wb + (k + 4) * TILE, ahead);
         const Line w0 = load_line(wb + k * TILE), w4 = load_line(wb + (k + 4) * TILE);
         const Line s0 = signed_q8(w0), s4 = signed_q8(w4);
         const int8_t* xk = xq + m0 * K + b * B + k;
@@ -112,8 +123,8 @@ inline void tile_w8(const int8_t* xq, const int8_t* xm, const float* xs, const i
       I32x16 odd[MR];
       for (int r = 0; r < R; ++r) odd[r] = izero();
       for (int64_t k = 0; k < B; k += 8) {
-        prefetch_stream(wb + k * TILE);
-        prefetch_stream(wb + (k + 4) * TILE);
+        prefetch_stream(wb + k * TILE, ahead);
+        prefetch_stream(wb + (k + 4) * TILE, ahead);
         const Line w0 = load_line(wb + k * TILE), w4 = load_line(wb + (k + 4) * TILE);
         for (int r = 0; r < R; ++r) {
           const int64_t i = (m0 + r) * K + b * B + k;
@@ -140,6 +151,7 @@ template <int R>
 inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0, int64_t K, int64_t B,
                     int64_t G, const uint8_t* w, const uint16_t* sz, void* y, int64_t N, int64_t n0, int y_bf16) {
   const int64_t nb = K / B;
+  const StreamAhead ahead = stream_ahead();
   F32x16 facc[MR];
   for (int r = 0; r < R; ++r) facc[r] = zero();
   for (int64_t b = 0; b < nb; ++b) {
@@ -154,7 +166,7 @@ inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int6
       U4Sum sums[MR];
       for (int r = 0; r < R; ++r) sums[r] = u4_zero();
       for (int64_t k = k0; k < B && k < k0 + 8 * U4_LINES; k += 8) {
-        prefetch_stream(wb + (k / 2) * TILE);
+        prefetch_stream(wb + (k / 2) * TILE, ahead);
         const Line packed = load_line(wb + (k / 2) * TILE);
         const Line w0 = low_nibbles(packed), w1 = high_nibbles(packed);
         int r = 0;

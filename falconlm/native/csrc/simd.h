@@ -19,9 +19,11 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FALCON_AVX512 1
+#include <cpuid.h>
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FALCON_AVX2 1
+#include <cpuid.h>
 #include <immintrin.h>
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #define FALCON_NEON 1
@@ -84,6 +86,19 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+
+#if defined(FALCON_AVX512) || defined(FALCON_AVX2)
+// Whether the CPU is AMD's or Hygon's (cpuid leaf 0's vendor): every such CPU with AVX-512 is a Zen 4 or later.
+inline bool zen_cpu() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  char vendor[13] = {};
+  std::memcpy(vendor, &ebx, 4);
+  std::memcpy(vendor + 4, &edx, 4);
+  std::memcpy(vendor + 8, &ecx, 4);
+  return std::strcmp(vendor, "AuthenticAMD") == 0 || std::strcmp(vendor, "HygonGenuine") == 0;
+}
+#endif
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }  // into L2 (and L3), not L1
