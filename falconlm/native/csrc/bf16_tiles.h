@@ -146,8 +146,12 @@ constexpr int64_t FIRST_BLOCK_REQUESTS_K = INT64_MAX;
 // One register of sums per pair is one chain of dependent FMAs: a lone weight row would wait on the FMA latency.
 constexpr int64_t ONE_ROW_MAX = 0;
 // A lone activation row (batch-1 decode) meets LONE_NR weight rows at a time instead of NR: as many chains of
-// sums in flight, with no widened weight to keep (each is used once).
-constexpr int LONE_NR = 8;
+// sums in flight, with no widened weight to keep (each is used once), and as many weight streams read side by
+// side. 12 rather than 8, on the Zen 5 stand-in (bf16 batch-1 decode runs, libraries in turn, a probe read before
+// and after each): bench-194m 62.5 -> 75.7 GB/s (77% -> 93% of the probe) and 60.9 -> 70.9 (75% -> 89%),
+// bench-1b 51.3 -> 70.0 (71% -> 85%). 16 took 84-85% (16 sums and the operands outgrow the 16 ymm registers),
+// 10 and 4 no more than 8. (AVX-512, one weight row at a time, read 93% there; 8-16 side by side 69-70%.)
+constexpr int LONE_NR = 12;
 #else
 constexpr int LONE_NR = NR;
 // Up to this many activation rows, weight rows go one at a time: two rows read in step are two interleaved streams
