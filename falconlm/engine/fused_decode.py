@@ -320,8 +320,7 @@ class FusedDecoder:
         for start in range(0, residual.shape[0], MAX_CALL_ROWS):
             part = slice(start, start + MAX_CALL_ROWS)
             table_rows, part_lengths = tables[part], lengths[part]
-            where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
-                         rows.block_size, table_rows.data_ptr(), tables.stride(0), part_lengths.data_ptr())  # fmt: skip
+            where = _rows(rows, table_rows, part_lengths)
             (self._prompt_fn if prompt else self._fn)(
                 ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where),
                 residual[part].data_ptr(), residual[part].shape[0], cos32[part].data_ptr(), sin32[part].data_ptr(),
@@ -334,12 +333,14 @@ class FusedDecoder:
     def runs(self, model: FalconForCausalLM) -> bool:
         """Whether :meth:`run` can take ``model``'s decode steps: this decoder is bound to it and up to date, and
         the library reads its embedding and head (``decode_run.run_parts``)."""
-        return (
-            model.transformer is self._model()
-            and self.usable
-            and not is_dynamic(model.config)
-            and run_parts(model) is not None
-        )
+        return self._run_parts(model) is not None
+
+    def _run_parts(self, model: FalconForCausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
+        """``run_parts(model)`` where this decoder is bound to ``model``, up to date and its rotary static; else
+        None."""
+        if model.transformer is not self._model() or not self.usable or is_dynamic(model.config):
+            return None
+        return run_parts(model)
 
     def run(
         self, model: FalconForCausalLM, rows: DecodeRows, tokens: Sequence[int], steps: int, requests: Sequence[Request]
@@ -349,10 +350,11 @@ class FusedDecoder:
         ending after a step where a row chose a stop token of its request. None where the model's embedding or
         head is not one the library reads; the caller then runs the steps in Python. Every row must have cache
         slots for every position the run reaches; the caller has :meth:`refresh`-ed."""
-        if not self.runs(model):
+        parts = self._run_parts(model)
+        if parts is None:
             return None
         t, c = model.transformer, model.config
-        embed, head, dtype = run_parts(model)
+        embed, head, dtype = parts
         lengths = rows.context_lens
         if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or lengths.numel() > MAX_CALL_ROWS:
             return None
@@ -360,8 +362,7 @@ class FusedDecoder:
         self.rotary(c, torch.tensor([[last]]), dtype, None)  # the table grows to hold it
         cos, sin = self._rotary[dtype]
         shape, tables = _shape(c, rows), rows.block_tables
-        where = Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg,
-                     rows.block_size, tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
+        where = _rows(rows, tables, lengths)
         stops = stop_tokens(requests)
         w, b = self._final_norm
         run = Run(embed, head, w.data_ptr(), b.data_ptr(), t.ln_f.eps, cos.data_ptr(), sin.data_ptr(),
@@ -386,6 +387,13 @@ class FusedDecoder:
             residual.data_ptr(), n, h, w.data_ptr(), b.data_ptr(), ln_f.eps, y.data_ptr(), int(dtype is torch.bfloat16)
         )
         return y
+
+
+def _rows(rows: DecodeRows, tables: torch.Tensor, lengths: torch.Tensor) -> Rows:
+    """The native Rows of ``rows``' cache for the rows whose block tables and context lengths are ``tables`` /
+    ``lengths`` (all of ``rows``' or a slice of them)."""
+    return Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg, rows.block_size,
+                tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
 
 
 def _shape(c: FalconConfig, rows: DecodeRows) -> Shape:
