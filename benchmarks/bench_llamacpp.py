@@ -248,10 +248,13 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
     (llama-batched-bench). A measurement whose tool crashes leaves its cell empty and is named in ``failed``
     (llama.cpp 0.3.36's q8_0 prompt processing crashes on a Xeon with AMX), so the rest of the run stands."""
     row: dict = {"model_bytes": gguf.stat().st_size, "build": "?", "failed": [], "failed_cells": []}
-    for key, prompt, new in (("prefill_tok_s", args.prefill, 0), ("decode_b1_tok_s", 0, args.new_tokens)):
+
+    def bench_cmd(prompt: int, new: int, repetitions: int) -> list[str]:
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", str(prompt)]
-        cmd += ["-n", str(new), "-r", str(args.repetitions), "-o", "jsonl"]
-        out = peer_tool(cmd, f"llama-bench -p {prompt} -n {new}", row, key)
+        return [*cmd, "-n", str(new), "-r", str(repetitions), "-o", "jsonl"]
+
+    for key, prompt, new in (("prefill_tok_s", args.prefill, 0), ("decode_b1_tok_s", 0, args.new_tokens)):
+        out = peer_tool(bench_cmd(prompt, new, args.repetitions), f"llama-bench -p {prompt} -n {new}", row, key)
         tests = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
         for t in tests:  # the best repetition, as bench_core keeps falconlm's best run
             row.update(model_bytes=t["model_size"], build=f"{t['build_commit']} ({t['backends']})")
@@ -267,8 +270,7 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
         row["decode_b8_tok_s"] = b["pl"] * b["tg"] / b["t"]
     if "decode_b1_tok_s" in row:
         row["gb_s_b1"] = row["model_bytes"] * row["decode_b1_tok_s"] / 1e9
-        steps = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-p", "0"]
-        steps += ["-n", str(IN_TURN_TOKENS), "-r", "1", "-o", "jsonl"]
+        steps = bench_cmd(0, IN_TURN_TOKENS, 1)
         row["in_turn_b1"] = decode_in_turn(lambda: llama_step_seconds(steps), row["model_bytes"], args.threads)
     return row
 
