@@ -17,7 +17,8 @@ path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2 w
 call (``falcon_prompt_layers``) multiplies through the same widened weight panels and spares the chunk the torch
 forward's dispatch, its bfloat16 element-wise ops and SDPA. Each token row is summed alone, so a prompt's scores
 no longer depend on how the scheduler cut it into chunks (the runner sends a chunk of one token here too, not
-as a decode row).
+as a decode row). Only the rows whose logits are read (a chunk's last token, or none, unless the prompt is scored)
+go through the last layer past their K/V, as llama.cpp skips the tokens it outputs nothing for.
 """
 
 from __future__ import annotations
@@ -296,12 +297,15 @@ class FusedDecoder:
         rows: DecodeRows,
         prompt: bool = False,
         check: bool = True,
+        out_rows: Sequence[int] | None = None,
     ) -> torch.Tensor | None:
         """The hidden states after every layer and the final LayerNorm (:meth:`final_norm`), in ``x``'s dtype, for
         ``x`` [B, T, H] (one new token per row: B * T rows) and the rows' rotary ``cos`` / ``sin`` ([B, T, 1, 1,
         head_dim], or as :meth:`rotary` gives them); None when this step cannot run fused. ``prompt``: the rows
-        are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says. ``check`` False: the
-        caller has :meth:`refresh`-ed since the model last changed."""
+        are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says; then ``out_rows``
+        (flat row indices; None: all) names the rows whose states are read: every row stores its K/V, and the
+        others' states are left as they were before the last layer. ``check`` False: the caller has
+        :meth:`refresh`-ed since the model last changed."""
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
@@ -321,11 +325,16 @@ class FusedDecoder:
             part = slice(start, start + MAX_CALL_ROWS)
             table_rows, part_lengths = tables[part], lengths[part]
             where = _rows(rows, table_rows, part_lengths)
-            (self._prompt_fn if prompt else self._fn)(
+            args = (
                 ctypes.addressof(shape), ctypes.addressof(self._layers), ctypes.addressof(where),
                 residual[part].data_ptr(), residual[part].shape[0], cos32[part].data_ptr(), sin32[part].data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
+            if not prompt:
+                self._fn(*args)
+                continue
+            kept = None if out_rows is None else _part_rows(out_rows, start, residual[part].shape[0])
+            self._prompt_fn(*args, None if kept is None else kept.data_ptr(), -1 if kept is None else kept.numel())
         if x.dtype not in CACHE_DTYPES:
             return model.ln_f(residual.view(x.shape).to(x.dtype))
         return self.final_norm(residual, x.dtype).view(x.shape)
@@ -389,6 +398,12 @@ class FusedDecoder:
         return y
 
 
+def _part_rows(out_rows: Sequence[int], start: int, count: int) -> torch.Tensor:
+    """The rows of ``out_rows`` among flat rows ``start`` .. ``start + count - 1``, as indices from ``start``, in
+    order, each once."""
+    return torch.tensor(sorted({r - start for r in out_rows if start <= r < start + count}), dtype=torch.int64)
+
+
 def _rows(rows: DecodeRows, tables: torch.Tensor, lengths: torch.Tensor) -> Rows:
     """The native Rows of ``rows``' cache for the rows whose block tables and context lengths are ``tables`` /
     ``lengths`` (all of ``rows``' or a slice of them)."""
@@ -426,13 +441,15 @@ def fused_hidden(
     rope_lengths: torch.Tensor | None = None,
     prompt: bool = False,
     check: bool = True,
+    out_rows: Sequence[int] | None = None,
 ) -> torch.Tensor | None:
     """Hidden states after ``ln_f`` of a decode step of token ``ids`` at ``positions`` (both [B, T], one new token
     per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused.
-    ``rope_lengths`` as for the model's forward (dynamic RoPE scaling); ``prompt`` and ``check`` as for
-    :class:`FusedDecoder`."""
+    ``rope_lengths`` as for the model's forward (dynamic RoPE scaling); ``prompt``, ``check`` and ``out_rows`` as
+    for :class:`FusedDecoder`."""
     x = model.transformer.word_embeddings(ids)
-    return decoder(x, *decoder.rotary(model.config, positions, x.dtype, rope_lengths), rows, prompt, check)
+    cos, sin = decoder.rotary(model.config, positions, x.dtype, rope_lengths)
+    return decoder(x, cos, sin, rows, prompt, check, out_rows)
 
 
 def dense_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:

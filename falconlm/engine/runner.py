@@ -317,7 +317,9 @@ class ModelRunner:
         hidden = None
         if rows_kv is not None:
             # A decoder comes from execute(), which refreshed it where the step starts a run (FusedDecoder.refresh)
-            hidden = fused_hidden(self.model, decoder, input_ids, position_ids, rows_kv, lengths, prompt, False)
+            hidden = fused_hidden(
+                self.model, decoder, input_ids, position_ids, rows_kv, lengths, prompt, False, batch.logits_rows
+            )
         if hidden is None:
             hidden = self._hidden(batch, input_ids, position_ids, ctx, lengths)
         return rows_of(hidden, batch.logits_rows)

@@ -29,11 +29,20 @@ PROMPT = [(11 * j) % 250 + 3 for j in range(23)]
 SCORED = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
 
 
-@pytest.fixture(scope="module", params=["7b", "40b"])
+HIDDEN = {"7b": 128, "40b": 256}  # head_dim 32 (the fused step's blocks); 40b has a LayerNorm per branch, 7b one
+
+
+@pytest.fixture(scope="module", params=sorted(HIDDEN))
 def checkpoint(request, tmp_path_factory) -> Path:
-    # head_dim 32 (the fused step's blocks); 40b has a LayerNorm per branch, 7b one for both.
-    hidden = {"7b": 128, "40b": 256}[request.param]
-    return make_hf_checkpoint(tmp_path_factory.mktemp(f"panels-{request.param}"), request.param, hidden_size=hidden)
+    folder = tmp_path_factory.mktemp(f"panels-{request.param}")
+    return make_hf_checkpoint(folder, request.param, hidden_size=HIDDEN[request.param])
+
+
+@pytest.fixture(scope="module", params=sorted(HIDDEN))
+def long_checkpoint(request, tmp_path_factory) -> Path:
+    """The same layouts with room for prompts past PART_KEYS (512) positions."""
+    folder = tmp_path_factory.mktemp(f"long-{request.param}")
+    return make_hf_checkpoint(folder, request.param, hidden_size=HIDDEN[request.param], max_position_embeddings=1024)
 
 
 def _scores(model: FalconForCausalLM, folder: Path, budget: int) -> tuple[list[int], list, list]:
@@ -102,3 +111,37 @@ def test_the_log_line_names_the_bfloat16_prompt_path(monkeypatch: pytest.MonkeyP
     assert "float32 GEMM on widened weights" in bf16_prompt_path()
     monkeypatch.setattr(ops, "bf16_hardware", lambda: True)
     assert "the CPU's bfloat16 arithmetic" in bf16_prompt_path()
+
+
+def test_only_the_rows_whose_logits_are_read_finish_the_last_layer_and_they_keep_their_bits(
+    isa: str, long_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three prompts cut into chunks of 10 tokens (so some chunks end inside a prompt and output nothing), one of
+    # them past PART_KEYS (512) positions, whose last rows are attended in parts.
+    prompts = [PROMPT, PROMPT[:9], [(7 * j) % 250 + 3 for j in range(530)]]
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)] * len(prompts)
+    checkpoint = long_checkpoint
+    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: self.bf16_weights)
+    decoder = fused_decoder(model.transformer)
+    native = decoder._prompt_fn
+    calls: list[tuple[int, int]] = []  # (rows, output rows) of each prompt call
+    every_row = False
+
+    def prompt_fn(*args):
+        calls.append((args[4], args[-1]))
+        return native(*args[:-2], None, -1) if every_row else native(*args)
+
+    decoder._prompt_fn = prompt_fn
+
+    def run() -> list[tuple[list[int], list]]:
+        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=10, block_size=4, enable_prefix_caching=False)
+        outs = Engine(model, Tokenizer.from_pretrained(checkpoint), config).generate(prompts, params)
+        return [(out.token_ids, out.logprobs) for out in outs]
+
+    pruned = run()
+    assert all(0 <= n_out < rows for rows, n_out in calls)  # every chunk's other rows stopped at their K/V
+    assert sum(n_out for _, n_out in calls) == len(prompts)  # a prompt's last token only
+    assert any(n_out == 0 for _, n_out in calls)
+    every_row = True
+    assert run() == pruned  # the same tokens and logprobs, bit for bit: the K/V every row stored included

@@ -126,6 +126,7 @@ struct Buffers {
   std::vector<float> q, part_stats, part_acc;  // long rows' attention: queries, then each part's results
   std::vector<Partial> parts;
   std::vector<int64_t> part_start;
+  std::vector<int64_t> slot;  // each row's place among the last layer's output rows (-1: none), see run_layers
   Activations a_qkv, a_up, a_dense, a_down;
 };
 
@@ -230,9 +231,11 @@ struct ThreadScratch {  // one per thread: a group's queries and attention outpu
 };
 
 // Every layer of `shape` on x [R, hidden] (see falcon_decode_layers); `prompt_panels`: bfloat16 matmuls through
-// weight panels (falcon_prompt_layers).
+// weight panels (falcon_prompt_layers). `out_rows` (n_out distinct rows; n_out < 0: every row): the rows whose
+// output is read. The others' last layer stops once their K/V are stored (see falcon_prompt_layers).
 void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R, const float* cos,
-                const float* sin, int nthreads, bool prompt_panels) {
+                const float* sin, int nthreads, bool prompt_panels, const int64_t* out_rows = nullptr,
+                int64_t n_out = -1) {
   const int64_t H = shape->hidden, Hq = shape->heads, G = shape->groups, d = shape->head_dim;
   const int64_t per_group = Hq / G, group_width = (per_group + 2) * d;
   const int bf16 = static_cast<int>(shape->kv_bf16);
@@ -263,8 +266,19 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const Shares in_shares = shares_of(in_tiles, R * TILE * first.qkv.k, nthreads, bf16_align);
   const Shares dense_shares = shares_of(out_tiles, R * TILE * first.dense.k, nthreads, bf16_align);
   const Shares down_shares = shares_of(out_tiles, R * TILE * first.down.k, nthreads, bf16_align);
-  auto add_branches = [&](int64_t r) {  // x[r] += attention-out + MLP-out (the parallel branches)
-    for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += buf.out_attn[j] + buf.out_mlp[j];
+  // The last layer's output rows go through its attention, MLP and output matmuls at their place among them,
+  // slot[r]; every row stores its K/V. Elsewhere a row's place is its own index.
+  std::vector<int64_t>& slot = buf.slot;
+  const bool all_out = n_out < 0;
+  const int64_t kept = all_out ? R : n_out;
+  slot.assign(R, -1);
+  for (int64_t j = 0; j < kept; ++j) {
+    const int64_t r = all_out ? j : out_rows[j];
+    if (r >= 0 && r < R) slot[r] = j;  // (a row out of range is no row's)
+  }
+  // x[r] += attention-out + MLP-out (the parallel branches) of the row at place j of the layer's outputs
+  auto add_branches = [&](int64_t r, int64_t j) {
+    for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_attn[j * H + k] + buf.out_mlp[j * H + k];
   };
   const int64_t attention_units = R * G;
   std::vector<int64_t>& part_start = buf.part_start;  // (row, group) rg's parts are part_start[rg] .. [rg + 1]
@@ -295,7 +309,6 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const int64_t units_per_row = std::clamp<int64_t>(wanted, 1, (down_blocks + GELU_MIN_BLOCKS - 1) / GELU_MIN_BLOCKS);
   const int64_t gelu_blocks = (down_blocks + units_per_row - 1) / units_per_row;  // per unit
   const int64_t gelu_chunks = (down_blocks + gelu_blocks - 1) / gelu_blocks;    // units per row, as rounded
-  const int64_t gelu_units = R * gelu_chunks;
 
   Deals deals(3 * shape->layers, nthreads);  // the matmuls' shares: QKV and MLP-in, attention-out, MLP-out
 #pragma omp parallel num_threads(nthreads)
@@ -307,25 +320,31 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     resize(ts.gelu, BLOCK);
     for (int64_t li = 0; li < shape->layers; ++li) {
       const Layer& L = layers[li];
+      const bool last = li + 1 == shape->layers;
+      const int64_t RL = last ? kept : R;  // the rows past QKV: the last layer's output rows, else all
+      auto at = [&](int64_t r) { return last ? slot[r] : r; };  // a row's place among them (-1: none)
+      const int64_t gelu_units = RL * gelu_chunks;
       // 1. The previous layer's residual add, then LayerNorm(s), in the QKV and MLP-in matmuls' input form.
       for (int64_t r = tid; r < R; r += nt) {
-        if (li > 0) add_branches(r);
+        if (li > 0) add_branches(r, r);
         float* a = buf.ln_attn.data() + r * H;
         layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
         buf.a_qkv.store_row(r, a, H);
+        const int64_t j = at(r);
+        if (j < 0) continue;
         if (L.ln_mlp_w != nullptr) {
-          float* m = buf.ln_mlp.data() + r * H;
+          float* m = buf.ln_mlp.data() + j * H;
           layer_norm(x + r * H, H, L.ln_mlp_w, L.ln_mlp_b, eps, m);
-          buf.a_up.store_row(r, m, H);
+          buf.a_up.store_row(j, m, H);
         } else {
-          buf.a_up.store_row(r, a, H);
+          buf.a_up.store_row(j, a, H);
         }
       }
 #pragma omp barrier
       // 2. QKV and MLP-in matmuls, QKV's tiles then MLP-in's, dealt out in shares (shares.h).
       deals.take(3 * li, tid, in_shares, [&](int64_t lo, int64_t hi) {
         matmul_tiles(L.qkv, buf.a_qkv, lo, std::min(hi, qkv_tiles), R, buf.qkv.data());
-        matmul_tiles(L.up, buf.a_up, std::max(lo, qkv_tiles) - qkv_tiles, hi - qkv_tiles, R, buf.up.data());
+        matmul_tiles(L.up, buf.a_up, std::max(lo, qkv_tiles) - qkv_tiles, hi - qkv_tiles, RL, buf.up.data());
       });
 #pragma omp barrier
       // 3. Attention per (row, KV group) and the GELU in chunks, shared out as threads come free.
@@ -364,7 +383,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       auto attend_whole = [&](int64_t r, int64_t g, const void* q, int64_t vector) {  // one 16-head vector
         attend_group(q, ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
                      rows->context_lens[r], g, scale, nullptr, nullptr, 0, {vector, vector + 1});
-        quantize_heads(r, g, ts.out.data(), bf16, vector * 16, std::min(per_group, (vector + 1) * 16));
+        quantize_heads(at(r), g, ts.out.data(), bf16, vector * 16, std::min(per_group, (vector + 1) * 16));
       };
       // A short row: prepare, attend, quantize in one unit. A long one (or any, with attend_after): prepared
       // here, attended below (in parts, if long; else by 16-head vectors).
@@ -374,6 +393,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
           gelu_chunk(u - attention_units);
         } else if (split(u) || attend_after) {
           prepare_group(u / G, u % G, queries(u));
+        } else if (at(u / G) < 0) {
+          prepare_group(u / G, u % G, ts.q.data());  // its K/V stored, nothing to attend for
         } else {
           prepare_group(u / G, u % G, ts.q.data());
           attend_whole(u / G, u % G, ts.q.data(), 0);  // (the group's only vector: attend_after is false)
@@ -383,7 +404,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < attention_units * vectors; ++u) {
           const int64_t rg = u / vectors;
-          if (!split(rg)) attend_whole(rg / G, rg % G, queries(rg), u % vectors);
+          if (!split(rg) && at(rg / G) >= 0) attend_whole(rg / G, rg % G, queries(rg), u % vectors);
         }
       }
       if (total_parts > 0) {
@@ -391,29 +412,31 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         for (int64_t u = 0; u < total_parts; ++u) {
           const int64_t rg = std::upper_bound(part_start.begin(), part_start.end(), u) - part_start.begin() - 1;
           const int64_t r = rg / G, begin = (u - part_start[rg]) * PART_KEYS;
+          if (at(r) < 0) continue;
           const int64_t end = std::min(begin + PART_KEYS, rows->context_lens[r]);
           attend_group(queries(rg), nullptr, bf16, per_group, d, cache,
                        rows->block_tables + r * rows->tb, begin, end, rg % G, scale, &buf.parts[u]);
         }
 #pragma omp for schedule(static)
         for (int64_t rg = 0; rg < attention_units; ++rg) {
-          if (!split(rg)) continue;
+          if (!split(rg) || at(rg / G) < 0) continue;
           combine_parts(&buf.parts[part_start[rg]], part_start[rg + 1] - part_start[rg], per_group, d, ts.out.data());
-          quantize_heads(rg / G, rg % G, ts.out.data(), 0, 0, per_group);
+          quantize_heads(at(rg / G), rg % G, ts.out.data(), 0, 0, per_group);
         }
       }
       // 4. Attention-out and MLP-out matmuls, added to the residual at the next layer's start (or below, after
       // the last). One weight after the other, not a tile of each in turn: with int4, that made four streams at
       // once (two weights and their scales), which read about 10% slower than two.
       deals.take(3 * li + 1, tid, dense_shares, [&](int64_t lo, int64_t hi) {
-        matmul_tiles(L.dense, buf.a_dense, lo, hi, R, buf.out_attn.data());
+        matmul_tiles(L.dense, buf.a_dense, lo, hi, RL, buf.out_attn.data());
       });
       deals.take(3 * li + 2, tid, down_shares, [&](int64_t lo, int64_t hi) {
-        matmul_tiles(L.down, buf.a_down, lo, hi, R, buf.out_mlp.data());
+        matmul_tiles(L.down, buf.a_down, lo, hi, RL, buf.out_mlp.data());
       });
 #pragma omp barrier
     }
-    for (int64_t r = tid; r < R; r += nt) add_branches(r);
+    for (int64_t r = tid; r < R; r += nt)
+      if (slot[r] >= 0) add_branches(r, slot[r]);  // the last layer's output rows; the others stop before it
   }
 }
 
@@ -433,9 +456,15 @@ void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* r
 // panels widened once for all the rows, as falcon_gemm_bf16 does, rather than the decode rows' row blocks. Each
 // row's sums still run in one fixed order (the panels'), whatever the other rows; that order differs from
 // falcon_decode_layers'. Quantized weights run as there.
+//
+// Only the rows in out_rows (n_out distinct row indices; n_out < 0: every row) leave with their hidden state
+// after every layer: the rows whose logits are read, a chunk's last token or none, unless the prompt is scored.
+// The others' last layer stores their K/V and stops, as llama.cpp's graph drops the tokens it outputs nothing for:
+// attention, the MLP and the output matmuls run for the output rows alone, and those rows' results are the same
+// bits as with every row (each row is summed alone). The other rows of x hold their state before the last layer.
 void falcon_prompt_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R,
-                          const float* cos, const float* sin, int nthreads) {
-  run_layers(shape, layers, rows, x, R, cos, sin, nthreads, true);
+                          const float* cos, const float* sin, int nthreads, const int64_t* out_rows, int64_t n_out) {
+  run_layers(shape, layers, rows, x, R, cos, sin, nthreads, true, out_rows, n_out);
 }
 
 // Sizes and field offsets of the structs that falconlm/native/decode.py mirrors with ctypes, in declaration
