@@ -339,10 +339,11 @@ class FusedDecoder:
             return model.ln_f(residual.view(x.shape).to(x.dtype))
         return self.final_norm(residual, x.dtype).view(x.shape)
 
-    def runs(self, model: FalconForCausalLM) -> bool:
-        """Whether :meth:`run` can take ``model``'s decode steps: this decoder is bound to it and up to date, and
-        the library reads its embedding and head (``decode_run.run_parts``)."""
-        return self._run_parts(model) is not None
+    def runs(self, model: FalconForCausalLM, cache: torch.Tensor, rows: int) -> bool:
+        """Whether :meth:`run` can take ``rows`` decode rows of ``model`` over a KV cache of ``cache``'s dtype and
+        device: this decoder is bound to the model and up to date, the library reads its embedding and head
+        (``decode_run.run_parts``), the cache is a CPU bfloat16 / float32 one and the rows fit one call."""
+        return _run_cache(cache, rows) and self._run_parts(model) is not None
 
     def _run_parts(self, model: FalconForCausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
         """``run_parts(model)`` where this decoder is bound to ``model``, up to date and its rotary static; else
@@ -359,14 +360,12 @@ class FusedDecoder:
         ending after a step where a row chose a stop token of its request. None where the model's embedding or
         head is not one the library reads; the caller then runs the steps in Python. Every row must have cache
         slots for every position the run reaches; the caller has :meth:`refresh`-ed."""
+        lengths = rows.context_lens
         parts = self._run_parts(model)
-        if parts is None:
+        if parts is None or not _run_cache(rows.k, lengths.numel()):
             return None
         t, c = model.transformer, model.config
         embed, head, dtype = parts
-        lengths = rows.context_lens
-        if rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu or lengths.numel() > MAX_CALL_ROWS:
-            return None
         last = int(lengths.max()) + steps - 2  # the last position a step reaches
         self.rotary(c, torch.tensor([[last]]), dtype, None)  # the table grows to hold it
         cos, sin = self._rotary[dtype]
@@ -396,6 +395,11 @@ class FusedDecoder:
             residual.data_ptr(), n, h, w.data_ptr(), b.data_ptr(), ln_f.eps, y.data_ptr(), int(dtype is torch.bfloat16)
         )
         return y
+
+
+def _run_cache(cache: torch.Tensor, rows: int) -> bool:
+    """Whether a decode run (``falcon_decode_run``) takes ``rows`` rows over a KV cache like ``cache``."""
+    return cache.dtype in CACHE_DTYPES and cache.is_cpu and rows <= MAX_CALL_ROWS
 
 
 def _part_rows(out_rows: Sequence[int], start: int, count: int) -> torch.Tensor:

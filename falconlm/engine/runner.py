@@ -113,7 +113,9 @@ class ModelRunner:
         ``tokens``, in one native call (``FusedDecoder.run``): each step's tokens, or None where the rows are not
         all greedy (``decode_run.greedy_rows``) or the model's embedding or head is not one the library reads."""
         requests = [item.request for item in items]
-        if not greedy_rows([r.sampling_params for r in requests]) or not decoder.runs(self.model):
+        if not greedy_rows([r.sampling_params for r in requests]) or not decoder.runs(
+            self.model, self.cache.k, len(items)
+        ):
             return None  # asked before the rows are described: a declined run costs nothing
         rows = [ScheduledRequest(r, 1, item.start + offset, True) for r, item in zip(requests, items, strict=True)]
         decode_rows = self._attention(self._describe(rows, tokens)[0]).decode_rows()

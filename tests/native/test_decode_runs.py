@@ -115,18 +115,23 @@ def test_sampled_and_logprob_rows_run_step_by_step_with_the_same_results(
     assert run_engine.num_steps < single_engine.num_steps
 
 
+@pytest.mark.parametrize("reason", ["head", "rows"])
 def test_a_run_the_library_cannot_take_is_declined_before_its_rows_are_described(
-    isa: str, checkpoint: Path, monkeypatch
+    isa: str, checkpoint: Path, monkeypatch, reason: str
 ) -> None:
-    """A model whose embedding or head the library does not read (``run_parts`` None): greedy runs go step by step
-    in Python with the same tokens, and each step describes its rows once, none for the declined native runs."""
+    """A model whose embedding or head the library does not read (``run_parts`` None), or more rows than one native
+    call takes (MAX_CALL_ROWS, here 2): greedy runs go step by step in Python with the same tokens, and each step
+    describes its rows once, none for the declined native runs."""
     import falconlm.engine.fused_decode as fused_module
     from falconlm.engine.runner import ModelRunner
 
     model = _model(checkpoint, "int4")
     params = [SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)] * 3
     single, single_engine, _ = _generate(model, checkpoint, params, 1, monkeypatch)
-    monkeypatch.setattr(fused_module, "run_parts", lambda model: None)
+    if reason == "head":
+        monkeypatch.setattr(fused_module, "run_parts", lambda model: None)
+    else:  # single steps of 3 rows then go in native calls of 2 rows and 1, the same bits
+        monkeypatch.setattr(fused_module, "MAX_CALL_ROWS", 2)
     described = []
     describe = ModelRunner._describe
 
