@@ -182,6 +182,13 @@ def build_tools(src: Path, threads: int, isa: str | None = None) -> Path:
     return bin_dir
 
 
+def ggml_version(src: Path) -> str:
+    """The version of the ggml library inside a llama.cpp source tree (the vendored one has no git commit to name)."""
+    text = (src / "ggml" / "CMakeLists.txt").read_text() if (src / "ggml" / "CMakeLists.txt").is_file() else ""
+    parts = [re.search(rf"set\(GGML_VERSION_{part} (\d+)\)", text) for part in ("MAJOR", "MINOR", "PATCH")]
+    return "ggml " + ".".join(m.group(1) for m in parts) if all(parts) else "ggml version unknown"
+
+
 # ---- GGUF files --------------------------------------------------------------------------------------------------
 def stage_checkpoint(folder: Path, staging: Path, tokenizer: Path) -> Path:
     """A folder convert_hf_to_gguf.py reads: the config (``num_kv_heads`` 1 for a multi-query model), links to
@@ -257,7 +264,8 @@ def llama_bench(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
         out = peer_tool(bench_cmd(prompt, new, args.repetitions), f"llama-bench -p {prompt} -n {new}", row, key)
         tests = [json.loads(line) for line in (out or "").splitlines() if line.startswith("{")]
         for t in tests:  # the best repetition, as bench_core keeps falconlm's best run
-            row.update(model_bytes=t["model_size"], build=f"{t['build_commit']} ({t['backends']})")
+            commit, backends = t["build_commit"], t["backends"]  # commit "unknown": a source without git metadata
+            row.update(model_bytes=t["model_size"], build=backends if commit == "unknown" else f"{commit}, {backends}")
             row[key] = max(t.get("samples_ts") or [t["avg_ts"]])
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(args.threads), "-tb", str(args.threads)]
     context = max(4096, 8 * (PROMPT_DECODE + args.new_tokens))  # a run that does not fit is skipped silently
@@ -368,7 +376,8 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         f"{describe(args.model_size)}, random weights, {args.threads} threads",
         cpu_summary(),
         bandwidth_line(bandwidth, args.threads),
-        f"falconlm native kernels: {native}; llama.cpp {args.llamacpp_version} (commit {build})",
+        f"falconlm native kernels: {native}; llama.cpp from llama-cpp-python {args.llamacpp_version} "
+        f"({getattr(args, 'ggml', 'ggml version unknown')}; {build})",
         "",
         f"| weights | engine | MiB | prefill {args.prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 "
         "| % of read bw | % of read bw in turn b1 (median, range; probes GB/s) |",
@@ -559,7 +568,7 @@ def main() -> None:
         parser.error("--rounds and --serve-rounds must be at least 1")
     apply_isa(args.isa)
     src = find_source(args.llamacpp_version, args.refresh)
-    args.llamacpp_version = src.parent.name
+    args.llamacpp_version, args.ggml = src.parent.name, ggml_version(src)
     bin_dir = build_tools(src, args.threads, args.isa)
     variants = [] if args.no_falconlm else sorted({PAIRS[f] for f in args.formats}, key=list(PAIRS.values()).index)
     prepare(variants, args.out, args.model_size)

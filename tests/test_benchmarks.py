@@ -82,6 +82,7 @@ def _llamacpp_args() -> argparse.Namespace:
         new_tokens=128,
         repetitions=3,
         llamacpp_version="0.3.36",
+        ggml="ggml 0.25.3",
         rounds=1,
         num_scheduler_steps=16,
     )
@@ -186,7 +187,7 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
     llama = {
         "q8_0": {
             "model_bytes": 200 * 2**20,
-            "build": "abc (CPU)",
+            "build": "CPU",
             "prefill_tok_s": 1000.0,
             "decode_b1_tok_s": 30.0,
             "decode_b8_tok_s": 120.0,
@@ -201,6 +202,15 @@ def test_llamacpp_table_pairs_formats(monkeypatch):
     assert "| falconlm int8 / llama.cpp q8_0 | 0.50x | 2.00x | 4.00x |" in text
     assert "| falconlm int8 / transformers bf16 | 1.00x | 3.00x | 3.00x |" in text
     assert "native kernels: avx2" in text
+    assert "llama.cpp from llama-cpp-python 0.3.36 (ggml 0.25.3; CPU)" in text
+
+
+def test_the_vendored_llamacpp_is_named_by_its_ggml_version(tmp_path):
+    (tmp_path / "ggml").mkdir()
+    assert bench_llamacpp.ggml_version(tmp_path) == "ggml version unknown"
+    lines = ["set(GGML_VERSION_MAJOR 0)", "set(GGML_VERSION_MINOR 25)", "set(GGML_VERSION_PATCH 3)"]
+    (tmp_path / "ggml" / "CMakeLists.txt").write_text("\n".join(["project(ggml)", *lines]))
+    assert bench_llamacpp.ggml_version(tmp_path) == "ggml 0.25.3"
 
 
 def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_path, monkeypatch):
@@ -224,6 +234,7 @@ def test_a_crashing_llamacpp_measurement_leaves_its_cell_empty_and_says_so(tmp_p
     assert row["in_turn_b1"] == [[31.0, 2**20 * 25.0 / 1e9, 33.0]] * bench_core.IN_TURN_ROUNDS  # -n 33 -r 1 each
     assert "prefill_tok_s" not in row and row["decode_b1_tok_s"] == 26.0 and row["decode_b8_tok_s"] == 64.0
     assert row["failed"] == ["llama-bench -p 512 -n 0 exited with -11"]
+    assert row["build"] == "abc, CPU"  # a source with git metadata names its commit
     monkeypatch.setattr(bench_llamacpp, "cpu_summary", lambda: "CPU: test")
     falcon = {"int8": _row("falconlm", "int8", 60.0)}
     text = bench_llamacpp.render(falcon, {"q8_0": row}, args, bandwidth=30.0)
