@@ -12,10 +12,11 @@ are all bfloat16, or all int8 / int4 on the native quantized kernel. Everything 
 results equal the torch path's up to rounding (in bfloat16, the torch path rounds the residual after every op and
 the fused one does not).
 
-Prompt chunks of bfloat16 models run here too, a row per token (``PagedAttention.token_rows``), where the torch
-path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2 without bfloat16 arithmetic): the
-call (``falcon_prompt_layers``) multiplies through the same widened weight panels and spares the chunk the torch
-forward's dispatch, its bfloat16 element-wise ops and SDPA. Each token row is summed alone, so a prompt's scores
+Prompt chunks run here too, a row per token (``PagedAttention.token_rows``, ``falcon_prompt_layers``): those of
+bfloat16 models where the torch path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2
+without bfloat16 arithmetic), multiplied through the same widened weight panels, and those of int8 / int4 models
+wherever the torch path would multiply them by the same int8 dot products (no AMX). The call spares the chunk the
+torch forward's dispatch, its element-wise ops and SDPA. Each token row is summed alone, so a prompt's scores
 no longer depend on how the scheduler cut it into chunks (the runner sends a chunk of one token here too, not
 as a decode row). Only the rows whose logits are read (a chunk's last token, or none, unless the prompt is scored)
 go through the last layer past their K/V, as llama.cpp skips the tokens it outputs nothing for.
@@ -234,11 +235,13 @@ class FusedDecoder:
         return p32
 
     def takes_prompts(self) -> bool:
-        """Whether prompt chunks run fused too, a row per token with the bfloat16 matmuls through weight panels
-        (``falcon_prompt_layers``): where the weights are bfloat16 and the panel GEMM is what the torch path would
-        use for a prompt's many rows (``ops.prompt_panels``). There the fused call spares the chunk the torch
-        forward's dispatch, its bfloat16 element-wise ops and attention; the matmuls are the same panels."""
-        return self.bf16_weights and ops.prompt_panels()
+        """Whether prompt chunks run fused too, a row per token (``falcon_prompt_layers``): bfloat16 weights where
+        the panel GEMM is what the torch path would use for a prompt's many rows (``ops.prompt_panels``), their
+        matmuls then through the same weight panels; int8 / int4 weights where the torch path's prompt batches
+        would take the same int8 dot products, that is wherever no AMX bfloat16 GEMM takes them
+        (``ops.bf16_matrix_hardware``). The fused call spares the chunk the torch forward's dispatch, its
+        element-wise ops and attention, and the last layer of the rows whose logits nobody reads."""
+        return ops.prompt_panels() if self.bf16_weights else not ops.bf16_matrix_hardware()
 
     def refresh(self) -> bool:
         """Rebind if the model's tensors have moved since the last binding; False when the model is gone or can no

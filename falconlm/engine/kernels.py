@@ -119,7 +119,10 @@ def quantized_prompt_path() -> str:
     """What the native kernel's quantized weights do with prompt-sized batches here (see bind_weight_kernels)."""
     if ops.bf16_matrix_hardware():
         return f"quantized prompt batches of {GEMM_MIN_ROWS}+ rows: bfloat16 GEMM on AMX (not with --deterministic)"
-    return "quantized prompt batches: int8 dot products (no AMX bfloat16 GEMM here)"
+    return (
+        "quantized prompt chunks: int8 dot products (no AMX bfloat16 GEMM here), in the fused step where it applies, "
+        "a row per token"
+    )
 
 
 def bf16_prompt_path() -> str:

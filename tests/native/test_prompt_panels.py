@@ -1,8 +1,10 @@
-"""Prompt chunks through the fused step's weight panels (``falcon_prompt_layers``): where the CPU has no bfloat16
-arithmetic and the panel GEMM is the prompt GEMM (AVX2), a bfloat16 model's prompt chunks run as rows of the fused
-step, one per token, rather than through the torch forward. Here the path is forced on in every variant this CPU
-runs, and checked three ways: it is taken, it stays as close to float32 as the torch path, and a prompt's scores
-are the same bits however the scheduler cuts it into chunks (each row is summed alone, in the panels' order)."""
+"""Prompt chunks through the fused step (``falcon_prompt_layers``): where the CPU has no bfloat16 arithmetic and the
+panel GEMM is the prompt GEMM (AVX2), a bfloat16 model's prompt chunks run as rows of the fused step, one per token,
+its matmuls through the same weight panels, rather than through the torch forward; so do an int8 / int4 model's
+wherever no AMX GEMM takes them. Here the path is forced on in every variant this CPU runs, and checked: it is
+taken, it stays as close to float32 activations as the torch path, a prompt's scores are the same bits however
+the scheduler cuts it into chunks (each row is summed alone), and the rows whose logits nobody reads stop in the
+last layer once their K/V are stored, without changing any bit of what is read."""
 
 from __future__ import annotations
 
@@ -45,6 +47,13 @@ def long_checkpoint(request, tmp_path_factory) -> Path:
     return make_hf_checkpoint(folder, request.param, hidden_size=HIDDEN[request.param], max_position_embeddings=1024)
 
 
+def _model(checkpoint: Path, weights: str, dtype: torch.dtype = torch.bfloat16) -> FalconForCausalLM:
+    """``checkpoint`` with bf16 weights, or quantized to int8 / int4 (g64 where the width allows), in ``dtype``."""
+    if weights == "bf16":
+        return FalconForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    return load_quantized(checkpoint, quantize=weights, dtype=dtype)
+
+
 def _scores(model: FalconForCausalLM, folder: Path, budget: int) -> tuple[list[int], list, list]:
     """Greedy tokens, their logprobs and the prompt's logprobs of PROMPT through an engine with ``budget`` tokens
     per step."""
@@ -60,17 +69,18 @@ def _prompt_values(scores: tuple[list[int], list, list]) -> torch.Tensor:
 
 
 def _forced(monkeypatch: pytest.MonkeyPatch, model: FalconForCausalLM) -> list[int]:
-    """Prompt chunks through the panels from now on, whatever this CPU's prompt GEMM; the rows of each such call."""
-    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: self.bf16_weights)
+    """Prompt chunks through the fused step from now on, whatever this CPU's prompt GEMM; the rows of each call."""
+    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: True)
     return counting(model, "_prompt_fn")
 
 
-def test_prompt_chunks_run_through_the_panels_as_close_to_float32_as_the_torch_path(
-    isa: str, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_prompt_chunks_run_fused_as_close_to_float32_as_the_torch_path(
+    isa: str, checkpoint: Path, weights: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    exact = _prompt_values(_scores(FalconForCausalLM.from_pretrained(checkpoint), checkpoint, 64))
-    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: False)
+    exact = _prompt_values(_scores(_model(checkpoint, weights, torch.float32), checkpoint, 64))
+    model = _model(checkpoint, weights)
     through_torch = _prompt_values(_scores(model, checkpoint, 10))
     calls = _forced(monkeypatch, model)
     fused = _scores(model, checkpoint, 10)
@@ -80,12 +90,13 @@ def test_prompt_chunks_run_through_the_panels_as_close_to_float32_as_the_torch_p
     assert error <= 1.5 * torch_error + 1e-3, (error, torch_error)
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_a_prompt_cut_into_any_chunks_scores_the_same_bits(
-    isa: str, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    isa: str, checkpoint: Path, weights: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every budget cuts the prompt differently, and those that leave a last chunk of one token (2, 11) make it a
-    # decode-shaped row, which still goes with the prompt chunks, through the panels.
-    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    # decode-shaped row, which still goes with the prompt chunks, through the fused step.
+    model = _model(checkpoint, weights)
     calls = _forced(monkeypatch, model)
     whole = _scores(model, checkpoint, len(PROMPT))
     assert calls == [len(PROMPT)]
@@ -96,11 +107,17 @@ def test_a_prompt_cut_into_any_chunks_scores_the_same_bits(
     assert calls == [11, 11, 1]
 
 
-def test_only_bfloat16_weights_take_prompts_and_only_where_the_panels_are_the_prompt_gemm(checkpoint: Path) -> None:
-    bf16 = fused_decoder(FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).transformer)
-    assert bf16.bf16_weights and bf16.takes_prompts() == ops.prompt_panels()
-    quantized = fused_decoder(load_quantized(checkpoint, quantize="int8", dtype=torch.bfloat16).transformer)
-    assert not quantized.bf16_weights and not quantized.takes_prompts()
+def test_prompts_run_fused_where_the_torch_path_would_take_the_same_kernels(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf16 = fused_decoder(_model(checkpoint, "bf16").transformer)
+    quantized = fused_decoder(_model(checkpoint, "int8").transformer)
+    assert bf16.bf16_weights and not quantized.bf16_weights
+    for panels, amx in ((True, False), (False, True)):
+        monkeypatch.setattr(ops, "prompt_panels", lambda panels=panels: panels)
+        monkeypatch.setattr(ops, "bf16_matrix_hardware", lambda amx=amx: amx)
+        assert bf16.takes_prompts() == panels  # bfloat16: where the panel GEMM is the prompt GEMM
+        assert quantized.takes_prompts() == (not amx)  # int8 / int4: unless AMX's bfloat16 GEMM takes prompts
 
 
 def test_the_log_line_names_the_bfloat16_prompt_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,16 +130,17 @@ def test_the_log_line_names_the_bfloat16_prompt_path(monkeypatch: pytest.MonkeyP
     assert "the CPU's bfloat16 arithmetic" in bf16_prompt_path()
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
 def test_only_the_rows_whose_logits_are_read_finish_the_last_layer_and_they_keep_their_bits(
-    isa: str, long_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    isa: str, long_checkpoint: Path, weights: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Three prompts cut into chunks of 10 tokens (so some chunks end inside a prompt and output nothing), one of
     # them past PART_KEYS (512) positions, whose last rows are attended in parts.
     prompts = [PROMPT, PROMPT[:9], [(7 * j) % 250 + 3 for j in range(530)]]
     params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)] * len(prompts)
     checkpoint = long_checkpoint
-    model = FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: self.bf16_weights)
+    model = _model(checkpoint, weights)
+    monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: True)
     decoder = fused_decoder(model.transformer)
     native = decoder._prompt_fn
     calls: list[tuple[int, int]] = []  # (rows, output rows) of each prompt call
