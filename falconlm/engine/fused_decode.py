@@ -305,10 +305,10 @@ class FusedDecoder:
         """The hidden states after every layer and the final LayerNorm (:meth:`final_norm`), in ``x``'s dtype, for
         ``x`` [B, T, H] (one new token per row: B * T rows) and the rows' rotary ``cos`` / ``sin`` ([B, T, 1, 1,
         head_dim], or as :meth:`rotary` gives them); None when this step cannot run fused. ``prompt``: the rows
-        are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says; then ``out_rows``
-        (flat row indices; None: all) names the rows whose states are read: every row stores its K/V, and the
-        others' states are left as they were before the last layer. ``check`` False: the caller has
-        :meth:`refresh`-ed since the model last changed."""
+        are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says. ``out_rows`` (flat
+        row indices; None: all) names the rows whose states are read: every row stores its K/V, and the others'
+        states are left as they were before the last layer. ``check`` False: the caller has :meth:`refresh`-ed
+        since the model last changed."""
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
@@ -324,6 +324,7 @@ class FusedDecoder:
         residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
         cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
         sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+        every_row = out_rows is None or len(out_rows) == residual.shape[0]  # (the rows read are distinct)
         for start in range(0, residual.shape[0], MAX_CALL_ROWS):
             part = slice(start, start + MAX_CALL_ROWS)
             table_rows, part_lengths = tables[part], lengths[part]
@@ -333,11 +334,10 @@ class FusedDecoder:
                 residual[part].data_ptr(), residual[part].shape[0], cos32[part].data_ptr(), sin32[part].data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
-            if not prompt:
-                self._fn(*args)
-                continue
-            kept = None if out_rows is None else _part_rows(out_rows, start, residual[part].shape[0])
-            self._prompt_fn(*args, None if kept is None else kept.data_ptr(), -1 if kept is None else kept.numel())
+            kept = None if every_row else _part_rows(out_rows, start, residual[part].shape[0])
+            (self._prompt_fn if prompt else self._fn)(
+                *args, None if kept is None else kept.data_ptr(), -1 if kept is None else kept.numel()
+            )
         if x.dtype not in CACHE_DTYPES:
             return model.ln_f(residual.view(x.shape).to(x.dtype))
         return self.final_norm(residual, x.dtype).view(x.shape)

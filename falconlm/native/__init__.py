@@ -49,7 +49,7 @@ FUNCTIONS: dict[str, tuple] = {
     "falcon_gemm_bf16": (_P, _I, _I, _I, _P, _I, _P, _C),
     "falcon_argmax_rows": (_P, _C, _I, _I, _I, _P, _C),
     "falcon_decode_attention": (_P, _C, *(_I,) * 4, _P, _P, *(_I,) * 4, _P, _I, _P, ctypes.c_float, _P, _C, _P, _I),
-    "falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C),
+    "falcon_decode_layers": (_P, _P, _P, _P, _I, _P, _P, _C, _P, _I),
     "falcon_prompt_layers": (_P, _P, _P, _P, _I, _P, _P, _C, _P, _I),
     "falcon_final_norm": (_P, _I, _I, _P, _P, ctypes.c_double, _P, _C),
     "falcon_decode_run": (_P, _P, _P, _P, _I, _I, _P, _C),

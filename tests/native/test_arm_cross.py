@@ -187,7 +187,7 @@ def test_arm_fused_decode_matches_the_scalar_reference(driver, bits: int, case: 
     rows = Rows(ref_kv[0].data_ptr(), ref_kv[1].data_ptr(), blocks * bs * G * d, bs * G * d, G * d, d, bs,
                 tables.data_ptr(), tb, lens.data_ptr())  # fmt: skip
     lib.falcon_decode_layers(ctypes.addressof(shape), ctypes.addressof(layers), ctypes.addressof(rows),
-                             ref_x.data_ptr(), R, cos.data_ptr(), sin.data_ptr(), 2)  # fmt: skip
+                             ref_x.data_ptr(), R, cos.data_ptr(), sin.data_ptr(), 2, None, -1)  # fmt: skip
     assert (ref_kv != kv).any() and (ref_x != x).any()  # the reference really wrote the cache and the residual
     # Float32 sums in another order only (measured: at most 4e-7 on values up to 3); an activation rounded to
     # another int8 / bfloat16 value would move them by about 1e-3 (test_decode's WORST), a real mistake by ~1.

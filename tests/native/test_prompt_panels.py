@@ -130,36 +130,43 @@ def test_the_log_line_names_the_bfloat16_prompt_path(monkeypatch: pytest.MonkeyP
     assert "the CPU's bfloat16 arithmetic" in bf16_prompt_path()
 
 
+@pytest.mark.parametrize("path", ["panels", "deterministic"])
 @pytest.mark.parametrize("weights", ["bf16", "int4"])
 def test_only_the_rows_whose_logits_are_read_finish_the_last_layer_and_they_keep_their_bits(
-    isa: str, long_checkpoint: Path, weights: str, monkeypatch: pytest.MonkeyPatch
+    isa: str, long_checkpoint: Path, weights: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Three prompts cut into chunks of 10 tokens (so some chunks end inside a prompt and output nothing), one of
-    # them past PART_KEYS (512) positions, whose last rows are attended in parts.
+    # them past PART_KEYS (512) positions, whose last rows are attended in parts. Prompt chunks go through
+    # falcon_prompt_layers (forced on) or, under --deterministic, with the decode rows through falcon_decode_layers.
     prompts = [PROMPT, PROMPT[:9], [(7 * j) % 250 + 3 for j in range(530)]]
     params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)] * len(prompts)
     checkpoint = long_checkpoint
     model = _model(checkpoint, weights)
     monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: True)
     decoder = fused_decoder(model.transformer)
-    native = decoder._prompt_fn
-    calls: list[tuple[int, int]] = []  # (rows, output rows) of each prompt call
+    entry = "_prompt_fn" if path == "panels" else "_fn"
+    native = getattr(decoder, entry)
+    calls: list[tuple[int, int]] = []  # (rows, rows read: -1 for all) of each call
     every_row = False
 
-    def prompt_fn(*args):
+    def counted(*args):
         calls.append((args[4], args[-1]))
         return native(*args[:-2], None, -1) if every_row else native(*args)
 
-    decoder._prompt_fn = prompt_fn
+    setattr(decoder, entry, counted)
 
     def run() -> list[tuple[list[int], list]]:
-        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=10, block_size=4, enable_prefix_caching=False)
+        config = EngineConfig(
+            max_num_seqs=4, max_num_batched_tokens=10, block_size=4, enable_prefix_caching=False,
+            deterministic=path == "deterministic",
+        )  # fmt: skip
         outs = Engine(model, Tokenizer.from_pretrained(checkpoint), config).generate(prompts, params)
         return [(out.token_ids, out.logprobs) for out in outs]
 
     pruned = run()
-    assert all(0 <= n_out < rows for rows, n_out in calls)  # every chunk's other rows stopped at their K/V
-    assert sum(n_out for _, n_out in calls) == len(prompts)  # a prompt's last token only
-    assert any(n_out == 0 for _, n_out in calls)
+    assert any(n_out == 0 for _, n_out in calls)  # a chunk that ends inside its prompt: none of its rows read
+    if path == "panels":
+        assert all(0 <= n_out < rows for rows, n_out in calls)  # every chunk's other rows stopped at their K/V
+        assert sum(n_out for _, n_out in calls) == len(prompts)  # a prompt's last token only
     every_row = True
     assert run() == pruned  # the same tokens and logprobs, bit for bit: the K/V every row stored included

@@ -234,8 +234,7 @@ struct ThreadScratch {  // one per thread: a group's queries and attention outpu
 // weight panels (falcon_prompt_layers). `out_rows` (n_out distinct rows; n_out < 0: every row): the rows whose
 // output is read. The others' last layer stops once their K/V are stored (see falcon_prompt_layers).
 void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R, const float* cos,
-                const float* sin, int nthreads, bool prompt_panels, const int64_t* out_rows = nullptr,
-                int64_t n_out = -1) {
+                const float* sin, int nthreads, bool prompt_panels, const int64_t* out_rows, int64_t n_out) {
   const int64_t H = shape->hidden, Hq = shape->heads, G = shape->groups, d = shape->head_dim;
   const int64_t per_group = Hq / G, group_width = (per_group + 2) * d;
   const int bf16 = static_cast<int>(shape->kv_bf16);
@@ -446,10 +445,11 @@ extern "C" {
 
 // Runs every layer of `shape` on x [R, hidden] (float32, the residual stream, updated in place) for one new
 // token per row: row r is at position context_lens[r] - 1 with rotary cos / sin [R, head_dim] (float32), and
-// its new K/V are written at that position of `rows`' cache before it attends.
+// its new K/V are written at that position of `rows`' cache before it attends. out_rows / n_out as for
+// falcon_prompt_layers below (n_out < 0: every row, as for a decode step's rows).
 void falcon_decode_layers(const Shape* shape, const Layer* layers, const Rows* rows, float* x, int64_t R,
-                          const float* cos, const float* sin, int nthreads) {
-  run_layers(shape, layers, rows, x, R, cos, sin, nthreads, false);
+                          const float* cos, const float* sin, int nthreads, const int64_t* out_rows, int64_t n_out) {
+  run_layers(shape, layers, rows, x, R, cos, sin, nthreads, false, out_rows, n_out);
 }
 
 // The same for the tokens of prompt chunks, a row each (each up to itself): bfloat16 matmuls run through weight

@@ -15,7 +15,8 @@
 
 extern "C" {
 void falcon_decode_layers(const falcon::Shape* shape, const falcon::Layer* layers, const falcon::Rows* rows,
-                          float* x, int64_t R, const float* cos, const float* sin, int nthreads);
+                          float* x, int64_t R, const float* cos, const float* sin, int nthreads,
+                          const int64_t* out_rows, int64_t n_out);
 void falcon_qlinear(const void* x, int x_bf16, int64_t M, int64_t k_real, int64_t ldx, int64_t K, int64_t B,
                     int64_t G, int bits, const uint8_t* w, const void* scales, int64_t N, void* y, int y_bf16,
                     int nthreads);
@@ -102,7 +103,7 @@ int64_t falcon_decode_run(const Shape* shape, const Layer* layers, const Rows* r
       std::memcpy(cos.data() + r * d, run->cos + pos * d, d * sizeof(float));
       std::memcpy(sin.data() + r * d, run->sin + pos * d, d * sizeof(float));
     }
-    falcon_decode_layers(shape, layers, &at, x.data(), R, cos.data(), sin.data(), nthreads);
+    falcon_decode_layers(shape, layers, &at, x.data(), R, cos.data(), sin.data(), nthreads, nullptr, -1);
     final_norm(x.data(), R, H, run->norm_w, run->norm_b, static_cast<float>(run->norm_eps), act.data(), act_bf16);
     const Weight& W = run->head;
     if (W.bits == 16) {

@@ -39,7 +39,8 @@ void falcon_gemm_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t
 void falcon_qlinear(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, const uint8_t*,
                     const void*, int64_t, void*, int, int);
 void falcon_argmax_rows(const void*, int, int64_t, int64_t, int64_t, int64_t*, int);
-void falcon_decode_layers(const Shape*, const Layer*, const Rows*, float*, int64_t, const float*, const float*, int);
+void falcon_decode_layers(const Shape*, const Layer*, const Rows*, float*, int64_t, const float*, const float*, int,
+                          const int64_t*, int64_t);
 void falcon_decode_attention(const void*, int, int64_t, int64_t, int64_t, int64_t, const void*, const void*, int64_t,
                              int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*, float, void*, int,
                              const float*, int64_t);
@@ -144,7 +145,7 @@ int main(int argc, char** argv) {
     const Shape shape{L, H, Hq, G, d, 1e-5, kv_bf16};
     const Rows rows{kv.data(), kv.data() + cache_bytes, blocks * block_size * G * d, block_size * G * d, G * d, d,
                     block_size, tables, tb, lens};
-    falcon_decode_layers(&shape, layers.data(), &rows, x.data(), R, cos, sin, 2);
+    falcon_decode_layers(&shape, layers.data(), &rows, x.data(), R, cos, sin, 2, nullptr, -1);
     std::ofstream(argv[3], std::ios::binary)
         .write(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(float))
         .write(kv.data(), kv.size());
