@@ -184,7 +184,8 @@ def build_tools(src: Path, threads: int, isa: str | None = None) -> Path:
 
 def ggml_version(src: Path) -> str:
     """The version of the ggml library inside a llama.cpp source tree (the vendored one has no git commit to name)."""
-    text = (src / "ggml" / "CMakeLists.txt").read_text() if (src / "ggml" / "CMakeLists.txt").is_file() else ""
+    cmake = src / "ggml" / "CMakeLists.txt"
+    text = cmake.read_text() if cmake.is_file() else ""
     parts = [re.search(rf"set\(GGML_VERSION_{part} (\d+)\)", text) for part in ("MAJOR", "MINOR", "PATCH")]
     return "ggml " + ".".join(m.group(1) for m in parts) if all(parts) else "ggml version unknown"
 
@@ -377,7 +378,7 @@ def render(falcon: dict[str, dict], llama: dict[str, dict], args: argparse.Names
         cpu_summary(),
         bandwidth_line(bandwidth, args.threads),
         f"falconlm native kernels: {native}; llama.cpp from llama-cpp-python {args.llamacpp_version} "
-        f"({getattr(args, 'ggml', 'ggml version unknown')}; {build})",
+        f"({args.ggml}; {build})",
         "",
         f"| weights | engine | MiB | prefill {args.prefill} tok/s | decode b1 tok/s | decode b8 tok/s | GB/s b1 "
         "| % of read bw | % of read bw in turn b1 (median, range; probes GB/s) |",

@@ -269,11 +269,11 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   // slot[r]; every row stores its K/V. Elsewhere a row's place is its own index.
   std::vector<int64_t>& slot = buf.slot;
   const bool all_out = n_out < 0;
-  const int64_t kept = all_out ? R : n_out;
   slot.assign(R, -1);
-  for (int64_t j = 0; j < kept; ++j) {
+  int64_t kept = 0;  // places given, at most R: a row named twice or out of range takes none
+  for (int64_t j = 0; j < (all_out ? R : n_out); ++j) {
     const int64_t r = all_out ? j : out_rows[j];
-    if (r >= 0 && r < R) slot[r] = j;  // (a row out of range is no row's)
+    if (r >= 0 && r < R && slot[r] < 0) slot[r] = kept++;
   }
   // x[r] += attention-out + MLP-out (the parallel branches) of the row at place j of the layer's outputs
   auto add_branches = [&](int64_t r, int64_t j) {
