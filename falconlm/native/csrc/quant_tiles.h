@@ -49,6 +49,10 @@ constexpr int MR = 2;  // four q registers per 16 lanes: fewer rows keep the sum
 // in turn, probes beside each): bench-1b int8 layers 15.5 -> 14.2 ms and 16.0 -> 15.2, bench-194m int8 1.96 ->
 // 1.73 ms, int4 g64 unchanged. The AVX2 build takes the far distances on every CPU, as it always has (none was
 // measured on an Intel CPU without AVX-512); the AVX-512 build takes them on AMD (and Hygon, Zen inside) only.
+// Longer still was tried on the Zen 4 (AVX2 stand-in, bench-1b int8 batch-1 steps, distances in turn in one
+// process): 12288-24576 into L2 and 0-12288 into L1 all read 67-75% of the probe in fast minutes, as 8192 /
+// 6144 does, and 16384 lost 7% in slow ones, although it lifted a lone 127 MiB head stream from 74-80% to
+// 81-120%. What holds the step there is likely the AVX2 dot product's instructions per byte (README).
 struct StreamAhead {
   int l2, l1;  // bytes ahead of the line being read
 };
