@@ -52,7 +52,7 @@ constexpr int MR = 2;  // four q registers per 16 lanes: fewer rows keep the sum
 // Longer still was tried on the Zen 4 (AVX2 stand-in, bench-1b int8 batch-1 steps, distances in turn in one
 // process): 12288-24576 into L2 and 0-12288 into L1 all read 67-75% of the probe in fast minutes, as 8192 /
 // 6144 does, and 16384 lost 7% in slow ones, although it lifted a lone 127 MiB head stream from 74-80% to
-// 81-120%. What holds the step there is likely the AVX2 dot product's instructions per byte (README).
+// 81-120%. Nor did dropping a tenth of the AVX2 dot product's instructions move it (README).
 struct StreamAhead {
   int l2, l1;  // bytes ahead of the line being read
 };
