@@ -1,9 +1,22 @@
-"""Counting the rows of a model's fused native calls (shared by the fused-step tests)."""
+"""Helpers shared by the fused-step tests: a model in the weights under test, and the rows of its fused native
+calls."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from falconlm.engine.fused_decode import fused_decoder
 from falconlm.model.falcon import FalconForCausalLM
+from falconlm.quant import load_quantized
+
+
+def model_in(checkpoint: Path, weights: str, dtype: torch.dtype = torch.bfloat16) -> FalconForCausalLM:
+    """``checkpoint`` with bf16 weights, or quantized to int8 / int4 (g64 where the width allows), in ``dtype``."""
+    if weights == "bf16":
+        return FalconForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    return load_quantized(checkpoint, quantize=weights, dtype=dtype)
 
 
 def counting(model: FalconForCausalLM, entry: str = "_fn") -> list[int]:

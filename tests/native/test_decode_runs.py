@@ -8,17 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import falconlm.engine.engine as engine_module
 from falconlm.engine.engine import Engine, EngineConfig
 from falconlm.engine.fused_decode import FusedDecoder
 from falconlm.engine.sampling_params import SamplingParams
-from falconlm.model.falcon import FalconForCausalLM
-from falconlm.quant import load_quantized
 from falconlm.tokenizer import Tokenizer
 
 from ..conftest import make_hf_checkpoint, needs_native
+from .fused_calls import model_in
 
 pytestmark = needs_native
 
@@ -36,12 +34,6 @@ def checkpoint(tmp_path_factory) -> Path:
 def long_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs as long as num_scheduler_steps allows, however slow the machine's steps."""
     monkeypatch.setattr(engine_module, "DECODE_RUN_SECONDS", 1e3)
-
-
-def _model(checkpoint: Path, weights: str) -> FalconForCausalLM:
-    if weights == "bf16":
-        return FalconForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    return load_quantized(checkpoint, quantize=weights, dtype=torch.bfloat16)
 
 
 def _generate(
@@ -80,7 +72,7 @@ def _generate(
 def test_greedy_runs_go_native_and_give_every_token_of_single_steps(
     isa: str, checkpoint: Path, weights: str, monkeypatch
 ) -> None:
-    model = _model(checkpoint, weights)
+    model = model_in(checkpoint, weights)
     plain = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
     single, single_engine, _ = _generate(model, checkpoint, [plain] * 3, 1, monkeypatch)
     tokens = single[1][0]
@@ -102,7 +94,7 @@ def test_greedy_runs_go_native_and_give_every_token_of_single_steps(
 def test_sampled_and_logprob_rows_run_step_by_step_with_the_same_results(
     isa: str, checkpoint: Path, weights: str, monkeypatch
 ) -> None:
-    model = _model(checkpoint, weights)
+    model = model_in(checkpoint, weights)
     params = [
         SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True),
         SamplingParams(max_tokens=20, temperature=0.0, logprobs=3, ignore_eos=True),
@@ -125,7 +117,7 @@ def test_a_run_the_library_cannot_take_is_declined_before_its_rows_are_described
     import falconlm.engine.fused_decode as fused_module
     from falconlm.engine.runner import ModelRunner
 
-    model = _model(checkpoint, "int4")
+    model = model_in(checkpoint, "int4")
     params = [SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)] * 3
     single, single_engine, _ = _generate(model, checkpoint, params, 1, monkeypatch)
     if reason == "head":

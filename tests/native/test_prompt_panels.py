@@ -19,11 +19,10 @@ from falconlm.engine.kernels import bf16_prompt_path
 from falconlm.engine.sampling_params import SamplingParams
 from falconlm.model.falcon import FalconForCausalLM
 from falconlm.native import ops
-from falconlm.quant import load_quantized
 from falconlm.tokenizer import Tokenizer
 
 from ..conftest import make_hf_checkpoint, needs_native
-from .fused_calls import counting
+from .fused_calls import counting, model_in
 
 pytestmark = needs_native
 
@@ -45,13 +44,6 @@ def long_checkpoint(request, tmp_path_factory) -> Path:
     """The same layouts with room for prompts past PART_KEYS (512) positions."""
     folder = tmp_path_factory.mktemp(f"long-{request.param}")
     return make_hf_checkpoint(folder, request.param, hidden_size=HIDDEN[request.param], max_position_embeddings=1024)
-
-
-def _model(checkpoint: Path, weights: str, dtype: torch.dtype = torch.bfloat16) -> FalconForCausalLM:
-    """``checkpoint`` with bf16 weights, or quantized to int8 / int4 (g64 where the width allows), in ``dtype``."""
-    if weights == "bf16":
-        return FalconForCausalLM.from_pretrained(checkpoint, dtype=dtype)
-    return load_quantized(checkpoint, quantize=weights, dtype=dtype)
 
 
 def _scores(model: FalconForCausalLM, folder: Path, budget: int) -> tuple[list[int], list, list]:
@@ -79,8 +71,8 @@ def test_prompt_chunks_run_fused_as_close_to_float32_as_the_torch_path(
     isa: str, checkpoint: Path, weights: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: False)
-    exact = _prompt_values(_scores(_model(checkpoint, weights, torch.float32), checkpoint, 64))
-    model = _model(checkpoint, weights)
+    exact = _prompt_values(_scores(model_in(checkpoint, weights, torch.float32), checkpoint, 64))
+    model = model_in(checkpoint, weights)
     through_torch = _prompt_values(_scores(model, checkpoint, 10))
     calls = _forced(monkeypatch, model)
     fused = _scores(model, checkpoint, 10)
@@ -96,7 +88,7 @@ def test_a_prompt_cut_into_any_chunks_scores_the_same_bits(
 ) -> None:
     # Every budget cuts the prompt differently, and those that leave a last chunk of one token (2, 11) make it a
     # decode-shaped row, which still goes with the prompt chunks, through the fused step.
-    model = _model(checkpoint, weights)
+    model = model_in(checkpoint, weights)
     calls = _forced(monkeypatch, model)
     whole = _scores(model, checkpoint, len(PROMPT))
     assert calls == [len(PROMPT)]
@@ -110,8 +102,8 @@ def test_a_prompt_cut_into_any_chunks_scores_the_same_bits(
 def test_prompts_run_fused_where_the_torch_path_would_take_the_same_kernels(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bf16 = fused_decoder(_model(checkpoint, "bf16").transformer)
-    quantized = fused_decoder(_model(checkpoint, "int8").transformer)
+    bf16 = fused_decoder(model_in(checkpoint, "bf16").transformer)
+    quantized = fused_decoder(model_in(checkpoint, "int8").transformer)
     assert bf16.bf16_weights and not quantized.bf16_weights
     for panels, amx in ((True, False), (False, True)):
         monkeypatch.setattr(ops, "prompt_panels", lambda panels=panels: panels)
@@ -141,7 +133,7 @@ def test_only_the_rows_whose_logits_are_read_finish_the_last_layer_and_they_keep
     prompts = [PROMPT, PROMPT[:9], [(7 * j) % 250 + 3 for j in range(530)]]
     params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)] * len(prompts)
     checkpoint = long_checkpoint
-    model = _model(checkpoint, weights)
+    model = model_in(checkpoint, weights)
     monkeypatch.setattr(FusedDecoder, "takes_prompts", lambda self: True)
     decoder = fused_decoder(model.transformer)
     entry = "_prompt_fn" if path == "panels" else "_fn"
