@@ -53,6 +53,9 @@ constexpr int MR = 2;  // four q registers per 16 lanes: fewer rows keep the sum
 // process): 12288-24576 into L2 and 0-12288 into L1 all read 67-75% of the probe in fast minutes, as 8192 /
 // 6144 does, and 16384 lost 7% in slow ones, although it lifted a lone 127 MiB head stream from 74-80% to
 // 81-120%. Nor did dropping a tenth of the AVX2 dot product's instructions move it (README).
+// On a real AVX2-only Zen 3 EPYC (bench-1b batch-1 steps, distances in turn in one process, a probe beside each):
+// int8 read 76-80% of the probe with these and 82-85% with NEAR_AHEAD, int4 g64 84% and 83%; the ranges overlapped
+// (70-96%) on that noisy machine, so a per-family choice was left for a quieter one.
 struct StreamAhead {
   int l2, l1;  // bytes ahead of the line being read
 };
