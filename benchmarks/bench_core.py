@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 PROMPT_DECODE = 16  # prompt length for the decode rows
 FLOAT_DTYPES = ("float32", "bfloat16")
@@ -454,23 +455,37 @@ def fma_peak(threads: int, repeats: int = 5) -> float | None:
     return macs / seconds / 1e9
 
 
-def weight_macs_per_token(size: str = "194m") -> tuple[int, int]:
-    """(multiply-adds of the decoder layers' weight matrices, of the LM head) for one token of shape ``size``:
-    what a token costs in matmuls, attention's scores and values left out."""
+class TokenMacs(NamedTuple):
+    """Weight multiply-adds of one token of a benchmark shape (attention's scores and values left out)."""
+
+    layers: int  # the decoder layers' weight matrices
+    head: int  # the LM head
+    last_layer_after_qkv: int  # the last layer's attention-out and MLP: a row whose logits nobody reads skips them
+
+
+def weight_macs_per_token(size: str = "194m") -> TokenMacs:
+    """What a token of shape ``size`` costs in matmuls (:class:`TokenMacs`)."""
     import torch
 
     from falconlm.model.falcon import FalconForCausalLM
 
     with torch.device("meta"):
         model = FalconForCausalLM(model_config(size))
+    last = model.transformer.h[-1]
     layers = sum(m.weight.numel() for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear))
-    return layers, model.config.vocab_size * model.config.hidden_size
+    last_rest = sum(m.weight.numel() for m in last.modules() if isinstance(m, torch.nn.Linear))
+    last_rest -= last.self_attention.query_key_value.weight.numel()
+    return TokenMacs(layers, model.config.vocab_size * model.config.hidden_size, last_rest)
 
 
-def served_weight_macs(prompt_tokens: int, output_tokens: int, requests: int, layer_macs: int, head_macs: int) -> int:
-    """The weight multiply-adds a served load needed: every prompt token, and every output token but each
-    request's last (it is never fed back), runs the layers; every output token takes one row of the head."""
-    return (prompt_tokens + output_tokens - requests) * layer_macs + output_tokens * head_macs
+def served_weight_macs(prompt_tokens: int, output_tokens: int, requests: int, per_token: TokenMacs) -> int:
+    """The weight multiply-adds a served load needs: every prompt token, and every output token but each
+    request's last (it is never fed back), runs the layers, except that a prompt token other than its request's
+    last needs only its K/V from the last layer (its logits are never read: falconlm's fused step and llama.cpp
+    skip the rest, torch's forward computes it anyway); every output token takes one row of the head."""
+    rows = prompt_tokens + output_tokens - requests
+    unread = prompt_tokens - requests
+    return rows * per_token.layers - unread * per_token.last_layer_after_qkv + output_tokens * per_token.head
 
 
 def served_weight_rate(
@@ -478,12 +493,12 @@ def served_weight_rate(
     output_tokens: int,
     requests: int,
     seconds: float,
-    per_token: tuple[int, int],
+    per_token: TokenMacs,
     peak: float | None,
 ) -> tuple[float, str]:
-    """A served load's weight multiply-adds per second in GMAC/s (``per_token``: weight_macs_per_token's pair),
+    """A served load's weight multiply-adds per second in GMAC/s (``per_token``: weight_macs_per_token's),
     and that rate's share of the FMA peak ``peak`` as a table cell ("-" without a peak)."""
-    macs = served_weight_macs(prompt_tokens, output_tokens, requests, *per_token)
+    macs = served_weight_macs(prompt_tokens, output_tokens, requests, per_token)
     gmac_s = macs / max(seconds, 1e-9) / 1e9
     return gmac_s, f"{100 * gmac_s / peak:.0f}%" if peak else "-"
 

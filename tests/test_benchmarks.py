@@ -32,11 +32,15 @@ def test_weight_multiply_adds_of_a_served_load():
     head_dim = c.hidden_size // c.num_attention_heads
     per_layer = c.hidden_size * (c.hidden_size + 2 * head_dim)  # fused QKV, one K/V head (multi-query)
     per_layer += c.hidden_size * c.hidden_size + 2 * c.hidden_size * 4 * c.hidden_size  # dense, MLP in and out
-    layers, head = bench_core.weight_macs_per_token("194m")
-    assert layers == c.num_hidden_layers * per_layer
-    assert head == c.vocab_size * c.hidden_size
-    # 2 requests of 5 prompt tokens and 3 output tokens: 5 + 2 tokens through the layers each, 3 head rows each
-    assert bench_core.served_weight_macs(10, 6, 2, layers, head) == 14 * layers + 6 * head
+    macs = bench_core.weight_macs_per_token("194m")
+    assert macs.layers == c.num_hidden_layers * per_layer
+    assert macs.head == c.vocab_size * c.hidden_size
+    after_qkv = c.hidden_size * c.hidden_size + 2 * c.hidden_size * 4 * c.hidden_size
+    assert macs.last_layer_after_qkv == after_qkv
+    # 2 requests of 5 prompt tokens and 3 output tokens: 5 + 2 tokens through the layers each, but 4 prompt
+    # tokens each skip the last layer after its QKV; 3 head rows each
+    want = 14 * macs.layers - 8 * after_qkv + 6 * macs.head
+    assert bench_core.served_weight_macs(10, 6, 2, macs) == want
 
 
 def test_isa_is_passed_through(monkeypatch):
