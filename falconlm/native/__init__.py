@@ -208,6 +208,18 @@ def runnable_variants(with_base: bool = False) -> list[str]:
     return out
 
 
+def new_ground(name: str) -> bool:
+    """Whether forcing variant ``name`` here runs another build than the default choice: it runs on this CPU,
+    and it is neither the default variant nor a ``-base`` build of it where the CPU has none of its optional
+    features (``avx2-base`` on an AVX2-only CPU is the very build ``avx2`` makes there)."""
+    if variant_unavailable(name) is not None:
+        return False
+    family, base = _split_name(name)
+    if family != runnable_variants()[0]:
+        return True
+    return base and bool(_optional_present(_variant(family)))
+
+
 def chosen_variant() -> str:
     """``FALCONLM_NATIVE_ISA`` when set, else the fastest variant this CPU runs."""
     return _chosen(os.environ.get("FALCONLM_NATIVE_ISA", ""))

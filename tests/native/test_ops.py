@@ -144,6 +144,24 @@ def test_base_builds_leave_the_optional_features_out(monkeypatch: pytest.MonkeyP
     assert native.status()["chosen"] == "avx2-base"  # no "(with avx_vnni)": the base build does not use it
 
 
+def test_a_stand_in_is_new_ground_only_where_it_runs_another_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    zen3 = frozenset({"avx2", "fma", "f16c"})
+    skylake = zen3 | {"avx512f", "avx512bw", "avx512vl"}
+    zen4 = skylake | {"avx512_vnni", "avx512_bf16"}
+    monkeypatch.setattr(native, "machine", lambda: "x86_64")
+    cases = {  # CPU: the stand-ins .ci/run would run
+        zen3: [],
+        skylake: ["avx2-base"],
+        zen4: ["avx512-base", "avx2-base"],
+        zen4 | {"avx_vnni"}: ["avx512-base", "avx2-base"],
+    }
+    for features, stand_ins in cases.items():
+        monkeypatch.setattr(native, "cpu_features", lambda features=features: features)
+        assert [v for v in ("avx512-base", "avx2-base", "neon-base") if native.new_ground(v)] == stand_ins
+        assert not native.new_ground(native.runnable_variants()[0])  # the default choice itself
+        assert native.new_ground("scalar")
+
+
 @needs_native
 def test_a_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FALCONLM_CACHE_DIR", str(tmp_path))
