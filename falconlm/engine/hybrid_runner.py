@@ -18,7 +18,7 @@ from ..model.paged_attention import PagedAttention
 from ..model.recurrent import RecurrentBatch
 from .forward_batch import ForwardBatch
 from .recurrent_runner import describe_state_row
-from .runner import ModelRunner
+from .runner import ModelRunner, rows_of
 from .scheduler_output import ScheduledRequest
 
 
@@ -47,4 +47,4 @@ class HybridRunner(ModelRunner):
         rows = RecurrentBatch(
             self.states, batch.state_slots, ctx.query_starts, ctx.query_lens, batch.fresh, stepwise=self.deterministic
         )
-        return self.model.forward_hidden(input_ids, position_ids, ctx, rows)
+        return rows_of(self.model.forward_hidden(input_ids, position_ids, ctx, rows), batch.logits_rows)

@@ -316,15 +316,15 @@ class ModelRunner:
                 rows_kv = ctx.decode_rows()
             if rows_kv is None and decoder.takes_prompts():
                 rows_kv, prompt = ctx.token_rows(), True
-        hidden = None
         if rows_kv is not None:
             # A decoder comes from execute(), which refreshed it where the step starts a run (FusedDecoder.refresh)
             hidden = fused_hidden(
                 self.model, decoder, input_ids, position_ids, rows_kv, lengths, prompt, False, batch.logits_rows
             )
-        if hidden is None:
-            hidden = self._hidden(batch, input_ids, position_ids, ctx, lengths)
-        return rows_of(hidden, batch.logits_rows)
+            if hidden is not None:
+                return rows_of(hidden, batch.logits_rows)
+        states = self._hidden(batch, input_ids, position_ids, ctx, lengths)
+        return states if batch.logits_rows else None
 
     def _attention(self, batch: ForwardBatch) -> PagedAttention:
         """The paged-attention context of ``batch``: its KV slots, rows and block tables over this runner's cache."""
@@ -351,9 +351,11 @@ class ModelRunner:
         ctx: PagedAttention,
         rope_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The model's torch forward over the step's flattened tokens (models with more state than the KV cache
-        add theirs here, ``hybrid_runner.py``)."""
-        return self.model.forward_hidden(input_ids, position_ids, ctx, rope_lengths)
+        """The model's torch forward over the step's flattened tokens: the states [R, H] of its ``logits_rows``,
+        the only rows its last layer runs past their K/V (models with more state than the KV cache add theirs
+        here, ``hybrid_runner.py``)."""
+        rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=input_ids.device)
+        return self.model.forward_hidden(input_ids, position_ids, ctx, rope_lengths, out_rows=rows)
 
     def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self.req_id_to_generator:

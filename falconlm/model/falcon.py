@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext
-from .causal_lm import KVCausalLM
+from .causal_lm import KVCausalLM, token_rows
 from .config import FalconConfig
 from .positions import apply_rope, rope_cos_sin
 
@@ -51,7 +51,10 @@ class FalconAttention(nn.Module):
         self.query_key_value = FalconLinear(config.hidden_size, config.qkv_out_features, bias=config.bias)
         self.dense = FalconLinear(config.hidden_size, config.hidden_size, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, ctx: AttentionContext, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every token's K/V into ``ctx``; the output [B, T, H], or with ``out_rows`` that of those rows only."""
         B, T, _ = x.shape
         # Rows of the fused weight: G groups of [queries_per_kv query heads, 1 key, 1 value] (falcon-spec §2).
         qkv = self.query_key_value(x).view(B, T, self.num_kv_groups, self.queries_per_kv + 2, self.head_dim)
@@ -62,7 +65,8 @@ class FalconAttention(nn.Module):
         k = qk[:, :, :, -1].transpose(1, 2)  # [B, G, T, d]
         v = qkv[:, :, :, -1].transpose(1, 2)  # [B, G, T, d]
         out = ctx.attend(self.layer_idx, q, k, v)  # [B, Hq, T, d]
-        return self.dense(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.dense(token_rows(out, out_rows))
 
 
 class FalconMLP(nn.Module):
@@ -90,18 +94,22 @@ class FalconBlock(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.attention_dropout = config.attention_dropout
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, ctx: AttentionContext, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sequential: ``x + Attn(LN(x))`` then ``+ MLP(LN(.))``. Parallel (the Falcon paper's block):
-        ``x + Attn(LN_attn(x)) + MLP(LN_mlp(x))``, where one shared LayerNorm may serve both."""
+        ``x + Attn(LN_attn(x)) + MLP(LN_mlp(x))``, where one shared LayerNorm may serve both.
+        ``out_rows``: the output of those token rows only ([1, R, H]); every token still stores its K/V."""
         if not self.parallel:  # falcon-rw
-            x = x + self._drop(self.self_attention(self.input_layernorm(x), rope, ctx), self.attention_dropout)
+            attn = self.self_attention(self.input_layernorm(x), rope, ctx, out_rows)
+            x = token_rows(x, out_rows) + self._drop(attn, self.attention_dropout)
             return x + self._drop(self.mlp(self.post_attention_layernorm(x)), self.hidden_dropout)
         if hasattr(self, "ln_attn"):  # falcon-40b / 180b
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
         else:  # falcon-7b, Falcon2-11B
             attn_in = mlp_in = self.input_layernorm(x)
-        attn = self.self_attention(attn_in, rope, ctx)
-        return self._drop(self.mlp(mlp_in) + attn, self.hidden_dropout) + x
+        attn = self.self_attention(attn_in, rope, ctx, out_rows)
+        return self._drop(self.mlp(token_rows(mlp_in, out_rows)) + attn, self.hidden_dropout) + token_rows(x, out_rows)
 
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         return F.dropout(x, p, training=True) if self.training and p > 0 else x
@@ -123,8 +131,10 @@ class FalconModel(nn.Module):
         positions: torch.Tensor,
         attention: AttentionContext,
         rope_lengths: torch.Tensor | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [B, T, H] after ``ln_f`` for tokens ``input_ids`` at ``positions`` (both [B, T]).
+        """Hidden states [B, T, H] after ``ln_f`` for tokens ``input_ids`` at ``positions`` (both [B, T]); with
+        ``out_rows`` (flat token indices) those rows' only, [1, R, H], the last block running the rest for K/V alone.
 
         ``attention`` decides where each layer's K/V go and what each query sees (``dense.py``, the engine's
         paged context); rotary models rotate by ``positions``, ALiBi ones take their bias from the context.
@@ -132,9 +142,10 @@ class FalconModel(nn.Module):
         """
         x = self.word_embeddings(input_ids)  # [B, T, H]
         rope = rope_cos_sin(self.config, positions, x.dtype, rope_lengths) if self.config.rotary else None
-        for block in self.h:
+        *blocks, last = self.h
+        for block in blocks:
             x = block(x, rope, attention)
-        return self.ln_f(x)
+        return self.ln_f(last(x, rope, attention, out_rows))
 
 
 class FalconForCausalLM(KVCausalLM):

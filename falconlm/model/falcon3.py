@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionContext
-from .causal_lm import KVCausalLM
+from .causal_lm import KVCausalLM, token_rows
 from .falcon import FalconLinear
 from .falcon3_config import Falcon3Config
 from .norms import RMSNorm
@@ -43,7 +43,10 @@ class Falcon3Attention(nn.Module):
         self.v_proj = FalconLinear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = FalconLinear(self.num_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, ctx: AttentionContext, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every token's K/V into ``ctx``; the output [B, T, H], or with ``out_rows`` that of those rows only."""
         B, T, _ = x.shape
         cos, sin = rope  # [B, T, 1, d]: the same angles for every head
         q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
@@ -51,7 +54,8 @@ class Falcon3Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         # Query head h reads KV head h // (Hq / G): the grouping of both Llama and SDPA's enable_gqa.
         out = ctx.attend(self.layer_idx, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, Hq, T, d]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(token_rows(out, out_rows))
 
 
 class Falcon3MLP(nn.Module):
@@ -78,8 +82,11 @@ class Falcon3Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Falcon3MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
+    def forward(
+        self, x: torch.Tensor, rope: Rope, ctx: AttentionContext, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``out_rows``: the output of those token rows only ([1, R, H]); every token still stores its K/V."""
+        x = token_rows(x, out_rows) + self.self_attn(self.input_layernorm(x), rope, ctx, out_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -99,15 +106,18 @@ class Falcon3Model(nn.Module):
         positions: torch.Tensor,
         attention: AttentionContext,
         rope_lengths: torch.Tensor | None = None,
+        out_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] after the final norm for ``input_ids`` at ``positions`` (both [B, T]);
-        ``rope_lengths`` [B, T]: per-token sequence lengths for dynamic RoPE scaling, as in ``falcon.py``."""
+        ``rope_lengths`` [B, T]: per-token sequence lengths for dynamic RoPE scaling, as in ``falcon.py``;
+        ``out_rows``: those token rows' only, [1, R, H] (``falcon.py``)."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, positions, x.dtype, rope_lengths)  # [B, T, 1, 1, d]
         rope = (cos[:, :, 0], sin[:, :, 0])  # [B, T, 1, d]
-        for layer in self.layers:
+        *layers, last = self.layers
+        for layer in layers:
             x = layer(x, rope, attention)
-        return self.norm(x)
+        return self.norm(last(x, rope, attention, out_rows))
 
 
 class Falcon3ForCausalLM(KVCausalLM):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.attention import AttentionContext
+from ..model.causal_lm import token_rows
 from ..model.checkpoint import _SkipInit
 from ..model.config import FalconConfig
 from ..model.falcon import FalconBlock, FalconForCausalLM, Rope
@@ -68,16 +69,19 @@ class FalconRankConfig(FalconConfig):
 class ParallelFalconBlock(FalconBlock):
     """A Falcon block whose parallel form (attention and MLP side by side) all-reduces their sum once."""
 
-    def forward(self, x: torch.Tensor, rope: Rope, ctx: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, ctx: AttentionContext, out_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not self.parallel:
-            return super().forward(x, rope, ctx)
+            return super().forward(x, rope, ctx, out_rows)
         if hasattr(self, "ln_attn"):
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
         else:
             attn_in = mlp_in = self.input_layernorm(x)
-        attn = self.self_attention(attn_in, rope, ctx)  # partial products: dense and dense_4h_to_h do not reduce
-        out = finish_rows(self.mlp(mlp_in) + attn, self.mlp.dense_4h_to_h, self.self_attention.dense)
-        return self._drop(out, self.hidden_dropout) + x
+        attn = self.self_attention(attn_in, rope, ctx, out_rows)  # partial products: dense, dense_4h_to_h do not reduce
+        mlp = self.mlp(token_rows(mlp_in, out_rows))
+        out = finish_rows(mlp + attn, self.mlp.dense_4h_to_h, self.self_attention.dense)
+        return self._drop(out, self.hidden_dropout) + token_rows(x, out_rows)
 
 
 def no_constraint(kind: str) -> int:

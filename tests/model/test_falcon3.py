@@ -22,6 +22,7 @@ from falconlm.tokenizer import Tokenizer
 
 from ..oracle import assert_greedy_agrees
 from .falcon3_checkpoint import FIXTURES, VARIANTS, copy_checkpoint, make_falcon3_checkpoint
+from .last_layer import last_layer_skip_case
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,22 @@ def test_float32_logits_match_transformers(checkpoint):
     ids = _ids(ours.config.vocab_size, (2, 40), seed=0)  # 40 positions: past max_position_embeddings when scaled
     diff = (ours(ids) - _reference(path)(ids).logits).abs().max().item()
     assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+
+def test_last_token_logits_match_transformers(checkpoint):
+    """``last_token_only`` runs the last layer's attention output and MLP for each row's last token alone."""
+    variant, path = checkpoint
+    ours = FalconForCausalLM.from_pretrained(path)
+    ids = _ids(ours.config.vocab_size, (2, 12), seed=1)
+    logits = ours(ids, last_token_only=True)
+    assert logits.shape == (2, 1, ours.config.vocab_size)
+    diff = (logits - _reference(path)(ids).logits[:, -1:]).abs().max().item()
+    assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+
+def test_the_last_layer_runs_only_the_rows_whose_output_is_read(gqa_checkpoint):
+    model = FalconForCausalLM.from_pretrained(gqa_checkpoint)
+    last_layer_skip_case(model, model.model.layers, "mlp.down_proj")
 
 
 def test_head_is_tied_only_when_the_config_says_so(checkpoint):

@@ -10,6 +10,7 @@ from falconlm import FalconForCausalLM
 from falconlm.model.dense import KVCache, build_dense_attention
 from falconlm.model.paged_attention import PagedKVCache
 
+from .last_layer import last_layer_skip_case, padded_prompts
 from .paged_step import paged_step
 
 
@@ -19,20 +20,11 @@ def _no_grad():
         yield
 
 
-def _padded(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three left-padded prompts of 9, 6 and 3 tokens, their mask and generate()'s positions."""
-    ids = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    for row, n in enumerate([9, 6, 3]):
-        mask[row, 9 - n :] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
 def test_hf_call_equals_forward_hidden_and_compute_logits(hf_checkpoint):
     variant, path = hf_checkpoint
     model = FalconForCausalLM.from_pretrained(path)
     cfg = model.config
-    ids, mask, positions = _padded(cfg.vocab_size)
+    ids, mask, positions = padded_prompts(cfg.vocab_size)
     cache, twin = model.new_kv_cache(3, 10), KVCache(cfg, 3, 10, torch.float32)
     prompt_logits = model(ids, attention_mask=mask, kv_cache=cache)
     ctx = build_dense_attention(cfg, 9, mask, twin, torch.float32, ids.device, 3)
@@ -45,6 +37,12 @@ def test_hf_call_equals_forward_hidden_and_compute_logits(hf_checkpoint):
     hidden = model.forward_hidden(step, positions[:, -1:] + 1, ctx)
     assert torch.equal(step_logits, model.compute_logits(hidden)), variant
     assert torch.equal(cache.k, twin.k) and cache.length == 10
+
+
+def test_the_last_layer_runs_only_the_rows_whose_output_is_read(hf_checkpoint):
+    _, path = hf_checkpoint
+    model = FalconForCausalLM.from_pretrained(path)
+    last_layer_skip_case(model, model.transformer.h, "mlp.dense_h_to_4h")
 
 
 def test_compute_logits_rows_are_rows_of_the_flattened_states(tiny_checkpoint):

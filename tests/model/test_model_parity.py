@@ -49,6 +49,17 @@ def test_float32_logits_match(hf_checkpoint):
     assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
 
 
+def test_last_token_logits_match(hf_checkpoint):
+    """``last_token_only`` runs the last layer's attention output and MLP for each row's last token alone."""
+    variant, path = hf_checkpoint
+    ours, ref = _load_pair(path, torch.float32)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    logits = ours(ids, last_token_only=True)
+    assert logits.shape == (2, 1, ours.config.vocab_size)
+    diff = (logits - ref(ids).logits[:, -1:]).abs().max().item()
+    assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+
 def test_float32_padded_batch_matches(hf_checkpoint):
     variant, path = hf_checkpoint
     ours, ref = _load_pair(path, torch.float32)
