@@ -134,7 +134,8 @@ class FalconModel(nn.Module):
         out_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] after ``ln_f`` for tokens ``input_ids`` at ``positions`` (both [B, T]); with
-        ``out_rows`` (flat token indices) those rows' only, [1, R, H], the last block running the rest for K/V alone.
+        ``out_rows`` (flat token indices) only those rows' states, [1, R, H]: the last block runs the other rows
+        only as far as their K/V.
 
         ``attention`` decides where each layer's K/V go and what each query sees (``dense.py``, the engine's
         paged context); rotary models rotate by ``positions``, ALiBi ones take their bias from the context.
