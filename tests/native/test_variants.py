@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import falconlm.quant.kernels.native as qnative
 from falconlm import native
 from falconlm.engine.fused_decode import fused_decoder
 from falconlm.model.dense import KVCache, build_dense_attention
@@ -52,6 +53,29 @@ def test_simd_variants_match_the_scalar_reference(simd_isa: str, rows: int, monk
     torch.testing.assert_close(simd["bf16"], scalar["bf16"], rtol=8e-3, atol=1e-3)
     for bits in ("int8", "int4"):  # integer dot products are exact; the float steps are the same FMAs
         torch.testing.assert_close(simd[bits], scalar[bits], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_another_activation_block_width_gives_the_same_product(
+    isa: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiles take the 32-column activation block as a compile-time constant; any other width (64 here) runs the
+    same code with the width read at run time: its products agree with the scalar reference's and, to the
+    activations' int8 rounding, with the 32-column ones."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 320, generator=gen)
+    for bits in (8, 4):
+        spec, weights = _quantized(bits)
+        usual = NATIVE_KERNEL.matmul(x, weights, spec)
+        monkeypatch.setattr(qnative, "ACTIVATION_BLOCK", 64)
+        wide = NATIVE_KERNEL.matmul(x, weights, spec)
+        with monkeypatch.context() as m:
+            m.setenv("FALCONLM_NATIVE_ISA", "scalar")
+            reference = NATIVE_KERNEL.matmul(x, weights, spec)
+        monkeypatch.setattr(qnative, "ACTIVATION_BLOCK", 32)
+        torch.testing.assert_close(wide, reference, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(wide, usual)  # the width did reach the kernel
+        torch.testing.assert_close(wide, usual, rtol=0, atol=0.02 * usual.abs().max().item())
 
 
 @pytest.mark.parametrize("total", [3, 16, 40, 130])  # register-block remainders, and more rows than a block
