@@ -37,7 +37,7 @@ from ..model.dense import KVCache, build_dense_attention
 from ..model.positions import is_dynamic, rope_cos_sin
 from ..native import ops
 from ..native.decode import Layer, Rows, Run, Shape, Weight, check_layout
-from ..quant.kernels.native import NativeKernel
+from ..quant.kernels.native import ACTIVATION_BLOCK, NativeKernel
 from ..quant.linear import QuantizedLinear
 from .decode_run import run_parts, stop_tokens
 
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from ..model.falcon import FalconForCausalLM, FalconModel
     from .request import Request
 
-ACTIVATION_BLOCK = 32  # the native quantized kernel's activation block; a head must span whole blocks
 MAX_HEAD_DIM = 256
 CACHE_DTYPES = (torch.bfloat16, torch.float32)
 # Rows per native call. A step with more (deterministic mode sends prompt chunks through the step, up to the token

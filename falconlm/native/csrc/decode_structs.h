@@ -5,11 +5,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "quant_tiles.h"  // ACTIVATION_BLOCK
 #include "simd.h"
 
 namespace falcon {
-
-constexpr int64_t ACTIVATION_BLOCK = 32;  // activation columns per int8 scale (vnni.py's ACTIVATION_BLOCK)
 
 struct Weight {  // bits 8 / 4: VNNI-tiled (quant_tiles.h), k padded; bits 16: bfloat16 [n][k] row-major, no scales
   const uint8_t* w;

@@ -86,9 +86,10 @@ inline int32_t four_magnitudes(const int8_t* xm, int64_t i) {
   return 0;
 }
 
-// The activation block every caller passes (decode_structs.h's ACTIVATION_BLOCK): the tiles below take it as a
-// compile-time constant, so that a block's lines unroll (any other width runs the same code with a runtime width).
-constexpr int64_t FIXED_BLOCK = 32;
+// Activation columns per int8 scale, as llama.cpp's q8_0 (falconlm/quant/kernels/native.py's ACTIVATION_BLOCK):
+// the block every caller passes. The tiles below take it as a compile-time constant, so that a block's lines unroll
+// (any other width runs the same code with the width read at run time).
+constexpr int64_t ACTIVATION_BLOCK = 32;
 
 template <int R>
 inline void store_rows(const F32x16 (&acc)[MR], void* y, int64_t m0, int64_t N, int64_t n0, int y_bf16) {
@@ -163,8 +164,8 @@ inline void tile_w8_blocks(const int8_t* xq, const int8_t* xm, const float* xs, 
 template <int R>
 inline void tile_w8(const int8_t* xq, const int8_t* xm, const float* xs, const int32_t* xsum, int64_t m0, int64_t K,
                     int64_t B, const uint8_t* w, const float* wscale, void* y, int64_t N, int64_t n0, int y_bf16) {
-  if (B == FIXED_BLOCK) {
-    tile_w8_blocks<R, FIXED_BLOCK>(xq, xm, xs, xsum, m0, K, B, w, wscale, y, N, n0, y_bf16);
+  if (B == ACTIVATION_BLOCK) {
+    tile_w8_blocks<R, ACTIVATION_BLOCK>(xq, xm, xs, xsum, m0, K, B, w, wscale, y, N, n0, y_bf16);
   } else {
     tile_w8_blocks<R, 0>(xq, xm, xs, xsum, m0, K, B, w, wscale, y, N, n0, y_bf16);
   }
@@ -250,8 +251,8 @@ inline void tile_w4_blocks(const int8_t* xq, const float* xs, const int32_t* xsu
 template <int R>
 inline void tile_w4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t m0, int64_t K, int64_t B,
                     int64_t G, const uint8_t* w, const uint16_t* sz, void* y, int64_t N, int64_t n0, int y_bf16) {
-  if (B == FIXED_BLOCK) {
-    tile_w4_blocks<R, FIXED_BLOCK>(xq, xs, xsum, m0, K, B, G, w, sz, y, N, n0, y_bf16);
+  if (B == ACTIVATION_BLOCK) {
+    tile_w4_blocks<R, ACTIVATION_BLOCK>(xq, xs, xsum, m0, K, B, G, w, sz, y, N, n0, y_bf16);
   } else {
     tile_w4_blocks<R, 0>(xq, xs, xsum, m0, K, B, G, w, sz, y, N, n0, y_bf16);
   }
