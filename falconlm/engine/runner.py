@@ -354,6 +354,8 @@ class ModelRunner:
         """The model's torch forward over the step's flattened tokens: the states [R, H] of its ``logits_rows``,
         the only rows its last layer runs past their K/V (models with more state than the KV cache add theirs
         here, ``hybrid_runner.py``)."""
+        if reads_every_row(batch.logits_rows, batch.num_tokens):  # decode steps: nothing to skip, nothing to gather
+            return self.model.forward_hidden(input_ids, position_ids, ctx, rope_lengths).flatten(0, 1)
         rows = torch.tensor(batch.logits_rows, dtype=torch.long, device=input_ids.device)
         return self.model.forward_hidden(input_ids, position_ids, ctx, rope_lengths, out_rows=rows)
 
@@ -369,9 +371,14 @@ def rows_of(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
     if not rows:
         return None
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if len(rows) == flat.shape[0] and rows == list(range(len(rows))):
+    if reads_every_row(rows, flat.shape[0]):
         return flat
     return flat[torch.tensor(rows, dtype=torch.long, device=flat.device)]
+
+
+def reads_every_row(rows: list[int], num_rows: int) -> bool:
+    """Whether ``rows`` are all ``num_rows`` rows in order (a decode step's), so taking them changes nothing."""
+    return len(rows) == num_rows and rows == list(range(num_rows))
 
 
 def _in_prompt(item: ScheduledRequest) -> bool:

@@ -147,11 +147,13 @@ class KVCausalLM(CausalLM):
             self.config, input_ids, attention_mask, position_ids, kv_cache, self.dtype, self._attention_dropout()
         )
         B, T = input_ids.shape
-        last_rows = torch.arange(T - 1, B * T, T, device=input_ids.device) if last_token_only else None
+        # Each row's last token alone, where a row has more than one (at T = 1 that is every token already)
+        last_rows = torch.arange(T - 1, B * T, T, device=input_ids.device) if last_token_only and T > 1 else None
         hidden = self.forward_hidden(input_ids, positions, attention, out_rows=last_rows)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.compute_logits(hidden)[:, None] if last_token_only else self.compute_logits(hidden)
+        logits = self.compute_logits(hidden)
+        return logits if last_rows is None else logits[:, None]
 
     def _attention_dropout(self) -> float:
         """Dropout on the attention probabilities in the dense call (none unless a family trains with it)."""
