@@ -1,4 +1,4 @@
-"""Every layer of a Falcon decode step in one native call (``falconlm.native``'s ``falcon_decode_layers``).
+"""Every layer of a Falcon or Falcon3 decode step in one native call (``falconlm.native``'s ``falcon_decode_layers``).
 
 At batch 1 a token through torch is about fifty small matmuls and several hundred small ops, and their dispatch
 and thread wake-ups cost about as much time as reading the weights. :class:`FusedDecoder` runs all the layers in
@@ -6,8 +6,10 @@ one OpenMP parallel region instead, as llama.cpp runs its whole graph in C. The 
 between it and the model's torch forward; this module only binds a model's tensors to the native structs.
 
 It applies to steps that add one token per row to a paged KV cache (``PagedAttention.decode_rows``) of
-parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) on the CPU whose layer matrices
-are all bfloat16, or all int8 / int4 on the native quantized kernel. Everything else, and every step when
+parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) and of bias-free Falcon3 models (the
+Llama layout: RMSNorm, attention then a SwiGLU MLP) on the CPU whose layer matrices are all bfloat16, or all int8 /
+int4 on the native quantized kernel. Falcon3's prompt chunks and greedy decode runs (``falcon_decode_run``) keep
+the Python side: its steps run fused one at a time. Everything else, and every step when
 ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32 inside the call, so
 results equal the torch path's up to rounding (in bfloat16, the torch path rounds the residual after every op and
 the fused one does not).
@@ -28,12 +30,14 @@ import ctypes
 import os
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import native
 from ..model.dense import KVCache, build_dense_attention
+from ..model.falcon3_config import Falcon3Config
 from ..model.positions import is_dynamic, rope_cos_sin
 from ..native import ops
 from ..native.decode import Layer, Rows, Run, Shape, Weight, check_layout
@@ -43,8 +47,9 @@ from .decode_run import run_parts, stop_tokens
 
 if TYPE_CHECKING:
     from ..model.attention import DecodeRows
+    from ..model.causal_lm import CausalLM
     from ..model.config import FalconConfig
-    from ..model.falcon import FalconForCausalLM, FalconModel
+    from ..model.falcon import FalconForCausalLM
     from .request import Request
 
 MAX_HEAD_DIM = 256
@@ -63,33 +68,38 @@ def enabled() -> bool:
     return native.switch(os.environ.get("FALCONLM_FUSED_DECODE", "1"))
 
 
-def config_unsupported(c: FalconConfig) -> str | None:
-    """Why a Falcon config's layers can never run fused (whatever their weights), or None when they may."""
-    if not c.parallel_attn or not c.rotary or c.alibi or c.bias:
+def config_unsupported(c: FalconConfig | Falcon3Config) -> str | None:
+    """Why a Falcon or Falcon3 config's layers can never run fused (whatever their weights), or None when they may."""
+    if isinstance(c, Falcon3Config):
+        if c.attention_bias or c.mlp_bias:
+            return "only bias-free Falcon3 layers run fused"
+    elif not c.parallel_attn or not c.rotary or c.alibi or c.bias:
         return "only parallel-attention, rotary, bias-free layers run fused"
     if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
         return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
     return None
 
 
-def unsupported(model: FalconModel) -> str | None:
-    """Why ``model``'s decode steps cannot run fused, or None when they can."""
+def unsupported(model: torch.nn.Module) -> str | None:
+    """Why the decoder ``model``'s decode steps cannot run fused, or None when they can."""
     c = model.config
     if (why := config_unsupported(c)) is not None:
         return why
-    shapes = {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
+    layout = _layout(model)
+    shapes = layout.shapes(c)
     first = None
-    for block in model.h:
-        kinds = {name: _kind(m) for name, m in _matrices(block).items()}
+    for block in layout.blocks(model):
+        kinds = {name: _kind(m) for name, m in layout.matrices(block).items()}
         if None in kinds.values():
             return "every layer matrix must be bfloat16 on the CPU, or quantized on the native kernel, without bias"
-        sharded = any(hasattr(m, "tp_shards") for m in _matrices(block).values())  # falconlm.parallel's layers
-        if sharded or any(_matrices(block)[name].out_features != n for name, n in shapes.items()):
+        matrices = layout.matrices(block)
+        sharded = any(hasattr(m, "tp_shards") for m in matrices.values())  # falconlm.parallel's layers
+        if sharded or any(matrices[name].out_features != n for name, n in shapes.items()):
             return "the layer matrices are sharded (tensor parallel)"
         if first is not None and kinds != first:
             return "the layers' matrices differ in format"
         first = kinds
-        if getattr(block, _norm_names(block)[0]).weight.device.type != "cpu":
+        if getattr(block, layout.norm_names(block)[0]).weight.device.type != "cpu":
             return "the model is not on the CPU"
     if (why := native.unavailable_reason()) is not None:
         return f"native kernels unavailable: {why}"
@@ -103,10 +113,64 @@ MATRIX_PATHS = {
     "up": "mlp.dense_h_to_4h",
     "down": "mlp.dense_4h_to_h",
 }
+LLAMA_MATRIX_PATHS = {  # Falcon3: q_proj takes the Layer's qkv, up_proj its up
+    "qkv": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "dense": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 
-def _matrices(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {name: block.get_submodule(path) for name, path in MATRIX_PATHS.items()}
+@dataclass(frozen=True)
+class _Layout:
+    """Where a decoder keeps what the native Layer structs point to: its blocks, their matrices and norms, and
+    its final norm; ``llama``: the Llama block (RMSNorm, attention then a SwiGLU MLP) rather than Falcon's."""
+
+    blocks_name: str
+    final_norm_name: str
+    paths: dict[str, str]
+    llama: bool
+
+    def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return getattr(model, self.blocks_name)
+
+    def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, self.final_norm_name)
+
+    def matrices(self, block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        return {name: block.get_submodule(path) for name, path in self.paths.items()}
+
+    def norm_names(self, block: torch.nn.Module) -> tuple[str, ...]:
+        """The block's norms: Falcon's LayerNorm per branch (40B / 180B / 11B) or one for both (7B); Llama's two
+        RMSNorms (before the attention, before the MLP)."""
+        if self.llama:
+            return ("input_layernorm", "post_attention_layernorm")
+        return ("ln_attn", "ln_mlp") if hasattr(block, "ln_attn") else ("input_layernorm",)
+
+    def shapes(self, c) -> dict[str, int]:
+        """Each matrix's output features."""
+        if self.llama:
+            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            f = c.intermediate_size
+            return {"qkv": q, "k": kv, "v": kv, "dense": c.hidden_size, "gate": f, "up": f, "down": c.hidden_size}
+        return {"qkv": c.qkv_out_features, "dense": c.hidden_size, "up": c.ffn_hidden_size, "down": c.hidden_size}
+
+
+FALCON_LAYOUT = _Layout("h", "ln_f", MATRIX_PATHS, llama=False)
+LLAMA_LAYOUT = _Layout("layers", "norm", LLAMA_MATRIX_PATHS, llama=True)
+
+
+def _layout(model: torch.nn.Module) -> _Layout:
+    """The layout of decoder ``model`` (a FalconModel or a Falcon3Model)."""
+    return LLAMA_LAYOUT if isinstance(model.config, Falcon3Config) else FALCON_LAYOUT
+
+
+def _norm_parameters(norm: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """A LayerNorm's weight and bias, an RMSNorm's weight."""
+    return (norm.weight, norm.bias) if isinstance(norm, torch.nn.LayerNorm) else (norm.weight,)
 
 
 def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
@@ -132,13 +196,12 @@ def _weight(m: torch.nn.Module) -> Weight:
     return Weight(m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features, padded, m.in_features, group, bits)
 
 
-def _norm_names(block: torch.nn.Module) -> tuple[str, ...]:
-    """The block's LayerNorms: one per branch (Falcon-40B / 180B / 11B), or one for both (Falcon-7B)."""
-    return ("ln_attn", "ln_mlp") if hasattr(block, "ln_attn") else ("input_layernorm",)
-
-
 def _tensor_names(m: torch.nn.Module) -> tuple[str, ...]:
     return ("weight",) if isinstance(m, torch.nn.Linear) else ("qweight", "scales")
+
+
+def _norm_tensor_names(norm: torch.nn.Module) -> tuple[str, ...]:
+    return ("weight", "bias") if isinstance(norm, torch.nn.LayerNorm) else ("weight",)
 
 
 def _holder(module: torch.nn.Module, name: str) -> dict:
@@ -155,27 +218,30 @@ class _Binding:
     pointer (``param.data = ...``, as ``Module.to`` does, changes that). Holding them also keeps the memory the
     native pointers refer to alive until the next rebind."""
 
-    def __init__(self, model: FalconModel) -> None:
-        self.links: list[tuple[dict, str, object]] = [(model._modules, "h", model.h)]
+    def __init__(self, model: torch.nn.Module) -> None:
+        layout = _layout(model)
+        blocks = layout.blocks(model)
+        self.links: list[tuple[dict, str, object]] = [(model._modules, layout.blocks_name, blocks)]
         self.tensors: list[torch.Tensor] = []
-        for i, block in enumerate(model.h):
-            self.links.append((model.h._modules, str(i), block))
-            norms = _norm_names(block)
-            for path in [*MATRIX_PATHS.values(), *norms]:
+        for i, block in enumerate(blocks):
+            self.links.append((blocks._modules, str(i), block))
+            norms = layout.norm_names(block)
+            for path in [*layout.paths.values(), *norms]:
                 module = block
                 for part in path.split("."):
                     child = module._modules[part]
                     self.links.append((module._modules, part, child))
                     module = child
-                names = ("weight", "bias") if path in norms else _tensor_names(module)
+                names = _norm_tensor_names(module) if path in norms else _tensor_names(module)
                 for name in names:
                     tensor = getattr(module, name)
                     self.links.append((_holder(module, name), name, tensor))
                     self.tensors.append(tensor)
-        self.links.append((model._modules, "ln_f", model.ln_f))
-        for name in ("weight", "bias"):
-            tensor = getattr(model.ln_f, name)
-            self.links.append((_holder(model.ln_f, name), name, tensor))
+        final = layout.final_norm(model)
+        self.links.append((model._modules, layout.final_norm_name, final))
+        for name in _norm_tensor_names(final):
+            tensor = getattr(final, name)
+            self.links.append((_holder(final, name), name, tensor))
             self.tensors.append(tensor)
         self.pointers = [t.data_ptr() for t in self.tensors]
 
@@ -194,8 +260,9 @@ class FusedDecoder:
     copied or pickled model simply gets a decoder of its own on its first step.
     """
 
-    def __init__(self, model: FalconModel) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         self._model = weakref.ref(model)
+        self._layout = _layout(model)
         lib = native.kernels()
         check_layout(lib)
         self._fn = lib.falcon_decode_layers
@@ -206,27 +273,31 @@ class FusedDecoder:
         self.usable = True  # the binding is current and the model supported (fused_decoder checked it)
         self._rotary: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # dtype -> float32 cos, sin tables
 
-    def _bind(self, model: FalconModel) -> None:
-        c = model.config
-        self._keep: list[torch.Tensor] = []  # float32 LayerNorm parameters, alive as long as we are
+    def _bind(self, model: torch.nn.Module) -> None:
+        c, layout = model.config, self._layout
+        self._keep: list[torch.Tensor] = []  # float32 norm parameters, alive as long as we are
         self._norm_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its float32 copy)
         layers = (Layer * c.num_hidden_layers)()
-        for i, block in enumerate(model.h):
+        for i, block in enumerate(layout.blocks(model)):
             layer = layers[i]
-            for name, m in _matrices(block).items():
+            for name, m in layout.matrices(block).items():
                 setattr(layer, name, _weight(m))
-            pointers = []
-            for ln in (getattr(block, name) for name in _norm_names(block)):
-                pointers += [self._float32_copy(p).data_ptr() for p in (ln.weight, ln.bias)]
-            layer.ln_attn_w, layer.ln_attn_b = pointers[:2]
-            layer.ln_mlp_w, layer.ln_mlp_b = pointers[2:] if len(pointers) == 4 else (None, None)
+            norms = []  # (weight, bias or None) of each norm
+            for norm in (getattr(block, name) for name in layout.norm_names(block)):
+                pointers = [self._float32_copy(p).data_ptr() for p in _norm_parameters(norm)]
+                norms.append((pointers[0], pointers[1] if len(pointers) == 2 else None))
+            layer.ln_attn_w, layer.ln_attn_b = norms[0]
+            layer.ln_mlp_w, layer.ln_mlp_b = norms[1] if len(norms) == 2 else (None, None)
         self._layers = layers
-        self._final_norm = tuple(self._float32_copy(p) for p in (model.ln_f.weight, model.ln_f.bias))
+        final = layout.final_norm(model)
+        self._final_norm = None if layout.llama else tuple(self._float32_copy(p) for p in _norm_parameters(final))
         self._binding = _Binding(model)
-        self.bf16_weights = all(_kind(m)[0] == 16 for block in model.h for m in _matrices(block).values())
+        self.bf16_weights = all(
+            _kind(m)[0] == 16 for block in layout.blocks(model) for m in layout.matrices(block).values()
+        )
 
     def _float32_copy(self, p: torch.Tensor) -> torch.Tensor:
-        """A LayerNorm parameter in float32, kept alive with the binding (``p`` itself where it is float32)."""
+        """A norm's parameter in float32, kept alive with the binding (``p`` itself where it is float32)."""
         p32 = p.detach().to(torch.float32).contiguous()
         self._keep.append(p32)
         if p32.data_ptr() != p.data_ptr():
@@ -239,7 +310,10 @@ class FusedDecoder:
         matmuls then through the same weight panels; int8 / int4 weights where the torch path's prompt batches
         would take the same int8 dot products, that is wherever no AMX bfloat16 GEMM takes them
         (``ops.bf16_matrix_hardware``). The fused call spares the chunk the torch forward's dispatch, its
-        element-wise ops and attention, and the last layer of the rows whose logits nobody reads."""
+        element-wise ops and attention, and the last layer of the rows whose logits nobody reads. Falcon3's prompts
+        keep the torch forward."""
+        if self._layout.llama:
+            return False
         return ops.prompt_panels() if self.bf16_weights else not ops.bf16_matrix_hardware()
 
     def refresh(self) -> bool:
@@ -337,20 +411,22 @@ class FusedDecoder:
             (self._prompt_fn if prompt else self._fn)(
                 *args, None if kept is None else kept.data_ptr(), -1 if kept is None else kept.numel()
             )
-        if x.dtype not in CACHE_DTYPES:
-            return model.ln_f(residual.view(x.shape).to(x.dtype))
+        if x.dtype not in CACHE_DTYPES or self._layout.llama:  # (Falcon3's RMSNorm as its torch forward's)
+            return self._layout.final_norm(model)(residual.view(x.shape).to(x.dtype))
         return self.final_norm(residual, x.dtype).view(x.shape)
 
-    def runs(self, model: FalconForCausalLM, cache: torch.Tensor, rows: int) -> bool:
+    def runs(self, model: CausalLM, cache: torch.Tensor, rows: int) -> bool:
         """Whether :meth:`run` can take ``rows`` decode rows of ``model`` over a KV cache of ``cache``'s dtype and
         device: this decoder is bound to the model and up to date, the library reads its embedding and head
         (``decode_run.run_parts``), the cache is a CPU bfloat16 / float32 one and the rows fit one call."""
         return _run_cache(cache, rows) and self._run_parts(model) is not None
 
-    def _run_parts(self, model: FalconForCausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
+    def _run_parts(self, model: CausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
         """``run_parts(model)`` where this decoder is bound to ``model``, up to date and its rotary static; else
         None."""
-        if model.transformer is not self._model() or not self.usable or is_dynamic(model.config):
+        if self._layout.llama or model.transformer is not self._model() or not self.usable:
+            return None
+        if is_dynamic(model.config):
             return None
         return run_parts(model)
 
@@ -417,16 +493,18 @@ def _rows(rows: DecodeRows, tables: torch.Tensor, lengths: torch.Tensor) -> Rows
                 tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
 
 
-def _shape(c: FalconConfig, rows: DecodeRows) -> Shape:
+def _shape(c: FalconConfig | Falcon3Config, rows: DecodeRows) -> Shape:
     """The native Shape of ``c``'s layers over ``rows``' cache."""
+    llama = isinstance(c, Falcon3Config)
+    eps = c.rms_norm_eps if llama else c.layer_norm_epsilon
     return Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
-                 c.layer_norm_epsilon, int(rows.k.dtype is torch.bfloat16))  # fmt: skip
+                 eps, int(rows.k.dtype is torch.bfloat16), int(llama))  # fmt: skip
 
 
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FalconModel -> (switches, decoder or None)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> (switches, FusedDecoder or None)
 
 
-def fused_decoder(model: FalconModel) -> FusedDecoder | None:
+def fused_decoder(model: torch.nn.Module) -> FusedDecoder | None:
     """``model``'s decoder when its decode steps can run fused and ``FALCONLM_FUSED_DECODE`` is not off; the
     answer is kept per model while the switches that decide it stay the same."""
     if not enabled() or model.training or not native.enabled():
@@ -439,7 +517,7 @@ def fused_decoder(model: FalconModel) -> FusedDecoder | None:
 
 
 def fused_hidden(
-    model: FalconForCausalLM,
+    model: CausalLM,
     decoder: FusedDecoder,
     ids: torch.Tensor,
     positions: torch.Tensor,
@@ -453,20 +531,20 @@ def fused_hidden(
     per row) through ``decoder``, whose K/V go where ``rows`` says; None when the step cannot run fused.
     ``rope_lengths`` as for the model's forward (dynamic RoPE scaling); ``prompt``, ``check`` and ``out_rows`` as
     for :class:`FusedDecoder`."""
-    x = model.transformer.word_embeddings(ids)
+    x = model.get_input_embeddings()(ids)
     cos, sin = decoder.rotary(model.config, positions, x.dtype, rope_lengths)
     return decoder(x, cos, sin, rows, prompt, check, out_rows)
 
 
-def dense_step(model: FalconForCausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+def dense_step(model: CausalLM, ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
     """One fused decode step over a dense :class:`KVCache` (tests and benchmarks; the engine's runner does the
     same over its paged cache): logits [B, vocab] of ``ids`` [B, 1] at position ``cache.length``, or None when the
     model cannot decode fused (nothing is written then)."""
-    decoder = fused_decoder(model.transformer)
+    decoder = fused_decoder(model.decoder)
     if decoder is None:
         return None
     batch = ids.shape[0]
-    dtype = model.transformer.ln_f.weight.dtype  # the activations' (cheap on quantized models)
+    dtype = model.dtype  # the activations' (cheap on quantized models)
     ctx = build_dense_attention(model.config, 1, None, cache, dtype, ids.device, batch, 0.0)
     positions = torch.full((batch, 1), cache.length, device=ids.device)
     hidden = fused_hidden(model, decoder, ids, positions, ctx.decode_rows())

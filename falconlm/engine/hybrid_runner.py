@@ -7,7 +7,8 @@ says where each request's tokens sit in the step and which slot they continue. A
 request, or one recomputed after preemption) starts from a zero state; decode rows are updated together by the
 single-step recurrence, prompt chunks by the chunked scan; in deterministic mode prompt tokens take the
 single-step recurrence too (``RecurrentBatch.stepwise``), since the chunked scan's sums depend on where a chunk
-starts. The native fused decode step is Falcon's block only, so these models take the torch path.
+starts. The native fused decode step takes Falcon's and Falcon3's attention-only blocks, so these models take the torch
+path.
 """
 
 from __future__ import annotations

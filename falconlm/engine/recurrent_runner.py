@@ -4,8 +4,9 @@ Each scheduled request is a run of tokens that reads and writes its state slot (
 admission, see ``state_pool.py``); a run that starts at token 0 (a new request, or one recomputed after
 preemption) starts from a zeroed state. Decode rows of a step go through one batched state update, prompt chunks
 through the chunked scan, in the same forward (``model.falcon_mamba.RecurrentBatch``). Sampling, prompt logprobs
-and the per-request generators are the ModelRunner's. The native fused decode step is Falcon-only: these models run
-the torch path, with the native bfloat16 matmul bound to their projections and head on CPU (``kernels.py``).
+and the per-request generators are the ModelRunner's. The native fused decode step takes attention-only blocks:
+these models run the torch path, with the native bfloat16 matmul bound to their projections and head on CPU
+(``kernels.py``).
 """
 
 from __future__ import annotations

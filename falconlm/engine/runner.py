@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from ..model.falcon import FalconForCausalLM
+from ..model.falcon3 import Falcon3ForCausalLM
 from ..model.paged_attention import PagedAttention, PagedKVCache
 from ..model.positions import engine_rope_length, head_alibi_slopes, is_dynamic
 from .decode_run import greedy_rows
@@ -31,6 +32,8 @@ from .request import Request
 from .sampler import Sampler, make_generator
 from .scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from .structured_output import grammar_bitmask
+
+FUSED_FAMILIES = (FalconForCausalLM, Falcon3ForCausalLM)  # the models whose blocks the fused decode step runs
 
 
 class ModelRunner:
@@ -210,10 +213,10 @@ class ModelRunner:
 
     def _fused_decoder(self) -> FusedDecoder | None:
         """The native all-layers decode step for this step's decode rows, None where it does not apply."""
-        # The fused step is Falcon's block only (other families say why in `falconlm info`), and it runs every
-        # layer in C++ without collectives, so never under tensor parallelism (``fused_allowed`` False).
-        fused = self.fused_allowed and self.device.type == "cpu" and isinstance(self.model, FalconForCausalLM)
-        return fused_decoder(self.model.transformer) if fused else None
+        # The fused step takes Falcon's and Falcon3's blocks (other families say why in `falconlm info`), and it runs
+        # every layer in C++ without collectives, so never under tensor parallelism (``fused_allowed`` False).
+        fused = self.fused_allowed and self.device.type == "cpu" and isinstance(self.model, FUSED_FAMILIES)
+        return fused_decoder(self.model.decoder) if fused else None
 
     def _forward(
         self, items: list[ScheduledRequest], decoder: FusedDecoder | None, prompt_chunks: bool = False

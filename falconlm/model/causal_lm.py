@@ -41,6 +41,11 @@ class CausalLM(nn.Module):
     def _decoder(self) -> nn.Module:
         return getattr(self, self.decoder_name)
 
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder: embedding, blocks and final norm (``transformer``, ``model`` or ``backbone``)."""
+        return self._decoder()
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.get_input_embeddings().weight

@@ -73,8 +73,6 @@ FAMILIES: dict[str, Family] = {
         "model.layers",
         "model.embed_tokens",
         Falcon3Config.matrix_shapes,
-        fused_decode="the fused step is written for Falcon's block (LayerNorm, GELU, fused QKV); Falcon3's "
-        "RMSNorm / SwiGLU layers run the torch path",
     ),
     "mamba": Family(
         "mamba",

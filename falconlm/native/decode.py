@@ -1,7 +1,7 @@
 """The fused decode step's interface: ctypes mirrors of ``decode.cpp``'s structs and the raw call.
 
-``falcon_decode_layers`` runs every layer of a Falcon decode step (one new token per row) in one OpenMP region;
-see ``csrc/decode.cpp``. This module knows buffers and shapes only; ``falconlm.engine.fused_decode`` fills the
+``falcon_decode_layers`` runs every layer of a Falcon or Falcon3 decode step (one new token per row) in one OpenMP
+region; see ``csrc/decode.cpp``. This module knows buffers and shapes only; ``falconlm.engine.fused_decode`` fills the
 structs from a model.
 """
 
@@ -19,21 +19,26 @@ class Weight(ctypes.Structure):
 
 
 class Layer(ctypes.Structure):
-    """A block's four matrices and its LayerNorm parameters (float32; ``ln_mlp_*`` null with one LayerNorm)."""
+    """A block's matrices and its norms' parameters (float32; ``ln_mlp_*`` null with one LayerNorm, the biases null
+    for RMSNorm). Falcon: ``qkv`` the fused projection, ``k`` / ``v`` / ``gate`` unread; the Llama layout: ``qkv``
+    q_proj, ``up`` up_proj, and ``k``, ``v``, ``gate`` k_proj, v_proj, gate_proj."""
 
     _fields_ = [
         *((name, Weight) for name in ("qkv", "dense", "up", "down")),
         *((name, _P) for name in ("ln_attn_w", "ln_attn_b", "ln_mlp_w", "ln_mlp_b")),
+        *((name, Weight) for name in ("k", "v", "gate")),
     ]
 
 
 class Shape(ctypes.Structure):
-    """The model's shape and the KV cache's dtype (``kv_bf16`` 1 for bfloat16, 0 for float32)."""
+    """The model's shape, the KV cache's dtype (``kv_bf16`` 1 for bfloat16, 0 for float32) and the block's layout
+    (``llama`` 1: RMSNorm, attention then a SwiGLU MLP, each added to the residual; 0: Falcon's)."""
 
     _fields_ = [
         *((name, _I) for name in ("layers", "hidden", "heads", "groups", "head_dim")),
         ("eps", ctypes.c_double),
         ("kv_bf16", _I),
+        ("llama", _I),
     ]
 
 

@@ -36,6 +36,15 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def falcon3_checkpoint(tmp_path_factory) -> Path:
+    """Falcon3 (the Llama layout) as wide, with head_dim 128 and two query heads per KV head: its decode steps run
+    fused too."""
+    folder = tmp_path_factory.mktemp("invariant-falcon3")
+    shape = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4}
+    return make_falcon3_checkpoint(folder, "gqa", **shape, head_dim=128, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
 def rw_checkpoint(tmp_path_factory) -> Path:
     """falcon-rw: ALiBi instead of rotary, so no fused step; its attention goes through the row kernel with the
     ALiBi bias table (batches of 3 and 16 changed its tokens when prompts went through SDPA)."""
@@ -79,11 +88,14 @@ def _check_batches_change_nothing(llm: LLM, prompts: list[list[int]] = PROMPTS) 
 
 
 @needs_native
-@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("rw", None), ("rw", "int4")])
+@pytest.mark.parametrize(
+    ("layout", "quantize"),
+    [("7b", None), ("7b", "int4"), ("falcon3", None), ("falcon3", "int4"), ("rw", None), ("rw", "int4")],
+)
 def test_tokens_do_not_depend_on_the_batch(
-    checkpoint: Path, rw_checkpoint: Path, layout: str, quantize: str | None
+    checkpoint: Path, falcon3_checkpoint: Path, rw_checkpoint: Path, layout: str, quantize: str | None
 ) -> None:
-    folder = checkpoint if layout == "7b" else rw_checkpoint
+    folder = {"7b": checkpoint, "falcon3": falcon3_checkpoint, "rw": rw_checkpoint}[layout]
     _check_batches_change_nothing(
         LLM(folder, dtype="bfloat16", quantize=quantize, deterministic=True, max_num_batched_tokens=48)
     )
@@ -106,17 +118,27 @@ def test_recurrent_tokens_do_not_depend_on_the_batch(
 
 
 @needs_native
-@pytest.mark.parametrize(("layout", "quantize"), [("7b", None), ("7b", "int4"), ("falcon3", None), ("rw", None)])
+@pytest.mark.parametrize(
+    ("layout", "quantize"),
+    [("7b", None), ("7b", "int4"), ("falcon3", None), ("falcon3-fused", None), ("falcon3-fused", "int4"), ("rw", None)],
+)
 def test_a_prompt_cut_anywhere_scores_the_same(
     checkpoint: Path, rw_checkpoint: Path, tmp_path: Path, layout: str, quantize: str | None
 ) -> None:
     # Every token budget from 2 up cuts the prompt differently; several leave a last chunk of one token, which
     # looks like a decode row. Each prompt position's logprob and each new token's must be the same bits as with
     # the prompt in one chunk (a one-token last chunk once took the fused decode path while whole prompts took the
-    # torch forward, and a server returned 1 of 24 streams differently). Falcon3 (Llama layout) has no fused step:
-    # its decode rows and prompt chunks both take the torch forward; so does falcon-rw, with ALiBi in the row kernel.
+    # torch forward, and a server returned 1 of 24 streams differently). The tiny Falcon3's head_dim (16) is too
+    # small for the fused step, so its decode rows and prompt chunks both take the torch forward, as falcon-rw's do
+    # (ALiBi in the row kernel); "falcon3-fused" has head_dim 32, and its decode rows run fused.
     folders = {"7b": checkpoint, "rw": rw_checkpoint}
-    folder = folders[layout] if layout in folders else make_falcon3_checkpoint(tmp_path / "falcon3")
+    if layout in folders:
+        folder = folders[layout]
+    elif layout == "falcon3":
+        folder = make_falcon3_checkpoint(tmp_path / "falcon3")
+    else:
+        wide_heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
+        folder = make_falcon3_checkpoint(tmp_path / "falcon3", **wide_heads)
     model = FalconForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantize=quantize)
     tokenizer = Tokenizer.from_pretrained(folder)
     prompt = PROMPTS[1]  # 14 tokens

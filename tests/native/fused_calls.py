@@ -22,7 +22,7 @@ def model_in(checkpoint: Path, weights: str, dtype: torch.dtype = torch.bfloat16
 def counting(model: FalconForCausalLM, entry: str = "_fn") -> list[int]:
     """Rows of each call of the model's decoder's ``entry`` (``_fn``: decode steps, ``_prompt_fn``: prompt
     chunks) from now on."""
-    decoder = fused_decoder(model.transformer)
+    decoder = fused_decoder(model.decoder)
     calls: list[int] = []
     native = getattr(decoder, entry)
 

@@ -122,7 +122,7 @@ struct Activations {  // R rows of K columns for a matmul's input, in the form i
 };
 
 struct Buffers {
-  std::vector<float> ln_attn, ln_mlp, qkv, up, out_attn, out_mlp;
+  std::vector<float> ln_attn, ln_mlp, qkv, up, gate, out_attn, out_mlp;
   std::vector<float> q, part_stats, part_acc;  // long rows' attention: queries, then each part's results
   std::vector<Partial> parts;
   std::vector<int64_t> part_start;
@@ -163,6 +163,11 @@ void gelu(const float* x, int64_t n, float* y) {
     store(tail, gelu16(load(tail)));
     std::memcpy(y + i, tail, (n - i) * sizeof(float));
   }
+}
+
+// SwiGLU's silu(gate) * up of n values into y.
+void swiglu(const float* gate, const float* up, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
 // Rotate one head vector v[d] in place by a position's cos / sin [d] (NeoX halves: x1 cos - x2 sin, x2 cos + x1 sin).
@@ -241,7 +246,10 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const int64_t elem = bf16 ? 2 : 4;
   const float eps = static_cast<float>(shape->eps), scale = 1.f / std::sqrt(static_cast<float>(d));
   const Layer& first = layers[0];  // every layer has the same shapes
-  const int64_t n_qkv = first.qkv.n, n_up = first.up.n;
+  const bool llama = shape->llama != 0;
+  // Falcon: one QKV output per row, [n_qkv]; the Llama layout: q, k and v outputs, each [R][its n] in turn.
+  const int64_t n_q = first.qkv.n, n_k = llama ? first.k.n : 0, n_v = llama ? first.v.n : 0;
+  const int64_t n_qkv = n_q + n_k + n_v, n_up = first.up.n;
 
   static thread_local Buffers caller;
   Buffers& buf = caller;  // the calling thread's, shared by every thread of the region below
@@ -249,6 +257,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   resize(buf.ln_mlp, R * H);
   resize(buf.qkv, R * n_qkv);
   resize(buf.up, R * n_up);
+  if (llama) resize(buf.gate, R * n_up);
   resize(buf.out_attn, R * H);
   resize(buf.out_mlp, R * H);
   buf.a_qkv.resize(R, first.qkv.k, first.qkv.bits, prompt_panels);
@@ -258,13 +267,15 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   for (int64_t r = 0; r < R; ++r)  // the attention output's padding columns, if any, stay zero
     for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.store_block(r, b, nullptr, 0, 0);
 
-  const int64_t qkv_tiles = n_qkv / TILE, in_tiles = qkv_tiles + n_up / TILE, out_tiles = H / TILE;
+  const int64_t qkv_tiles = n_qkv / TILE, up_tiles = n_up / TILE, out_tiles = H / TILE;
+  const int64_t in_tiles = llama ? qkv_tiles : qkv_tiles + up_tiles;  // Llama: the MLP-in matmuls come later
   // bfloat16 register blocks of bf16::NR weight rows end on a share's end only if it holds whole blocks.
   const int64_t bf16_align =
       first.qkv.bits == 16 && !prompt_panels ? bf16::NR / std::gcd<int64_t>(TILE, bf16::NR) : 1;
   const Shares in_shares = shares_of(in_tiles, R * TILE * first.qkv.k, nthreads, bf16_align);
   const Shares dense_shares = shares_of(out_tiles, R * TILE * first.dense.k, nthreads, bf16_align);
   const Shares down_shares = shares_of(out_tiles, R * TILE * first.down.k, nthreads, bf16_align);
+  const Shares mlp_in_shares = shares_of(2 * up_tiles, R * TILE * first.up.k, nthreads, bf16_align);  // Llama
   // The last layer's output rows go through its attention, MLP and output matmuls at their place among them,
   // slot[r]; every row stores its K/V. Elsewhere a row's place is its own index.
   std::vector<int64_t>& slot = buf.slot;
@@ -275,9 +286,27 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     const int64_t r = all_out ? j : out_rows[j];
     if (r >= 0 && r < R && slot[r] < 0) slot[r] = kept++;
   }
-  // x[r] += attention-out + MLP-out (the parallel branches) of the row at place j of the layer's outputs
+  // x[r] += attention-out + MLP-out (the parallel branches) of the row at place j of the layer's outputs; in the
+  // Llama layout the attention's was added before the MLP's input norm, so only the MLP's is left.
   auto add_branches = [&](int64_t r, int64_t j) {
-    for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_attn[j * H + k] + buf.out_mlp[j * H + k];
+    if (llama) {
+      for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_mlp[j * H + k];
+    } else {
+      for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_attn[j * H + k] + buf.out_mlp[j * H + k];
+    }
+  };
+  // Row r's query heads of KV group g, its key and its value in the QKV outputs.
+  float* const q_out = buf.qkv.data();
+  float* const k_out = q_out + R * n_q;
+  float* const v_out = k_out + R * n_k;
+  auto group_queries = [&](int64_t r, int64_t g) {
+    return llama ? q_out + r * n_q + g * per_group * d : q_out + r * n_qkv + g * group_width;
+  };
+  auto group_key = [&](int64_t r, int64_t g) {
+    return llama ? k_out + r * n_k + g * d : q_out + r * n_qkv + g * group_width + per_group * d;
+  };
+  auto group_value = [&](int64_t r, int64_t g) {
+    return llama ? v_out + r * n_v + g * d : q_out + r * n_qkv + g * group_width + (per_group + 1) * d;
   };
   const int64_t attention_units = R * G;
   std::vector<int64_t>& part_start = buf.part_start;  // (row, group) rg's parts are part_start[rg] .. [rg + 1]
@@ -309,7 +338,10 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const int64_t gelu_blocks = (down_blocks + units_per_row - 1) / units_per_row;  // per unit
   const int64_t gelu_chunks = (down_blocks + gelu_blocks - 1) / gelu_blocks;    // units per row, as rounded
 
-  Deals deals(3 * shape->layers, nthreads);  // the matmuls' shares: QKV and MLP-in, attention-out, MLP-out
+  // The matmuls' shares: QKV and MLP-in, attention-out, MLP-out; in the Llama layout QKV, attention-out, MLP-in
+  // (gate and up), MLP-out.
+  const int64_t phases = llama ? 4 : 3;
+  Deals deals(phases * shape->layers, nthreads);
 #pragma omp parallel num_threads(nthreads)
   {
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -322,15 +354,19 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       const bool last = li + 1 == shape->layers;
       const int64_t RL = last ? kept : R;  // the rows past QKV: the last layer's output rows, else all
       auto at = [&](int64_t r) { return last ? slot[r] : r; };  // a row's place among them (-1: none)
-      const int64_t gelu_units = RL * gelu_chunks;
+      const int64_t gelu_units = llama ? 0 : RL * gelu_chunks;  // (the Llama layout's SwiGLU comes later)
       // 1. The previous layer's residual add, then LayerNorm(s), in the QKV and MLP-in matmuls' input form.
       for (int64_t r = tid; r < R; r += nt) {
         if (li > 0) add_branches(r, r);
         float* a = buf.ln_attn.data() + r * H;
-        layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
+        if (llama) {
+          rms_norm(x + r * H, H, L.ln_attn_w, eps, a);
+        } else {
+          layer_norm(x + r * H, H, L.ln_attn_w, L.ln_attn_b, eps, a);
+        }
         buf.a_qkv.store_row(r, a, H);
         const int64_t j = at(r);
-        if (j < 0) continue;
+        if (j < 0 || llama) continue;
         if (L.ln_mlp_w != nullptr) {
           float* m = buf.ln_mlp.data() + j * H;
           layer_norm(x + r * H, H, L.ln_mlp_w, L.ln_mlp_b, eps, m);
@@ -341,7 +377,14 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       }
 #pragma omp barrier
       // 2. QKV and MLP-in matmuls, QKV's tiles then MLP-in's, dealt out in shares (shares.h).
-      deals.take(3 * li, tid, in_shares, [&](int64_t lo, int64_t hi) {
+      deals.take(phases * li, tid, in_shares, [&](int64_t lo, int64_t hi) {
+        if (llama) {  // q, k, v: each weight's tiles in turn, into its own outputs
+          const int64_t qt = n_q / TILE, kt = n_k / TILE;
+          matmul_tiles(L.qkv, buf.a_qkv, lo, std::min(hi, qt), R, q_out);
+          matmul_tiles(L.k, buf.a_qkv, std::max(lo, qt) - qt, std::min(hi, qt + kt) - qt, R, k_out);
+          matmul_tiles(L.v, buf.a_qkv, std::max(lo, qt + kt) - qt - kt, hi - qt - kt, R, v_out);
+          return;
+        }
         matmul_tiles(L.qkv, buf.a_qkv, lo, std::min(hi, qkv_tiles), R, buf.qkv.data());
         matmul_tiles(L.up, buf.a_up, std::max(lo, qkv_tiles) - qkv_tiles, hi - qkv_tiles, RL, buf.up.data());
       });
@@ -353,14 +396,16 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       // Rotary on the group's queries and key, its new K/V into the cache, its queries (cache dtype) to q.
       auto prepare_group = [&](int64_t r, int64_t g, void* q) {
         const int64_t pos = rows->context_lens[r] - 1;
-        float* group = buf.qkv.data() + r * n_qkv + g * group_width;  // per_group queries, key, value
-        for (int64_t j = 0; j <= per_group; ++j) rotate(group + j * d, cos + r * d, sin + r * d, d);
+        float* const queries = group_queries(r, g);
+        float* const key = group_key(r, g);
+        for (int64_t j = 0; j < per_group; ++j) rotate(queries + j * d, cos + r * d, sin + r * d, d);
+        rotate(key, cos + r * d, sin + r * d, d);
         const int64_t* table = rows->block_tables + r * rows->tb;
         const int64_t at = li * rows->layer_stride + table[pos / rows->block_size] * rows->sb +
                            (pos % rows->block_size) * rows->sp + g * rows->sg;
-        store_vector(group + per_group * d, static_cast<char*>(rows->k) + at * elem, bf16, d);
-        store_vector(group + (per_group + 1) * d, static_cast<char*>(rows->v) + at * elem, bf16, d);
-        store_vector(group, q, bf16, per_group * d);
+        store_vector(key, static_cast<char*>(rows->k) + at * elem, bf16, d);
+        store_vector(group_value(r, g), static_cast<char*>(rows->v) + at * elem, bf16, d);
+        store_vector(queries, q, bf16, per_group * d);
       };
       auto gelu_chunk = [&](int64_t unit) {
         const int64_t r = unit / gelu_chunks, c = unit % gelu_chunks, k_real = L.down.k_real;
@@ -426,10 +471,38 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       // 4. Attention-out and MLP-out matmuls, added to the residual at the next layer's start (or below, after
       // the last). One weight after the other, not a tile of each in turn: with int4, that made four streams at
       // once (two weights and their scales), which read about 10% slower than two.
-      deals.take(3 * li + 1, tid, dense_shares, [&](int64_t lo, int64_t hi) {
+      deals.take(phases * li + 1, tid, dense_shares, [&](int64_t lo, int64_t hi) {
         matmul_tiles(L.dense, buf.a_dense, lo, hi, RL, buf.out_attn.data());
       });
-      deals.take(3 * li + 2, tid, down_shares, [&](int64_t lo, int64_t hi) {
+      if (llama) {
+        // 5. The attention's output added to the residual, then the MLP's RMSNorm; 6. gate and up matmuls;
+        // 7. SwiGLU in chunks, as int8 blocks (or bfloat16) for the MLP-out matmul below.
+#pragma omp barrier
+        for (int64_t r = tid; r < R; r += nt) {
+          const int64_t j = at(r);
+          if (j < 0) continue;
+          for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_attn[j * H + k];
+          float* m = buf.ln_mlp.data() + j * H;
+          rms_norm(x + r * H, H, L.ln_mlp_w, eps, m);
+          buf.a_up.store_row(j, m, H);
+        }
+#pragma omp barrier
+        deals.take(phases * li + 2, tid, mlp_in_shares, [&](int64_t lo, int64_t hi) {
+          matmul_tiles(L.gate, buf.a_up, lo, std::min(hi, up_tiles), RL, buf.gate.data());
+          matmul_tiles(L.up, buf.a_up, std::max(lo, up_tiles) - up_tiles, hi - up_tiles, RL, buf.up.data());
+        });
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t unit = 0; unit < RL * gelu_chunks; ++unit) {
+          const int64_t j = unit / gelu_chunks, c = unit % gelu_chunks, k_real = L.down.k_real;
+          for (int64_t b = c * gelu_blocks; b < (c + 1) * gelu_blocks && b < down_blocks; ++b) {
+            const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
+            swiglu(buf.gate.data() + j * n_up + b * BLOCK, buf.up.data() + j * n_up + b * BLOCK, n, ts.gelu.data());
+            buf.a_down.store_block(j, b, ts.gelu.data(), 0, n);
+          }
+        }
+      }
+      deals.take(phases * li + phases - 1, tid, down_shares, [&](int64_t lo, int64_t hi) {
         matmul_tiles(L.down, buf.a_down, lo, hi, RL, buf.out_mlp.data());
       });
 #pragma omp barrier
@@ -478,9 +551,10 @@ int64_t falcon_struct_layout(int64_t* out) {
                 offsetof(Weight, k_real), offsetof(Weight, group), offsetof(Weight, bits))
   FALCON_FIELDS(Layer, offsetof(Layer, qkv), offsetof(Layer, dense), offsetof(Layer, up), offsetof(Layer, down),
                 offsetof(Layer, ln_attn_w), offsetof(Layer, ln_attn_b), offsetof(Layer, ln_mlp_w),
-                offsetof(Layer, ln_mlp_b))
+                offsetof(Layer, ln_mlp_b), offsetof(Layer, k), offsetof(Layer, v), offsetof(Layer, gate))
   FALCON_FIELDS(Shape, offsetof(Shape, layers), offsetof(Shape, hidden), offsetof(Shape, heads),
-                offsetof(Shape, groups), offsetof(Shape, head_dim), offsetof(Shape, eps), offsetof(Shape, kv_bf16))
+                offsetof(Shape, groups), offsetof(Shape, head_dim), offsetof(Shape, eps), offsetof(Shape, kv_bf16),
+                offsetof(Shape, llama))
   FALCON_FIELDS(Rows, offsetof(Rows, k), offsetof(Rows, v), offsetof(Rows, layer_stride), offsetof(Rows, sb),
                 offsetof(Rows, sp), offsetof(Rows, sg), offsetof(Rows, block_size), offsetof(Rows, block_tables),
                 offsetof(Rows, tb), offsetof(Rows, context_lens))

@@ -16,16 +16,20 @@ struct Weight {  // bits 8 / 4: VNNI-tiled (quant_tiles.h), k padded; bits 16: b
   int64_t n, k, k_real, group, bits;
 };
 
+// Falcon: qkv is the fused QKV projection (each KV group's queries, key and value side by side), up / down the
+// MLP's. The Llama layout (Falcon3): qkv is q_proj, up is up_proj, and k, v, gate hold k_proj, v_proj and gate_proj.
 struct Layer {
   Weight qkv, dense, up, down;
-  const float *ln_attn_w, *ln_attn_b;  // float32 [hidden]
+  const float *ln_attn_w, *ln_attn_b;  // float32 [hidden]; the biases null for RMSNorm
   const float *ln_mlp_w, *ln_mlp_b;    // null when the layer has one LayerNorm for both branches
+  Weight k, v, gate;                   // the Llama layout's (unread in Falcon's)
 };
 
 struct Shape {
   int64_t layers, hidden, heads, groups, head_dim;
   double eps;
   int64_t kv_bf16;  // the cache's dtype: bfloat16 (1) or float32 (0)
+  int64_t llama;    // the Llama layout (1): RMSNorm, attention then a SwiGLU MLP, each added to the residual
 };
 
 struct Rows {  // where each row's K/V live (see CacheView), and the row lengths after this step
@@ -64,6 +68,17 @@ inline void layer_norm(const float* x, int64_t H, const float* w, const float* b
   const F32x16 inv = set1(1.f / std::sqrt(reduce_add(acc) / static_cast<float>(H) + eps));
   for (int64_t i = 0; i < H; i += 16)
     store(y + i, fmadd(mul(sub(load(x + i), m), inv), load(w + i), load(b + i)));
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over H (a multiple of 16) float32 values: RMSNorm.
+inline void rms_norm(const float* x, int64_t H, const float* w, float eps, float* y) {
+  F32x16 acc = zero();
+  for (int64_t i = 0; i < H; i += 16) {
+    const F32x16 v = load(x + i);
+    acc = fmadd(v, v, acc);
+  }
+  const F32x16 inv = set1(1.f / std::sqrt(reduce_add(acc) / static_cast<float>(H) + eps));
+  for (int64_t i = 0; i < H; i += 16) store(y + i, mul(mul(load(x + i), inv), load(w + i)));
 }
 
 }  // namespace falcon
