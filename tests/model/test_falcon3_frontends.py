@@ -63,15 +63,18 @@ def test_offline_llm_quantizes_on_load(checkpoint):
     assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"
 
 
-def test_info_names_the_family_and_why_decode_is_not_fused(checkpoint, capsys):
+def test_info_names_the_family_and_whether_decode_is_fused(checkpoint, tmp_path, capsys):
     assert main(["info", "--model", str(checkpoint), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["family"] == "Falcon3 (Llama layout)" and "grouped-query" in facts["variant"]
     assert facts["kv_groups"] == 2 and facts["head_dim"] == 16 and facts["layers"] == 2
     assert facts["positions"] == "RoPE theta=1000042"  # Falcon3's theta, not rounded to 1.00004e+06
     assert facts["kv_cache_bytes_per_token"] == 2 * 2 * 16 * 2 * 4  # K and V, 2 KV heads, 2 layers, float32
-    assert facts["fused_decode_step"].startswith("no (") and "torch path" in facts["fused_decode_step"]
+    assert facts["fused_decode_step"].startswith("no (head_dim 16")  # the kernel's blocks take multiples of 32
     assert facts["parameters"] == Falcon3ForCausalLM.from_pretrained(checkpoint).num_parameters()
+    wide = make_falcon3_checkpoint(tmp_path, "gqa", num_attention_heads=4, head_dim=32)
+    assert main(["info", "--model", str(wide), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fused_decode_step"].startswith("yes")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-// A whole decode step of Falcon (every layer, one new token per row) in one call, over int8 / int4 weights in the
-// tiled layout of quant_tiles.h or bfloat16 weights, for every instruction set of simd.h.
+// A whole decode step of Falcon or Falcon3 (every layer, one new token per row) in one call, over int8 / int4
+// weights in the tiled layout of quant_tiles.h or bfloat16 weights, for every instruction set of simd.h.
 //
 // At batch 1 a token is about fifty small matmuls and a few hundred small element-wise ops; through torch each op
 // costs microseconds of dispatch and each matmul a fork and join of the threads, which adds up to as much time
@@ -16,8 +16,11 @@
 //      A group of more than 16 query heads is attended by 16-head vectors, which threads share (one more barrier);
 //   4. the attention-out and MLP-out matmuls, in shares too, added to the residual as the next layer starts.
 //
-// Only parallel-attention layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) run here; the residual
-// stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h (falconlm/quant/kernels/
+// Falcon3's layers (the Llama layout, Shape::llama) run the same phases in their own order: RMSNorm, the q / k / v
+// matmuls, attention, the attention-out matmul; then the attention's output added to the residual and the MLP's
+// RMSNorm, the gate and up matmuls, SwiGLU, and the MLP-out matmul: eight barriers a layer, as its block is
+// sequential. Only parallel-attention Falcon layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) and
+// bias-free Falcon3 layers run here; the residual stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h (falconlm/quant/kernels/
 // native.py), with activations quantized to int8 blocks; bfloat16 weights are read in place (bf16_tiles.h), with
 // activations rounded to bfloat16. falcon_prompt_layers runs the same layers for prompt-chunk tokens, a row each,
 // with bfloat16 matmuls through the weight panels of bf16_panels.h (widened once for all the rows).
