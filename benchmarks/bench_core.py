@@ -1,9 +1,11 @@
 """Core benchmark: falconlm against transformers on the same random Falcon-7B-style checkpoint, same run.
 
-Two shapes (``--model-size``), both Falcon-7B style (multi-query, parallel attention, vocab 65024, tied head):
+Three shapes (``--model-size``), two Falcon-7B style (multi-query, parallel attention, vocab 65024, tied head):
 
 * ``194m``: hidden 1024, 12 layers, 16 heads (about 194M parameters; in int4 it fits a large L3);
-* ``1b``: hidden 2048, 24 layers, 32 heads (about 1.15B parameters, 2.3 GB in bf16: decode streams from memory).
+* ``1b``: hidden 2048, 24 layers, 32 heads (about 1.15B parameters, 2.3 GB in bf16: decode streams from memory);
+* ``falcon3-1b``: Falcon3-1B's shape, the Llama layout (hidden 2048, 18 layers, 8 query heads of 256 on 4 KV heads,
+  SwiGLU 8192, vocab 131072, untied head; about 1.67B parameters), against transformers' LlamaForCausalLM.
 
 For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
 the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
@@ -38,14 +40,24 @@ from typing import NamedTuple
 PROMPT_DECODE = 16  # prompt length for the decode rows
 FLOAT_DTYPES = ("float32", "bfloat16")
 ISAS = ("avx512", "avx512-base", "avx2", "avx2-base", "neon", "neon-base", "scalar")
-# The benchmark shapes: overrides of the bench-194m preset (Falcon-7B layout), and how they are described.
+# The benchmark shapes: overrides of the bench-194m preset (Falcon-7B layout), or a Falcon3Config's fields (sizes
+# in FALCON3_SIZES), and how they are described.
 MODEL_SIZES = {
     "194m": ({}, "hidden 1024, 12 layers, 16 heads, MQA, vocab 65024, tied head"),
     "1b": (
         {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32},
         "hidden 2048, 24 layers, 32 heads, MQA, vocab 65024, tied head",
     ),
-}
+    "falcon3-1b": (
+        {
+            "vocab_size": 131072, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 18,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+        },
+        "Falcon3-1B shape: Llama layout, hidden 2048, 18 layers, 8 heads of 256 on 4 KV heads, SwiGLU 8192, "
+        "vocab 131072, untied head",
+    ),
+}  # fmt: skip
+FALCON3_SIZES = ("falcon3-1b",)
 BANDWIDTH_BYTES = 1 << 30
 PROBE_BYTES = 1 << 29  # the probe read in turn with the batch-1 decodes: smaller, read 3 times
 IN_TURN_ROUNDS = 5  # batch-1 decodes timed in turn with the probe, per row
@@ -60,9 +72,12 @@ IN_TURN_NOTE = (
 
 # ---- shared helpers (bench_quant, bench_serve and bench_llamacpp use these) -------------------------------------
 def model_config(size: str = "194m"):
-    """The FalconConfig of benchmark shape ``size`` (a key of MODEL_SIZES)."""
+    """The FalconConfig (Falcon3Config for FALCON3_SIZES) of benchmark shape ``size`` (a key of MODEL_SIZES)."""
     from falconlm.model.config import preset
+    from falconlm.model.falcon3_config import Falcon3Config
 
+    if size in FALCON3_SIZES:
+        return Falcon3Config(**MODEL_SIZES[size][0])
     return preset("bench-194m", **MODEL_SIZES[size][0])
 
 
@@ -81,12 +96,13 @@ def make_checkpoint(folder: Path, size: str = "194m") -> Path:
     import torch
 
     from falconlm.model.falcon import FalconForCausalLM
+    from falconlm.model.falcon3 import Falcon3ForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
     print(f"  writing the random {describe(size)} checkpoint to {folder} ...", file=sys.stderr)
     torch.manual_seed(0)
-    model = FalconForCausalLM(model_config(size))
+    model = (Falcon3ForCausalLM if size in FALCON3_SIZES else FalconForCausalLM)(model_config(size))
     model.init_weights(seed=0)
     if size != "194m":
         model = model.to(torch.bfloat16)
@@ -340,9 +356,9 @@ def worker(
             outs = engine.generate(ids.tolist(), [params] * ids.shape[0])
             assert all(len(o.token_ids) == new_tokens for o in outs)
     else:
-        from transformers import FalconForCausalLM as HFModel
+        from transformers import AutoModelForCausalLM  # FalconForCausalLM, or LlamaForCausalLM for Falcon3
 
-        model = HFModel.from_pretrained(folder, torch_dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
         vocab = model.config.vocab_size
 
         def run_prefill(ids):
@@ -468,13 +484,17 @@ def weight_macs_per_token(size: str = "194m") -> TokenMacs:
     import torch
 
     from falconlm.model.falcon import FalconForCausalLM
+    from falconlm.model.falcon3 import Falcon3ForCausalLM
 
+    falcon3 = size in FALCON3_SIZES
     with torch.device("meta"):
-        model = FalconForCausalLM(model_config(size))
-    last = model.transformer.h[-1]
-    layers = sum(m.weight.numel() for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+        model = (Falcon3ForCausalLM if falcon3 else FalconForCausalLM)(model_config(size))
+    blocks = model.model.layers if falcon3 else model.transformer.h
+    qkv = [f"self_attn.{n}_proj" for n in "qkv"] if falcon3 else ["self_attention.query_key_value"]
+    last = blocks[-1]
+    layers = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
     last_rest = sum(m.weight.numel() for m in last.modules() if isinstance(m, torch.nn.Linear))
-    last_rest -= last.self_attention.query_key_value.weight.numel()
+    last_rest -= sum(last.get_submodule(name).weight.numel() for name in qkv)
     return TokenMacs(layers, model.config.vocab_size * model.config.hidden_size, last_rest)
 
 
