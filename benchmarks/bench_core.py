@@ -12,9 +12,9 @@ the peak RSS, and the achieved GB/s of weight reading at batch 1 against the mac
 in the same run (the sum of a 1 GiB buffer with the same thread count, best of 5 before and 5 after the rest), and
 in turn with it: rounds of a short batch-1 decode, each between two reads of the bandwidth (a machine shared with
 other tenants may give twice as much in one second as in the next, so only probes right beside a decode bound it).
-Decode tok/s include the 16-token prompt; GB/s is per decode step (the stored weights over one step's time: the
-128-token run less a 1-token run of the same prompt, over the other 127 tokens), as llama-bench's decode
-excludes its prompt.
+Decode tok/s include the 16-token prompt; GB/s is per decode step (the weights a step reads, all but an untied
+input embedding, over one step's time: the 128-token run less a 1-token run of the same prompt, over the other 127
+tokens), as llama-bench's decode excludes its prompt.
 ``int8`` and ``int4-g64`` (or any ``falconlm.quant`` recipe) measure falconlm's quantized weights with bf16
 activations; transformers runs the float dtypes only. Each (implementation, dtype) runs in its own subprocess
 so the peak RSS belongs to it alone.
@@ -312,6 +312,20 @@ def stored_bytes(model) -> int:
     return total
 
 
+def step_bytes(model) -> int:
+    """The bytes a decode step reads: :func:`stored_bytes` less an untied input embedding's, of which a step reads
+    one row per token (Falcon3's 131072 x 2048 table is a sixth of its 1B shape; a tied one is the head, read)."""
+
+    def storages(module) -> dict[int, int]:
+        return {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*module.parameters(), *module.buffers()]
+        }
+
+    embedding, head = storages(model.get_input_embeddings()), storages(model.lm_head)
+    return stored_bytes(model) - sum(n for ptr, n in embedding.items() if ptr not in head)
+
+
 # ---- one measurement ---------------------------------------------------------------------------------------------
 def worker(
     impl: str, variant: str, out: Path, size: str, threads: int, prefill: int, new_tokens: int, steps: int = 16
@@ -375,7 +389,7 @@ def worker(
             )
             assert out.shape[1] == ids.shape[1] + new_tokens
 
-    weight_bytes = stored_bytes(model)
+    weight_bytes = step_bytes(model)
     long_prompt = torch.randint(0, vocab, (1, prefill), generator=gen)
     run_prefill(long_prompt)  # warm-up at the measured shape (oneDNN builds its kernels per shape)
     prefill_s = best_time(lambda: run_prefill(long_prompt), repeats=3)
@@ -391,7 +405,7 @@ def worker(
             result["decode_step_s_b1"] = (seconds - first) / (new_tokens - 1)
             one_row = ids
     result["gb_s_b1"] = weight_bytes / result["decode_step_s_b1"] / 1e9
-    result["weights_mib"] = weight_bytes / 2**20
+    result["weights_mib"] = stored_bytes(model) / 2**20
     result["peak_rss_mib"] = peak_rss_mib()
 
     def step_seconds() -> float:  # as decode_step_s_b1, over a shorter run
