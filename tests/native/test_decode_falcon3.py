@@ -58,6 +58,17 @@ def test_bf16_falcon3_weights_run_fused_close_to_the_torch_path(isa: str, checkp
     assert _rel(fused, plain) < 0.03 and _rel(fused_cache.k, plain_cache.k) < 0.03
 
 
+@pytest.mark.parametrize("rope", ["linear-rope", "dynamic-rope"])
+def test_fused_falcon3_steps_take_the_scaled_rotary_of_the_torch_path(isa: str, tmp_path: Path, rope: str) -> None:
+    # max_position_embeddings 16: the 17 positions of these steps pass it, where dynamic scaling starts to stretch.
+    checkpoint = make_falcon3_checkpoint(tmp_path / rope, rope, num_attention_heads=4, head_dim=32)
+    model = load_quantized(checkpoint, quantize="int8", dtype=torch.float32)
+    assert model.config.rope_scaling is not None and unsupported(model.decoder) is None
+    fused, torch_logits, fused_kv, torch_kv = _side_by_side(model)
+    _agree_in_float32(fused, torch_logits)
+    _agree_in_float32(fused_kv, torch_kv)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_long_falcon3_row_split_between_threads_equals_the_torch_path(
     isa: str, tmp_path: Path, dtype: torch.dtype
