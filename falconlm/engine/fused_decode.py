@@ -150,7 +150,7 @@ class _Layout:
             return ("input_layernorm", "post_attention_layernorm")
         return ("ln_attn", "ln_mlp") if hasattr(block, "ln_attn") else ("input_layernorm",)
 
-    def shapes(self, c) -> dict[str, int]:
+    def shapes(self, c: FalconConfig | Falcon3Config) -> dict[str, int]:
         """Each matrix's output features."""
         if self.llama:
             q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
