@@ -89,10 +89,10 @@ def unsupported(model: torch.nn.Module) -> str | None:
     shapes = layout.shapes(c)
     first = None
     for block in layout.blocks(model):
-        kinds = {name: _kind(m) for name, m in layout.matrices(block).items()}
+        matrices = layout.matrices(block)
+        kinds = {name: _kind(m) for name, m in matrices.items()}
         if None in kinds.values():
             return "every layer matrix must be bfloat16 on the CPU, or quantized on the native kernel, without bias"
-        matrices = layout.matrices(block)
         sharded = any(hasattr(m, "tp_shards") for m in matrices.values())  # falconlm.parallel's layers
         if sharded or any(matrices[name].out_features != n for name, n in shapes.items()):
             return "the layer matrices are sharded (tensor parallel)"

@@ -38,25 +38,22 @@ class CausalLM(nn.Module):
     family_label: ClassVar[str]  # for messages: "Falcon3", "Falcon-H1"...
     loads_any_family: ClassVar[bool] = False  # from_pretrained returns whatever family the folder holds
 
-    def _decoder(self) -> nn.Module:
-        return getattr(self, self.decoder_name)
-
     @property
     def decoder(self) -> nn.Module:
         """The decoder: embedding, blocks and final norm (``transformer``, ``model`` or ``backbone``)."""
-        return self._decoder()
+        return getattr(self, self.decoder_name)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.get_input_embeddings().weight
 
     def get_input_embeddings(self) -> nn.Module:
-        return getattr(self._decoder(), self.embeddings_name)
+        return getattr(self.decoder, self.embeddings_name)
 
     @property
     def final_norm(self) -> nn.Module:
         """The last norm: its weight gives the activations' dtype and device (cheap on quantized models)."""
-        return getattr(self._decoder(), self.final_norm_name)
+        return getattr(self.decoder, self.final_norm_name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,7 +174,7 @@ class KVCausalLM(CausalLM):
         over the B x T tokens): only those rows' states, [R, H]; the last layer then stores every row's K/V but
         runs its attention output and MLP for these rows alone, as llama.cpp does (their logits are all that
         anyone reads; on bench-194m that is 7% of a prompt's weight work)."""
-        hidden = self._decoder()(input_ids, positions, attention, rope_lengths, out_rows)
+        hidden = self.decoder(input_ids, positions, attention, rope_lengths, out_rows)
         return hidden if out_rows is None else hidden[0]
 
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -20,7 +20,7 @@ from falconlm.tokenizer import Tokenizer
 from ..conftest import needs_native, torch_threads
 from ..model.falcon3_checkpoint import make_falcon3_checkpoint
 from .fused_calls import counting
-from .test_decode import _agree_in_float32, _rel, _side_by_side, _teacher_forced
+from .test_decode import _agree_in_float32, _rel, _side_by_side, _teacher_forced, long_row_agrees
 
 pytestmark = needs_native
 
@@ -73,18 +73,9 @@ def test_fused_falcon3_steps_take_the_scaled_rotary_of_the_torch_path(isa: str, 
 def test_a_long_falcon3_row_split_between_threads_equals_the_torch_path(
     isa: str, tmp_path: Path, dtype: torch.dtype
 ) -> None:
-    # One row and two threads: each layer's attention over 700 positions is split in parts (PART_KEYS).
     variant, overrides = SHAPES["gqa"]
     checkpoint = make_falcon3_checkpoint(tmp_path / "f3", variant, max_position_embeddings=1024, **overrides)
-    model = load_quantized(checkpoint, quantize="int4", dtype=dtype)
-    with torch_threads(2):
-        fused, fused_cache = _teacher_forced(model, True, dtype, steps=4, rows=1, prompt_len=700)
-        plain, plain_cache = _teacher_forced(model, False, dtype, steps=4, rows=1, prompt_len=700)
-    if dtype is torch.float32:
-        _agree_in_float32(fused, plain)
-        _agree_in_float32(fused_cache.k, plain_cache.k)
-    else:
-        assert _rel(fused, plain) < 0.03 and _rel(fused_cache.k, plain_cache.k) < 0.03
+    long_row_agrees(load_quantized(checkpoint, quantize="int4", dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("spec", ["bfloat16", "int4"])

@@ -410,11 +410,17 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         store_vector(group_value(r, g), static_cast<char*>(rows->v) + at * elem, bf16, d);
         store_vector(queries, q, bf16, per_group * d);
       };
+      // The MLP's activation (GELU; SwiGLU in the Llama layout) of one unit of blocks, into the MLP-out's input.
       auto gelu_chunk = [&](int64_t unit) {
         const int64_t r = unit / gelu_chunks, c = unit % gelu_chunks, k_real = L.down.k_real;
         for (int64_t b = c * gelu_blocks; b < (c + 1) * gelu_blocks && b < down_blocks; ++b) {
           const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
-          gelu(buf.up.data() + r * n_up + b * BLOCK, n, ts.gelu.data());
+          const int64_t at = r * n_up + b * BLOCK;
+          if (llama) {
+            swiglu(buf.gate.data() + at, buf.up.data() + at, n, ts.gelu.data());
+          } else {
+            gelu(buf.up.data() + at, n, ts.gelu.data());
+          }
           buf.a_down.store_block(r, b, ts.gelu.data(), 0, n);
         }
       };
@@ -496,14 +502,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         });
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t unit = 0; unit < RL * gelu_chunks; ++unit) {
-          const int64_t j = unit / gelu_chunks, c = unit % gelu_chunks, k_real = L.down.k_real;
-          for (int64_t b = c * gelu_blocks; b < (c + 1) * gelu_blocks && b < down_blocks; ++b) {
-            const int64_t n = k_real - b * BLOCK < 0 ? 0 : (k_real - b * BLOCK < BLOCK ? k_real - b * BLOCK : BLOCK);
-            swiglu(buf.gate.data() + j * n_up + b * BLOCK, buf.up.data() + j * n_up + b * BLOCK, n, ts.gelu.data());
-            buf.a_down.store_block(j, b, ts.gelu.data(), 0, n);
-          }
-        }
+        for (int64_t unit = 0; unit < RL * gelu_chunks; ++unit) gelu_chunk(unit);
       }
       deals.take(phases * li + phases - 1, tid, down_shares, [&](int64_t lo, int64_t hi) {
         matmul_tiles(L.down, buf.a_down, lo, hi, RL, buf.out_mlp.data());
