@@ -5,14 +5,14 @@ and thread wake-ups cost about as much time as reading the weights. :class:`Fuse
 one OpenMP parallel region instead, as llama.cpp runs its whole graph in C. The runner chooses, step by step,
 between it and the model's torch forward; this module only binds a model's tensors to the native structs.
 
-It applies to steps that add one token per row to a paged KV cache (``PagedAttention.decode_rows``) of
-parallel-attention, rotary, bias-free models (Falcon-7B, 40B, 180B, Falcon2-11B) and of bias-free Falcon3 models (the
-Llama layout: RMSNorm, attention then a SwiGLU MLP) on the CPU whose layer matrices are all bfloat16, or all int8 /
-int4 on the native quantized kernel. Falcon3's prompt chunks and greedy decode runs (``falcon_decode_run``) keep
-the Python side: its steps run fused one at a time. Everything else, and every step when
-``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32 inside the call, so
-results equal the torch path's up to rounding (in bfloat16, the torch path rounds the residual after every op and
-the fused one does not).
+It applies to steps that add one token per row to a paged KV cache (``PagedAttention.decode_rows``) of every
+Falcon layout (Falcon-7B, 40B, 180B, Falcon2-11B; falcon-rw's sequential block with its biases and ALiBi, whose
+bias the rows carry) and of bias-free Falcon3 models (the Llama layout: RMSNorm, attention then a SwiGLU MLP) on
+the CPU whose layer matrices are all bfloat16, or all int8 / int4 on the native quantized kernel. The prompt
+chunks and greedy decode runs (``falcon_decode_run``) of Falcon3 and falcon-rw keep the Python side: their steps
+run fused one at a time. Everything else, and every step when ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch
+path. The residual stream stays in float32 inside the call, so results equal the torch path's up to rounding (in
+bfloat16, the torch path rounds the residual after every op and the fused one does not).
 
 Prompt chunks run here too, a row per token (``PagedAttention.token_rows``, ``falcon_prompt_layers``): those of
 bfloat16 models where the torch path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2
@@ -70,11 +70,8 @@ def enabled() -> bool:
 
 def config_unsupported(c: FalconConfig | Falcon3Config) -> str | None:
     """Why a Falcon or Falcon3 config's layers can never run fused (whatever their weights), or None when they may."""
-    if isinstance(c, Falcon3Config):
-        if c.attention_bias or c.mlp_bias:
-            return "only bias-free Falcon3 layers run fused"
-    elif not c.parallel_attn or not c.rotary or c.alibi or c.bias:
-        return "only parallel-attention, rotary, bias-free layers run fused"
+    if isinstance(c, Falcon3Config) and (c.attention_bias or c.mlp_bias):
+        return "only bias-free Falcon3 layers run fused"
     if c.head_dim % ACTIVATION_BLOCK or c.head_dim > MAX_HEAD_DIM or c.hidden_size % 16:
         return f"head_dim {c.head_dim} / hidden {c.hidden_size} do not fit the kernel's blocks"
     return None
@@ -146,7 +143,7 @@ class _Layout:
     def norm_names(self, block: torch.nn.Module) -> tuple[str, ...]:
         """The block's norms: Falcon's LayerNorm per branch (40B / 180B / 11B) or one for both (7B); Llama's two
         RMSNorms (before the attention, before the MLP)."""
-        if self.llama:
+        if self.llama or hasattr(block, "post_attention_layernorm"):  # (falcon-rw's sequential block too)
             return ("input_layernorm", "post_attention_layernorm")
         return ("ln_attn", "ln_mlp") if hasattr(block, "ln_attn") else ("input_layernorm",)
 
@@ -175,9 +172,7 @@ def _norm_parameters(norm: torch.nn.Module) -> tuple[torch.Tensor, ...]:
 
 def _kind(m: torch.nn.Module) -> tuple[int, int, int] | None:
     """(bits, padded width, group size) of a matrix the kernel can read, else None: int8 / int4 on the native
-    kernel, or a bfloat16 weight (bits 16) whose shape fits the kernel's blocks."""
-    if getattr(m, "bias", None) is not None:
-        return None
+    kernel, or a bfloat16 weight (bits 16) whose shape fits the kernel's blocks. A bias is bound on its own."""
     if isinstance(m, QuantizedLinear):
         s = m.spec
         return (s.bits, s.padded_in, s.group_size) if isinstance(m.kernel, NativeKernel) else None
@@ -197,7 +192,8 @@ def _weight(m: torch.nn.Module) -> Weight:
 
 
 def _tensor_names(m: torch.nn.Module) -> tuple[str, ...]:
-    return ("weight",) if isinstance(m, torch.nn.Linear) else ("qweight", "scales")
+    names = ("weight",) if isinstance(m, torch.nn.Linear) else ("qweight", "scales")
+    return names if getattr(m, "bias", None) is None else (*names, "bias")
 
 
 def _norm_tensor_names(norm: torch.nn.Module) -> tuple[str, ...]:
@@ -263,6 +259,7 @@ class FusedDecoder:
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = weakref.ref(model)
         self._layout = _layout(model)
+        self._sequential = not self._layout.llama and not model.config.parallel_attn  # falcon-rw: ALiBi, biases
         lib = native.kernels()
         check_layout(lib)
         self._fn = lib.falcon_decode_layers
@@ -275,13 +272,15 @@ class FusedDecoder:
 
     def _bind(self, model: torch.nn.Module) -> None:
         c, layout = model.config, self._layout
-        self._keep: list[torch.Tensor] = []  # float32 norm parameters, alive as long as we are
+        self._keep: list[torch.Tensor] = []  # float32 norm parameters and biases, alive as long as we are
         self._norm_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its float32 copy)
         layers = (Layer * c.num_hidden_layers)()
         for i, block in enumerate(layout.blocks(model)):
             layer = layers[i]
             for name, m in layout.matrices(block).items():
                 setattr(layer, name, _weight(m))
+                if m.bias is not None:  # Falcon's (falcon-rw); Falcon3's biased layers keep the torch path
+                    setattr(layer, f"{name}_b", self._float32_copy(m.bias).data_ptr())
             norms = []  # (weight, bias or None) of each norm
             for norm in (getattr(block, name) for name in layout.norm_names(block)):
                 pointers = [self._float32_copy(p).data_ptr() for p in _norm_parameters(norm)]
@@ -297,7 +296,8 @@ class FusedDecoder:
         )
 
     def _float32_copy(self, p: torch.Tensor) -> torch.Tensor:
-        """A norm's parameter in float32, kept alive with the binding (``p`` itself where it is float32)."""
+        """A norm's parameter or a bias in float32, kept alive with the binding (``p`` itself where it is
+        float32)."""
         p32 = p.detach().to(torch.float32).contiguous()
         self._keep.append(p32)
         if p32.data_ptr() != p.data_ptr():
@@ -311,8 +311,8 @@ class FusedDecoder:
         would take the same int8 dot products, that is wherever no AMX bfloat16 GEMM takes them
         (``ops.bf16_matrix_hardware``). The fused call spares the chunk the torch forward's dispatch, its
         element-wise ops and attention, and the last layer of the rows whose logits nobody reads. Falcon3's prompts
-        keep the torch forward."""
-        if self._layout.llama:
+        keep the torch forward, and so do falcon-rw's (ALiBi, sequential)."""
+        if self._layout.llama or self._sequential:
             return False
         return ops.prompt_panels() if self.bf16_weights else not ops.bf16_matrix_hardware()
 
@@ -368,8 +368,8 @@ class FusedDecoder:
     def __call__(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         rows: DecodeRows,
         prompt: bool = False,
         check: bool = True,
@@ -377,17 +377,19 @@ class FusedDecoder:
     ) -> torch.Tensor | None:
         """The hidden states after every layer and the final LayerNorm (:meth:`final_norm`), in ``x``'s dtype, for
         ``x`` [B, T, H] (one new token per row: B * T rows) and the rows' rotary ``cos`` / ``sin`` ([B, T, 1, 1,
-        head_dim], or as :meth:`rotary` gives them); None when this step cannot run fused. ``prompt``: the rows
-        are prompt tokens (``PagedAttention.token_rows``), run as :meth:`takes_prompts` says. ``out_rows`` (flat
-        row indices; None: all) names the rows whose states are read: every row stores its K/V, and the others'
-        states are left as they were before the last layer. ``check`` False: the caller has :meth:`refresh`-ed
-        since the model last changed."""
+        head_dim], or as :meth:`rotary` gives them; None for ALiBi models, whose ``rows`` carry the bias); None when
+        this step cannot run fused. ``prompt``: the rows are prompt tokens (``PagedAttention.token_rows``), run as
+        :meth:`takes_prompts` says. ``out_rows`` (flat row indices; None: all) names the rows whose states are read:
+        every row stores its K/V, and the others' states are left as they were before the last layer. ``check``
+        False: the caller has :meth:`refresh`-ed since the model last changed."""
         model = self._model()
         if model is None or rows.k.dtype not in CACHE_DTYPES or not rows.k.is_cpu:
             return None
         tables, lengths = rows.block_tables, rows.context_lens
         if x.numel() != lengths.numel() * model.config.hidden_size or tables.shape[0] != lengths.numel():
             raise ValueError(f"a decode step of {lengths.numel()} rows got hidden states {list(x.shape)}")
+        if getattr(model.config, "alibi", False) != (rows.alibi is not None):
+            return None  # an ALiBi model's rows carry its bias (and only those)
         if check and not self.refresh():
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._binding.tensors)):
@@ -395,8 +397,11 @@ class FusedDecoder:
         c = model.config
         shape = _shape(c, rows)
         residual = x.reshape(-1, c.hidden_size).to(torch.float32, copy=True)
-        cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
-        sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+        if cos is None:  # ALiBi: no rotary (the bias comes with the rows)
+            cos32 = sin32 = torch.zeros(residual.shape[0], 0)
+        else:
+            cos32 = cos.reshape(-1, c.head_dim).to(torch.float32).contiguous()
+            sin32 = sin.reshape(-1, c.head_dim).to(torch.float32).contiguous()
         every_row = out_rows is None or len(out_rows) == residual.shape[0]  # (the rows read are distinct)
         for start in range(0, residual.shape[0], MAX_CALL_ROWS):
             part = slice(start, start + MAX_CALL_ROWS)
@@ -424,7 +429,7 @@ class FusedDecoder:
     def _run_parts(self, model: CausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
         """``run_parts(model)`` where this decoder is bound to ``model``, up to date and its rotary static; else
         None."""
-        if self._layout.llama or model.transformer is not self._model() or not self.usable:
+        if self._layout.llama or self._sequential or model.transformer is not self._model() or not self.usable:
             return None
         if is_dynamic(model.config):
             return None
@@ -489,16 +494,19 @@ def _part_rows(out_rows: Sequence[int], start: int, count: int) -> torch.Tensor:
 def _rows(rows: DecodeRows, tables: torch.Tensor, lengths: torch.Tensor) -> Rows:
     """The native Rows of ``rows``' cache for the rows whose block tables and context lengths are ``tables`` /
     ``lengths`` (all of ``rows``' or a slice of them)."""
+    alibi = rows.alibi
     return Rows(rows.k.data_ptr(), rows.v.data_ptr(), rows.layer_stride, rows.sb, rows.sp, rows.sg, rows.block_size,
-                tables.data_ptr(), tables.stride(0), lengths.data_ptr())  # fmt: skip
+                tables.data_ptr(), tables.stride(0), lengths.data_ptr(), None if alibi is None else alibi.data_ptr(),
+                0 if alibi is None else alibi.stride(0))  # fmt: skip
 
 
 def _shape(c: FalconConfig | Falcon3Config, rows: DecodeRows) -> Shape:
     """The native Shape of ``c``'s layers over ``rows``' cache."""
     llama = isinstance(c, Falcon3Config)
     eps = c.rms_norm_eps if llama else c.layer_norm_epsilon
+    sequential = not llama and not c.parallel_attn
     return Shape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_kv_groups, c.head_dim,
-                 eps, int(rows.k.dtype is torch.bfloat16), int(llama))  # fmt: skip
+                 eps, int(rows.k.dtype is torch.bfloat16), int(llama), int(sequential))  # fmt: skip
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> (switches, FusedDecoder or None)
@@ -532,6 +540,8 @@ def fused_hidden(
     ``rope_lengths`` as for the model's forward (dynamic RoPE scaling); ``prompt``, ``check`` and ``out_rows`` as
     for :class:`FusedDecoder`."""
     x = model.get_input_embeddings()(ids)
+    if rows.alibi is not None:
+        return decoder(x, None, None, rows, prompt, check, out_rows)
     cos, sin = decoder.rotary(model.config, positions, x.dtype, rope_lengths)
     return decoder(x, cos, sin, rows, prompt, check, out_rows)
 

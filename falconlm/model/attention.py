@@ -48,7 +48,8 @@ class DecodeRows:
     Element (layer l, block b, position p, group g, dim i) of ``k`` / ``v`` is at
     ``l * layer_stride + b * sb + p * sp + g * sg + i``; row r's positions 0..context_lens[r]-1 live in blocks
     ``block_tables[r, 0], [r, 1], ...`` of ``block_size`` positions. This step's token of row r goes to position
-    ``context_lens[r] - 1``.
+    ``context_lens[r] - 1``. An ALiBi model's rows carry its score bias for every position they reach (``alibi``,
+    the values its torch path adds, already divided by sqrt(head_dim)), with 16 columns past the last head.
     """
 
     k: torch.Tensor
@@ -60,6 +61,7 @@ class DecodeRows:
     block_size: int
     block_tables: torch.Tensor  # [R, max_blocks] int64, contiguous
     context_lens: torch.Tensor  # [R] int64: lengths after this step
+    alibi: torch.Tensor | None = None  # ALiBi models: float32 [positions, Hq + pad] score bias by key position, head
 
 
 def sdpa(

@@ -15,6 +15,7 @@ import torch
 
 from .attention import DecodeRows, sdpa
 from .config import FalconConfig
+from .paged_attention import BIAS_PAD
 from .positions import alibi_bias, head_alibi_slopes, positions_from_mask
 
 
@@ -55,6 +56,7 @@ class DenseAttention:
     cache: KVCache | None = None
     past: int = 0
     dropout_p: float = 0.0
+    alibi_table: torch.Tensor | None = None  # an unpadded ALiBi decode step's mask as DecodeRows.alibi (see there)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.cache is not None:
@@ -66,14 +68,16 @@ class DenseAttention:
         return sdpa(q, k, v, self.mask, self.is_causal, self.dropout_p)
 
     def decode_rows(self) -> DecodeRows | None:
-        # No mask and not causal with a cache: a single-token step without padding or ALiBi (see below).
-        if self.cache is None or self.mask is not None or self.is_causal or self.dropout_p:
+        # A single-token step with a cache and without padding: no mask, or ALiBi's alone (see below).
+        masked = self.mask is not None and self.alibi_table is None
+        if self.cache is None or self.is_causal or self.dropout_p or masked:
             return None
         k, v = self.cache.k, self.cache.v  # [layers, B, G, S, d]: one block of S positions per row
         end, rows = self._cache_end(1), k.shape[1]
         return DecodeRows(
             k, v, k.stride(0), k.stride(1), k.stride(3), k.stride(2), self.cache.max_len,
             torch.arange(rows, dtype=torch.int64)[:, None], torch.full((rows,), end, dtype=torch.int64),
+            self.alibi_table,
         )  # fmt: skip
 
     def _cache_end(self, new: int) -> int:
@@ -116,6 +120,10 @@ def build_dense_attention(
         slopes = head_alibi_slopes(config)  # a tensor-parallel rank: its own heads' slopes
         bias = alibi_bias(full_mask, config.num_attention_heads, dtype, slopes) / math.sqrt(config.head_dim)
         mask = torch.where(mask == 0, bias, mask)  # [B, Hq, T, S]
+        if key_mask is None and query_len == 1:  # every row's bias is the same: one table by position and head
+            table = torch.zeros(total, config.num_attention_heads + BIAS_PAD, dtype=torch.float32, device=device)
+            table[:, : config.num_attention_heads] = mask[0, :, 0].T
+            return DenseAttention(mask, False, cache, past, dropout_p, table)
     return DenseAttention(mask, False, cache, past, dropout_p)
 
 

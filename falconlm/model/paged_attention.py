@@ -101,24 +101,27 @@ class PagedAttention:
         return out
 
     def decode_rows(self) -> DecodeRows | None:
-        if self.alibi_slopes is not None or not self.query_lens or len(self._decode_rows) != len(self.query_lens):
+        if not self.query_lens or len(self._decode_rows) != len(self.query_lens):
             return None
         k, v = self.cache.k, self.cache.v  # [layers, num_blocks, block_size, G, d]
         tables, lengths = self._decode_tables  # every row is a decode row, in order
-        return DecodeRows(k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, lengths)
+        return DecodeRows(
+            k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, lengths, self._alibi_table
+        )
 
     def token_rows(self) -> DecodeRows | None:
         """Every new token of the step as a row of its own, a prompt chunk's tokens each up to itself (the fused
-        step's form of ``per_token_chunks``: prompts and decodes then take one path); None with ALiBi."""
-        if self.alibi_slopes is not None or not self.query_lens:
+        step's form of ``per_token_chunks``: prompts and decodes then take one path)."""
+        if not self.query_lens:
             return None
         owner = [r for r, n in enumerate(self.query_lens) for _ in range(n)]
         lengths = [end - n + 1 + j for n, end in zip(self.query_lens, self.context_lens, strict=True) for j in range(n)]
         k, v = self.cache.k, self.cache.v
         tables = self.block_tables[_as_slice(owner) or owner].contiguous()
         return DecodeRows(
-            k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, torch.tensor(lengths)
-        )
+            k, v, k.stride(0), k.stride(1), k.stride(2), k.stride(3), k.shape[2], tables, torch.tensor(lengths),
+            self._alibi_table,
+        )  # fmt: skip
 
     @cached_property
     def _decode_rows(self) -> list[int]:

@@ -21,29 +21,34 @@ class Weight(ctypes.Structure):
 class Layer(ctypes.Structure):
     """A block's matrices and its norms' parameters (float32; ``ln_mlp_*`` null with one LayerNorm, the biases null
     for RMSNorm). Falcon: ``qkv`` the fused projection, ``k`` / ``v`` / ``gate`` unread; the Llama layout: ``qkv``
-    q_proj, ``up`` up_proj, and ``k``, ``v``, ``gate`` k_proj, v_proj, gate_proj."""
+    q_proj, ``up`` up_proj, and ``k``, ``v``, ``gate`` k_proj, v_proj, gate_proj. ``*_b``: Falcon's matmul biases
+    (float32; null without)."""
 
     _fields_ = [
         *((name, Weight) for name in ("qkv", "dense", "up", "down")),
         *((name, _P) for name in ("ln_attn_w", "ln_attn_b", "ln_mlp_w", "ln_mlp_b")),
         *((name, Weight) for name in ("k", "v", "gate")),
+        *((name, _P) for name in ("qkv_b", "dense_b", "up_b", "down_b")),
     ]
 
 
 class Shape(ctypes.Structure):
     """The model's shape, the KV cache's dtype (``kv_bf16`` 1 for bfloat16, 0 for float32) and the block's layout
-    (``llama`` 1: RMSNorm, attention then a SwiGLU MLP, each added to the residual; 0: Falcon's)."""
+    (``llama`` 1: RMSNorm, attention then a SwiGLU MLP, each added to the residual; 0: Falcon's, whose
+    ``sequential`` 1 is falcon-rw's block: LayerNorm, attention, added; LayerNorm, MLP, added)."""
 
     _fields_ = [
         *((name, _I) for name in ("layers", "hidden", "heads", "groups", "head_dim")),
         ("eps", ctypes.c_double),
         ("kv_bf16", _I),
         ("llama", _I),
+        ("sequential", _I),
     ]
 
 
 class Rows(ctypes.Structure):
-    """Where each row's K/V live (element strides of the cache) and the rows' lengths after this step."""
+    """Where each row's K/V live (element strides of the cache), the rows' lengths after this step, and for ALiBi
+    models the score bias (float32 [positions][alibi_ld] by key position and query head; null for rotary ones)."""
 
     _fields_ = [
         ("k", _P),
@@ -52,6 +57,8 @@ class Rows(ctypes.Structure):
         ("block_tables", _P),
         ("tb", _I),
         ("context_lens", _P),
+        ("alibi", _P),
+        ("alibi_ld", _I),
     ]
 
 
@@ -86,7 +93,7 @@ def python_layout() -> list[int]:
 def check_layout(lib: ctypes.CDLL) -> None:
     """Raise RuntimeError when the library's structs and the mirrors above disagree (a stale or foreign build)."""
     expected = python_layout()
-    buffer = (ctypes.c_int64 * (len(expected) + 8))()
+    buffer = (ctypes.c_int64 * (len(expected) + 16))()
     written = lib.falcon_struct_layout(buffer)
     native = list(buffer[:written])
     if native != expected:

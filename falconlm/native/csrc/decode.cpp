@@ -1,5 +1,5 @@
-// A whole decode step of Falcon or Falcon3 (every layer, one new token per row) in one call, over int8 / int4
-// weights in the tiled layout of quant_tiles.h or bfloat16 weights, for every instruction set of simd.h.
+// A whole decode step of Falcon (every layout) or Falcon3 (every layer, one new token per row) in one call, over
+// int8 / int4 weights in the tiled layout of quant_tiles.h or bfloat16 weights, for every instruction set of simd.h.
 //
 // At batch 1 a token is about fifty small matmuls and a few hundred small element-wise ops; through torch each op
 // costs microseconds of dispatch and each matmul a fork and join of the threads, which adds up to as much time
@@ -16,13 +16,15 @@
 //      A group of more than 16 query heads is attended by 16-head vectors, which threads share (one more barrier);
 //   4. the attention-out and MLP-out matmuls, in shares too, added to the residual as the next layer starts.
 //
-// Falcon3's layers (the Llama layout, Shape::llama) run the same phases in their own order: RMSNorm, the q / k / v
-// matmuls, attention, the attention-out matmul; then the attention's output added to the residual and the MLP's
-// RMSNorm, the gate and up matmuls, SwiGLU, and the MLP-out matmul: eight barriers a layer, as its block is
-// sequential. Only parallel-attention Falcon layers without biases (Falcon-7B, 40B, 180B, Falcon2-11B) and
-// bias-free Falcon3 layers run here; the residual stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h (falconlm/quant/kernels/
-// native.py), with activations quantized to int8 blocks; bfloat16 weights are read in place (bf16_tiles.h), with
-// activations rounded to bfloat16. falcon_prompt_layers runs the same layers for prompt-chunk tokens, a row each,
+// Sequential blocks run the same phases in their own order: the norm, the QKV matmul(s), attention, the
+// attention-out matmul; then the attention's output added to the residual and the MLP's norm, the MLP-in matmul(s),
+// the activation, and the MLP-out matmul: eight barriers a layer. Those are Falcon3's (the Llama layout,
+// Shape::llama: RMSNorm, separate q / k / v, SwiGLU over gate and up) and falcon-rw's (Shape::sequential:
+// LayerNorm, a KV group per head, ALiBi's score bias instead of rotary, and a bias after every matmul, added where
+// its output is read). Falcon's parallel layers (Falcon-7B, 40B, 180B, Falcon2-11B) and bias-free Falcon3 layers
+// run here too; the residual stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h
+// (falconlm/quant/kernels/native.py), with activations quantized to int8 blocks; bfloat16 weights are read in
+// place (bf16_tiles.h), with activations rounded to bfloat16. falcon_prompt_layers runs the same layers for prompt-chunk tokens, a row each,
 // with bfloat16 matmuls through the weight panels of bf16_panels.h (widened once for all the rows).
 
 #include <omp.h>
@@ -250,6 +252,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const float eps = static_cast<float>(shape->eps), scale = 1.f / std::sqrt(static_cast<float>(d));
   const Layer& first = layers[0];  // every layer has the same shapes
   const bool llama = shape->llama != 0;
+  const bool sequential = llama || shape->sequential != 0;  // the MLP reads the residual after the attention's add
+  const bool rotary = rows->alibi == nullptr;                // else ALiBi's score bias, and no cos / sin
   // Falcon: one QKV output per row, [n_qkv]; the Llama layout: q, k and v outputs, each [R][its n] in turn.
   const int64_t n_q = first.qkv.n, n_k = llama ? first.k.n : 0, n_v = llama ? first.v.n : 0;
   const int64_t n_qkv = n_q + n_k + n_v, n_up = first.up.n;
@@ -271,14 +275,15 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.store_block(r, b, nullptr, 0, 0);
 
   const int64_t qkv_tiles = n_qkv / TILE, up_tiles = n_up / TILE, out_tiles = H / TILE;
-  const int64_t in_tiles = llama ? qkv_tiles : qkv_tiles + up_tiles;  // Llama: the MLP-in matmuls come later
+  const int64_t in_tiles = sequential ? qkv_tiles : qkv_tiles + up_tiles;  // sequential: the MLP-in matmuls come later
   // bfloat16 register blocks of bf16::NR weight rows end on a share's end only if it holds whole blocks.
   const int64_t bf16_align =
       first.qkv.bits == 16 && !prompt_panels ? bf16::NR / std::gcd<int64_t>(TILE, bf16::NR) : 1;
   const Shares in_shares = shares_of(in_tiles, R * TILE * first.qkv.k, nthreads, bf16_align);
   const Shares dense_shares = shares_of(out_tiles, R * TILE * first.dense.k, nthreads, bf16_align);
   const Shares down_shares = shares_of(out_tiles, R * TILE * first.down.k, nthreads, bf16_align);
-  const Shares mlp_in_shares = shares_of(2 * up_tiles, R * TILE * first.up.k, nthreads, bf16_align);  // Llama
+  const Shares mlp_in_shares =  // sequential blocks': Llama's gate and up, falcon-rw's up
+      shares_of((llama ? 2 : 1) * up_tiles, R * TILE * first.up.k, nthreads, bf16_align);
   // The last layer's output rows go through its attention, MLP and output matmuls at their place among them,
   // slot[r]; every row stores its K/V. Elsewhere a row's place is its own index.
   std::vector<int64_t>& slot = buf.slot;
@@ -289,14 +294,14 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     const int64_t r = all_out ? j : out_rows[j];
     if (r >= 0 && r < R && slot[r] < 0) slot[r] = kept++;
   }
-  // x[r] += attention-out + MLP-out (the parallel branches) of the row at place j of the layer's outputs; in the
-  // Llama layout the attention's was added before the MLP's input norm, so only the MLP's is left.
-  auto add_branches = [&](int64_t r, int64_t j) {
-    if (llama) {
-      for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_mlp[j * H + k];
-    } else {
-      for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_attn[j * H + k] + buf.out_mlp[j * H + k];
-    }
+  // A matmul's output element k with its bias, if any.
+  auto biased = [](const float* out, const float* bias, int64_t k) { return bias ? out[k] + bias[k] : out[k]; };
+  // x[r] += MLP-out + attention-out (the parallel branches) of the row at place j of layer P's outputs; in a
+  // sequential block the attention's was added before the MLP's input norm, so only the MLP's is left.
+  auto add_branches = [&](int64_t r, int64_t j, const Layer& P) {
+    const float *mlp = buf.out_mlp.data() + j * H, *attn = buf.out_attn.data() + j * H;
+    for (int64_t k = 0; k < H; ++k)
+      x[r * H + k] += sequential ? biased(mlp, P.down_b, k) : biased(mlp, P.down_b, k) + biased(attn, P.dense_b, k);
   };
   // Row r's query heads of KV group g, its key and its value in the QKV outputs.
   float* const q_out = buf.qkv.data();
@@ -343,7 +348,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
 
   // The matmuls' shares: QKV and MLP-in, attention-out, MLP-out; in the Llama layout QKV, attention-out, MLP-in
   // (gate and up), MLP-out.
-  const int64_t phases = llama ? 4 : 3;
+  const int64_t phases = sequential ? 4 : 3;
   Deals deals(phases * shape->layers, nthreads);
 #pragma omp parallel num_threads(nthreads)
   {
@@ -357,10 +362,10 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       const bool last = li + 1 == shape->layers;
       const int64_t RL = last ? kept : R;  // the rows past QKV: the last layer's output rows, else all
       auto at = [&](int64_t r) { return last ? slot[r] : r; };  // a row's place among them (-1: none)
-      const int64_t gelu_units = llama ? 0 : RL * gelu_chunks;  // (the Llama layout's SwiGLU comes later)
+      const int64_t gelu_units = sequential ? 0 : RL * gelu_chunks;  // (a sequential block's comes later)
       // 1. The previous layer's residual add, then LayerNorm(s), in the QKV and MLP-in matmuls' input form.
       for (int64_t r = tid; r < R; r += nt) {
-        if (li > 0) add_branches(r, r);
+        if (li > 0) add_branches(r, r, layers[li - 1]);
         float* a = buf.ln_attn.data() + r * H;
         if (llama) {
           rms_norm(x + r * H, H, L.ln_attn_w, eps, a);
@@ -369,7 +374,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
         }
         buf.a_qkv.store_row(r, a, H);
         const int64_t j = at(r);
-        if (j < 0 || llama) continue;
+        if (j < 0 || sequential) continue;
         if (L.ln_mlp_w != nullptr) {
           float* m = buf.ln_mlp.data() + j * H;
           layer_norm(x + r * H, H, L.ln_mlp_w, L.ln_mlp_b, eps, m);
@@ -396,13 +401,20 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       const CacheView cache{static_cast<const char*>(rows->k) + li * rows->layer_stride * elem,
                             static_cast<const char*>(rows->v) + li * rows->layer_stride * elem,
                             rows->sb, rows->sp, rows->sg, rows->block_size};
-      // Rotary on the group's queries and key, its new K/V into the cache, its queries (cache dtype) to q.
+      // The QKV bias (Falcon's, side by side as the outputs), rotary on the group's queries and key (not with
+      // ALiBi), its new K/V into the cache, its queries (cache dtype) to q.
       auto prepare_group = [&](int64_t r, int64_t g, void* q) {
         const int64_t pos = rows->context_lens[r] - 1;
         float* const queries = group_queries(r, g);
         float* const key = group_key(r, g);
-        for (int64_t j = 0; j < per_group; ++j) rotate(queries + j * d, cos + r * d, sin + r * d, d);
-        rotate(key, cos + r * d, sin + r * d, d);
+        if (L.qkv_b != nullptr && !llama) {
+          const float* bias = L.qkv_b + g * group_width;
+          for (int64_t k = 0; k < group_width; ++k) queries[k] += bias[k];
+        }
+        if (rotary) {
+          for (int64_t j = 0; j < per_group; ++j) rotate(queries + j * d, cos + r * d, sin + r * d, d);
+          rotate(key, cos + r * d, sin + r * d, d);
+        }
         const int64_t* table = rows->block_tables + r * rows->tb;
         const int64_t at = li * rows->layer_stride + table[pos / rows->block_size] * rows->sb +
                            (pos % rows->block_size) * rows->sp + g * rows->sg;
@@ -419,6 +431,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
           if (llama) {
             swiglu(buf.gate.data() + at, buf.up.data() + at, n, ts.gelu.data());
           } else {
+            if (L.up_b != nullptr)
+              for (int64_t k = 0; k < n; ++k) buf.up[at + k] += L.up_b[b * BLOCK + k];
             gelu(buf.up.data() + at, n, ts.gelu.data());
           }
           buf.a_down.store_block(r, b, ts.gelu.data(), 0, n);
@@ -435,7 +449,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       auto queries = [&](int64_t rg) { return reinterpret_cast<char*>(buf.q.data()) + rg * per_group * d * elem; };
       auto attend_whole = [&](int64_t r, int64_t g, const void* q, int64_t vector) {  // one 16-head vector
         attend_group(q, ts.out.data(), bf16, per_group, d, cache, rows->block_tables + r * rows->tb, 0,
-                     rows->context_lens[r], g, scale, nullptr, nullptr, 0, {vector, vector + 1});
+                     rows->context_lens[r], g, scale, nullptr, rows->alibi, rows->alibi_ld, {vector, vector + 1});
         quantize_heads(at(r), g, ts.out.data(), bf16, vector * 16, std::min(per_group, (vector + 1) * 16));
       };
       // A short row: prepare, attend, quantize in one unit. A long one (or any, with attend_after): prepared
@@ -467,8 +481,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
           const int64_t r = rg / G, begin = (u - part_start[rg]) * PART_KEYS;
           if (at(r) < 0) continue;
           const int64_t end = std::min(begin + PART_KEYS, rows->context_lens[r]);
-          attend_group(queries(rg), nullptr, bf16, per_group, d, cache,
-                       rows->block_tables + r * rows->tb, begin, end, rg % G, scale, &buf.parts[u]);
+          attend_group(queries(rg), nullptr, bf16, per_group, d, cache, rows->block_tables + r * rows->tb, begin,
+                       end, rg % G, scale, &buf.parts[u], rows->alibi, rows->alibi_ld);
         }
 #pragma omp for schedule(static)
         for (int64_t rg = 0; rg < attention_units; ++rg) {
@@ -483,20 +497,29 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
       deals.take(phases * li + 1, tid, dense_shares, [&](int64_t lo, int64_t hi) {
         matmul_tiles(L.dense, buf.a_dense, lo, hi, RL, buf.out_attn.data());
       });
-      if (llama) {
-        // 5. The attention's output added to the residual, then the MLP's RMSNorm; 6. gate and up matmuls;
-        // 7. SwiGLU in chunks, as int8 blocks (or bfloat16) for the MLP-out matmul below.
+      if (sequential) {
+        // 5. The attention's output added to the residual, then the MLP's norm; 6. the MLP-in matmuls (Llama's
+        // gate and up); 7. the activation in chunks, as int8 blocks (or bfloat16) for the MLP-out matmul below.
 #pragma omp barrier
         for (int64_t r = tid; r < R; r += nt) {
           const int64_t j = at(r);
           if (j < 0) continue;
-          for (int64_t k = 0; k < H; ++k) x[r * H + k] += buf.out_attn[j * H + k];
+          const float* attn = buf.out_attn.data() + j * H;
+          for (int64_t k = 0; k < H; ++k) x[r * H + k] += biased(attn, L.dense_b, k);
           float* m = buf.ln_mlp.data() + j * H;
-          rms_norm(x + r * H, H, L.ln_mlp_w, eps, m);
+          if (llama) {
+            rms_norm(x + r * H, H, L.ln_mlp_w, eps, m);
+          } else {
+            layer_norm(x + r * H, H, L.ln_mlp_w, L.ln_mlp_b, eps, m);
+          }
           buf.a_up.store_row(j, m, H);
         }
 #pragma omp barrier
         deals.take(phases * li + 2, tid, mlp_in_shares, [&](int64_t lo, int64_t hi) {
+          if (!llama) {
+            matmul_tiles(L.up, buf.a_up, lo, hi, RL, buf.up.data());
+            return;
+          }
           matmul_tiles(L.gate, buf.a_up, lo, std::min(hi, up_tiles), RL, buf.gate.data());
           matmul_tiles(L.up, buf.a_up, std::max(lo, up_tiles) - up_tiles, hi - up_tiles, RL, buf.up.data());
         });
@@ -510,7 +533,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
 #pragma omp barrier
     }
     for (int64_t r = tid; r < R; r += nt)
-      if (slot[r] >= 0) add_branches(r, slot[r]);  // the last layer's output rows; the others stop before it
+      if (slot[r] >= 0) add_branches(r, slot[r], layers[shape->layers - 1]);  // the last layer's output rows
   }
 }
 
@@ -553,13 +576,14 @@ int64_t falcon_struct_layout(int64_t* out) {
                 offsetof(Weight, k_real), offsetof(Weight, group), offsetof(Weight, bits))
   FALCON_FIELDS(Layer, offsetof(Layer, qkv), offsetof(Layer, dense), offsetof(Layer, up), offsetof(Layer, down),
                 offsetof(Layer, ln_attn_w), offsetof(Layer, ln_attn_b), offsetof(Layer, ln_mlp_w),
-                offsetof(Layer, ln_mlp_b), offsetof(Layer, k), offsetof(Layer, v), offsetof(Layer, gate))
+                offsetof(Layer, ln_mlp_b), offsetof(Layer, k), offsetof(Layer, v), offsetof(Layer, gate),
+                offsetof(Layer, qkv_b), offsetof(Layer, dense_b), offsetof(Layer, up_b), offsetof(Layer, down_b))
   FALCON_FIELDS(Shape, offsetof(Shape, layers), offsetof(Shape, hidden), offsetof(Shape, heads),
                 offsetof(Shape, groups), offsetof(Shape, head_dim), offsetof(Shape, eps), offsetof(Shape, kv_bf16),
-                offsetof(Shape, llama))
+                offsetof(Shape, llama), offsetof(Shape, sequential))
   FALCON_FIELDS(Rows, offsetof(Rows, k), offsetof(Rows, v), offsetof(Rows, layer_stride), offsetof(Rows, sb),
                 offsetof(Rows, sp), offsetof(Rows, sg), offsetof(Rows, block_size), offsetof(Rows, block_tables),
-                offsetof(Rows, tb), offsetof(Rows, context_lens))
+                offsetof(Rows, tb), offsetof(Rows, context_lens), offsetof(Rows, alibi), offsetof(Rows, alibi_ld))
   FALCON_FIELDS(Run, offsetof(Run, embed), offsetof(Run, head), offsetof(Run, norm_w), offsetof(Run, norm_b),
                 offsetof(Run, norm_eps), offsetof(Run, cos), offsetof(Run, sin), offsetof(Run, table_rows),
                 offsetof(Run, stops), offsetof(Run, stops_per_row), offsetof(Run, act_bf16))

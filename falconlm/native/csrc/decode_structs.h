@@ -23,6 +23,7 @@ struct Layer {
   const float *ln_attn_w, *ln_attn_b;  // float32 [hidden]; the biases null for RMSNorm
   const float *ln_mlp_w, *ln_mlp_b;    // null when the layer has one LayerNorm for both branches
   Weight k, v, gate;                   // the Llama layout's (unread in Falcon's)
+  const float *qkv_b, *dense_b, *up_b, *down_b;  // Falcon's matmul biases, float32 [n] (falcon-rw); null: none
 };
 
 struct Shape {
@@ -30,6 +31,7 @@ struct Shape {
   double eps;
   int64_t kv_bf16;  // the cache's dtype: bfloat16 (1) or float32 (0)
   int64_t llama;    // the Llama layout (1): RMSNorm, attention then a SwiGLU MLP, each added to the residual
+  int64_t sequential;  // Falcon's sequential block (falcon-rw, 1): LayerNorm, attention, added; LayerNorm, MLP, added
 };
 
 struct Rows {  // where each row's K/V live (see CacheView), and the row lengths after this step
@@ -39,6 +41,8 @@ struct Rows {  // where each row's K/V live (see CacheView), and the row lengths
   const int64_t* block_tables;
   int64_t tb;
   const int64_t* context_lens;
+  const float* alibi;  // ALiBi models: the score bias, float32 [positions][alibi_ld] by key position and query head
+  int64_t alibi_ld;    // (16 floats readable past the last head); null for rotary models, whose cos / sin are given
 };
 
 // What a decode run (falcon_decode_run) needs beyond the layers: the token embedding, the final LayerNorm, the
