@@ -46,8 +46,9 @@ def falcon3_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rw_checkpoint(tmp_path_factory) -> Path:
-    """falcon-rw: ALiBi instead of rotary, so no fused step; its attention goes through the row kernel with the
-    ALiBi bias table (batches of 3 and 16 changed its tokens when prompts went through SDPA)."""
+    """falcon-rw: ALiBi instead of rotary, a sequential block with biases, a KV group per head. Its decode rows run
+    fused with the ALiBi bias table, its prompts' attention through the row kernel with the same table (batches of 3
+    and 16 changed its tokens when prompts went through SDPA)."""
     folder = tmp_path_factory.mktemp("invariant-rw")
     return make_hf_checkpoint(
         folder, "rw", hidden_size=512, num_attention_heads=8, num_hidden_layers=4, max_position_embeddings=512
@@ -120,8 +121,11 @@ def test_recurrent_tokens_do_not_depend_on_the_batch(
 @needs_native
 @pytest.mark.parametrize(
     ("layout", "quantize"),
-    [("7b", None), ("7b", "int4"), ("falcon3", None), ("falcon3-fused", None), ("falcon3-fused", "int4"), ("rw", None)],
-)
+    [
+        ("7b", None), ("7b", "int4"), ("falcon3", None), ("falcon3-fused", None), ("falcon3-fused", "int4"),
+        ("rw", None), ("rw", "int4"),
+    ],
+)  # fmt: skip
 def test_a_prompt_cut_anywhere_scores_the_same(
     checkpoint: Path, rw_checkpoint: Path, tmp_path: Path, layout: str, quantize: str | None
 ) -> None:
@@ -129,8 +133,9 @@ def test_a_prompt_cut_anywhere_scores_the_same(
     # looks like a decode row. Each prompt position's logprob and each new token's must be the same bits as with
     # the prompt in one chunk (a one-token last chunk once took the fused decode path while whole prompts took the
     # torch forward, and a server returned 1 of 24 streams differently). The tiny Falcon3's head_dim (16) is too
-    # small for the fused step, so its decode rows and prompt chunks both take the torch forward, as falcon-rw's do
-    # (ALiBi in the row kernel); "falcon3-fused" has head_dim 32, and its decode rows run fused.
+    # small for the fused step, so its decode rows and prompt chunks both take the torch forward; "falcon3-fused"
+    # has head_dim 32, and its decode rows run fused, as falcon-rw's do (ALiBi's bias in the fused step and in the
+    # row kernel that its prompt chunks take).
     folders = {"7b": checkpoint, "rw": rw_checkpoint}
     if layout in folders:
         folder = folders[layout]

@@ -37,12 +37,14 @@ from .fused_calls import counting
 pytestmark = needs_native
 
 # head_dim 32 in every variant; 11b also has an ffn width that is not 4 x hidden; 7b-wide has 18 query heads on
-# its one KV group, more than the 16 the attention kernel takes at a time (Falcon-7B has 71).
+# its one KV group, more than the 16 the attention kernel takes at a time (Falcon-7B has 71); rw is falcon-rw's
+# sequential block, with biases and ALiBi, and a KV group per head.
 SHAPES = {
     "7b": {"hidden_size": 128},
     "40b": {"hidden_size": 256},
     "11b": {"hidden_size": 256, "ffn_hidden_size": 384},
     "7b-wide": {"hidden_size": 576, "num_attention_heads": 18},
+    "rw": {"hidden_size": 192, "num_attention_heads": 6},
 }
 # In float32 almost every step agrees to about 1e-7. Now and then an activation lands so close to an int8 rounding
 # boundary that the two paths round it apart, which moves that step's logits by about 1e-3: hence a median and a
@@ -152,10 +154,13 @@ def long_row_agrees(model: FalconForCausalLM, dtype: torch.dtype) -> None:
         assert _rel(fused, torch_logits) < 0.03 and _rel(fused_cache.k, torch_cache.k) < 0.03
 
 
+@pytest.mark.parametrize("name", ["7b", "rw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_long_row_split_between_threads_equals_the_torch_path(isa: str, tmp_path: Path, dtype: torch.dtype) -> None:
-    # One row of one KV group: each layer's attention over 700 positions is split in two parts.
-    checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", max_position_embeddings=1024, **SHAPES["7b"])
+def test_a_long_row_split_between_threads_equals_the_torch_path(
+    isa: str, tmp_path: Path, dtype: torch.dtype, name: str
+) -> None:
+    # One row: each layer's attention over 700 positions is split in two parts (for rw, with ALiBi's bias).
+    checkpoint = make_hf_checkpoint(tmp_path / name, name, max_position_embeddings=1024, **SHAPES[name])
     long_row_agrees(load_quantized(checkpoint, quantize="int4", dtype=dtype), dtype)
 
 
@@ -239,8 +244,11 @@ def test_the_rotary_table_gives_the_torch_paths_bits_at_every_position(tmp_path:
         assert torch.equal(sin, want_sin.reshape(-1, d).float()), (dtype, positions.reshape(-1)[:4])
 
 
-def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_path: Path, monkeypatch) -> None:
-    checkpoint = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
+@pytest.mark.parametrize("name", ["7b", "rw"])
+def test_paged_engine_steps_run_fused_and_give_the_same_tokens(
+    isa: str, tmp_path: Path, monkeypatch, name: str
+) -> None:
+    checkpoint = make_hf_checkpoint(tmp_path / name, name, **SHAPES[name])
     model = load_quantized(checkpoint, quantize="int4", dtype=torch.float32)
     from falconlm.tokenizer import Tokenizer
 
@@ -251,6 +259,8 @@ def test_paged_engine_steps_run_fused_and_give_the_same_tokens(isa: str, tmp_pat
     calls = counting(model)
     fused = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert 3 in calls  # decode steps of all three rows together, through their block tables
+    alone = [Engine(model, tok, config).generate([p], params[:1])[0].token_ids for p in prompts]
+    assert alone == fused  # each row's tokens whatever else is in the batch
     monkeypatch.setenv("FALCONLM_FUSED_DECODE", "0")
     plain = [o.token_ids for o in Engine(model, tok, config).generate(prompts, params)]
     assert fused == plain
@@ -353,8 +363,8 @@ def test_a_full_dense_cache_is_refused_as_before(checkpoint: Path) -> None:
 def test_models_it_cannot_run_keep_the_torch_path(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     tiny = load_quantized(tiny_checkpoint, quantize="int8").transformer
     assert fused_decoder(tiny) is None and "head_dim 16" in unsupported(tiny)
-    rw = make_hf_checkpoint(tmp_path / "rw", "rw", hidden_size=192, num_attention_heads=6)
-    assert "parallel-attention" in unsupported(load_quantized(rw, quantize="int8").transformer)
+    rw = make_hf_checkpoint(tmp_path / "rw", "rw", hidden_size=96, num_attention_heads=6)  # head_dim 16
+    assert "head_dim 16" in unsupported(load_quantized(rw, quantize="int8").transformer)
     seven = make_hf_checkpoint(tmp_path / "7b", "7b", **SHAPES["7b"])
     reference = load_quantized(seven, quantize="int8", kernel="reference")
     assert "native kernel" in unsupported(reference.transformer) and fused_decoder(reference.transformer) is None
