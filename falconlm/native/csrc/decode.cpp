@@ -24,8 +24,9 @@
 // its output is read). Falcon's parallel layers (Falcon-7B, 40B, 180B, Falcon2-11B) and bias-free Falcon3 layers
 // run here too; the residual stream stays in float32. Quantized weights are in the tiled layout of quant_tiles.h
 // (falconlm/quant/kernels/native.py), with activations quantized to int8 blocks; bfloat16 weights are read in
-// place (bf16_tiles.h), with activations rounded to bfloat16. falcon_prompt_layers runs the same layers for prompt-chunk tokens, a row each,
-// with bfloat16 matmuls through the weight panels of bf16_panels.h (widened once for all the rows).
+// place (bf16_tiles.h), with activations rounded to bfloat16. falcon_prompt_layers runs the same layers for
+// prompt-chunk tokens, a row each, with bfloat16 matmuls through the weight panels of bf16_panels.h (widened once
+// for all the rows).
 
 #include <omp.h>
 
@@ -275,7 +276,7 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
     for (int64_t b = Hq * d / BLOCK; b < buf.a_dense.nb; ++b) buf.a_dense.store_block(r, b, nullptr, 0, 0);
 
   const int64_t qkv_tiles = n_qkv / TILE, up_tiles = n_up / TILE, out_tiles = H / TILE;
-  const int64_t in_tiles = sequential ? qkv_tiles : qkv_tiles + up_tiles;  // sequential: the MLP-in matmuls come later
+  const int64_t in_tiles = sequential ? qkv_tiles : qkv_tiles + up_tiles;  // sequential: MLP-in comes later
   // bfloat16 register blocks of bf16::NR weight rows end on a share's end only if it holds whole blocks.
   const int64_t bf16_align =
       first.qkv.bits == 16 && !prompt_panels ? bf16::NR / std::gcd<int64_t>(TILE, bf16::NR) : 1;
@@ -346,8 +347,8 @@ void run_layers(const Shape* shape, const Layer* layers, const Rows* rows, float
   const int64_t gelu_blocks = (down_blocks + units_per_row - 1) / units_per_row;  // per unit
   const int64_t gelu_chunks = (down_blocks + gelu_blocks - 1) / gelu_blocks;    // units per row, as rounded
 
-  // The matmuls' shares: QKV and MLP-in, attention-out, MLP-out; in the Llama layout QKV, attention-out, MLP-in
-  // (gate and up), MLP-out.
+  // The matmuls' shares: QKV and MLP-in, attention-out, MLP-out; in a sequential block QKV, attention-out, MLP-in
+  // (Llama's gate and up), MLP-out.
   const int64_t phases = sequential ? 4 : 3;
   Deals deals(phases * shape->layers, nthreads);
 #pragma omp parallel num_threads(nthreads)
