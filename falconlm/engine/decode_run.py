@@ -3,7 +3,7 @@
 The scheduler may give a step's decode rows several model steps at once (``Scheduler._run_length``, vLLM's
 multi-step scheduling). The runner runs the first as any step, and the rest either in Python, step by step
 (``ModelRunner._run_on``), or, when every row takes the argmax and nothing else of its logits, here: the native
-library then embeds each step's tokens, runs the layers, the final LayerNorm, the output head and the argmax, and
+library then embeds each step's tokens, runs the layers, the final norm, the output head and the argmax, and
 feeds the tokens to the next step, with no Python in between. Each of those is the entry point the single step
 calls (the fused layers and ``FusedDecoder.final_norm``, the head's own native matmul, ``ops.argmax``), so a row's
 tokens are the same either way; this module only says whether the model's embedding and head are ones the library
@@ -91,7 +91,7 @@ def stop_tokens(requests: Sequence[Request]) -> torch.Tensor:
 def run_parts(model: FalconForCausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
     """The embedding and head of ``model`` for a native run, and the activations' dtype (the embedding's rows'),
     or None where it cannot run one."""
-    embedding = model.transformer.word_embeddings
+    embedding = model.get_input_embeddings()
     dtype = embedding.compute_dtype if isinstance(embedding, QuantizedEmbedding) else embedding.weight.dtype
     if dtype not in ACTIVATION_DTYPES:
         return None

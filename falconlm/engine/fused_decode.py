@@ -5,14 +5,14 @@ and thread wake-ups cost about as much time as reading the weights. :class:`Fuse
 one OpenMP parallel region instead, as llama.cpp runs its whole graph in C. The runner chooses, step by step,
 between it and the model's torch forward; this module only binds a model's tensors to the native structs.
 
-It applies to steps that add one token per row to a paged KV cache (``PagedAttention.decode_rows``) of every
-Falcon layout (Falcon-7B, 40B, 180B, Falcon2-11B; falcon-rw's sequential block with its biases and ALiBi, whose
-bias the rows carry) and of bias-free Falcon3 models (the Llama layout: RMSNorm, attention then a SwiGLU MLP) on
-the CPU whose layer matrices are all bfloat16, or all int8 / int4 on the native quantized kernel. The prompt
-chunks and greedy decode runs (``falcon_decode_run``) of Falcon3 and falcon-rw keep the Python side: their steps
-run fused one at a time. Everything else, and every step when ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch
-path. The residual stream stays in float32 inside the call, so results equal the torch path's up to rounding (in
-bfloat16, the torch path rounds the residual after every op and the fused one does not).
+It applies to steps that add one token per row to a paged KV cache (``PagedAttention.decode_rows``) of every Falcon
+layout (Falcon-7B, 40B, 180B, Falcon2-11B; falcon-rw's sequential block with its biases and ALiBi, whose bias the
+rows carry) and of bias-free Falcon3 models (the Llama layout: RMSNorm, attention then a SwiGLU MLP) on the CPU
+whose layer matrices are all bfloat16, or all int8 / int4 on the native quantized kernel, and their greedy decode
+runs (``falcon_decode_run``); the prompt chunks of Falcon3 and falcon-rw keep the torch path. Everything else, and
+every step when ``FALCONLM_FUSED_DECODE`` is 0, keeps the torch path. The residual stream stays in float32 inside
+the call, so results equal the torch path's up to rounding (in bfloat16, the torch path rounds the residual after
+every op and the fused one does not).
 
 Prompt chunks run here too, a row per token (``PagedAttention.token_rows``, ``falcon_prompt_layers``): those of
 bfloat16 models where the torch path's prompt GEMM would be the native panel GEMM (``ops.prompt_panels``: AVX2
@@ -30,7 +30,7 @@ import ctypes
 import os
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +38,8 @@ import torch
 from .. import native
 from ..model.dense import KVCache, build_dense_attention
 from ..model.falcon3_config import Falcon3Config
-from ..model.positions import is_dynamic, rope_cos_sin
+from ..model.paged_attention import alibi_table
+from ..model.positions import head_alibi_slopes, is_dynamic, rope_cos_sin
 from ..native import ops
 from ..native.decode import Layer, Rows, Run, Shape, Weight, check_layout
 from ..quant.kernels.native import ACTIVATION_BLOCK, NativeKernel
@@ -289,7 +290,8 @@ class FusedDecoder:
             layer.ln_mlp_w, layer.ln_mlp_b = norms[1] if len(norms) == 2 else (None, None)
         self._layers = layers
         final = layout.final_norm(model)
-        self._final_norm = None if layout.llama else tuple(self._float32_copy(p) for p in _norm_parameters(final))
+        weight, *bias = (self._float32_copy(p) for p in _norm_parameters(final))
+        self._final_norm = (weight, bias[0] if bias else None)  # (Falcon3's RMSNorm has no bias)
         self._binding = _Binding(model)
         self.bf16_weights = all(
             _kind(m)[0] == 16 for block in layout.blocks(model) for m in layout.matrices(block).values()
@@ -416,7 +418,7 @@ class FusedDecoder:
             (self._prompt_fn if prompt else self._fn)(
                 *args, None if kept is None else kept.data_ptr(), -1 if kept is None else kept.numel()
             )
-        if x.dtype not in CACHE_DTYPES or self._layout.llama:  # (Falcon3's RMSNorm as its torch forward's)
+        if x.dtype not in CACHE_DTYPES:
             return self._layout.final_norm(model)(residual.view(x.shape).to(x.dtype))
         return self.final_norm(residual, x.dtype).view(x.shape)
 
@@ -429,7 +431,7 @@ class FusedDecoder:
     def _run_parts(self, model: CausalLM) -> tuple[Weight, Weight, torch.dtype] | None:
         """``run_parts(model)`` where this decoder is bound to ``model``, up to date and its rotary static; else
         None."""
-        if self._layout.llama or self._sequential or model.transformer is not self._model() or not self.usable:
+        if model.decoder is not self._model() or not self.usable:
             return None
         if is_dynamic(model.config):
             return None
@@ -447,17 +449,24 @@ class FusedDecoder:
         parts = self._run_parts(model)
         if parts is None or not _run_cache(rows.k, lengths.numel()):
             return None
-        t, c = model.transformer, model.config
+        c = model.config
         embed, head, dtype = parts
         last = int(lengths.max()) + steps - 2  # the last position a step reaches
-        self.rotary(c, torch.tensor([[last]]), dtype, None)  # the table grows to hold it
-        cos, sin = self._rotary[dtype]
+        if getattr(c, "alibi", False):  # the bias table up to that position, in place of the step's
+            rows = replace(rows, alibi=alibi_table(head_alibi_slopes(c), last + 1, rows.k.dtype, c.head_dim))
+            cos = sin = None
+            table_rows = last + 1
+        else:
+            self.rotary(c, torch.tensor([[last]]), dtype, None)  # the table grows to hold it
+            cos, sin = self._rotary[dtype]
+            table_rows = cos.shape[0]
         shape, tables = _shape(c, rows), rows.block_tables
         where = _rows(rows, tables, lengths)
         stops = stop_tokens(requests)
         w, b = self._final_norm
-        run = Run(embed, head, w.data_ptr(), b.data_ptr(), t.ln_f.eps, cos.data_ptr(), sin.data_ptr(),
-                  cos.shape[0], stops.data_ptr(), stops.shape[1], int(dtype is torch.bfloat16))  # fmt: skip
+        eps = self._layout.final_norm(self._model()).eps
+        run = Run(embed, head, w.data_ptr(), _pointer(b), eps, _pointer(cos), _pointer(sin), table_rows,
+                  stops.data_ptr(), stops.shape[1], int(dtype is torch.bfloat16))  # fmt: skip
         out = torch.empty(steps + 1, lengths.numel(), dtype=torch.int64)
         out[0] = torch.tensor(tokens, dtype=torch.int64)
         ran = self._run_fn(
@@ -467,17 +476,21 @@ class FusedDecoder:
         return out[1 : ran + 1].tolist() if ran else None  # (none: a table too short, which rotary() prevents)
 
     def final_norm(self, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The final LayerNorm (``ln_f``) of float32 residual rows [N, H], natively, in ``dtype`` (bfloat16 or
-        float32): what every fused step hands the output head, alone or in a decode run (``falcon_decode_run``).
-        The torch path's ``ln_f`` would take the residual rounded to ``dtype`` first."""
-        ln_f = self._model().ln_f
+        """The final norm (Falcon's ``ln_f``, Falcon3's RMSNorm) of float32 residual rows [N, H], natively, in
+        ``dtype`` (bfloat16 or float32): what every fused step hands the output head, alone or in a decode run
+        (``falcon_decode_run``). The torch path's would take the residual rounded to ``dtype`` first."""
+        eps = self._layout.final_norm(self._model()).eps
         n, h = residual.shape
         y = torch.empty(n, h, dtype=dtype)
         w, b = self._final_norm
         self._final_norm_fn(
-            residual.data_ptr(), n, h, w.data_ptr(), b.data_ptr(), ln_f.eps, y.data_ptr(), int(dtype is torch.bfloat16)
+            residual.data_ptr(), n, h, w.data_ptr(), _pointer(b), eps, y.data_ptr(), int(dtype is torch.bfloat16)
         )
         return y
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _run_cache(cache: torch.Tensor, rows: int) -> bool:

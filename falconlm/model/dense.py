@@ -15,7 +15,7 @@ import torch
 
 from .attention import DecodeRows, sdpa
 from .config import FalconConfig
-from .paged_attention import BIAS_PAD
+from .paged_attention import alibi_table
 from .positions import alibi_bias, head_alibi_slopes, positions_from_mask
 
 
@@ -121,8 +121,7 @@ def build_dense_attention(
         bias = alibi_bias(full_mask, config.num_attention_heads, dtype, slopes) / math.sqrt(config.head_dim)
         mask = torch.where(mask == 0, bias, mask)  # [B, Hq, T, S]
         if key_mask is None and query_len == 1:  # every row's bias is the same: one table by position and head
-            table = torch.zeros(total, config.num_attention_heads + BIAS_PAD, dtype=torch.float32, device=device)
-            table[:, : config.num_attention_heads] = mask[0, :, 0].T
+            table = alibi_table(slopes.to(device), total, dtype, config.head_dim)
             return DenseAttention(mask, False, cache, past, dropout_p, table)
     return DenseAttention(mask, False, cache, past, dropout_p)
 

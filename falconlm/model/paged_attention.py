@@ -250,17 +250,28 @@ class PagedAttention:
         position's values do not depend on the table's length, so a token gets the same bias in any step."""
         if self.alibi_slopes is None:
             return None
-        longest, heads = max(self.context_lens), self.alibi_slopes.shape[0]
-        key_pos = torch.arange(longest, device=self.alibi_slopes.device)
-        bias = self._alibi(key_pos, self.cache.k.dtype, self.cache.k.shape[-1])[:, 0]  # [Hq, L]
-        table = torch.zeros(longest, heads + BIAS_PAD, dtype=torch.float32, device=bias.device)
-        table[:, :heads] = bias.T
-        return table
+        return alibi_table(self.alibi_slopes, max(self.context_lens), self.cache.k.dtype, self.cache.k.shape[-1])
 
     def _alibi(self, key_pos: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
-        """[Hq, 1, L] ALiBi bias over key positions 0..L-1, rounded exactly as the dense path rounds it."""
-        bias = self.alibi_slopes.bfloat16()[:, None] * key_pos[None, :]  # bfloat16, as transformers computes it
-        return (bias.to(dtype) / math.sqrt(head_dim))[:, None]
+        """[Hq, 1, L] ALiBi bias over key positions ``key_pos``, rounded exactly as the dense path rounds it."""
+        return alibi_scores(self.alibi_slopes, key_pos, dtype, head_dim)[:, None]
+
+
+def alibi_scores(slopes: torch.Tensor, key_pos: torch.Tensor, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
+    """[Hq, L] ALiBi score bias of heads with ``slopes`` over key positions ``key_pos``: the slopes rounded to
+    bfloat16 times the positions in bfloat16 (as transformers computes it), in ``dtype``, over sqrt(head_dim)."""
+    bias = slopes.bfloat16()[:, None] * key_pos.to(slopes.device)[None, :]
+    return bias.to(dtype) / math.sqrt(head_dim)
+
+
+def alibi_table(slopes: torch.Tensor, positions: int, dtype: torch.dtype, head_dim: int) -> torch.Tensor:
+    """:func:`alibi_scores` over key positions 0 .. ``positions`` - 1 as the row kernels read them: float32
+    [positions, Hq + BIAS_PAD]. A position's values do not depend on ``positions``."""
+    heads = slopes.shape[0]
+    bias = alibi_scores(slopes, torch.arange(positions), dtype, head_dim)
+    table = torch.zeros(positions, heads + BIAS_PAD, dtype=torch.float32, device=bias.device)
+    table[:, :heads] = bias.T
+    return table
 
 
 def _as_slice(indices: list[int]) -> slice | None:

@@ -31,13 +31,18 @@ namespace {
 
 using namespace falcon;
 
-// The final LayerNorm of rows x [R, H] (float32) into y [R, H], bfloat16 (rounded to nearest even) or float32.
+// The final LayerNorm (RMSNorm where b is null) of rows x [R, H] (float32) into y [R, H], bfloat16 (rounded to
+// nearest even) or float32.
 void final_norm(const float* x, int64_t R, int64_t H, const float* w, const float* b, float eps, void* y,
                 int y_bf16) {
   std::vector<float> row(y_bf16 ? H : 0);
   for (int64_t r = 0; r < R; ++r) {
     float* out = y_bf16 ? row.data() : static_cast<float*>(y) + r * H;
-    layer_norm(x + r * H, H, w, b, eps, out);
+    if (b == nullptr) {
+      rms_norm(x + r * H, H, w, eps, out);
+    } else {
+      layer_norm(x + r * H, H, w, b, eps, out);
+    }
     if (y_bf16)
       for (int64_t i = 0; i < H; ++i) static_cast<uint16_t*>(y)[r * H + i] = f32_to_bf16(row[i]);
   }
@@ -72,8 +77,8 @@ void embed_rows(const Weight& E, const int64_t* ids, int64_t R, int64_t H, int a
 
 extern "C" {
 
-// The final LayerNorm of the residual stream x [R, H] (float32) into y [R, H] (bfloat16 when y_bf16, else
-// float32): what follows the layers in every fused step, single or in a run.
+// The final LayerNorm (Falcon3's RMSNorm: b null) of the residual stream x [R, H] (float32) into y [R, H]
+// (bfloat16 when y_bf16, else float32): what follows the layers in every fused step, single or in a run.
 void falcon_final_norm(const float* x, int64_t R, int64_t H, const float* w, const float* b, double eps, void* y,
                        int y_bf16) {
   final_norm(x, R, H, w, b, static_cast<float>(eps), y, y_bf16);
@@ -82,7 +87,8 @@ void falcon_final_norm(const float* x, int64_t R, int64_t H, const float* w, con
 // Up to `steps` greedy decode steps of R rows. tokens [steps + 1][R]: row block 0 holds each row's input token,
 // at position rows->context_lens[r] - 1 (whose KV the first step writes); step s writes block s + 1, the argmax of
 // its logits, which is step s + 1's input one position on. Every position a run reaches must have its cache slot
-// in the rows' block tables and its rotary row in the run's tables. The run stops after the first step in which
+// in the rows' block tables and its rotary row in the run's tables (for ALiBi, cos / sin null: its row in the
+// rows' bias table, whose rows table_rows counts). The run stops after the first step in which
 // a row chose one of its stop tokens; returns how many steps ran.
 int64_t falcon_decode_run(const Shape* shape, const Layer* layers, const Rows* rows, const Run* run, int64_t R,
                           int64_t steps, int64_t* tokens, int nthreads) {
@@ -98,7 +104,7 @@ int64_t falcon_decode_run(const Shape* shape, const Layer* layers, const Rows* r
     for (int64_t r = 0; r < R; ++r)
       if (lengths[r] > run->table_rows) return s;  // (the caller grows the tables first)
     embed_rows(run->embed, tokens + s * R, R, H, act_bf16, x.data(), scratch);
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < R && run->cos != nullptr; ++r) {  // (ALiBi: no rotary)
       const int64_t pos = lengths[r] - 1;
       std::memcpy(cos.data() + r * d, run->cos + pos * d, d * sizeof(float));
       std::memcpy(sin.data() + r * d, run->sin + pos * d, d * sizeof(float));

@@ -50,10 +50,10 @@ struct Rows {  // where each row's K/V live (see CacheView), and the row lengths
 struct Run {
   Weight embed;  // bits 16 / 32: a bfloat16 / float32 table [n][k_real]; bits 8 / 4: a tied head's tiles
   Weight head;   // bits 16: bfloat16 [n][k] (falcon_linear_bf16); bits 8 / 4: tiles (falcon_qlinear)
-  const float *norm_w, *norm_b;  // the final LayerNorm, float32 [hidden], and its epsilon
+  const float *norm_w, *norm_b;  // the final LayerNorm, float32 [hidden] (RMSNorm: norm_b null), and its epsilon
   double norm_eps;
-  const float *cos, *sin;        // rotary tables, float32 [table_rows][head_dim]: row p for position p
-  int64_t table_rows;
+  const float *cos, *sin;        // rotary tables, float32 [table_rows][head_dim]: row p for position p (ALiBi:
+  int64_t table_rows;            // null, and table_rows counts the rows' bias table's positions)
   const int64_t* stops;  // [R][stops_per_row] token ids that end a row's request (-1: none)
   int64_t stops_per_row;
   int64_t act_bf16;  // the activations' dtype (embedding rows, the head's input and logits): bfloat16 (1) / float32
