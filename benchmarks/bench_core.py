@@ -1,11 +1,13 @@
 """Core benchmark: falconlm against transformers on the same random Falcon-7B-style checkpoint, same run.
 
-Three shapes (``--model-size``), two Falcon-7B style (multi-query, parallel attention, vocab 65024, tied head):
+Four shapes (``--model-size``), two Falcon-7B style (multi-query, parallel attention, vocab 65024, tied head):
 
 * ``194m``: hidden 1024, 12 layers, 16 heads (about 194M parameters; in int4 it fits a large L3);
 * ``1b``: hidden 2048, 24 layers, 32 heads (about 1.15B parameters, 2.3 GB in bf16: decode streams from memory);
 * ``falcon3-1b``: Falcon3-1B's shape, the Llama layout (hidden 2048, 18 layers, 8 query heads of 256 on 4 KV heads,
-  SwiGLU 8192, vocab 131072, untied head; about 1.67B parameters), against transformers' LlamaForCausalLM.
+  SwiGLU 8192, vocab 131072, untied head; about 1.67B parameters), against transformers' LlamaForCausalLM;
+* ``rw-1b``: falcon-rw-1b's shape (sequential block with biases and ALiBi, hidden 2048, 24 layers, 32 heads with a
+  KV head each, vocab 50304, tied head; about 1.31B parameters).
 
 For each dtype it measures prefill of a 512-token prompt, greedy decode of 128 tokens at batch 1 and batch 8,
 the peak RSS, and the achieved GB/s of weight reading at batch 1 against the machine's read bandwidth, measured
@@ -19,8 +21,8 @@ tokens), as llama-bench's decode excludes its prompt.
 activations; transformers runs the float dtypes only. Each (implementation, dtype) runs in its own subprocess
 so the peak RSS belongs to it alone.
 
-    python benchmarks/bench_core.py [--model-size 194m|1b] [--threads 2] [--dtypes float32 bfloat16 int8]
-                                    [--isa avx512|avx2-base|...] [--out bench-out]
+    python benchmarks/bench_core.py [--model-size 194m|1b|falcon3-1b|rw-1b] [--threads 2]
+                                    [--dtypes float32 bfloat16 int8] [--isa avx512|avx2-base|...] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ MODEL_SIZES = {
         },
         "Falcon3-1B shape: Llama layout, hidden 2048, 18 layers, 8 heads of 256 on 4 KV heads, SwiGLU 8192, "
         "vocab 131072, untied head",
+    ),
+    "rw-1b": (
+        {
+            "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "vocab_size": 50304,
+            "multi_query": False, "parallel_attn": False, "bias": True, "alibi": True,
+        },
+        "falcon-rw-1b shape: sequential, biases, ALiBi, hidden 2048, 24 layers, 32 heads with a KV head each, "
+        "vocab 50304, tied head",
     ),
 }  # fmt: skip
 FALCON3_SIZES = ("falcon3-1b",)

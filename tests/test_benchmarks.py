@@ -27,6 +27,14 @@ def test_bench_1b_shape():
     assert 1.8e8 < bench_core.model_config("194m").num_parameters() < 2.0e8
 
 
+def test_bench_rw_1b_shape():
+    config = bench_core.model_config("rw-1b")  # falcon-rw-1b's layout and size
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (2048, 24, 32)
+    assert config.alibi and config.bias and not config.parallel_attn and config.num_kv_groups == 32
+    assert config.tie_word_embeddings and config.vocab_size == 50304
+    assert 1.30e9 < config.num_parameters() < 1.32e9
+
+
 def test_weight_multiply_adds_of_a_served_load():
     c = bench_core.model_config("194m")
     head_dim = c.hidden_size // c.num_attention_heads
